@@ -1,0 +1,1 @@
+"""blockback: serve VHDs as block devices (Xen blkif backend, NBD export)."""

@@ -1,0 +1,1 @@
+"""vhdtools: the ``vhd`` command-line tool (installed from the ``tools/`` folder)."""

@@ -1,0 +1,74 @@
+"""The ``vhd`` command: argument parsing and the one place where errors become exit codes.
+
+Exit codes (shared by every sub-command): 0 success, 1 "checked and found a problem / differs",
+2 error (one line on stderr, no traceback unless ``--debug``).  Each sub-command lives in its own
+module under :mod:`vhdtools.commands` and is discovered here, so commands can be added without
+touching this file: a command module defines ``register(subparsers)`` which adds its parser and
+sets ``func`` to a ``run(args) -> int``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+import traceback
+from collections.abc import Sequence
+
+import vhd
+
+from . import commands
+
+EXIT_OK = 0
+EXIT_PROBLEM = 1
+EXIT_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse exits with 2 on usage errors already; keep its one-line style."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="vhd", description="Work with Microsoft VHD disk images on Linux.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"vhdkit {vhd.__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{commands.__name__}.{info.name}")
+        register = getattr(module, "register", None)
+        if register is not None:
+            register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result: int = args.func(args)
+        return result
+    except KeyboardInterrupt:
+        print("vhd: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return EXIT_OK
+    except (vhd.VHDError, OSError, ValueError) as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"vhd: error: {_describe(exc)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}"
+    text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
