@@ -1,7 +1,14 @@
-"""vhd: read, write and create Microsoft VHD images (fixed, dynamic, differencing)."""
+"""vhd: read, write and create Microsoft VHD images (fixed, dynamic, differencing).
+
+``vhd.open(path, mode="r", *, strict=True, parent_dirs=(), allow_parent_mismatch=False,
+parent=None, open_parent=True)`` opens an image; ``vhd.create(path, size, *, type="dynamic",
+block_size=2 MiB, parent=None)`` makes one.  Both return a :class:`Disk`.
+"""
 
 from __future__ import annotations
 
+from .create import create
+from .disk import Disk, DiskFile, Extent
 from .errors import (
     ChainLoopError,
     ChecksumError,
@@ -15,6 +22,8 @@ from .errors import (
     UnsupportedFeatureError,
     VHDError,
 )
+from .footer import DiskType
+from .image import open
 
 __version__ = "0.1.0"
 
@@ -22,6 +31,10 @@ __all__ = [
     "ChainLoopError",
     "ChecksumError",
     "CorruptImageError",
+    "Disk",
+    "DiskFile",
+    "DiskType",
+    "Extent",
     "InvalidArgumentError",
     "NotAVHDError",
     "ParentError",
@@ -31,4 +44,6 @@ __all__ = [
     "UnsupportedFeatureError",
     "VHDError",
     "__version__",
+    "create",
+    "open",
 ]

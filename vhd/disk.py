@@ -1,0 +1,677 @@
+"""Disks: positional I/O over fixed, dynamic and differencing images.
+
+Implements the data path of the spec ("Hard Disk Footer", "Block Allocation Table and Data
+Blocks", "Sector bitmap"):
+
+* A **fixed** disk is its data followed by the footer.
+* A **dynamic** disk maps guest block *b* through the BAT to a sector bitmap plus data; an
+  unallocated block, or a clear bitmap bit, reads as zeros.
+* A **differencing** disk is a dynamic disk whose unallocated blocks and clear bits read from its
+  parent, itself a :class:`Disk`.
+
+Reads and writes move data with ``os.preadv``/``os.pwritev`` straight between the file and the
+caller's buffer; runs that a bitmap marks alike take one system call.
+
+Crash safety (allocation), in the order the writes are issued:
+
+1. the trailing footer is written at the new end of file first, so the image has a valid footer
+   at EOF at every moment (a crash leaves at worst unreferenced space before it);
+2. the block's data, then its sector bitmap;
+3. the BAT entry is changed in memory only; :meth:`Disk.flush` first ``fdatasync``\\ s the data,
+   bitmaps and footer and only then writes the dirty BAT sectors and syncs again.  So an on-disk
+   BAT entry never points at a block whose contents are not durable, and every write acknowledged
+   by a completed ``flush()`` survives a crash.  Unflushed allocations can be lost; the space they
+   took shows up as orphan blocks that ``vhd check --repair`` reclaims.
+
+New blocks start where the trailing footer was, with their data aligned to 4 KiB (as Hyper-V
+lays them out), and space is never reused while the file is open, so an on-disk BAT entry that
+is stale (freed in memory by a discard, not yet written back) never aliases a new block.
+
+Thread safety: reads take no lock; in-memory BAT entries and cached bitmaps are published only
+after the data they describe is written.  Allocation, bitmap updates, discards and flushes are
+serialised by one lock.  Cached bitmaps are never mutated in place: a writer builds a new one,
+writes it to the file and then installs it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+from collections.abc import Iterator
+from typing import NamedTuple
+
+from . import bitmap as bm
+from .bat import UNUSED, BlockAllocationTable
+from .errors import CorruptImageError, InvalidArgumentError, ParentError, ReadOnlyError
+from .fileio import (
+    punch_hole,
+    read_exact,
+    read_exact_into,
+    write_all,
+    write_zeros,
+    zero_fill,
+)
+from .footer import FOOTER_SIZE, DiskType, Footer
+from .header import DynamicHeader
+
+SECTOR = 512
+DATA_ALIGNMENT = 4096
+_BITMAP_CACHE_LIMIT = 16384
+# A cached bitmap of this value means "every bit set": the block is read with one pread.
+FULL: bytes = b""
+
+Buffer = bytes | bytearray | memoryview
+
+
+class Extent(NamedTuple):
+    """A run of the guest address space: ``layer`` 0 is this file, k the k-th ancestor, and None
+    means no layer holds data there (it reads as zeros)."""
+
+    offset: int
+    length: int
+    layer: int | None
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+class Disk:
+    """A VHD opened for positional I/O.  Use :func:`vhd.open` or :func:`vhd.create`."""
+
+    type: DiskType
+    header: DynamicHeader | None = None
+    block_size: int | None = None
+
+    def __init__(
+        self,
+        *,
+        path: str,
+        fd: int,
+        writable: bool,
+        footer: Footer,
+        footer_offset: int,
+        file_size: int,
+        warnings: list[str],
+    ) -> None:
+        self.path = path
+        self._fd = fd
+        self.read_only = not writable
+        self.footer = footer
+        self.footer_offset = footer_offset
+        self.file_size = file_size
+        self.size = footer.current_size
+        self.warnings = warnings
+        self.parent: Disk | None = None
+        self._lock = threading.RLock()
+        self._closed = False
+        self._footer_bytes = footer.build()
+
+    # -- public API ------------------------------------------------------------------------
+
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def chain(self) -> list[Disk]:
+        """This disk followed by its ancestors, nearest first."""
+        out: list[Disk] = []
+        disk: Disk | None = self
+        while disk is not None:
+            out.append(disk)
+            disk = disk.parent
+        return out
+
+    def pread(self, n: int, offset: int) -> bytes:
+        count = self._clip(n, offset)
+        buf = bytearray(count)
+        if count:
+            self._readinto(memoryview(buf), offset)
+        return bytes(buf)
+
+    def preadinto(self, buffer: Buffer, offset: int) -> int:
+        view = memoryview(buffer).cast("B")
+        if view.readonly:
+            raise InvalidArgumentError("preadinto needs a writable buffer")
+        count = self._clip(len(view), offset)
+        if count:
+            self._readinto(view[:count], offset)
+        return count
+
+    def pwrite(self, data: Buffer, offset: int) -> int:
+        self._check_writable()
+        view = memoryview(data).cast("B")
+        if offset < 0 or offset + len(view) > self.size:
+            raise InvalidArgumentError(
+                f"write of {len(view)} bytes at offset {offset} is outside the disk "
+                f"({self.size} bytes)",
+                path=self.path,
+            )
+        if view:
+            self._write(view, offset)
+        return len(view)
+
+    def discard(self, offset: int, length: int) -> None:
+        self._check_writable()
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise InvalidArgumentError(
+                f"discard of {length} bytes at offset {offset} is outside the disk",
+                path=self.path,
+            )
+        if length:
+            self._discard(offset, length)
+
+    def flush(self) -> None:
+        if self.read_only or self._closed:
+            return
+        with self._lock:
+            self._flush_locked()
+
+    def extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
+        end = self.size if length is None else min(self.size, offset + length)
+        if offset < 0:
+            raise InvalidArgumentError("negative offset")
+        merged: Extent | None = None
+        for ext in self._extents(offset, end):
+            if ext.length <= 0:
+                continue
+            if merged is not None and merged.layer == ext.layer and merged.end == ext.offset:
+                merged = Extent(merged.offset, merged.length + ext.length, merged.layer)
+                continue
+            if merged is not None:
+                yield merged
+            merged = ext
+        if merged is not None:
+            yield merged
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            self.flush()
+        finally:
+            self._closed = True
+            os.close(self._fd)
+            if self.parent is not None:
+                self.parent.close()
+
+    def file(self) -> DiskFile:
+        """A file-like (``io.RawIOBase``) view with its own cursor, over the positional I/O."""
+        return DiskFile(self)
+
+    def __enter__(self) -> Disk:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.path!r} {self.type.label} {self.size} bytes>"
+
+    # -- helpers for subclasses ----------------------------------------------------------
+
+    def _clip(self, n: int, offset: int) -> int:
+        if offset < 0 or n < 0:
+            raise InvalidArgumentError("negative offset or length")
+        return max(0, min(n, self.size - offset))
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise ReadOnlyError("the disk is open read-only", path=self.path)
+        if self._closed:
+            raise InvalidArgumentError("the disk is closed", path=self.path)
+
+    def _readinto(self, dest: memoryview, offset: int) -> None:
+        raise NotImplementedError
+
+    def _write(self, src: memoryview, offset: int) -> None:
+        raise NotImplementedError
+
+    def _discard(self, offset: int, length: int) -> None:
+        raise NotImplementedError
+
+    def _extents(self, start: int, end: int) -> Iterator[Extent]:
+        raise NotImplementedError
+
+    def _flush_locked(self) -> None:
+        os.fdatasync(self._fd)
+
+
+class FixedDisk(Disk):
+    """Data at [0, size), the footer right after it."""
+
+    type = DiskType.FIXED
+
+    def _readinto(self, dest: memoryview, offset: int) -> None:
+        read_exact_into(self._fd, dest, offset, path=self.path)
+
+    def _write(self, src: memoryview, offset: int) -> None:
+        write_all(self._fd, src, offset)
+
+    def _discard(self, offset: int, length: int) -> None:
+        punch_hole(self._fd, offset, length)
+
+    def _extents(self, start: int, end: int) -> Iterator[Extent]:
+        if end > start:
+            yield Extent(start, end - start, 0)
+
+
+class SparseDisk(Disk):
+    """Dynamic and differencing disks: BAT, per-block sector bitmaps, optional parent."""
+
+    def __init__(
+        self,
+        *,
+        header: DynamicHeader,
+        bat: BlockAllocationTable,
+        parent: Disk | None,
+        differencing: bool,
+        path: str,
+        fd: int,
+        writable: bool,
+        footer: Footer,
+        footer_offset: int,
+        file_size: int,
+        warnings: list[str],
+    ) -> None:
+        super().__init__(
+            path=path,
+            fd=fd,
+            writable=writable,
+            footer=footer,
+            footer_offset=footer_offset,
+            file_size=file_size,
+            warnings=warnings,
+        )
+        self.type = DiskType.DIFFERENCING if differencing else DiskType.DYNAMIC
+        self.header = header
+        self.bat = bat
+        self.parent = parent
+        self.block_size = header.block_size
+        self._bs = header.block_size
+        self._spb = header.block_size // SECTOR
+        self._bitmap_bytes = header.bitmap_bytes
+        self._bitmap_used = (self._spb + 7) // 8
+        self._full_pattern = _full_bitmap(self._spb)
+        self._bitmaps: dict[int, bytes | bytearray] = {}
+        self._differencing = differencing
+        # Where the next block goes: the trailing footer's place (see the module docstring).
+        self._next_free = -(-footer_offset // SECTOR) * SECTOR
+
+    # -- lookups -------------------------------------------------------------------------
+
+    def _needed(self, block: int) -> int:
+        """Bytes of ``block`` inside the disk (the last block may be cut by the disk size)."""
+        return min(self._bs, self.size - block * self._bs)
+
+    def _bitmap(self, block: int, entry: int) -> bytes | bytearray:
+        cached = self._bitmaps.get(block)
+        if cached is not None:
+            return cached
+        start = entry * SECTOR
+        if start + self._bitmap_bytes + self._needed(block) > self.file_size:
+            raise CorruptImageError(
+                f"block {block} (BAT entry {entry:#x}) lies past the end of the file",
+                path=self.path,
+            )
+        raw = read_exact(self._fd, self._bitmap_used, start, path=self.path)
+        loaded: bytes | bytearray = FULL if raw == self._full_pattern else bytearray(raw)
+        with self._lock:
+            if len(self._bitmaps) >= _BITMAP_CACHE_LIMIT:
+                self._bitmaps.pop(next(iter(self._bitmaps)))
+            return self._bitmaps.setdefault(block, loaded)
+
+    def _data_offset(self, entry: int) -> int:
+        return entry * SECTOR + self._bitmap_bytes
+
+    # -- reads ---------------------------------------------------------------------------
+
+    def _readinto(self, dest: memoryview, offset: int) -> None:
+        bs = self._bs
+        pos = 0
+        total = len(dest)
+        while pos < total:
+            off = offset + pos
+            block = off // bs
+            inner = off - block * bs
+            n = min(total - pos, bs - inner)
+            self._read_block(block, inner, dest[pos : pos + n])
+            pos += n
+
+    def _read_block(self, block: int, inner: int, dest: memoryview) -> None:
+        entry = self.bat[block]
+        guest = block * self._bs + inner
+        if entry == UNUSED:
+            self._read_absent(dest, guest)
+            return
+        bits = self._bitmap(block, entry)
+        data = self._data_offset(entry)
+        if bits is FULL:
+            read_exact_into(self._fd, dest, data + inner, path=self.path)
+            return
+        first = inner // SECTOR
+        last = (inner + len(dest) + SECTOR - 1) // SECTOR
+        for run_start, run_end, present in bm.runs(bits, first, last):
+            a = max(run_start * SECTOR, inner) - inner
+            z = min(run_end * SECTOR, inner + len(dest)) - inner
+            if present:
+                read_exact_into(self._fd, dest[a:z], data + inner + a, path=self.path)
+            else:
+                self._read_absent(dest[a:z], guest + a)
+
+    def _read_absent(self, dest: memoryview, guest: int) -> None:
+        """Fill ``dest`` with what the guest sees where this file holds nothing."""
+        if not self._differencing:
+            zero_fill(dest)
+            return
+        if self.parent is None:
+            raise ParentError(
+                "the parent image is not open, so its data cannot be read", path=self.path
+            )
+        got = self.parent.preadinto(dest, guest)
+        if got < len(dest):
+            zero_fill(dest[got:])
+
+    # -- writes --------------------------------------------------------------------------
+
+    def _write(self, src: memoryview, offset: int) -> None:
+        bs = self._bs
+        pos = 0
+        total = len(src)
+        while pos < total:
+            off = offset + pos
+            block = off // bs
+            inner = off - block * bs
+            n = min(total - pos, bs - inner)
+            self._write_block(block, inner, src[pos : pos + n])
+            pos += n
+
+    def _write_block(self, block: int, inner: int, src: memoryview) -> None:
+        entry = self.bat[block]
+        if entry != UNUSED and self._bitmap(block, entry) is FULL:
+            # Every sector is present: nothing but the data changes, no lock needed.
+            write_all(self._fd, src, self._data_offset(entry) + inner)
+            return
+        with self._lock:
+            entry = self.bat[block]
+            if entry == UNUSED:
+                self._allocate(block, inner, src)
+                return
+            bits = self._bitmap(block, entry)
+            if bits is FULL:
+                write_all(self._fd, src, self._data_offset(entry) + inner)
+                return
+            self._write_sectors(block, self._data_offset(entry), bits, inner, src, fresh=False)
+            new = bytearray(bits)
+            first = inner // SECTOR
+            last = (inner + len(src) + SECTOR - 1) // SECTOR
+            if bm.set_range(new, first, last):
+                self._store_bitmap(block, entry, new)
+
+    def _store_bitmap(self, block: int, entry: int, bits: bytearray) -> None:
+        """Write a block's bitmap (after its data), then publish it to readers."""
+        write_all(self._fd, bits, entry * SECTOR)
+        self._bitmaps[block] = FULL if bytes(bits) == self._full_pattern else bits
+
+    def _write_sectors(
+        self,
+        block: int,
+        data: int,
+        bits: bytes | bytearray | None,
+        inner: int,
+        src: memoryview,
+        *,
+        fresh: bool,
+    ) -> None:
+        """Write ``src`` at ``inner`` in a block whose data starts at file offset ``data``.
+
+        A partially covered sector whose bit is clear gets its old guest-visible contents (zeros,
+        or the parent's) around the new bytes.  A fresh dynamic block needs none of that: its
+        file space reads as zeros already.
+        """
+        end = inner + len(src)
+        first = inner // SECTOR
+        last = (end - 1) // SECTOR
+        front = back = 0
+
+        def needs_merge(sector: int) -> bool:
+            if fresh:
+                return self._differencing
+            return bits is None or not bm.bit(bits, sector)
+
+        if inner % SECTOR and needs_merge(first):
+            lo = inner - first * SECTOR
+            hi = min(SECTOR, end - first * SECTOR)
+            sector = self._absent_sector(block, first)
+            sector[lo:hi] = src[: hi - lo]
+            write_all(self._fd, sector, data + first * SECTOR)
+            front = hi - lo
+        if end % SECTOR and front < len(src) and needs_merge(last):
+            hi = end - last * SECTOR
+            sector = self._absent_sector(block, last)
+            sector[:hi] = src[len(src) - hi :]
+            write_all(self._fd, sector, data + last * SECTOR)
+            back = hi
+        middle = src[front : len(src) - back]
+        if middle:
+            write_all(self._fd, middle, data + inner + front)
+
+    def _absent_sector(self, block: int, sector: int) -> bytearray:
+        buf = bytearray(SECTOR)
+        if self._differencing:
+            self._read_absent(memoryview(buf), block * self._bs + sector * SECTOR)
+        return buf
+
+    def _allocate(self, block: int, inner: int, src: memoryview) -> None:
+        """Give ``block`` file space where the trailing footer is, and write ``src`` into it."""
+        old_footer = self._next_free
+        data = -(-(old_footer + self._bitmap_bytes) // DATA_ALIGNMENT) * DATA_ALIGNMENT
+        bitmap_at = data - self._bitmap_bytes
+        new_end = data + self._bs
+        # 1. The new trailing footer first: the file always ends in a valid footer.
+        write_all(self._fd, self._footer_bytes, new_end)
+        self.file_size = max(self.file_size, new_end + FOOTER_SIZE)
+        self.footer_offset = new_end
+        self._next_free = new_end
+        if old_footer < bitmap_at:
+            # The old footer now sits in alignment padding: clear it so no scan mistakes it
+            # for the image's footer.
+            write_zeros(self._fd, old_footer, min(FOOTER_SIZE, bitmap_at - old_footer))
+        # 2. Data, then the bitmap.
+        self._write_sectors(block, data, None, inner, src, fresh=True)
+        if self._differencing:
+            bits = bytearray(self._bitmap_bytes)
+            bm.set_range(bits, inner // SECTOR, (inner + len(src) + SECTOR - 1) // SECTOR)
+        else:
+            # A new dynamic block's unwritten sectors are file holes and read as zeros, so all
+            # bits are set (as qemu and blktap do): later reads need no bitmap walk.
+            bits = bytearray(b"\xff" * self._bitmap_bytes)
+        entry = bitmap_at // SECTOR
+        write_all(self._fd, bits, bitmap_at)
+        used = bits[: self._bitmap_used]
+        self._bitmaps[block] = FULL if bytes(used) == self._full_pattern else used
+        # 3. The BAT entry: in memory now, on disk at the next flush (after the data is durable).
+        self.bat[block] = entry
+
+    # -- discard -------------------------------------------------------------------------
+
+    def _discard(self, offset: int, length: int) -> None:
+        if self._differencing:
+            # Zeros must hide the parent's data; where nothing is allocated anywhere the range
+            # already reads as zeros.
+            for ext in list(self.extents(offset, length)):
+                if ext.layer is not None:
+                    self._write_zeros_range(ext.offset, ext.length)
+            return
+        bs = self._bs
+        pos = offset
+        end = offset + length
+        while pos < end:
+            block = pos // bs
+            inner = pos - block * bs
+            n = min(end - pos, bs - inner)
+            self._discard_block(block, inner, n)
+            pos += n
+
+    def _write_zeros_range(self, offset: int, length: int) -> None:
+        zeros = memoryview(bytes(min(length, 1 << 20)))
+        while length > 0:
+            n = min(length, len(zeros))
+            self._write(zeros[:n], offset)
+            offset += n
+            length -= n
+
+    def _discard_block(self, block: int, inner: int, n: int) -> None:
+        with self._lock:
+            entry = self.bat[block]
+            if entry == UNUSED:
+                return
+            data = self._data_offset(entry)
+            bits = self._bitmap(block, entry)
+            new = bytearray(self._full_pattern if bits is FULL else bits)
+            first = -(-inner // SECTOR)
+            last = (inner + n) // SECTOR
+            # Partly covered edge sectors keep their bit and get zeros written.
+            if first * SECTOR > inner:
+                write_zeros(self._fd, data + inner, min(first * SECTOR, inner + n) - inner)
+            if last * SECTOR < inner + n and last >= first:
+                write_zeros(self._fd, data + last * SECTOR, inner + n - last * SECTOR)
+            if first >= last:
+                return
+            bm.set_range(new, first, last, False)
+            # Punch the data too: readers that ignore bitmaps (qemu) then also see zeros.
+            punch_hole(self._fd, data + first * SECTOR, (last - first) * SECTOR)
+            if not bm.any_set(new, -(-self._needed(block) // SECTOR)):
+                self._bitmaps.pop(block, None)
+                self.bat[block] = UNUSED
+                punch_hole(self._fd, entry * SECTOR, self._bitmap_bytes + self._bs)
+            else:
+                self._store_bitmap(block, entry, new)
+
+    # -- metadata ------------------------------------------------------------------------
+
+    def _flush_locked(self) -> None:
+        os.fdatasync(self._fd)
+        if not self.bat.dirty:
+            return
+        assert self.header is not None
+        sectors = self.bat.take_dirty()
+        try:
+            for sector in sectors:
+                write_all(
+                    self._fd, self.bat.sector_bytes(sector), self.header.table_offset + sector * 512
+                )
+            os.fdatasync(self._fd)
+        except BaseException:
+            self.bat.mark_dirty(sectors)
+            raise
+
+    # -- extents -------------------------------------------------------------------------
+
+    def _extents(self, start: int, end: int) -> Iterator[Extent]:
+        bs = self._bs
+        pos = start
+        bat = self.bat
+        while pos < end:
+            block = pos // bs
+            block_end = min((block + 1) * bs, end)
+            entry = bat[block]
+            if entry == UNUSED:
+                nxt = block + 1
+                while nxt * bs < end and bat[nxt] == UNUSED:
+                    nxt += 1
+                run_end = min(nxt * bs, end)
+                yield from self._absent_extents(pos, run_end)
+                pos = run_end
+                continue
+            bits = self._bitmap(block, entry)
+            if bits is FULL:
+                yield Extent(pos, block_end - pos, 0)
+            else:
+                base = block * bs
+                first = (pos - base) // SECTOR
+                last = (block_end - base + SECTOR - 1) // SECTOR
+                for run_start, run_end_s, present in bm.runs(bits, first, last):
+                    a = max(base + run_start * SECTOR, pos)
+                    z = min(base + run_end_s * SECTOR, block_end)
+                    if present:
+                        yield Extent(a, z - a, 0)
+                    else:
+                        yield from self._absent_extents(a, z)
+            pos = block_end
+
+    def _absent_extents(self, start: int, end: int) -> Iterator[Extent]:
+        if not self._differencing or self.parent is None:
+            yield Extent(start, end - start, None)
+            return
+        covered = start
+        for ext in self.parent.extents(start, end - start):
+            covered = ext.end
+            yield Extent(ext.offset, ext.length, None if ext.layer is None else ext.layer + 1)
+        if covered < end:
+            yield Extent(covered, end - covered, None)
+
+
+def _full_bitmap(sectors: int) -> bytes:
+    whole, rest = divmod(sectors, 8)
+    tail = bytes([(0xFF << (8 - rest)) & 0xFF]) if rest else b""
+    return b"\xff" * whole + tail
+
+
+class DiskFile(io.RawIOBase):
+    """``io.RawIOBase`` over a :class:`Disk`: read/write/seek/tell from the positional calls."""
+
+    def __init__(self, disk: Disk) -> None:
+        super().__init__()
+        self._disk = disk
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return not self._disk.read_only
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Buffer) -> int:  # type: ignore[override]
+        n = self._disk.preadinto(buffer, self._pos)
+        self._pos += n
+        return n
+
+    def write(self, data: Buffer) -> int:  # type: ignore[override]
+        view = memoryview(data).cast("B")
+        n = min(len(view), max(0, self._disk.size - self._pos))
+        if n < len(view) and n == 0:
+            raise OSError(28, "No space left on device (end of disk)")
+        self._disk.pwrite(view[:n], self._pos)
+        self._pos += n
+        return n
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_SET:
+            pos = offset
+        elif whence == io.SEEK_CUR:
+            pos = self._pos + offset
+        elif whence == io.SEEK_END:
+            pos = self._disk.size + offset
+        else:
+            raise ValueError(f"invalid whence {whence}")
+        if pos < 0:
+            raise ValueError("negative seek position")
+        self._pos = pos
+        return pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def flush(self) -> None:
+        if not self.closed:
+            self._disk.flush()

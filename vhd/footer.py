@@ -1,0 +1,185 @@
+"""The hard disk footer (spec: "Hard Disk Footer Format"): 512 bytes at the end of every image,
+and a copy at offset 0 of dynamic and differencing images.
+
+Declared once with ``construct`` and exposed as the immutable :class:`Footer`.  Parsing never
+rejects a record: validity (cookie, checksum, version) is for the caller to judge, so that damaged
+images can still be inspected and repaired.  Images made before Virtual PC 2004 may end in a
+511-byte footer (the last reserved byte cut off); :func:`Footer.parse` accepts 511 bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+import construct as cs
+
+from .checksum import vhd_checksum
+from .geometry import Geometry
+
+FOOTER_SIZE = 512
+COOKIE = b"conectix"
+VERSION = 0x00010000
+FEATURE_TEMPORARY = 0x1
+FEATURE_RESERVED = 0x2  # "must always be set"
+FIXED_DATA_OFFSET = 0xFFFFFFFFFFFFFFFF
+CHECKSUM_OFFSET = 64
+# VHD timestamps count seconds from 2000-01-01 00:00:00 UTC.
+EPOCH_2000 = 946684800
+
+CREATOR_APP = b"vhdk"
+CREATOR_VERSION = 0x00000001
+CREATOR_HOST = b"Wi2k"
+
+
+class DiskType(IntEnum):
+    NONE = 0
+    FIXED = 2
+    DYNAMIC = 3
+    DIFFERENCING = 4
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+FOOTER_STRUCT = cs.Struct(
+    "cookie" / cs.Bytes(8),
+    "features" / cs.Int32ub,
+    "version" / cs.Int32ub,
+    "data_offset" / cs.Int64ub,
+    "timestamp" / cs.Int32ub,
+    "creator_app" / cs.Bytes(4),
+    "creator_version" / cs.Int32ub,
+    "creator_host" / cs.Bytes(4),
+    "original_size" / cs.Int64ub,
+    "current_size" / cs.Int64ub,
+    "cylinders" / cs.Int16ub,
+    "heads" / cs.Int8ub,
+    "sectors" / cs.Int8ub,
+    "disk_type" / cs.Int32ub,
+    "checksum" / cs.Int32ub,
+    "unique_id" / cs.Bytes(16),
+    "saved_state" / cs.Int8ub,
+    "reserved" / cs.Bytes(427),
+)
+assert FOOTER_STRUCT.sizeof() == FOOTER_SIZE
+
+
+@dataclass(frozen=True, slots=True)
+class Footer:
+    cookie: bytes
+    features: int
+    version: int
+    data_offset: int
+    timestamp: int
+    creator_app: bytes
+    creator_version: int
+    creator_host: bytes
+    original_size: int
+    current_size: int
+    cylinders: int
+    heads: int
+    sectors: int
+    disk_type: int
+    checksum: int
+    unique_id: bytes
+    saved_state: int
+    reserved: bytes
+
+    @classmethod
+    def parse(cls, raw: bytes | bytearray | memoryview) -> Footer:
+        data = bytes(raw)
+        if len(data) == FOOTER_SIZE - 1:
+            data += b"\0"
+        if len(data) != FOOTER_SIZE:
+            raise ValueError(f"a footer is 512 bytes, got {len(data)}")
+        fields: dict[str, Any] = dict(FOOTER_STRUCT.parse(data))
+        fields.pop("_io", None)
+        return cls(**fields)
+
+    def build(self) -> bytes:
+        """The 512 on-disk bytes, with the checksum computed afresh."""
+        fields = dataclasses.asdict(self)
+        fields["checksum"] = 0
+        raw = bytearray(FOOTER_STRUCT.build(fields))
+        raw[CHECKSUM_OFFSET : CHECKSUM_OFFSET + 4] = vhd_checksum(raw, CHECKSUM_OFFSET).to_bytes(
+            4, "big"
+        )
+        return bytes(raw)
+
+    def replace(self, **changes: Any) -> Footer:
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def cookie_ok(self) -> bool:
+        return self.cookie == COOKIE
+
+    @property
+    def geometry(self) -> Geometry:
+        return Geometry(self.cylinders, self.heads, self.sectors)
+
+    @property
+    def type(self) -> DiskType | None:
+        try:
+            return DiskType(self.disk_type)
+        except ValueError:
+            return None
+
+    @property
+    def uuid(self) -> uuid.UUID:
+        return uuid.UUID(bytes=self.unique_id)
+
+    @property
+    def hidden(self) -> bool:
+        """blktap's "hidden" flag (footer byte 85, the first reserved byte)."""
+        return bool(self.reserved[:1] != b"\0")
+
+
+def checksum_ok(raw: bytes | bytearray | memoryview) -> bool:
+    """Whether a footer's stored checksum matches its contents."""
+    data = bytes(raw)
+    if len(data) == FOOTER_SIZE - 1:
+        data += b"\0"
+    stored = int.from_bytes(data[CHECKSUM_OFFSET : CHECKSUM_OFFSET + 4], "big")
+    return stored == vhd_checksum(data, CHECKSUM_OFFSET)
+
+
+def vhd_timestamp(unix_time: float | None = None) -> int:
+    """Seconds since 2000-01-01 UTC, clamped to the u32 field."""
+    now = time.time() if unix_time is None else unix_time
+    return max(0, min(0xFFFFFFFF, int(now) - EPOCH_2000))
+
+
+def unix_time(vhd_time: int) -> int:
+    return vhd_time + EPOCH_2000
+
+
+def new_footer(
+    *, size: int, disk_type: DiskType, geometry: Geometry, unique_id: bytes | None = None
+) -> Footer:
+    """A footer for a disk vhdkit creates now."""
+    return Footer(
+        cookie=COOKIE,
+        features=FEATURE_RESERVED,
+        version=VERSION,
+        data_offset=FIXED_DATA_OFFSET if disk_type == DiskType.FIXED else FOOTER_SIZE,
+        timestamp=vhd_timestamp(),
+        creator_app=CREATOR_APP,
+        creator_version=CREATOR_VERSION,
+        creator_host=CREATOR_HOST,
+        original_size=size,
+        current_size=size,
+        cylinders=geometry.cylinders,
+        heads=geometry.heads,
+        sectors=geometry.sectors,
+        disk_type=int(disk_type),
+        checksum=0,
+        unique_id=unique_id if unique_id is not None else uuid.uuid4().bytes,
+        saved_state=0,
+        reserved=bytes(427),
+    )

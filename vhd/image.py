@@ -1,0 +1,320 @@
+"""Opening an image: locate and validate the footer, the dynamic header and the BAT, then build
+the right :class:`~vhd.disk.Disk` (spec: "Hard Disk Footer Format", "Dynamic Disk Header Format").
+
+Footer recovery follows what real damage looks like: the trailing footer is used when it is valid;
+if it is missing or damaged, the copy at offset 0 of a dynamic or differencing disk is used (read
+only, with a warning), and files of 512·n + 511 bytes are read with the 511-byte footer of images
+older than Virtual PC 2004.  Checksum mismatches raise :class:`~vhd.errors.ChecksumError` unless
+the caller opens with ``strict=False`` (then they are listed in ``Disk.warnings``).
+
+Every size read from the file is checked against the file's size before it is used, so a damaged
+image costs bounded time and memory.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .bat import BlockAllocationTable
+from .chain import read_locators, resolve_parent
+from .disk import Disk, FixedDisk, SparseDisk
+from .errors import (
+    ChecksumError,
+    CorruptImageError,
+    InvalidArgumentError,
+    NotAVHDError,
+    UnsupportedFeatureError,
+    VHDError,
+)
+from .fileio import file_size, read_exact, read_upto
+from .footer import COOKIE, FOOTER_SIZE, VERSION, DiskType, Footer, checksum_ok
+from .header import HEADER_SIZE, DynamicHeader
+from .header import VERSION as HEADER_VERSION
+from .header import checksum_ok as header_checksum_ok
+
+MIN_BLOCK_SIZE = 512
+MAX_BLOCK_SIZE = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class FooterChoice:
+    footer: Footer
+    offset: int
+    source: str  # "tail", "tail-511", "head"
+    checksum_ok: bool
+    warnings: tuple[str, ...]
+
+
+def locate_footer(fd: int, size: int, path: str) -> FooterChoice:
+    """Pick the footer to trust, as described in the module docstring (no strictness applied)."""
+    if size < FOOTER_SIZE - 1:
+        raise NotAVHDError(f"the file is only {size} bytes, too small for a VHD", path=path)
+    options: list[tuple[str, int, bytes]] = []
+    if size >= FOOTER_SIZE:
+        options.append(("tail", size - FOOTER_SIZE, read_upto(fd, FOOTER_SIZE, size - FOOTER_SIZE)))
+    if size % 512 == 511:
+        options.append(("tail-511", size - 511, read_upto(fd, 511, size - 511)))
+    head = read_upto(fd, FOOTER_SIZE, 0) if size >= FOOTER_SIZE else b""
+    tails = [(src, off, raw) for src, off, raw in options if raw[:8] == COOKIE]
+    head_ok = head[:8] == COOKIE and Footer.parse(head).disk_type in (3, 4)
+    good_tail = [t for t in tails if checksum_ok(t[2])]
+    warnings: list[str] = []
+    if good_tail:
+        src, off, raw = good_tail[0]
+        footer = Footer.parse(raw)
+        if src == "tail-511":
+            warnings.append("the image ends in a 511-byte footer (made before Virtual PC 2004)")
+        if footer.disk_type in (3, 4):
+            if not head_ok:
+                warnings.append("the footer copy at offset 0 is missing or damaged")
+            elif head != footer.build() and head != raw:
+                warnings.append("the footer copy at offset 0 differs from the trailing footer")
+        return FooterChoice(footer, off, src, True, tuple(warnings))
+    if head_ok and checksum_ok(head):
+        warnings.append(
+            "the trailing footer is missing or damaged; using the copy at offset 0 "
+            "(vhd check --repair restores it)"
+        )
+        return FooterChoice(Footer.parse(head), size, "head", True, tuple(warnings))
+    if tails:
+        src, off, raw = tails[0]
+        return FooterChoice(Footer.parse(raw), off, src, False, tuple(warnings))
+    if head_ok:
+        warnings.append("the trailing footer is missing or damaged; using the copy at offset 0")
+        return FooterChoice(Footer.parse(head), size, "head", False, tuple(warnings))
+    raise NotAVHDError(
+        "no VHD footer ('conectix') at the end or the start of the file: not a VHD image "
+        "(a raw disk?)",
+        path=path,
+    )
+
+
+def open(
+    path: str | os.PathLike[str],
+    mode: str = "r",
+    *,
+    strict: bool = True,
+    parent_dirs: Sequence[str] = (),
+    allow_parent_mismatch: bool = False,
+    parent: str | os.PathLike[str] | None = None,
+    open_parent: bool = True,
+    _seen: frozenset[tuple[int, int]] = frozenset(),
+) -> Disk:
+    """Open a VHD image.  See :mod:`vhd` for the parameters."""
+    if mode not in ("r", "r+"):
+        raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
+    spath = os.fspath(path)
+    writable = mode == "r+"
+    fd = os.open(spath, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+    try:
+        st = os.fstat(fd)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise NotAVHDError("not a regular file or block device", path=spath)
+        if writable:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise VHDError(
+                    "the image is open for writing by another process", path=spath
+                ) from None
+        return _open_fd(
+            fd,
+            spath,
+            writable,
+            strict=strict,
+            parent_dirs=parent_dirs,
+            allow_parent_mismatch=allow_parent_mismatch,
+            parent=os.fspath(parent) if parent is not None else None,
+            open_parent=open_parent,
+            seen=_seen | {(st.st_dev, st.st_ino)},
+        )
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _open_fd(
+    fd: int,
+    path: str,
+    writable: bool,
+    *,
+    strict: bool,
+    parent_dirs: Sequence[str],
+    allow_parent_mismatch: bool,
+    parent: str | None,
+    open_parent: bool,
+    seen: frozenset[tuple[int, int]],
+) -> Disk:
+    fsize = file_size(fd)
+    choice = locate_footer(fd, fsize, path)
+    footer = choice.footer
+    warnings = list(choice.warnings)
+
+    def problem(message: str, error: type[VHDError] = CorruptImageError) -> None:
+        if strict:
+            raise error(message, path=path)
+        warnings.append(message)
+
+    if not choice.checksum_ok:
+        problem(
+            f"footer checksum mismatch (stored {footer.checksum:#010x}, computed "
+            f"{Footer.parse(footer.build()).checksum:#010x})",
+            ChecksumError,
+        )
+    disk_type = footer.type
+    if disk_type not in (DiskType.FIXED, DiskType.DYNAMIC, DiskType.DIFFERENCING):
+        raise UnsupportedFeatureError(
+            f"disk type {footer.disk_type} is not fixed (2), dynamic (3) or differencing (4)",
+            path=path,
+        )
+    if footer.version != VERSION:
+        problem(f"unknown file format version {footer.version:#010x}", UnsupportedFeatureError)
+    if footer.current_size % 512:
+        problem(f"the disk size {footer.current_size} is not a multiple of 512")
+        footer = footer.replace(current_size=footer.current_size // 512 * 512)
+    if writable and choice.source == "head":
+        raise CorruptImageError(
+            "the trailing footer is missing or damaged; run 'vhd check --repair' before writing",
+            path=path,
+        )
+    if writable and not choice.checksum_ok:
+        raise ChecksumError(
+            "the footer checksum does not match; run 'vhd check --repair' before writing",
+            path=path,
+        )
+
+    common = dict(
+        path=path,
+        fd=fd,
+        writable=writable,
+        footer=footer,
+        footer_offset=choice.offset,
+        file_size=fsize,
+        warnings=warnings,
+    )
+    if disk_type == DiskType.FIXED:
+        if choice.offset < footer.current_size:
+            raise CorruptImageError(
+                f"fixed disk of {footer.current_size} bytes, but its footer is at offset "
+                f"{choice.offset}: the data is truncated",
+                path=path,
+            )
+        if choice.offset > footer.current_size:
+            warnings.append(
+                f"{choice.offset - footer.current_size} unused bytes between the data and the footer"
+            )
+        return FixedDisk(**common)  # type: ignore[arg-type]
+
+    header = _read_header(fd, fsize, footer, path, problem)
+    bat = _read_bat(fd, fsize, footer, header, path)
+    disk = SparseDisk(
+        header=header,
+        bat=bat,
+        parent=None,
+        differencing=disk_type == DiskType.DIFFERENCING,
+        **common,  # type: ignore[arg-type]
+    )
+    try:
+        if writable:
+            _check_writable_layout(disk, header)
+        if disk_type == DiskType.DIFFERENCING and open_parent:
+            locators = read_locators(fd, fsize, header)
+            disk.parent = resolve_parent(  # type: ignore[assignment]
+                path,
+                header,
+                locators,
+                opener=open,
+                search_dirs=parent_dirs,
+                allow_mismatch=allow_parent_mismatch,
+                strict=strict,
+                seen=seen,
+                explicit=parent,
+            )
+            assert disk.parent is not None
+            if disk.parent.size != disk.size:
+                warnings.append(
+                    f"the parent is {disk.parent.size} bytes, the child {disk.size}: reads past "
+                    "the parent's end return zeros"
+                )
+    except BaseException:
+        # The caller closes fd; don't let the half-built disk close it a second time.
+        disk._closed = True
+        raise
+    return disk
+
+
+def _read_header(fd: int, fsize: int, footer: Footer, path: str, problem: object) -> DynamicHeader:
+    at = footer.data_offset
+    if at % 512 or at < FOOTER_SIZE or at + HEADER_SIZE > fsize:
+        raise CorruptImageError(
+            f"the dynamic header offset {at:#x} is not inside the file ({fsize} bytes)",
+            path=path,
+        )
+    raw = read_exact(fd, HEADER_SIZE, at, path=path)
+    header = DynamicHeader.parse(raw)
+    if not header.cookie_ok:
+        raise CorruptImageError(f"no dynamic header ('cxsparse') at offset {at:#x}", path=path)
+    report = problem  # callable(message, error)
+    if not header_checksum_ok(raw):
+        report(  # type: ignore[operator]
+            f"dynamic header checksum mismatch (stored {header.checksum:#010x})", ChecksumError
+        )
+    if header.version != HEADER_VERSION:
+        report(  # type: ignore[operator]
+            f"unknown dynamic header version {header.version:#010x}", UnsupportedFeatureError
+        )
+    bs = header.block_size
+    if bs < MIN_BLOCK_SIZE or bs > MAX_BLOCK_SIZE or bs & (bs - 1):
+        raise CorruptImageError(
+            f"invalid block size {bs} (must be a power of two from 512 B to 256 MiB)", path=path
+        )
+    needed = -(-footer.current_size // bs)
+    if header.max_table_entries < needed:
+        raise CorruptImageError(
+            f"the BAT has {header.max_table_entries} entries but a {footer.current_size}-byte "
+            f"disk needs {needed}",
+            path=path,
+        )
+    return header
+
+
+def _read_bat(
+    fd: int, fsize: int, footer: Footer, header: DynamicHeader, path: str
+) -> BlockAllocationTable:
+    count = -(-footer.current_size // header.block_size)
+    length = header.max_table_entries * 4
+    at = header.table_offset
+    if at % 512 or at + length > fsize:
+        raise CorruptImageError(
+            f"the BAT ({header.max_table_entries} entries at {at:#x}) does not fit in the file",
+            path=path,
+        )
+    if at < footer.data_offset + HEADER_SIZE and at + length > footer.data_offset:
+        raise CorruptImageError("the BAT overlaps the dynamic header", path=path)
+    if at < FOOTER_SIZE:
+        raise CorruptImageError("the BAT overlaps the footer copy at offset 0", path=path)
+    # Only the entries the disk size needs are used (as blktap does); the rest are padding.
+    raw = read_exact(fd, count * 4, at, path=path)
+    return BlockAllocationTable.from_bytes(raw, count)
+
+
+def _check_writable_layout(disk: SparseDisk, header: DynamicHeader) -> None:
+    """Before writing, every allocated block must lie before the trailing footer, where new
+    blocks will go; otherwise a new block could overwrite an old one."""
+    limit = disk.footer_offset
+    for block, entry in disk.bat.allocated():
+        end = (
+            entry * 512
+            + header.bitmap_bytes
+            + min(header.block_size, disk.size - block * header.block_size)
+        )
+        if end > limit or entry * 512 < 512:
+            raise CorruptImageError(
+                f"block {block} (at {entry * 512:#x}) lies outside the data area; run "
+                "'vhd check --repair' before writing",
+                path=disk.path,
+            )
