@@ -1,0 +1,88 @@
+"""A Python frontend ring (``FRONT_RING_INIT`` & co, ring.h) for tests: the guest's side."""
+
+from __future__ import annotations
+
+import struct
+
+from blockback.abi import REQ_EVENT, REQ_PROD, RSP_EVENT, RSP_PROD, Abi
+from blockback.ring import MASK32, memory_barrier
+
+_U32 = struct.Struct("<I")
+
+
+class FrontRing:
+    """Frontend view of a shared ring living in ``view`` (2**order pages)."""
+
+    def __init__(self, view: memoryview, abi: Abi, order: int, start: int = 0) -> None:
+        self.view = view
+        self.abi = abi
+        self.nr_ents = abi.ring_entries(order)
+        self.req_prod_pvt = start & MASK32
+        self.rsp_cons = start & MASK32
+        # FRONT_RING_INIT / SHARED_RING_INIT: prods at start, events one past.
+        self._store(REQ_PROD, start)
+        self._store(RSP_PROD, start)
+        self._store(REQ_EVENT, start + 1)
+        self._store(RSP_EVENT, start + 1)
+
+    def _load(self, off: int) -> int:
+        value: int = _U32.unpack_from(self.view, off)[0]
+        return value
+
+    def _store(self, off: int, value: int) -> None:
+        _U32.pack_into(self.view, off, value & MASK32)
+
+    def slot(self, index: int) -> int:
+        return self.abi.slot_offset(index, self.nr_ents)
+
+    @property
+    def free_requests(self) -> int:
+        return self.nr_ents - ((self.req_prod_pvt - self.rsp_cons) & MASK32)
+
+    def put_request(self, data: bytes) -> None:
+        assert self.free_requests > 0, "ring full"
+        off = self.slot(self.req_prod_pvt)
+        self.view[off : off + len(data)] = data
+        self.req_prod_pvt = (self.req_prod_pvt + 1) & MASK32
+
+    def push_requests(self) -> None:
+        """RING_PUSH_REQUESTS (no notify check): publish without caring about req_event."""
+        self._store(REQ_PROD, self.req_prod_pvt)
+
+    def push_requests_and_check_notify(self) -> bool:
+        old = self._load(REQ_PROD)
+        new = self.req_prod_pvt
+        self._store(REQ_PROD, new)
+        memory_barrier()
+        event = self._load(REQ_EVENT)
+        return ((new - event) & MASK32) < ((new - old) & MASK32)
+
+    def take_responses(self) -> list[tuple[int, int, int]]:
+        prod = self._load(RSP_PROD)
+        assert ((prod - self.rsp_cons) & MASK32) <= self.nr_ents, "backend overran the ring"
+        out = []
+        while self.rsp_cons != prod:
+            off = self.slot(self.rsp_cons)
+            out.append(
+                self.abi.decode_response(bytes(self.view[off : off + self.abi.response_size]))
+            )
+            self.rsp_cons = (self.rsp_cons + 1) & MASK32
+        return out
+
+    def final_check_for_responses(self) -> bool:
+        if self._load(RSP_PROD) != self.rsp_cons:
+            return True
+        self._store(RSP_EVENT, self.rsp_cons + 1)
+        memory_barrier()
+        return self._load(RSP_PROD) != self.rsp_cons
+
+    def set_rsp_event(self, value: int) -> None:
+        self._store(RSP_EVENT, value)
+
+    @property
+    def req_event(self) -> int:
+        return self._load(REQ_EVENT)
+
+    @property
+    def rsp_prod(self) -> int:
+        return self._load(RSP_PROD)
