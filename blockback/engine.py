@@ -1,0 +1,195 @@
+"""Request validation: a decoded blkif request in, a response or an I/O plan out (docs/blkif.md §3).
+
+Pure: no grants, no disk, no threads.  The caller copies a ring slot once (``blockback.ring``),
+decodes the copy (``blockback.abi``) and hands the :class:`~blockback.abi.Request` to
+:meth:`BlkifEngine.handle`, which returns one of
+
+* :class:`Reply` -- answer now (ERROR for every invalid request the doc lists, EOPNOTSUPP for
+  operations we do not implement or did not advertise);
+* :class:`NeedIndirect` -- an INDIRECT request whose segment pages must be copied first; the
+  caller copies ``grefs`` (once each) and calls :meth:`BlkifEngine.handle_indirect`;
+* :class:`IoPlan` -- a validated operation in bytes, with the guest segments to move data
+  between: ``(gref, offset in page, length)``.
+
+Rules (Linux blkback's ``dispatch_rw_block_io``, QEMU and tapdisk agree):
+READ/WRITE need 1..11 segments; FLUSH and BARRIER may have 0..11; INDIRECT needs
+1..``max_indirect_segments`` and an inner READ or WRITE, and is answered with the inner op;
+each segment has ``first_sect <= last_sect <= 7``; the end sector must neither wrap 64 bits nor
+pass the device end; anything but READ on a read-only device is an ERROR; a secure DISCARD is
+refused unless ``discard-secure`` was advertised; unknown ops (4, 7..255) get EOPNOTSUPP with the
+op echoed, as do DISCARD and INDIRECT when not advertised.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from blockback.abi import (
+    DISCARD_SECURE,
+    MAX_SEGMENTS_PER_REQUEST,
+    SECTOR_SIZE,
+    SEGMENTS_PER_INDIRECT_PAGE,
+    Op,
+    Request,
+    Segment,
+    Status,
+    decode_segments,
+)
+
+U64 = 1 << 64
+
+
+class Kind(enum.Enum):
+    READ = "read"
+    WRITE = "write"
+    FLUSH = "flush"  # FLUSH_DISKCACHE: write any data, then flush
+    BARRIER = "barrier"  # drain everything before it, flush, write, flush
+    DISCARD = "discard"
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """Answer immediately; ``operation`` is what the response echoes."""
+
+    id: int
+    operation: int
+    status: Status
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class NeedIndirect:
+    request: Request
+    grefs: tuple[int, ...]  # the pages holding the segment descriptors, in order
+
+
+# A data segment ready for the transport: (gref, byte offset in the page, byte length).
+DataSegment = tuple[int, int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class IoPlan:
+    id: int
+    operation: int  # echoed in the response (the inner op for INDIRECT)
+    kind: Kind
+    offset: int  # bytes
+    length: int  # bytes (sum of the segment lengths; DISCARD: the range)
+    segments: tuple[DataSegment, ...] = ()
+
+    @property
+    def writes_guest_pages(self) -> bool:
+        """True when the data flows disk -> guest (the grants must be writable)."""
+        return self.kind is Kind.READ
+
+
+Outcome = Reply | NeedIndirect | IoPlan
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceConfig:
+    sectors: int  # device size in 512-byte sectors
+    read_only: bool = False
+    discard: bool = True  # feature-discard advertised
+    discard_secure: bool = False
+    max_indirect_segments: int = 1024  # 0: INDIRECT not advertised
+
+
+class BlkifEngine:
+    """Turns private request copies into replies or plans for one device."""
+
+    def __init__(self, config: DeviceConfig) -> None:
+        self.config = config
+
+    def handle(self, req: Request) -> Outcome:
+        op = req.operation
+        if op == Op.READ or op == Op.WRITE:
+            if not 1 <= req.nr_segments <= MAX_SEGMENTS_PER_REQUEST:
+                return self._error(req, op, f"{req.nr_segments} segments (need 1..11)")
+            kind = Kind.READ if op == Op.READ else Kind.WRITE
+            return self._plan(req, op, kind, req.segments)
+        if op == Op.FLUSH_DISKCACHE or op == Op.WRITE_BARRIER:
+            if req.nr_segments > MAX_SEGMENTS_PER_REQUEST:
+                return self._error(req, op, f"{req.nr_segments} segments (at most 11)")
+            kind = Kind.FLUSH if op == Op.FLUSH_DISKCACHE else Kind.BARRIER
+            return self._plan(req, op, kind, req.segments)
+        if op == Op.DISCARD:
+            return self._discard(req)
+        if op == Op.INDIRECT:
+            return self._indirect(req)
+        return Reply(req.id, op, Status.EOPNOTSUPP, f"operation {op} is not supported")
+
+    def handle_indirect(self, pending: NeedIndirect, pages: Sequence[bytes]) -> Reply | IoPlan:
+        """Finish an INDIRECT request given private copies of its descriptor pages."""
+        req = pending.request
+        n = req.nr_segments
+        if len(pages) != len(pending.grefs):
+            raise ValueError("one copied page per indirect gref is needed")
+        segments: list[Segment] = []
+        for i, page in enumerate(pages):
+            count = min(SEGMENTS_PER_INDIRECT_PAGE, n - i * SEGMENTS_PER_INDIRECT_PAGE)
+            segments.extend(decode_segments(page, 0, count))
+        kind = Kind.READ if req.indirect_op == Op.READ else Kind.WRITE
+        outcome = self._plan(req, req.indirect_op, kind, tuple(segments))
+        assert not isinstance(outcome, NeedIndirect)
+        return outcome
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _error(req: Request, op: int, reason: str) -> Reply:
+        return Reply(req.id, op, Status.ERROR, reason)
+
+    def _indirect(self, req: Request) -> Outcome:
+        limit = self.config.max_indirect_segments
+        if not limit:
+            return Reply(req.id, Op.INDIRECT, Status.EOPNOTSUPP, "INDIRECT is not advertised")
+        inner = req.indirect_op
+        if inner != Op.READ and inner != Op.WRITE:
+            return self._error(req, inner, f"indirect_op {inner} is not READ or WRITE")
+        if not 1 <= req.nr_segments <= limit:
+            return self._error(req, inner, f"{req.nr_segments} indirect segments (need 1..{limit})")
+        if inner == Op.WRITE and self.config.read_only:
+            return self._error(req, inner, "write to a read-only device")
+        pages = -(-req.nr_segments // SEGMENTS_PER_INDIRECT_PAGE)
+        return NeedIndirect(req, req.indirect_grefs[:pages])
+
+    def _plan(
+        self, req: Request, op: int, kind: Kind, segments: tuple[Segment, ...]
+    ) -> Reply | IoPlan:
+        if kind is not Kind.READ and self.config.read_only:
+            return self._error(req, op, f"{kind.value} on a read-only device")
+        data: list[DataSegment] = []
+        total = 0
+        for gref, first, last in segments:
+            if last > 7 or first > last:
+                return self._error(req, op, f"bad segment sectors {first}..{last}")
+            length = (last - first + 1) * SECTOR_SIZE
+            data.append((gref, first * SECTOR_SIZE, length))
+            total += length
+        end = req.sector_number + total // SECTOR_SIZE
+        if end >= U64:
+            return self._error(req, op, "sector range wraps 64 bits")
+        if end > self.config.sectors:
+            return self._error(req, op, f"sectors {req.sector_number}..{end} pass the device end")
+        return IoPlan(req.id, op, kind, req.sector_number * SECTOR_SIZE, total, tuple(data))
+
+    def _discard(self, req: Request) -> Outcome:
+        cfg = self.config
+        if not cfg.discard or cfg.read_only:
+            if cfg.read_only:
+                return self._error(req, Op.DISCARD, "discard on a read-only device")
+            return Reply(req.id, Op.DISCARD, Status.EOPNOTSUPP, "DISCARD is not advertised")
+        if req.flag & DISCARD_SECURE and not cfg.discard_secure:
+            return self._error(req, Op.DISCARD, "secure discard was not advertised")
+        end = req.sector_number + req.nr_sectors
+        if end >= U64 or end > cfg.sectors:
+            return self._error(req, Op.DISCARD, "discard range passes the device end")
+        return IoPlan(
+            req.id,
+            Op.DISCARD,
+            Kind.DISCARD,
+            req.sector_number * SECTOR_SIZE,
+            req.nr_sectors * SECTOR_SIZE,
+        )

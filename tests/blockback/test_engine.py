@@ -1,0 +1,135 @@
+"""blockback.engine: every rule of docs/blkif.md §3 on private request copies."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from blockback.abi import X86_64, Op, Request, Status, encode_segments
+from blockback.engine import BlkifEngine, DeviceConfig, IoPlan, Kind, NeedIndirect, Reply
+
+SECTORS = 2048  # 1 MiB device
+ENGINE = BlkifEngine(DeviceConfig(sectors=SECTORS))
+RO = BlkifEngine(DeviceConfig(sectors=SECTORS, read_only=True))
+
+
+def rw(op: int, sector: int, segs: list[tuple[int, int, int]], nr: int | None = None) -> Request:
+    return X86_64.decode_request(X86_64.encode_rw(op, 42, sector, segs, nr_segments=nr))
+
+
+def status(outcome: object) -> Status:
+    assert isinstance(outcome, Reply), outcome
+    return outcome.status
+
+
+@given(first=st.integers(0, 7), last=st.integers(0, 7), n=st.integers(1, 11))
+def test_read_plan_every_sector_pair(first: int, last: int, n: int) -> None:
+    out = ENGINE.handle(rw(Op.READ, 8, [(g, first, last) for g in range(n)]))
+    if first > last:
+        assert status(out) is Status.ERROR
+        return
+    assert isinstance(out, IoPlan)
+    length = (last - first + 1) * 512
+    assert (out.kind, out.offset, out.length, out.id) == (Kind.READ, 4096, n * length, 42)
+    assert out.segments == tuple((g, first * 512, length) for g in range(n))
+
+
+@pytest.mark.parametrize(
+    "req",
+    [
+        rw(Op.READ, 0, [], nr=0),
+        rw(Op.WRITE, 0, [(1, 0, 7)] * 11, nr=12),
+        rw(Op.READ, 0, [(1, 0, 7)] * 11, nr=255),
+        rw(Op.READ, 0, [(1, 0, 8)]),
+        rw(Op.READ, 0, [(1, 5, 4)]),
+        rw(Op.READ, SECTORS - 7, [(1, 0, 7)]),  # end > sectors
+        rw(Op.WRITE, 2**64 - 1, [(1, 0, 0)]),  # u64 wrap
+        rw(Op.FLUSH_DISKCACHE, 0, [(1, 0, 7)] * 11, nr=12),
+    ],
+)
+def test_errors(req: Request) -> None:
+    out = ENGINE.handle(req)
+    assert status(out) is Status.ERROR
+    assert isinstance(out, Reply) and out.operation == req.operation and out.id == 42
+
+
+def test_last_sector_exactly_at_end_is_fine() -> None:
+    assert isinstance(ENGINE.handle(rw(Op.READ, SECTORS - 8, [(1, 0, 7)])), IoPlan)
+
+
+@pytest.mark.parametrize("op", [4, *range(7, 256)])
+def test_unknown_ops_eopnotsupp(op: int) -> None:
+    out = ENGINE.handle(rw(op, 0, [(1, 0, 7)]))
+    assert isinstance(out, Reply) and (out.status, out.operation, out.id) == (
+        Status.EOPNOTSUPP, op, 42)  # fmt: skip
+
+
+def test_flush_and_barrier() -> None:
+    for op, kind in ((Op.FLUSH_DISKCACHE, Kind.FLUSH), (Op.WRITE_BARRIER, Kind.BARRIER)):
+        empty = ENGINE.handle(rw(op, 0, [], nr=0))
+        assert isinstance(empty, IoPlan) and empty.kind is kind and empty.length == 0
+        data = ENGINE.handle(rw(op, 16, [(3, 0, 7)]))
+        assert isinstance(data, IoPlan) and data.length == 4096 and data.offset == 8192
+        assert status(RO.handle(rw(op, 0, [], nr=0))) is Status.ERROR
+
+
+def test_read_only() -> None:
+    assert isinstance(RO.handle(rw(Op.READ, 0, [(1, 0, 7)])), IoPlan)
+    assert status(RO.handle(rw(Op.WRITE, 0, [(1, 0, 7)]))) is Status.ERROR
+    assert status(RO.handle(X86_64.decode_request(X86_64.encode_discard(1, 0, 8)))) is Status.ERROR
+    ind = X86_64.decode_request(X86_64.encode_indirect(Op.WRITE, 1, 0, 20, [5]))
+    assert status(RO.handle(ind)) is Status.ERROR
+
+
+def test_discard() -> None:
+    d = ENGINE.handle(X86_64.decode_request(X86_64.encode_discard(9, 8, 16)))
+    assert isinstance(d, IoPlan) and (d.kind, d.offset, d.length, d.operation) == (
+        Kind.DISCARD, 4096, 8192, Op.DISCARD)  # fmt: skip
+    bad = [(SECTORS, 1, 0), (2**64 - 1, 2, 0), (0, 8, 1)]  # past end, wrap, secure
+    for sector, n, flag in bad:
+        req = X86_64.decode_request(X86_64.encode_discard(9, sector, n, flag))
+        assert status(ENGINE.handle(req)) is Status.ERROR
+    secure = BlkifEngine(DeviceConfig(sectors=SECTORS, discard_secure=True))
+    assert isinstance(
+        secure.handle(X86_64.decode_request(X86_64.encode_discard(9, 0, 8, 1))), IoPlan
+    )
+    off = BlkifEngine(DeviceConfig(sectors=SECTORS, discard=False))
+    assert (
+        status(off.handle(X86_64.decode_request(X86_64.encode_discard(9, 0, 8))))
+        is Status.EOPNOTSUPP
+    )
+
+
+def test_indirect_multi_page() -> None:
+    n = 600  # two indirect pages
+    segs = [(1000 + i, 0, 7) for i in range(n)]
+    req = X86_64.decode_request(X86_64.encode_indirect(Op.READ, 5, 0, n, [77, 78, 79]))
+    big = BlkifEngine(DeviceConfig(sectors=1 << 20))
+    pending = big.handle(req)
+    assert isinstance(pending, NeedIndirect) and pending.grefs == (77, 78)
+    pages = [
+        encode_segments(segs[:512]).ljust(4096, b"\0"),
+        encode_segments(segs[512:]).ljust(4096, b"\0"),
+    ]
+    plan = big.handle_indirect(pending, pages)
+    assert isinstance(plan, IoPlan) and plan.operation == Op.READ and plan.length == n * 4096
+    assert [s[0] for s in plan.segments] == [1000 + i for i in range(n)]
+    # A bad segment anywhere in the indirect pages fails the whole request.
+    segs[599] = (1, 3, 2)
+    pages[1] = encode_segments(segs[512:]).ljust(4096, b"\0")
+    assert status(big.handle_indirect(pending, pages)) is Status.ERROR
+
+
+@pytest.mark.parametrize(
+    "n, inner", [(0, Op.READ), (1025, Op.READ), (65535, Op.WRITE), (20, Op.FLUSH_DISKCACHE)]
+)
+def test_indirect_errors(n: int, inner: int) -> None:
+    out = ENGINE.handle(X86_64.decode_request(X86_64.encode_indirect(inner, 5, 0, n, [1])))
+    assert isinstance(out, Reply) and out.status is Status.ERROR and out.operation == inner
+
+
+def test_indirect_not_advertised() -> None:
+    engine = BlkifEngine(DeviceConfig(sectors=SECTORS, max_indirect_segments=0))
+    out = engine.handle(X86_64.decode_request(X86_64.encode_indirect(Op.READ, 5, 0, 20, [1])))
+    assert status(out) is Status.EOPNOTSUPP
