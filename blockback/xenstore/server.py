@@ -33,7 +33,7 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import TypeVar
 
-from .store import ConnState, Store
+from .store import EVENT_QUEUE_BYTES, ConnState, Store
 from .wire import MessageDecoder, WireProtocolError, error_message
 
 REPLY_LIMIT = 64 * 1024  # stop reading requests while this much output is queued
@@ -57,8 +57,15 @@ class XenStoreServer:
     Use as a context manager (``with XenStoreServer(path) as srv:``) or ``start()``/``stop()``.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, reply_limit: int = REPLY_LIMIT) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        reply_limit: int = REPLY_LIMIT,
+        event_limit: int = EVENT_QUEUE_BYTES,
+    ) -> None:
         self.store = Store()
+        self.event_limit = event_limit
         self.lock = threading.RLock()
         self.path = os.fspath(path)
         self.reply_limit = reply_limit
@@ -179,7 +186,7 @@ class XenStoreServer:
             return
         sock.setblocking(False)
         with self.lock:
-            client = _Client(sock, self.store.connect(domid))
+            client = _Client(sock, self.store.connect(domid, event_limit=self.event_limit))
             self._clients[sock.fileno()] = client
             client.mask = selectors.EVENT_READ
             self._sel.register(sock, client.mask, client)
