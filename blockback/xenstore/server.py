@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
 import selectors
 import signal
@@ -40,6 +41,7 @@ REPLY_LIMIT = 64 * 1024  # stop reading requests while this much output is queue
 HARD_LIMIT = 16 * 1024 * 1024  # a connection queueing more than this is dropped
 MESSAGES_PER_WAKEUP = 256  # fairness between connections
 T = TypeVar("T")
+_tmp_ids = itertools.count()
 
 
 class _Client:
@@ -89,7 +91,8 @@ class XenStoreServer:
             if stat.S_ISSOCK(os.lstat(path).st_mode):
                 os.unlink(path)
         # Bind under a temporary name and rename: a client that sees the path can connect.
-        tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+        # (The temporary name is short: AF_UNIX paths are limited to 107 bytes.)
+        tmp = os.path.join(os.path.dirname(path) or ".", f".xs{os.getpid()}-{next(_tmp_ids)}")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.bind(tmp)
         sock.listen(64)
