@@ -22,6 +22,7 @@ values >= 512 as bytes).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import TYPE_CHECKING
 
@@ -83,11 +84,12 @@ def create(
             raise InvalidArgumentError(f"type must be 'fixed' or 'dynamic', not {type!r}")
         disk_type = kinds[type]
     _check_size(size)
-    if disk_type != DiskType.FIXED:
-        if block_size < 512 * 8 or block_size > 256 * MiB or block_size & (block_size - 1):
-            raise InvalidArgumentError(
-                f"block size {block_size} must be a power of two from 4 KiB to 256 MiB"
-            )
+    if disk_type != DiskType.FIXED and (
+        block_size < 512 * 8 or block_size > 256 * MiB or block_size & (block_size - 1)
+    ):
+        raise InvalidArgumentError(
+            f"block size {block_size} must be a power of two from 4 KiB to 256 MiB"
+        )
     footer = new_footer(size=size, disk_type=disk_type, geometry=geometry_for_create(size))
     flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if overwrite else os.O_EXCL)
     fd = os.open(spath, flags, 0o644)
@@ -145,10 +147,8 @@ def create(
         os.fsync(fd)
     except BaseException:
         os.close(fd)
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(spath)
-        except OSError:
-            pass
         raise
     os.close(fd)
     return open_image(spath, "r+")

@@ -23,19 +23,36 @@ def register(sub: Any) -> None:
     p.add_argument("image", nargs="?", help="the image to serve (not with --xen)")
     mode = p.add_mutually_exclusive_group(required=True)
     mode.add_argument("--nbd", action="store_true", help="export over the NBD protocol")
-    mode.add_argument("--sim", metavar="DIR", help="serve over a simulated Xen (shared memory in DIR)")
-    mode.add_argument("--xen", action="store_true", help="serve the devices the toolstack gives us (dom0)")
+    mode.add_argument(
+        "--sim", metavar="DIR", help="serve over a simulated Xen (shared memory in DIR)"
+    )
+    mode.add_argument(
+        "--xen", action="store_true", help="serve the devices the toolstack gives us (dom0)"
+    )
     p.add_argument("--socket", metavar="PATH", help="NBD: listen on this unix socket")
-    p.add_argument("--listen", metavar="HOST:PORT", help="NBD: listen on TCP (default 127.0.0.1:10809)")
+    p.add_argument(
+        "--listen", metavar="HOST:PORT", help="NBD: listen on TCP (default 127.0.0.1:10809)"
+    )
     p.add_argument("--export-name", metavar="NAME", default="", help="NBD: export name")
     p.add_argument("--read-only", action="store_true", help="refuse writes")
-    p.add_argument("--parent-dir", metavar="DIR", action="append", default=[],
-                   help="also look for parent images in DIR")
-    p.add_argument("--backend-dir", metavar="PATH",
-                   help="Xen: xenstore backend directory to watch "
-                   "(default /local/domain/<own domid>/backend/vbd)")
-    p.add_argument("--xenstore", metavar="PATH",
-                   help="Xen/sim: xenstore unix socket (default $XENSTORED_PATH or /var/run/xenstored/socket)")
+    p.add_argument(
+        "--parent-dir",
+        metavar="DIR",
+        action="append",
+        default=[],
+        help="also look for parent images in DIR",
+    )
+    p.add_argument(
+        "--backend-dir",
+        metavar="PATH",
+        help="Xen: xenstore backend directory to watch "
+        "(default /local/domain/<own domid>/backend/vbd)",
+    )
+    p.add_argument(
+        "--xenstore",
+        metavar="PATH",
+        help="Xen/sim: xenstore unix socket (default $XENSTORED_PATH or /var/run/xenstored/socket)",
+    )
     p.add_argument("--workers", type=int, default=4, help="I/O threads per device (default 4)")
     p.set_defaults(func=run)
 

@@ -1,0 +1,102 @@
+"""``vhd info``: every field of an image, raw and decoded, its locators, BAT and bitmap
+statistics, and its parent chain."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+import vhd
+from vhd.inspect import describe
+
+from ..common import open_vhd, warn
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "info", help="show every field of an image", description="Decode an image's metadata."
+    )
+    p.add_argument("image")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--chain", action="store_true", help="describe every disk of the chain")
+    p.add_argument("--parent-dir", action="append", default=[], metavar="DIR")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        disk = open_vhd(args.image, parent_dirs=args.parent_dir)
+        parent_problem = None
+    except vhd.ParentError as exc:
+        # Still show the child's own metadata: that is what one needs to find the parent.
+        parent_problem = str(exc)
+        warn(parent_problem)
+        disk = open_vhd(args.image, open_parent=False)
+    with disk:
+        info = describe(disk)
+        if parent_problem:
+            info["parent_error"] = parent_problem
+        if args.chain:
+            info["layers"] = [describe(layer, chain=False) for layer in disk.chain[1:]]
+        if args.json:
+            print(json.dumps(info, indent=2))
+        else:
+            _render(info)
+            for layer in info.get("layers", []):
+                print()
+                _render(layer)
+    return 0
+
+
+def _render(info: dict[str, Any]) -> None:
+    print(f"{info['path']}")
+    print(f"  type:        {info['type']}")
+    print(f"  size:        {info['size']} bytes ({info['size'] / 2**30:.3f} GiB)")
+    print(f"  file size:   {info['file_size']} bytes")
+    print("  footer:")
+    for name, field in info["footer"].items():
+        print(f"    {name:<18} {_raw(field['raw']):<34} {field['meaning']}")
+    if "header" in info:
+        print("  dynamic header:")
+        for name, field in info["header"].items():
+            print(f"    {name:<18} {_raw(field['raw']):<34} {field['meaning']}")
+        print("  parent locators:")
+        if not info["locators"]:
+            print("    (none)")
+        for loc in info["locators"]:
+            extra = f"  ({loc['problem']})" if loc["problem"] else ""
+            print(
+                f"    slot {loc['slot']} {loc['kind']:<5} at {loc['data_offset']:#x} "
+                f"len {loc['data_len']} space {loc['data_space']} {loc['data_space_unit']}: "
+                f"{loc['path']!r}{extra}"
+            )
+        bat = info["bat"]
+        print("  blocks:")
+        print(
+            f"    {bat['allocated_blocks']} of {bat['entries']} allocated "
+            f"({bat['blocks_full_bitmap']} full, {bat['blocks_partial_bitmap']} partial, "
+            f"{bat['blocks_empty_bitmap']} empty bitmaps); {bat['bytes_present']} bytes present"
+        )
+        print(
+            f"    {bat['data_4k_aligned_blocks']} with 4 KiB-aligned data; "
+            f"{'in guest order' if bat['blocks_in_guest_order'] else 'out of guest order'}"
+        )
+    if info.get("warnings"):
+        print("  warnings:")
+        for message in info["warnings"]:
+            print(f"    {message}")
+    if "chain" in info and len(info["chain"]) > 1:
+        print("  chain:")
+        for layer in info["chain"]:
+            print(
+                f"    [{layer['depth']}] {layer['type']:<12} {layer['unique_id']}  {layer['path']}"
+            )
+    if info.get("parent_error"):
+        print(f"  parent: NOT FOUND: {info['parent_error']}")
+
+
+def _raw(value: object) -> str:
+    if isinstance(value, int):
+        return f"{value} ({value:#x})"
+    return str(value)

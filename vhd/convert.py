@@ -1,0 +1,105 @@
+"""Streaming conversion between raw images and VHDs (any source type, a whole differencing chain
+flattened) to raw files, fixed or dynamic VHDs.
+
+Only data is copied: ranges the source reports as zero (unallocated blocks, clear bitmap bits,
+file holes) are skipped without reading, and chunks that read as all zeros are not written, so
+raw outputs stay sparse and dynamic VHDs get no block for them.  Memory is one chunk buffer.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .create import DEFAULT_BLOCK_SIZE, create
+from .disk import Disk
+from .errors import InvalidArgumentError
+from .fileio import write_all
+from .source import Source
+
+MiB = 1024 * 1024
+CHUNK = 2 * MiB
+
+
+@dataclass(frozen=True, slots=True)
+class ConvertResult:
+    size: int
+    data_bytes: int  # bytes of non-zero data written
+
+
+def convert(
+    src: Source,
+    dst: str,
+    *,
+    to: str = "vhd",
+    type: str = "dynamic",
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    size: int | None = None,
+    overwrite: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> ConvertResult:
+    """Copy the guest-visible content of ``src`` into a new image at ``dst``.
+
+    ``size`` (default: the source's) may be larger than the source, e.g. to round up to a MiB
+    for Azure; the extra space reads as zeros.
+    """
+    out_size = src.size if size is None else size
+    if out_size < src.size:
+        raise InvalidArgumentError("the output cannot be smaller than the source")
+    if to == "raw":
+        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if overwrite else os.O_EXCL)
+        fd = os.open(dst, flags, 0o644)
+        try:
+            os.ftruncate(fd, out_size)
+            written = _copy(src, lambda buf, off: write_all(fd, buf, off), block_size, progress)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return ConvertResult(out_size, written)
+    if to != "vhd":
+        raise InvalidArgumentError(f"unknown output format {to!r} (raw or vhd)")
+    if out_size % 512:
+        raise InvalidArgumentError(
+            f"a VHD's size is a multiple of 512 bytes; the source has {src.size} bytes"
+        )
+    disk: Disk = create(dst, out_size, type=type, block_size=block_size, overwrite=overwrite)
+    try:
+        written = _copy(src, disk.pwrite, block_size if type == "dynamic" else CHUNK, progress)
+        disk.flush()
+    finally:
+        disk.close()
+    return ConvertResult(out_size, written)
+
+
+def _copy(
+    src: Source,
+    write: Callable[[memoryview, int], object],
+    chunk: int,
+    progress: Callable[[int], None] | None,
+) -> int:
+    """Copy the data extents of ``src`` in chunks aligned to ``chunk`` (the output's block size,
+    so that each allocating write fills whole blocks)."""
+    chunk = max(chunk, 64 * 1024)
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    zeros = bytes(chunk)
+    written = 0
+    for ext in src.extents():
+        if ext.layer is None:
+            if progress:
+                progress(ext.end)
+            continue
+        pos = ext.offset
+        while pos < ext.end:
+            n = min(ext.end - pos, chunk - pos % chunk)
+            piece = view[:n]
+            src.preadinto(piece, pos)
+            # bytearray == bytes is a memcmp: cheap next to the write it can save.
+            if buf[:n] != zeros[:n] if n < chunk else buf != zeros:
+                write(piece, pos)
+                written += n
+            pos += n
+            if progress:
+                progress(pos)
+    return written

@@ -1,0 +1,210 @@
+"""Everything ``vhd info`` shows, gathered as plain data (JSON-ready): every footer and header
+field raw and decoded, all locators with their encodings, BAT and bitmap statistics, the chain.
+
+Rendering for humans lives in the CLI; this module only collects.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from . import bitmap as bm
+from .bat import UNUSED
+from .chain import read_locators
+from .disk import FULL, Disk, SparseDisk
+from .footer import FEATURE_RESERVED, FEATURE_TEMPORARY, Footer, unix_time
+from .geometry import chs_from_size
+from .header import DynamicHeader
+from .locator import code_name
+
+_HOSTS = {b"Wi2k": "Windows", b"Mac ": "Macintosh", b"\0\0\0\0": "none (blktap writes 0)"}
+_CREATORS = {
+    b"vpc ": "Virtual PC",
+    b"vs  ": "Virtual Server",
+    b"win ": "Windows / Hyper-V",
+    b"d2v ": "Disk2vhd",
+    b"d2v\0": "Disk2vhd",
+    b"qemu": "QEMU",
+    b"qem2": "QEMU (force_size)",
+    b"tap\0": "blktap / XenServer",
+    b"CTXS": "XenConverter",
+    b"wa\0\0": "Azure export",
+    b"vbox": "VirtualBox",
+    b"vhdk": "vhdkit",
+    b"Py  ": "FATtools",
+}
+
+
+def _iso(vhd_time: int) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(unix_time(vhd_time), datetime.UTC).isoformat()
+
+
+def _text4(raw: bytes) -> str:
+    return raw.decode("latin-1").replace("\0", "\\0")
+
+
+def footer_fields(f: Footer) -> dict[str, dict[str, Any]]:
+    features = []
+    if f.features & FEATURE_TEMPORARY:
+        features.append("temporary")
+    if f.features & FEATURE_RESERVED:
+        features.append("reserved (always set)")
+    if f.features & ~(FEATURE_TEMPORARY | FEATURE_RESERVED):
+        features.append(f"unknown bits {f.features & ~3:#x}")
+    geo = f.geometry
+    return {
+        "cookie": {"raw": _text4(f.cookie), "meaning": "ok" if f.cookie_ok else "BAD"},
+        "features": {"raw": f.features, "meaning": ", ".join(features) or "none"},
+        "version": {"raw": f.version, "meaning": f"{f.version >> 16}.{f.version & 0xFFFF}"},
+        "data_offset": {
+            "raw": f.data_offset,
+            "meaning": "none (fixed)" if f.data_offset == 0xFFFFFFFFFFFFFFFF else "header offset",
+        },
+        "timestamp": {"raw": f.timestamp, "meaning": _iso(f.timestamp)},
+        "creator_app": {
+            "raw": _text4(f.creator_app),
+            "meaning": _CREATORS.get(f.creator_app, "unknown"),
+        },
+        "creator_version": {
+            "raw": f.creator_version,
+            "meaning": f"{f.creator_version >> 16}.{f.creator_version & 0xFFFF}",
+        },
+        "creator_host": {
+            "raw": _text4(f.creator_host),
+            "meaning": _HOSTS.get(f.creator_host, "unknown"),
+        },
+        "original_size": {"raw": f.original_size, "meaning": "bytes at creation"},
+        "current_size": {"raw": f.current_size, "meaning": "guest-visible size (authoritative)"},
+        "geometry": {
+            "raw": [geo.cylinders, geo.heads, geo.sectors],
+            "meaning": "maximum: use current size"
+            if geo.is_max
+            else f"{geo.total_bytes} bytes by CHS (spec CHS for this size: "
+            f"{'/'.join(map(str, chs_from_size(f.current_size)))})",
+        },
+        "disk_type": {
+            "raw": f.disk_type,
+            "meaning": f.type.label if f.type is not None else "unknown",
+        },
+        "checksum": {"raw": f.checksum, "meaning": f"{f.checksum:#010x}"},
+        "unique_id": {"raw": f.unique_id.hex(), "meaning": str(f.uuid)},
+        "saved_state": {"raw": f.saved_state, "meaning": "saved" if f.saved_state else "no"},
+        "hidden": {"raw": f.reserved[0], "meaning": "blktap hidden" if f.hidden else "no"},
+    }
+
+
+def header_fields(h: DynamicHeader) -> dict[str, dict[str, Any]]:
+    return {
+        "cookie": {"raw": h.cookie.decode("latin-1"), "meaning": "ok" if h.cookie_ok else "BAD"},
+        "data_offset": {"raw": h.data_offset, "meaning": "unused (all ones)"},
+        "table_offset": {"raw": h.table_offset, "meaning": f"BAT at {h.table_offset:#x}"},
+        "version": {"raw": h.version, "meaning": f"{h.version >> 16}.{h.version & 0xFFFF}"},
+        "max_table_entries": {"raw": h.max_table_entries, "meaning": "BAT entries"},
+        "block_size": {"raw": h.block_size, "meaning": f"{h.block_size // 1024} KiB"},
+        "checksum": {"raw": h.checksum, "meaning": f"{h.checksum:#010x}"},
+        "parent_unique_id": {"raw": h.parent_unique_id.hex(), "meaning": str(h.parent_uuid)},
+        "parent_timestamp": {
+            "raw": h.parent_timestamp,
+            "meaning": _iso(h.parent_timestamp) if h.parent_timestamp else "not set",
+        },
+        "parent_name": {"raw": h.parent_name_raw.rstrip(b"\0").hex(), "meaning": h.parent_name},
+    }
+
+
+def block_stats(disk: SparseDisk) -> dict[str, Any]:
+    """BAT and bitmap statistics (reads one bitmap per allocated block, no data)."""
+    assert disk.header is not None
+    header = disk.header
+    spb = header.block_size // 512
+    full = partial = empty = 0
+    sectors = 0
+    aligned = 0
+    lowest = highest = None
+    order_ok = True
+    previous = -1
+    for block, entry in disk.bat.allocated():
+        bits = disk._bitmap(block, entry)
+        if bits is FULL:
+            full += 1
+            sectors += spb
+        else:
+            count = bm.count_set(bits, spb)
+            sectors += count
+            if count == spb:
+                full += 1
+            elif count == 0:
+                empty += 1
+            else:
+                partial += 1
+        if (entry * 512 + header.bitmap_bytes) % 4096 == 0:
+            aligned += 1
+        lowest = entry if lowest is None else min(lowest, entry)
+        highest = entry if highest is None else max(highest, entry)
+        if entry < previous:
+            order_ok = False
+        previous = entry
+    allocated = full + partial + empty
+    return {
+        "entries": len(disk.bat),
+        "max_table_entries": header.max_table_entries,
+        "allocated_blocks": allocated,
+        "unallocated_blocks": len(disk.bat) - allocated,
+        "blocks_full_bitmap": full,
+        "blocks_partial_bitmap": partial,
+        "blocks_empty_bitmap": empty,
+        "sectors_present": sectors,
+        "bytes_present": sectors * 512,
+        "bitmap_bytes_per_block": header.bitmap_bytes,
+        "data_4k_aligned_blocks": aligned,
+        "blocks_in_guest_order": order_ok,
+        "first_block_sector": lowest,
+        "last_block_sector": highest,
+        "unused_marker": UNUSED,
+    }
+
+
+def describe(disk: Disk, *, chain: bool = True) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "path": disk.path,
+        "type": disk.type.label,
+        "size": disk.size,
+        "file_size": os.fstat(disk.fd).st_size,
+        "footer_offset": disk.footer_offset,
+        "footer": footer_fields(disk.footer),
+        "warnings": list(disk.warnings),
+    }
+    if isinstance(disk, SparseDisk) and disk.header is not None:
+        info["header"] = header_fields(disk.header)
+        info["locators"] = [
+            {
+                "slot": loc.slot,
+                "code": loc.code,
+                "kind": code_name(loc.code),
+                "data_offset": loc.data_offset,
+                "data_len": loc.data_len,
+                "data_space": loc.data_space,
+                "data_space_unit": "sectors" if loc.data_space < 512 else "bytes",
+                "path": loc.text,
+                "problem": loc.problem,
+            }
+            for loc in read_locators(disk.fd, disk.file_size, disk.header)
+        ]
+        info["bat"] = block_stats(disk)
+    if chain:
+        info["chain"] = [
+            {
+                "depth": depth,
+                "path": layer.path,
+                "type": layer.type.label,
+                "size": layer.size,
+                "unique_id": str(layer.footer.uuid),
+                "parent_unique_id": str(layer.header.parent_uuid)
+                if layer.header is not None and layer.type.label == "differencing"
+                else None,
+            }
+            for depth, layer in enumerate(disk.chain)
+        ]
+    return info

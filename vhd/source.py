@@ -1,0 +1,113 @@
+"""A guest-visible disk from either a VHD or a raw file, for operations (convert, compare) that
+accept both.
+
+A file is a VHD when it has a VHD footer at its end (fixed disks included: qemu-img probes those
+as raw, we do not) or a dynamic/differencing footer copy at its start.  A raw file's zero ranges
+come from ``SEEK_DATA``/``SEEK_HOLE``.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from .disk import Disk, Extent
+from .errors import NotAVHDError
+from .fileio import read_exact_into, zero_fill
+from .image import open as open_image
+
+
+@dataclass
+class Source:
+    """Read side of a disk: ``size``, ``preadinto``, ``extents`` and ``close``."""
+
+    path: str
+    size: int
+    disk: Disk | None = None
+    fd: int = -1
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def is_vhd(self) -> bool:
+        return self.disk is not None
+
+    def preadinto(self, buffer: memoryview, offset: int) -> int:
+        if self.disk is not None:
+            return self.disk.preadinto(buffer, offset)
+        n = max(0, min(len(buffer), self.size - offset))
+        if n:
+            read_exact_into(self.fd, buffer[:n], offset, path=self.path)
+        return n
+
+    def extents(self) -> Iterator[Extent]:
+        if self.disk is not None:
+            yield from self.disk.extents()
+            return
+        yield from _raw_extents(self.fd, self.size)
+
+    def close(self) -> None:
+        if self.disk is not None:
+            self.disk.close()
+        elif self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_source(
+    path: str,
+    *,
+    strict: bool = False,
+    parent_dirs: Sequence[str] = (),
+    allow_parent_mismatch: bool = False,
+    force_raw: bool = False,
+) -> Source:
+    """Open ``path`` as a VHD if it is one, else as a raw disk image."""
+    if not force_raw:
+        try:
+            disk = open_image(
+                path,
+                "r",
+                strict=strict,
+                parent_dirs=parent_dirs,
+                allow_parent_mismatch=allow_parent_mismatch,
+            )
+        except NotAVHDError:
+            pass
+        else:
+            warnings = [f"{d.path}: {w}" for d in disk.chain for w in d.warnings]
+            return Source(path=path, size=disk.size, disk=disk, warnings=warnings)
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    size = os.lseek(fd, 0, os.SEEK_END)
+    return Source(path=path, size=size, fd=fd)
+
+
+def _raw_extents(fd: int, size: int) -> Iterator[Extent]:
+    pos = 0
+    while pos < size:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data after pos: the rest is a hole
+                yield Extent(pos, size - pos, None)
+                return
+            yield Extent(pos, size - pos, 0)  # no SEEK_DATA support: all data
+            return
+        if data > pos:
+            yield Extent(pos, min(data, size) - pos, None)
+        if data >= size:
+            return
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), size)
+        yield Extent(data, hole - data, 0)
+        pos = hole
+
+
+def fill_zero(buffer: memoryview) -> None:
+    zero_fill(buffer)
