@@ -86,3 +86,77 @@ class FrontRing:
     @property
     def rsp_prod(self) -> int:
         return self._load(RSP_PROD)
+
+
+class SimFrontend:
+    """A Python guest on the simulated hypervisor of DIR: ring, grants, event channel."""
+
+    def __init__(self, directory: str, layout: Abi, order: int = 0, *, first_page: int = 0) -> None:
+        from blockback.transport.sim import SimFrontendMemory, alloc_unbound_port
+
+        self.mem = SimFrontendMemory(directory)
+        self.abi = layout
+        self.order = order
+        self.ring_refs = [self.mem.grant(first_page + i) for i in range(1 << order)]
+        start = first_page * 4096
+        self.ring = FrontRing(self.mem.view[start : start + (4096 << order)], layout, order)
+        self.evtchn = alloc_unbound_port(directory)
+        self._next = first_page + (1 << order)
+        self.notifications = 0
+
+    def alloc(self, n: int, read_only: bool = False) -> list[int]:
+        pages = list(range(self._next, self._next + n))
+        self._next += n
+        for p in pages:
+            self.mem.grant(p, read_only)
+        return pages
+
+    def page(self, gref: int) -> memoryview:
+        return self.mem.page(gref)
+
+    def keys(self) -> dict[str, str]:
+        keys = {"event-channel": str(self.evtchn.port), "protocol": self.abi.name}
+        if self.order == 0:
+            keys["ring-ref"] = str(self.ring_refs[0])
+        else:
+            keys["ring-page-order"] = str(self.order)
+            keys.update({f"ring-ref{i}": str(r) for i, r in enumerate(self.ring_refs)})
+        return keys
+
+    def submit(self, requests: list[bytes], notify: bool = True) -> None:
+        for r in requests:
+            self.ring.put_request(r)
+        if self.ring.push_requests_and_check_notify() and notify:
+            self.evtchn.notify()
+
+    def wait(self, count: int, timeout: float = 10.0) -> list[tuple[int, int, int]]:
+        """Collect ``count`` responses (RING_FINAL_CHECK_FOR_RESPONSES before each sleep)."""
+        import select
+        import time
+
+        got: list[tuple[int, int, int]] = []
+        deadline = time.monotonic() + timeout
+        while len(got) < count:
+            got += self.ring.take_responses()
+            if len(got) >= count or self.ring.final_check_for_responses():
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{len(got)} of {count} responses after {timeout} s")
+            if select.select([self.evtchn.fileno()], [], [], left)[0]:
+                self.notifications += 1
+                self.evtchn.ack()
+        return got
+
+    def call(self, request: bytes) -> int:
+        """Submit one request, wait for its response, return the status."""
+        rid = self.abi.decode_request(request).id
+        self.submit([request])
+        (resp,) = self.wait(1)
+        assert resp[0] == rid
+        return resp[2]
+
+    def close(self) -> None:
+        self.evtchn.close()
+        self.ring.view.release()
+        self.mem.close()
