@@ -50,7 +50,15 @@ test: deps venv
 lint: venv
 	$(VENV)/bin/ruff check vhd blockback fuse tools tests benchmarks
 	$(VENV)/bin/ruff format --check vhd blockback fuse tools tests benchmarks
-	$(VENV)/bin/mypy
+	@# mypy cannot follow setuptools' package-dir mapping (fuse/ -> vhdfuse, tools/ -> vhdtools):
+	@# give it a tree of links named as the packages are imported.
+	rm -rf $(VENV)/mypy-src && mkdir -p $(VENV)/mypy-src
+	ln -s $(CURDIR)/vhd $(VENV)/mypy-src/vhd
+	ln -s $(CURDIR)/blockback $(VENV)/mypy-src/blockback
+	ln -s $(CURDIR)/fuse $(VENV)/mypy-src/vhdfuse
+	ln -s $(CURDIR)/tools $(VENV)/mypy-src/vhdtools
+	cd $(VENV)/mypy-src && MYPYPATH=. $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml \
+		-p vhd -p blockback -p vhdfuse -p vhdtools
 
 bench: deps venv
 	$(PY) -m benchmarks.run
