@@ -159,3 +159,32 @@ def test_tools_and_python_client_share_watches(server: XenStoreServer) -> None:
         assert xs.read_watch(5) == WatchEvent("/shared", "py")
         run(server, "xenstore-write", "/shared/k", "v")
         assert xs.read_watch(5) == WatchEvent("/shared/k", "py")
+
+
+def test_standalone_daemon_module(tmp_path: Path) -> None:
+    """``python -m blockback.xenstore.server SOCKET --domain 5:PATH``: serves, stops on SIGTERM."""
+    import signal
+    import sys
+    import time
+
+    sock = tmp_path / "xs.sock"
+    dom5 = tmp_path / "dom5.sock"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "blockback.xenstore.server", str(sock), "--domain", f"5:{dom5}"],
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not (sock.exists() and dom5.exists()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        env = dict(os.environ, XENSTORED_PATH=str(sock))
+        tool = need_tool("xenstore-write")
+        subprocess.run([tool, "/local/domain/5/x", "1"], env=env, check=True, timeout=20)
+        # The toolstack (dom0) created the node: the guest may not read it.
+        with XenStoreClient(dom5) as guest, pytest.raises(Exception, match="EACCES"):
+            guest.read("/local/domain/5/x")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    assert not sock.exists() and not dom5.exists()
