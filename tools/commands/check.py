@@ -1,0 +1,97 @@
+"""``vhd check IMAGE [--json] [--deep] [--repair [--dry-run]]``: validate (and mend) an image.
+
+Exit codes: 0 clean (no error or warning; notes are fine), 1 problems found (or left after a
+repair), 2 the file cannot be opened as a VHD.  The checks live in :mod:`vhd.check`, the repair
+plan in :mod:`vhd.repair`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from vhd.check import CheckReport, check
+from vhd.repair import apply_plan, plan_repair
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "check",
+        help="validate an image against the spec and other tools (and repair it)",
+        description="Check every structure of a VHD: footers, header, BAT, locators, parent; "
+        "with --deep also the sector bitmaps and a read of every block. Exit 0 clean, "
+        "1 problems found, 2 cannot open.",
+    )
+    p.add_argument("image")
+    p.add_argument("--json", action="store_true", help="print the findings as JSON")
+    p.add_argument("--deep", action="store_true", help="also check bitmaps and read every block")
+    p.add_argument("--repair", action="store_true", help="mend what can be mended")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="with --repair: print what would change, change nothing",
+    )
+    p.add_argument(
+        "--parent-dir",
+        metavar="DIR",
+        action="append",
+        default=[],
+        help="also look for parents in DIR",
+    )
+    p.set_defaults(func=run)
+
+
+def _print_report(report: CheckReport) -> None:
+    m = report.model
+    kind = m.disk_type.label if m.disk_type is not None else "?"
+    size = m.footer.current_size if m.footer is not None else 0
+    state = "clean" if report.clean else f"{len(report.problems)} problem(s)"
+    print(f"{report.path}: {kind}, {size} bytes: {state}")
+    for f in report.findings:
+        line = f"  {f.severity}: [{f.code}] {f.message}"
+        if f.repairable:
+            line += f" (repair: {f.repair})"
+        print(line)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.dry_run and not args.repair:
+        raise ValueError("--dry-run goes with --repair")
+    report = check(args.image, deep=args.deep, parent_dirs=args.parent_dir)
+    if not args.repair:
+        if args.json:
+            print(json.dumps(report.as_dict(), indent=2))
+        else:
+            _print_report(report)
+        return 0 if report.clean else 1
+    plan = plan_repair(report)
+    after = report
+    if not args.dry_run and not plan.empty:
+        apply_plan(plan)
+        after = check(args.image, deep=args.deep, parent_dirs=args.parent_dir)
+    if args.json:
+        out = report.as_dict()
+        out["repair"] = plan.as_dict() | {"dry_run": args.dry_run, "applied": not args.dry_run}
+        out["after"] = after.as_dict()
+        print(json.dumps(out, indent=2))
+    else:
+        _print_report(report)
+        if plan.empty:
+            print("nothing to repair")
+        else:
+            print("would change:" if args.dry_run else "changed:")
+            for step in plan.steps:
+                for line in step.lines():
+                    print(f"  {line}")
+            for offset, length, why in plan.lost:
+                print(f"  lost: guest bytes {offset:#x}-{offset + length:#x} ({why})")
+        if not args.dry_run and not plan.empty:
+            state = "clean" if after.clean else f"{len(after.problems)} problem(s) remain"
+            print(f"after repair: {state}")
+            for f in after.problems:
+                print(f"  {f.severity}: [{f.code}] {f.message}", file=sys.stdout)
+    if args.dry_run:
+        return 0 if report.clean else 1
+    return 0 if after.clean else 1

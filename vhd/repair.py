@@ -1,0 +1,202 @@
+"""Repair of what crashes and bad copies leave in a VHD (``vhd check --repair``).
+
+The plan is built from a :class:`~vhd.check.CheckReport` and is a list of :class:`Step`\\ s, each a
+few positioned writes (or a cut of the file) followed by an ``fsync``.  ``--dry-run`` prints the
+plan; :func:`apply_plan` executes it.  What it mends:
+
+* the trailing footer zeroed, damaged or cut off (restored from the copy at offset 0, placed after
+  the last block) and the copy at offset 0 (restored from the trailing footer); bad footer
+  checksums, the reserved feature bit, a 511-byte footer, a fixed disk's stray bytes between data
+  and footer;
+* the dynamic header's checksum and data offset, a stale parent timestamp;
+* BAT entries past the end of the file, overlapping metadata or each other: the bad entry is
+  unallocated and the guest range it held is reported as lost;
+* a trailing footer in the wrong place after an interrupted allocation, and orphan space after
+  the last block (the file is cut after the last block);
+* (after a deep check) bitmap bits set past the disk end.
+
+Order, so that a crash during the repair leaves an image at least as good as before: BAT entries
+are unallocated first (that only gives up ranges that are lost anyway); then bitmaps and the
+header; then the trailing footer is written at its new place (while the old one, if any, still
+ends the file); then the file is cut; the copy at offset 0 comes last.  A repair never makes a
+readable guest range unreadable: it drops only blocks that no reader can use, cuts only space no
+BAT entry references, and a block that the file holds only in part is kept (its missing end reads
+as zeros) rather than dropped.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from .bat import UNUSED
+from .check import ERROR, WARNING, CheckReport, Finding
+from .errors import VHDError
+from .fileio import write_all
+from .footer import FOOTER_SIZE, DiskType
+
+SECTOR = 512
+
+
+@dataclass
+class Step:
+    description: str
+    writes: list[tuple[int, bytes]] = field(default_factory=list)
+    truncate: int | None = None
+
+    def lines(self) -> list[str]:
+        out = [self.description]
+        for at, data in self.writes:
+            out.append(f"  write {len(data)} bytes at {at:#x}")
+        if self.truncate is not None:
+            out.append(f"  cut the file to {self.truncate} bytes")
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "description": self.description,
+            "writes": [{"offset": at, "length": len(data)} for at, data in self.writes],
+            "truncate": self.truncate,
+        }
+
+
+@dataclass
+class RepairPlan:
+    path: str
+    steps: list[Step]
+    lost: list[tuple[int, int, str]]  # (guest offset, length, why)
+    unrepairable: list[Finding]
+
+    @property
+    def empty(self) -> bool:
+        return not self.steps
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "steps": [s.as_dict() for s in self.steps],
+            "lost": [{"offset": o, "length": n, "reason": r} for o, n, r in self.lost],
+            "unrepairable": [f.as_dict() for f in self.unrepairable],
+        }
+
+
+def plan_repair(report: CheckReport) -> RepairPlan:
+    """What :func:`apply_plan` would do to mend the repairable findings of ``report``."""
+    m = report.model
+    steps: list[Step] = []
+    lost: list[tuple[int, int, str]] = []
+    unrepairable = [
+        f for f in report.findings if f.severity in (ERROR, WARNING) and not f.repairable
+    ]
+    codes = {f.code for f in report.findings if f.repairable}
+    if not codes or m.footer_fixed is None:
+        return RepairPlan(report.path, [], [], unrepairable)
+    fd = os.open(report.path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if m.sparse and m.drop and m.header is not None:
+            sectors: dict[int, bytearray] = {}
+            for block in sorted(m.drop):
+                sector = block // 128
+                if sector not in sectors:
+                    at = m.header.table_offset + sector * SECTOR
+                    sectors[sector] = bytearray(os.pread(fd, SECTOR, at).ljust(SECTOR, b"\xff"))
+                pos = (block % 128) * 4
+                sectors[sector][pos : pos + 4] = UNUSED.to_bytes(4, "big")
+                offset, length = m.block_extent(block)
+                lost.append((offset, length, m.drop[block]))
+            steps.append(
+                Step(
+                    "unallocate blocks "
+                    + ", ".join(f"{b} ({m.drop[b]})" for b in sorted(m.drop))
+                    + "; lost guest ranges: "
+                    + ", ".join(f"{o:#x}+{n:#x}" for o, n, _ in lost),
+                    [
+                        (m.header.table_offset + s * SECTOR, bytes(raw))
+                        for s, raw in sorted(sectors.items())
+                    ],
+                )
+            )
+        if m.bitmap_fixes and m.bat is not None:
+            steps.append(
+                Step(
+                    "clear bitmap bits past the end of the disk in blocks "
+                    + ", ".join(str(b) for b in sorted(m.bitmap_fixes)),
+                    [
+                        (m.bat[b] * SECTOR, raw)
+                        for b, raw in sorted(m.bitmap_fixes.items())
+                        if b not in m.drop
+                    ],
+                )
+            )
+        if m.sparse and m.header is not None and m.header_fixed is not None:
+            new_header = m.header_fixed.build()
+            if new_header != m.header_raw:
+                steps.append(
+                    Step(
+                        "rewrite the dynamic header (checksum, data offset, parent timestamp)",
+                        [(m.header_offset, new_header)],
+                    )
+                )
+        new_footer = m.footer_fixed.build()
+        target = m.footer_target
+        if target >= 0:
+            tail_right = m.tail_ok and m.tail_offset == target and m.tail_raw == new_footer
+            if not tail_right:
+                where = "restore" if not m.tail_ok else "rewrite"
+                steps.append(
+                    Step(
+                        f"{where} the trailing footer at {target:#x}"
+                        + (" (from the copy at offset 0)" if not m.tail_ok and m.head_ok else ""),
+                        [(target, new_footer)],
+                    )
+                )
+            if m.file_size > target + FOOTER_SIZE:
+                steps.append(
+                    Step(
+                        f"cut {m.file_size - target - FOOTER_SIZE} unreferenced bytes after the "
+                        "trailing footer",
+                        truncate=target + FOOTER_SIZE,
+                    )
+                )
+        if m.disk_type in (DiskType.DYNAMIC, DiskType.DIFFERENCING) and m.head_raw != new_footer:
+            steps.append(Step("write the footer copy at offset 0", [(0, new_footer)]))
+    finally:
+        os.close(fd)
+    return RepairPlan(report.path, steps, lost, unrepairable)
+
+
+def apply_plan(plan: RepairPlan) -> None:
+    """Execute ``plan`` (each step synced before the next)."""
+    if plan.empty:
+        return
+    fd = os.open(plan.path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise VHDError(
+                "the image is open for writing by another process", path=plan.path
+            ) from None
+        for step in plan.steps:
+            for at, data in step.writes:
+                write_all(fd, data, at)
+            if step.truncate is not None:
+                os.ftruncate(fd, step.truncate)
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def repair(
+    path: str | os.PathLike[str], *, deep: bool = False, dry_run: bool = False
+) -> tuple[RepairPlan, CheckReport]:
+    """Check, plan and (unless ``dry_run``) repair; returns the plan and a fresh check."""
+    from .check import check
+
+    report = check(path, deep=deep)
+    plan = plan_repair(report)
+    if dry_run or plan.empty:
+        return plan, report
+    apply_plan(plan)
+    return plan, check(path, deep=deep)
