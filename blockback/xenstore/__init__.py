@@ -7,7 +7,20 @@ backend on a real dom0 and against ``server``.
 
 from __future__ import annotations
 
-from .client import Transaction, WatchEvent, XenStoreClient, default_socket_path
+from .client import (
+    Transaction,
+    WatchEvent,
+    XenStoreClient,
+    default_socket_path,
+    find_xenstore,
+)
 from .wire import XenStoreError
 
-__all__ = ["Transaction", "WatchEvent", "XenStoreClient", "XenStoreError", "default_socket_path"]
+__all__ = [
+    "Transaction",
+    "WatchEvent",
+    "XenStoreClient",
+    "XenStoreError",
+    "default_socket_path",
+    "find_xenstore",
+]

@@ -307,3 +307,42 @@ def test_default_socket_path(monkeypatch: pytest.MonkeyPatch) -> None:
     assert default_socket_path() == "/var/run/xenstored/socket"
     monkeypatch.setenv("XENSTORED_PATH", "/tmp/elsewhere")
     assert default_socket_path() == "/tmp/elsewhere"
+
+
+def test_device_style_channel(xs_server: XenStoreServer) -> None:
+    """The read()/write() path used for /dev/xen/xenbus, over a descriptor of a socket."""
+    import os
+    import socket
+    import time
+
+    from blockback.xenstore.client import _Channel
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(xs_server.path)
+    fd = os.dup(sock.fileno())
+    sock.close()
+    client = XenStoreClient(xs_server.path, _channel=_Channel.from_fd(fd))
+    client.write("/dev-style", "v")
+    assert client.read("/dev-style") == b"v"
+    client.watch("/dev-style", "t")
+    assert client.read_watch(5) == WatchEvent("/dev-style", "t")
+    started = time.monotonic()
+    client.close()  # wakes the reader blocked on the descriptor
+    assert time.monotonic() - started < 2
+    with pytest.raises(OSError):
+        os.fstat(fd)  # released
+
+
+def test_find_xenstore(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from blockback.xenstore import client as client_module
+
+    monkeypatch.setenv("XENSTORED_PATH", str(tmp_path / "x.sock"))
+    assert client_module.find_xenstore() == str(tmp_path / "x.sock")
+    monkeypatch.delenv("XENSTORED_PATH")
+    monkeypatch.setattr(client_module, "DEFAULT_SOCKET", str(tmp_path / "none.sock"))
+    device = tmp_path / "xenbus"
+    device.write_bytes(b"")
+    monkeypatch.setattr(client_module, "XENBUS_DEVICES", (str(tmp_path / "missing"), str(device)))
+    assert client_module.find_xenstore() == str(device)
+    device.unlink()
+    assert client_module.find_xenstore() == str(tmp_path / "none.sock")
