@@ -1,0 +1,251 @@
+"""Hypothesis stateful tests: random pwrite/pread/preadinto/flush/reopen/discard against a
+bytearray, for fixed, dynamic, differencing, Hyper-V-layout and 3-deep chains.
+
+After every reopen and at the end, the files on disk are also read by the independent spec model
+(:mod:`tests.model`), so what the library wrote is checked by a second reader, and the parents of
+a chain are checked to be byte-for-byte untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
+
+import vhd
+from tests.model import model_chain
+from tests.strategies import block_sizes, hsettings, payload, ranges
+from tests.vhd.hyperv import build_hyperv
+
+SECTOR = 512
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _random_content(size: int, rng: random.Random, density: float = 0.3) -> bytearray:
+    """Sector-granular random data (some sectors left zero)."""
+    out = bytearray(size)
+    for s in range(size // SECTOR):
+        if rng.random() < density:
+            out[s * SECTOR : (s + 1) * SECTOR] = rng.randbytes(SECTOR)
+    return out
+
+
+class DiskMachine(RuleBasedStateMachine):
+    """Drive one writable disk; ``build`` makes the layers (base first, leaf last)."""
+
+    kind = "dynamic"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = Path(tempfile.mkdtemp(prefix="vhd-sm-"))
+        self.disk: vhd.Disk | None = None
+        self.layers: list[Path] = []
+        self.frozen: dict[Path, str] = {}
+        self.expected = bytearray()
+        self.size = 0
+
+    # -- set-up ----------------------------------------------------------------------------
+
+    def _lib_layer(
+        self, name: str, size: int, block: int, rng: random.Random, **kw: object
+    ) -> Path:
+        """A layer made and filled through the library, checked against the model."""
+        path = self.dir / name
+        with vhd.create(path, size, block_size=block, **kw) as disk:  # type: ignore[arg-type]
+            for _ in range(rng.randrange(1, 6)):
+                off = rng.randrange(size)
+                n = rng.randrange(1, min(size - off, 3 * block) + 1)
+                data = rng.randbytes(n)
+                disk.pwrite(data, off)
+                self.expected[off : off + n] = data
+        return path
+
+    def build(self, size: int, block: int, rng: random.Random) -> None:
+        self.layers = [self.dir / "d.vhd"]
+        vhd.create(self.layers[0], size, type=self.kind, block_size=block).close()
+
+    @initialize(
+        sectors=st.integers(min_value=1, max_value=600),
+        block=block_sizes,
+        seed=st.integers(0, 2**32 - 1),
+    )
+    def setup(self, sectors: int, block: int, seed: int) -> None:
+        self.size = sectors * SECTOR
+        self.expected = bytearray(self.size)
+        self.build(self.size, block, random.Random(seed))
+        for parent in self.layers[:-1]:
+            self.frozen[parent] = _digest(parent)
+        self._check_files()
+        self.disk = vhd.open(self.layers[-1], "r+")
+        assert self.disk.size == self.size
+
+    # -- rules -----------------------------------------------------------------------------
+
+    @precondition(lambda self: self.disk is not None)
+    @rule(data=st.data(), seed=st.integers(0, 255))
+    def write(self, data: st.DataObject, seed: int) -> None:
+        assert self.disk is not None
+        off, n = data.draw(ranges(self.size))
+        buf = payload(n, seed)
+        assert self.disk.pwrite(buf, off) == n
+        self.expected[off : off + n] = buf
+
+    @precondition(lambda self: self.disk is not None)
+    @rule(data=st.data())
+    def read(self, data: st.DataObject) -> None:
+        assert self.disk is not None
+        off, n = data.draw(ranges(self.size))
+        assert self.disk.pread(n, off) == bytes(self.expected[off : off + n])
+
+    @precondition(lambda self: self.disk is not None)
+    @rule(data=st.data(), extra=st.integers(0, 3000))
+    def read_into_past_end(self, data: st.DataObject, extra: int) -> None:
+        """preadinto a memoryview slice; reads past the end are clipped."""
+        assert self.disk is not None
+        off, n = data.draw(ranges(self.size))
+        backing = bytearray(b"\xaa" * (n + extra + 7))
+        view = memoryview(backing)[7:]
+        got = self.disk.preadinto(view, off)
+        want = min(n + extra, self.size - off)
+        assert got == want
+        assert backing[7 : 7 + got] == self.expected[off : off + got]
+        assert backing[7 + got :] == b"\xaa" * (n + extra - got)
+
+    @precondition(lambda self: self.disk is not None)
+    @rule(data=st.data())
+    def discard(self, data: st.DataObject) -> None:
+        assert self.disk is not None
+        off, n = data.draw(ranges(self.size))
+        self.disk.discard(off, n)
+        self.expected[off : off + n] = bytes(n)
+
+    @precondition(lambda self: self.disk is not None)
+    @rule()
+    def flush(self) -> None:
+        assert self.disk is not None
+        self.disk.flush()
+
+    @precondition(lambda self: self.disk is not None)
+    @rule()
+    def reopen(self) -> None:
+        assert self.disk is not None
+        self.disk.close()
+        self.disk = None
+        self._check_files()
+        self.disk = vhd.open(self.layers[-1], "r+")
+
+    @precondition(lambda self: self.disk is not None)
+    @rule(data=st.data())
+    def extents(self, data: st.DataObject) -> None:
+        """Extents tile the range; zero-layer runs read as zeros; layers exist in the chain."""
+        assert self.disk is not None
+        off, n = data.draw(ranges(self.size))
+        pos = off
+        for ext in self.disk.extents(off, n):
+            assert ext.offset == pos and ext.length > 0
+            if ext.layer is None:
+                assert self.expected[ext.offset : ext.end] == bytes(ext.length)
+            else:
+                assert 0 <= ext.layer < len(self.layers)
+            pos = ext.end
+        assert pos == off + n
+
+    # -- checks ----------------------------------------------------------------------------
+
+    def _check_files(self) -> None:
+        """The files on disk, read by the spec model, hold exactly the expected bytes."""
+        image = model_chain(list(self.layers))
+        assert image.size == self.size
+        assert image.read_all() == bytes(self.expected)
+        for parent, digest in self.frozen.items():
+            assert _digest(parent) == digest, f"{parent.name} was modified"
+
+    def teardown(self) -> None:
+        try:
+            if self.disk is not None:
+                self.disk.close()
+                self.disk = None
+                self._check_files()
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class FixedMachine(DiskMachine):
+    kind = "fixed"
+
+
+class DynamicMachine(DiskMachine):
+    kind = "dynamic"
+
+
+class DifferencingMachine(DiskMachine):
+    def build(self, size: int, block: int, rng: random.Random) -> None:
+        kind = rng.choice(["fixed", "dynamic"])
+        base = self._lib_layer("base.vhd", size, block, rng, type=kind)
+        child = self.dir / "child.vhd"
+        vhd.create(child, block_size=rng.choice([4096, 16384, block]), parent=base).close()
+        self.layers = [base, child]
+
+
+class ChainMachine(DiskMachine):
+    """A 3-deep chain: Hyper-V-layout base and middle, then a library-made leaf."""
+
+    def build(self, size: int, block: int, rng: random.Random) -> None:
+        base_content = _random_content(size, rng)
+        base = self.dir / "base.vhd"
+        base_id = build_hyperv(base, size=size, block_size=block, content=bytes(base_content))
+        mid_content = bytearray(base_content)
+        present: set[int] = set()
+        for s in range(size // SECTOR):
+            if rng.random() < 0.2:
+                present.add(s)
+                mid_content[s * SECTOR : (s + 1) * SECTOR] = (
+                    rng.randbytes(SECTOR) if rng.random() < 0.8 else bytes(SECTOR)
+                )
+        mid = self.dir / "mid.vhd"
+        build_hyperv(
+            mid,
+            size=size,
+            block_size=block,
+            content=bytes(mid_content),
+            present=present,
+            parent=("base.vhd", base_id),
+            seed=rng.randrange(1000),
+        )
+        self.expected[:] = mid_content
+        leaf = self.dir / "leaf.vhd"
+        vhd.create(leaf, block_size=rng.choice([4096, 8192, 65536]), parent=mid).close()
+        self.layers = [base, mid, leaf]
+
+
+class HyperVMachine(DiskMachine):
+    """Writes into an image with Windows' layout (aligned, out-of-order blocks)."""
+
+    def build(self, size: int, block: int, rng: random.Random) -> None:
+        content = _random_content(size, rng, density=0.2)
+        path = self.dir / "hv.vhd"
+        build_hyperv(
+            path, size=size, block_size=block, content=bytes(content), seed=rng.randrange(99)
+        )
+        self.expected[:] = content
+        self.layers = [path]
+
+
+TestFixed = FixedMachine.TestCase
+TestFixed.settings = hsettings(max_examples=30)
+TestDynamic = DynamicMachine.TestCase
+TestDynamic.settings = hsettings(max_examples=80)
+TestDifferencing = DifferencingMachine.TestCase
+TestDifferencing.settings = hsettings(max_examples=80)
+TestChain = ChainMachine.TestCase
+TestChain.settings = hsettings(max_examples=60)
+TestHyperV = HyperVMachine.TestCase
+TestHyperV.settings = hsettings(max_examples=40)
