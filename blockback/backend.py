@@ -171,6 +171,8 @@ class RingService:
             while not self._stopping:
                 if self._iterate():
                     continue
+                if self._stopping:  # set before stop() kicked the eventfd we may just have read
+                    break
                 if watching_channel and getattr(self.channel, "peer_closed", False):
                     poller.unregister(channel_fd)  # a dead peer would poll readable for ever
                     watching_channel = False
