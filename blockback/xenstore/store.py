@@ -437,6 +437,9 @@ class Store:
         path = self.canonical(conn, parts[0])
         perms = tuple(Perm.parse(p) for p in parts[1:])
         node = ctx.get_checked(path, "w")
+        # Only the owner (or dom0) may change permissions, and only dom0 may give a node away.
+        if not conn.privileged and node.owner != conn.domid:
+            raise XsFail("EACCES")
         if not conn.privileged and perms[0].domid != node.owner:
             raise XsFail("EPERM")
         ctx.put(path, replace(node, perms=perms, gen=self.next_gen()))

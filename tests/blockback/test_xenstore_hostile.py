@@ -257,6 +257,8 @@ def test_unprivileged_domain_connection(server: XenStoreServer, tmp_path: Path) 
         dom0.set_perms("/local/domain/0/backend/vbd/5/768", ["n0", "r5"])
         dom0.write("/local/domain/0/backend/vbd/5/768/state", "2")  # inherits n0,r5
         dom0.write("/local/domain/0/secret", "s")
+        dom0.write("/local/domain/0/shared", "")
+        dom0.set_perms("/local/domain/0/shared", ["n0", "b5"])  # writable, not owned
         # Relative paths are under its own home; it owns what it creates.
         guest.write("device/vbd/768/state", "1")
         assert dom0.read("/local/domain/5/device/vbd/768/state") == b"1"
@@ -267,7 +269,8 @@ def test_unprivileged_domain_connection(server: XenStoreServer, tmp_path: Path) 
             lambda: guest.write("/local/domain/0/backend/vbd/5/768/state", "6"),
             lambda: guest.write("/local/domain/0/new", "x"),
             lambda: guest.introduce_domain(6, 1, 1),
-            lambda: guest.set_perms("device", ["n0"]),
+            lambda: guest.set_perms("device", ["n0"]),  # giving it away
+            lambda: guest.set_perms("/local/domain/0/shared", ["b5"]),  # not the owner
         ):
             with pytest.raises(XenStoreError) as info:
                 action()

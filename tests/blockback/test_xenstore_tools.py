@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from blockback.xenstore.client import WatchEvent, XenStoreClient
+from blockback.xenstore.client import Transaction, WatchEvent, XenStoreClient
 from blockback.xenstore.server import XenStoreServer
 from tests.conftest import need_tool
 
@@ -82,6 +82,19 @@ def test_list_and_ls(server: XenStoreServer) -> None:
     ]
     perms = run(server, "xenstore-ls", "-p", "/local/domain/0/backend/vbd").stdout
     assert perms.splitlines()[0].endswith("(n0,r5)")
+
+
+def test_big_directory_through_directory_part(server: XenStoreServer) -> None:
+    """libxenstore's xs_directory falls back to XS_DIRECTORY_PART when the list passes 4 KiB."""
+    names = [f"a-rather-long-child-name-{i:04d}" for i in range(300)]
+
+    def fill(tx: Transaction) -> None:
+        for name in names:
+            tx.write(f"/big/{name}", "")
+
+    with XenStoreClient(server.path) as xs:
+        xs.run_transaction(fill)
+    assert run(server, "xenstore-list", "/big").stdout.split() == names
 
 
 def test_chmod(server: XenStoreServer) -> None:
