@@ -235,6 +235,13 @@ def _open_fd(
                 explicit=parent,
             )
             assert disk.parent is not None
+            if disk.parent.footer.unique_id != header.parent_unique_id:
+                # A mismatch allowed by the caller is reported on the child, which is the disk
+                # the caller holds (resolve_parent can only note it on the parent).
+                warnings.append(
+                    f"parent {disk.parent.path} has another unique id than the child records; "
+                    "used anyway"
+                )
             if disk.parent.size != disk.size:
                 warnings.append(
                     f"the parent is {disk.parent.size} bytes, the child {disk.size}: reads past "
