@@ -635,16 +635,21 @@ def read_reply_header_size(session: Session) -> int:
 
 
 def pack_read_reply_header(
-    session: Session, buffer: bytearray | memoryview, handle: int, offset: int, length: int
+    session: Session,
+    buffer: bytearray | memoryview,
+    handle: int,
+    offset: int,
+    length: int,
+    at: int = 0,
 ) -> None:
-    """Write the header of a successful read reply into the start of ``buffer``.
+    """Write the header of a successful read reply into ``buffer`` at ``at``.
 
     The transport reads the data straight behind it, so header and data leave in one send.
     """
     if session.structured:
         DATA_CHUNK_HEADER.pack_into(
             buffer,
-            0,
+            at,
             STRUCTURED_REPLY_MAGIC,
             REPLY_FLAG_DONE,
             ReplyType.OFFSET_DATA,
@@ -653,7 +658,7 @@ def pack_read_reply_header(
             offset,
         )
     else:
-        SIMPLE_REPLY.pack_into(buffer, 0, SIMPLE_REPLY_MAGIC, 0, handle)
+        SIMPLE_REPLY.pack_into(buffer, at, SIMPLE_REPLY_MAGIC, 0, handle)
 
 
 def block_status_reply(handle: int, context_id: int, extents: Iterable[tuple[int, int]]) -> bytes:

@@ -28,6 +28,9 @@ from tests.nbd.helpers import (
     short_tmpdir,
 )
 
+# Reads this large always run on the worker pool.
+BIG = 256 * 1024
+
 
 @pytest.fixture
 def image() -> Iterator[Path]:
@@ -195,14 +198,43 @@ def test_replies_complete_out_of_order(disk: vhd.Disk) -> None:
     gated = GatedDisk(disk)
     with serving(gated, workers=4) as (_s, _url, path), RawClient(path) as c:
         c.handshake()
-        c.send(p.Cmd.READ, 0, 512, handle=1)
+        # Large reads go to the workers; small ones are served inline from the page cache.
+        c.send(p.Cmd.READ, 0, BIG, handle=1)
         c.send(p.Cmd.READ, 4096, 512, handle=2)
         c.send(p.Cmd.FLUSH, handle=3)
-        first, second = c.reply(), c.reply()
-        assert {first.handle, second.handle} == {2, 3}
+        c.send(p.Cmd.WRITE, 8 * MiB, 5, handle=4, payload=b"hello")
+        first = [c.reply() for _ in range(3)]
+        assert {r.handle for r in first} == {2, 3, 4}
         gated.gate.set()
         last = c.reply()
-        assert last.handle == 1 and last.data == expected_content()[:512]
+        assert last.handle == 1 and last.data == expected_content()[:BIG]
+
+
+class SlowOnceDisk(GatedDisk):
+    """The first read at offset 0 takes a while, as if it came from a device."""
+
+    def __init__(self, disk: Any) -> None:
+        super().__init__(disk, gated_offset=8192)
+        self.slow_done = False
+
+    def preadinto(self, buffer: Any, offset: int) -> int:
+        if offset == 0 and not self.slow_done:
+            self.slow_done = True
+            time.sleep(0.01)
+        return super().preadinto(buffer, offset)
+
+
+def test_a_slow_small_read_sends_the_next_ones_to_the_workers(disk: vhd.Disk) -> None:
+    slow = SlowOnceDisk(disk)
+    with serving(slow, workers=2) as (_s, _url, path), RawClient(path) as c:
+        c.handshake()
+        assert c.read(0, 4096, handle=1).handle == 1
+        c.send(p.Cmd.READ, 8192, 4096, handle=2)  # held back by the gate, on a worker
+        c.send(p.Cmd.READ, 4096, 4096, handle=3)
+        assert c.reply().handle == 3
+        slow.gate.set()
+        r = c.reply()
+        assert r.handle == 2 and r.data == expected_content()[8192:12288]
 
 
 def test_requests_in_flight_per_connection_are_bounded(disk: vhd.Disk) -> None:
@@ -216,7 +248,7 @@ def test_requests_in_flight_per_connection_are_bounded(disk: vhd.Disk) -> None:
         # Sent from a thread: the server stops reading, so the sender may block.
         def send_all() -> None:
             for i in range(100):
-                c.send(p.Cmd.READ, 0, 4096, handle=i)
+                c.send(p.Cmd.READ, 0, BIG, handle=i)
 
         sender = threading.Thread(target=send_all)
         sender.start()
@@ -226,7 +258,7 @@ def test_requests_in_flight_per_connection_are_bounded(disk: vhd.Disk) -> None:
         conns = list(server._connections)
         assert len(conns) == 1 and conns[0]._budget.requests <= 4
         gated.gate.set()
-        handles = sorted(c.reply(4096).handle for _ in range(100))
+        handles = sorted(c.reply(BIG).handle for _ in range(100))
         assert handles == list(range(100))
         sender.join(10)
 
@@ -293,14 +325,14 @@ def test_stop_drains_requests_in_flight(disk: vhd.Disk) -> None:
     gated = GatedDisk(disk)
     with serving(gated) as (server, _url, path), RawClient(path) as c:
         c.handshake()
-        c.send(p.Cmd.READ, 0, 4096, handle=9)
+        c.send(p.Cmd.READ, 0, BIG, handle=9)
         time.sleep(0.2)
         stopper = threading.Thread(target=server.stop)
         stopper.start()
         time.sleep(0.2)
         gated.gate.set()
-        r = c.reply(4096)
-        assert r.handle == 9 and r.data == expected_content()[:4096]
+        r = c.reply(BIG)
+        assert r.handle == 9 and r.data == expected_content()[:BIG]
         stopper.join(10)
         assert not stopper.is_alive()
         assert c.sock.recv(10) == b""
@@ -326,3 +358,26 @@ def test_parse_listen() -> None:
         _parse_listen("host:port")
     with pytest.raises(ValueError):
         _parse_listen("host:70000")
+
+
+@pytest.mark.parametrize("structured", [True, False])
+def test_pipelined_small_reads_with_errors_between(disk: vhd.Disk, structured: bool) -> None:
+    expected = expected_content()
+    plan = [(i * 70_000, 1 + i * 3001) for i in range(40)]
+    plan[7] = (IMAGE_SIZE - 100, 4096)  # past the end
+    plan[20] = (0, 0)  # empty read
+    with serving(disk) as (_s, _url, path), RawClient(path) as c:
+        c.handshake(structured=structured)
+        c.sock.sendall(
+            b"".join(
+                struct.pack(">IHHQQI", p.REQUEST_MAGIC, 0, p.Cmd.READ, h, off, n)
+                for h, (off, n) in enumerate(plan)
+            )
+        )
+        for h, (off, n) in enumerate(plan):
+            r = c.reply(n if h != 7 else 0)
+            assert r.handle == h
+            if h == 7:
+                assert r.error == errno.EINVAL
+            else:
+                assert r.error == 0 and r.data == expected[off : off + n]
