@@ -14,6 +14,7 @@ image costs bounded time and memory.
 from __future__ import annotations
 
 import fcntl
+import itertools
 import os
 import stat
 from collections.abc import Sequence
@@ -313,15 +314,39 @@ def _check_writable_layout(disk: SparseDisk, header: DynamicHeader) -> None:
     """Before writing, every allocated block must lie before the trailing footer, where new
     blocks will go; otherwise a new block could overwrite an old one."""
     limit = disk.footer_offset
+    # Metadata a block must not overlap, or a write into the block would overwrite it: the
+    # header, the BAT and the locator payloads (each as [start, end)).
+    metadata = [
+        (disk.footer.data_offset, disk.footer.data_offset + HEADER_SIZE),
+        (header.table_offset, header.table_offset + header.max_table_entries * 4),
+    ]
+    metadata += [
+        (loc.data_offset, loc.data_offset + max(loc.data_len, loc.space_bytes))
+        for loc in header.locators
+        if loc.in_use and loc.data_offset < limit
+    ]
+    spans: list[tuple[int, int, int]] = []
     for block, entry in disk.bat.allocated():
+        start = entry * 512
         end = (
-            entry * 512
+            start
             + header.bitmap_bytes
             + min(header.block_size, disk.size - block * header.block_size)
         )
-        if end > limit or entry * 512 < 512:
+        clash = any(start < m_end and m_start < end for m_start, m_end in metadata)
+        if end > limit or start < 512 or clash:
             raise CorruptImageError(
-                f"block {block} (at {entry * 512:#x}) lies outside the data area; run "
-                "'vhd check --repair' before writing",
+                f"block {block} (at {start:#x}) lies outside the data area or over metadata; "
+                "run 'vhd check --repair' before writing",
+                path=disk.path,
+            )
+        spans.append((start, end, block))
+    # Two blocks sharing file space would overwrite each other's data.
+    spans.sort()
+    for (_, end, block), (start, _, other) in itertools.pairwise(spans):
+        if start < end:
+            raise CorruptImageError(
+                f"blocks {block} and {other} overlap in the file; run 'vhd check --repair' "
+                "before writing",
                 path=disk.path,
             )
