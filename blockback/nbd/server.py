@@ -55,11 +55,12 @@ _DISCARD_CHUNK = 1024 * 1024
 # Reads up to this size are done by the connection's own thread while they come from the page
 # cache: a hand-off to a worker costs more than the read.  Their replies are gathered in an
 # arena of _ARENA_SIZE bytes and leave in one send.
-_INLINE_READ = 128 * 1024
-_ARENA_SIZE = 1024 * 1024
-# An inline read slower than this went to the device; the next _POOL_STRETCH reads then go to
-# the workers so the device sees them in parallel.
+_INLINE_READ = 1024 * 1024
+_ARENA_SIZE = 4 * 1024 * 1024
+# An inline read slower than 0.5 ms plus 1 ms per 2 MB went to the device; the next
+# _POOL_STRETCH reads then go to the workers so the device sees them in parallel.
 _SLOW_READ = 0.0005
+_SLOW_READ_PER_BYTE = 1 / 2e9
 _POOL_STRETCH = 64
 # Free read buffers kept per size, and the largest size worth keeping.
 _FREE_BUFFERS = 8
@@ -272,7 +273,7 @@ class Connection:
                         BlockOp.READ, offset, length, (aview[used + header_size : used + need],)
                     )
                 )
-                if perf() - started > _SLOW_READ:
+                if perf() - started > _SLOW_READ + length * _SLOW_READ_PER_BYTE:
                     # The data came from the device, not the page cache: let the next reads
                     # run in parallel on the workers, where the device can overlap them.
                     pool_reads = _POOL_STRETCH

@@ -29,7 +29,7 @@ from tests.nbd.helpers import (
 )
 
 # Reads this large always run on the worker pool.
-BIG = 256 * 1024
+BIG = 2 * 1024 * 1024
 
 
 @pytest.fixture

@@ -1,0 +1,202 @@
+"""NBD export speed, side by side with qemu-nbd on the same image in the same run.
+
+The image is a 1 GiB dynamic VHD with every other 2 MiB block holding random data (half data,
+half holes), served read-only by ``vhd serve --nbd`` and by ``qemu-nbd -f vpc`` (which reads
+dynamic VHDs correctly), each on its own unix socket.  Both servers run the whole time; the
+measurements alternate between them, several rounds, and the medians are reported, so a busy
+machine slows both alike:
+
+* ``nbdcopy URL null:``: a full read (nbdcopy asks for the allocation map and skips holes, uses
+  four connections when the server allows multi-conn, 64 requests in flight each);
+* fio's ``nbd`` engine, 4 KiB random reads over the whole disk, at queue depth 32 and 1;
+* ``nbdcopy`` of a 256 MiB raw file into an empty 1 GiB dynamic VHD (writes, allocation).
+
+``run(workdir)`` returns the rows ``make bench`` prints; ``python -m benchmarks.nbd [DIR]`` runs
+it alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import vhd
+
+GiB = 1 << 30
+MiB = 1 << 20
+ROUNDS = 5
+FIO_SECONDS = 3
+
+
+def _make_half_data(path: Path) -> None:
+    if path.exists():
+        return
+    block = 2 * MiB
+    with vhd.create(str(path), GiB, type="dynamic", block_size=block) as disk:
+        data = os.urandom(block)
+        for b in range(0, GiB // block, 2):
+            disk.pwrite(data, b * block)
+
+
+def _wait_for_socket(path: Path, proc: subprocess.Popen[bytes] | subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 30
+    while not path.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"server for {path} did not start")
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def _ours(image: Path, sock: Path, *extra: str) -> Iterator[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vhdtools.cli", "serve", str(image), "--nbd", "--socket",
+         str(sock), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        url = proc.stdout.readline().strip()
+        if not url:
+            raise RuntimeError("vhd serve --nbd printed no URI")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+@contextlib.contextmanager
+def _qemu(image: Path, sock: Path, *extra: str) -> Iterator[str]:
+    proc = subprocess.Popen(
+        ["qemu-nbd", "-f", "vpc", "-e", "8", "-t", "-x", "", "-k", str(sock), *extra, str(image)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_for_socket(sock, proc)
+        yield f"nbd+unix:///?socket={sock}"
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def _timed(*cmd: str) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, timeout=600, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def _fio_iops(url: str, depth: int) -> float:
+    out = subprocess.run(
+        ["fio", "--name=b", "--ioengine=nbd", f"--uri={url}", "--rw=randread", "--bs=4k",
+         f"--iodepth={depth}", f"--runtime={FIO_SECONDS}", "--time_based", f"--size={GiB}",
+         "--output-format=json"],
+        check=True, timeout=120, capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    # fio may print notes before the JSON document.
+    return float(json.loads(out[out.index("{") :])["jobs"][0]["read"]["iops"])
+
+
+def _row(name: str, ours: float, theirs: float, unit: str, note: str) -> dict[str, object]:
+    ratio = ours / theirs if theirs else float("nan")
+    return {
+        "benchmark": name,
+        "ours": round(ours, 3 if unit == "s" else 0),
+        "theirs": round(theirs, 3 if unit == "s" else 0),
+        "ratio": round(ratio, 2),
+        "unit": unit,
+        "note": note,
+    }
+
+
+def run(workdir: Path) -> list[dict[str, object]]:
+    for tool in ("qemu-nbd", "nbdcopy", "fio"):
+        if shutil.which(tool) is None:
+            return [_row(f"nbd ({tool} missing)", 0, 0, "-", f"{tool} is not installed")]
+    workdir.mkdir(parents=True, exist_ok=True)
+    image = workdir / "nbd-half.vhd"
+    _make_half_data(image)
+    # Read the image once so both servers start from a warm page cache.
+    with open(image, "rb") as f:
+        while f.read(16 * MiB):
+            pass
+    rows: list[dict[str, object]] = []
+    # Unix socket paths are short; workdir may not be.
+    sockdir = Path(tempfile.mkdtemp(prefix="nbdb-", dir="/tmp"))
+    try:
+        with (
+            _ours(image, sockdir / "ours", "--read-only") as ours,
+            _qemu(image, sockdir / "qemu", "-r") as theirs,
+        ):
+            copy: dict[str, list[float]] = {"ours": [], "theirs": []}
+            for _ in range(ROUNDS):
+                copy["ours"].append(_timed("nbdcopy", ours, "null:"))
+                copy["theirs"].append(_timed("nbdcopy", theirs, "null:"))
+            rows.append(
+                _row(
+                    "nbdcopy full read to null: (1 GiB, half data)",
+                    statistics.median(copy["ours"]),
+                    statistics.median(copy["theirs"]),
+                    "s",
+                    f"median of {ROUNDS}; lower is better; target ratio <= 1.0",
+                )
+            )
+            for depth, goal in ((32, "target ratio >= 0.5"), (1, "reported")):
+                iops: dict[str, list[float]] = {"ours": [], "theirs": []}
+                for _ in range(3):
+                    iops["ours"].append(_fio_iops(ours, depth))
+                    iops["theirs"].append(_fio_iops(theirs, depth))
+                rows.append(
+                    _row(
+                        f"fio nbd 4k random read, queue depth {depth}",
+                        statistics.median(iops["ours"]),
+                        statistics.median(iops["theirs"]),
+                        "IOPS",
+                        f"median of 3 x {FIO_SECONDS}s; higher is better; {goal}",
+                    )
+                )
+        # Writes: copy 256 MiB of random data into a fresh empty dynamic VHD, each server in
+        # turn, each round on a new image.
+        source = workdir / "nbd-src.raw"
+        if not source.exists():
+            with open(source, "wb") as f:
+                for _ in range(256):
+                    f.write(os.urandom(MiB))
+        write: dict[str, list[float]] = {"ours": [], "theirs": []}
+        for _ in range(3):
+            for who, server in (("ours", _ours), ("theirs", _qemu)):
+                target = workdir / f"nbd-write-{who}.vhd"
+                target.unlink(missing_ok=True)
+                vhd.create(str(target), GiB, type="dynamic").close()
+                sock = sockdir / f"w-{who}"
+                with server(target, sock) as url:
+                    write[who].append(_timed("nbdcopy", str(source), url))
+                target.unlink()
+        rows.append(
+            _row(
+                "nbdcopy 256 MiB raw file into an empty dynamic VHD",
+                statistics.median(write["ours"]),
+                statistics.median(write["theirs"]),
+                "s",
+                "median of 3; includes the flush at the end; lower is better",
+            )
+        )
+    finally:
+        shutil.rmtree(sockdir, ignore_errors=True)
+    return rows
+
+
+if __name__ == "__main__":
+    directory = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp())
+    for row in run(directory):
+        print(json.dumps(row))
