@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -89,6 +90,7 @@ class VbdDriver:
             disk, read_only=self.read_only, workers=self.options.workers
         )
         self.device: BlkifDevice | None = None
+        self.engine: BlkifEngine | None = None
         self.removed = False
         self.connects = 0
         discard_enable = self._read(f"{self.be}/discard-enable")
@@ -148,6 +150,10 @@ class VbdDriver:
     def resize(self) -> None:
         """The image changed size: tell the frontend (rewrite ``sectors``, then ``state``)."""
         self.executor.size = self.disk.size
+        if self.engine is not None:
+            self.engine.config = dataclasses.replace(
+                self.engine.config, sectors=self.disk.size // 512
+            )
         self.feed(Input.RESIZE)
 
     def shutdown(self) -> None:
@@ -168,6 +174,8 @@ class VbdDriver:
                 self.xs.write(f"{self.be}/{key}", value)
             if self.options.write_hotplug_status:
                 self.xs.write(f"{self.be}/hotplug-status", "connected")
+            with contextlib.suppress(XenStoreError):
+                self.xs.rm(f"{self.be}/error")  # a reconnect starts clean
             self._write_state(XenbusState.INIT_WAIT)
         elif action is Action.CONNECT:
             self._connect()
@@ -212,11 +220,12 @@ class VbdDriver:
                 discard=self.discard,
                 max_indirect_segments=self.options.max_indirect_segments,
             )
+            self.engine = BlkifEngine(config)
             self.device = BlkifDevice(
                 self.transport,
                 self.fe_domid,
                 params,
-                BlkifEngine(config),
+                self.engine,
                 self.executor,
                 name=f"vbd-{self.fe_domid}-{self.be.rsplit('/', 1)[-1]}",
                 inline_max=self.options.inline_max,

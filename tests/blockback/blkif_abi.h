@@ -12,7 +12,9 @@
 #include <stddef.h>
 #include <string.h>
 
-/* ring.h leaves the barriers to the includer: real full fences. */
+/* Current interface version: ring.h then leaves the barriers to the includer (older versions
+ * map them to the kernel's mb()/rmb()/wmb()).  Ours are real full fences. */
+#define __XEN_INTERFACE_VERSION__ 0x00040e00
 #define xen_mb() __atomic_thread_fence(__ATOMIC_SEQ_CST)
 #define xen_rmb() __atomic_thread_fence(__ATOMIC_SEQ_CST)
 #define xen_wmb() __atomic_thread_fence(__ATOMIC_SEQ_CST)
