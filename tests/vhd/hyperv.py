@@ -34,19 +34,22 @@ def build_hyperv(
     present: set[int] | None = None,
     parent: tuple[str, bytes] | None = None,
     seed: int = 0,
+    unique_id: bytes | None = None,
 ) -> bytes:
     """Write an image of ``size`` bytes holding ``content`` at the ``present`` sectors.
 
     ``present`` defaults to every sector whose content is not all zeros.  With ``parent`` =
     (parent file name, parent unique id) the image is a differencing child whose absent sectors
-    come from the parent.  Returns the new image's unique id.
+    come from the parent.  Returns the new image's unique id (``unique_id``, or one derived
+    from ``seed``).
     """
     assert len(content) == size and size % SECTOR == 0
     if present is None:
         present = {
             s for s in range(size // SECTOR) if content[s * SECTOR : (s + 1) * SECTOR].strip(b"\0")
         }
-    unique_id = uuid.UUID(int=random.Random(seed).getrandbits(128), version=4).bytes
+    if unique_id is None:
+        unique_id = uuid.UUID(int=random.Random(seed).getrandbits(128), version=4).bytes
     entries = -(-size // block_size)
     spb = block_size // SECTOR
     bm_bytes = bitmap_bytes(block_size)
