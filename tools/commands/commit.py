@@ -1,0 +1,55 @@
+"""``vhd commit CHILD [--keep]``: merge a differencing child into its parent (:mod:`vhd.commit`).
+
+The parent may be fixed, dynamic or differencing.  An interrupted commit leaves the parent
+consistent and the chain reading as before; rerunning finishes the job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from vhd.commit import commit
+
+from ._progress import progress_bar
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "commit",
+        help="merge a differencing child into its parent",
+        description="Copy every range a differencing child holds into its parent, then remove "
+        "the child (or keep it with --keep). Crash-safe: rerun after an interruption.",
+    )
+    p.add_argument("child")
+    p.add_argument("--keep", action="store_true", help="keep the child after merging")
+    p.add_argument(
+        "--parent-dir",
+        metavar="DIR",
+        action="append",
+        default=[],
+        help="also look for parents in DIR",
+    )
+    p.add_argument(
+        "-p", "--progress", action="store_true", help="show progress even when not a tty"
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    show = not args.quiet and (args.progress or sys.stderr.isatty())
+    result = commit(
+        args.child,
+        keep=args.keep,
+        parent_dirs=args.parent_dir,
+        progress=progress_bar("commit", show),
+    )
+    if not args.quiet:
+        what = "kept" if args.keep else "removed"
+        print(
+            f"committed {result.bytes_copied} bytes of {result.child} into {result.parent}; "
+            f"child {what}"
+        )
+    return 0
