@@ -47,6 +47,8 @@ log = logging.getLogger("blockback.nbd")
 DEFAULT_PORT = 10809
 MAX_INFLIGHT_BYTES = 64 * 1024 * 1024
 MAX_INFLIGHT_REQUESTS = 128
+# Each client costs a thread (plus its workers): refuse more than this many at once.
+MAX_CONNECTIONS = 256
 # Clients that connect and say nothing useful are dropped after this long in negotiation.
 NEGOTIATION_TIMEOUT = 30.0
 _RECV_SIZE = 256 * 1024
@@ -457,12 +459,14 @@ class NBDServer:
         description: str = "",
         max_inflight_bytes: int = MAX_INFLIGHT_BYTES,
         max_inflight_requests: int = MAX_INFLIGHT_REQUESTS,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         self.disk = disk
         self.read_only = bool(read_only or disk.read_only)
         self.workers = workers
         self.max_inflight_bytes = max(max_inflight_bytes, p.MAX_BLOCK)
         self.max_inflight_requests = max(1, max_inflight_requests)
+        self.max_connections = max(1, max_connections)
         self.export = p.Export(
             name=export_name, size=disk.size, read_only=self.read_only, description=description
         )
@@ -520,14 +524,20 @@ class NBDServer:
         while not self.stopping:
             try:
                 sock, addr = listener.accept()
-            except OSError:
+            except OSError as exc:
                 if self.stopping:
                     return
-                log.exception("accept failed")
+                # Out of file descriptors, say: wait a little rather than spin.
+                log.error("accept failed: %s", exc)
+                time.sleep(0.1)
                 continue
             if self.stopping:
                 sock.close()
                 return
+            if self.connections >= self.max_connections:
+                log.warning("refusing a client: %d connections already", self.max_connections)
+                sock.close()
+                continue
             self._tune(sock)
             peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else "unix client"
             conn = Connection(self, sock, peer)
@@ -569,10 +579,18 @@ class NBDServer:
             # Wakes the connection's reader; it drains its executor and closes.
             with contextlib.suppress(OSError):
                 conn.sock.shutdown(socket.SHUT_RD)
-        deadline = timeout
-        while self.connections and deadline > 0:
-            threading.Event().wait(0.05)
-            deadline -= 0.05
+        deadline = time.monotonic() + timeout
+        grace = time.monotonic() + min(timeout / 2, 5.0)
+        while self.connections and time.monotonic() < grace:
+            time.sleep(0.02)
+        with self._lock:
+            connections = list(self._connections)
+        for conn in connections:
+            # A client that does not read its replies holds a sender in sendall(): cut it off.
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_RDWR)
+        while self.connections and time.monotonic() < deadline:
+            time.sleep(0.02)
         for path in self._unix_paths:
             with contextlib.suppress(OSError):
                 os.unlink(path)

@@ -43,6 +43,10 @@ def run(*cmd: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return result
 
 
+def vhd_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return run(sys.executable, "-m", "vhdtools.cli", *args)
+
+
 @pytest.fixture
 def tmp() -> Iterator[Path]:
     with short_tmpdir() as path:
@@ -122,6 +126,15 @@ def test_nbdinfo_map_matches_extents(tmp: Path, require_tool: Need, layout: str)
         want = expected_map(disk)
         got = json.loads(run(nbdinfo, "--map", "--json", url).stdout)
     assert [(e["offset"], e["length"], e["type"]) for e in got] == want
+    # The same map as `vhd map` prints (layers of the chain all count as data).
+    vhd_map: list[tuple[int, int, int]] = []
+    for e in json.loads(vhd_cli("map", "--json", str(path)).stdout):
+        kind = 0 if e["data"] else 3
+        if vhd_map and vhd_map[-1][2] == kind:
+            vhd_map[-1] = (vhd_map[-1][0], vhd_map[-1][1] + e["length"], kind)
+        else:
+            vhd_map.append((e["offset"], e["length"], kind))
+    assert vhd_map == want
     assert any(kind == 3 for _, _, kind in want) and any(kind == 0 for _, _, kind in want)
     # Holes really are zeros.
     content = chain_content() if layout == "chain" else expected_content()
@@ -160,6 +173,8 @@ def test_nbdcopy_read_equals_image(tmp: Path, require_tool: Need, source: str) -
         run(nbdcopy, url, str(out))
     got = out.read_bytes()
     assert got == vhd_content(path)
+    vhd_cli("convert", "--to", "raw", str(path), str(tmp / "conv.raw"))
+    assert got == (tmp / "conv.raw").read_bytes()
     if source == "chain":
         # qemu reads differencing VHDs without their parent, so only the model applies here.
         assert got == chain_content()

@@ -381,3 +381,41 @@ def test_pipelined_small_reads_with_errors_between(disk: vhd.Disk, structured: b
                 assert r.error == errno.EINVAL
             else:
                 assert r.error == 0 and r.data == expected[off : off + n]
+
+
+def test_clients_past_the_connection_limit_are_refused(disk: vhd.Disk) -> None:
+    with serving(disk, max_connections=2) as (server, _url, path):
+        first, second = RawClient(path), RawClient(path)
+        first.handshake()
+        second.handshake()
+        with RawClient(path) as third, pytest.raises((EOFError, ConnectionError)):
+            third.handshake()
+        first.close()
+        deadline = time.monotonic() + 5
+        while server.connections > 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with RawClient(path) as fourth:
+            fourth.handshake()
+            assert fourth.read(0, 4).data == expected_content()[:4]
+        second.close()
+
+
+def test_stop_cuts_off_a_client_that_never_reads(disk: vhd.Disk) -> None:
+    with serving(disk) as (server, _url, path), RawClient(path) as c:
+        c.handshake()
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+
+        def flood() -> None:
+            try:
+                for i in range(2000):
+                    c.send(p.Cmd.READ, 0, BIG, handle=i)
+            except OSError:
+                pass
+
+        sender = threading.Thread(target=flood, daemon=True)
+        sender.start()
+        time.sleep(0.5)
+        started = time.monotonic()
+        server.stop(timeout=2)
+        assert time.monotonic() - started < 5
+        assert server.connections == 0
