@@ -21,9 +21,8 @@ Files (see issue 4):
   zeros afterwards); plain allocation is not offered (``EOPNOTSUPP``).
 * A read-only filesystem refuses writes with ``EROFS`` (``open`` for writing included).
 
-Several files view the same bytes, so a write through one makes cached pages of the others
-stale.  The core reports each such change to an ``on_change`` callback (file names whose bytes
-changed through *another* file); the adapter uses it when the kernel page cache is on.
+Several files view the same bytes; how the adapter keeps the kernel's page caches of those
+files coherent is explained in :mod:`vhdfuse.adapter`.
 """
 
 from __future__ import annotations
@@ -200,16 +199,6 @@ class DiskFilesystem:
         self.nodes: dict[str, Node] = {"disk": Node("disk", 2, 0, disk.size)}
         for number, part in enumerate(partitions, start=3):
             self.nodes[part.name] = Node(part.name, number, part.start, part.length)
-        # Which other files share bytes with each file (for page-cache invalidation).
-        self._overlaps: dict[str, tuple[Node, ...]] = {
-            node.name: tuple(
-                other
-                for other in self.nodes.values()
-                if other is not node and other.start < node.end and node.start < other.end
-            )
-            for node in self.nodes.values()
-        }
-        self.on_change: Callable[[str], None] | None = None
         self._handles: dict[int, Handle] = {}
         self._next_handle = 1
         self._lock = threading.Lock()
@@ -228,15 +217,6 @@ class DiskFilesystem:
         if handle is None:
             raise FilesystemError(errno.EBADF)
         return handle
-
-    def _changed(self, node: Node, offset: int, length: int) -> None:
-        """Tell the cache layer which *other* files just changed under their readers."""
-        if self.on_change is None or length <= 0:
-            return
-        lo, hi = node.start + offset, node.start + offset + length
-        for other in self._overlaps[node.name]:
-            if other.start < hi and lo < other.end:
-                self.on_change(other.name)
 
     def _window(self, node: Node, offset: int, length: int) -> int:
         """Clip ``length`` bytes at ``offset`` of ``node`` to its end."""
@@ -311,6 +291,17 @@ class DiskFilesystem:
             raise FilesystemError(errno.EROFS)
         self._mtime_ns = times_ns[1] if times_ns is not None else time.time_ns()
 
+    @errno_boundary
+    def chmod(self, path: str, mode: int) -> None:
+        self._node(path) if path != "/" else None
+        # Permissions follow the mount (read-only or not); they are not stored anywhere.
+        raise FilesystemError(errno.EROFS if self.read_only else errno.EPERM)
+
+    @errno_boundary
+    def chown(self, path: str, uid: int, gid: int) -> None:
+        self._node(path) if path != "/" else None
+        raise FilesystemError(errno.EROFS if self.read_only else errno.EPERM)
+
     # -- handles ------------------------------------------------------------------------
 
     @errno_boundary
@@ -378,10 +369,9 @@ class DiskFilesystem:
                 return 0
             raise FilesystemError(errno.ENOSPC)  # at or past the end, like a block device
         handle.dirty = True
-        written = self.disk.pwrite(
+        written: int = self.disk.pwrite(
             view if count == len(view) else view[:count], node.start + offset
         )
-        self._changed(node, offset, written)
         return written
 
     @errno_boundary
@@ -404,7 +394,6 @@ class DiskFilesystem:
             return
         handle.dirty = True
         self.disk.discard(node.start + offset, count)
-        self._changed(node, offset, count)
 
     # -- lifetime -----------------------------------------------------------------------
 

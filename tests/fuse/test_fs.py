@@ -173,24 +173,6 @@ def test_errors_become_errno(
     assert any(str(exc) in record.getMessage() or record.exc_info for record in caplog.records)
 
 
-def test_change_notifications_name_overlapping_files() -> None:
-    fs, _ = _fs()
-    changed: list[str] = []
-    fs.on_change = changed.append
-    disk = fs.open("/disk", os.O_RDWR)
-    fs.write(disk, b"x", 0)  # before every partition
-    assert changed == []
-    fs.write(disk, b"x" * 10, 3 * MiB)
-    assert sorted(changed) == ["p2", "p5"]
-    changed.clear()
-    p2 = fs.open("/p2", os.O_RDWR)
-    fs.write(p2, b"x", 2 * MiB)  # past p5's end
-    assert changed == ["disk"]
-    changed.clear()
-    fs.fallocate(p2, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, 4096)
-    assert sorted(changed) == ["disk", "p5"]
-
-
 def test_close_flushes_once_and_refuses_later_opens() -> None:
     fs, disk = _fs()
     fs.close()

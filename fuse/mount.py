@@ -1,0 +1,379 @@
+"""Mount and unmount: open the image, start the FUSE server (daemonised), stop it cleanly.
+
+``mount()`` returns once the mount is live: it starts ``python -m vhdfuse.mount`` in a new
+session with a pipe, and the server writes ``ready`` to the pipe from libfuse's ``init``
+callback (the kernel has then accepted the connection) or one ``error: ...`` line when the image
+cannot be opened or mounted.  The server records ``pid`` and process start time in a pid file
+named after the mount point, so that ``unmount()`` can wait for it to finish closing the image
+after the kernel lets go.
+
+``unmount()`` first calls ``fsync`` on ``disk`` (→ ``Disk.flush()``: everything written through
+the mount is durable), then unmounts with ``fusermount3 -u`` (``umount`` as a fallback for
+root), then waits for the server to exit.  A plain ``fusermount -u``/``umount`` or SIGTERM
+also ends the server cleanly: libfuse leaves its loop, and ``destroy`` flushes and closes the
+disk (see :mod:`vhdfuse.adapter`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import logging
+import logging.handlers
+import os
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import vhd
+
+from .fs import DiskFilesystem
+from .partitions import read_partitions
+
+log = logging.getLogger("vhdfuse")
+
+READY = b"ready\n"
+
+
+class MountError(vhd.VHDError):
+    """The mount could not be set up or torn down."""
+
+
+# -- serving (the daemon's side) ---------------------------------------------------------------
+
+
+def open_filesystem(
+    image: str, *, read_only: bool = False, parent_dirs: Sequence[str] = ()
+) -> DiskFilesystem:
+    """Open the image (a whole chain) and read its partition table for the mount's files."""
+    disk = vhd.open(image, "r" if read_only else "r+", parent_dirs=tuple(parent_dirs))
+    try:
+        partitions = read_partitions(lambda offset, length: disk.pread(length, offset), disk.size)
+        mtime_ns = os.stat(image).st_mtime_ns
+        return DiskFilesystem(disk, partitions, read_only=read_only, mtime_ns=mtime_ns)
+    except BaseException:
+        disk.close()
+        raise
+
+
+def serve(
+    image: str,
+    mountpoint: str,
+    *,
+    read_only: bool = False,
+    allow_other: bool = False,
+    parent_dirs: Sequence[str] = (),
+    cache: str | None = None,
+    debug: bool = False,
+    on_ready: Callable[[], None] | None = None,
+) -> None:
+    """Mount in this process and serve until unmounted; the image is flushed and closed."""
+    _check_mountpoint(mountpoint)
+    fs = open_filesystem(image, read_only=read_only, parent_dirs=parent_dirs)
+    from . import adapter  # loads libfuse: only where a mount is really served
+
+    pidfile = _pidfile(mountpoint)
+
+    def ready() -> None:
+        _write_pidfile(pidfile)
+        if on_ready is not None:
+            on_ready()
+
+    try:
+        adapter.run(
+            fs,
+            os.path.realpath(mountpoint),
+            fsname=f"vhd:{os.path.abspath(image)}",
+            allow_other=allow_other,
+            cache=cache or adapter.DEFAULT_CACHE,
+            debug=debug,
+            on_ready=ready,
+        )
+    finally:
+        # destroy() normally closed it already; this covers a mount that never started.
+        with contextlib.suppress(Exception):
+            fs.close()
+        with contextlib.suppress(FileNotFoundError):
+            pidfile.unlink()
+
+
+def _check_mountpoint(mountpoint: str) -> None:
+    if not os.path.isdir(mountpoint):
+        raise MountError(f"{mountpoint}: the mount point is not a directory")
+    if _is_mounted(mountpoint):
+        raise MountError(f"{mountpoint}: something is already mounted there")
+
+
+# -- mounting (the caller's side) ---------------------------------------------------------------
+
+
+def mount(
+    image: str,
+    mountpoint: str,
+    *,
+    read_only: bool = False,
+    foreground: bool = False,
+    allow_other: bool = False,
+    parent_dirs: Sequence[str] = (),
+    cache: str | None = None,
+    log_file: str | None = None,
+    timeout: float = 60.0,
+) -> None:
+    """Mount ``image`` on ``mountpoint``; returns once the mount is live (or, in the
+    foreground, once it has been unmounted again)."""
+    _check_mountpoint(mountpoint)
+    if not os.path.exists(image):
+        raise MountError(f"{image}: no such file")
+    if foreground:
+        _setup_logging(log_file, foreground=True)
+        serve(
+            image,
+            mountpoint,
+            read_only=read_only,
+            allow_other=allow_other,
+            parent_dirs=parent_dirs,
+            cache=cache,
+        )
+        return
+    read_end, write_end = os.pipe()
+    argv = [sys.executable, "-m", "vhdfuse.mount", "--ready-fd", str(write_end)]
+    argv += ["--read-only"] if read_only else []
+    argv += ["--allow-other"] if allow_other else []
+    for directory in parent_dirs:
+        argv += ["--parent-dir", directory]
+    argv += ["--cache", cache] if cache else []
+    argv += ["--log", os.path.abspath(log_file)] if log_file else []
+    argv += ["--", os.path.abspath(image), os.path.abspath(mountpoint)]
+    try:
+        with open(os.devnull, "r+b") as null:
+            # A new session and no inherited stdio: the server outlives us and never holds
+            # the caller's pipes open.
+            process = subprocess.Popen(
+                argv,
+                stdin=null,
+                stdout=null,
+                stderr=null,
+                pass_fds=(write_end,),
+                start_new_session=True,
+                cwd="/",
+            )
+    finally:
+        os.close(write_end)
+    try:
+        message = _wait_ready(read_end, process, timeout)
+    finally:
+        os.close(read_end)
+    if message != READY:
+        text = message.decode(errors="replace").strip()
+        if process.poll() is None:
+            process.terminate()
+        raise MountError(text.removeprefix("error: ") or "the mount server exited early")
+
+
+def _wait_ready(fd: int, process: subprocess.Popen[bytes], timeout: float) -> bytes:
+    deadline = time.monotonic() + timeout
+    data = b""
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 0.2)
+        if ready:
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                return data  # EOF: the server exited (its error line, if any, is in data)
+            data += chunk
+            if data.endswith(b"\n"):
+                return data
+    return b"error: the mount did not come up within %d s" % timeout
+
+
+# -- unmounting ------------------------------------------------------------------------------
+
+
+def unmount(mountpoint: str, *, timeout: float = 120.0) -> None:
+    """Flush, unmount and wait until the server has closed the image."""
+    real = os.path.realpath(mountpoint)
+    if not _is_mounted(real):
+        raise MountError(f"{mountpoint}: not mounted")
+    pid = _read_pidfile(_pidfile(real))
+    # fsync -> Disk.flush(): whatever reached the server is durable before the unmount.
+    with contextlib.suppress(OSError):
+        fd = os.open(os.path.join(real, "disk"), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    _unmount_kernel(real)
+    if pid is not None:
+        deadline = time.monotonic() + timeout
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if _alive(pid):
+            raise MountError(
+                f"{mountpoint}: unmounted, but the server (pid {pid[0]}) is still busy"
+            )
+
+
+def server_pid(mountpoint: str) -> int | None:
+    """The pid of the process serving ``mountpoint`` (None when unknown or gone)."""
+    pid = _read_pidfile(_pidfile(os.path.realpath(mountpoint)))
+    return pid[0] if pid is not None else None
+
+
+def _unmount_kernel(path: str) -> None:
+    errors: list[str] = []
+    commands = [[tool, "-u", path] for tool in ("fusermount3", "fusermount") if shutil.which(tool)]
+    if os.geteuid() == 0 and shutil.which("umount"):
+        commands.append(["umount", path])
+    for command in commands:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+        if result.returncode == 0 or not _is_mounted(path):
+            return
+        errors.append(result.stderr.strip())
+    raise MountError(f"{path}: unmount failed: {'; '.join(e for e in errors if e) or 'no tool'}")
+
+
+def _is_mounted(path: str) -> bool:
+    """Whether ``path`` is a mount point (also for a dead FUSE server, where stat fails)."""
+    real = os.path.realpath(path)
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                fields = line.split(" ")
+                if len(fields) > 4 and _unescape(fields[4]) == real:
+                    return True
+    except FileNotFoundError:
+        return os.path.ismount(real)
+    return False
+
+
+def _unescape(field: str) -> str:
+    # mountinfo escapes space, tab, newline and backslash as \ooo.
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and i + 4 <= len(field) and field[i + 1 : i + 4].isdigit():
+            out.append(chr(int(field[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+# -- pid files ------------------------------------------------------------------------------
+
+
+def _runtime_dir() -> Path:
+    base = os.environ.get("XDG_RUNTIME_DIR") or ("/run" if os.geteuid() == 0 else "")
+    if not base or not os.access(base, os.W_OK):
+        base = tempfile.gettempdir()
+    path = Path(base) / f"vhdkit-{os.geteuid()}"
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def _pidfile(mountpoint: str) -> Path:
+    key = hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:24]
+    return _runtime_dir() / f"mount-{key}.pid"
+
+
+def _start_time(pid: int) -> str | None:
+    """The start time of a live process (None for a gone or zombie one)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    if len(fields) < 20 or fields[0] in ("Z", "X"):
+        return None
+    return fields[19]
+
+
+def _write_pidfile(path: Path) -> None:
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(f"{os.getpid()} {_start_time(os.getpid())}\n", encoding="ascii")
+    temporary.replace(path)
+
+
+def _read_pidfile(path: Path) -> tuple[int, str] | None:
+    try:
+        pid_text, start = path.read_text(encoding="ascii").split()
+        pid = (int(pid_text), start)
+    except (OSError, ValueError):
+        return None
+    return pid if _alive(pid) else None
+
+
+def _alive(pid: tuple[int, str]) -> bool:
+    # The start time guards against a recycled pid.
+    return _start_time(pid[0]) == pid[1]
+
+
+# -- the server's entry point ----------------------------------------------------------------
+
+
+def _setup_logging(log_file: str | None, *, foreground: bool) -> None:
+    handler: logging.Handler
+    if log_file:
+        handler = logging.FileHandler(log_file)
+    elif foreground:
+        handler = logging.StreamHandler(sys.stderr)
+    elif os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler("/dev/log")
+    else:
+        handler = logging.NullHandler()
+    handler.setFormatter(logging.Formatter(f"vhd mount[{os.getpid()}]: %(levelname)s %(message)s"))
+    root = logging.getLogger("vhdfuse")
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    # mfusepy logs every errno at debug level and bugs at error level under "fuse".
+    logging.getLogger("fuse").addHandler(handler)
+    logging.getLogger("fuse").setLevel(logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vhdfuse.mount")
+    parser.add_argument("image")
+    parser.add_argument("mountpoint")
+    parser.add_argument("--ready-fd", type=int, required=True)
+    parser.add_argument("--read-only", action="store_true")
+    parser.add_argument("--allow-other", action="store_true")
+    parser.add_argument("--parent-dir", action="append", default=[])
+    parser.add_argument("--cache")
+    parser.add_argument("--log")
+    args = parser.parse_args(argv)
+    _setup_logging(args.log, foreground=False)
+    ready_fd: int | None = args.ready_fd
+
+    def report(message: bytes) -> None:
+        nonlocal ready_fd
+        if ready_fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(ready_fd, message)
+                os.close(ready_fd)
+            ready_fd = None
+
+    try:
+        serve(
+            args.image,
+            args.mountpoint,
+            read_only=args.read_only,
+            allow_other=args.allow_other,
+            parent_dirs=args.parent_dir,
+            cache=args.cache,
+            on_ready=lambda: report(READY),
+        )
+    except (vhd.VHDError, OSError, ValueError, RuntimeError) as exc:
+        log.error("mount failed: %s", exc)
+        report(f"error: {' '.join(str(exc).split()) or type(exc).__name__}\n".encode())
+        return 2
+    report(b"error: the mount ended before it was ready\n")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

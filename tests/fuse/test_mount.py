@@ -1,0 +1,381 @@
+"""Real mounts: ``vhd mount`` in a subprocess, ordinary syscalls and real tools on the files."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import random
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from vhdfuse.mount import server_pid
+
+import vhd
+
+from .mounting import MiB, Mounts, is_mounted, run, vhd_cli, wait_until
+
+KiB = 1024
+
+
+def _pattern(seed: int, length: int) -> bytes:
+    return random.Random(seed).randbytes(length)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _image(path: Path, size: int = 64 * MiB, **kwargs: object) -> Path:
+    vhd.create(str(path), size, **kwargs).close()  # type: ignore[arg-type]
+    return path
+
+
+def _read_image(path: Path, offset: int, length: int) -> bytes:
+    with vhd.open(str(path)) as disk:
+        return disk.pread(length, offset)
+
+
+def test_disk_file_reads_and_writes_the_image(tmp_path: Path, mounts: Mounts) -> None:
+    image = _image(tmp_path / "a.vhd", 48 * MiB + 512)
+    data = _pattern(1, 3 * MiB)
+    with vhd.open(str(image), "r+") as disk:
+        disk.pwrite(data, 5 * MiB)
+    mnt = mounts.mount(image)
+    assert sorted(os.listdir(mnt)) == ["disk"]
+    st = os.stat(mnt / "disk")
+    assert st.st_size == 48 * MiB + 512 and st.st_blksize == MiB
+    with open(mnt / "disk", "r+b", buffering=0) as f:
+        assert os.pread(f.fileno(), len(data), 5 * MiB) == data
+        assert os.pread(f.fileno(), 4096, 0) == bytes(4096)
+        # Unaligned write across a block boundary, and a write at the very end.
+        assert os.pwrite(f.fileno(), b"x" * 1000, 2 * MiB - 300) == 1000
+        assert os.pwrite(f.fileno(), b"end", 48 * MiB + 509) == 3
+        # Past the end: ENOSPC, as for a block device.
+        with pytest.raises(OSError) as info:
+            os.pwrite(f.fileno(), b"y", 48 * MiB + 512)
+        assert info.value.errno == errno.ENOSPC
+        assert os.pread(f.fileno(), 1000, 2 * MiB - 300) == b"x" * 1000
+        # Truncation to another size is refused; the same size is fine.
+        with pytest.raises(OSError) as info:
+            os.ftruncate(f.fileno(), MiB)
+        assert info.value.errno == errno.EINVAL
+        os.ftruncate(f.fileno(), 48 * MiB + 512)
+    mounts.unmount(mnt)
+    assert _read_image(image, 2 * MiB - 300, 1000) == b"x" * 1000
+    assert _read_image(image, 48 * MiB + 509, 3) == b"end"
+    assert _read_image(image, 5 * MiB, len(data)) == data
+
+
+def test_mkfs_ext4_e2fsck_and_debugfs(
+    tmp_path: Path, mounts: Mounts, require_tool: Callable[[str], str]
+) -> None:
+    mkfs, e2fsck, debugfs = (require_tool(t) for t in ("mkfs.ext4", "e2fsck", "debugfs"))
+    qemu_img = require_tool("qemu-img")
+    image = _image(tmp_path / "ext4.vhd", 128 * MiB)
+    mnt = mounts.mount(image)
+    disk = str(mnt / "disk")
+    # mke2fs discards (fallocate PUNCH_HOLE -> Disk.discard) before writing its tables.
+    result = run([mkfs, "-q", "-F", "-E", "discard", disk])
+    assert result.returncode == 0, result.stderr
+    result = run([e2fsck, "-fn", disk])
+    assert result.returncode == 0, result.stdout + result.stderr
+    payload = tmp_path / "payload.bin"
+    payload.write_bytes(_pattern(2, 700 * KiB + 123))
+    result = run([debugfs, "-w", "-R", f"write {payload} payload.bin", disk])
+    assert result.returncode == 0, result.stderr
+    result = run([debugfs, "-w", "-R", "mkdir somedir", disk])
+    assert result.returncode == 0, result.stderr
+    mounts.unmount(mnt)
+    raw = tmp_path / "ext4.raw"
+    result = run([qemu_img, "convert", "-f", "vpc", "-O", "raw", str(image), str(raw)])
+    assert result.returncode == 0, result.stderr
+    assert run([e2fsck, "-fn", str(raw)]).returncode == 0
+    out = tmp_path / "out.bin"
+    result = run([debugfs, "-R", f"dump payload.bin {out}", str(raw)])
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes() == payload.read_bytes()
+
+
+def test_partitions_appear_after_remount(
+    tmp_path: Path, mounts: Mounts, require_tool: Callable[[str], str]
+) -> None:
+    sfdisk, mkfs_vfat = require_tool("sfdisk"), require_tool("mkfs.vfat")
+    mcopy, mtype = require_tool("mcopy"), require_tool("mtype")
+    image = _image(tmp_path / "parts.vhd", 96 * MiB)
+    mnt = mounts.mount(image)
+    script = "label: dos\nstart=2048, size=20480, type=83\nstart=24576, size=81920, type=c\n"
+    result = run([sfdisk, "-q", str(mnt / "disk")], input=script)
+    assert result.returncode == 0, result.stderr
+    # The table is read at mount time: the running mount still shows only the disk.
+    assert sorted(os.listdir(mnt)) == ["disk"]
+    mounts.unmount(mnt)
+    mnt = mounts.mount(image)
+    assert sorted(os.listdir(mnt)) == ["disk", "p1", "p2"]
+    assert os.stat(mnt / "p1").st_size == 20480 * 512
+    assert os.stat(mnt / "p2").st_size == 81920 * 512
+    result = run([mkfs_vfat, str(mnt / "p2")])
+    assert result.returncode == 0, result.stderr
+    note = tmp_path / "note.txt"
+    note.write_text("hello from a partition\n")
+    env = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
+    result = run([mcopy, "-i", str(mnt / "p2"), str(note), "::NOTE.TXT"], env=env)
+    assert result.returncode == 0, result.stderr
+    result = run([mtype, "-i", str(mnt / "p2"), "::NOTE.TXT"], env=env)
+    assert result.stdout == note.read_text()
+    # The partition file is a window: its first bytes are the disk's bytes at the partition.
+    with open(mnt / "p2", "rb") as part, open(mnt / "disk", "rb") as whole:
+        whole.seek(24576 * 512)
+        assert part.read(64 * KiB) == whole.read(64 * KiB)
+    # Writes through p1 land at p1's offset in the image, and stop at p1's end.
+    with open(mnt / "p1", "r+b", buffering=0) as f:
+        os.pwrite(f.fileno(), b"P1" * 256, 0)
+        with pytest.raises(OSError) as info:
+            os.pwrite(f.fileno(), b"z", 20480 * 512)
+        assert info.value.errno == errno.ENOSPC
+    mounts.unmount(mnt)
+    assert _read_image(image, 2048 * 512, 512) == b"P1" * 256
+
+
+def _libvhdi_read(image: Path, parent: Path | None, offset: int, length: int) -> bytes:
+    code = (
+        "import sys, pyvhdi\n"
+        "f = pyvhdi.file(); f.open(sys.argv[1])\n"
+        "if sys.argv[2]:\n"
+        "    p = pyvhdi.file(); p.open(sys.argv[2]); f.set_parent(p)\n"
+        "sys.stdout.buffer.write(f.read_buffer_at_offset(int(sys.argv[4]), int(sys.argv[3])))\n"
+    )
+    result = subprocess.run(
+        ["/usr/bin/python3", "-c", code, str(image), str(parent or ""), str(offset), str(length)],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
+    return result.stdout
+
+
+def test_differencing_child_takes_the_writes(
+    tmp_path: Path, mounts: Mounts, require_tool: Callable[[str], str]
+) -> None:
+    if not Path("/usr/bin/python3").exists():
+        pytest.fail("/usr/bin/python3 with pyvhdi (python3-libvhdi) is needed")
+    parent = _image(tmp_path / "parent.vhd", 32 * MiB)
+    base = bytearray(_pattern(3, 32 * MiB))
+    with vhd.open(str(parent), "r+") as disk:
+        disk.pwrite(base, 0)
+    parent_hash = _sha(parent)
+    child = tmp_path / "child.vhd"
+    vhd.create(str(child), parent=str(parent)).close()
+    mnt = mounts.mount(child)
+    model = bytearray(base)
+    rng = random.Random(4)
+    with open(mnt / "disk", "r+b", buffering=0) as f:
+        for _ in range(40):
+            offset = rng.randrange(0, 32 * MiB // 4096 - 64) * 4096
+            chunk = rng.randbytes(rng.randrange(1, 64) * 4096)
+            os.pwrite(f.fileno(), chunk, offset)
+            model[offset : offset + len(chunk)] = chunk
+        os.fsync(f.fileno())
+        assert os.pread(f.fileno(), 32 * MiB, 0) == model
+    mounts.unmount(mnt)
+    assert _sha(parent) == parent_hash
+    with vhd.open(str(child)) as disk:
+        assert disk.pread(32 * MiB, 0) == model
+    assert _libvhdi_read(child, parent, 0, 32 * MiB) == model
+
+
+def test_read_only_mount_refuses_writes(tmp_path: Path, mounts: Mounts) -> None:
+    image = _image(tmp_path / "ro.vhd", 16 * MiB)
+    with vhd.open(str(image), "r+") as disk:
+        disk.pwrite(b"keep", 0)
+    before = _sha(image)
+    mnt = mounts.mount(image, "--read-only")
+    assert os.stat(mnt / "disk").st_mode & 0o222 == 0
+    with pytest.raises(OSError) as info:
+        os.open(mnt / "disk", os.O_RDWR)
+    assert info.value.errno == errno.EROFS
+    with open(mnt / "disk", "rb") as f:
+        assert f.read(4) == b"keep"
+    with pytest.raises(OSError) as info:
+        os.utime(mnt / "disk")
+    assert info.value.errno == errno.EROFS
+    mounts.unmount(mnt)
+    assert _sha(image) == before
+
+
+def _process_worker(args: tuple[str, int, int]) -> int:
+    """Write then re-read a private stripe through its own descriptor (a separate process)."""
+    path, index, rounds = args
+    rng = random.Random(100 + index)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for _ in range(rounds):
+            offset = (index * 64 + rng.randrange(64)) * 4096
+            chunk = bytes([index + 1]) * 4096
+            os.pwrite(fd, chunk, offset)
+            if os.pread(fd, 4096, offset) != chunk:
+                return 1
+    finally:
+        os.close(fd)
+    return 0
+
+
+def test_concurrent_threads_and_processes(tmp_path: Path, mounts: Mounts) -> None:
+    image = _image(tmp_path / "conc.vhd", 32 * MiB, block_size=512 * KiB)
+    mnt = mounts.mount(image)
+    path = str(mnt / "disk")
+    model = bytearray(32 * MiB)
+    # Stripes 0-7 belong to processes, 8-15 to threads; readers scan everything meanwhile.
+    for index in range(16):
+        rng = random.Random(100 + index)
+        for _ in range(150):
+            offset = (index * 64 + rng.randrange(64)) * 4096
+            model[offset : offset + 4096] = bytes([index + 1]) * 4096
+
+    def reader() -> int:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for offset in range(0, 32 * MiB, 256 * KiB):
+                block = os.pread(fd, 256 * KiB, offset)
+                # Every 4 KiB piece is all zeros or one writer's byte (never torn).
+                for piece in range(0, len(block), 4096):
+                    chunk = block[piece : piece + 4096]
+                    if chunk.count(chunk[0]) != 4096:
+                        return 1
+        finally:
+            os.close(fd)
+        return 0
+
+    with ProcessPoolExecutor(4) as processes, ThreadPoolExecutor(12) as threads:
+        proc_results = [processes.submit(_process_worker, (path, i, 150)) for i in range(8)]
+        thread_results = [threads.submit(_process_worker, (path, i, 150)) for i in range(8, 16)] + [
+            threads.submit(reader) for _ in range(4)
+        ]
+        assert [f.result(timeout=240) for f in proc_results + thread_results] == [0] * 20
+    with open(path, "rb") as f:
+        assert f.read() == model
+    mounts.unmount(mnt)
+    assert _read_image(image, 0, 32 * MiB) == model
+
+
+def test_fallocate_punch_hole_discards(
+    tmp_path: Path, mounts: Mounts, require_tool: Callable[[str], str]
+) -> None:
+    fallocate = require_tool("fallocate")
+    image = _image(tmp_path / "punch.vhd", 16 * MiB, block_size=MiB)
+    with vhd.open(str(image), "r+") as disk:
+        disk.pwrite(b"\xaa" * 16 * MiB, 0)
+    mnt = mounts.mount(image)
+    result = run([fallocate, "-p", "-o", str(2 * MiB), "-l", str(3 * MiB), str(mnt / "disk")])
+    assert result.returncode == 0, result.stderr
+    with open(mnt / "disk", "rb") as f:
+        f.seek(2 * MiB - 1)
+        assert f.read(3 * MiB + 2) == b"\xaa" + bytes(3 * MiB) + b"\xaa"
+    mounts.unmount(mnt)
+    with vhd.open(str(image)) as disk:
+        assert disk.pread(3 * MiB, 2 * MiB) == bytes(3 * MiB)
+        holes = [e for e in disk.extents() if e.layer is None]
+        assert sum(e.length for e in holes) == 3 * MiB  # whole blocks were given back
+
+
+def test_sigterm_flushes_and_closes(tmp_path: Path, mounts: Mounts) -> None:
+    image = _image(tmp_path / "term.vhd", 16 * MiB)
+    mnt = mounts.mount(image)
+    pid = server_pid(str(mnt))
+    assert pid is not None
+    with open(mnt / "disk", "r+b", buffering=0) as f:
+        f.seek(3 * MiB)
+        f.write(b"written before SIGTERM")
+    os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: not is_mounted(mnt))
+    wait_until(lambda: server_pid(str(mnt)) is None)
+    mounts.active.remove(mnt)
+    # Clean: opens strictly (checksums, footer copies) and the data is there.
+    assert _read_image(image, 3 * MiB, 22) == b"written before SIGTERM"
+
+
+def test_crash_after_fsync_keeps_flushed_writes(tmp_path: Path, mounts: Mounts) -> None:
+    image = _image(tmp_path / "crash.vhd", 16 * MiB)
+    mnt = mounts.mount(image)
+    pid = server_pid(str(mnt))
+    assert pid is not None
+    payload = _pattern(5, 3 * MiB)
+    with open(mnt / "disk", "r+b", buffering=0) as f:
+        os.pwrite(f.fileno(), payload, 5 * MiB + 512)
+        os.fsync(f.fileno())
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: server_pid(str(mnt)) is None)
+    # The kernel keeps a dead FUSE mount until it is unmounted.
+    assert vhd_cli("umount", str(mnt)).returncode == 0
+    mounts.active.remove(mnt)
+    with vhd.open(str(image), strict=False) as disk:
+        assert disk.pread(len(payload), 5 * MiB + 512) == payload
+
+
+def test_corrupt_block_reads_as_eio(tmp_path: Path, mounts: Mounts) -> None:
+    image = _image(tmp_path / "bad.vhd", 8 * MiB, block_size=MiB)
+    with vhd.open(str(image), "r+") as disk:
+        disk.pwrite(b"\x11" * 8 * MiB, 0)
+        table_offset = disk.header.table_offset  # type: ignore[union-attr]
+    # Point block 3's BAT entry far past the end of the file.
+    with open(image, "r+b") as f:
+        f.seek(table_offset + 3 * 4)
+        f.write((0x7FFFFFF0).to_bytes(4, "big"))
+    mnt = mounts.mount(image, "--read-only")
+    with open(mnt / "disk", "rb", buffering=0) as f:
+        assert os.pread(f.fileno(), 4096, 0) == b"\x11" * 4096
+        with pytest.raises(OSError) as info:
+            os.pread(f.fileno(), 4096, 3 * MiB)
+        assert info.value.errno == errno.EIO
+        assert os.pread(f.fileno(), 4096, 4 * MiB) == b"\x11" * 4096
+    mounts.unmount(mnt)
+    log = mounts.log(1)
+    assert "EIO" in log and "Traceback" not in log
+
+
+def test_cli_errors_are_one_line(tmp_path: Path, mounts: Mounts) -> None:
+    mnt = tmp_path / "empty"
+    mnt.mkdir()
+    result = vhd_cli("mount", str(tmp_path / "missing.vhd"), str(mnt))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    not_vhd = tmp_path / "junk.vhd"
+    not_vhd.write_bytes(b"\0" * 4096)
+    result = vhd_cli("mount", str(not_vhd), str(mnt))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert not is_mounted(mnt)
+    result = vhd_cli("umount", str(mnt))
+    assert result.returncode == 2 and "not mounted" in result.stderr
+    # A second writable mount of the same image is refused (the image is locked).
+    image = _image(tmp_path / "once.vhd", 8 * MiB)
+    mounts.mount(image)
+    result = vhd_cli("mount", str(image), str(mnt))
+    assert result.returncode == 2, result.stderr
+    assert not is_mounted(mnt)
+
+
+def test_foreground_mount_serves_until_unmounted(tmp_path: Path, mounts: Mounts) -> None:
+    image = _image(tmp_path / "fg.vhd", 8 * MiB)
+    mnt = tmp_path / "fg"
+    mnt.mkdir()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vhdtools.cli", "mount", "--foreground", str(image), str(mnt)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    mounts.active.append(mnt)
+    try:
+        wait_until(lambda: os.path.ismount(mnt) or process.poll() is not None)
+        assert process.poll() is None
+        (mnt / "disk").write_bytes(b"fg" * (4 * MiB))
+        assert vhd_cli("umount", str(mnt)).returncode == 0
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    mounts.active.remove(mnt)
+    assert _read_image(image, 0, 8 * MiB) == b"fg" * (4 * MiB)

@@ -1,0 +1,68 @@
+"""``vhd mount``: show an image (a whole differencing chain) as files under a directory.
+
+The directory holds ``disk`` (the guest-visible disk as a raw file) and ``p1``, ``p2``, ... for
+the partitions of an MBR or GPT.  The work happens in :mod:`vhdfuse.mount`; this module only
+parses arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from typing import Any
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "mount",
+        help="mount an image as a directory holding 'disk' and one file per partition (FUSE)",
+        description="Mount IMAGE on MOUNTPOINT with FUSE: MOUNTPOINT/disk is the guest-visible "
+        "disk as a raw file, MOUNTPOINT/p1, p2, ... are its partitions (MBR or GPT, numbered as "
+        "Linux does). Writes go to IMAGE (the leaf of a chain; parents are never written). "
+        "Returns once the mount is live; 'vhd umount MOUNTPOINT' flushes and unmounts.",
+    )
+    p.add_argument("image", help="the VHD to mount")
+    p.add_argument("mountpoint", help="an existing directory")
+    p.add_argument(
+        "--read-only", action="store_true", help="open the image read-only; refuse writes"
+    )
+    p.add_argument(
+        "--foreground", action="store_true", help="stay in the foreground until unmounted"
+    )
+    p.add_argument(
+        "--allow-other",
+        action="store_true",
+        help="let other users access the mount (needs user_allow_other for non-root)",
+    )
+    p.add_argument(
+        "--parent-dir",
+        metavar="DIR",
+        action="append",
+        default=[],
+        help="also look for parent images in DIR (repeatable)",
+    )
+    p.add_argument(
+        "--cache",
+        choices=("auto", "direct"),
+        default=None,
+        help="auto (default): the kernel page cache where it is safe (read-only mounts, "
+        "writable mounts without partitions); direct: direct I/O for every file",
+    )
+    p.add_argument("--log", metavar="FILE", help="write the server's log to FILE")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    # Imported by name: vhdfuse installs from fuse/ (mypy cannot follow that mapping).
+    mount = importlib.import_module("vhdfuse.mount").mount
+    mount(
+        args.image,
+        args.mountpoint,
+        read_only=args.read_only,
+        foreground=args.foreground,
+        allow_other=args.allow_other,
+        parent_dirs=args.parent_dir,
+        cache=args.cache,
+        log_file=args.log,
+    )
+    return 0
