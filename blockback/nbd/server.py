@@ -64,9 +64,10 @@ _ARENA_SIZE = 4 * 1024 * 1024
 _SLOW_READ = 0.0005
 _SLOW_READ_PER_BYTE = 1 / 2e9
 _POOL_STRETCH = 64
-# Free read buffers kept per size, and the largest size worth keeping.
+# Free buffers kept per size, the largest size worth keeping, and the bytes kept in all.
 _FREE_BUFFERS = 8
 _REUSE_LIMIT = 4 * 1024 * 1024
+_FREE_BYTES = 16 * 1024 * 1024
 
 
 class _Disconnect(Exception):
@@ -116,8 +117,10 @@ class Connection:
         self._rpos = 0
         self._rend = 0
         self.executor: RequestExecutor | None = None
-        # Read buffers by size, kept for reuse (list append/pop are atomic under the GIL).
+        # Read and write buffers by size, kept for reuse.
         self._free_buffers: dict[int, list[bytearray]] = {}
+        self._free_bytes = 0
+        self._free_lock = threading.Lock()
 
     # -- plumbing ------------------------------------------------------------------------
 
@@ -251,6 +254,8 @@ class Connection:
         perf = time.perf_counter
         Cmd = p.Cmd
         while not server.stopping:
+            if self._dead:
+                raise _Disconnect("the client stopped receiving")
             if used and self._rend - self._rpos < header_bytes:
                 # About to wait for the client: send the replies we have first.
                 self._send(aview[:used])
@@ -367,8 +372,6 @@ class Connection:
             elif kind == Cmd.DISC:
                 log.info("%s: client disconnected", self.peer)
                 return
-            if self._dead:
-                raise _Disconnect("the client stopped receiving")
 
     def _submit(self, breq: BlockRequest) -> None:
         assert self.executor is not None
@@ -409,19 +412,24 @@ class Connection:
             self._budget.release(req.length)
 
     def _take_buffer(self, n: int) -> bytearray:
-        """A read buffer of ``n`` bytes, reused if one is free (fresh ones cost page faults)."""
-        free = self._free_buffers.get(n)
-        if free:
-            try:
+        """A buffer of ``n`` bytes, reused if one is free (fresh ones cost page faults)."""
+        with self._free_lock:
+            free = self._free_buffers.get(n)
+            if free:
+                self._free_bytes -= n
                 return free.pop()
-            except IndexError:
-                pass
         return bytearray(n)
 
     def _give_buffer(self, buf: bytearray) -> None:
-        free = self._free_buffers.setdefault(len(buf), [])
-        if len(free) < _FREE_BUFFERS and len(buf) <= _REUSE_LIMIT:
-            free.append(buf)
+        n = len(buf)
+        if n > _REUSE_LIMIT:
+            return
+        with self._free_lock:
+            # Bounded in count per size and in bytes overall, whatever sizes a client uses.
+            free = self._free_buffers.setdefault(n, [])
+            if len(free) < _FREE_BUFFERS and self._free_bytes + n <= _FREE_BYTES:
+                free.append(buf)
+                self._free_bytes += n
 
     def _block_status(self, session: p.Session, req: p.Request) -> bytes:
         one = bool(req.flags & p.CmdFlag.REQ_ONE)
