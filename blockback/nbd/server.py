@@ -200,7 +200,7 @@ class Connection:
 
     def _negotiate(self) -> bool:
         engine = p.ServerNegotiation([self.server.export])
-        self.sock.settimeout(NEGOTIATION_TIMEOUT)
+        self.sock.settimeout(self.server.negotiation_timeout)
         try:
             while True:
                 out = engine.data_to_send()
@@ -468,6 +468,7 @@ class NBDServer:
         max_inflight_bytes: int = MAX_INFLIGHT_BYTES,
         max_inflight_requests: int = MAX_INFLIGHT_REQUESTS,
         max_connections: int = MAX_CONNECTIONS,
+        negotiation_timeout: float = NEGOTIATION_TIMEOUT,
     ) -> None:
         self.disk = disk
         self.read_only = bool(read_only or disk.read_only)
@@ -475,6 +476,7 @@ class NBDServer:
         self.max_inflight_bytes = max(max_inflight_bytes, p.MAX_BLOCK)
         self.max_inflight_requests = max(1, max_inflight_requests)
         self.max_connections = max(1, max_connections)
+        self.negotiation_timeout = negotiation_timeout
         self.export = p.Export(
             name=export_name, size=disk.size, read_only=self.read_only, description=description
         )

@@ -419,3 +419,16 @@ def test_stop_cuts_off_a_client_that_never_reads(disk: vhd.Disk) -> None:
         server.stop(timeout=2)
         assert time.monotonic() - started < 5
         assert server.connections == 0
+
+
+def test_a_silent_client_is_dropped_during_negotiation(disk: vhd.Disk) -> None:
+    with serving(disk, negotiation_timeout=0.3) as (server, _url, path), RawClient(path) as c:
+        assert c.recv_exact(18)[:8] == b"NBDMAGIC"
+        c.sock.sendall(struct.pack(">I", 1) + b"IHAVE")  # then nothing more
+        started = time.monotonic()
+        assert c.sock.recv(10) == b""
+        assert time.monotonic() - started < 5
+        deadline = time.monotonic() + 5
+        while server.connections and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.connections == 0
