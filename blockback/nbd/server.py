@@ -13,10 +13,16 @@ which is why the export advertises ``NBD_FLAG_CAN_MULTI_CONN``.
 Memory per connection is bounded: a request is only read off the socket once the bytes of the
 requests in flight (read buffers and write payloads) fit in :data:`MAX_INFLIGHT_BYTES` and fewer
 than :data:`MAX_INFLIGHT_REQUESTS` are pending; until then the client's requests wait in the
-socket and TCP (or the unix socket) pushes back.
+socket and TCP (or the unix socket) pushes back.  Add a fixed 4 MiB reply arena, a 256 KiB
+receive buffer and at most 16 MiB of buffers kept for reuse.
 
 Reads are zero-copy on our side: each read reply is one buffer holding the reply header followed
-by the data, which ``Disk.preadinto`` fills in place before a single ``sendall``.
+by the data, which ``Disk.preadinto`` fills in place before a single ``sendall``.  Reads of up to
+1 MiB that come from the page cache are not worth a hand-off to a worker (the hand-off costs
+more than the read): the connection thread does them itself, packing header+data replies one
+after another into its arena and sending them in one go when no further request is already
+buffered.  When such a read turns out slow (it went to the device), the next reads go to the
+workers again so the device sees them in parallel.
 """
 
 from __future__ import annotations
@@ -236,7 +242,6 @@ class Connection:
         self.executor = executor = RequestExecutor(
             server.disk, read_only=server.read_only, workers=server.workers
         )
-        check = p.check_request
         header_size = p.read_reply_header_size(session)
         size = session.export.size
         unpack = p.REQUEST.unpack
@@ -252,7 +257,6 @@ class Connection:
         used = 0
         pool_reads = 0
         perf = time.perf_counter
-        Cmd = p.Cmd
         while not server.stopping:
             if self._dead:
                 raise _Disconnect("the client stopped receiving")
@@ -300,78 +304,86 @@ class Connection:
                 used = 0
             if pool_reads:
                 pool_reads -= 1
-            req = p.Request(flags, kind, handle, offset, length)
-            err, why = check(session, req)
-            if err:
-                if req.payload_length:
-                    self._skip(req.payload_length)
-                log.info("%s: refusing %s: %s", self.peer, kind, why)
-                self._send(p.error_reply(session, req.handle, err, why))
-                continue
-            if kind == Cmd.READ:
-                n = req.length
-                self._budget.acquire(n)
-                buf = self._take_buffer(header_size + n)
-                view = memoryview(buf)
-                executor.submit(
-                    BlockRequest(
-                        BlockOp.READ, req.offset, n, (view[header_size:],), tag=(req, buf)
-                    ),
-                    self._read_done,
-                )
-            elif kind == Cmd.WRITE:
-                n = req.length
-                self._budget.acquire(n)
-                payload = self._take_buffer(n)
-                try:
-                    self._recv_into(memoryview(payload))
-                except BaseException:
-                    self._budget.release(n)
-                    raise
-                executor.submit(
-                    BlockRequest(
-                        BlockOp.WRITE,
-                        req.offset,
-                        n,
-                        (memoryview(payload),),
-                        fua=bool(req.flags & p.CmdFlag.FUA),
-                        tag=req,
-                    ),
-                    self._done,
-                )
-            elif kind == Cmd.FLUSH:
-                self._submit(BlockRequest(BlockOp.FLUSH, tag=req))
-            elif kind == Cmd.TRIM:
-                self._submit(
-                    BlockRequest(
-                        BlockOp.DISCARD,
-                        req.offset,
-                        req.length,
-                        fua=bool(req.flags & p.CmdFlag.FUA),
-                        tag=req,
-                    )
-                )
-            elif kind == Cmd.WRITE_ZEROES:
-                flags = req.flags
-                self._submit(
-                    BlockRequest(
-                        BlockOp.WRITE_ZEROES,
-                        req.offset,
-                        req.length,
-                        fua=bool(flags & p.CmdFlag.FUA),
-                        no_hole=bool(flags & p.CmdFlag.NO_HOLE),
-                        fast_zero=bool(flags & p.CmdFlag.FAST_ZERO),
-                        tag=req,
-                    )
-                )
-            elif kind == Cmd.BLOCK_STATUS:
-                self._send(self._block_status(session, req))
-            elif kind == Cmd.CACHE:
-                # Advisory; the range is valid, and the page cache will do the rest.
-                self._send(p.ok_reply(session, req.handle))
-            elif kind == Cmd.DISC:
-                log.info("%s: client disconnected", self.peer)
+            if not self._dispatch(session, p.Request(flags, kind, handle, offset, length)):
                 return
+
+    def _dispatch(self, session: p.Session, req: p.Request) -> bool:
+        """Check one request and start it; False once the client said goodbye (DISC)."""
+        executor = self.executor
+        assert executor is not None
+        header_size = p.read_reply_header_size(session)
+        Cmd = p.Cmd
+        kind = req.type
+        err, why = p.check_request(session, req)
+        if err:
+            if req.payload_length:
+                self._skip(req.payload_length)
+            log.info("%s: refusing %s: %s", self.peer, kind, why)
+            self._send(p.error_reply(session, req.handle, err, why))
+            return True
+        if kind == Cmd.READ:
+            n = req.length
+            self._budget.acquire(n)
+            buf = self._take_buffer(header_size + n)
+            view = memoryview(buf)
+            executor.submit(
+                BlockRequest(BlockOp.READ, req.offset, n, (view[header_size:],), tag=(req, buf)),
+                self._read_done,
+            )
+        elif kind == Cmd.WRITE:
+            n = req.length
+            self._budget.acquire(n)
+            payload = self._take_buffer(n)
+            try:
+                self._recv_into(memoryview(payload))
+            except BaseException:
+                self._budget.release(n)
+                raise
+            executor.submit(
+                BlockRequest(
+                    BlockOp.WRITE,
+                    req.offset,
+                    n,
+                    (memoryview(payload),),
+                    fua=bool(req.flags & p.CmdFlag.FUA),
+                    tag=req,
+                ),
+                self._done,
+            )
+        elif kind == Cmd.FLUSH:
+            self._submit(BlockRequest(BlockOp.FLUSH, tag=req))
+        elif kind == Cmd.TRIM:
+            self._submit(
+                BlockRequest(
+                    BlockOp.DISCARD,
+                    req.offset,
+                    req.length,
+                    fua=bool(req.flags & p.CmdFlag.FUA),
+                    tag=req,
+                )
+            )
+        elif kind == Cmd.WRITE_ZEROES:
+            flags = req.flags
+            self._submit(
+                BlockRequest(
+                    BlockOp.WRITE_ZEROES,
+                    req.offset,
+                    req.length,
+                    fua=bool(flags & p.CmdFlag.FUA),
+                    no_hole=bool(flags & p.CmdFlag.NO_HOLE),
+                    fast_zero=bool(flags & p.CmdFlag.FAST_ZERO),
+                    tag=req,
+                )
+            )
+        elif kind == Cmd.BLOCK_STATUS:
+            self._send(self._block_status(session, req))
+        elif kind == Cmd.CACHE:
+            # Advisory; the range is valid, and the page cache will do the rest.
+            self._send(p.ok_reply(session, req.handle))
+        elif kind == Cmd.DISC:
+            log.info("%s: client disconnected", self.peer)
+            return False
+        return True
 
     def _submit(self, breq: BlockRequest) -> None:
         assert self.executor is not None
