@@ -1,0 +1,375 @@
+"""Resizing images (``vhd resize``; Hyper-V's Resize-VHD): grow fixed, dynamic and differencing
+disks, and shrink them when no data lies past the new end (or when forced).
+
+The footer's *current size* changes, with the geometry and checksums; the *original size* stays
+what it was at creation, as the spec defines it (note: libvhdi sizes disks from the original
+size, so it keeps showing the old size).  The geometry is recomputed as :func:`vhd.create` does.
+
+Order of the writes, and why no flushed write can be lost (each numbered step is synced before
+the next; "consistent" means ``vhd check`` finds nothing worse than notes and repairable
+warnings, and every guest byte reads as before):
+
+**Fixed, grow.**  1. a footer that still gives the old size is written at the new end (the file
+grows; the new space is a hole that reads as zeros); 2. the old footer, now in that space, is
+zeroed; 3. the footer at the new end gets the new size.  After 1 or 2 the image is the old disk
+with stray bytes before its footer (``vhd check --repair`` cuts them); after 3 it is the new disk,
+whose new space reads as zeros.
+
+**Fixed, shrink.**  1. the new footer is written at the new end (over data verified to be zero,
+or given up with ``force``); 2. the file is cut after it.  Until 2 the old footer still ends the
+file, so a crash leaves the old, valid image.
+
+**Dynamic/differencing, grow.**  When the BAT must grow past the space before the first item
+after it, that item (data blocks, locator payloads) is relocated to the end of the file first, as
+Hyper-V does: 1. the trailing footer moves to the new end of file; 2. the blocks' bitmaps and data
+(and the locator payloads) are copied there and synced; 3. only then do the BAT entries (and the
+header's locator entries) point at the copies.  A crash before 3 leaves the old copies in use
+and orphan space that ``vhd check --repair`` cuts.  Then 4. the new BAT entries are written as
+unallocated; 5. the header gets the new table size; 6. the trailing footer gets the new size;
+7. the footer copy at offset 0.  Before 6 the image has its old size (a BAT larger than needed is
+only a note); between 6 and 7 the two footers differ, which ``vhd check --repair`` mends.
+
+**Dynamic/differencing, shrink.**  1. both footers get the new size (entries past it are
+then ignored by every reader); 2. those entries are unallocated, 3. the header gets the new table
+size, 4. the bitmap bits past the new end are cleared, 5. unreferenced space at the end of the
+file is cut (the footer is written at its new place before the cut).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from .bat import UNUSED
+from .disk import SparseDisk
+from .errors import CorruptImageError, InvalidArgumentError, UnsupportedFeatureError
+from .fileio import read_exact, write_all, write_zeros
+from .footer import FOOTER_SIZE, DiskType, Footer
+from .geometry import geometry_for_create
+from .header import HEADER_SIZE, DynamicHeader
+from .image import open as open_image
+
+SECTOR = 512
+PAGE = 4096
+MAX_SIZE = 0xFF000000 * 512
+_COPY_CHUNK = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ResizeResult:
+    path: str
+    old_size: int
+    new_size: int
+    relocated_blocks: int
+    dropped_blocks: int
+
+
+def resize(
+    path: str | os.PathLike[str], new_size: int, *, shrink: bool = False, force: bool = False
+) -> ResizeResult:
+    """Change the guest size of the image at ``path`` to ``new_size`` bytes."""
+    spath = os.fspath(path)
+    if new_size <= 0 or new_size % SECTOR:
+        raise InvalidArgumentError(f"the new size {new_size} is not a positive multiple of 512")
+    if new_size > MAX_SIZE:
+        raise InvalidArgumentError(f"{new_size} bytes is larger than the VHD maximum of 2040 GiB")
+    disk = open_image(spath, "r+", open_parent=False)
+    try:
+        old = disk.size
+        if new_size < old and not shrink:
+            raise InvalidArgumentError(
+                f"{new_size} is smaller than the current size {old}: pass --shrink to shrink"
+            )
+        if new_size == old:
+            return ResizeResult(spath, old, old, 0, 0)
+        footer = disk.footer.replace(current_size=new_size)
+        geo = geometry_for_create(new_size)
+        footer = footer.replace(cylinders=geo.cylinders, heads=geo.heads, sectors=geo.sectors)
+        if disk.type == DiskType.FIXED:
+            _resize_fixed(disk.fd, spath, old, new_size, footer, force)
+            return ResizeResult(spath, old, new_size, 0, 0)
+        assert isinstance(disk, SparseDisk)
+        if new_size > old:
+            moved = _grow_sparse(disk, new_size, footer)
+            return ResizeResult(spath, old, new_size, moved, 0)
+        dropped = _shrink_sparse(disk, new_size, footer, force)
+        return ResizeResult(spath, old, new_size, 0, dropped)
+    finally:
+        disk.close()
+
+
+# -- fixed ---------------------------------------------------------------------------------
+
+
+def _resize_fixed(fd: int, path: str, old: int, new: int, footer: Footer, force: bool) -> None:
+    raw = footer.build()
+    if new > old:
+        # 1. A footer still saying the old size goes to the new end: the bytes between are not
+        # guest data yet, so the old footer there can be zeroed (2) before the size changes (3).
+        with_old_size = Footer.parse(raw).replace(current_size=old).build()
+        write_all(fd, with_old_size, new)
+        os.fsync(fd)
+        write_zeros(fd, old, FOOTER_SIZE)
+        os.fsync(fd)
+        write_all(fd, raw, new)
+        os.fsync(fd)
+        return
+    if not force:
+        at = _first_nonzero(fd, new, old)
+        if at is not None:
+            raise InvalidArgumentError(
+                f"data lies past the new end (first non-zero byte at {at:#x}); pass --force to "
+                "drop it",
+                path=path,
+            )
+    write_all(fd, raw, new)
+    os.fsync(fd)
+    os.ftruncate(fd, new + FOOTER_SIZE)
+    os.fsync(fd)
+
+
+def _first_nonzero(fd: int, start: int, end: int) -> int | None:
+    """First non-zero byte of the file in [start, end), skipping holes."""
+    pos = start
+    while pos < end:
+        try:
+            pos = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:
+            return None
+        if pos >= end:
+            return None
+        hole = min(end, os.lseek(fd, pos, os.SEEK_HOLE))
+        while pos < hole:
+            n = min(_COPY_CHUNK, hole - pos)
+            chunk = os.pread(fd, n, pos)
+            stripped = chunk.lstrip(b"\0")
+            if stripped:
+                return pos + len(chunk) - len(stripped)
+            pos += n
+    return None
+
+
+# -- sparse: shared helpers ----------------------------------------------------------------
+
+
+def _write_footers(disk: SparseDisk, footer: Footer, at: int) -> None:
+    raw = footer.build()
+    write_all(disk.fd, raw, at)
+    os.fsync(disk.fd)
+    write_all(disk.fd, raw, 0)
+    os.fsync(disk.fd)
+    disk.footer = footer
+
+
+def _bat_sector(disk: SparseDisk, table_offset: int, sector: int) -> bytearray:
+    raw = os.pread(disk.fd, SECTOR, table_offset + sector * SECTOR)
+    return bytearray(raw.ljust(SECTOR, b"\xff"))
+
+
+def _write_bat_entries(disk: SparseDisk, table_offset: int, entries: dict[int, int]) -> None:
+    """Write ``{index: value}`` into the on-disk BAT, a sector at a time (sectors read first, so
+    entries past the in-memory table are kept)."""
+    sectors: dict[int, bytearray] = {}
+    for index, value in entries.items():
+        sector = index // 128
+        if sector not in sectors:
+            sectors[sector] = _bat_sector(disk, table_offset, sector)
+        pos = (index % 128) * 4
+        sectors[sector][pos : pos + 4] = value.to_bytes(4, "big")
+    for sector, raw in sorted(sectors.items()):
+        write_all(disk.fd, raw, table_offset + sector * SECTOR)
+
+
+def _copy(fd: int, src: int, dst: int, length: int) -> None:
+    pos = 0
+    while pos < length:
+        n = min(_COPY_CHUNK, length - pos)
+        write_all(fd, read_exact(fd, n, src + pos), dst + pos)
+        pos += n
+
+
+def _write_header(disk: SparseDisk, header: DynamicHeader) -> None:
+    write_all(disk.fd, header.build(), disk.footer.data_offset)
+    os.fsync(disk.fd)
+    disk.header = header
+
+
+# -- sparse: grow --------------------------------------------------------------------------
+
+
+def _grow_sparse(disk: SparseDisk, new_size: int, footer: Footer) -> int:
+    header = disk.header
+    assert header is not None
+    bs = header.block_size
+    bmb = header.bitmap_bytes
+    old_count = len(disk.bat)
+    new_count = -(-new_size // bs)
+    table = header.table_offset
+    if disk.footer.data_offset > table:
+        raise UnsupportedFeatureError(
+            "the dynamic header lies after the BAT; vhdkit cannot grow this layout", path=disk.path
+        )
+    need_end = table + -(-new_count * 4 // SECTOR) * SECTOR
+    moved = 0
+    footer_at = disk.footer_offset
+    # What lies in the space the larger BAT needs: blocks and locator payloads move to the end.
+    blocks = [
+        (block, entry)
+        for block, entry in disk.bat.allocated()
+        if entry * SECTOR < need_end and entry * SECTOR + bmb + bs > table
+    ]
+    locators = [
+        (slot, loc)
+        for slot, loc in enumerate(header.locators)
+        if loc.in_use
+        and loc.data_offset < need_end
+        and loc.data_offset + max(loc.data_len, loc.space_bytes) > table
+    ]
+    if blocks or locators:
+        align = PAGE if bs >= PAGE else SECTOR
+        pos = -(-footer_at // SECTOR) * SECTOR
+        plan_blocks: list[tuple[int, int, int]] = []  # (block, old start, new start)
+        for block, entry in blocks:
+            data = -(-(pos + bmb) // align) * align
+            plan_blocks.append((block, entry * SECTOR, data - bmb))
+            pos = data + bs
+        plan_locs: list[tuple[int, int]] = []  # (slot, new offset)
+        for slot, loc in locators:
+            plan_locs.append((slot, pos))
+            pos += -(-max(loc.data_len, loc.space_bytes, 1) // SECTOR) * SECTOR
+        # 1. The trailing footer (old size still) moves to the new end first.
+        write_all(disk.fd, disk.footer.build(), pos)
+        os.fsync(disk.fd)
+        old_footer_at = footer_at
+        footer_at = pos
+        disk.footer_offset = pos
+        # The old footer is now inside the relocated area: zero it so no scan mistakes it.
+        if plan_blocks or plan_locs:
+            write_zeros(disk.fd, old_footer_at, FOOTER_SIZE)
+        # 2. Copies, synced.
+        for _block, src, dst in plan_blocks:
+            _copy(disk.fd, src, dst, bmb + bs)
+        new_locs = list(header.locators)
+        for slot, dst in plan_locs:
+            loc = header.locators[slot]
+            if loc.data_len:
+                _copy(disk.fd, loc.data_offset, dst, loc.data_len)
+            new_locs[slot] = loc.__class__(
+                code=loc.code,
+                data_space=loc.data_space,
+                data_len=loc.data_len,
+                reserved=loc.reserved,
+                data_offset=dst,
+            )
+        os.fsync(disk.fd)
+        # 3. Point at the copies.
+        if plan_blocks:
+            _write_bat_entries(disk, table, {b: dst // SECTOR for b, _src, dst in plan_blocks})
+            for b, _src, dst in plan_blocks:
+                disk.bat.entries[b] = dst // SECTOR
+        if plan_locs:
+            header = header.replace(locators=tuple(new_locs))
+            write_all(disk.fd, header.build(), disk.footer.data_offset)
+        os.fsync(disk.fd)
+        disk.header = header
+        moved = len(plan_blocks)
+    # Any other thing still in the way (the trailing footer of a disk with no blocks)?
+    if footer_at < need_end:
+        write_all(disk.fd, disk.footer.build(), need_end)
+        os.fsync(disk.fd)
+        footer_at = need_end
+    _check_room(disk, table, need_end)
+    # 4. New entries, unallocated.
+    write_all(
+        disk.fd,
+        b"\xff" * (need_end - table - old_count * 4),
+        table + old_count * 4,
+    )
+    os.fsync(disk.fd)
+    # 5. Header, 6-7. footers.
+    _write_header(disk, header.replace(max_table_entries=new_count))
+    _write_footers(disk, footer, footer_at)
+    return moved
+
+
+def _check_room(disk: SparseDisk, table: int, need_end: int) -> None:
+    header = disk.header
+    assert header is not None
+    bmb, bs = header.bitmap_bytes, header.block_size
+    for block, entry in disk.bat.allocated():
+        if entry * SECTOR < need_end and entry * SECTOR + bmb + bs > table:
+            raise CorruptImageError(f"block {block} is still in the BAT's way", path=disk.path)
+    if table < disk.footer.data_offset + HEADER_SIZE and need_end > disk.footer.data_offset:
+        raise CorruptImageError("the BAT would overlap the header", path=disk.path)
+
+
+# -- sparse: shrink ------------------------------------------------------------------------
+
+
+def _shrink_sparse(disk: SparseDisk, new_size: int, footer: Footer, force: bool) -> int:
+    header = disk.header
+    assert header is not None
+    bs = header.block_size
+    bmb = header.bitmap_bytes
+    new_count = -(-new_size // bs)
+    if not force:
+        for ext in disk.extents(new_size):
+            if ext.layer == 0:
+                at = _first_nonzero_guest(disk, ext.offset, ext.end)
+                if at is not None:
+                    raise InvalidArgumentError(
+                        f"data lies past the new end (non-zero data at guest offset {at:#x}); "
+                        "pass --force to drop it",
+                        path=disk.path,
+                    )
+    # 1. Both footers get the new size.
+    _write_footers(disk, footer, disk.footer_offset)
+    # 2. Entries past the new end are unallocated.
+    dropped = {b: UNUSED for b, _ in disk.bat.allocated() if b >= new_count}
+    if dropped:
+        _write_bat_entries(disk, header.table_offset, dropped)
+        os.fsync(disk.fd)
+    # 3. Header.
+    _write_header(disk, header.replace(max_table_entries=new_count))
+    # 4. Bits past the new end in the last block.
+    last = new_count - 1
+    entry = disk.bat[last]
+    spb = bs // SECTOR
+    keep = -(-(new_size - last * bs) // SECTOR)
+    if entry != UNUSED and keep < spb:
+        raw = bytearray(read_exact(disk.fd, bmb, entry * SECTOR))
+        from . import bitmap as bm
+
+        if bm.set_range(raw, keep, spb, False):
+            write_all(disk.fd, raw, entry * SECTOR)
+            os.fsync(disk.fd)
+    # 5. Cut unreferenced space at the end.
+    end = header.table_offset + -(-new_count * 4 // SECTOR) * SECTOR
+    end = max(end, disk.footer.data_offset + HEADER_SIZE)
+    for loc in header.locators:
+        if loc.in_use:
+            end = max(end, loc.data_offset + max(loc.data_len, loc.space_bytes))
+    for block, entry in disk.bat.allocated():
+        if block < new_count:
+            end = max(end, entry * SECTOR + bmb + bs)
+    end = -(-end // SECTOR) * SECTOR
+    if end < disk.footer_offset:
+        write_all(disk.fd, footer.build(), end)
+        os.fsync(disk.fd)
+        os.ftruncate(disk.fd, end + FOOTER_SIZE)
+        os.fsync(disk.fd)
+    # The in-memory table must not be written back by close().
+    disk.bat.take_dirty()
+    return len(dropped)
+
+
+def _first_nonzero_guest(disk: SparseDisk, start: int, end: int) -> int | None:
+    pos = start
+    while pos < end:
+        n = min(_COPY_CHUNK, end - pos)
+        chunk = disk.pread(n, pos)
+        stripped = chunk.lstrip(b"\0")
+        if stripped:
+            return pos + len(chunk) - len(stripped)
+        pos += n
+    return None
