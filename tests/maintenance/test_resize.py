@@ -115,7 +115,7 @@ def test_grow_hyperv_differencing(tmp_path: Path) -> None:
         parent=("p.vhd", pid),
         seed=8,
     )
-    new = 8 * MiB  # 2048 entries: the BAT grows over the locator and the first blocks
+    new = 16 * MiB  # 4096 entries: the BAT grows over the locator and the first blocks
     rc, out = run_cli("resize", str(tmp_path / "c.vhd"), str(new))
     assert rc == 0, out
     assert "relocated" in out
