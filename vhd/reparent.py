@@ -1,0 +1,149 @@
+"""Retargeting a differencing child at a moved parent (``vhd set-parent``; Hyper-V's
+``Set-VHD -ParentPath``, blktap's ``vhd-util modify -p``).
+
+Rewritten (spec: "Dynamic Disk Header", "Parent Locator Entry"): the header's parent unicode name
+(UTF-16BE, the file name as :func:`vhd.create` writes it), the parent timestamp (the parent's
+modification time) and every locator kind: W2ku (absolute path, UTF-16LE), W2ru (``.\\``-relative
+to the child, UTF-16LE) and MacX (``file://`` URL, UTF-8) are written, into the slots that held
+them or free ones; deprecated Wi2k/Wi2r slots are rewritten with ANSI text; ``Mac `` alias slots
+(which cannot be made on Linux, and would point at the old place) are cleared.  The parent's
+unique id must match the one the child records, unless ``force``: then the child records the new
+parent's id, with a warning.
+
+A payload that fits the space its slot reserves is rewritten in place (the old path is stale
+anyway, so a torn write loses nothing); otherwise it goes to new space at the end of the file,
+where the trailing footer was: the footer moves first, then payloads are written and synced, and
+only then does the header point at them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from .errors import InvalidArgumentError, ParentMismatchError
+from .fileio import write_all
+from .footer import DiskType, vhd_timestamp
+from .header import ParentLocator, encode_parent_name
+from .image import open as open_image
+from .locator import (
+    CODE_MAC,
+    CODE_MACX,
+    CODE_W2KU,
+    CODE_W2RU,
+    CODE_WI2K,
+    CODE_WI2R,
+    absolute_windows_path,
+    encode_payload,
+    posix_to_macx,
+    relative_windows_path,
+)
+
+SECTOR = 512
+
+
+@dataclass
+class SetParentResult:
+    child: str
+    parent: str
+    warnings: list[str] = field(default_factory=list)
+    grew_by: int = 0
+
+
+def set_parent(
+    child_path: str | os.PathLike[str], parent_path: str | os.PathLike[str], *, force: bool = False
+) -> SetParentResult:
+    """Point the differencing disk at ``child_path`` to ``parent_path``."""
+    cpath, ppath = os.fspath(child_path), os.path.abspath(os.fspath(parent_path))
+    result = SetParentResult(cpath, ppath)
+    if os.path.exists(cpath) and os.path.samefile(cpath, ppath):
+        raise InvalidArgumentError("a disk cannot be its own parent")
+    with open_image(ppath, "r", open_parent=False) as parent:
+        parent_id = parent.footer.unique_id
+        parent_size = parent.size
+    child = open_image(cpath, "r+", open_parent=False)
+    try:
+        if child.type != DiskType.DIFFERENCING:
+            raise InvalidArgumentError(
+                f"{cpath} is a {child.type.label} disk, not a differencing disk"
+            )
+        header = child.header
+        assert header is not None
+        if parent_id != header.parent_unique_id:
+            import uuid
+
+            message = (
+                f"{ppath} has unique id {uuid.UUID(bytes=parent_id)}, but the child was made from "
+                f"{uuid.UUID(bytes=header.parent_unique_id)}"
+            )
+            if not force:
+                raise ParentMismatchError(message + "; pass --force to use it anyway", path=cpath)
+            result.warnings.append(message + "; recorded the new id (--force)")
+        if parent_size != child.size:
+            result.warnings.append(
+                f"the parent is {parent_size} bytes, the child {child.size}: reads past the "
+                "parent's end return zeros"
+            )
+        child_dir = os.path.dirname(os.path.abspath(cpath))
+        texts = {
+            CODE_W2KU: absolute_windows_path(ppath),
+            CODE_W2RU: relative_windows_path(ppath, child_dir),
+            CODE_MACX: posix_to_macx(ppath),
+            CODE_WI2K: absolute_windows_path(ppath),
+            CODE_WI2R: relative_windows_path(ppath, child_dir),
+        }
+        slots = list(header.locators)
+        wanted = [CODE_W2KU, CODE_W2RU, CODE_MACX] + [
+            code for code in (CODE_WI2K, CODE_WI2R) if any(s.code == code for s in slots)
+        ]
+        for i, loc in enumerate(slots):
+            if loc.code == CODE_MAC:
+                slots[i] = ParentLocator()
+        fd = child.fd
+        end = -(-child.footer_offset // SECTOR) * SECTOR
+        new_end = end
+        writes: list[tuple[int, bytes]] = []
+        for code in wanted:
+            data = encode_payload(code, texts[code])
+            index = next((i for i, s in enumerate(slots) if s.code == code), None)
+            if index is None:
+                index = next((i for i, s in enumerate(slots) if not s.in_use), None)
+                if index is None:
+                    result.warnings.append(f"no free locator slot for kind {code:#x}")
+                    continue
+            old = slots[index]
+            if old.in_use and old.space_bytes >= len(data) and old.data_offset >= SECTOR:
+                at, space = old.data_offset, old.data_space
+            else:
+                at = new_end
+                size = max(SECTOR, -(-len(data) // SECTOR) * SECTOR)
+                space = size
+                new_end += size
+                data = data.ljust(size, b"\0")  # padding overwrites the old footer there
+            slots[index] = ParentLocator(
+                code=code,
+                data_space=space,
+                data_len=len(encode_payload(code, texts[code])),
+                data_offset=at,
+            )
+            writes.append((at, data))
+        if new_end > end:
+            # The trailing footer moves first, so the file always ends in a valid footer.
+            write_all(fd, child.footer.build(), new_end)
+            os.fsync(fd)
+            result.grew_by = new_end - end
+        for at, data in writes:
+            write_all(fd, data, at)
+        os.fsync(fd)
+        new_header = header.replace(
+            parent_unique_id=parent_id,
+            parent_timestamp=vhd_timestamp(os.stat(ppath).st_mtime),
+            parent_name_raw=encode_parent_name(os.path.basename(ppath)),
+            locators=tuple(slots),
+        )
+        write_all(fd, new_header.build(), child.footer.data_offset)
+        os.fsync(fd)
+        child.header = new_header
+    finally:
+        child.close()
+    return result
