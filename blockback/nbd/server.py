@@ -182,10 +182,14 @@ class Connection:
     # -- phases --------------------------------------------------------------------------
 
     def run(self) -> None:
+        hang_up = True
         try:
             if self._negotiate():
                 self._transmit()
+            hang_up = False
         except _Disconnect as exc:
+            # The client closed its side (it may still read the replies in flight).
+            hang_up = False
             log.info("%s: %s", self.peer, exc)
         except p.ProtocolError as exc:
             log.warning("%s: protocol error, hanging up: %s", self.peer, exc)
@@ -194,11 +198,16 @@ class Connection:
         except Exception:
             log.exception("%s: unexpected error, hanging up", self.peer)
         finally:
+            if hang_up:
+                # Cut the connection first, so workers stuck sending to a client that does
+                # not read cannot keep the drain below waiting.
+                self._dead = True
+                with contextlib.suppress(OSError):
+                    self.sock.shutdown(socket.SHUT_RDWR)
             if self.executor is not None:
                 # Requests already running complete (and send their replies) before we close.
                 self.executor.close()
-            with self._send_lock:
-                self._dead = True
+            self._dead = True
             with contextlib.suppress(OSError):
                 self.sock.shutdown(socket.SHUT_RDWR)
             self.sock.close()

@@ -432,3 +432,18 @@ def test_a_silent_client_is_dropped_during_negotiation(disk: vhd.Disk) -> None:
         while server.connections and time.monotonic() < deadline:
             time.sleep(0.02)
         assert server.connections == 0
+
+
+def test_protocol_error_hangs_up_even_if_the_client_reads_nothing(disk: vhd.Disk) -> None:
+    with serving(disk) as (server, _url, path), RawClient(path) as c:
+        c.handshake()
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        # Replies pile up unread (workers block sending them), then garbage arrives.
+        requests = b"".join(
+            struct.pack(">IHHQQI", p.REQUEST_MAGIC, 0, p.Cmd.READ, i, 0, BIG) for i in range(20)
+        )
+        c.sock.sendall(requests + b"\xff" * 28)
+        deadline = time.monotonic() + 10
+        while server.connections and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert server.connections == 0
