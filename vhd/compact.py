@@ -1,0 +1,194 @@
+"""Compaction (``vhd compact``; Hyper-V's Optimize-VHD, ``VBoxManage modifymedium --compact``).
+
+Spec parts: "Block Allocation Table and Data Blocks" and the sector bitmap.  Blocks that hold
+nothing are unallocated: in a dynamic disk a block with no bitmap bit set or whose data is all
+zeros; in a differencing child only a block with no bit set (its zeros hide the parent's data).
+The remaining blocks are moved down, in file order, to close the gaps (their data stays 4 KiB-
+aligned, as Hyper-V lays blocks out); then the trailing footer is written after the last block and
+the file is cut there.
+
+Crash safety: the BAT entries of empty blocks are unallocated first (synced), which changes no
+guest byte.  A block is copied only into space that no on-disk BAT entry references; after a
+batch of copies is synced, the BAT entries are switched to the copies and synced, and only then is
+the old space reused as a target.  So at every moment each on-disk BAT entry points at a complete
+copy of its block.  The footer is written at its new place before the file is cut; a crash before
+the cut leaves orphan space that ``vhd check --repair`` removes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from . import bitmap as bm
+from .bat import UNUSED
+from .disk import SparseDisk
+from .errors import CorruptImageError, InvalidArgumentError
+from .fileio import read_exact, write_all
+from .footer import FOOTER_SIZE, DiskType
+from .header import HEADER_SIZE
+from .image import open as open_image
+
+SECTOR = 512
+PAGE = 4096
+_CHUNK = 4 * 1024 * 1024
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class CompactResult:
+    path: str
+    size_before: int
+    size_after: int
+    blocks_freed: int
+    blocks_moved: int
+
+    @property
+    def reclaimed(self) -> int:
+        return self.size_before - self.size_after
+
+
+def compact(path: str | os.PathLike[str], *, progress: Progress | None = None) -> CompactResult:
+    spath = os.fspath(path)
+    disk = open_image(spath, "r+", open_parent=False)
+    try:
+        if not isinstance(disk, SparseDisk):
+            raise InvalidArgumentError(
+                f"{spath} is a fixed disk: only dynamic and differencing disks can be compacted"
+            )
+        before = os.fstat(disk.fd).st_size
+        freed = _free_empty_blocks(disk, progress)
+        moved, end = _pack(disk)
+        fd = disk.fd
+        if end < disk.footer_offset:
+            write_all(fd, disk.footer.build(), end)
+            os.fsync(fd)
+            os.ftruncate(fd, end + FOOTER_SIZE)
+            os.fsync(fd)
+            disk.footer_offset = end
+        after = os.fstat(fd).st_size
+        disk.bat.take_dirty()  # everything is on disk already
+        return CompactResult(spath, before, after, freed, moved)
+    finally:
+        disk.close()
+
+
+def _free_empty_blocks(disk: SparseDisk, progress: Progress | None) -> int:
+    header = disk.header
+    assert header is not None
+    bs = header.block_size
+    spb = bs // SECTOR
+    used_bytes = (spb + 7) // 8
+    differencing = disk.type == DiskType.DIFFERENCING
+    allocated = list(disk.bat.allocated())
+    empty: dict[int, int] = {}
+    for n, (block, entry) in enumerate(allocated):
+        needed = min(bs, disk.size - block * bs)
+        bits = read_exact(disk.fd, used_bytes, entry * SECTOR, path=disk.path)
+        sectors = -(-needed // SECTOR)
+        nothing = not bm.any_set(bits, sectors)
+        if nothing or (not differencing and _all_zero(disk, block * bs, needed)):
+            empty[block] = UNUSED
+        if progress is not None:
+            progress(n + 1, len(allocated))
+    if empty:
+        _write_entries(disk, empty)
+        os.fsync(disk.fd)
+        for block in empty:
+            disk.bat.entries[block] = UNUSED
+    return len(empty)
+
+
+def _all_zero(disk: SparseDisk, offset: int, length: int) -> bool:
+    pos = offset
+    end = offset + length
+    while pos < end:
+        n = min(_CHUNK, end - pos)
+        if disk.pread(n, pos).strip(b"\0"):
+            return False
+        pos += n
+    return True
+
+
+def _write_entries(disk: SparseDisk, entries: dict[int, int]) -> None:
+    header = disk.header
+    assert header is not None
+    sectors: dict[int, bytearray] = {}
+    for index, value in entries.items():
+        sector = index // 128
+        if sector not in sectors:
+            raw = os.pread(disk.fd, SECTOR, header.table_offset + sector * SECTOR)
+            sectors[sector] = bytearray(raw.ljust(SECTOR, b"\xff"))
+        pos = (index % 128) * 4
+        sectors[sector][pos : pos + 4] = value.to_bytes(4, "big")
+    for sector, raw in sorted(sectors.items()):
+        write_all(disk.fd, raw, header.table_offset + sector * SECTOR)
+
+
+def _metadata_end(disk: SparseDisk) -> int:
+    header = disk.header
+    assert header is not None
+    end = max(FOOTER_SIZE, disk.footer.data_offset + HEADER_SIZE)
+    end = max(end, header.table_offset + -(-header.max_table_entries * 4 // SECTOR) * SECTOR)
+    for loc in header.locators:
+        if loc.in_use:
+            end = max(end, loc.data_offset + max(loc.data_len, loc.space_bytes))
+    return -(-end // SECTOR) * SECTOR
+
+
+def _pack(disk: SparseDisk) -> tuple[int, int]:
+    """Move blocks down over free space; returns (blocks moved, end of the last block)."""
+    header = disk.header
+    assert header is not None
+    bs, bmb = header.block_size, header.bitmap_bytes
+    align = PAGE if bs >= PAGE else SECTOR
+    limit = disk.footer_offset
+    blocks = sorted((entry * SECTOR, block) for block, entry in disk.bat.allocated())
+    pos = _metadata_end(disk)
+    pending: list[tuple[int, int, int, int]] = []  # (block, src, dst, length)
+    moved = 0
+
+    def commit_batch() -> None:
+        if not pending:
+            return
+        os.fdatasync(disk.fd)
+        _write_entries(disk, {b: dst // SECTOR for b, _s, dst, _n in pending})
+        os.fsync(disk.fd)
+        for b, _s, dst, _n in pending:
+            disk.bat.entries[b] = dst // SECTOR
+        pending.clear()
+
+    for src, block in blocks:
+        length = min(bmb + bs, limit - src)
+        if length <= bmb:
+            raise CorruptImageError(
+                f"block {block} lies outside the data area; run 'vhd check --repair'",
+                path=disk.path,
+            )
+        dst = -(-(pos + bmb) // align) * align - bmb
+        if dst + length > src:
+            # No room below without overlapping the block itself: leave it where it is.
+            pos = max(pos, src + length)
+            continue
+        if any(dst < s + n and dst + length > s for _b, s, _d, n in pending):
+            commit_batch()
+        _copy(disk.fd, src, dst, length)
+        pending.append((block, src, dst, length))
+        moved += 1
+        pos = dst + length
+    commit_batch()
+    end = pos
+    for _src, block in blocks:
+        entry = disk.bat.entries[block]
+        end = max(end, entry * SECTOR + min(bmb + bs, limit - entry * SECTOR))
+    return moved, -(-end // SECTOR) * SECTOR
+
+
+def _copy(fd: int, src: int, dst: int, length: int) -> None:
+    done = 0
+    while done < length:
+        n = min(_CHUNK, length - done)
+        write_all(fd, read_exact(fd, n, src + done), dst + done)
+        done += n
