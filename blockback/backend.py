@@ -30,6 +30,7 @@ import logging
 import os
 import select
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -41,6 +42,9 @@ from blockback.ring import BackRing, RemoteProtocolError, RingMemory
 from blockback.xenbus import FrontendParams
 
 log = logging.getLogger("blockback")
+
+INLINE_SLOW = 200e-6  # seconds: slower than a page-cache hit, so probably a real disk
+INLINE_PROBE = 256  # requests sent to the pool between two inline probes
 
 
 class Mapping(Protocol):
@@ -99,6 +103,7 @@ class RingStats:
     halted: bool = False
     batches: int = 0
     max_in_flight: int = 0
+    inline: int = 0  # requests run on the ring thread
     extra: dict[str, int] = field(default_factory=dict)
 
 
@@ -125,9 +130,16 @@ class RingService:
         self.channel = channel
         self.name = name
         self.budget = budget or ring.nr_ents
-        # Requests this small run on the ring thread itself: for page-cache hits the hand-off to
-        # a worker costs more than the I/O.  0 = everything goes to the executor's pool.
+        # Adaptive inline execution.  Requests up to ``inline_max`` bytes may run on the ring
+        # thread itself: for page-cache hits handing them to a worker (queue, wake-up, GIL
+        # hand-over, completion wake-up) costs several times the I/O.  But a request that really
+        # waits for a disk would stall the whole ring, so the ring keeps a moving average of how
+        # long inline requests take and, once they look like real I/O (> INLINE_SLOW), sends
+        # everything to the pool, probing inline again every INLINE_PROBE requests.
+        # 0 = everything goes to the executor's pool.
         self.inline_max = inline_max
+        self._inline_avg = 0.0
+        self._inline_probe = 0
         self.stats = RingStats()
         self.in_flight = 0
         self._done: collections.deque[_Job] = collections.deque()
@@ -321,15 +333,24 @@ class RingService:
             self._maybe_start_barrier()
             return
         if plan.length <= self.inline_max and kind in (Kind.READ, Kind.WRITE):
-            self._run_inline(job)
-        else:
-            self._submit(job)
+            if self._inline_avg < INLINE_SLOW:
+                self._run_inline(job)
+                return
+            self._inline_probe -= 1
+            if self._inline_probe <= 0:
+                self._inline_probe = INLINE_PROBE
+                self._run_inline(job)
+                return
+        self._submit(job)
 
     def _run_inline(self, job: _Job) -> None:
+        start = time.perf_counter()
         for step in job.steps:
             if self.executor.execute(step):
                 job.status = Status.ERROR
                 break
+        self._inline_avg += (time.perf_counter() - start - self._inline_avg) / 8
+        self.stats.inline += 1
         self._done.append(job)
 
     def _submit(self, job: _Job) -> None:

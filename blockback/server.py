@@ -58,7 +58,8 @@ class BackendOptions:
     max_ring_page_order: int = 4
     max_queues: int = 4
     max_indirect_segments: int = 1024
-    inline_max: int = 0  # requests up to this many bytes run on the ring thread
+    # Requests up to this many bytes may run on the ring thread (adaptive: see backend.py).
+    inline_max: int = 64 * 1024
     write_hotplug_status: bool = True
 
 
