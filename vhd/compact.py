@@ -123,8 +123,8 @@ def _write_entries(disk: SparseDisk, entries: dict[int, int]) -> None:
             sectors[sector] = bytearray(raw.ljust(SECTOR, b"\xff"))
         pos = (index % 128) * 4
         sectors[sector][pos : pos + 4] = value.to_bytes(4, "big")
-    for sector, raw in sorted(sectors.items()):
-        write_all(disk.fd, raw, header.table_offset + sector * SECTOR)
+    for sector, updated in sorted(sectors.items()):
+        write_all(disk.fd, updated, header.table_offset + sector * SECTOR)
 
 
 def _metadata_end(disk: SparseDisk) -> int:
