@@ -193,12 +193,18 @@ def run(workdir: Path) -> list[dict[str, Any]]:
         results["ours"] = (time_cat(disk), fio_iops(disk, "randread"))
     with ours(half, workdir / "mnt-ours", read_only=True) as disk:
         results["ours-ro"] = (time_cat(disk), fio_iops(disk, "randread"))
+    with ours(half, workdir / "mnt-ours", read_only=True, cache="kernel") as disk:
+        results["ours-ro-kernel"] = (time_cat(disk), fio_iops(disk, "randread"))
     with qemu_storage_daemon(half, workdir / "qsd-export", writable=False) as disk:
         results["qsd"] = (time_cat(disk), fio_iops(disk, "randread"))
     with vhdimount(half, workdir / "mnt-vhdi") as disk:
         results["vhdimount"] = (time_cat(disk), fio_iops(disk, "randread"))
     mb = SIZE / MiB
-    for name, note in (("ours", "read-write mount"), ("ours-ro", "--read-only mount")):
+    for name, note in (
+        ("ours", "read-write mount"),
+        ("ours-ro", "--read-only mount"),
+        ("ours-ro-kernel", "--read-only --cache kernel mount"),
+    ):
         cat_s, iops = results[name]
         for ref in ("qsd", "vhdimount"):
             ref_cat, ref_iops = results[ref]

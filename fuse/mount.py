@@ -146,7 +146,7 @@ def mount(
     argv += ["--read-only"] if read_only else []
     argv += ["--allow-other"] if allow_other else []
     for directory in parent_dirs:
-        argv += ["--parent-dir", directory]
+        argv += ["--parent-dir", os.path.abspath(directory)]
     argv += ["--cache", cache] if cache else []
     argv += ["--log", os.path.abspath(log_file)] if log_file else []
     argv += ["--", os.path.abspath(image), os.path.abspath(mountpoint)]

@@ -41,12 +41,13 @@ def _read_image(path: Path, offset: int, length: int) -> bytes:
         return disk.pread(length, offset)
 
 
-def test_disk_file_reads_and_writes_the_image(tmp_path: Path, mounts: Mounts) -> None:
+@pytest.mark.parametrize("cache", ["direct", "kernel"])
+def test_disk_file_reads_and_writes_the_image(tmp_path: Path, mounts: Mounts, cache: str) -> None:
     image = _image(tmp_path / "a.vhd", 48 * MiB + 512)
     data = _pattern(1, 3 * MiB)
     with vhd.open(str(image), "r+") as disk:
         disk.pwrite(data, 5 * MiB)
-    mnt = mounts.mount(image)
+    mnt = mounts.mount(image, "--cache", cache)
     assert sorted(os.listdir(mnt)) == ["disk"]
     st = os.stat(mnt / "disk")
     assert st.st_size == 48 * MiB + 512 and st.st_blksize == MiB
@@ -115,7 +116,8 @@ def test_partitions_appear_after_remount(
     # The table is read at mount time: the running mount still shows only the disk.
     assert sorted(os.listdir(mnt)) == ["disk"]
     mounts.unmount(mnt)
-    mnt = mounts.mount(image)
+    # Asking for the page cache must not make the aliases disk/pN incoherent.
+    mnt = mounts.mount(image, "--cache", "kernel")
     assert sorted(os.listdir(mnt)) == ["disk", "p1", "p2"]
     assert os.stat(mnt / "p1").st_size == 20480 * 512
     assert os.stat(mnt / "p2").st_size == 81920 * 512
@@ -132,12 +134,15 @@ def test_partitions_appear_after_remount(
     with open(mnt / "p2", "rb") as part, open(mnt / "disk", "rb") as whole:
         whole.seek(24576 * 512)
         assert part.read(64 * KiB) == whole.read(64 * KiB)
-    # Writes through p1 land at p1's offset in the image, and stop at p1's end.
-    with open(mnt / "p1", "r+b", buffering=0) as f:
-        os.pwrite(f.fileno(), b"P1" * 256, 0)
-        with pytest.raises(OSError) as info:
-            os.pwrite(f.fileno(), b"z", 20480 * 512)
-        assert info.value.errno == errno.ENOSPC
+    # Writes through p1 land at p1's offset, stop at p1's end, and show at once through disk.
+    with open(mnt / "disk", "rb", buffering=0) as whole:
+        assert os.pread(whole.fileno(), 512, 2048 * 512) != b"P1" * 256
+        with open(mnt / "p1", "r+b", buffering=0) as f:
+            os.pwrite(f.fileno(), b"P1" * 256, 0)
+            with pytest.raises(OSError) as info:
+                os.pwrite(f.fileno(), b"z", 20480 * 512)
+            assert info.value.errno == errno.ENOSPC
+            assert os.pread(whole.fileno(), 512, 2048 * 512) == b"P1" * 256
     mounts.unmount(mnt)
     assert _read_image(image, 2048 * 512, 512) == b"P1" * 256
 
@@ -189,12 +194,50 @@ def test_differencing_child_takes_the_writes(
     assert _libvhdi_read(child, parent, 0, 32 * MiB) == model
 
 
-def test_read_only_mount_refuses_writes(tmp_path: Path, mounts: Mounts) -> None:
+def test_parent_dir_finds_a_moved_parent(tmp_path: Path, mounts: Mounts) -> None:
+    parent = _image(tmp_path / "base.vhd", 8 * MiB)
+    with vhd.open(str(parent), "r+") as disk:
+        disk.pwrite(b"from the parent", 4096)
+    child = tmp_path / "child.vhd"
+    vhd.create(str(child), parent=str(parent)).close()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    parent.rename(elsewhere / "base.vhd")
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    result = vhd_cli("mount", str(child), str(mnt))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert not is_mounted(mnt)
+    mnt = mounts.mount(child, "--parent-dir", str(elsewhere))
+    with open(mnt / "disk", "rb") as f:
+        f.seek(4096)
+        assert f.read(15) == b"from the parent"
+
+
+def test_plain_fusermount_unmount_closes_cleanly(
+    tmp_path: Path, mounts: Mounts, require_tool: Callable[[str], str]
+) -> None:
+    fusermount = require_tool("fusermount3")
+    image = _image(tmp_path / "plain.vhd", 8 * MiB)
+    mnt = mounts.mount(image)
+    pid = server_pid(str(mnt))
+    with open(mnt / "disk", "r+b", buffering=0) as f:
+        os.pwrite(f.fileno(), b"plain", MiB)
+    assert run([fusermount, "-u", str(mnt)]).returncode == 0
+    mounts.active.remove(mnt)
+    assert pid is not None
+    # The server removes its pid file after destroy() has flushed and closed the image.
+    wait_until(lambda: server_pid(str(mnt)) is None)
+    assert _read_image(image, MiB, 5) == b"plain"
+
+
+@pytest.mark.parametrize("cache", ["direct", "kernel"])
+def test_read_only_mount_refuses_writes(tmp_path: Path, mounts: Mounts, cache: str) -> None:
     image = _image(tmp_path / "ro.vhd", 16 * MiB)
     with vhd.open(str(image), "r+") as disk:
         disk.pwrite(b"keep", 0)
     before = _sha(image)
-    mnt = mounts.mount(image, "--read-only")
+    mnt = mounts.mount(image, "--read-only", "--cache", cache)
     assert os.stat(mnt / "disk").st_mode & 0o222 == 0
     with pytest.raises(OSError) as info:
         os.open(mnt / "disk", os.O_RDWR)
@@ -225,9 +268,10 @@ def _process_worker(args: tuple[str, int, int]) -> int:
     return 0
 
 
-def test_concurrent_threads_and_processes(tmp_path: Path, mounts: Mounts) -> None:
+@pytest.mark.parametrize("cache", ["direct", "kernel"])
+def test_concurrent_threads_and_processes(tmp_path: Path, mounts: Mounts, cache: str) -> None:
     image = _image(tmp_path / "conc.vhd", 32 * MiB, block_size=512 * KiB)
-    mnt = mounts.mount(image)
+    mnt = mounts.mount(image, "--cache", cache)
     path = str(mnt / "disk")
     model = bytearray(32 * MiB)
     # Stripes 0-7 belong to processes, 8-15 to threads; readers scan everything meanwhile.

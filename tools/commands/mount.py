@@ -43,10 +43,11 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--cache",
-        choices=("auto", "direct"),
+        choices=("direct", "kernel"),
         default=None,
-        help="auto (default): the kernel page cache where it is safe (read-only mounts, "
-        "writable mounts without partitions); direct: direct I/O for every file",
+        help="direct (default): every read and write goes to the image (fastest for "
+        "single passes); kernel: the kernel page cache where it is safe (read-only mounts, "
+        "writable mounts without partitions)",
     )
     p.add_argument("--log", metavar="FILE", help="write the server's log to FILE")
     p.set_defaults(func=run)
