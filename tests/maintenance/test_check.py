@@ -380,3 +380,37 @@ def test_corpus_samples(corpus: Path, tmp_path: Path) -> None:
     # A differencing sample whose parent is not in the corpus.
     rc, out = run_cli("check", str(corpus / "fat-differential.vhd"))
     assert rc == 1 and "parent-not-found" in out
+
+
+def test_azure_check(tmp_path: Path) -> None:
+    from vhd.check import azure_check, azure_target_size
+
+    good = tmp_path / "good.vhd"
+    vhd.create(good, 20 * MiB, type="fixed").close()
+    assert azure_check(good) == []
+    odd = tmp_path / "odd.vhd"
+    vhd.create(odd, 20 * MiB + 512, type="fixed").close()
+    assert any("whole number of MiB" in p for p in azure_check(odd))
+    dyn = tmp_path / "dyn.vhd"
+    vhd.create(dyn, 20 * MiB).close()
+    assert any("fixed" in p for p in azure_check(dyn))
+    small = tmp_path / "small.vhd"
+    vhd.create(small, 4 * MiB, type="fixed").close()
+    assert any("20 MiB" in p for p in azure_check(small))
+    zero_tail(good)
+    assert azure_check(good)
+    assert azure_target_size(20 * MiB + 1) == 21 * MiB
+    assert azure_target_size(MiB) == 20 * MiB
+
+
+@pytest.mark.parametrize("damage", ["tail-zeroed", "head-zeroed", "orphan", "header-checksum"])
+def test_hyperv_layout_repairs(tmp_path: Path, damage: str, require_tool: object) -> None:
+    size = 10 * MiB
+    content = bytearray(size)
+    for mb in (0, 3, 7, 9):
+        content[mb * MiB : mb * MiB + 8192] = bytes([mb + 1]) * 8192
+    path = tmp_path / "hv.vhd"
+    build_hyperv(path, size=size, block_size=BS, content=bytes(content), seed=5)
+    DAMAGE[damage][0](path)
+    assert DAMAGE[damage][1] <= codes(path)
+    repair_ok(path, bytes(content), tmp_path)
