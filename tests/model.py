@@ -13,6 +13,7 @@ not resolve locators, it only checks that the child's parent unique id names the
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -320,7 +321,7 @@ class ModelImage:
         return [(i, e) for i, e in enumerate(self.bat) if e != UNUSED]
 
 
-def model_chain(paths: list[str | Path], *, strict: bool = True) -> ModelImage:
+def model_chain(paths: Sequence[str | Path], *, strict: bool = True) -> ModelImage:
     """Model of ``paths`` given base first, leaf last."""
     image: ModelImage | None = None
     for path in paths:
