@@ -43,7 +43,7 @@ from blockback.xenbus import FrontendParams
 
 log = logging.getLogger("blockback")
 
-INLINE_SLOW = 200e-6  # seconds: slower than a page-cache hit, so probably a real disk
+INLINE_SLOW = 500e-6  # seconds: far slower than a page-cache hit (~10 us), so a real disk
 INLINE_PROBE = 256  # requests sent to the pool between two inline probes
 
 
@@ -139,7 +139,7 @@ class RingService:
         # 0 = everything goes to the executor's pool.
         self.inline_max = inline_max
         self._inline_avg = 0.0
-        self._inline_probe = 0
+        self._inline_probe = INLINE_PROBE
         self.stats = RingStats()
         self.in_flight = 0
         self._done: collections.deque[_Job] = collections.deque()
@@ -349,7 +349,8 @@ class RingService:
             if self.executor.execute(step):
                 job.status = Status.ERROR
                 break
-        self._inline_avg += (time.perf_counter() - start - self._inline_avg) / 8
+        # A slow moving average: preemption on a busy host must not flip the policy.
+        self._inline_avg += (time.perf_counter() - start - self._inline_avg) / 16
         self.stats.inline += 1
         self._done.append(job)
 

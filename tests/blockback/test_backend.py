@@ -233,3 +233,35 @@ def test_out_of_order_and_barrier_drain(rig: Rig) -> None:
     got = f.wait(3)
     assert [r[0] for r in got] == [3, 4, 5]
     assert slow.log == [("write", 0), ("flush", 0), ("write", 8192), ("flush", 0), ("write", 12288)]
+
+
+def test_adaptive_inline_falls_back_to_pool(tmp_path: Path) -> None:
+    """Small requests run inline while they are fast; once they look like real disk I/O the
+    ring hands them to the pool again, so one slow read no longer blocks the others."""
+    vhd.create(tmp_path / "disk.vhd", SIZE).close()
+    r = Rig(tmp_path, X86_64, 0)
+    try:
+        ring = r.ring
+        ring.inline_max = 65536
+        f, abi = r.front, r.front.abi
+        pages = f.alloc(2)
+        for i in range(20):  # fast: inline
+            assert f.call(abi.encode_rw(Op.READ, i, 8, [(pages[0], 0, 7)])) == Status.OKAY
+        assert ring.stats.inline >= 1  # (a loaded host may already have pushed some out)
+        slow = SlowDisk(r.disk)
+        r.executor.disk = slow
+        ring._inline_avg = 0.0  # white box: start from "fast" whatever the host load did
+        before = ring.stats.inline
+        assert f.call(abi.encode_rw(Op.READ, 99, 0, [(pages[0], 0, 7)])) == Status.OKAY  # 0.2 s
+        assert ring.stats.inline == before + 1
+        f.submit(
+            [
+                abi.encode_rw(Op.READ, 100, 0, [(pages[0], 0, 7)]),  # slow, now on the pool
+                abi.encode_rw(Op.READ, 101, 8, [(pages[1], 0, 7)]),
+            ]
+        )
+        got = f.wait(2)
+        assert [g[0] for g in got] == [101, 100]  # the fast one overtook the slow one
+        assert ring.stats.inline == before + 1
+    finally:
+        r.close()
