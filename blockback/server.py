@@ -185,6 +185,8 @@ class VbdDriver:
         elif action is Action.CLOSE:
             self._disconnect()
             self._write_state(XenbusState.CLOSED)
+            if self._read(f"{self.be}/online") == "0":
+                self.feed(Input.OFFLINE)  # detached: both sides are done, forget the device
         elif action is Action.FAIL:
             self._disconnect()
             self._write_state(XenbusState.CLOSING)
@@ -450,8 +452,138 @@ def serve_sim(args: argparse.Namespace) -> int:
 # --- real dom0 ---------------------------------------------------------------------------------
 
 
+class XenDaemon:
+    """The dom0 side of ``vhd serve --xen``: one :class:`VbdDriver` per vbd under ``root``.
+
+    One recursive watch on the backend directory tells us about new devices (the event path
+    names the device, so an event costs O(1) and our own writes are cheap to ignore); each
+    driver then watches only its frontend's ``state`` and its own ``online`` node."""
+
+    def __init__(
+        self,
+        xs: XenStoreClient,
+        transport: Transport,
+        root: str,
+        open_disk: Callable[[str, bool], Any],
+        *,
+        read_only: bool = False,
+        options: BackendOptions | None = None,
+    ) -> None:
+        self.xs = xs
+        self.transport = transport
+        self.root = root.rstrip("/")
+        self.open_disk = open_disk
+        self.read_only = read_only
+        self.options = options or BackendOptions()
+        self.drivers: dict[str, VbdDriver] = {}
+        self.failed: set[str] = set()
+        self._disks: dict[str, Any] = {}
+        self._depth = self.root.count("/") + 2  # root/<frontend domid>/<devid>
+
+    def start(self) -> None:
+        self.xs.watch(self.root, "root")
+
+    def handle(self, path: str, token: str) -> None:
+        if token != "root":
+            for driver in list(self.drivers.values()):
+                if token in driver.tokens:
+                    driver.handle_event(token)
+            self._reap()
+            return
+        if path == self.root or not path.startswith(self.root + "/"):
+            self.scan()
+            return
+        parts = path.split("/")
+        if len(parts) - 1 < self._depth:
+            self.scan()  # a whole frontend domain directory appeared or vanished
+            return
+        device = "/".join(parts[: self._depth + 1])
+        if device in self.drivers:
+            if self.xs.try_read(f"{device}/state") is None:  # the toolstack removed it
+                self.drivers[device].shutdown()
+                self._reap()
+        elif device not in self.failed:
+            self._attach(device)
+
+    def scan(self) -> None:
+        try:
+            domains = self.xs.directory(self.root)
+        except XenStoreError:
+            domains = []
+        seen = set()
+        for fdom in domains:
+            with contextlib.suppress(XenStoreError):
+                for devid in self.xs.directory(f"{self.root}/{fdom}"):
+                    device = f"{self.root}/{fdom}/{devid}"
+                    seen.add(device)
+                    if device not in self.drivers and device not in self.failed:
+                        self._attach(device)
+        for device in [d for d in self.drivers if d not in seen]:
+            self.drivers[device].shutdown()
+        self.failed &= seen
+        self._reap()
+
+    def _attach(self, device: str) -> None:
+        params = self.xs.try_read(f"{device}/params")
+        if params is None or self.xs.try_read(f"{device}/state") is None:
+            return  # the toolstack is still writing the nodes: a later event brings us back
+        mode = (self.xs.try_read(f"{device}/mode") or b"w").decode()
+        image = params.decode()
+        read_only = self.read_only or mode.startswith("r")
+        try:
+            disk = self.open_disk(image, read_only)
+        except (vhd.VHDError, OSError) as exc:
+            log.error("%s: cannot open %s: %s", device, image, exc)
+            self.failed.add(device)  # do not retry on every event
+            self.xs.write(f"{device}/hotplug-error", str(exc)[:1000])
+            self.xs.write(f"{device}/hotplug-status", "error")
+            return
+
+        def closed(d: str = device) -> None:
+            disk_ = self._disks.pop(d, None)
+            if disk_ is not None:
+                disk_.close()
+
+        driver = VbdDriver(
+            self.xs,
+            device,
+            self.transport,
+            disk,
+            read_only=read_only,
+            options=self.options,
+            on_close=closed,
+        )
+        self.drivers[device] = driver
+        self._disks[device] = disk
+        driver.probe()
+        log.info("%s: serving %s (%s)", device, image, "ro" if read_only else "rw")
+
+    def _reap(self) -> None:
+        for device in [d for d, drv in self.drivers.items() if drv.removed]:
+            del self.drivers[device]
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            event = self.xs.read_watch(timeout=0.5)
+            if event is None:
+                continue
+            try:
+                self.handle(event.path, event.token)
+            except (LocalProtocolError, XenStoreError, OSError) as exc:
+                log.error("xenbus: %s", exc)
+
+    def shutdown(self) -> None:
+        """SIGTERM: drain and close every device (Closed), close every image."""
+        for driver in list(self.drivers.values()):
+            with contextlib.suppress(XenStoreError, OSError):
+                driver.shutdown()
+        self._reap()
+        with contextlib.suppress(XenStoreError):
+            self.xs.unwatch(self.root, "root")
+
+
 def serve_xen(args: argparse.Namespace) -> int:
-    """``vhd serve --xen``: serve the vbds the toolstack assigns to this domain."""
+    """``vhd serve --xen``: serve the vbds the toolstack assigns to this domain, until SIGTERM."""
     from blockback.transport import xen as xen_transport  # the real gntdev/evtchn layer
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
@@ -459,81 +591,20 @@ def serve_xen(args: argparse.Namespace) -> int:
     try:
         transport = _xen_transport(xen_transport)
         domid = int((xs.try_read("domid") or b"0").decode() or "0")
-        root = (args.backend_dir or f"/local/domain/{domid}/backend/vbd").rstrip("/")
-        drivers: dict[str, VbdDriver] = {}
-        disks: dict[str, Any] = {}
+        root = args.backend_dir or f"/local/domain/{domid}/backend/vbd"
+        parent_dirs = tuple(args.parent_dir or ())
+
+        def open_disk(image: str, read_only: bool) -> Any:
+            return vhd.open(image, "r" if read_only else "r+", parent_dirs=parent_dirs)
+
+        daemon = XenDaemon(
+            xs, transport, root, open_disk, read_only=bool(args.read_only), options=_options(args)
+        )
         stop = threading.Event()
-
-        def scan() -> None:
-            try:
-                domains = xs.directory(root)
-            except XenStoreError:
-                return
-            for fdom in domains:
-                with contextlib.suppress(XenStoreError):
-                    for devid in xs.directory(f"{root}/{fdom}"):
-                        path = f"{root}/{fdom}/{devid}"
-                        if path not in drivers:
-                            _attach(path)
-
-        def _attach(path: str) -> None:
-            params = xs.try_read(f"{path}/params")
-            if params is None or xs.try_read(f"{path}/state") is None:
-                return  # the toolstack is still writing the nodes
-            mode = (xs.try_read(f"{path}/mode") or b"w").decode()
-            image = params.decode()
-            read_only = bool(args.read_only) or mode.startswith("r")
-            try:
-                disk = vhd.open(
-                    image, "r" if read_only else "r+", parent_dirs=tuple(args.parent_dir or ())
-                )
-            except (vhd.VHDError, OSError) as exc:
-                log.error("%s: cannot open %s: %s", path, image, exc)
-                xs.write(f"{path}/hotplug-error", str(exc)[:1000])
-                xs.write(f"{path}/hotplug-status", "error")
-                drivers[path] = None  # type: ignore[assignment]  # do not retry every event
-                return
-
-            def closed(p: str = path) -> None:
-                d = disks.pop(p, None)
-                if d is not None:
-                    d.close()
-
-            driver = VbdDriver(
-                xs,
-                path,
-                transport,
-                disk,
-                read_only=read_only,
-                options=_options(args),
-                on_close=closed,
-            )
-            drivers[path] = driver
-            disks[path] = disk
-            driver.probe()
-            log.info("%s: serving %s (%s)", path, image, "ro" if read_only else "rw")
-
-        xs.watch(root, "root")
         with _signals_stop(stop):
-            while not stop.is_set():
-                event = xs.read_watch(timeout=0.5)
-                if event is None:
-                    continue
-                try:
-                    if event.token == "root":
-                        scan()
-                        for path in [p for p, d in drivers.items() if d is not None and d.removed]:
-                            del drivers[path]
-                        continue
-                    for driver in list(drivers.values()):
-                        if driver is not None and event.token in driver.tokens:
-                            driver.handle_event(event.token)
-                except (LocalProtocolError, XenStoreError, OSError) as exc:
-                    log.error("xenbus: %s", exc)
-        for driver in drivers.values():
-            if driver is not None:
-                with contextlib.suppress(XenStoreError, OSError):
-                    driver.shutdown()
+            daemon.start()
+            daemon.run(stop)
+        daemon.shutdown()
     finally:
         xs.close()
     return 0
