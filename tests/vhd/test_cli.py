@@ -1,0 +1,166 @@
+"""The core CLI commands (``vhd create/info/convert/map/compare``): exit codes 0/1/2, one-line
+errors without tracebacks, and outputs checked against the spec model and the library."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import vhd
+from tests.model import ModelImage, model_chain
+from tests.strategies import payload
+
+VHD_CLI = str(Path(sys.executable).with_name("vhd"))
+KiB = 1024
+MiB = 1024 * KiB
+
+
+def cli(*args: str | Path, expect: int) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [VHD_CLI, *map(str, args)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == expect, (proc.returncode, proc.stdout, proc.stderr)
+    if expect == 2:
+        errors = [ln for ln in proc.stderr.splitlines() if not ln.startswith("vhd: warning:")]
+        assert len(errors) == 1 and errors[0].startswith("vhd: error: "), proc.stderr
+    return proc
+
+
+@pytest.fixture
+def chain(tmp_path: Path) -> tuple[Path, Path, bytes]:
+    base = tmp_path / "base.vhd"
+    with vhd.create(base, 2 * MiB, block_size=64 * KiB) as disk:
+        disk.pwrite(payload(300 * KiB, 1), 0)
+    child = tmp_path / "child.vhd"
+    with vhd.create(child, parent=base, block_size=16 * KiB) as disk:
+        disk.pwrite(payload(5000, 2), 100 * KiB + 3)
+        disk.pwrite(payload(4096, 3), 2 * MiB - 4096)
+        content = disk.pread(disk.size, 0)
+    return base, child, content
+
+
+@pytest.mark.parametrize(
+    ("args", "kind", "size"),
+    [
+        (["10M"], 3, 10 * MiB),
+        (["1536K", "--type", "fixed"], 2, 1536 * KiB),
+        (["1G", "--block-size", "64K"], 3, 1 << 30),
+        (["513K"], 3, 513 * KiB),
+    ],
+)
+def test_create(tmp_path: Path, args: list[str], kind: int, size: int) -> None:
+    image = tmp_path / "x.vhd"
+    cli("create", image, *args, expect=0)
+    model = ModelImage(image)
+    assert model.footer.disk_type == kind
+    assert model.size == model.footer.original_size == size
+    if "--block-size" in args:
+        assert model.block_size == 64 * KiB
+
+
+def test_create_errors(tmp_path: Path) -> None:
+    image = tmp_path / "x.vhd"
+    cli("create", image, "12Q", expect=2)
+    cli("create", image, "1000", expect=2)  # not whole sectors
+    cli("create", image, "3T", expect=2)  # beyond 2040 GiB
+    assert not image.exists()
+    cli("create", image, "1M", expect=0)
+    before = image.read_bytes()
+    cli("create", image, "2M", expect=2)  # exists
+    assert image.read_bytes() == before
+    cli("create", image, "2M", "--force", expect=0)
+    assert ModelImage(image).size == 2 * MiB
+    cli("create", tmp_path / "c.vhd", "--parent", tmp_path / "missing.vhd", expect=2)
+
+
+def test_create_child(tmp_path: Path, chain: tuple[Path, Path, bytes]) -> None:
+    base, _, _ = chain
+    kid = tmp_path / "kid.vhd"
+    cli("create", kid, "--parent", base, expect=0)
+    image = model_chain([base, kid])
+    assert image.footer.disk_type == 4
+    assert image.read_all() == ModelImage(base).read_all()
+
+
+def test_info(tmp_path: Path, chain: tuple[Path, Path, bytes]) -> None:
+    base, child, _ = chain
+    out = json.loads(cli("info", "--json", child, expect=0).stdout)
+    assert out["type"] == "differencing" and out["size"] == 2 * MiB
+    assert out["footer"]["current_size"]["raw"] == 2 * MiB
+    text = cli("info", child, expect=0).stdout
+    assert "differencing" in text
+    cli("info", tmp_path / "nope.vhd", expect=2)
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(payload(10000, 4))
+    cli("info", junk, expect=2)
+    base.rename(tmp_path / "moved.vhd")
+    # The parent is gone: info still describes the child and warns, or fails in one line.
+    proc = subprocess.run([VHD_CLI, "info", str(child)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode in (0, 2) and "Traceback" not in proc.stderr
+    assert "base.vhd" in proc.stderr
+
+
+def test_convert_flattens_a_chain(tmp_path: Path, chain: tuple[Path, Path, bytes]) -> None:
+    _, child, content = chain
+    flat = tmp_path / "flat.raw"
+    cli("convert", child, flat, expect=0)
+    assert flat.read_bytes() == content
+    out = tmp_path / "flat.vhd"
+    cli("convert", child, out, "--block-size", "4K", expect=0)
+    model = ModelImage(out)
+    assert model.footer.disk_type == 3 and model.block_size == 4 * KiB
+    assert model.read_all() == content
+    fixed = tmp_path / "fixed.vhd"
+    cli("convert", "--type", "fixed", flat, fixed, expect=0)
+    assert ModelImage(fixed).read_all() == content
+    cli("convert", child, flat, expect=2)  # exists
+    cli("convert", tmp_path / "missing.vhd", tmp_path / "o.raw", expect=2)
+
+
+def test_convert_azure(tmp_path: Path) -> None:
+    src = tmp_path / "odd.raw"
+    data = payload(3 * MiB + 4096, 5)
+    with src.open("wb") as f:
+        f.write(data)
+        f.truncate(21 * MiB + 4096)  # not a whole MiB; above Azure's 20 MiB minimum
+    out = tmp_path / "azure.vhd"
+    cli("convert", "--azure", src, out, expect=0)
+    model = ModelImage(out)
+    assert model.footer.disk_type == 2
+    assert model.size == 22 * MiB and out.stat().st_size == 22 * MiB + 512
+    assert model.read_all() == data + bytes(22 * MiB - len(data))
+    # Below 20 MiB the image is made but the command reports the problem (exit 1).
+    small = tmp_path / "small.raw"
+    small.write_bytes(data)
+    cli("convert", "--azure", small, tmp_path / "small.vhd", expect=1)
+
+
+def test_map(chain: tuple[Path, Path, bytes]) -> None:
+    base, child, _ = chain
+    runs = json.loads(cli("map", "--json", child, expect=0).stdout)
+    with vhd.open(child) as disk:
+        expected = list(disk.extents())
+    assert [(r["offset"], r["length"], r["layer"]) for r in runs] == [tuple(e) for e in expected]
+    image = model_chain([base, child])
+    for r in runs:
+        assert image.layer(r["offset"] // 512) == r["layer"]
+        assert image.layer((r["offset"] + r["length"]) // 512 - 1) == r["layer"]
+
+
+def test_compare(tmp_path: Path, chain: tuple[Path, Path, bytes]) -> None:
+    base, child, content = chain
+    raw = tmp_path / "same.raw"
+    raw.write_bytes(content)
+    cli("compare", child, raw, expect=0)
+    cli("compare", raw, child, expect=0)
+    cli("compare", base, child, expect=1)
+    changed = bytearray(content)
+    changed[2 * MiB - 1] ^= 1
+    raw.write_bytes(bytes(changed))
+    cli("compare", child, raw, expect=1)
+    cli("compare", child, tmp_path / "missing.raw", expect=2)
