@@ -238,7 +238,11 @@ class RequestExecutor:
     # -- asynchronous path -----------------------------------------------------------------
 
     def submit(self, req: BlockRequest, callback: Completion) -> None:
-        """Queue a request; ``callback(req, errno)`` runs on a worker thread when it is done."""
+        """Queue a request; ``callback(req, errno)`` runs on a worker thread when it is done.
+
+        Callbacks may submit follow-up requests (a write then its flush), even while
+        :meth:`close` is draining: the drain waits for those too.
+        """
         with self._lock:
             if self._closed:
                 raise RuntimeError("submit() on a closed RequestExecutor")
@@ -280,11 +284,16 @@ class RequestExecutor:
                 self._idle.wait()
 
     def close(self) -> None:
-        """Drain, then stop the worker threads.  The disk stays open (it is the caller's)."""
+        """Drain, then stop the worker threads.  The disk stays open (it is the caller's).
+
+        Not from a completion callback (the drain would wait for that callback itself).
+        """
         with self._lock:
+            # Drain and mark closed in one critical section: a callback may still submit a
+            # follow-up while we wait, and nothing may slip in between the drain and the stop.
+            while self._in_flight:
+                self._idle.wait()
             self._closed = True
-        self.drain()
-        with self._lock:
             threads, self._threads = self._threads, []
         for _ in threads:
             self._queue.put(None)

@@ -343,3 +343,30 @@ def test_matches_a_model_for_random_request_sequences(
             if in_range:
                 model[offset : offset + length] = bytes(length)
         assert disk.data == model
+
+
+def test_close_waits_for_follow_ups_submitted_by_callbacks() -> None:
+    """A write whose callback submits its flush: close() drains both, then refuses more."""
+    disk = FakeDisk(SIZE)
+    gate = threading.Event()
+    results: list[tuple[BlockOp, int]] = []
+    ex = RequestExecutor(disk, workers=2)
+
+    def flushed(req: BlockRequest, rc: int) -> None:
+        results.append((req.op, rc))
+
+    def written(req: BlockRequest, rc: int) -> None:
+        results.append((req.op, rc))
+        assert gate.wait(10)
+        ex.submit(BlockRequest(BlockOp.FLUSH), flushed)
+
+    ex.submit(BlockRequest(BlockOp.WRITE, 0, 1, (memoryview(b"x"),)), written)
+    closer = threading.Thread(target=ex.close)
+    closer.start()
+    gate.set()
+    closer.join(10)
+    assert not closer.is_alive()
+    assert results == [(BlockOp.WRITE, 0), (BlockOp.FLUSH, 0)]
+    assert disk.flushes == 1
+    with pytest.raises(RuntimeError):
+        ex.submit(BlockRequest(BlockOp.FLUSH), flushed)
