@@ -2,8 +2,9 @@
 each write's intent before it starts and each completed flush after it returns.
 
 Usage: python -m tests.maintenance.crash_writer IMAGE LOG SEED
-Log lines: ``R`` (ready), ``W seq offset length`` (about to write), ``F seq`` (every write up to
-seq is acknowledged by a completed flush).  The data of write ``seq`` is ``payload(seed, seq, n)``.
+Log lines: ``R`` (ready), ``W seq offset length`` (about to write), ``D seq offset length`` (about
+to discard: the range must then read as zeros), ``F seq`` (every operation up to seq is
+acknowledged by a completed flush).  The data of write ``seq`` is ``payload(seed, seq, n)``.
 """
 
 from __future__ import annotations
@@ -33,8 +34,15 @@ def main(argv: list[str]) -> int:
         for _ in range(rng.randrange(1, 9)):
             n = rng.randrange(1, 9)
             first = rng.randrange(0, pages - n + 1)
-            os.write(log, f"W {seq} {first * PAGE} {n * PAGE}\n".encode())
-            disk.pwrite(payload(seed, seq, n * PAGE), first * PAGE)
+            if rng.random() < 0.15:
+                # Discards (FUSE hole punching, Xen discard) free bitmap bits and whole blocks.
+                n *= rng.choice((1, 16))
+                n = min(n, pages - first)
+                os.write(log, f"D {seq} {first * PAGE} {n * PAGE}\n".encode())
+                disk.discard(first * PAGE, n * PAGE)
+            else:
+                os.write(log, f"W {seq} {first * PAGE} {n * PAGE}\n".encode())
+                disk.pwrite(payload(seed, seq, n * PAGE), first * PAGE)
             seq += 1
         disk.flush()
         os.write(log, f"F {seq - 1}\n".encode())

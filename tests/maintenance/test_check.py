@@ -359,6 +359,8 @@ def test_cannot_open_exit_2(tmp_path: Path) -> None:
     assert rc == 2 and "not a VHD" in out
     rc, out = run_cli("check", str(tmp_path / "missing.vhd"))
     assert rc == 2
+    rc, out = run_cli("check", "--json", str(raw))
+    assert rc == 2 and "not a VHD" in json.loads(out)["error"]
 
 
 def test_corpus_samples(corpus: Path, tmp_path: Path) -> None:

@@ -51,8 +51,9 @@ def test_commit_into_fixed_and_dynamic(tmp_path: Path, ptype: str, require_tool:
 
 def test_commit_keep_and_libvhdi(tmp_path: Path) -> None:
     parent, child, model = make_chain(tmp_path)
-    rc, out = run_cli("commit", "--keep", str(child))
+    rc, out = run_cli("commit", "--keep", "--progress", str(child))
     assert rc == 0, out
+    assert "commit [" in out and "100.0%" in out  # the progress bar, on stderr
     assert read_image(parent) == model
     assert read_image(child) == model
     assert check(child).clean  # the parent timestamp was brought up to date

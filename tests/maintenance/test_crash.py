@@ -25,27 +25,28 @@ ROOT = Path(__file__).resolve().parents[2]
 ROUNDS = 20
 
 
-def parse_log(text: str) -> tuple[list[tuple[int, int, int]], int]:
-    writes: list[tuple[int, int, int]] = []
+def parse_log(text: str) -> tuple[list[tuple[int, int, int, bool]], int]:
+    """(seq, offset, length, is_discard) of every operation begun, and the last flushed seq."""
+    writes: list[tuple[int, int, int, bool]] = []
     flushed = -1
     for line in text.splitlines():
         parts = line.split()
         if not parts:
             continue
-        if parts[0] == "W" and len(parts) == 4:
-            writes.append((int(parts[1]), int(parts[2]), int(parts[3])))
+        if parts[0] in ("W", "D") and len(parts) == 4:
+            writes.append((int(parts[1]), int(parts[2]), int(parts[3]), parts[0] == "D"))
         elif parts[0] == "F" and len(parts) == 2:
             flushed = int(parts[1])
     return writes, flushed
 
 
 def verify(
-    base: bytes, got: bytes, writes: list[tuple[int, int, int]], flushed: int, seed: int
+    base: bytes, got: bytes, writes: list[tuple[int, int, int, bool]], flushed: int, seed: int
 ) -> None:
     model = bytearray(base)
     pending: dict[int, list[bytes]] = {}
-    for seq, offset, length in writes:
-        data = payload(seed, seq, length)
+    for seq, offset, length, discard in writes:
+        data = bytes(length) if discard else payload(seed, seq, length)
         if seq <= flushed:
             model[offset : offset + length] = data
         else:

@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 from vhd.check import CheckReport, check
+from vhd.errors import VHDError
 from vhd.repair import apply_plan, plan_repair
 
 
@@ -59,7 +60,14 @@ def _print_report(report: CheckReport) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.dry_run and not args.repair:
         raise ValueError("--dry-run goes with --repair")
-    report = check(args.image, deep=args.deep, parent_dirs=args.parent_dir)
+    try:
+        report = check(args.image, deep=args.deep, parent_dirs=args.parent_dir)
+    except (VHDError, OSError) as exc:
+        if not args.json:
+            raise
+        # Scripts asking for JSON get JSON for "cannot open" too (still exit 2).
+        print(json.dumps({"path": args.image, "error": str(exc), "clean": False}))
+        return 2
     if not args.repair:
         if args.json:
             print(json.dumps(report.as_dict(), indent=2))
