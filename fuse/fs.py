@@ -34,7 +34,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ParamSpec, Protocol, TypeVar
 
@@ -286,20 +286,23 @@ class DiskFilesystem:
 
     @errno_boundary
     def utimens(self, path: str, times_ns: tuple[int, int] | None = None) -> None:
-        self._node(path) if path != "/" else None
+        if path != "/":
+            self._node(path)
         if self.read_only:
             raise FilesystemError(errno.EROFS)
         self._mtime_ns = times_ns[1] if times_ns is not None else time.time_ns()
 
     @errno_boundary
     def chmod(self, path: str, mode: int) -> None:
-        self._node(path) if path != "/" else None
+        if path != "/":
+            self._node(path)
         # Permissions follow the mount (read-only or not); they are not stored anywhere.
         raise FilesystemError(errno.EROFS if self.read_only else errno.EPERM)
 
     @errno_boundary
     def chown(self, path: str, uid: int, gid: int) -> None:
-        self._node(path) if path != "/" else None
+        if path != "/":
+            self._node(path)
         raise FilesystemError(errno.EROFS if self.read_only else errno.EPERM)
 
     # -- handles ------------------------------------------------------------------------
@@ -396,9 +399,6 @@ class DiskFilesystem:
         self.disk.discard(node.start + offset, count)
 
     # -- lifetime -----------------------------------------------------------------------
-
-    def iter_names(self) -> Iterator[str]:
-        return iter(self.nodes)
 
     @errno_boundary
     def close(self) -> None:

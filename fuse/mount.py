@@ -30,6 +30,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import vhd
 
@@ -86,7 +87,8 @@ def serve(
             on_ready()
 
     try:
-        adapter.run(
+        _run_adapter(
+            adapter,
             fs,
             os.path.realpath(mountpoint),
             fsname=f"vhd:{os.path.abspath(image)}",
@@ -101,6 +103,15 @@ def serve(
             fs.close()
         with contextlib.suppress(FileNotFoundError):
             pidfile.unlink()
+
+
+def _run_adapter(adapter: Any, fs: DiskFilesystem, mountpoint: str, **options: Any) -> None:
+    try:
+        adapter.run(fs, mountpoint, **options)
+    except RuntimeError as exc:
+        # mfusepy reports a failed fuse_main() as a bare number; libfuse printed the reason
+        # on stderr (the --log file of a daemonised mount).
+        raise MountError(f"{mountpoint}: libfuse could not mount (status {exc})") from exc
 
 
 def _check_mountpoint(mountpoint: str) -> None:
@@ -151,14 +162,17 @@ def mount(
     argv += ["--log", os.path.abspath(log_file)] if log_file else []
     argv += ["--", os.path.abspath(image), os.path.abspath(mountpoint)]
     try:
-        with open(os.devnull, "r+b") as null:
+        with contextlib.ExitStack() as stack:
+            null = stack.enter_context(open(os.devnull, "r+b"))
+            # libfuse's own messages go to stderr: keep them with the log when there is one.
+            errors = stack.enter_context(open(log_file, "ab")) if log_file else null
             # A new session and no inherited stdio: the server outlives us and never holds
             # the caller's pipes open.
             process = subprocess.Popen(
                 argv,
                 stdin=null,
                 stdout=null,
-                stderr=null,
+                stderr=errors,
                 pass_fds=(write_end,),
                 start_new_session=True,
                 cwd="/",
