@@ -18,7 +18,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Final
+from typing import Final, NamedTuple
 
 PAGE_SIZE: Final = 4096  # Xen grants and ring pages are always 4 KiB
 SECTOR_SIZE: Final = 512  # blkif sector_number and first/last_sect units
@@ -64,12 +64,13 @@ Segment = tuple[int, int, int]
 _SEGMENT = struct.Struct("<IBB2x")
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
+class Request(NamedTuple):
     """One decoded request (private copy).  Fields not used by ``operation`` are 0 / empty.
 
     ``segments`` holds the direct segments of READ/WRITE/BARRIER/FLUSH requests, and only when
     ``nr_segments`` fits the 11-slot array: a larger count is left for the engine to reject.
+    A NamedTuple: immutable, and several times cheaper to build than a frozen dataclass (one is
+    built per request).
     """
 
     operation: int

