@@ -117,7 +117,7 @@ def _run_adapter(adapter: Any, fs: DiskFilesystem, mountpoint: str, **options: A
 def _check_mountpoint(mountpoint: str) -> None:
     if not os.path.isdir(mountpoint):
         raise MountError(f"{mountpoint}: the mount point is not a directory")
-    if _is_mounted(mountpoint):
+    if is_mounted(mountpoint):
         raise MountError(f"{mountpoint}: something is already mounted there")
 
 
@@ -211,7 +211,7 @@ def _wait_ready(fd: int, process: subprocess.Popen[bytes], timeout: float) -> by
 def unmount(mountpoint: str, *, timeout: float = 120.0) -> None:
     """Flush, unmount and wait until the server has closed the image."""
     real = os.path.realpath(mountpoint)
-    if not _is_mounted(real):
+    if not is_mounted(real):
         raise MountError(f"{mountpoint}: not mounted")
     pid = _read_pidfile(_pidfile(real))
     # fsync -> Disk.flush(): whatever reached the server is durable before the unmount.
@@ -245,13 +245,13 @@ def _unmount_kernel(path: str) -> None:
         commands.append(["umount", path])
     for command in commands:
         result = subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
-        if result.returncode == 0 or not _is_mounted(path):
+        if result.returncode == 0 or not is_mounted(path):
             return
         errors.append(result.stderr.strip())
     raise MountError(f"{path}: unmount failed: {'; '.join(e for e in errors if e) or 'no tool'}")
 
 
-def _is_mounted(path: str) -> bool:
+def is_mounted(path: str) -> bool:
     """Whether ``path`` is a mount point (also for a dead FUSE server, where stat fails)."""
     real = os.path.realpath(path)
     try:

@@ -234,11 +234,12 @@ def test_plain_fusermount_unmount_closes_cleanly(
 
 @pytest.mark.parametrize("cache", ["direct", "kernel"])
 def test_read_only_mount_refuses_writes(tmp_path: Path, mounts: Mounts, cache: str) -> None:
-    image = _image(tmp_path / "ro.vhd", 16 * MiB)
+    # Spaces and commas must survive libfuse's option parsing and /proc/self/mountinfo.
+    image = _image(tmp_path / "r,o image.vhd", 16 * MiB)
     with vhd.open(str(image), "r+") as disk:
         disk.pwrite(b"keep", 0)
     before = _sha(image)
-    mnt = mounts.mount(image, "--read-only", "--cache", cache)
+    mnt = mounts.mount(image, "--read-only", "--cache", cache, mountpoint=tmp_path / "m, n")
     assert os.stat(mnt / "disk").st_mode & 0o222 == 0
     with pytest.raises(OSError) as info:
         os.open(mnt / "disk", os.O_RDWR)
