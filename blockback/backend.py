@@ -45,6 +45,7 @@ log = logging.getLogger("blockback")
 
 INLINE_SLOW = 500e-6  # seconds: far slower than a page-cache hit (~10 us), so a real disk
 INLINE_PROBE = 256  # requests sent to the pool between two inline probes
+INLINE_WINDOW = 16  # inline requests per median
 
 
 class Mapping(Protocol):
@@ -133,12 +134,15 @@ class RingService:
         # Adaptive inline execution.  Requests up to ``inline_max`` bytes may run on the ring
         # thread itself: for page-cache hits handing them to a worker (queue, wake-up, GIL
         # hand-over, completion wake-up) costs several times the I/O.  But a request that really
-        # waits for a disk would stall the whole ring, so the ring keeps a moving average of how
-        # long inline requests take and, once they look like real I/O (> INLINE_SLOW), sends
-        # everything to the pool, probing inline again every INLINE_PROBE requests.
+        # waits for a disk would stall the whole ring, so the ring takes the median time of every
+        # INLINE_WINDOW inline requests (a median: preemption on a busy host makes a few of them
+        # slow, a real disk makes most of them slow) and, once that looks like real I/O
+        # (> INLINE_SLOW), sends everything to the pool, probing inline again every INLINE_PROBE
+        # requests.
         # 0 = everything goes to the executor's pool.
         self.inline_max = inline_max
-        self._inline_avg = 0.0
+        self._inline_slow = False
+        self._inline_times: list[float] = []
         self._inline_probe = INLINE_PROBE
         self.stats = RingStats()
         self.in_flight = 0
@@ -333,7 +337,7 @@ class RingService:
             self._maybe_start_barrier()
             return
         if plan.length <= self.inline_max and kind in (Kind.READ, Kind.WRITE):
-            if self._inline_avg < INLINE_SLOW:
+            if not self._inline_slow:
                 self._run_inline(job)
                 return
             self._inline_probe -= 1
@@ -349,8 +353,12 @@ class RingService:
             if self.executor.execute(step):
                 job.status = Status.ERROR
                 break
-        # A slow moving average: preemption on a busy host must not flip the policy.
-        self._inline_avg += (time.perf_counter() - start - self._inline_avg) / 16
+        times = self._inline_times
+        times.append(time.perf_counter() - start)
+        if len(times) >= INLINE_WINDOW or self._inline_slow:
+            times.sort()
+            self._inline_slow = times[len(times) // 2] > INLINE_SLOW
+            times.clear()
         self.stats.inline += 1
         self._done.append(job)
 

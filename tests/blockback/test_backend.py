@@ -250,7 +250,8 @@ def test_adaptive_inline_falls_back_to_pool(tmp_path: Path) -> None:
         assert ring.stats.inline >= 1  # (a loaded host may already have pushed some out)
         slow = SlowDisk(r.disk)
         r.executor.disk = slow
-        ring._inline_avg = 0.0  # white box: start from "fast" whatever the host load did
+        ring._inline_slow = False  # white box: start from "fast" whatever the host load did
+        ring._inline_times = [1.0] * 15  # the slow read below completes a slow window
         before = ring.stats.inline
         assert f.call(abi.encode_rw(Op.READ, 99, 0, [(pages[0], 0, 7)])) == Status.OKAY  # 0.2 s
         assert ring.stats.inline == before + 1
