@@ -47,6 +47,7 @@ def test_commit_into_fixed_and_dynamic(tmp_path: Path, ptype: str, require_tool:
     assert read_image(parent) == bytes(model)
     assert check(parent, deep=True).clean
     assert qemu_raw(parent, tmp_path / "q.raw") == bytes(model)
+    assert libvhdi_read([parent], size) == bytes(model)
 
 
 def test_commit_keep_and_libvhdi(tmp_path: Path) -> None:
