@@ -152,6 +152,9 @@ def mount(
             cache=cache,
         )
         return
+    if log_file is None and not os.path.exists("/dev/log"):
+        # No syslog to receive the server's messages (why a read failed with EIO, ...).
+        log_file = str(default_log_file(mountpoint))
     read_end, write_end = os.pipe()
     argv = [sys.executable, "-m", "vhdfuse.mount", "--ready-fd", str(write_end)]
     argv += ["--read-only"] if read_only else []
@@ -290,9 +293,17 @@ def _runtime_dir() -> Path:
     return path
 
 
+def _mount_key(mountpoint: str) -> str:
+    return hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:24]
+
+
 def _pidfile(mountpoint: str) -> Path:
-    key = hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:24]
-    return _runtime_dir() / f"mount-{key}.pid"
+    return _runtime_dir() / f"mount-{_mount_key(mountpoint)}.pid"
+
+
+def default_log_file(mountpoint: str) -> Path:
+    """Where a daemonised server logs without ``--log`` when there is no syslog socket."""
+    return _runtime_dir() / f"mount-{_mount_key(mountpoint)}.log"
 
 
 def _start_time(pid: int) -> str | None:

@@ -49,7 +49,12 @@ def register(sub: Any) -> None:
         "single passes); kernel: the kernel page cache where it is safe (read-only mounts, "
         "writable mounts without partitions)",
     )
-    p.add_argument("--log", metavar="FILE", help="write the server's log to FILE")
+    p.add_argument(
+        "--log",
+        metavar="FILE",
+        help="append the server's log to FILE (default: syslog, or "
+        "$XDG_RUNTIME_DIR|/run|/tmp/vhdkit-UID/mount-*.log without a syslog socket)",
+    )
     p.set_defaults(func=run)
 
 
