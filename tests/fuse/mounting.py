@@ -70,9 +70,10 @@ class Mounts:
             mountpoint = self.tmp_path / f"mnt{self.count}"
         mountpoint.mkdir(exist_ok=True)
         log = self.tmp_path / f"mount{self.count}.log"
+        # Registered first: even a mount that reports failure is checked at clean-up.
+        self.active.append(mountpoint)
         result = vhd_cli("mount", str(image), str(mountpoint), "--log", str(log), *options)
         assert result.returncode == 0, result.stderr
-        self.active.append(mountpoint)
         # `vhd mount` returns once the mount is live.
         assert os.path.ismount(mountpoint)
         return mountpoint
