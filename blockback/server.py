@@ -436,10 +436,13 @@ def serve_sim(args: argparse.Namespace) -> int:
             print(f"  event channels:          {directory}/evtchn.sock")
             print(f"  backend:  {sim.backend_path}")
             print(f"  frontend: {sim.frontend_path}")
-            print("attach a frontend with:")
+            print(
+                "attach the C test frontend (build it once with: gcc -O2 -I tests/blockback "
+                "-o tests/blockback/frontend tests/blockback/frontend.c -lxenstore):"
+            )
             print(
                 f"  XENSTORED_PATH={sim.frontend_xenstored_path} "
-                f"tests/blockback/frontend {directory} {sim.frontend_path}"
+                f"tests/blockback/frontend {directory} {sim.frontend_path} check"
             )
             print("ready", flush=True)
             while not stop.wait(0.5):
