@@ -34,8 +34,8 @@ def test_vhd_serve_sim_cli(tmp_path: Path) -> None:
                 break
         assert lines and lines[-1] == "ready", (lines, proc.stderr.read() if proc.stderr else "")
         attach = next(x for x in lines if x.startswith("XENSTORED_PATH="))
-        env_part, _, rest = attach.partition(" ")
-        fe_path = rest.split()[-1]
+        env_part, _exe, directory, fe_path, mode = attach.split()
+        assert (directory, mode) == (str(sim), "check")
         env = dict(os.environ, XENSTORED_PATH=env_part.split("=", 1)[1])
         result = subprocess.run(
             [
