@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import vhd
 from tests.conftest import need_tool
 from tests.interop.oracles import TIMEOUT, qemu_img, qemu_info, qemu_raw
 from tests.model import ModelImage
-from tests.strategies import payload
+from tests.strategies import hsettings, payload, ranges
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -174,3 +177,52 @@ def test_cli_create_sizes_in_qemu(tmp_path: Path) -> None:
         with vhd.open(image) as disk:
             assert disk.pread(8192, 4096) == b"\x33" * 8192
             assert disk.pread(4096, 0) == bytes(4096)
+
+
+@st.composite
+def write_plans(draw: st.DrawFn) -> tuple[int, int, list[tuple[int, int, int]]]:
+    size = draw(st.integers(1, 64)) * 64 * KiB
+    block = draw(st.sampled_from([4 * KiB, 16 * KiB, 2 * MiB]))
+    writes = [
+        (*draw(ranges(size, max_len=100 * KiB)), draw(st.integers(1, 255)))
+        for _ in range(draw(st.integers(1, 8)))
+    ]
+    return size, block, [w for w in writes if w[1] > 0]
+
+
+@given(plan=write_plans())
+@hsettings(max_examples=15)
+def test_random_library_writes_read_the_same_in_qemu(
+    plan: tuple[int, int, list[tuple[int, int, int]]],
+) -> None:
+    """Unaligned writes through the library (partial sectors, block edges) read back in qemu."""
+    size, block, writes = plan
+    with tempfile.TemporaryDirectory(prefix="vhd-qemu-") as tmp:
+        image = Path(tmp) / "d.vhd"
+        expected = bytearray(size)
+        with vhd.create(image, size, block_size=block) as disk:
+            for off, n, seed in writes:
+                disk.pwrite(payload(n, seed), off)
+                expected[off : off + n] = payload(n, seed)
+        assert qemu_info(image)["virtual-size"] == size
+        assert qemu_raw(image, Path(tmp) / "q.raw") == expected
+
+
+@given(plan=write_plans())
+@hsettings(max_examples=15)
+def test_random_qemu_writes_read_the_same_here(
+    plan: tuple[int, int, list[tuple[int, int, int]]],
+) -> None:
+    """qemu-io writes (qemu allocates and lays out the blocks) read back through the library."""
+    size, _, writes = plan
+    with tempfile.TemporaryDirectory(prefix="vhd-qemu-") as tmp:
+        image = Path(tmp) / "q.vhd"
+        proc = qemu_img("create", "-f", "vpc", "-o", "force_size=on", str(image), str(size))
+        assert proc.returncode == 0, proc.stderr
+        qemu_io(image, *(f"write -P {b:#x} {o} {n}" for o, n, b in writes))
+        expected = bytearray(size)
+        for off, n, b in writes:
+            expected[off : off + n] = bytes([b]) * n
+        with vhd.open(image) as disk:
+            assert disk.pread(size, 0) == expected
+        assert ModelImage(image).read_all() == expected
