@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import shutil
 import struct
+import subprocess
+import sys
 import tempfile
 import time
 import tracemalloc
@@ -203,5 +205,46 @@ def test_random_corruption_never_crashes(seeds: dict[str, Seed], kind: str) -> N
                 tracemalloc.stop()
             assert time.perf_counter() - start < MAX_SECONDS
             assert peak < MAX_PEAK
+
+    run()
+
+
+VHD_CLI = str(Path(sys.executable).with_name("vhd"))
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "differencing"])
+def test_random_corruption_cli(seeds: dict[str, Seed], kind: str) -> None:
+    """The CLI on corrupted images: exit 0/1/2, errors in one line, never a traceback."""
+    seed = seeds[kind]
+
+    @given(muts=corruptions(seed.regions), refix=st.booleans())
+    @hsettings(max_examples=8)
+    def run(muts: list[tuple[int, bytes]], refix: bool) -> None:
+        with tempfile.TemporaryDirectory(prefix="vhd-fuzz-cli-") as tmp:
+            for f in seed.files:
+                shutil.copyfile(f, Path(tmp) / f.name)
+            target = Path(tmp) / seed.files[-1].name
+            raw = bytearray(target.read_bytes())
+            for at, data in muts:
+                raw[at : at + len(data)] = data[: max(0, len(raw) - at)]
+            if refix:
+                _refix(raw)
+            target.write_bytes(bytes(raw))
+            for args in (["info", "--json"], ["map"], ["check", "--deep"]):
+                proc = subprocess.run(
+                    [VHD_CLI, *args, str(target)],
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                    check=False,
+                )
+                assert "Traceback" not in proc.stderr, proc.stderr
+                assert proc.returncode in (0, 1, 2), (args, proc.returncode, proc.stderr)
+                if proc.returncode == 2:
+                    errors = [
+                        ln for ln in proc.stderr.splitlines() if not ln.startswith("vhd: warning:")
+                    ]
+                    assert len(errors) == 1 and errors[0].startswith("vhd: error: "), proc.stderr
+            assert target.read_bytes() == bytes(raw), "read-only commands changed the file"
 
     run()
