@@ -8,7 +8,9 @@ data, the rest is unallocated, so it is half data, half zeros):
 * ``fio`` 4 KiB random writes into a fresh (allocating) and into a fully allocated image
   (IOPS, vs qemu-storage-daemon with ``writable=on``).
 
-The image file is read once before the runs so that every reader starts from a warm host page
+The read benchmarks alternate the servers over ``ROUNDS`` rounds and keep each one's best (this
+shared 2-vCPU machine is noisy: single runs of the same server differ by 2x).  The image file
+is read once before the runs so that every reader starts from a warm host page
 cache: the comparison is of the FUSE servers, not of the disk.  ``run(workdir)`` returns the
 rows ``make bench`` prints; ``python -m benchmarks.fuse [DIR]`` runs it alone.
 """
@@ -30,6 +32,7 @@ MiB = 1024 * 1024
 SIZE = 1024 * MiB
 BLOCK = 2 * MiB
 FIO_SECONDS = 5
+ROUNDS = 2
 
 
 def _make_image(path: Path, *, fill: str) -> None:
@@ -188,17 +191,24 @@ def run(workdir: Path) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
 
     # -- sequential cat and random reads --------------------------------------------------
+    # Rounds alternate the servers so that a burst of load on the machine hits all of them; each
+    # keeps its best round (shortest cat, most IOPS).  vhdimount is an order of magnitude
+    # slower and runs once.
     results: dict[str, tuple[float, float]] = {}
-    with ours(half, workdir / "mnt-ours", read_only=False) as disk:
-        results["ours"] = (time_cat(disk), fio_iops(disk, "randread"))
-    with ours(half, workdir / "mnt-ours", read_only=True) as disk:
-        results["ours-ro"] = (time_cat(disk), fio_iops(disk, "randread"))
-    with ours(half, workdir / "mnt-ours", read_only=True, cache="kernel") as disk:
-        results["ours-ro-kernel"] = (time_cat(disk), fio_iops(disk, "randread"))
-    with qemu_storage_daemon(half, workdir / "qsd-export", writable=False) as disk:
-        results["qsd"] = (time_cat(disk), fio_iops(disk, "randread"))
-    with vhdimount(half, workdir / "mnt-vhdi") as disk:
-        results["vhdimount"] = (time_cat(disk), fio_iops(disk, "randread"))
+
+    def measure(name: str, server: contextlib.AbstractContextManager[Path]) -> None:
+        with server as disk:
+            cat_s, iops = time_cat(disk), fio_iops(disk, "randread")
+        best = results.get(name, (cat_s, iops))
+        results[name] = (min(best[0], cat_s), max(best[1], iops))
+
+    mnt = workdir / "mnt-ours"
+    for _ in range(ROUNDS):
+        measure("ours", ours(half, mnt, read_only=False))
+        measure("qsd", qemu_storage_daemon(half, workdir / "qsd-export", writable=False))
+        measure("ours-ro", ours(half, mnt, read_only=True))
+        measure("ours-ro-kernel", ours(half, mnt, read_only=True, cache="kernel"))
+    measure("vhdimount", vhdimount(half, workdir / "mnt-vhdi"))
     mb = SIZE / MiB
     for name, note in (
         ("ours", "read-write mount"),
@@ -214,7 +224,8 @@ def run(workdir: Path) -> list[dict[str, Any]]:
                     cat_s,
                     ref_cat,
                     "s",
-                    f"{mb / cat_s:.0f} MB/s vs {mb / ref_cat:.0f} MB/s; target <= 1.0x qsd",
+                    f"{mb / cat_s:.0f} MB/s vs {mb / ref_cat:.0f} MB/s; best of {ROUNDS}; "
+                    "target <= 1.0x qsd",
                 )
             )
             rows.append(
@@ -223,7 +234,7 @@ def run(workdir: Path) -> list[dict[str, Any]]:
                     iops,
                     ref_iops,
                     "IOPS",
-                    "target >= 1.0x qsd",
+                    f"best of {ROUNDS}; target >= 1.0x qsd",
                 )
             )
 
