@@ -10,6 +10,7 @@ import json
 import os
 import random
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,7 @@ def qemu_info(path: str | Path) -> dict[str, Any]:
     return info
 
 
-def libvhdi_read(chain: list[str | Path], length: int) -> bytes:
+def libvhdi_read(chain: Sequence[str | Path], length: int) -> bytes:
     """The first ``length`` bytes of a chain (child first) as libvhdi reads them."""
     if not Path("/usr/bin/python3").exists():
         need_tool("vhdiinfo")

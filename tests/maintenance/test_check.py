@@ -367,9 +367,9 @@ def test_corpus_samples(corpus: Path, tmp_path: Path) -> None:
     import gzip
 
     for name in ("dynamic.vhd.gz", "fixed.vhd.gz"):
-        out = tmp_path / name[:-3]
-        out.write_bytes(gzip.decompress((corpus / name).read_bytes()))
-        assert check(out, deep=True).clean, name
+        unpacked = tmp_path / name[:-3]
+        unpacked.write_bytes(gzip.decompress((corpus / name).read_bytes()))
+        assert check(unpacked, deep=True).clean, name
     # The dfvfs pair carries bad checksums everywhere: found, and repaired.
     for name in ("image.vhd", "image-differential.vhd"):
         (tmp_path / name).write_bytes((corpus / name).read_bytes())

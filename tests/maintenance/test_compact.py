@@ -22,6 +22,7 @@ from tests.maintenance.helpers import (
 )
 from tests.vhd.hyperv import build_hyperv
 from vhd.check import check
+from vhd.disk import SparseDisk
 
 BS = 256 * 1024
 
@@ -54,7 +55,7 @@ def test_discard_dynamic(tmp_path: Path, require_tool: object) -> None:
     assert qemu_raw(path, tmp_path / "q.raw") == model
     # A discarded whole block is unallocated on disk and its space punched.
     with vhd.open(path) as disk:
-        assert disk.bat[5] == 0xFFFFFFFF
+        assert isinstance(disk, SparseDisk) and disk.bat[5] == 0xFFFFFFFF
     blocks_before = path.stat().st_blocks
     with vhd.open(path, "r+") as disk:
         disk.discard(0, 4 * BS)
@@ -96,7 +97,8 @@ def test_compact_differencing(tmp_path: Path) -> None:
     parent, child, model = make_chain(tmp_path)
     with vhd.open(child, "r+") as disk:
         disk.pwrite(bytes(4096), 0)  # zeros in a child hide the parent: kept
-        entries = [(b, e) for b, e in disk.bat.allocated()]
+        assert isinstance(disk, SparseDisk)
+        entries = list(disk.bat.allocated())
     want = bytearray(model)
     want[:4096] = bytes(4096)
     # Clear every bit of one block by hand (as other tools leave them): it is reclaimable.
@@ -166,7 +168,7 @@ def test_crash_during_compact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
             if calls[0] > limit:
                 raise Stop
 
-        monkeypatch.setattr(vcompact.os, "fsync", fsync)
+        monkeypatch.setattr(os, "fsync", fsync)
         try:
             vcompact.compact(path)
             finished = True

@@ -30,7 +30,7 @@ class Faults:
         self.err = err
         self.short = short
         self.fired = False
-        self.real = vhd.disk.write_all
+        self.real = getattr(vhd.disk, "write_all")  # noqa: B009 - mypy: not re-exported
 
     def __call__(self, fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
         self.calls += 1
@@ -77,7 +77,7 @@ def run_with_fault(path: Path, base: bytes, fault: Faults, seed: int) -> None:
             disk.close()
         except OSError:
             raised = True
-    vhd.disk.write_all = fault.real  # type: ignore[assignment]
+    setattr(vhd.disk, "write_all", fault.real)  # noqa: B010 - mypy: not re-exported
     assert raised == fault.fired
     for off, d in unflushed:
         for i in range(0, len(d), PAGE):
@@ -111,11 +111,12 @@ def test_failed_write_leaves_image_repairable(
     probe = Faults(0, err, short)
     monkeypatch.setattr(vhd.disk, "write_all", probe)
     path = tmp_path / "probe.vhd"
-    make = (
-        (lambda p: vhd.create(p, parent=tmp_path / "parent.vhd", block_size=64 * 1024))
-        if kind == "differencing"
-        else (lambda p: vhd.create(p, size, block_size=64 * 1024))
-    )
+
+    def make(p: Path) -> vhd.Disk:
+        if kind == "differencing":
+            return vhd.create(p, parent=tmp_path / "parent.vhd", block_size=64 * 1024)
+        return vhd.create(p, size, block_size=64 * 1024)
+
     make(path).close()
     start = probe.calls
     run_with_fault(path, bytes(base), probe, 5)

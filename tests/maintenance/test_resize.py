@@ -163,13 +163,13 @@ def test_crash_during_resize(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ki
             if calls[0] > limit:
                 raise Stop
 
-        monkeypatch.setattr(vresize.os, "fsync", fsync)
+        monkeypatch.setattr(os, "fsync", fsync)
         try:
             vresize.resize(path, 1000 * bs)
             finished = True
         except Stop:
             finished = False
-        monkeypatch.setattr(vresize.os, "fsync", real_fsync)
+        monkeypatch.setattr(os, "fsync", real_fsync)
         rc, out = run_cli("check", "--repair", str(path))
         assert rc == 0, f"step {step}: {out}"
         got = read_image(path)
