@@ -6,6 +6,7 @@ other page holds its old content or one of the failed or unacknowledged writes."
 from __future__ import annotations
 
 import errno
+import os
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -129,3 +130,31 @@ def test_failed_write_leaves_image_repairable(
         monkeypatch.setattr(vhd.disk, "write_all", fault)
         run_with_fault(image, bytes(base), fault, 5)
         assert fault.fired
+
+
+def test_failed_sync_in_flush(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fdatasync failing with EIO inside flush(): the error reaches the caller, nothing written
+    before the last successful flush is lost, and the image repairs clean."""
+    path = tmp_path / "d.vhd"
+    size = 8 * MiB
+    vhd.create(path, size, block_size=64 * 1024).close()
+    real = os.fdatasync
+    acked = bytearray(size)
+    with vhd.open(path, "r+") as disk:
+        disk.pwrite(b"\x01" * 65536, 0)
+        disk.flush()
+        acked[:65536] = b"\x01" * 65536
+        disk.pwrite(b"\x02" * 65536, 4 * MiB)
+
+        def failing(fd: int) -> None:
+            raise OSError(errno.EIO, "injected fdatasync failure")
+
+        monkeypatch.setattr(os, "fdatasync", failing)
+        with pytest.raises(OSError):
+            disk.flush()
+        monkeypatch.setattr(os, "fdatasync", real)
+    rc, out = run_cli("check", "--repair", str(path))
+    assert rc == 0, out
+    got = read_image(path)
+    assert got[:65536] == acked[:65536]
+    assert got[4 * MiB : 4 * MiB + 65536] in (bytes(65536), b"\x02" * 65536)
