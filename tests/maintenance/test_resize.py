@@ -179,3 +179,19 @@ def test_crash_during_resize(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ki
             break
         step += 1
     assert step >= 3
+
+
+def test_grow_hyperv_dynamic(tmp_path: Path, require_tool: object) -> None:
+    """Windows dynamic layout, out-of-order 4 KiB-aligned blocks right after the 4 KiB-padded BAT:
+    growing the BAT relocates the first blocks, as Resize-VHD does."""
+    size = 4 * MiB
+    bs = 4096
+    content = bytearray(random.Random(9).randbytes(size))
+    for hole in range(0, size, 3 * 65536):
+        content[hole : hole + 65536] = bytes(65536)
+    path = tmp_path / "hv.vhd"
+    build_hyperv(path, size=size, block_size=bs, content=bytes(content), seed=9)
+    rc, out = run_cli("resize", str(path), "16M")
+    assert rc == 0 and "relocated" in out, out
+    want = bytes(content) + bytes(12 * MiB)
+    verify(path, want, tmp_path)
