@@ -110,11 +110,14 @@ def open(
         raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
     spath = os.fspath(path)
     writable = mode == "r+"
-    fd = os.open(spath, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+    # O_NONBLOCK: opening a FIFO (say, a shell's <(...)) would otherwise wait for a writer
+    # forever; it is refused just below, and the flag is cleared for files that are accepted.
+    fd = os.open(spath, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK)
     try:
         st = os.fstat(fd)
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             raise NotAVHDError("not a regular file or block device", path=spath)
+        os.set_blocking(fd, True)
         if writable:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
