@@ -419,3 +419,15 @@ def test_huge_locator_is_bounded_and_skipped(tmp_path: Path) -> None:
     with vhd.open(path) as disk:
         assert disk.pread(512, BLOCK) == payload(512, 3)
         assert disk.parent is not None
+
+
+def test_fifo_and_directory_are_refused_without_hanging(tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.vhd"
+    os.mkfifo(fifo)
+    start = time.perf_counter()
+    for path in (fifo, tmp_path):
+        with pytest.raises(vhd.NotAVHDError):
+            vhd.open(path)
+    assert time.perf_counter() - start < MAX_SECONDS
+    rc, err = run_cli("info", str(fifo))
+    assert rc == 2 and "not a regular file" in err
