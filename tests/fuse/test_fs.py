@@ -8,6 +8,8 @@ import stat
 import threading
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from vhdfuse.fs import (
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
@@ -205,3 +207,46 @@ def test_concurrent_handles() -> None:
     assert errors == []
     for index in range(8):
         assert disk.data[index * 50 * 512 : (index + 1) * 50 * 512] == bytes([index]) * 50 * 512
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["disk", "p1", "p2", "p5"]),
+            st.sampled_from(["read", "write", "punch"]),
+            st.integers(0, 5 * MiB),
+            st.integers(0, 300 * 1024),
+        ),
+        max_size=25,
+    )
+)
+def test_operations_against_a_model(ops: list[tuple[str, str, int, int]]) -> None:
+    """Random reads, writes and punches through any file agree with a plain bytearray."""
+    fs, disk = _fs()
+    model = bytearray(len(disk.data))
+    windows = {
+        "disk": (0, 8 * MiB),
+        "p1": (MiB, 2 * MiB),
+        "p2": (3 * MiB, 4 * MiB),
+        "p5": (3 * MiB, MiB),
+    }
+    handles = {name: fs.open(f"/{name}", os.O_RDWR) for name in windows}
+    for index, (name, op, offset, length) in enumerate(ops):
+        start, size = windows[name]
+        count = max(0, min(length, size - offset))
+        if op == "read":
+            assert fs.read(handles[name], length, offset) == bytes(
+                model[start + offset : start + offset + count]
+            )
+        elif op == "write":
+            data = bytes([index % 251 + 1]) * length
+            if count == 0 and length:
+                assert _errno(fs.write, handles[name], data, offset) == errno.ENOSPC
+            else:
+                assert fs.write(handles[name], data, offset) == count
+                model[start + offset : start + offset + count] = data[:count]
+        else:
+            fs.fallocate(handles[name], FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+            model[start + offset : start + offset + count] = bytes(count)
+    assert disk.data == model
