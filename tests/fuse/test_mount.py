@@ -18,6 +18,7 @@ import pytest
 from vhdfuse.mount import server_pid
 
 import vhd
+from tests.model import model_chain
 
 from .mounting import MiB, Mounts, is_mounted, run, vhd_cli, wait_until
 
@@ -193,6 +194,9 @@ def test_differencing_child_takes_the_writes(
     with vhd.open(str(child)) as disk:
         assert disk.pread(32 * MiB, 0) == model
     assert _libvhdi_read(child, parent, 0, 32 * MiB) == model
+    # The spec model (an independent reader of the spec) agrees.
+    chain = model_chain([parent, child])
+    assert chain.read_all() == model
 
 
 def test_parent_dir_finds_a_moved_parent(tmp_path: Path, mounts: Mounts) -> None:
