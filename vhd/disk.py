@@ -332,6 +332,21 @@ class SparseDisk(Disk):
 
     # -- reads ---------------------------------------------------------------------------
 
+    def preadinto(self, buffer: Buffer, offset: int) -> int:
+        # Fast path for the common small read (NBD, blkif, FUSE): inside one block whose bitmap
+        # is all ones, it is a single preadv with no further Python work.
+        if type(buffer) is memoryview and buffer.format == "B" and not buffer.readonly:
+            n = len(buffer)
+            bs = self._bs
+            block = offset // bs
+            if 0 <= offset and offset + n <= self.size and n and (offset + n - 1) // bs == block:
+                entry = self.bat[block]
+                if entry != UNUSED and self._bitmaps.get(block) is FULL:
+                    at = entry * SECTOR + self._bitmap_bytes + offset - block * bs
+                    if os.preadv(self._fd, [buffer], at) == n:
+                        return n
+        return super().preadinto(buffer, offset)
+
     def _readinto(self, dest: memoryview, offset: int) -> None:
         bs = self._bs
         pos = 0
