@@ -339,7 +339,7 @@ class SparseDisk(Disk):
             n = len(buffer)
             bs = self._bs
             block = offset // bs
-            if 0 <= offset and offset + n <= self.size and n and (offset + n - 1) // bs == block:
+            if offset >= 0 and offset + n <= self.size and n and (offset + n - 1) // bs == block:
                 entry = self.bat[block]
                 if entry != UNUSED and self._bitmaps.get(block) is FULL:
                     at = entry * SECTOR + self._bitmap_bytes + offset - block * bs
