@@ -59,7 +59,7 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # Imported by name: vhdfuse installs from fuse/ (mypy cannot follow that mapping).
+    # Imported when used: other commands never load the FUSE modules.
     mount = importlib.import_module("vhdfuse.mount").mount
     mount(
         args.image,

@@ -26,7 +26,7 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    # Imported by name: vhdfuse installs from fuse/ (mypy cannot follow that mapping).
+    # Imported when used: other commands never load the FUSE modules.
     unmount = importlib.import_module("vhdfuse.mount").unmount
     unmount(args.mountpoint, timeout=args.timeout)
     return 0
