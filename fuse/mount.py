@@ -233,6 +233,9 @@ def unmount(mountpoint: str, *, timeout: float = 120.0) -> None:
             raise MountError(
                 f"{mountpoint}: unmounted, but the server (pid {pid[0]}) is still busy"
             )
+    # A server that was killed (SIGKILL, OOM) left its pid file behind.
+    with contextlib.suppress(FileNotFoundError):
+        _pidfile(real).unlink()
 
 
 def server_pid(mountpoint: str) -> int | None:
