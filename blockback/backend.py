@@ -2,15 +2,17 @@
 
 One :class:`RingService` thread per ring (queue).  Each wake-up it
 
-1. acknowledges the event channel (reads all pending kicks at once: a storm is one wake-up);
-2. writes the responses of every request the executor finished since the last wake-up, releasing
+1. writes the responses of every request the executor finished since the last wake-up, releasing
    each request's grant mappings *before* its response is published (no mapping outlives its
    response), then publishes them all with one ``PUSH_RESPONSES_AND_CHECK_NOTIFY`` -- at most one
    notification per batch, and only when the frontend asked for it;
-3. copies at most ``budget`` published requests out of the ring (``blockback.ring``), validates the
+2. copies at most ``budget`` published requests out of the ring (``blockback.ring``), validates the
    copies (``blockback.engine``), answers invalid ones at once and hands valid ones to the shared
    :class:`~blockback.executor.RequestExecutor`, whose worker threads complete them in any order
-   with ``preadinto``/``pwrite`` straight between the image and the granted pages;
+   with ``preadinto``/``pwrite`` straight between the image and the granted pages (small
+   requests run on the ring thread itself while they complete at page-cache speed: ``inline_max``);
+3. acknowledges the event channel after that bounded batch (late EOI, XSA-332: all pending
+   kicks at once, so a storm costs one wake-up per batch), and
 4. sleeps only after ``FINAL_CHECK_FOR_REQUESTS`` found nothing.
 
 WRITE_BARRIER stops the intake (as tapdisk does): once everything before it has completed it runs
@@ -193,17 +195,43 @@ class RingService:
                     poller.unregister(channel_fd)  # a dead peer would poll readable for ever
                     watching_channel = False
                 poller.poll()
-            # Teardown: no more intake; let everything in flight finish and answer it.
-            while self.in_flight:
-                self._maybe_start_barrier()
-                self._wait_wake()
-                with contextlib.suppress(BlockingIOError):
-                    os.eventfd_read(self._wake)
-                self._respond()
-                self._publish()
+            self._drain()
         except BaseException as exc:  # pragma: no cover - a bug: make it visible, keep dom0 up
             self._error = exc
             log.exception("%s: ring thread failed", self.name)
+
+    def _drain(self) -> None:
+        """Teardown: serve what the frontend had published when we were told to stop (at most
+        one ring's worth more, so a frontend that keeps pushing cannot hold us), let everything
+        in flight finish, and answer it all: nothing consumed is left unanswered at Closed."""
+        allowance = self.ring.nr_ents
+        while True:
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(self._wake)
+            self._respond()
+            self._maybe_start_barrier()
+            # Requests deferred behind a barrier are consumed already: they are always served.
+            if self._barrier is None and (
+                self._deferred or (allowance > 0 and not self.ring.halted)
+            ):
+                budget, self.budget = self.budget, min(self.budget, allowance)
+                try:
+                    allowance -= self._intake()
+                finally:
+                    self.budget = budget
+                self._respond()
+            self._publish()
+            if not self.in_flight and self._barrier is None:
+                if self._deferred or (allowance > 0 and self._has_requests()):
+                    continue
+                return
+            self._wait_wake()
+
+    def _has_requests(self) -> bool:
+        try:
+            return self.ring.has_unconsumed_requests()
+        except RemoteProtocolError:
+            return False
 
     def _wait_wake(self) -> None:
         select.select([self._wake], [], [], 1.0)
@@ -211,7 +239,6 @@ class RingService:
     def _iterate(self) -> bool:
         """One bounded unit of work; True if anything happened (so look again before sleeping)."""
         self.stats.wakeups += 1
-        self.channel.ack()
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self._wake)
         answered = self._respond()
@@ -221,6 +248,10 @@ class RingService:
             taken = self._intake()
             answered += self._respond()  # inline requests finished already
         self._publish()
+        # Late EOI (XSA-332): re-enable the port only after this bounded batch; a kick that came
+        # meanwhile is consumed here, and the final check below (or the next round) sees its
+        # requests, so nothing is lost.
+        self.channel.ack()
         if answered or taken:
             return True
         if self._barrier is None and not self._stopping and not self.ring.halted:

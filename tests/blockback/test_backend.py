@@ -266,3 +266,18 @@ def test_adaptive_inline_falls_back_to_pool(tmp_path: Path) -> None:
         assert ring.stats.inline == before + 1
     finally:
         r.close()
+
+
+def test_stop_answers_everything_published(rig: Rig) -> None:
+    """Teardown serves what was published before the stop: nothing left unanswered at Closed."""
+    f, abi = rig.front, rig.front.abi
+    pages = f.alloc(32)
+    time.sleep(0.05)  # let the ring thread go to sleep (req_event armed)
+    f.ring.push_requests()
+    for i in range(32):
+        f.ring.put_request(abi.encode_rw(Op.READ, 500 + i, 8 * i, [(pages[i], 0, 7)]))
+    f.ring.push_requests()  # published, but no notification: the backend is asleep
+    rig.device.stop()
+    got = f.ring.take_responses()
+    assert sorted(r[0] for r in got) == [500 + i for i in range(32)]
+    assert rig.xen.grants.mapped == 0
