@@ -5,6 +5,7 @@ model (:mod:`tests.model`), never only with the library itself."""
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import struct
 import threading
@@ -355,3 +356,50 @@ def test_big_sparse_image_opens_fast_without_python_objects(tmp_path: Path) -> N
     image = ModelImage(path)
     assert image.footer.current_size == size
     assert struct.unpack(">I", path.read_bytes()[0x600:0x604])[0] == 0xFFFFFFFF
+
+
+@pytest.mark.parametrize("differencing", [False, True])
+def test_readers_never_see_unwritten_blocks(tmp_path: Path, differencing: bool) -> None:
+    """While a writer allocates blocks, concurrent readers see, sector by sector, either the old
+    content or the new one: a BAT entry or bitmap is published only after its data."""
+    size = 4 * MiB
+    block = 8 * KiB
+    old = bytearray(size)
+    if differencing:
+        base = tmp_path / "base.vhd"
+        with vhd.create(base, size, type="fixed") as disk:
+            old[:] = payload(size, 50)
+            disk.pwrite(old, 0)
+        disk = vhd.create(tmp_path / "child.vhd", parent=base, block_size=block)
+    else:
+        disk = vhd.create(tmp_path / "d.vhd", size, block_size=block)
+    new = payload(block, 51)
+    done = threading.Event()
+    problems: list[str] = []
+
+    def writer() -> None:
+        try:
+            for b in range(size // block):
+                disk.pwrite(new, b * block)
+        finally:
+            done.set()
+
+    def reader(seed: int) -> None:
+        rng = random.Random(seed)
+        while not done.is_set() and not problems:
+            b = rng.randrange(size // block)
+            got = disk.pread(block, b * block)
+            for s in range(0, block, 512):
+                sector = got[s : s + 512]
+                if sector not in (old[b * block + s : b * block + s + 512], new[s : s + 512]):
+                    problems.append(f"block {b} sector {s // 512}")
+
+    threads = [threading.Thread(target=writer)] + [
+        threading.Thread(target=reader, args=(k,)) for k in range(3)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    disk.close()
+    assert not problems, problems[:5]
