@@ -151,7 +151,14 @@ def create(
             os.unlink(spath)
         raise
     os.close(fd)
-    return open_image(spath, "r+")
+    try:
+        return open_image(spath, "r+")
+    except BaseException:
+        # E.g. the new child makes the chain too deep: the caller gets an error, so it must
+        # not also get a file it does not know about (which would block a retry).
+        with contextlib.suppress(OSError):
+            os.unlink(spath)
+        raise
 
 
 def _check_size(size: int) -> None:
