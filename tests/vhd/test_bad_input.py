@@ -431,3 +431,19 @@ def test_fifo_and_directory_are_refused_without_hanging(tmp_path: Path) -> None:
     assert time.perf_counter() - start < MAX_SECONDS
     rc, err = run_cli("info", str(fifo))
     assert rc == 2 and "not a regular file" in err
+
+
+def test_absurdly_deep_chain_is_refused(tmp_path: Path) -> None:
+    """Chains are capped (64 disks): deeper ones give ChainLoopError, not a recursion error."""
+    path = tmp_path / "l0.vhd"
+    vhd.create(path, 64 * KiB, block_size=4 * KiB).close()
+    depth = 0
+    with pytest.raises(vhd.ChainLoopError):
+        for depth in range(1, 80):
+            nxt = tmp_path / f"l{depth}.vhd"
+            vhd.create(nxt, parent=path, block_size=4 * KiB).close()
+            path = nxt
+    assert 60 <= depth <= 65
+    assert not (tmp_path / f"l{depth}.vhd").exists()
+    with vhd.open(path) as disk:  # the deepest chain that was accepted still opens
+        assert len(disk.chain) == depth
