@@ -165,6 +165,11 @@ class DiskMachine(RuleBasedStateMachine):
         image = model_chain(list(self.layers))
         assert image.size == self.size
         assert image.read_all() == bytes(self.expected)
+        # The library's extents name, for every sector, the layer the model finds it in.
+        with vhd.open(self.layers[-1]) as disk:
+            for ext in disk.extents():
+                for s in range(ext.offset // SECTOR, ext.end // SECTOR):
+                    assert image.layer(s) == ext.layer, (s, ext)
         for parent, digest in self.frozen.items():
             assert _digest(parent) == digest, f"{parent.name} was modified"
 
