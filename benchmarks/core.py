@@ -76,7 +76,9 @@ def _run_child(args: list[str]) -> tuple[float, int]:
     The peak comes from GNU time: a child forked straight from this (large) Python process
     would report this process's RSS at fork time.
     """
-    timer = shutil.which("time") or "/usr/bin/time"
+    timer = shutil.which("time")
+    if timer is None:
+        raise RuntimeError("GNU time is needed to measure peak memory (apt-get install time)")
     with tempfile.NamedTemporaryFile("r") as note:
         start = time.perf_counter()
         proc = subprocess.run(
