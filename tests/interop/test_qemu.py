@@ -227,3 +227,25 @@ def test_random_qemu_writes_read_the_same_here(
         with vhd.open(image) as disk:
             assert disk.pread(size, 0) == expected
         assert ModelImage(image).read_all() == expected
+
+
+@given(
+    sectors=st.one_of(
+        st.integers(1, 8 * 1024 * 1024),  # up to 4 GiB
+        st.builds(
+            lambda c, h, s: c * h * s,
+            st.integers(1, 1024),
+            st.integers(1, 16),
+            st.sampled_from([17, 31, 63]),
+        ),  # sizes whose C·H·S may be exact
+    ),
+    kind=st.sampled_from(["dynamic", "fixed"]),
+)
+@hsettings(max_examples=25)
+def test_qemu_sees_the_exact_size_of_any_library_image(sectors: int, kind: str) -> None:
+    """Whatever the size, qemu (which sizes 'vhdk' images by C·H·S unless the geometry is the
+    maximum) reports exactly the size asked for."""
+    with tempfile.TemporaryDirectory(prefix="vhd-qemu-size-") as tmp:
+        image = Path(tmp) / "d.vhd"
+        vhd.create(image, sectors * 512, type=kind).close()
+        assert qemu_info(image)["virtual-size"] == sectors * 512
