@@ -29,11 +29,32 @@ class _Parser(argparse.ArgumentParser):
     """argparse exits with 2 on usage errors already; keep its one-line style."""
 
 
+class _CommandParser(argparse.ArgumentParser):
+    """A sub-command's parser that lets options and positionals mix in any order, so that
+    ``vhd create IMAGE --type fixed 10G`` works like ``vhd create IMAGE 10G --type fixed``
+    (plain argparse stops filling an optional positional once an option came between)."""
+
+    _intermixing = False
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        if self._intermixing:
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return super().parse_known_intermixed_args(args, namespace)
+        except TypeError:  # a layout intermixing cannot handle: parse the ordinary way
+            return super().parse_known_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="vhd", description="Work with Microsoft VHD disk images on Linux.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("--version", action="version", version=f"vhdkit {vhd.__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_CommandParser)
     sub.required = True
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         if info.name.startswith("_"):

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 UNUSED = 0xFFFFFFFF
 ENTRIES_PER_SECTOR = 128
-_UNUSED_RUN = re.compile(b"(?:\\xff{4})+")
+_NOT_FF = re.compile(b"[^\\xff]")
 
 _NATIVE_IS_LITTLE = sys.byteorder == "little"
 if array("I").itemsize != 4:  # pragma: no cover - every Linux ABI has 4-byte unsigned int
@@ -60,18 +60,21 @@ class BlockAllocationTable:
     def allocated(self) -> Iterator[tuple[int, int]]:
         """(block index, sector) of every allocated block, in block order."""
         entries = self.entries
+        if entries.count(UNUSED) == len(entries):
+            return
         raw = entries.tobytes()
         pos, end = 0, len(raw)
         while pos < end:
-            # Runs of unallocated entries are skipped at C speed by the regex engine; matching
-            # from an entry boundary in 4-byte units keeps the match aligned to entries.
-            run = _UNUSED_RUN.match(raw, pos)
-            if run is not None:
-                pos = run.end()
-                continue
-            index = pos // 4
-            yield index, entries[index]
-            pos += 4
+            # Every allocated entry has a byte other than 0xFF; the regex engine finds the next
+            # such byte at C speed, skipping runs of unallocated entries without Python work.
+            hit = _NOT_FF.search(raw, pos)
+            if hit is None:
+                return
+            index = hit.start() // 4
+            value = entries[index]
+            if value != UNUSED:  # pragma: no branch - a non-0xFF byte means allocated
+                yield index, value
+            pos = (index + 1) * 4
 
     def table_bytes(self, padded_entries: int | None = None) -> bytes:
         """The whole table in on-disk (big-endian) form, padded with 0xFF to whole sectors."""

@@ -167,11 +167,16 @@ class Disk:
         if length:
             self._discard(offset, length)
 
-    def flush(self) -> None:
+    def flush(self, *, durable: bool = True) -> None:
+        """Make every completed write durable (``fdatasync``), metadata included.
+
+        ``durable=False`` only writes the in-memory metadata back, without syncing: for a caller
+        that builds an image from scratch (``vhd convert``) and has no crash to survive midway.
+        """
         if self.read_only or self._closed:
             return
         with self._lock:
-            self._flush_locked()
+            self._flush_locked(durable)
 
     def extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]:
         end = self.size if length is None else min(self.size, offset + length)
@@ -190,11 +195,11 @@ class Disk:
         if merged is not None:
             yield merged
 
-    def close(self) -> None:
+    def close(self, *, durable: bool = True) -> None:
         if self._closed:
             return
         try:
-            self.flush()
+            self.flush(durable=durable)
         finally:
             self._closed = True
             os.close(self._fd)
@@ -239,8 +244,9 @@ class Disk:
     def _extents(self, start: int, end: int) -> Iterator[Extent]:
         raise NotImplementedError
 
-    def _flush_locked(self) -> None:
-        os.fdatasync(self._fd)
+    def _flush_locked(self, durable: bool) -> None:
+        if durable:
+            os.fdatasync(self._fd)
 
 
 class FixedDisk(Disk):
@@ -571,8 +577,9 @@ class SparseDisk(Disk):
 
     # -- metadata ------------------------------------------------------------------------
 
-    def _flush_locked(self) -> None:
-        os.fdatasync(self._fd)
+    def _flush_locked(self, durable: bool) -> None:
+        if durable:
+            os.fdatasync(self._fd)
         if not self.bat.dirty:
             return
         assert self.header is not None
@@ -582,7 +589,8 @@ class SparseDisk(Disk):
                 write_all(
                     self._fd, self.bat.sector_bytes(sector), self.header.table_offset + sector * 512
                 )
-            os.fdatasync(self._fd)
+            if durable:
+                os.fdatasync(self._fd)
         except BaseException:
             self.bat.mark_dirty(sectors)
             raise
@@ -622,8 +630,12 @@ class SparseDisk(Disk):
             pos = block_end
 
     def _absent_extents(self, start: int, end: int) -> Iterator[Extent]:
-        if not self._differencing or self.parent is None:
+        if not self._differencing:
             yield Extent(start, end - start, None)
+            return
+        if self.parent is None:
+            # Opened without its parent: the range is the parent's, whatever it holds there.
+            yield Extent(start, end - start, 1)
             return
         covered = start
         for ext in self.parent.extents(start, end - start):

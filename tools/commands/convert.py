@@ -46,6 +46,11 @@ def register(sub: Any) -> None:
         help="also look for parent images in DIR",
     )
     p.add_argument("--force", action="store_true", help="overwrite DST if it exists")
+    p.add_argument(
+        "--sync",
+        action="store_true",
+        help="fsync DST before exiting (like qemu-img, the default leaves it to the page cache)",
+    )
     p.set_defaults(func=run)
 
 
@@ -74,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
             size=size,
             overwrite=args.force,
             progress=progress.update,
+            sync=args.sync or args.azure,
         )
         progress.finish()
     print(
