@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 # Reference tools the tests use as oracles, and what the FUSE, NBD and Xen parts run against.
 APT_PACKAGES := qemu-utils qemu-system-common libvhdi-utils python3-libvhdi e2fsprogs fdisk \
 	fuse3 libfuse3-3 fio libnbd-bin libxen-dev xenstore-utils mtools dosfstools gcc libc6-dev \
-	python3 hyperfine
+	python3 hyperfine time
 
 CORPUS_DEFAULT := $(abspath ../shared/corpus)
 export VHD_CORPUS ?= $(if $(wildcard $(CORPUS_DEFAULT)/SOURCES.txt),$(CORPUS_DEFAULT),)

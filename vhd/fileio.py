@@ -8,7 +8,6 @@ metadata says exists means the image is truncated, which is reported as corrupti
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 
@@ -19,7 +18,9 @@ Buffer = bytes | bytearray | memoryview
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# The C library is already loaded into the process: dlopen(NULL) finds fallocate without
+# ctypes.util.find_library, which would spawn ldconfig at import time.
+_libc = ctypes.CDLL(None, use_errno=True)
 _fallocate = _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _fallocate.restype = ctypes.c_int
