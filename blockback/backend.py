@@ -59,6 +59,13 @@ class Mapping(Protocol):
 
 
 class GrantMapper(Protocol):
+    """Access to one frontend's granted pages.
+
+    A transport that moves data by grant copy also has ``finish_mappings([(mapping, ok)]) ->
+    [delivered]``: the ring calls it once per batch of finished requests, before writing their
+    responses, to copy read data out to the guest (only where ``ok``); a False answers ERROR.
+    Transports without it (mapped pages) need nothing done before ``release()``."""
+
     def map_segments(self, segments: Sequence[tuple[int, int, int]], writable: bool) -> Mapping:
         """Map ``(gref, offset, length)`` segments all or nothing; raise OSError on a bad grant."""
         ...
@@ -261,16 +268,29 @@ class RingService:
     def _respond(self) -> int:
         """Write the responses of finished jobs (published later, once per batch)."""
         done = self._done
-        n = 0
-        while done:
-            job = done.popleft()
+        if not done:
+            return 0
+        jobs: list[_Job] = []
+        while done:  # a snapshot: workers keep appending
+            jobs.append(done.popleft())
+        finish = getattr(self.grants, "finish_mappings", None)
+        if finish is not None:
+            # A grant-copy transport delivers the data of every finished request to the guest
+            # in one batch, before any response is written; a request whose copy failed on any
+            # segment is answered ERROR, never a silent partial success (XSA-365).
+            pending = [j for j in jobs if j.mapping is not None]
+            if pending:
+                delivered = finish([(j.mapping, j.status == Status.OKAY) for j in pending])
+                for job, ok in zip(pending, delivered, strict=True):
+                    if not ok:
+                        job.status = Status.ERROR
+        for job in jobs:
             self._answer(job.plan.id, job.plan.operation, job.status, job.mapping)
             self.in_flight -= 1
-            n += 1
             if job is self._barrier:
                 self._barrier = None
                 self._barrier_running = False
-        return n
+        return len(jobs)
 
     def _publish(self) -> None:
         if self.ring.rsp_prod_pvt == self._published:

@@ -48,6 +48,7 @@ import logging
 import mmap
 import os
 import struct
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -60,6 +61,8 @@ GNTDEV_PATH = "/dev/xen/gntdev"
 EVTCHN_PATH = "/dev/xen/evtchn"
 
 IoctlFn = Callable[[int, int, Any], Any]
+# One grant-copy segment with a raw local address: (domid, gref, offset, address, length, to_guest).
+RawCopy = tuple[int, int, int, int, int, bool]
 
 # --- ioctl numbers (asm-generic/ioctl.h) -----------------------------------------------------------
 
@@ -345,16 +348,32 @@ class GntDev:
         """One batched IOCTL_GNTDEV_GRANT_COPY; returns each segment's status (0 = GNTST_okay)."""
         if not ops:
             return []
-        segments = (GntdevGrantCopySegment * len(ops))()
+        entries: list[RawCopy] = []
         keep: list[Any] = []
-        for seg, op in zip(segments, ops, strict=True):
-            length = memoryview(op.buffer).nbytes
-            if op.offset < 0 or op.offset + length > PAGE_SIZE or length > 0xFFFF:
-                raise ValueError(f"copy of {length} bytes at {op.offset} crosses a 4 KiB frame")
-            address, holder = _buffer_address(op.buffer)
-            keep.append(holder)
-            foreign = GntCopyForeign(op.gref, op.offset, op.domid)
-            if op.to_guest:
+        try:
+            for op in ops:
+                length = memoryview(op.buffer).nbytes
+                _check_frame(op.offset, length)
+                address, holder = _buffer_address(op.buffer)
+                keep.append(holder)
+                entries.append((op.domid, op.gref, op.offset, address, length, op.to_guest))
+            return self.copy_raw(entries)
+        finally:
+            del keep
+
+    def copy_raw(self, entries: Sequence[RawCopy]) -> list[int]:
+        """One batched IOCTL_GNTDEV_GRANT_COPY of ``(domid, gref, offset, address, length,
+        to_guest)`` entries whose local side is a raw address the caller keeps valid (the bounce
+        pool's pages); returns each segment's status."""
+        if not entries:
+            return []
+        segments = (GntdevGrantCopySegment * len(entries))()
+        for seg, (domid, gref, offset, address, length, to_guest) in zip(
+            segments, entries, strict=True
+        ):
+            _check_frame(offset, length)
+            foreign = GntCopyForeign(gref, offset, domid)
+            if to_guest:
                 seg.source.virt = address
                 seg.dest.foreign = foreign
                 seg.flags = GNTCOPY_DEST_GREF
@@ -363,14 +382,18 @@ class GntDev:
                 seg.dest.virt = address
                 seg.flags = GNTCOPY_SOURCE_GREF
             seg.len = length
-        arg = GntdevGrantCopy(len(ops), ctypes.addressof(segments))
+        arg = GntdevGrantCopy(len(entries), ctypes.addressof(segments))
         try:
             self._ioctl(self.fd, IOCTL_GNTDEV_GRANT_COPY, _addr(arg))
         except OSError as exc:
             raise GrantError(f"IOCTL_GNTDEV_GRANT_COPY: {exc}", exc.errno or 0) from exc
-        finally:
-            del keep
         return [seg.status for seg in segments]
+
+
+def _check_frame(offset: int, length: int) -> None:
+    # The hypervisor refuses a foreign side crossing its 4 KiB frame; say so before the ioctl.
+    if offset < 0 or length < 0 or offset + length > PAGE_SIZE:
+        raise ValueError(f"copy of {length} bytes at {offset} crosses a 4 KiB frame")
 
 
 def encode_copy_segment(op: CopyOp, address: int) -> bytes:
@@ -484,20 +507,219 @@ class XenMapping:
         grant_map.close()
 
 
-class XenGrantMapper:
-    """Grant access to one frontend domain's pages (``blockback.backend.GrantMapper``)."""
+DATA_PATHS = ("copy", "map")
+# Bounce pages kept for reuse per frontend domain: 64 base requests (11 pages) or four full
+# 1024-segment indirect ones.  What is in flight beyond it is allocated and dropped on return, so
+# memory is bounded by the ring depth (in flight) plus this (pooled).
+DEFAULT_POOL_BYTES = 16 << 20
 
-    def __init__(self, dev: GntDev, domid: int) -> None:
+
+class _Bounce:
+    """One page-aligned anonymous mapping of ``pages`` pages, with its address cached (the
+    ctypes view pins the mmap, so the address stays valid for the object's life)."""
+
+    __slots__ = ("_pin", "address", "mmap", "pages")
+
+    def __init__(self, pages: int) -> None:
+        self.pages = pages
+        self.mmap = mmap.mmap(-1, pages * PAGE_SIZE)
+        self._pin = (ctypes.c_char * (pages * PAGE_SIZE)).from_buffer(self.mmap)
+        self.address = ctypes.addressof(self._pin)
+
+
+class BouncePool:
+    """Reused local buffers for grant copy: free lists by power-of-two page count, at most
+    ``max_bytes`` kept free.  Thread-safe (the queues of one device share it)."""
+
+    def __init__(self, max_bytes: int = DEFAULT_POOL_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self._free: dict[int, list[_Bounce]] = {}
+        self._free_bytes = 0
+        self._lock = threading.Lock()
+        self.allocated = 0  # bounce mappings ever created (tests: reuse keeps this small)
+        self.in_use = 0
+
+    @property
+    def free_bytes(self) -> int:
+        return self._free_bytes
+
+    def get(self, nbytes: int) -> _Bounce:
+        pages = 1 << max(0, (-(-nbytes // PAGE_SIZE) - 1).bit_length())
+        with self._lock:
+            self.in_use += 1
+            free = self._free.get(pages)
+            if free:
+                self._free_bytes -= pages * PAGE_SIZE
+                return free.pop()
+            self.allocated += 1
+        return _Bounce(pages)
+
+    def put(self, bounce: _Bounce) -> None:
+        size = bounce.pages * PAGE_SIZE
+        with self._lock:
+            self.in_use -= 1
+            if self._free_bytes + size <= self.max_bytes:
+                self._free.setdefault(bounce.pages, []).append(bounce)
+                self._free_bytes += size
+        # else: dropped; the mapping goes away with the object
+
+
+class XenCopyMapping:
+    """The data of one request in a private bounce buffer (grant copy, docs/blkif.md §3).
+
+    ``buffers`` is one contiguous buffer of the request's length, segment after segment.  For a
+    request whose data flows into the guest (blkif READ) :meth:`finish` copies it out -- only if
+    the I/O succeeded, so stale pool bytes never reach a guest -- and reports whether every
+    segment's copy succeeded; ``release()`` returns the buffer to the pool."""
+
+    __slots__ = ("_bounce", "_mapper", "buffers", "finished", "segments", "to_guest")
+
+    def __init__(
+        self,
+        mapper: XenGrantMapper,
+        bounce: _Bounce,
+        segments: Sequence[tuple[int, int, int]],
+        length: int,
+        to_guest: bool,
+    ) -> None:
+        self._mapper = mapper
+        self._bounce: _Bounce | None = bounce
+        self.segments = segments
+        self.to_guest = to_guest
+        self.finished: bool | None = None
+        self.buffers = [memoryview(bounce.mmap)[:length]]
+
+    def copies(self) -> list[RawCopy]:
+        """The grant-copy entries moving this request's segments (to or from the guest)."""
+        assert self._bounce is not None, "mapping already released"
+        domid = self._mapper.domid
+        address = self._bounce.address
+        to_guest = self.to_guest
+        out: list[RawCopy] = []
+        for gref, offset, length in self.segments:
+            out.append((domid, gref, offset, address, length, to_guest))
+            address += length
+        return out
+
+    def finish(self, ok: bool) -> bool:
+        """Deliver the data to the guest (if it goes there and ``ok``); False if it failed."""
+        if self.finished is None:
+            self._mapper.finish_mappings([(self, ok)])
+        return bool(self.finished)
+
+    def release(self) -> None:
+        if self._bounce is None:
+            return
+        for b in self.buffers:
+            b.release()
+        self.buffers = []
+        bounce, self._bounce = self._bounce, None
+        self._mapper.pool.put(bounce)
+
+
+class XenGrantMapper:
+    """Grant access to one frontend domain's pages (``blockback.backend.GrantMapper``).
+
+    ``data_path="copy"`` (the default, as QEMU and tapdisk do): request data goes through pooled
+    bounce buffers moved by batched ``IOCTL_GNTDEV_GRANT_COPY`` -- no map/unmap hypercalls, no
+    TLB shootdowns, immune to XSA-229.  ``data_path="map"``: the guest pages are mapped (gntdev
+    map + mmap) and the disk reads and writes them in place."""
+
+    def __init__(
+        self,
+        dev: GntDev,
+        domid: int,
+        data_path: str = "copy",
+        pool: BouncePool | None = None,
+    ) -> None:
+        if data_path not in DATA_PATHS:
+            raise ValueError(f"data_path must be one of {DATA_PATHS}, not {data_path!r}")
         self.dev = dev
         self.domid = domid
+        self.data_path = data_path
+        self.pool = pool if pool is not None else BouncePool()
+        self.copy_ioctls = 0
+        self.copy_failures = 0
 
-    def map_segments(self, segments: Sequence[tuple[int, int, int]], writable: bool) -> XenMapping:
-        """One page per segment in one mapping; adjacent whole-page runs become one buffer."""
+    def map_segments(
+        self, segments: Sequence[tuple[int, int, int]], writable: bool
+    ) -> XenMapping | XenCopyMapping:
         for _, offset, length in segments:
             if offset < 0 or length <= 0 or offset + length > PAGE_SIZE:
                 raise GrantError(
                     f"segment {offset}+{length} does not fit a 4 KiB page", errno.EINVAL
                 )
+        if self.data_path == "map":
+            return self._map_segments(segments, writable)
+        return self._copy_segments(segments, writable)
+
+    def _copy_segments(
+        self, segments: Sequence[tuple[int, int, int]], writes_guest: bool
+    ) -> XenCopyMapping:
+        """Bounce buffer for the request; guest data (blkif WRITE) copied in now, in one ioctl,
+        so the disk write reads private memory the guest cannot change underneath it."""
+        total = sum(length for _, _, length in segments)
+        mapping = XenCopyMapping(
+            self, self.pool.get(total), tuple(segments), total, to_guest=writes_guest
+        )
+        if writes_guest:
+            return mapping  # filled by the disk read, copied out by finish()
+        try:
+            self.copy_ioctls += 1
+            statuses = self.dev.copy_raw(mapping.copies())
+            bad = [(s, st) for s, st in zip(segments, statuses, strict=True) if st != GNTST_OKAY]
+            if bad:
+                self.copy_failures += 1
+                (gref, _, _), status = bad[0]
+                raise GrantError(
+                    f"grant copy from ref {gref} of domain {self.domid}: status {status} "
+                    f"({len(bad)} of {len(segments)} segments failed)"
+                )
+        except BaseException:
+            mapping.release()
+            raise
+        mapping.finished = True
+        return mapping
+
+    def finish_mappings(self, items: Sequence[tuple[Any, bool]]) -> list[bool]:
+        """Complete many requests with one batched grant copy: ``(mapping, ok)`` pairs, ``ok``
+        meaning the disk I/O succeeded.  Returns, per pair, whether the data reached its
+        destination (every segment status GNTST_okay); a request that failed, or whose copy
+        failed, must be answered ERROR.  Mappings that are not copy mappings are left alone."""
+        results = [True] * len(items)
+        entries: list[RawCopy] = []
+        owners: list[tuple[int, int, int]] = []  # (item index, first entry, entry count)
+        for i, (mapping, ok) in enumerate(items):
+            if not isinstance(mapping, XenCopyMapping):
+                continue
+            if mapping.finished is not None:
+                results[i] = mapping.finished and ok
+                continue
+            if not ok:  # the disk read failed: nothing goes to the guest
+                mapping.finished = results[i] = False
+                continue
+            copies = mapping.copies()
+            owners.append((i, len(entries), len(copies)))
+            entries.extend(copies)
+        if not entries:
+            return results
+        self.copy_ioctls += 1
+        try:
+            statuses = self.dev.copy_raw(entries)
+        except (OSError, ValueError) as exc:
+            log.error("grant copy to domain %d: %s", self.domid, exc)
+            statuses = [-1] * len(entries)
+        for i, first, count in owners:
+            good = all(st == GNTST_OKAY for st in statuses[first : first + count])
+            if not good:
+                self.copy_failures += 1
+                log.warning("grant copy to domain %d failed for one request", self.domid)
+            items[i][0].finished = good
+            results[i] = good
+        return results
+
+    def _map_segments(self, segments: Sequence[tuple[int, int, int]], writable: bool) -> XenMapping:
+        """One page per segment in one mapping; adjacent whole-page runs become one buffer."""
         grant_map = self.dev.map(self.domid, [g for g, _, _ in segments], writable)
         view = grant_map.view
         buffers: list[memoryview] = []
@@ -518,6 +740,7 @@ class XenGrantMapper:
         """Private copies of whole pages by one batched grant copy (read once: XSA-155)."""
         pages = [bytearray(PAGE_SIZE) for _ in grefs]
         ops = [CopyOp(self.domid, g, 0, page) for g, page in zip(grefs, pages, strict=True)]
+        self.copy_ioctls += 1
         statuses = self.dev.grant_copy(ops)
         for gref, status in zip(grefs, statuses, strict=True):
             if status != GNTST_OKAY:
@@ -569,7 +792,13 @@ class XenTransport:
         *,
         ioctl: IoctlFn = fcntl.ioctl,
         max_grants: int | None = None,
+        data_path: str = "copy",
+        pool_bytes: int = DEFAULT_POOL_BYTES,
     ) -> None:
+        if data_path not in DATA_PATHS:
+            raise ValueError(f"data_path must be one of {DATA_PATHS}, not {data_path!r}")
+        self.data_path = data_path
+        self.pool_bytes = pool_bytes
         self.evtchn_path = evtchn_path
         self._ioctl = ioctl
         self.gntdev = GntDev(gntdev_path, ioctl=ioctl, max_grants=max_grants)
@@ -583,7 +812,8 @@ class XenTransport:
             memory.grant_map.close()
 
     def grant_mapper(self, domid: int) -> XenGrantMapper:
-        return XenGrantMapper(self.gntdev, domid)
+        """One mapper (and bounce pool) per connection: the pool goes away with the device."""
+        return XenGrantMapper(self.gntdev, domid, self.data_path, BouncePool(self.pool_bytes))
 
     def bind_interdomain(self, domid: int, port: int) -> XenEventChannel:
         dev = EvtchnDev(self.evtchn_path, ioctl=self._ioctl)

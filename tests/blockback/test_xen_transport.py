@@ -27,18 +27,38 @@ PAGES = 64
 DOMID = 5
 
 
+GNTST_BAD_GNTREF = -3  # xen/grant_table.h
+GNTST_PERMISSION_DENIED = -8
+GNTST_BAD_COPY_ARG = -10
+
+
 class FakeHypervisor:
-    def __init__(self, memory_path: Path) -> None:
+    """Guest memory of ``pages`` pages; ``revoked`` refs fail maps and copies, ``read_only``
+    refs fail copies into the guest (as a grant without write access would)."""
+
+    def __init__(self, memory_path: Path, pages: int = PAGES) -> None:
         with open(memory_path, "wb") as f:
-            f.truncate(PAGES * xen.PAGE_SIZE)
+            f.truncate(pages * xen.PAGE_SIZE)
+        self.pages = pages
         self.memory_path = memory_path
         fd = os.open(memory_path, os.O_RDWR)
-        self.mem = mmap.mmap(fd, PAGES * xen.PAGE_SIZE)
+        self.mem = mmap.mmap(fd, pages * xen.PAGE_SIZE)
         os.close(fd)
-        self.mem_addr = ctypes.addressof(ctypes.c_char.from_buffer(self.mem))
+        self._pin = ctypes.c_char.from_buffer(self.mem)
+        self.mem_addr = ctypes.addressof(self._pin)
         self.calls: list[tuple[str, Any]] = []
+        # Every grant-copy ioctl: [(ref, offset, len, to_guest)] per segment.
+        self.copies: list[list[tuple[int, int, int, bool]]] = []
         self.revoked: set[int] = set()
+        self.read_only: set[int] = set()
         self.next_port = 40
+
+    def close(self) -> None:
+        del self._pin
+        self.mem.close()
+
+    def ioctl_count(self, kind: str) -> int:
+        return sum(1 for k, _ in self.calls if k == kind)
 
     def ioctl(self, fd: int, request: int, arg: Any) -> int:
         if request == xen.IOCTL_GNTDEV_MAP_GRANT_REF:
@@ -67,12 +87,19 @@ class FakeHypervisor:
             copy = xen.GntdevGrantCopy.from_address(arg)
             segs = (xen.GntdevGrantCopySegment * copy.count).from_address(copy.segments)
             self.calls.append(("copy", copy.count))
+            batch = []
             for seg in segs:
-                guest = (
-                    seg.source.foreign if seg.flags & xen.GNTCOPY_SOURCE_GREF else seg.dest.foreign
-                )
-                if guest.domid != DOMID or guest.ref >= PAGES or guest.ref in self.revoked:
-                    seg.status = -1  # GNTST_general_error
+                to_guest = not seg.flags & xen.GNTCOPY_SOURCE_GREF
+                guest = seg.dest.foreign if to_guest else seg.source.foreign
+                batch.append((guest.ref, guest.offset, seg.len, to_guest))
+                if guest.domid != DOMID or guest.ref >= self.pages or guest.ref in self.revoked:
+                    seg.status = GNTST_BAD_GNTREF
+                    continue
+                if to_guest and guest.ref in self.read_only:
+                    seg.status = GNTST_PERMISSION_DENIED
+                    continue
+                if guest.offset + seg.len > xen.PAGE_SIZE:
+                    seg.status = GNTST_BAD_COPY_ARG
                     continue
                 guest_addr = self.mem_addr + guest.ref * xen.PAGE_SIZE + guest.offset
                 if seg.flags & xen.GNTCOPY_SOURCE_GREF:
@@ -106,13 +133,22 @@ def hv(tmp_path: Path) -> Iterator[FakeHypervisor]:
     fake = FakeHypervisor(tmp_path / "gntdev")
     (tmp_path / "evtchn").write_bytes(b"")
     yield fake
-    fake.mem.close()
+    fake.close()
 
 
 @pytest.fixture
 def transport(hv: FakeHypervisor, tmp_path: Path) -> Iterator[xen.XenTransport]:
     t = xen.XenTransport(
         str(hv.memory_path), str(tmp_path / "evtchn"), ioctl=hv.ioctl, max_grants=128
+    )
+    yield t
+    t.close()
+
+
+@pytest.fixture
+def map_transport(hv: FakeHypervisor, tmp_path: Path) -> Iterator[xen.XenTransport]:
+    t = xen.XenTransport(
+        str(hv.memory_path), str(tmp_path / "evtchn"), ioctl=hv.ioctl, data_path="map"
     )
     yield t
     t.close()
@@ -141,9 +177,9 @@ def test_ring_map_and_unmap(transport: xen.XenTransport, hv: FakeHypervisor) -> 
 
 
 def test_map_segments_coalesces_and_writes_guest_pages(
-    transport: xen.XenTransport, hv: FakeHypervisor
+    map_transport: xen.XenTransport, hv: FakeHypervisor
 ) -> None:
-    mapper = transport.grant_mapper(DOMID)
+    mapper = map_transport.grant_mapper(DOMID)
     mapping = mapper.map_segments([(10, 512, 3584), (11, 0, 4096), (12, 0, 1024)], writable=True)
     assert [len(b) for b in mapping.buffers] == [3584 + 4096 + 1024]
     mapping.buffers[0][:] = b"\xab" * len(mapping.buffers[0])
@@ -164,15 +200,15 @@ def test_map_segments_coalesces_and_writes_guest_pages(
 
 
 def test_map_failures_are_grant_errors_and_undo(
-    transport: xen.XenTransport, hv: FakeHypervisor
+    map_transport: xen.XenTransport, hv: FakeHypervisor
 ) -> None:
-    mapper = transport.grant_mapper(DOMID)
+    mapper = map_transport.grant_mapper(DOMID)
     hv.revoked.add(31)
     with pytest.raises(xen.GrantError):
         mapper.map_segments([(30, 0, 4096), (31, 0, 4096)], writable=True)
     assert hv.last() == ("unmap", (123, 2))  # the reservation was given back
     with pytest.raises(xen.GrantError):
-        transport.grant_mapper(DOMID + 1).map_segments([(1, 0, 512)], writable=True)
+        map_transport.grant_mapper(DOMID + 1).map_segments([(1, 0, 512)], writable=True)
     with pytest.raises(xen.GrantError):
         mapper.map_segments([(1, 4000, 512)], writable=True)  # crosses the page
 
@@ -202,7 +238,7 @@ def test_grant_copy_both_directions(transport: xen.XenTransport, hv: FakeHypervi
             xen.CopyOp(DOMID, 99, 0, bytearray(10)),
         ]
     )
-    assert statuses == [0, 0, -1]
+    assert statuses == [0, 0, GNTST_BAD_GNTREF]
     assert out == b"g" * 100
     assert hv.page(6)[4000:4096] == payload
     with pytest.raises(ValueError):
