@@ -87,7 +87,8 @@ class FakeHypervisor:
             copy = xen.GntdevGrantCopy.from_address(arg)
             segs = (xen.GntdevGrantCopySegment * copy.count).from_address(copy.segments)
             self.calls.append(("copy", copy.count))
-            batch = []
+            batch: list[tuple[int, int, int, bool]] = []
+            self.copies.append(batch)
             for seg in segs:
                 to_guest = not seg.flags & xen.GNTCOPY_SOURCE_GREF
                 guest = seg.dest.foreign if to_guest else seg.source.foreign
