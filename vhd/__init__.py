@@ -8,7 +8,7 @@ block_size=2 MiB, parent=None)`` makes one.  Both return a :class:`Disk`.
 from __future__ import annotations
 
 from .create import create
-from .disk import Disk, DiskFile, Extent
+from .disk import BlockDevice, Disk, DiskFile, Extent
 from .errors import (
     ChainLoopError,
     ChecksumError,
@@ -28,6 +28,7 @@ from .image import open
 __version__ = "0.1.0"
 
 __all__ = [
+    "BlockDevice",
     "ChainLoopError",
     "ChecksumError",
     "CorruptImageError",

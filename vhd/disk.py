@@ -39,7 +39,7 @@ import io
 import os
 import threading
 from collections.abc import Iterator
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from . import bitmap as bm
 from .bat import UNUSED, BlockAllocationTable
@@ -62,6 +62,29 @@ _BITMAP_CACHE_LIMIT = 16384
 FULL: bytes = b""
 
 Buffer = bytes | bytearray | memoryview
+
+
+class BlockDevice(Protocol):
+    """The positional I/O of a :class:`Disk`, as block-device front ends (the request executor
+    shared by NBD and Xen blkif, the FUSE filesystem) use it; tests substitute in-memory fakes."""
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def read_only(self) -> bool: ...
+
+    def preadinto(self, buffer: Buffer, offset: int) -> int: ...
+
+    def pwrite(self, data: Buffer, offset: int) -> int: ...
+
+    def flush(self) -> None: ...
+
+    def discard(self, offset: int, length: int) -> None: ...
+
+    def extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]: ...
+
+    def close(self) -> None: ...
 
 
 class Extent(NamedTuple):
@@ -353,17 +376,19 @@ class SparseDisk(Disk):
                         return n
         return super().preadinto(buffer, offset)
 
-    def _readinto(self, dest: memoryview, offset: int) -> None:
+    def _pieces(self, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
+        """Split a guest range at block boundaries: (block, offset in block, position, length)."""
         bs = self._bs
         pos = 0
-        total = len(dest)
-        while pos < total:
-            off = offset + pos
-            block = off // bs
-            inner = off - block * bs
-            n = min(total - pos, bs - inner)
-            self._read_block(block, inner, dest[pos : pos + n])
+        while pos < length:
+            block, inner = divmod(offset + pos, bs)
+            n = min(length - pos, bs - inner)
+            yield block, inner, pos, n
             pos += n
+
+    def _readinto(self, dest: memoryview, offset: int) -> None:
+        for block, inner, pos, n in self._pieces(offset, len(dest)):
+            self._read_block(block, inner, dest[pos : pos + n])
 
     def _read_block(self, block: int, inner: int, dest: memoryview) -> None:
         entry = self.bat[block]
@@ -402,16 +427,8 @@ class SparseDisk(Disk):
     # -- writes --------------------------------------------------------------------------
 
     def _write(self, src: memoryview, offset: int) -> None:
-        bs = self._bs
-        pos = 0
-        total = len(src)
-        while pos < total:
-            off = offset + pos
-            block = off // bs
-            inner = off - block * bs
-            n = min(total - pos, bs - inner)
+        for block, inner, pos, n in self._pieces(offset, len(src)):
             self._write_block(block, inner, src[pos : pos + n])
-            pos += n
 
     def _write_block(self, block: int, inner: int, src: memoryview) -> None:
         entry = self.bat[block]
@@ -530,15 +547,8 @@ class SparseDisk(Disk):
                 if ext.layer is not None:
                     self._write_zeros_range(ext.offset, ext.length)
             return
-        bs = self._bs
-        pos = offset
-        end = offset + length
-        while pos < end:
-            block = pos // bs
-            inner = pos - block * bs
-            n = min(end - pos, bs - inner)
+        for block, inner, _pos, n in self._pieces(offset, length):
             self._discard_block(block, inner, n)
-            pos += n
 
     def _write_zeros_range(self, offset: int, length: int) -> None:
         zeros = memoryview(bytes(min(length, 1 << 20)))
