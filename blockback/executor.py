@@ -28,9 +28,8 @@ import errno
 import logging
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
 
 import vhd
 
@@ -44,24 +43,8 @@ _ZERO_CHUNK = 1024 * 1024
 _ZEROS = bytes(_ZERO_CHUNK)
 
 
-class BlockDisk(Protocol):
-    """What the executor needs from a disk: the positional I/O of ``vhd.Disk``."""
-
-    @property
-    def size(self) -> int: ...
-
-    @property
-    def read_only(self) -> bool: ...
-
-    def preadinto(self, buffer: Any, offset: int) -> int: ...
-
-    def pwrite(self, data: Any, offset: int) -> int: ...
-
-    def flush(self) -> None: ...
-
-    def discard(self, offset: int, length: int) -> None: ...
-
-    def extents(self, offset: int = 0, length: int | None = None) -> Iterator[Any]: ...
+# What the executor needs from a disk: the positional I/O of ``vhd.Disk``.
+BlockDisk = vhd.BlockDevice
 
 
 class BlockOp(enum.Enum):

@@ -36,7 +36,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ParamSpec, Protocol, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import vhd
 
@@ -56,24 +56,8 @@ _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
 
-class DiskLike(Protocol):
-    """What the filesystem needs of a :class:`vhd.Disk` (tests use an in-memory fake)."""
-
-    @property
-    def size(self) -> int: ...
-
-    @property
-    def read_only(self) -> bool: ...
-
-    def preadinto(self, buffer: Any, offset: int) -> int: ...
-
-    def pwrite(self, data: Any, offset: int) -> int: ...
-
-    def flush(self) -> None: ...
-
-    def discard(self, offset: int, length: int) -> None: ...
-
-    def close(self) -> None: ...
+# What the filesystem needs of a :class:`vhd.Disk` (tests use an in-memory fake).
+DiskLike = vhd.BlockDevice
 
 
 class FilesystemError(OSError):
