@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import vhd
 from blockback.executor import BlockOp, BlockRequest, RequestExecutor
-from tests.blockback.fakedisk import FakeDisk
+from tests.fakedisk import FakeDisk
 
 SIZE = 1024 * 1024
 

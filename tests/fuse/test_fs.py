@@ -20,8 +20,7 @@ from vhdfuse.fs import (
 from vhdfuse.partitions import Partition
 
 import vhd
-
-from .fakedisk import FakeDisk
+from tests.fakedisk import FakeDisk
 
 MiB = 1024 * 1024
 
