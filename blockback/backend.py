@@ -4,7 +4,8 @@ One :class:`RingService` thread per ring (queue).  Each wake-up it
 
 1. writes the responses of every request the executor finished since the last wake-up, releasing
    each request's grant mappings *before* its response is published (no mapping outlives its
-   response), then publishes them all with one ``PUSH_RESPONSES_AND_CHECK_NOTIFY`` -- at most one
+   response; a grant-copy transport first copies all their read data to the guest in one batch,
+   and a failed copy turns that response into ERROR), then publishes them all with one ``PUSH_RESPONSES_AND_CHECK_NOTIFY`` -- at most one
    notification per batch, and only when the frontend asked for it;
 2. copies at most ``budget`` published requests out of the ring (``blockback.ring``), validates the
    copies (``blockback.engine``), answers invalid ones at once and hands valid ones to the shared

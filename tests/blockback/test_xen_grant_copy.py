@@ -446,3 +446,38 @@ def test_copy_path_is_the_default_and_options_are_checked(tmp_path: Path) -> Non
         t.close()
     finally:
         hv.close()
+
+
+def test_copy_raw_builds_the_segments_encode_copy_segment_does(tmp_path: Path) -> None:
+    """``copy_raw`` packs with structs; ``encode_copy_segment`` (ctypes) is checked against the
+    C header by test_xen_layout.py: the bytes must agree, and statuses come back per segment."""
+    seen: list[bytes] = []
+
+    def ioctl(fd: int, request: int, arg: Any) -> int:
+        assert request == xen.IOCTL_GNTDEV_GRANT_COPY
+        head = xen.GntdevGrantCopy.from_address(arg)
+        segs = (xen.GntdevGrantCopySegment * head.count).from_address(head.segments)
+        seen.append(bytes(segs))
+        for i, seg in enumerate(segs):
+            seg.status = -i
+        return 0
+
+    (tmp_path / "gntdev").write_bytes(b"")
+    dev = xen.GntDev(str(tmp_path / "gntdev"), ioctl=ioctl)
+    entries = [
+        (7, 1234, 512, 0x7F00_1234_5000, 3072, True),
+        (65535, 0xFFFF_FFFF, 0, 0x1000, 4096, False),
+        (1, 5, 4095, 0xDEAD_BEEF_0000, 1, True),
+    ]
+    assert dev.copy_raw(entries) == [0, -1, -2]
+    expected = b"".join(
+        xen.encode_copy_segment(
+            xen.CopyOp(domid, gref, offset, bytearray(length), to_guest), address
+        )
+        for domid, gref, offset, address, length, to_guest in entries
+    )
+    assert seen == [expected]
+    with pytest.raises(ValueError, match="4 KiB frame"):
+        dev.copy_raw([(1, 1, 4000, 0x1000, 200, False)])
+    assert len(seen) == 1  # refused before the ioctl
+    dev.close()
