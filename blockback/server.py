@@ -531,7 +531,7 @@ class XenDaemon:
         if params is None or self.xs.try_read(f"{device}/state") is None:
             return  # the toolstack is still writing the nodes: a later event brings us back
         mode = (self.xs.try_read(f"{device}/mode") or b"w").decode()
-        image = params.decode()
+        image = image_path(params.decode())
         read_only = self.read_only or mode.startswith("r")
         try:
             disk = self.open_disk(image, read_only)
@@ -585,12 +585,29 @@ class XenDaemon:
             self.xs.unwatch(self.root, "root")
 
 
+# libxl writes a qdisk's ``params`` as "<format>:<path>" (e.g. "vhd:/srv/g.vhd"), and blktap's
+# toolstacks "tapdisk:vhd:/path"; a phy/vbd device has the bare path.
+_PARAMS_PREFIXES = ("aio", "file", "phy", "raw", "tap", "tap2", "tapdisk", "vhd", "vpc")
+
+
+def image_path(params: str) -> str:
+    """The image file a ``params`` node names, without a toolstack's format prefixes."""
+    path = params
+    while not os.path.exists(path):
+        prefix, sep, rest = path.partition(":")
+        if not sep or prefix.lower() not in _PARAMS_PREFIXES:
+            break
+        path = rest
+    return path if os.path.exists(path) else params
+
+
 def serve_xen(args: argparse.Namespace) -> int:
     """``vhd serve --xen``: serve the vbds the toolstack assigns to this domain, until SIGTERM."""
     from blockback.transport import xen as xen_transport  # the real gntdev/evtchn layer
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     xs = XenStoreClient(args.xenstore) if args.xenstore else XenStoreClient()
+    transport: Transport | None = None
     try:
         transport = _xen_transport(xen_transport)
         domid = int((xs.try_read("domid") or b"0").decode() or "0")
@@ -609,6 +626,9 @@ def serve_xen(args: argparse.Namespace) -> int:
             daemon.run(stop)
         daemon.shutdown()
     finally:
+        close = getattr(transport, "close", None)
+        if close is not None:
+            close()
         xs.close()
     return 0
 

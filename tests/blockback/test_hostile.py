@@ -76,10 +76,21 @@ def rig(tmp_path: Path) -> Iterator[HostileRig]:
     r.close()
 
 
-def idle_wakeups(rig: HostileRig, seconds: float = 0.3) -> int:
-    before = rig.service.stats.wakeups
-    time.sleep(seconds)
-    return rig.service.stats.wakeups - before
+def idle_wakeups(rig: HostileRig, seconds: float = 0.3, settle: float = 5.0) -> int:
+    """Wake-ups in the quietest ``seconds``-long window within ``settle`` seconds.
+
+    A loaded host may deliver the last of a burst of kicks late, so a window with a few
+    wake-ups is retried; a busy-looping backend never has a quiet window and still fails.
+    """
+    deadline = time.monotonic() + settle
+    fewest = None
+    while True:
+        before = rig.service.stats.wakeups
+        time.sleep(seconds)
+        count = rig.service.stats.wakeups - before
+        fewest = count if fewest is None else min(fewest, count)
+        if fewest <= 3 or time.monotonic() >= deadline:
+            return fewest
 
 
 def test_slots_mutated_after_publish_read_once(rig: HostileRig) -> None:
@@ -131,8 +142,7 @@ def test_req_prod_ahead_halts_without_spinning(rig: HostileRig) -> None:
     assert not rig.memory.reads  # nothing was read from a bogus ring
     for _ in range(1000):  # kicks on a halted ring: each one cheap, and then silence
         f.evtchn.notify()
-    time.sleep(0.3)
-    assert idle_wakeups(rig) <= 3  # (a loaded host may deliver the last kicks late)
+    assert idle_wakeups(rig) <= 3
     assert f.ring.rsp_prod == 0
 
 

@@ -138,3 +138,17 @@ def test_removed_nodes_and_shutdown(rig: Rig) -> None:
     assert not rig.daemon.drivers
     assert rig.xen.grants.mapped == 0
     front.close()
+
+
+def test_params_with_a_toolstack_format_prefix_name_the_image(tmp_path: Path) -> None:
+    from blockback.server import image_path
+
+    image = tmp_path / "g.vhd"
+    image.write_bytes(b"")
+    assert image_path(str(image)) == str(image)
+    assert image_path(f"vhd:{image}") == str(image)  # libxl qdisk
+    assert image_path(f"tapdisk:vhd:{image}") == str(image)  # blktap toolstacks
+    assert image_path(f"aio:{image}") == str(image)
+    # Unknown prefixes and missing files are left alone (the open then reports the real name).
+    assert image_path(f"nbd:{image}") == f"nbd:{image}"
+    assert image_path(f"vhd:{tmp_path}/missing.vhd") == f"vhd:{tmp_path}/missing.vhd"
