@@ -263,7 +263,13 @@ class RingService:
         if answered or taken:
             return True
         if self._barrier is None and not self._stopping and not self.ring.halted:
-            return self.ring.final_check_for_requests()
+            try:
+                return self.ring.final_check_for_requests()
+            except RemoteProtocolError as exc:
+                # req_prod went bogus between the intake and the final check: halt here too,
+                # rather than let the error end the ring thread.
+                log.error("%s: %s", self.name, exc)
+                self.stats.halted = True
         return False
 
     def _respond(self) -> int:

@@ -220,3 +220,26 @@ def test_many_rings_no_fd_or_thread_leak(tmp_path: Path) -> None:
         executor.close()
         xen.close()
         disk.close()
+
+
+def test_req_prod_bogus_at_the_final_check_halts_the_ring(rig: HostileRig) -> None:
+    """The race the test above can hit only by chance: req_prod turns bogus after the intake
+    found nothing, so the final check (not the intake) is the first to see it."""
+    f = rig.front
+    ring = rig.service.ring
+    real = ring.has_unconsumed_requests
+    calls = {"n": 0}
+
+    def bogus_after_first() -> bool:
+        calls["n"] += 1
+        if calls["n"] == 2:  # the re-check inside final_check_for_requests
+            struct.pack_into("<I", f.ring.view, 0, 32 + 7)
+        return real()
+
+    ring.has_unconsumed_requests = bogus_after_first  # type: ignore[method-assign]
+    f.evtchn.notify()
+    deadline = time.monotonic() + 5
+    while not rig.service.stats.halted and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert rig.service.stats.halted and ring.halted
+    assert rig.service._error is None  # the ring thread is alive, not dead of an exception
