@@ -134,10 +134,13 @@ def test_convert_azure(tmp_path: Path) -> None:
     assert model.footer.disk_type == 2
     assert model.size == 22 * MiB and out.stat().st_size == 22 * MiB + 512
     assert model.read_all() == data + bytes(22 * MiB - len(data))
-    # Below 20 MiB the image is made but the command reports the problem (exit 1).
+    # Below Azure's 20 MiB minimum the disk is grown to 20 MiB (zeros at the end).
     small = tmp_path / "small.raw"
     small.write_bytes(data)
-    cli("convert", "--azure", small, tmp_path / "small.vhd", expect=1)
+    cli("convert", "--azure", small, tmp_path / "small.vhd", expect=0)
+    model = ModelImage(tmp_path / "small.vhd")
+    assert model.size == 20 * MiB and model.footer.disk_type == 2
+    assert model.read_all() == data + bytes(20 * MiB - len(data))
 
 
 def test_map(chain: tuple[Path, Path, bytes]) -> None:

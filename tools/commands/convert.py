@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 from typing import Any
 
+from vhd.check import azure_check, azure_target_size
 from vhd.convert import convert
 from vhd.source import open_source
 
 from ..common import Progress, parse_size, warn
-
-MiB = 1024 * 1024
 
 
 def register(sub: Any) -> None:
@@ -36,7 +34,7 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--azure",
         action="store_true",
-        help="output that Azure accepts: fixed VHD, size rounded up to a whole MiB",
+        help="output that Azure accepts: fixed VHD, size rounded up to a whole MiB (at least 20 MiB)",
     )
     p.add_argument(
         "--parent-dir",
@@ -66,9 +64,12 @@ def run(args: argparse.Namespace) -> int:
             warn(message)
         size = src.size
         if args.azure:
-            size = -(-size // MiB) * MiB
+            size = azure_target_size(size)
             if size != src.size:
-                warn(f"size rounded up from {src.size} to {size} bytes (a whole MiB) for Azure")
+                warn(
+                    f"size grown from {src.size} to {size} bytes for Azure (a whole number of "
+                    "MiB, at least 20 MiB); the added space reads as zeros"
+                )
         progress = Progress(size, "converting")
         result = convert(
             src,
@@ -97,27 +98,5 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _azure_problems(path: str) -> list[str]:
-    # vhd.check (validation rules) provides the full Azure check where it is installed.
-    try:
-        module = importlib.import_module("vhd.check")
-    except ImportError:
-        module = None
-    azure_check = getattr(module, "azure_check", None)
-    if azure_check is not None:
-        problems: list[str] = azure_check(path)
-        return problems
-    return _basic_azure_check(path)
-
-
-def _basic_azure_check(path: str) -> list[str]:
-    import vhd
-
-    problems = []
-    with vhd.open(path) as disk:
-        if disk.type != vhd.DiskType.FIXED:
-            problems.append("not a fixed VHD")
-        if disk.size % MiB:
-            problems.append(f"size {disk.size} is not a whole number of MiB")
-        if os.path.getsize(path) != disk.size + 512:
-            problems.append("file size is not size + 512")
+    problems: list[str] = azure_check(path)
     return problems
