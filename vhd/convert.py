@@ -9,7 +9,7 @@ raw outputs stay sparse and dynamic VHDs get no block for them.  Memory is one c
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from .create import DEFAULT_BLOCK_SIZE, create
@@ -82,11 +82,13 @@ def _copy(
     progress: Callable[[int], None] | None,
 ) -> int:
     """Copy the data extents of ``src`` in chunks aligned to ``chunk`` (the output's block size,
-    so that each allocating write fills whole blocks)."""
+    so that each allocating write fills whole blocks), writing only the non-zero runs.
+
+    (A reader thread overlapping reads with writes was measured: no faster on two cores.)
+    """
     chunk = max(chunk, 64 * 1024)
     buf = bytearray(chunk)
     view = memoryview(buf)
-    zeros = bytes(chunk)
     written = 0
     for ext in src.extents():
         if ext.layer is None:
@@ -96,13 +98,41 @@ def _copy(
         pos = ext.offset
         while pos < ext.end:
             n = min(ext.end - pos, chunk - pos % chunk)
-            piece = view[:n]
-            src.preadinto(piece, pos)
-            # bytearray == bytes is a memcmp: cheap next to the write it can save.
-            if buf[:n] != zeros[:n] if n < chunk else buf != zeros:
-                write(piece, pos)
-                written += n
+            src.preadinto(view[:n], pos)
+            for start, end in data_runs(buf, n):
+                write(view[start:end], pos + start)
+                written += end - start
             pos += n
             if progress:
                 progress(pos)
     return written
+
+
+_GRAIN = 4096
+_ZERO_GRAIN = bytes(_GRAIN)
+_ZERO_RUN = bytes(2 * _GRAIN)  # holds a whole aligned grain wherever it is found
+
+
+def data_runs(buf: bytearray, n: int) -> Iterator[tuple[int, int]]:
+    """The runs of ``buf[:n]`` that hold data, at 4 KiB granularity: zero grains are left out,
+    so outputs stay sparse like qemu-img's.
+
+    Only ``bytes`` comparisons and ``find`` are used (memcmp and fast search in C): an all-zero
+    or zero-free chunk costs one pass; grain by grain only where zeros and data mix.
+    """
+    if (buf if n == len(buf) else buf[:n]) == bytes(n):
+        return
+    if buf.find(_ZERO_RUN, 0, n) < 0:
+        yield 0, n
+        return
+    start = -1
+    for pos in range(0, n, _GRAIN):
+        end = min(n, pos + _GRAIN)
+        zero = buf[pos:end] == _ZERO_GRAIN[: end - pos]
+        if zero and start >= 0:
+            yield start, pos
+            start = -1
+        elif not zero and start < 0:
+            start = pos
+    if start >= 0:
+        yield start, n
