@@ -8,7 +8,10 @@ raw outputs stay sparse and dynamic VHDs get no block for them.  Memory is one c
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import os
+import queue
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -84,29 +87,67 @@ def _copy(
     """Copy the data extents of ``src`` in chunks aligned to ``chunk`` (the output's block size,
     so that each allocating write fills whole blocks), writing only the non-zero runs.
 
-    (A reader thread overlapping reads with writes was measured: no faster on two cores.)
+    Chunks are copied by ``_WORKERS`` threads (``preadv``/``pwritev`` release the GIL, and
+    ``Disk`` is thread-safe): page-cache copies then run on both cores, as qemu-img's parallel
+    requests do.  At most ``_WINDOW`` chunks are in flight, so memory stays bounded.
     """
     chunk = max(chunk, 64 * 1024)
-    buf = bytearray(chunk)
-    view = memoryview(buf)
-    written = 0
-    for ext in src.extents():
-        if ext.layer is None:
-            if progress:
-                progress(ext.end)
-            continue
-        pos = ext.offset
-        while pos < ext.end:
-            n = min(ext.end - pos, chunk - pos % chunk)
+    buffers: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+    for _ in range(_WINDOW):
+        buffers.put(bytearray(chunk))
+
+    def copy_one(pos: int, n: int) -> int:
+        buf = buffers.get()
+        try:
+            view = memoryview(buf)
             src.preadinto(view[:n], pos)
+            done = 0
             for start, end in data_runs(buf, n):
                 write(view[start:end], pos + start)
-                written += end - start
-            pos += n
-            if progress:
-                progress(pos)
+                done += end - start
+            view.release()
+            return done
+        finally:
+            buffers.put(buf)
+
+    written = 0
+    pending: collections.deque[tuple[concurrent.futures.Future[int], int]] = collections.deque()
+    with concurrent.futures.ThreadPoolExecutor(_WORKERS, "vhd-convert") as pool:
+        try:
+            for ext in src.extents():
+                if ext.layer is not None:
+                    pos = ext.offset
+                    while pos < ext.end:
+                        n = min(ext.end - pos, chunk - pos % chunk)
+                        if len(pending) >= _WINDOW:
+                            written += _settle(pending, progress)
+                        pending.append((pool.submit(copy_one, pos, n), pos + n))
+                        pos += n
+                elif progress and not pending:
+                    progress(ext.end)
+            while pending:
+                written += _settle(pending, progress)
+        finally:
+            for future, _ in pending:
+                future.cancel()
+    if progress:
+        progress(src.size)
     return written
 
+
+def _settle(
+    pending: collections.deque[tuple[concurrent.futures.Future[int], int]],
+    progress: Callable[[int], None] | None,
+) -> int:
+    future, reached = pending.popleft()
+    done = future.result()  # re-raises a worker's error here, in the caller's thread
+    if progress:
+        progress(reached)
+    return done
+
+
+_WORKERS = 2
+_WINDOW = 4
 
 _GRAIN = 4096
 _ZERO_GRAIN = bytes(_GRAIN)
