@@ -37,6 +37,7 @@ from pathlib import Path
 
 from blockback.abi import PAGE_SIZE
 from blockback.ring import PagedRingMemory, RingMemory, ViewRingMemory
+from blockback.transport import coalesced_views
 
 GRANT_NONE = 0
 GRANT_RW = 1
@@ -127,19 +128,9 @@ class SimGrantTable:
         where one segment ends a page and the next starts the following page."""
         for gref, _, _ in segments:
             self._check(gref, writable)
-        view = self.memory.view
-        buffers: list[memoryview] = []
-        start = end = -1
-        for gref, offset, length in segments:
-            base = gref * PAGE_SIZE + offset
-            if base == end:
-                end += length
-                continue
-            if start >= 0:
-                buffers.append(view[start:end])
-            start, end = base, base + length
-        if start >= 0:
-            buffers.append(view[start:end])
+        buffers = coalesced_views(
+            self.memory.view, ((g * PAGE_SIZE + off, n) for g, off, n in segments)
+        )
         with self._lock:
             self.mapped += 1
         return SimMapping(self, buffers)

@@ -65,6 +65,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from blockback.ring import ViewRingMemory
+from blockback.transport import coalesced_views
 
 log = logging.getLogger("blockback.xen")
 PAGE_SIZE = 4096
@@ -744,19 +745,9 @@ class XenGrantMapper:
     def _map_segments(self, segments: Sequence[tuple[int, int, int]], writable: bool) -> XenMapping:
         """One page per segment in one mapping; adjacent whole-page runs become one buffer."""
         grant_map = self.dev.map(self.domid, [g for g, _, _ in segments], writable)
-        view = grant_map.view
-        buffers: list[memoryview] = []
-        start = end = -1
-        for i, (_, offset, length) in enumerate(segments):
-            base = i * PAGE_SIZE + offset
-            if base == end:
-                end += length
-                continue
-            if start >= 0:
-                buffers.append(view[start:end])
-            start, end = base, base + length
-        if start >= 0:
-            buffers.append(view[start:end])
+        buffers = coalesced_views(
+            grant_map.view, ((i * PAGE_SIZE + off, n) for i, (_, off, n) in enumerate(segments))
+        )
         return XenMapping(grant_map, buffers)
 
     def copy_pages(self, grefs: Sequence[int]) -> list[bytes]:
