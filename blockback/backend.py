@@ -49,6 +49,7 @@ log = logging.getLogger("blockback")
 INLINE_SLOW = 500e-6  # seconds: far slower than a page-cache hit (~10 us), so a real disk
 INLINE_PROBE = 256  # requests sent to the pool between two inline probes
 INLINE_WINDOW = 16  # inline requests per median
+DEFAULT_BYTES_IN_FLIGHT = 64 * 1024 * 1024  # guest data buffers in flight per ring
 
 
 class Mapping(Protocol):
@@ -114,6 +115,8 @@ class RingStats:
     halted: bool = False
     batches: int = 0
     max_in_flight: int = 0
+    max_bytes_in_flight: int = 0  # data bytes of mapped/bounced guest buffers, at most
+    held: int = 0  # times intake paused for the byte budget
     inline: int = 0  # requests run on the ring thread
     extra: dict[str, int] = field(default_factory=dict)
 
@@ -132,6 +135,7 @@ class RingService:
         name: str = "blkif",
         budget: int | None = None,
         inline_max: int = 0,
+        max_bytes_in_flight: int = DEFAULT_BYTES_IN_FLIGHT,
     ) -> None:
         self.ring = ring
         self.abi: Abi = ring.abi
@@ -156,6 +160,14 @@ class RingService:
         self._inline_probe = INLINE_PROBE
         self.stats = RingStats()
         self.in_flight = 0
+        # Guest data in flight (bounce buffers on the grant-copy path, mappings otherwise) is
+        # bounded per ring: a request that would pass the budget waits, decoded, until
+        # completions make room (one request may always run, so any valid request gets through).
+        # Without it a hostile frontend (order-4 rings, many queues, 1024-segment indirect
+        # requests) could make the backend allocate gigabytes.
+        self.max_bytes_in_flight = max_bytes_in_flight
+        self.bytes_in_flight = 0
+        self._held: IoPlan | None = None
         self._done: collections.deque[_Job] = collections.deque()
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._barrier: _Job | None = None  # waiting for the drain, or running
@@ -218,9 +230,10 @@ class RingService:
                 os.eventfd_read(self._wake)
             self._respond()
             self._maybe_start_barrier()
-            # Requests deferred behind a barrier are consumed already: they are always served.
+            # Requests deferred behind a barrier or the byte budget are consumed already: they
+            # are always served.
             if self._barrier is None and (
-                self._deferred or (allowance > 0 and not self.ring.halted)
+                self._deferred or self._held is not None or (allowance > 0 and not self.ring.halted)
             ):
                 budget, self.budget = self.budget, min(self.budget, allowance)
                 try:
@@ -230,7 +243,11 @@ class RingService:
                 self._respond()
             self._publish()
             if not self.in_flight and self._barrier is None:
-                if self._deferred or (allowance > 0 and self._has_requests()):
+                if (
+                    self._deferred
+                    or self._held is not None
+                    or (allowance > 0 and self._has_requests())
+                ):
                     continue
                 return
             self._wait_wake()
@@ -294,6 +311,8 @@ class RingService:
         for job in jobs:
             self._answer(job.plan.id, job.plan.operation, job.status, job.mapping)
             self.in_flight -= 1
+            if job.mapping is not None:
+                self.bytes_in_flight -= job.plan.length
             if job is self._barrier:
                 self._barrier = None
                 self._barrier_running = False
@@ -316,6 +335,12 @@ class RingService:
         self.ring.put_response(self.abi.encode_response(rid, op, status))
 
     def _intake(self) -> int:
+        if self._held is not None:
+            plan, self._held = self._held, None
+            if not self._dispatch(plan):
+                return 0  # still no room: completions will wake us
+            if self._barrier is not None:
+                return 1
         if self._deferred:  # requests that followed a barrier, consumed but not yet started
             copies = list(self._deferred)
             self._deferred.clear()
@@ -352,7 +377,11 @@ class RingService:
                     log.warning("%s: request %d refused: %s", self.name, outcome.id, outcome.reason)
                 self._answer(outcome.id, outcome.operation, outcome.status)
                 continue
-            self._dispatch(outcome)
+            if not self._dispatch(outcome):
+                # Over the byte budget: this request waits (decoded) and the rest stay consumed
+                # but undecoded, in order, like the requests behind a barrier.
+                self._deferred.extend(copies[i + 1 :])
+                break
         return len(copies)
 
     def _maybe_start_barrier(self) -> None:
@@ -361,7 +390,16 @@ class RingService:
             self._barrier_running = True
             self._submit(self._barrier)
 
-    def _dispatch(self, plan: IoPlan) -> None:
+    def _dispatch(self, plan: IoPlan) -> bool:
+        """Start a validated request; False (and the plan held) if the byte budget is full."""
+        if (
+            plan.segments
+            and self.bytes_in_flight
+            and (self.bytes_in_flight + plan.length > self.max_bytes_in_flight)
+        ):
+            self._held = plan
+            self.stats.held += 1
+            return False
         mapping: Mapping | None = None
         buffers: tuple[memoryview, ...] = ()
         if plan.segments:
@@ -370,8 +408,12 @@ class RingService:
             except OSError as exc:
                 log.warning("%s: request %d: %s", self.name, plan.id, exc)
                 self._answer(plan.id, plan.operation, Status.ERROR)
-                return
+                return True
             buffers = tuple(mapping.buffers)
+            self.bytes_in_flight += plan.length
+            self.stats.max_bytes_in_flight = max(
+                self.stats.max_bytes_in_flight, self.bytes_in_flight
+            )
         kind = plan.kind
         steps: list[BlockRequest]
         if kind is Kind.READ:
@@ -393,17 +435,18 @@ class RingService:
         if kind is Kind.BARRIER:
             self._barrier = job
             self._maybe_start_barrier()
-            return
+            return True
         if plan.length <= self.inline_max and kind in (Kind.READ, Kind.WRITE):
             if not self._inline_slow:
                 self._run_inline(job)
-                return
+                return True
             self._inline_probe -= 1
             if self._inline_probe <= 0:
                 self._inline_probe = INLINE_PROBE
                 self._run_inline(job)
-                return
+                return True
         self._submit(job)
+        return True
 
     def _run_inline(self, job: _Job) -> None:
         start = time.perf_counter()

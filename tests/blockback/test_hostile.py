@@ -243,3 +243,34 @@ def test_req_prod_bogus_at_the_final_check_halts_the_ring(rig: HostileRig) -> No
         time.sleep(0.01)
     assert rig.service.stats.halted and ring.halted
     assert rig.service._error is None  # the ring thread is alive, not dead of an exception
+
+
+def test_guest_data_in_flight_is_bounded_by_the_byte_budget(tmp_path: Path) -> None:
+    """A full ring of 44 KiB writes against a 64 KiB budget: requests wait for room instead of
+    all getting buffers at once, and every one is still served, in full."""
+    rig = HostileRig(tmp_path)
+    try:
+        rig.service.max_bytes_in_flight = 64 * 1024
+        f = rig.front
+        pages = f.alloc(32 * 11)
+        expected = {}
+        requests = []
+        for rid in range(32):
+            segs = pages[rid * 11 : (rid + 1) * 11]
+            for k, gref in enumerate(segs):
+                f.page(gref)[:] = bytes([rid + 1, k + 1]) * 2048
+            sector = rid * 96  # 48 KiB apart: no overlap
+            requests.append(X86_64.encode_rw(Op.WRITE, rid, sector, [(g, 0, 7) for g in segs]))
+            expected[sector] = b"".join(bytes([rid + 1, k + 1]) * 2048 for k in range(11))
+        f.submit(requests)
+        responses = f.wait(32)
+        assert sorted(r[0] for r in responses) == list(range(32))
+        assert all(r[2] == Status.OKAY for r in responses)
+        stats = rig.service.stats
+        assert stats.held > 0  # the budget really held requests back
+        assert stats.max_bytes_in_flight <= 64 * 1024
+        assert rig.service.bytes_in_flight == 0
+        for sector, data in expected.items():
+            assert rig.disk.pread(len(data), sector * 512) == data
+    finally:
+        rig.close()
