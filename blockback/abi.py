@@ -15,6 +15,7 @@ The response encoder produces every byte of the response, padding included (XSA-
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -210,16 +211,8 @@ X86_64 = Abi(
     indirect=struct.Struct("<BBH4xQQH2x8I"),
     response=struct.Struct("<QBxh4x"),
 )
-ARM = Abi(
-    name="arm-abi",
-    request_size=X86_64.request_size,
-    response_size=X86_64.response_size,
-    rw_header=X86_64.rw_header,
-    rw_segments_at=X86_64.rw_segments_at,
-    discard=X86_64.discard,
-    indirect=X86_64.indirect,
-    response=X86_64.response,
-)
+# arm-abi has the native 64-bit layout: only the name differs.
+ARM = dataclasses.replace(X86_64, name="arm-abi")
 X86_32 = Abi(
     name="x86_32-abi",
     request_size=108,
