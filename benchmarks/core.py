@@ -188,83 +188,60 @@ def run(workdir: Path) -> list[dict[str, Any]]:
         # 1. raw -> dynamic VHD; 2. dynamic VHD -> raw.  qemu-img convert's default cache mode
         # for the output is "unsafe" (no flush at the end), like vhd convert's default; the
         # durable variants (vhd convert --sync, qemu-img -t writeback) are timed too.
-        def rm_outputs() -> None:
-            for p in (ours_vhd, qemu_vhd, ours_raw, qemu_raw):
-                p.unlink(missing_ok=True)
+        def convert_rows(
+            name: str, source: Path, ours: Path, theirs: Path, qemu_args: list[str], fmt: str
+        ) -> tuple[int, int]:
+            """Time one direction four ways, add its two rows; the peak RSS of both tools."""
+
+            def cleanup() -> None:
+                for p in (ours, theirs):
+                    p.unlink(missing_ok=True)
+
+            (t_ours, rss_ours), (t_q, rss_q), (t_qw, _), (t_os, _) = _medians(
+                [
+                    [VHD_CLI, "convert", str(source), str(ours)],
+                    [qemu, "convert", *qemu_args, str(source), str(theirs)],
+                    [qemu, "convert", "-t", "writeback", *qemu_args, str(source), str(theirs)],
+                    [VHD_CLI, "convert", "--sync", str(source), str(ours)],
+                ],
+                cleanup,
+            )
+            rows.append(
+                _row(
+                    name,
+                    t_ours,
+                    t_q,
+                    "s",
+                    f"vs qemu-img convert -O {fmt} (no flush); target <= 1.25x",
+                    peak_mib=round(rss_ours / MiB, 1),
+                    theirs_peak_mib=round(rss_q / MiB, 1),
+                )
+            )
+            rows.append(
+                _row(
+                    name + ", both durable",
+                    t_os,
+                    t_qw,
+                    "s",
+                    f"vhd convert --sync vs qemu-img convert -t writeback -O {fmt} (both flush)",
+                )
+            )
+            return rss_ours, rss_q
 
         to_vhd = ["-f", "raw", "-O", "vpc", "-o", "subformat=dynamic,force_size=on"]
-        (t_ours, rss_ours), (t_q, rss_q), (t_qw, _), (t_os, _) = _medians(
-            [
-                [VHD_CLI, "convert", str(src), str(ours_vhd)],
-                [qemu, "convert", *to_vhd, str(src), str(qemu_vhd)],
-                [qemu, "convert", "-t", "writeback", *to_vhd, str(src), str(qemu_vhd)],
-                [VHD_CLI, "convert", "--sync", str(src), str(ours_vhd)],
-            ],
-            rm_outputs,
-        )
-        peak = rss_ours
-        name = "convert raw -> dynamic VHD (1 GiB, half zeros)"
-        rows.append(
-            _row(
-                name,
-                t_ours,
-                t_q,
-                "s",
-                "vs qemu-img convert -O vpc (no flush); target <= 1.25x",
-                peak_mib=round(rss_ours / MiB, 1),
-                theirs_peak_mib=round(rss_q / MiB, 1),
-            )
-        )
-        rows.append(
-            _row(
-                name + ", both durable",
-                t_os,
-                t_qw,
-                "s",
-                "vhd convert --sync vs qemu-img convert -t writeback -O vpc (both flush)",
-            )
+        peak, _ = convert_rows(
+            "convert raw -> dynamic VHD (1 GiB, half zeros)", src, ours_vhd, qemu_vhd, to_vhd, "vpc"
         )
 
         # One dynamic VHD made by vhd is the source of the next measurements.
         _run_child([VHD_CLI, "convert", str(src), str(ours_vhd)])
         _warm(ours_vhd)
 
-        def rm_raw() -> None:
-            for p in (ours_raw, qemu_raw):
-                p.unlink(missing_ok=True)
-
         to_raw = ["-f", "vpc", "-O", "raw"]
-        (t_ours, rss_ours), (t_q, rss_q), (t_qw, _), (t_os, _) = _medians(
-            [
-                [VHD_CLI, "convert", str(ours_vhd), str(ours_raw)],
-                [qemu, "convert", *to_raw, str(ours_vhd), str(qemu_raw)],
-                [qemu, "convert", "-t", "writeback", *to_raw, str(ours_vhd), str(qemu_raw)],
-                [VHD_CLI, "convert", "--sync", str(ours_vhd), str(ours_raw)],
-            ],
-            rm_raw,
+        rss_ours, rss_q = convert_rows(
+            "convert dynamic VHD -> raw (1 GiB)", ours_vhd, ours_raw, qemu_raw, to_raw, "raw"
         )
         peak = max(peak, rss_ours)
-        name = "convert dynamic VHD -> raw (1 GiB)"
-        rows.append(
-            _row(
-                name,
-                t_ours,
-                t_q,
-                "s",
-                "vs qemu-img convert -O raw (no flush); target <= 1.25x",
-                peak_mib=round(rss_ours / MiB, 1),
-                theirs_peak_mib=round(rss_q / MiB, 1),
-            )
-        )
-        rows.append(
-            _row(
-                name + ", both durable",
-                t_os,
-                t_qw,
-                "s",
-                "vhd convert --sync vs qemu-img convert -t writeback -O raw (both flush)",
-            )
-        )
         rows.append(
             _row(
                 "peak RSS of vhd convert (1 GiB, both ways)",
