@@ -442,3 +442,66 @@ def test_foreground_mount_serves_until_unmounted(tmp_path: Path, mounts: Mounts)
             process.kill()
     mounts.active.remove(mnt)
     assert _read_image(image, 0, 8 * MiB) == b"fg" * (4 * MiB)
+
+
+# Another FUSE server, even one with our subtype: only the fsname ``vhd:IMAGE`` marks ours.
+_OTHER_FUSE_SERVER = """
+import sys
+from vhdfuse import adapter
+from vhdfuse.fs import DiskFilesystem
+from tests.fakedisk import FakeDisk
+fs = DiskFilesystem(FakeDisk(1 << 20))
+adapter.run(fs, sys.argv[1], fsname="somebody-else")
+"""
+
+
+def test_umount_refuses_a_foreign_fuse_mount(tmp_path: Path, mounts: Mounts) -> None:
+    """Issue 9 item 7: `vhd umount` leaves file systems that `vhd mount` did not make alone."""
+    mnt = tmp_path / "other"
+    mnt.mkdir()
+    root = Path(__file__).resolve().parents[2]
+    server = subprocess.Popen(
+        [sys.executable, "-c", _OTHER_FUSE_SERVER, str(mnt)],
+        cwd=root,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    mounts.active.append(mnt)
+    try:
+        wait_until(lambda: is_mounted(mnt) or server.poll() is not None)
+        assert server.poll() is None, "the other FUSE server did not start"
+        result = vhd_cli("umount", str(mnt))
+        assert result.returncode == 2
+        assert result.stderr.count("\n") == 1 and "not a 'vhd mount'" in result.stderr
+        assert is_mounted(mnt) and server.poll() is None
+        assert os.path.getsize(mnt / "disk") == MiB
+    finally:
+        run(["fusermount3", "-u", str(mnt)])
+        server.wait(timeout=60)
+        mounts.active.remove(mnt)
+
+
+def test_umount_refuses_a_tmpfs(tmp_path: Path, mounts: Mounts) -> None:
+    """The case of the report: `vhd umount` took down a tmpfs and the files on it."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    result = run(["mount", "-t", "tmpfs", "-o", "size=1m", "vhdkit-test", str(mnt)])
+    assert result.returncode == 0, result.stderr
+    try:
+        (mnt / "precious").write_text("keep me")
+        result = vhd_cli("umount", str(mnt))
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert is_mounted(mnt)
+        assert (mnt / "precious").read_text() == "keep me"
+    finally:
+        run(["umount", str(mnt)])
+    # Our own mounts still unmount, and so does one whose server was killed.
+    image = _image(tmp_path / "ours.vhd", 8 * MiB)
+    mine = mounts.mount(image)
+    pid = server_pid(str(mine))
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: server_pid(str(mine)) is None)
+    mounts.unmount(mine)
