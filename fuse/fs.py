@@ -17,8 +17,9 @@ Files (see issue 4):
 * Sizes are fixed: ``truncate`` to the current size succeeds (``open(O_TRUNC)`` and
   ``truncate -s`` to the same size stay usable), any other size fails with ``EINVAL``.
 * ``fsync`` and the ``flush`` at ``close`` of a handle that wrote map to ``Disk.flush()``;
-  ``fallocate`` with ``PUNCH_HOLE`` or ``ZERO_RANGE`` maps to ``Disk.discard()`` (both promise
-  zeros afterwards); plain allocation is not offered (``EOPNOTSUPP``).
+  ``fallocate`` with ``PUNCH_HOLE`` or ``ZERO_RANGE`` maps to ``Disk.write_zeroes()`` (both
+  promise zeros afterwards; ``Disk.discard()`` would not on a differencing disk); plain
+  allocation is not offered (``EOPNOTSUPP``).
 * A read-only filesystem refuses writes with ``EROFS`` (``open`` for writing included).
 
 Several files view the same bytes; how the adapter keeps the kernel's page caches of those
@@ -380,7 +381,8 @@ class DiskFilesystem:
         if count == 0:
             return
         handle.dirty = True
-        self.disk.discard(node.start + offset, count)
+        # Both modes promise zeros: write_zeroes (a plain discard may show a parent's data).
+        self.disk.write_zeroes(node.start + offset, count)
 
     # -- lifetime -----------------------------------------------------------------------
 

@@ -134,9 +134,11 @@ def test_fallocate_modes() -> None:
     disk.data[:] = b"\x01" * len(disk.data)
     fh = fs.open("/p2", os.O_RDWR)
     fs.fallocate(fh, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 4096, 8192)
-    assert disk.discards == [(3 * MiB + 4096, 8192)]
+    # Both modes promise zeros afterwards: Disk.write_zeroes, not the unspecified discard.
+    assert disk.zeroed == [(3 * MiB + 4096, 8192)] and not disk.discards
+    assert disk.data[3 * MiB + 4096 : 3 * MiB + 12288] == bytes(8192)
     fs.fallocate(fh, FALLOC_FL_ZERO_RANGE, 4 * MiB - 512, 4096)  # clipped at the window's end
-    assert disk.discards[-1] == (7 * MiB - 512, 512)
+    assert disk.zeroed[-1] == (7 * MiB - 512, 512)
     assert disk.data[7 * MiB - 512 : 7 * MiB] == bytes(512)
     assert disk.data[7 * MiB] == 1
     assert _errno(fs.fallocate, fh, 0, 0, 4096) == errno.EOPNOTSUPP

@@ -333,6 +333,27 @@ def test_fallocate_punch_hole_discards(
         assert sum(e.length for e in holes) == 3 * MiB  # whole blocks were given back
 
 
+def test_punch_hole_on_a_differencing_disk_reads_zeros(
+    tmp_path: Path, mounts: Mounts, require_tool: Callable[[str], str]
+) -> None:
+    """Punch-hole promises zeros: on a child it must hide the parent (Disk.write_zeroes, not the
+    TRIM-like Disk.discard that lets the parent show through)."""
+    fallocate = require_tool("fallocate")
+    parent = _image(tmp_path / "parent.vhd", 8 * MiB, block_size=MiB)
+    with vhd.open(str(parent), "r+") as disk:
+        disk.pwrite(b"\xaa" * 8 * MiB, 0)
+    child = tmp_path / "child.vhd"
+    vhd.create(str(child), parent=str(parent), block_size=MiB).close()
+    mnt = mounts.mount(child)
+    result = run([fallocate, "-p", "-o", str(MiB + 512), "-l", str(MiB), str(mnt / "disk")])
+    assert result.returncode == 0, result.stderr
+    with open(mnt / "disk", "rb") as f:
+        f.seek(MiB)
+        assert f.read(2 * MiB) == b"\xaa" * 512 + bytes(MiB) + b"\xaa" * (MiB - 512)
+    mounts.unmount(mnt)
+    assert model_chain([parent, child]).read(MiB + 512, MiB) == bytes(MiB)
+
+
 def test_sigterm_flushes_and_closes(tmp_path: Path, mounts: Mounts) -> None:
     image = _image(tmp_path / "term.vhd", 16 * MiB)
     mnt = mounts.mount(image)
