@@ -368,6 +368,43 @@ def test_sigterm_flushes_and_closes(tmp_path: Path, mounts: Mounts) -> None:
     mounts.active.remove(mnt)
     # Clean: opens strictly (checksums, footer copies) and the data is there.
     assert _read_image(image, 3 * MiB, 22) == b"written before SIGTERM"
+    assert "stopping (SIGTERM)" in mounts.log() and "failed" not in mounts.log()
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_foreground_mount_stops_cleanly_on_a_signal(
+    tmp_path: Path, mounts: Mounts, stop: signal.Signals
+) -> None:
+    """Issue 9 item 12: Ctrl-C or `systemctl stop` is a clean stop: exit 0, image closed clean
+    (it used to exit 2 with "libfuse could not mount (status 8)")."""
+    image = _image(tmp_path / "fg.vhd", 8 * MiB)
+    mnt = tmp_path / "fg"
+    mnt.mkdir()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vhdtools.cli", "mount", "--foreground", str(image), str(mnt)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    mounts.active.append(mnt)
+    try:
+        wait_until(lambda: os.path.ismount(mnt) or process.poll() is not None)
+        assert process.poll() is None
+        with open(mnt / "disk", "r+b", buffering=0) as f:
+            f.seek(5 * MiB)
+            f.write(b"before the signal")
+        process.send_signal(stop)
+        _, stderr = process.communicate(timeout=60)
+        assert process.returncode == 0, stderr
+        assert "error" not in stderr
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert not is_mounted(mnt)
+    mounts.active.remove(mnt)
+    assert _read_image(image, 5 * MiB, 17) == b"before the signal"
+    result = vhd_cli("check", str(image))
+    assert result.returncode == 0 and "clean" in result.stdout, result.stdout + result.stderr
 
 
 def test_crash_after_fsync_keeps_flushed_writes(tmp_path: Path, mounts: Mounts) -> None:
