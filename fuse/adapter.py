@@ -281,6 +281,9 @@ class _Operations(mfusepy.Operations):  # type: ignore[misc]
         self.fs.fallocate(fi.fh, mode, offset, size)
         return 0
 
+    def lseek(self, path: str | None, offset: int, whence: int, fh: Any) -> int:
+        return self.fs.lseek(fh, offset, whence)
+
     # Present so that mfusepy registers the callbacks; _FUSE routes them without copies.
     def read(self, path: str, size: int, offset: int, fh: Any) -> bytes:
         raise FilesystemError(errno.ENOSYS)  # pragma: no cover
@@ -297,6 +300,11 @@ class _FUSE(mfusepy.FUSE):  # type: ignore[misc]
         fh = fip.contents.fh if fip else None
         name = None if path is None else path.decode(self.encoding, self.errors)
         result: int = self.operations.truncate(name, length, fh)
+        return result
+
+    def lseek(self, path: bytes | None, offset: int, whence: int, fip: Any) -> int:
+        # libfuse 3 only (mfusepy has no wrapper for it): SEEK_DATA/SEEK_HOLE.
+        result: int = self.operations.lseek(None, offset, whence, fip.contents.fh)
         return result
 
     def read(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:

@@ -354,6 +354,49 @@ def test_punch_hole_on_a_differencing_disk_reads_zeros(
     assert model_chain([parent, child]).read(MiB + 512, MiB) == bytes(MiB)
 
 
+@pytest.mark.parametrize("cache", ["direct", "kernel"])
+def test_du_seek_hole_and_sparse_copies(
+    tmp_path: Path, mounts: Mounts, require_tool: Callable[[str], str], cache: str
+) -> None:
+    """Issue 9 item 13: du showed 256M for an empty disk, and SEEK_HOLE found no holes."""
+    du, cp = require_tool("du"), require_tool("cp")
+    parent = _image(tmp_path / "base.vhd", 256 * MiB, block_size=MiB)
+    with vhd.open(str(parent), "r+") as disk:
+        disk.pwrite(_pattern(1, MiB), 0)  # the parent holds [0, 1 MiB)
+    image = tmp_path / "child.vhd"
+    vhd.create(str(image), parent=str(parent), block_size=MiB).close()
+    mnt = mounts.mount(image, "--cache", cache)
+    disk_file = mnt / "disk"
+
+    def du_kib() -> int:
+        return int(run([du, "-k", str(disk_file)]).stdout.split()[0])
+
+    assert du_kib() == 1024  # the parent's MiB, not 256M
+    with open(disk_file, "r+b", buffering=0) as f:
+        os.pwrite(f.fileno(), _pattern(2, 3 * MiB), 100 * MiB)
+    assert du_kib() == 4 * 1024  # the new data shows without a remount
+    fd = os.open(disk_file, os.O_RDONLY)
+    try:
+        assert os.lseek(fd, 0, os.SEEK_DATA) == 0
+        assert os.lseek(fd, 0, os.SEEK_HOLE) == MiB
+        assert os.lseek(fd, MiB, os.SEEK_DATA) == 100 * MiB
+        assert os.lseek(fd, 100 * MiB, os.SEEK_HOLE) == 103 * MiB
+        with pytest.raises(OSError) as info:
+            os.lseek(fd, 103 * MiB, os.SEEK_DATA)
+        assert info.value.errno == errno.ENXIO
+    finally:
+        os.close(fd)
+    copy = tmp_path / "copy.raw"
+    assert run([cp, "--sparse=always", str(disk_file), str(copy)]).returncode == 0
+    assert copy.stat().st_size == 256 * MiB
+    assert copy.stat().st_blocks * 512 <= 8 * MiB  # the holes stayed holes
+    with open(copy, "rb") as f:
+        assert f.read(MiB) == _pattern(1, MiB)
+        f.seek(100 * MiB)
+        assert f.read(3 * MiB) == _pattern(2, 3 * MiB)
+    mounts.unmount(mnt)
+
+
 def test_sigterm_flushes_and_closes(tmp_path: Path, mounts: Mounts) -> None:
     image = _image(tmp_path / "term.vhd", 16 * MiB)
     mnt = mounts.mount(image)
