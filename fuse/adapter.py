@@ -308,20 +308,27 @@ class _FUSE(mfusepy.FUSE):  # type: ignore[misc]
         return result
 
     def read(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
-        view = memoryview(_array(size).from_address(ctypes.addressof(buf.contents)))
-        count: int = self.operations.fs.readinto(fip.contents.fh, view, offset)
+        count: int = self.operations.fs.readinto(fip.contents.fh, _view(buf, size), offset)
         return count
 
     def write(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
-        view = memoryview(_array(size).from_address(ctypes.addressof(buf.contents)))
-        count: int = self.operations.fs.write(fip.contents.fh, view, offset)
+        count: int = self.operations.fs.write(fip.contents.fh, _view(buf, size), offset)
         return count
 
 
 @functools.lru_cache(maxsize=64)
 def _array(size: int) -> Any:
-    """The ctypes array type viewing a request buffer (unsigned bytes: a 'B' memoryview)."""
+    """The ctypes array type viewing a request buffer."""
     return ctypes.c_ubyte * size
+
+
+def _view(buf: Any, size: int) -> memoryview:
+    """A ``'B'`` memoryview of libfuse's request buffer, without a copy.
+
+    ctypes exports its arrays with the format ``'<B'``; cast to the native ``'B'`` that the
+    disk's single-``preadv`` fast path (and every ``bytes``-like consumer) expects.
+    """
+    return memoryview(_array(size).from_address(ctypes.addressof(buf.contents))).cast("B")
 
 
 def run(

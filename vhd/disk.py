@@ -62,6 +62,8 @@ _BITMAP_CACHE_LIMIT = 16384
 FULL: bytes = b""
 
 Buffer = bytes | bytearray | memoryview
+# memoryview formats of unsigned bytes ('<B' is what ctypes arrays export).
+_BYTE_FORMATS = frozenset({"B", "<B", ">B", "=B", "@B"})
 
 
 class BlockDevice(Protocol):
@@ -388,7 +390,7 @@ class SparseDisk(Disk):
     def preadinto(self, buffer: Buffer, offset: int) -> int:
         # Fast path for the common small read (NBD, blkif, FUSE): inside one block whose bitmap
         # is all ones, it is a single preadv with no further Python work.
-        if type(buffer) is memoryview and buffer.format == "B" and not buffer.readonly:
+        if type(buffer) is memoryview and buffer.format in _BYTE_FORMATS and not buffer.readonly:
             n = len(buffer)
             bs = self._bs
             block = offset // bs

@@ -437,3 +437,26 @@ def test_readers_never_see_unwritten_blocks(tmp_path: Path, differencing: bool) 
         t.join(120)
     disk.close()
     assert not problems, problems[:5]
+
+
+def test_fast_path_takes_any_unsigned_byte_view(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ctypes buffer's memoryview has the format '<B' (issue 10 §3): still one preadv."""
+    import ctypes
+
+    path = tmp_path / "d.vhd"
+    with vhd.create(path, 2 * MiB, block_size=MiB) as disk:
+        disk.pwrite(b"\x42" * MiB, MiB)
+    with vhd.open(path) as disk:
+        assert disk.pread(512, MiB) == b"\x42" * 512  # caches the block's bitmap
+
+        def slow_path(self: vhd.Disk, buffer: object, offset: int) -> int:
+            raise AssertionError("the read missed the fast path")
+
+        monkeypatch.setattr(vhd.Disk, "preadinto", slow_path)
+        buffer = (ctypes.c_ubyte * 4096)()
+        view = memoryview(buffer)
+        assert view.format == "<B"
+        assert disk.preadinto(view, MiB + 512) == 4096
+        assert bytes(buffer) == b"\x42" * 4096
