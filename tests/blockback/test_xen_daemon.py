@@ -16,7 +16,7 @@ import vhd
 from blockback.abi import X86_64, Op, Status
 from blockback.server import XenDaemon, toolstack_add_vbd
 from blockback.transport.sim import SimXen
-from blockback.xenstore import XenStoreClient
+from blockback.xenstore import Transaction, XenStoreClient, XenStoreError
 from blockback.xenstore.server import XenStoreServer
 
 from .pyfront import SimFrontend
@@ -152,3 +152,99 @@ def test_params_with_a_toolstack_format_prefix_name_the_image(tmp_path: Path) ->
     # Unknown prefixes and missing files are left alone (the open then reports the real name).
     assert image_path(f"nbd:{image}") == f"nbd:{image}"
     assert image_path(f"vhd:{tmp_path}/missing.vhd") == f"vhd:{tmp_path}/missing.vhd"
+
+
+def settle(rig: Rig) -> None:
+    """Stop the daemon's thread, then hand it every event still queued (ours included: a write
+    the daemon made fires its own watch), until a quiet interval: whatever the daemon would do
+    in reaction has been done when this returns."""
+    rig.stop.set()
+    rig.thread.join(10)
+    while (event := rig.xs.read_watch(timeout=0.3)) is not None:
+        rig.daemon.handle(event.path, event.token)
+
+
+def tree(xs: XenStoreClient, path: str) -> list[str]:
+    """Every node below ``path`` (not ``path`` itself); [] if it does not exist."""
+    try:
+        children = xs.directory(path)
+    except XenStoreError:
+        return []
+    out: list[str] = []
+    for child in children:
+        out.append(f"{path}/{child}")
+        out.extend(tree(xs, f"{path}/{child}"))
+    return out
+
+
+def connected_device(rig: Rig) -> tuple[str, str, SimFrontend, Path]:
+    image = rig.tmp / "g.vhd"
+    vhd.create(image, 4 << 20).close()
+    be, fe = toolstack_add_vbd(rig.toolstack, image=str(image), read_only=False)
+    wait_for(lambda: rig.state(be) == "2")
+    front = connect(rig, fe)
+    wait_for(lambda: rig.state(be) == "4")
+    (p,) = front.alloc(1)
+    front.page(p)[:] = b"d" * 4096
+    assert front.call(X86_64.encode_rw(Op.WRITE, 1, 8, [(p, 0, 7)])) == Status.OKAY
+    return be, fe, front, image
+
+
+def assert_closed_and_gone(rig: Rig, be: str, image: Path) -> None:
+    assert be not in rig.daemon.drivers
+    assert rig.toolstack.try_read(be) is None, tree(rig.toolstack, be)
+    assert tree(rig.toolstack, ROOT) in ([], [f"{ROOT}/1"])  # at most the empty domain dir
+    assert len(rig.opened) == 1 and rig.opened[0].closed  # closed, and never opened again
+    assert rig.xen.grants.mapped == 0
+    with vhd.open(image) as disk:
+        assert disk.pread(4096, 4096) == b"d" * 4096
+
+
+def test_toolstack_removes_the_backend_directory_while_connected(rig: Rig) -> None:
+    """The backend directory vanishes under a connected device: tear down, close the image,
+    and never write there again (a write would re-create the directory: issue 13)."""
+    be, _, front, image = connected_device(rig)
+    rig.toolstack.rm(be)
+    wait_for(lambda: be not in rig.daemon.drivers)
+    settle(rig)
+    assert_closed_and_gone(rig, be, image)
+    front.close()
+
+
+def test_xl_destroy_leaves_no_backend_nodes(rig: Rig) -> None:
+    """``xl destroy`` as libxl does it: the frontend directory goes, ``online``=0 and
+    ``state``=5 in the backend, wait for the backend's Closed, then the backend directory
+    goes.  No re-publish (the old loop: remove -> Closed, publish -> InitWait, ...)."""
+    be, fe, front, image = connected_device(rig)
+
+    def force_remove(tx: Transaction) -> None:
+        tx.rm(fe)
+        tx.write(f"{be}/online", "0")
+        tx.write(f"{be}/state", "5")
+
+    rig.toolstack.run_transaction(force_remove)
+    wait_for(lambda: rig.state(be) == "6")
+    wait_for(lambda: be not in rig.daemon.drivers)
+    rig.toolstack.rm(be)
+    settle(rig)
+    assert_closed_and_gone(rig, be, image)
+    front.close()
+
+
+def test_block_detach_then_reattach_the_same_vdev(rig: Rig) -> None:
+    """``xl block-detach`` (online=0, frontend closes, directory removed) leaves nothing behind,
+    and a later ``xl block-attach`` of the same vdev is served again."""
+    be, fe, front, image = connected_device(rig)
+    rig.toolstack.write(f"{be}/online", "0")
+    wait_for(lambda: rig.state(be) == "5")
+    rig.guest.write(f"{fe}/state", "6")
+    wait_for(lambda: rig.state(be) == "6")
+    wait_for(lambda: be not in rig.daemon.drivers)
+    rig.toolstack.rm(be)
+    rig.toolstack.rm(fe)
+    front.close()
+    # Attached again under the same path: a fresh device.
+    be2, _ = toolstack_add_vbd(rig.toolstack, image=str(image), read_only=True)
+    assert be2 == be
+    wait_for(lambda: rig.state(be) == "2")
+    assert len(rig.opened) == 2 and rig.opened[0].closed and not rig.opened[1].closed

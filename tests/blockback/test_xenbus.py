@@ -165,3 +165,12 @@ def test_read_frontend_single_and_multi_queue() -> None:
 def test_read_frontend_refuses(keys: dict[str, str]) -> None:
     with pytest.raises(RemoteProtocolError):
         read_frontend(reader(keys))
+
+
+def test_backend_directory_removed_removes_from_every_state() -> None:
+    """The toolstack removed the backend directory (xl destroy, block-detach): from any state the
+    device is removed (and the driver writes nothing more: tests/blockback/test_xen_daemon.py)."""
+    states = {state for state, _ in TRANSITIONS}
+    assert states == {S.INITIALISING, S.INIT_WAIT, S.CONNECTED, S.CLOSING, S.CLOSED}
+    for s in states:
+        assert TRANSITIONS[(s, Input.GONE)] == (Action.REMOVE, S.CLOSED)
