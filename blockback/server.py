@@ -224,7 +224,7 @@ class VbdDriver:
             self._write({"sectors": str(self.disk.size // 512), "state": "4"})
         elif action is Action.REMOVE:
             self._disconnect()
-            with contextlib.suppress(XenStoreError):
+            with contextlib.suppress(XenStoreError, OSError):  # xenstored may be gone (SIGTERM)
                 self._write_state(XenbusState.CLOSED)  # unless the directory is gone
             self._remove()
         if self.gone and not self.removed:
@@ -662,10 +662,14 @@ def serve_xen(args: argparse.Namespace) -> int:
             xs, transport, root, open_disk, read_only=bool(args.read_only), options=_options(args)
         )
         stop = threading.Event()
+        # Shut down with our handlers still in place (a second SIGTERM must not kill the drain)
+        # and whatever ended the loop: every device closed, every image flushed and closed.
         with _signals_stop(stop):
-            daemon.start()
-            daemon.run(stop)
-        daemon.shutdown()
+            try:
+                daemon.start()
+                daemon.run(stop)
+            finally:
+                daemon.shutdown()
     finally:
         close = getattr(transport, "close", None)
         if close is not None:
