@@ -335,3 +335,53 @@ def test_shutdown_closes_images_even_without_xenstore(rig: Rig) -> None:
     with vhd.open(image) as disk:
         assert disk.pread(4096, 4096) == b"d" * 4096
     front.close()
+
+
+def test_two_guests_one_daemon_destroy_one(rig: Rig) -> None:
+    """Two guests (domains 1 and 2) served by one daemon; destroying one leaves the other
+    serving, and a disk block-attached to the running guest afterwards is served too."""
+    guests = []
+    for domid, first_page in ((1, 10), (2, 200)):
+        image = rig.tmp / f"dom{domid}.vhd"
+        vhd.create(image, 1 << 20).close()
+        be, fe = toolstack_add_vbd(
+            rig.toolstack, image=str(image), read_only=False, frontend_domid=domid
+        )
+        wait_for(lambda be=be: rig.state(be) == "2")
+        front = SimFrontend(str(rig.tmp / "sim"), X86_64, 0, first_page=first_page)
+        for k, v in front.keys().items():
+            rig.toolstack.write(f"{fe}/{k}", v)
+        rig.toolstack.write(f"{fe}/state", "3")
+        wait_for(lambda be=be: rig.state(be) == "4")
+        guests.append((be, fe, front, image))
+    for i, (_, _, front, _) in enumerate(guests):
+        (p,) = front.alloc(1)
+        front.page(p)[:] = bytes([i + 1]) * 4096
+        assert front.call(X86_64.encode_rw(Op.WRITE, 1, 0, [(p, 0, 7)])) == Status.OKAY
+    be1, fe1, front1, _ = guests[0]
+
+    def destroy(tx: Transaction) -> None:
+        tx.rm(fe1)
+        tx.write(f"{be1}/online", "0")
+        tx.write(f"{be1}/state", "5")
+
+    rig.toolstack.run_transaction(destroy)
+    wait_for(lambda: rig.state(be1) == "6" and be1 not in rig.daemon.drivers)
+    rig.toolstack.rm(f"{ROOT}/1")
+    front1.close()
+    be2, _, front2, _ = guests[1]
+    (p,) = front2.alloc(1)
+    assert front2.call(X86_64.encode_rw(Op.READ, 2, 0, [(p, 0, 7)])) == Status.OKAY
+    assert bytes(front2.page(p)) == b"\x02" * 4096
+    # xl block-attach of a second disk to the running guest 2.
+    extra = rig.tmp / "extra.vhd"
+    vhd.create(extra, 1 << 20).close()
+    be3, _ = toolstack_add_vbd(
+        rig.toolstack, image=str(extra), read_only=True, frontend_domid=2, devid=51728
+    )
+    wait_for(lambda: rig.state(be3) == "2")
+    assert set(rig.daemon.drivers) == {be2, be3}
+    settle(rig)
+    assert rig.toolstack.try_read(be1) is None
+    assert rig.state(be2) == "4"
+    front2.close()
