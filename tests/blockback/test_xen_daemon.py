@@ -18,7 +18,7 @@ import pytest
 import vhd
 from blockback.abi import X86_64, Op, Status
 from blockback.server import XenDaemon, toolstack_add_vbd
-from blockback.transport.sim import SimXen
+from blockback.transport.sim import SimXen, alloc_unbound_port
 from blockback.xenstore import Transaction, XenStoreClient, XenStoreError
 from blockback.xenstore.server import XenStoreServer
 
@@ -385,3 +385,35 @@ def test_two_guests_one_daemon_destroy_one(rig: Rig) -> None:
     assert rig.toolstack.try_read(be1) is None
     assert rig.state(be2) == "4"
     front2.close()
+
+
+def test_a_restarted_daemon_picks_up_a_connected_guest(rig: Rig) -> None:
+    """The daemon dies under a connected guest (no xenstore writes, rings dropped) and systemd
+    starts a new one: it re-attaches the device, reconnects to the guest's existing ring where
+    it stands, and serves it -- the guest never went through Closed."""
+    be, fe, front, _ = connected_device(rig)
+    rig.stop.set()
+    rig.thread.join(10)
+    for driver in rig.daemon.drivers.values():  # what a kill -9 leaves: nothing closed cleanly
+        driver._disconnect()
+        driver.executor.close()
+    rig.daemon.drivers.clear()
+    rig.opened[0].close()  # the process's exit releases the image (and its lock)
+    rig.xs.close()
+    # On Xen the guest's event channel falls back to unbound when the backend's end is closed;
+    # the simulated hub hands a port out once, so the guest offers a fresh one.
+    front.evtchn.close()
+    front.evtchn = alloc_unbound_port(rig.tmp / "sim")
+    rig.guest.write(f"{fe}/event-channel", str(front.evtchn.port))
+    rig.xs = XenStoreClient(rig.tmp / "xs.sock")
+    rig.daemon = XenDaemon(rig.xs, rig.xen, ROOT, rig.daemon.open_disk)
+    rig.stop = threading.Event()
+    rig.daemon.start()
+    rig.thread = threading.Thread(target=rig.daemon.run, args=(rig.stop,), daemon=True)
+    rig.thread.start()
+    wait_for(lambda: be in rig.daemon.drivers and rig.daemon.drivers[be].connects == 1)
+    assert rig.state(be) == "4"
+    (p,) = front.alloc(1)
+    assert front.call(X86_64.encode_rw(Op.READ, 7, 8, [(p, 0, 7)])) == Status.OKAY
+    assert bytes(front.page(p)) == b"d" * 4096
+    front.close()
