@@ -275,7 +275,12 @@ class VbdDriver:
             self.perform(self.machine.process(Input.CONNECT_FAILED))
             return
         self.device.start()
-        keys = connect_keys(size=self.disk.size, read_only=self.read_only, discard=self.discard)
+        keys = connect_keys(
+            size=self.disk.size,
+            read_only=self.read_only,
+            discard=self.discard,
+            cdrom=self._read(f"{self.fe}/device-type") == "cdrom",  # as Linux blkback reads it
+        )
         keys["state"] = str(int(XenbusState.CONNECTED))
         if self._write(keys):  # one transaction, state last
             self.connects += 1

@@ -29,6 +29,7 @@ from blockback.abi import (
     ABIS,
     MAX_RING_PAGE_ORDER,
     SECTOR_SIZE,
+    VDISK_CDROM,
     VDISK_READONLY,
     Abi,
     abi_for,
@@ -203,16 +204,21 @@ def connect_keys(
     discard: bool,
     discard_granularity: int = 4096,
     discard_secure: bool = False,
+    cdrom: bool = False,
 ) -> dict[str, str]:
-    """The device properties written in the connect transaction (before ``state``=4)."""
+    """The device properties written in the connect transaction (before ``state``=4).
+
+    ``info`` carries VDISK_READONLY and, for a frontend whose ``device-type`` is ``cdrom``,
+    VDISK_CDROM (Linux blkback's ``vbd.type``)."""
     writable = not read_only
+    info = (VDISK_READONLY if read_only else 0) | (VDISK_CDROM if cdrom else 0)
     keys = {
         "feature-flush-cache": "1" if writable else "0",
         "feature-barrier": "1" if writable else "0",
         "feature-discard": "1" if discard and writable else "0",
         "feature-persistent": "0",  # grant copy only (docs/blkif.md §3)
         "sectors": str(size // SECTOR_SIZE),
-        "info": str(VDISK_READONLY if read_only else 0),
+        "info": str(info),
         "sector-size": str(SECTOR_SIZE),
         "physical-sector-size": str(SECTOR_SIZE),
     }

@@ -417,3 +417,15 @@ def test_a_restarted_daemon_picks_up_a_connected_guest(rig: Rig) -> None:
     assert front.call(X86_64.encode_rw(Op.READ, 7, 8, [(p, 0, 7)])) == Status.OKAY
     assert bytes(front.page(p)) == b"d" * 4096
     front.close()
+
+
+def test_a_cdrom_frontend_is_told_so_in_info(rig: Rig) -> None:
+    image = rig.tmp / "cd.vhd"
+    vhd.create(image, 1 << 20).close()
+    be, fe = toolstack_add_vbd(rig.toolstack, image=str(image), read_only=True)
+    rig.toolstack.write(f"{fe}/device-type", "cdrom")  # xl: devtype=cdrom
+    wait_for(lambda: rig.state(be) == "2")
+    front = connect(rig, fe)
+    wait_for(lambda: rig.state(be) == "4")
+    assert rig.toolstack.read(f"{be}/info") == b"5"  # VDISK_CDROM | VDISK_READONLY
+    front.close()

@@ -121,6 +121,8 @@ def test_initwait_and_connect_keys() -> None:
     ro = connect_keys(size=4096, read_only=True, discard=True)
     assert ro["info"] == "4" and ro["feature-discard"] == "0" and ro["feature-flush-cache"] == "0"
     assert "discard-granularity" not in ro
+    # A frontend whose device-type is cdrom gets VDISK_CDROM in info (Linux blkback's vbd.type).
+    assert connect_keys(size=4096, read_only=True, discard=False, cdrom=True)["info"] == "5"
 
 
 def reader(keys: dict[str, str]):  # type: ignore[no-untyped-def]
