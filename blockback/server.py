@@ -221,7 +221,9 @@ class VbdDriver:
             self._write_state(XenbusState.CLOSING)
         elif action is Action.RESIZE:
             # ``state`` rewritten after ``sectors``: fires the frontend's watch.
-            self._write({"sectors": str(self.disk.size // 512), "state": "4"})
+            self._write(
+                {"sectors": str(self.disk.size // 512), "state": str(int(XenbusState.CONNECTED))}
+            )
         elif action is Action.REMOVE:
             self._disconnect()
             with contextlib.suppress(XenStoreError, OSError):  # xenstored may be gone (SIGTERM)
@@ -561,7 +563,7 @@ class XenDaemon:
                 for devid in self.xs.directory(f"{self.root}/{fdom}"):
                     device = f"{self.root}/{fdom}/{devid}"
                     seen.add(device)
-                    if device not in self.drivers and device not in self.failed:
+                    if device not in self.drivers and device not in self.failed | self.finished:
                         self._attach(device)
         for device in [d for d in self.drivers if d not in seen]:
             self.drivers[device].directory_removed()

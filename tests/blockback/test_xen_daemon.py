@@ -429,3 +429,17 @@ def test_a_cdrom_frontend_is_told_so_in_info(rig: Rig) -> None:
     wait_for(lambda: rig.state(be) == "4")
     assert rig.toolstack.read(f"{be}/info") == b"5"  # VDISK_CDROM | VDISK_READONLY
     front.close()
+
+
+def test_a_rescan_does_not_revive_a_finished_device(rig: Rig) -> None:
+    """A device whose frontend vanished stays let go while its directory waits for the
+    toolstack, even when a change higher up makes the daemon rescan everything."""
+    be, fe, front, _ = connected_device(rig)
+    rig.toolstack.rm(fe)  # the guest is gone; the backend directory stays for now
+    wait_for(lambda: be not in rig.daemon.drivers)
+    assert rig.state(be) == "6"
+    rig.toolstack.write(f"{ROOT}/1", "")  # an event on the domain directory: a full rescan
+    settle(rig)
+    assert len(rig.opened) == 1 and rig.opened[0].closed
+    assert rig.state(be) == "6"
+    front.close()
