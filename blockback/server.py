@@ -271,10 +271,14 @@ class VbdDriver:
                 inline_max=self.options.inline_max,
             )
         except (RemoteProtocolError, OSError) as exc:
-            self.device = None
-            self._write({"error": f"connect failed: {exc}"[:1000]})
-            log.error("%s: connect failed: %s", self.be, exc)
-            self.perform(self.machine.process(Input.CONNECT_FAILED))
+            self._connect_failed(str(exc))
+            return
+        except Exception as exc:
+            # One dom0 process serves every guest: a bug met while connecting one device (the
+            # OverflowError of issue 13) fails that device, with its traceback in the log,
+            # instead of taking every other guest's disk down with the daemon.
+            log.exception("%s: connect failed", self.be)
+            self._connect_failed(f"{type(exc).__name__}: {exc}")
             return
         self.device.start()
         keys = connect_keys(
@@ -286,6 +290,12 @@ class VbdDriver:
         keys["state"] = str(int(XenbusState.CONNECTED))
         if self._write(keys):  # one transaction, state last
             self.connects += 1
+
+    def _connect_failed(self, reason: str) -> None:
+        self.device = None
+        self._write({"error": f"connect failed: {reason}"[:1000]})
+        log.error("%s: connect failed: %s", self.be, reason)
+        self.perform(self.machine.process(Input.CONNECT_FAILED))
 
     def _disconnect(self) -> None:
         if self.device is not None:

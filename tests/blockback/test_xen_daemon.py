@@ -443,3 +443,45 @@ def test_a_rescan_does_not_revive_a_finished_device(rig: Rig) -> None:
     assert len(rig.opened) == 1 and rig.opened[0].closed
     assert rig.state(be) == "6"
     front.close()
+
+
+class BrokenRingMaps:
+    """SimXen, except that mapping a ring of ``domid`` raises what the real transport raised
+    before its ioctl fix (issue 13: OverflowError from fcntl.ioctl)."""
+
+    def __init__(self, xen: SimXen, domid: int) -> None:
+        self.xen = xen
+        self.domid = domid
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.xen, name)
+
+    def map_ring(self, domid: int, refs: Any) -> Any:
+        if domid == self.domid:
+            raise OverflowError("signed integer is greater than maximum")
+        return self.xen.map_ring(domid, refs)
+
+
+def test_a_bug_connecting_one_guest_fails_that_vbd_only(rig: Rig) -> None:
+    rig.daemon.transport = BrokenRingMaps(rig.xen, 1)
+    paths = []
+    for domid, first_page in ((1, 10), (2, 200)):
+        image = rig.tmp / f"dom{domid}.vhd"
+        vhd.create(image, 1 << 20).close()
+        be, fe = toolstack_add_vbd(
+            rig.toolstack, image=str(image), read_only=False, frontend_domid=domid
+        )
+        wait_for(lambda be=be: rig.state(be) == "2")
+        front = SimFrontend(str(rig.tmp / "sim"), X86_64, 0, first_page=first_page)
+        for k, v in front.keys().items():
+            rig.toolstack.write(f"{fe}/{k}", v)
+        rig.toolstack.write(f"{fe}/state", "3")
+        paths.append((be, front))
+    (be1, front1), (be2, front2) = paths
+    wait_for(lambda: rig.state(be1) == "5" and rig.state(be2) == "4")
+    assert b"OverflowError" in rig.toolstack.read(f"{be1}/error")
+    assert rig.thread.is_alive()
+    (p,) = front2.alloc(1)
+    assert front2.call(X86_64.encode_rw(Op.READ, 1, 0, [(p, 0, 7)])) == Status.OKAY
+    front1.close()
+    front2.close()
