@@ -593,10 +593,7 @@ class XenDaemon:
         try:
             disk = self.open_disk(image, read_only)
         except (vhd.VHDError, OSError) as exc:
-            log.error("%s: cannot open %s: %s", device, image, exc)
-            self.failed.add(device)  # do not retry on every event
-            self.xs.write(f"{device}/hotplug-error", str(exc)[:1000])
-            self.xs.write(f"{device}/hotplug-status", "error")
+            self._refuse(device, f"cannot open {image}: {exc}")
             return
 
         def closed(d: str = device) -> None:
@@ -604,19 +601,31 @@ class XenDaemon:
             if disk_ is not None:
                 disk_.close()
 
-        driver = VbdDriver(
-            self.xs,
-            device,
-            self.transport,
-            disk,
-            read_only=read_only,
-            options=self.options,
-            on_close=closed,
-        )
+        try:
+            driver = VbdDriver(
+                self.xs,
+                device,
+                self.transport,
+                disk,
+                read_only=read_only,
+                options=self.options,
+                on_close=closed,
+            )
+        except (ValueError, XenStoreError, OSError) as exc:  # e.g. frontend-id is not a number
+            disk.close()
+            self._refuse(device, f"bad device nodes: {exc}")
+            return
         self.drivers[device] = driver
         self._disks[device] = disk
         driver.probe()
         log.info("%s: serving %s (%s)", device, image, "ro" if read_only else "rw")
+
+    def _refuse(self, device: str, reason: str) -> None:
+        """Not served (image or nodes unusable): say so where libxl and the admin look, once."""
+        log.error("%s: %s", device, reason)
+        self.failed.add(device)  # do not retry on every event
+        self.xs.write(f"{device}/hotplug-error", reason[:1000])
+        self.xs.write(f"{device}/hotplug-status", "error")
 
     def _reap(self) -> None:
         for device in [d for d, drv in self.drivers.items() if drv.removed]:
@@ -632,6 +641,9 @@ class XenDaemon:
                 self.handle(event.path, event.token)
             except (LocalProtocolError, XenStoreError, OSError) as exc:
                 log.error("xenbus: %s", exc)
+            except Exception:
+                # A bug: log it and keep serving every other guest rather than exit.
+                log.exception("xenbus: handling %s", event.path)
 
     def shutdown(self) -> None:
         """SIGTERM: drain and close every device (Closed), close every image."""

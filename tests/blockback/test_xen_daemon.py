@@ -485,3 +485,30 @@ def test_a_bug_connecting_one_guest_fails_that_vbd_only(rig: Rig) -> None:
     assert front2.call(X86_64.encode_rw(Op.READ, 1, 0, [(p, 0, 7)])) == Status.OKAY
     front1.close()
     front2.close()
+
+
+def test_unusable_device_nodes_are_refused_and_the_image_closed(rig: Rig) -> None:
+    image = rig.tmp / "bad.vhd"
+    vhd.create(image, 1 << 20).close()
+    be = f"{ROOT}/1/51712"
+
+    def add(tx: Transaction) -> None:  # what a confused toolstack might write
+        for key, value in {
+            "params": str(image),
+            "state": "1",
+            "online": "1",
+            "frontend": "/local/domain/1/device/vbd/51712",
+            "frontend-id": "not-a-domid",
+        }.items():
+            tx.write(f"{be}/{key}", value)
+
+    rig.toolstack.run_transaction(add)
+    wait_for(lambda: rig.toolstack.try_read(f"{be}/hotplug-status") == b"error")
+    assert b"not-a-domid" in rig.toolstack.read(f"{be}/hotplug-error")
+    assert be in rig.daemon.failed and be not in rig.daemon.drivers
+    assert rig.opened[0].closed  # not left open (nor locked) by the refused device
+    # The daemon lives on: another device is served.
+    good = rig.tmp / "good.vhd"
+    vhd.create(good, 1 << 20).close()
+    be2, _ = toolstack_add_vbd(rig.toolstack, image=str(good), read_only=True, devid=51728)
+    wait_for(lambda: rig.state(be2) == "2")
