@@ -12,7 +12,10 @@ per coalesced event (XSA-349).
 xenstored in DIR, guest memory and event channels in DIR, the vbd nodes libxl would write, and
 the backend.  ``serve_xen`` is the dom0 daemon: it watches the backend directory for devices the
 toolstack creates, serves each with the real Xen transport, and tears them down on
-Closing/Closed, ``online=0`` or SIGTERM.
+Closing/Closed, ``online=0``, the frontend's or the backend directory's removal, or SIGTERM.
+Every backend write is one transaction that first checks the backend directory still exists:
+the toolstack owns it, and once it is removed (``xl destroy``, ``block-detach``) nothing of ours
+may re-create it.
 """
 
 from __future__ import annotations
