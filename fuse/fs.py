@@ -252,9 +252,16 @@ class DiskFilesystem:
         cached = self._blocks.get(node.name)
         if cached is not None and cached[0] == generation:
             return cached[1]
-        held = sum(
-            e.length for e in self.disk.extents(node.start, node.length) if e.layer is not None
-        )
+        try:
+            extents = self.disk.extents(node.start, node.length)
+            held = sum(e.length for e in extents if e.layer is not None)
+        except (vhd.VHDError, OSError) as exc:
+            # A damaged block must not make the file unreachable (everything calls stat):
+            # count it all as allocated; reading the damaged range still fails with EIO.
+            log.warning(
+                "%s: cannot count allocated space, showing the full size: %s", node.name, exc
+            )
+            held = node.length
         blocks = (held + 511) // 512
         self._blocks[node.name] = (generation, blocks)
         return blocks
