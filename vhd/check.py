@@ -37,7 +37,7 @@ from typing import Any
 
 from . import bitmap as bm
 from .bat import UNUSED, BlockAllocationTable
-from .chain import read_locators, resolve_parent
+from .chain import ParentPolicy, read_locators, resolve_parent
 from .errors import (
     ChainLoopError,
     NotAVHDError,
@@ -206,6 +206,7 @@ def check(
     deep: bool = False,
     parent_dirs: Sequence[str] = (),
     check_parent: bool = True,
+    parent_policy: ParentPolicy | None = None,
 ) -> CheckReport:
     """Check an image.  Raises :class:`~vhd.errors.NotAVHDError` when the file holds no VHD
     footer at all, and ``OSError`` when it cannot be read; every other problem is a finding."""
@@ -216,7 +217,8 @@ def check(
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             raise NotAVHDError("not a regular file or block device", path=spath)
         checker = _Checker(fd, spath, os.lseek(fd, 0, os.SEEK_END))
-        checker.run(deep=deep, parent_dirs=parent_dirs, check_parent=check_parent)
+        policy = (parent_policy or ParentPolicy()).with_dirs(parent_dirs)
+        checker.run(deep=deep, policy=policy, check_parent=check_parent)
         return CheckReport(spath, checker.findings, checker.model, deep)
     finally:
         os.close(fd)
@@ -237,7 +239,7 @@ class _Checker:
 
     # -- footer -----------------------------------------------------------------------------
 
-    def run(self, *, deep: bool, parent_dirs: Sequence[str], check_parent: bool) -> None:
+    def run(self, *, deep: bool, policy: ParentPolicy, check_parent: bool) -> None:
         if not self.check_footer():
             return
         m = self.model
@@ -251,7 +253,7 @@ class _Checker:
             return
         self.check_locators()
         if m.disk_type == DiskType.DIFFERENCING and check_parent:
-            self.check_parent(parent_dirs)
+            self.check_parent(policy)
         if deep:
             self.check_blocks_deep()
 
@@ -879,7 +881,7 @@ class _Checker:
             elif loc.code == CODE_MAC:
                 self.add(INFO, "locator-mac-alias", f"{where}: a Mac alias cannot be resolved")
 
-    def check_parent(self, parent_dirs: Sequence[str]) -> None:
+    def check_parent(self, policy: ParentPolicy) -> None:
         from .image import open as open_image
 
         m = self.model
@@ -892,7 +894,7 @@ class _Checker:
                 h,
                 locators,
                 opener=open_image,
-                search_dirs=parent_dirs,
+                policy=policy,
                 allow_mismatch=False,
                 strict=False,
                 seen=frozenset(),

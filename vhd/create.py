@@ -152,7 +152,8 @@ def create(
         raise
     os.close(fd)
     try:
-        return open_image(spath, "r+")
+        # The parent the caller named is used as named (wherever it is: the caller chose it).
+        return open_image(spath, "r+", parent=parent_path)
     except BaseException:
         # E.g. the new child makes the chain too deep: the caller gets an error, so it must
         # not also get a file it does not know about (which would block a retry).

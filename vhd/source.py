@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+from .chain import ParentPolicy
 from .disk import Disk, Extent
 from .errors import NotAVHDError
 from .fileio import read_exact_into, zero_fill
@@ -68,6 +69,7 @@ def open_source(
     parent_dirs: Sequence[str] = (),
     allow_parent_mismatch: bool = False,
     force_raw: bool = False,
+    parent_policy: ParentPolicy | None = None,
 ) -> Source:
     """Open ``path`` as a VHD if it is one, else as a raw disk image."""
     if not force_raw:
@@ -78,6 +80,7 @@ def open_source(
                 strict=strict,
                 parent_dirs=parent_dirs,
                 allow_parent_mismatch=allow_parent_mismatch,
+                parent_policy=parent_policy,
             )
         except NotAVHDError:
             pass

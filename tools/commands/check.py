@@ -16,6 +16,8 @@ from vhd.check import CheckReport, check
 from vhd.errors import VHDError
 from vhd.repair import apply_plan, plan_repair
 
+from ..common import add_parent_options, parent_policy
+
 
 def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
@@ -34,13 +36,7 @@ def register(sub: Any) -> None:
         action="store_true",
         help="with --repair: print what would change, change nothing",
     )
-    p.add_argument(
-        "--parent-dir",
-        metavar="DIR",
-        action="append",
-        default=[],
-        help="also look for parents in DIR",
-    )
+    add_parent_options(p, serving=False)
     p.set_defaults(func=run)
 
 
@@ -61,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run and not args.repair:
         raise ValueError("--dry-run goes with --repair")
     try:
-        report = check(args.image, deep=args.deep, parent_dirs=args.parent_dir)
+        report = check(args.image, deep=args.deep, parent_policy=parent_policy(args))
     except (VHDError, OSError) as exc:
         if not args.json:
             raise
@@ -78,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     after = report
     if not args.dry_run and not plan.empty:
         apply_plan(plan)
-        after = check(args.image, deep=args.deep, parent_dirs=args.parent_dir)
+        after = check(args.image, deep=args.deep, parent_policy=parent_policy(args))
     if args.json:
         out = report.as_dict()
         out["repair"] = plan.as_dict() | {"dry_run": args.dry_run, "applied": not args.dry_run}

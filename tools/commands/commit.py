@@ -12,6 +12,7 @@ from typing import Any
 
 from vhd.commit import commit
 
+from ..common import LOCAL_PARENTS
 from ._progress import progress_bar
 
 
@@ -45,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
         keep=args.keep,
         parent_dirs=args.parent_dir,
         progress=progress_bar("commit", show),
+        parent_policy=LOCAL_PARENTS,
     )
     if not args.quiet:
         what = "kept" if args.keep else "removed"

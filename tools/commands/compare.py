@@ -10,7 +10,7 @@ from typing import Any
 
 from vhd.source import open_source
 
-from ..common import Progress, warn
+from ..common import LOCAL_PARENTS, Progress, warn
 
 CHUNK = 4 * 1024 * 1024
 
@@ -29,8 +29,8 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     with (
-        open_source(args.a, parent_dirs=args.parent_dir) as a,
-        open_source(args.b, parent_dirs=args.parent_dir) as b,
+        open_source(args.a, parent_dirs=args.parent_dir, parent_policy=LOCAL_PARENTS) as a,
+        open_source(args.b, parent_dirs=args.parent_dir, parent_policy=LOCAL_PARENTS) as b,
     ):
         for message in a.warnings + b.warnings:
             warn(message)

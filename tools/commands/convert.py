@@ -10,7 +10,7 @@ from vhd.check import azure_check, azure_target_size
 from vhd.convert import convert
 from vhd.source import open_source
 
-from ..common import Progress, parse_size, warn
+from ..common import LOCAL_PARENTS, Progress, parse_size, warn
 
 
 def register(sub: Any) -> None:
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--azure makes a fixed VHD: drop --to raw / --type dynamic")
     if os.path.exists(args.dst) and os.path.samefile(args.src, args.dst):
         raise ValueError("SRC and DST are the same file")
-    with open_source(args.src, parent_dirs=args.parent_dir) as src:
+    with open_source(args.src, parent_dirs=args.parent_dir, parent_policy=LOCAL_PARENTS) as src:
         for message in src.warnings:
             warn(message)
         size = src.size
