@@ -32,7 +32,7 @@ import os
 import stat
 from array import array
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import bitmap as bm
@@ -81,6 +81,18 @@ QEMU_CURRENT_SIZE_CREATORS = (b"win ", b"qem2", b"d2v ", b"CTXS", b"tap\0")
 AZURE_MIN_SIZE = 20 * MiB
 AZURE_MAX_SIZE = 32 * 1024 * 1024 * MiB
 _DEEP_CHUNK = 4 * MiB
+
+# Repairs that write the trailing footer at its place, and ones that rewrite the header.
+_NEEDS_FOOTER_TARGET = frozenset(
+    (
+        "footer-tail-missing",
+        "footer-checksum",
+        "footer-511",
+        "footer-features",
+        "footer-data-offset",
+    )
+)
+_NEEDS_HEADER = frozenset(("header-checksum", "header-data-offset"))
 
 ERROR = "error"
 WARNING = "warning"
@@ -240,6 +252,30 @@ class _Checker:
     # -- footer -----------------------------------------------------------------------------
 
     def run(self, *, deep: bool, policy: ParentPolicy, check_parent: bool) -> None:
+        try:
+            self._run(deep=deep, policy=policy, check_parent=check_parent)
+        finally:
+            self.settle_repairs()
+
+    def settle_repairs(self) -> None:
+        """Withdraw the offers :mod:`vhd.repair` cannot keep: when the analysis stopped before
+        it learnt where the trailing footer belongs (a damaged header or BAT), the footer
+        cannot be rewritten; without a usable header, neither can the header."""
+        m = self.model
+        for i, f in enumerate(self.findings):
+            if not f.repairable:
+                continue
+            if (f.code in _NEEDS_FOOTER_TARGET and m.footer_target < 0) or (
+                f.code in _NEEDS_HEADER and m.header_fixed is None
+            ):
+                self.findings[i] = replace(
+                    f,
+                    message=f"{f.message} (--repair cannot mend it while the errors above last)",
+                    repairable=False,
+                    repair="",
+                )
+
+    def _run(self, *, deep: bool, policy: ParentPolicy, check_parent: bool) -> None:
         if not self.check_footer():
             return
         m = self.model
