@@ -38,7 +38,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import bitmap as bm
-from .bat import UNUSED, BlockAllocationTable
+from .bat import MAX_ENTRIES, UNUSED, BlockAllocationTable
 from .chain import ParentPolicy, read_locators, resolve_parent
 from .errors import (
     ChainLoopError,
@@ -83,6 +83,7 @@ QEMU_CURRENT_SIZE_CREATORS = (b"win ", b"qem2", b"d2v ", b"CTXS", b"tap\0")
 AZURE_MIN_SIZE = 20 * MiB
 AZURE_MAX_SIZE = 32 * 1024 * 1024 * MiB
 _DEEP_CHUNK = 4 * MiB
+_PADDING_SCAN = 64 * MiB
 
 # Repairs that write the trailing footer at its place, and ones that rewrite the header.
 _NEEDS_FOOTER_TARGET = frozenset(
@@ -696,6 +697,14 @@ class _Checker:
         if bs > 2 * MiB:
             self.add(INFO, "block-size-large", f"block size {bs} is over 2 MiB: blktap refuses it")
         needed = -(-f.current_size // bs)
+        if needed > MAX_ENTRIES:
+            self.add(
+                ERROR,
+                "header-table-too-large",
+                f"a {f.current_size}-byte disk of {bs}-byte blocks needs a table of {needed} "
+                f"entries, more than vhdkit holds in memory ({MAX_ENTRIES})",
+            )
+            return False
         if h.max_table_entries < needed:
             self.add(
                 ERROR,
@@ -739,6 +748,21 @@ class _Checker:
                     )
         return regions
 
+    def _padding_used(self, start: int, end: int) -> bool:
+        """Whether the table entries past the disk size hold anything but 0xFF: read in
+        chunks, stopping at the first one (a header may claim 2^32 - 1 entries), and at most
+        ``_PADDING_SCAN`` bytes of them (only a note depends on it)."""
+        end = min(end, start + _PADDING_SCAN)
+        pos = start
+        while pos < end:
+            chunk = _read(self.fd, min(_DEEP_CHUNK, end - pos), pos)
+            if not chunk:
+                return False
+            if chunk.strip(b"\xff"):
+                return True
+            pos += len(chunk)
+        return False
+
     def check_bat(self) -> bool:
         m, fd = self.model, self.fd
         f, h = m.footer, m.header
@@ -766,14 +790,12 @@ class _Checker:
         m.bat = table.entries
         m.bat_count = count
         m.drop = DropMap(count)
-        if h.max_table_entries > count:
-            extra = _read(fd, (h.max_table_entries - count) * 4, at + count * 4)
-            if extra.strip(b"\xff"):
-                self.add(
-                    INFO,
-                    "bat-entries-past-size",
-                    "BAT entries beyond the disk size are allocated (ignored by every reader)",
-                )
+        if h.max_table_entries > count and self._padding_used(at + count * 4, at + length):
+            self.add(
+                INFO,
+                "bat-entries-past-size",
+                "BAT entries beyond the disk size are allocated (ignored by every reader)",
+            )
         regions = self.metadata_regions()
         meta_end = max(end for _, end, _ in regions)
         m.metadata_end = meta_end

@@ -26,7 +26,7 @@ import contextlib
 import os
 from typing import TYPE_CHECKING
 
-from .bat import UNUSED
+from .bat import MAX_ENTRIES, UNUSED
 from .errors import InvalidArgumentError
 from .fileio import write_all
 from .footer import FOOTER_SIZE, DiskType, new_footer, vhd_timestamp
@@ -89,6 +89,11 @@ def create(
     ):
         raise InvalidArgumentError(
             f"block size {block_size} must be a power of two from 4 KiB to 256 MiB"
+        )
+    if disk_type != DiskType.FIXED and -(-size // block_size) > MAX_ENTRIES:
+        raise InvalidArgumentError(
+            f"a {size}-byte disk of {block_size}-byte blocks needs more than {MAX_ENTRIES} "
+            "blocks, the most vhdkit opens: use larger blocks"
         )
     footer = new_footer(size=size, disk_type=disk_type, geometry=geometry_for_create(size))
     flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if overwrite else os.O_EXCL)

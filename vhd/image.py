@@ -20,7 +20,7 @@ import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .bat import BlockAllocationTable
+from .bat import MAX_ENTRIES, BlockAllocationTable
 from .chain import ParentPolicy, read_locators, resolve_parent
 from .disk import Disk, FixedDisk, SparseDisk
 from .errors import (
@@ -289,6 +289,12 @@ def _read_header(fd: int, fsize: int, footer: Footer, path: str, problem: object
             f"invalid block size {bs} (must be a power of two from 512 B to 256 MiB)", path=path
         )
     needed = -(-footer.current_size // bs)
+    if needed > MAX_ENTRIES:
+        raise UnsupportedFeatureError(
+            f"a {footer.current_size}-byte disk of {bs}-byte blocks needs a table of {needed} "
+            f"entries, more than vhdkit holds in memory ({MAX_ENTRIES})",
+            path=path,
+        )
     if header.max_table_entries < needed:
         raise CorruptImageError(
             f"the BAT has {header.max_table_entries} entries but a {footer.current_size}-byte "

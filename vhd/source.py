@@ -3,7 +3,8 @@ accept both.
 
 A file is a VHD when it has a VHD footer at its end (fixed disks included: qemu-img probes those
 as raw, we do not) or a dynamic/differencing footer copy at its start.  A raw file's zero ranges
-come from ``SEEK_DATA``/``SEEK_HOLE``.
+come from ``SEEK_DATA``/``SEEK_HOLE``, and so do a fixed VHD's (spec: "Fixed Hard Disk Image": the
+data is the disk, byte for byte, before the footer).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from .chain import ParentPolicy
 from .disk import Disk, Extent
 from .errors import NotAVHDError
+from .footer import DiskType
 from .fileio import read_exact_into, zero_fill
 from .image import open as open_image
 
@@ -43,6 +45,11 @@ class Source:
         return n
 
     def extents(self) -> Iterator[Extent]:
+        if self.disk is not None and self.disk.type == DiskType.FIXED:
+            # A fixed VHD is raw data before its footer: its file's holes are zero ranges, so
+            # a sparse 2040 GiB disk is copied by reading its data only.
+            yield from _raw_extents(self.disk.fd, self.size)
+            return
         if self.disk is not None:
             yield from self.disk.extents()
             return

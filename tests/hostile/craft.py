@@ -85,7 +85,8 @@ def craft(
         f.seek(table_offset)
         if bat_fill != b"\0":
             chunk = bat_fill * (1 << 20)
-            left = min(table_bytes, needed * 4 + SECTOR) if entries > (1 << 24) else table_bytes
+            # At most 16 MiB of it: past that, the table is a hole (zero entries).
+            left = min(table_bytes, 16 << 20)
             while left > 0:
                 f.write(chunk[: min(left, len(chunk))])
                 left -= len(chunk)
