@@ -6,7 +6,7 @@ under 256 MiB.
 
 The crafted set: a header claiming 2^32 - 1 table entries, a 2040 GiB disk of 512-byte blocks,
 an all-zero table of 512-byte blocks (every block at offset 0: bitmap cache churn), table
-entries pointing everywhere, 20,000 staggered overlapping blocks, a sparse 2040 GiB fixed disk,
+entries pointing everywhere, 32,000 staggered overlapping blocks, a sparse 2040 GiB fixed disk,
 a parent-locator loop, and locators at /dev/tty, a socket, a FIFO, /etc/shadow and a folder
 outside the image's own.
 """
@@ -134,7 +134,7 @@ def _everywhere(path: Path) -> Path:
     return craft(path, size=64 * MiB, block_size=4096, bat=bat, file_size=16 * MiB)
 
 
-def _staggered(path: Path, count: int = 20000) -> Path:
+def _staggered(path: Path, count: int = 32000) -> Path:
     # Each block's data starts half a block after the previous one's: all overlap.
     half = (4096 + 512) // 2 // 512 * 512
     bat = {b: (0x40000 + b * half) // 512 for b in range(count)}
