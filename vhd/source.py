@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from .chain import ParentPolicy
 from .disk import Disk, Extent
 from .errors import NotAVHDError
-from .footer import DiskType
 from .fileio import read_exact_into, zero_fill
+from .footer import DiskType
 from .image import open as open_image
 
 
