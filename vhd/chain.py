@@ -10,8 +10,8 @@ recorded parent id wins:
    directory the caller gives.
 
 A child's locators are data from whoever made the image, so a :class:`ParentPolicy` says where
-they may lead.  By default only the child's own folder and the folders the caller names are
-searched: a path outside them (absolute, or ``..`` out of them) is refused without being looked
+they may lead.  By default only the child's own folder (and below it) and the folders the caller
+names are searched: a path outside them (absolute, or ``..`` out of them) is refused without being looked
 at, unless the caller allows absolute parents.  Symbolic links inside the allowed folders are
 followed (whoever can place one there can as well replace the image itself).  Only regular files
 are candidates; a block device is a parent only when the caller names it explicitly.
@@ -118,7 +118,7 @@ class ParentPolicy:
     """Where the parent of a differencing disk may be looked for.
 
     ``dirs``: folders searched besides the child's own (each layer's parents are searched in
-    that layer's folder and in these).  ``allow_absolute``: follow locators anywhere on the host
+    that layer's folder and in these, sub-folders included).  ``allow_absolute``: follow locators anywhere on the host
     (absolute paths, ``..`` out of the allowed folders); only for images one trusts, since a
     child's locators can name any file.  ``max_candidates`` bounds the paths tried per layer.
     Block devices are never candidates; name one explicitly (``parent=``) to use it.
