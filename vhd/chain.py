@@ -285,7 +285,9 @@ def resolve_parent(
             # Outside the allowed folders (where the caller opted in) every failure reads the
             # same: whether a file exists there, or what it is, is not the image's business.
             tried.append(
-                f"{shown} (" + ("not found or not a VHD" if inside else "no parent there") + ")"
+                f"{shown} ("
+                + ("not found or not a VHD" if inside or explicit else "no parent there")
+                + ")"
             )
             continue
         ident, unique_id = found

@@ -697,20 +697,20 @@ class _Checker:
         if bs > 2 * MiB:
             self.add(INFO, "block-size-large", f"block size {bs} is over 2 MiB: blktap refuses it")
         needed = -(-f.current_size // bs)
-        if needed > MAX_ENTRIES:
-            self.add(
-                ERROR,
-                "header-table-too-large",
-                f"a {f.current_size}-byte disk of {bs}-byte blocks needs a table of {needed} "
-                f"entries, more than vhdkit holds in memory ({MAX_ENTRIES})",
-            )
-            return False
         if h.max_table_entries < needed:
             self.add(
                 ERROR,
                 "header-max-table-entries",
                 f"the BAT has {h.max_table_entries} entries but a {f.current_size}-byte disk "
                 f"needs {needed}",
+            )
+            return False
+        if needed > MAX_ENTRIES:
+            self.add(
+                ERROR,
+                "header-table-too-large",
+                f"a {f.current_size}-byte disk of {bs}-byte blocks needs a table of {needed} "
+                f"entries, more than vhdkit holds in memory ({MAX_ENTRIES})",
             )
             return False
         if h.max_table_entries > needed:

@@ -289,16 +289,16 @@ def _read_header(fd: int, fsize: int, footer: Footer, path: str, problem: object
             f"invalid block size {bs} (must be a power of two from 512 B to 256 MiB)", path=path
         )
     needed = -(-footer.current_size // bs)
-    if needed > MAX_ENTRIES:
-        raise UnsupportedFeatureError(
-            f"a {footer.current_size}-byte disk of {bs}-byte blocks needs a table of {needed} "
-            f"entries, more than vhdkit holds in memory ({MAX_ENTRIES})",
-            path=path,
-        )
     if header.max_table_entries < needed:
         raise CorruptImageError(
             f"the BAT has {header.max_table_entries} entries but a {footer.current_size}-byte "
             f"disk needs {needed}",
+            path=path,
+        )
+    if needed > MAX_ENTRIES:
+        raise UnsupportedFeatureError(
+            f"a {footer.current_size}-byte disk of {bs}-byte blocks needs a table of {needed} "
+            f"entries, more than vhdkit holds in memory ({MAX_ENTRIES})",
             path=path,
         )
     return header
