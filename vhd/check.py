@@ -47,17 +47,20 @@ from .errors import (
 )
 from .footer import (
     COOKIE,
+    CREATOR_APP,
+    CREATOR_VERSION,
     FEATURE_RESERVED,
     FEATURE_TEMPORARY,
     FIXED_DATA_OFFSET,
     FOOTER_SIZE,
+    QEMU_CURRENT_SIZE_CREATORS,
     VERSION,
     DiskType,
     Footer,
     checksum_ok,
     vhd_timestamp,
 )
-from .geometry import MAX_GEOMETRY, chs_from_size
+from .geometry import MAX_GEOMETRY, chs_from_size, packed
 from .header import COOKIE as HEADER_COOKIE
 from .header import HEADER_SIZE, UNUSED_DATA_OFFSET, DynamicHeader
 from .header import VERSION as HEADER_VERSION
@@ -77,7 +80,6 @@ PAGE = 4096
 MiB = 1024 * 1024
 MAX_VHD_SIZE = 0xFF000000 * 512  # Microsoft's and qemu's cap: 2040 GiB
 # Creators whose images qemu <= 9 sizes from current size; any other is sized by C*H*S.
-QEMU_CURRENT_SIZE_CREATORS = (b"win ", b"qem2", b"d2v ", b"CTXS", b"tap\0")
 AZURE_MIN_SIZE = 20 * MiB
 AZURE_MAX_SIZE = 32 * 1024 * 1024 * MiB
 _DEEP_CHUNK = 4 * MiB
@@ -373,7 +375,7 @@ class _Checker:
                 f"original size {f.original_size} differs from current size {size}: libvhdi "
                 "reports the original size",
             )
-        self.lint_geometry(f)
+        fixed = self.lint_geometry(f, fixed)
         if f.type == DiskType.FIXED:
             if f.data_offset != FIXED_DATA_OFFSET:
                 sev = INFO if f.data_offset == 0xFFFFFFFF else WARNING
@@ -429,11 +431,33 @@ class _Checker:
         m.footer_fixed = fixed
         return True
 
-    def lint_geometry(self, f: Footer) -> None:
+    def lint_geometry(self, f: Footer, fixed: Footer) -> Footer:
+        """Lint C/H/S against the readers that use it; returns ``fixed`` with the geometry
+        mended when blktap would refuse it."""
         geo = f.geometry
         size = f.current_size
+        chs = chs_from_size(size)
+        if packed(geo) > packed(chs):
+            # blktap's check rule (vhd-util-check.c): XenServer refuses the image.  The fix writes
+            # the spec's CHS, and Windows' creator code where qemu would then size the disk by
+            # C*H*S (vhdkit's images before 2026-11 were 'vhdk' with the maximum geometry).
+            keep = f.creator_app in QEMU_CURRENT_SIZE_CREATORS or chs.total_bytes == size
+            self.add(
+                WARNING,
+                "geometry-too-large",
+                f"geometry {geo.cylinders}/{geo.heads}/{geo.sectors} is larger than the spec's "
+                f"C/H/S for {size} bytes ({'/'.join(map(str, chs))}): vhd-util check "
+                "(XenServer) rejects it",
+                "write the spec's C/H/S"
+                + ("" if keep else " and creator 'win ' (so that qemu keeps the exact size)"),
+                fix=True,
+            )
+            fixed = fixed.replace(cylinders=chs.cylinders, heads=chs.heads, sectors=chs.sectors)
+            if not keep:
+                fixed = fixed.replace(creator_app=CREATOR_APP, creator_version=CREATOR_VERSION)
+            return fixed
         if geo == MAX_GEOMETRY:
-            return
+            return fixed
         if f.creator_app not in QEMU_CURRENT_SIZE_CREATORS and geo.total_bytes != size:
             self.add(
                 WARNING,
@@ -455,6 +479,7 @@ class _Checker:
                 f"geometry {tuple(geo)} is not the spec's C/H/S for {size} bytes "
                 f"({tuple(chs_from_size(size))})",
             )
+        return fixed
 
     # -- fixed ------------------------------------------------------------------------------
 

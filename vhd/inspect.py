@@ -13,7 +13,14 @@ from . import bitmap as bm
 from .bat import UNUSED
 from .chain import read_locators
 from .disk import FULL, Disk, SparseDisk
-from .footer import FEATURE_RESERVED, FEATURE_TEMPORARY, Footer, unix_time
+from .footer import (
+    CREATOR_APP,
+    FEATURE_RESERVED,
+    FEATURE_TEMPORARY,
+    VHDKIT_CREATOR_VERSIONS,
+    Footer,
+    unix_time,
+)
 from .geometry import chs_from_size
 from .header import DynamicHeader
 from .locator import code_name
@@ -34,6 +41,12 @@ _CREATORS = {
     b"vhdk": "vhdkit",
     b"Py  ": "FATtools",
 }
+
+
+def _creator_meaning(f: Footer) -> str:
+    if f.creator_app == CREATOR_APP and f.creator_version in VHDKIT_CREATOR_VERSIONS:
+        return "vhdkit (with Windows' creator code, so that qemu takes the current size)"
+    return _CREATORS.get(f.creator_app, "unknown")
 
 
 def _iso(vhd_time: int) -> str:
@@ -66,7 +79,7 @@ def footer_fields(f: Footer) -> dict[str, dict[str, Any]]:
         "timestamp": {"raw": f.timestamp, "meaning": _iso(f.timestamp)},
         "creator_app": {
             "raw": _text4(f.creator_app),
-            "meaning": _CREATORS.get(f.creator_app, "unknown"),
+            "meaning": _creator_meaning(f),
         },
         "creator_version": {
             "raw": f.creator_version,

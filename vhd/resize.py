@@ -44,7 +44,14 @@ from .bat import UNUSED
 from .disk import SparseDisk
 from .errors import CorruptImageError, InvalidArgumentError, UnsupportedFeatureError
 from .fileio import read_exact, write_all, write_zeros
-from .footer import FOOTER_SIZE, DiskType, Footer
+from .footer import (
+    CREATOR_APP,
+    CREATOR_VERSION,
+    FOOTER_SIZE,
+    QEMU_CURRENT_SIZE_CREATORS,
+    DiskType,
+    Footer,
+)
 from .geometry import geometry_for_create
 from .header import HEADER_SIZE, DynamicHeader
 from .image import open as open_image
@@ -85,6 +92,10 @@ def resize(
         footer = disk.footer.replace(current_size=new_size)
         geo = geometry_for_create(new_size)
         footer = footer.replace(cylinders=geo.cylinders, heads=geo.heads, sectors=geo.sectors)
+        if footer.creator_app not in QEMU_CURRENT_SIZE_CREATORS:
+            # qemu would size this creator's disk by the new C*H*S, a little short of new_size:
+            # the resized disk gets vhdkit's creator, which qemu sizes by the current size.
+            footer = footer.replace(creator_app=CREATOR_APP, creator_version=CREATOR_VERSION)
         if disk.type == DiskType.FIXED:
             _resize_fixed(disk.fd, spath, old, new_size, footer, force)
             return ResizeResult(spath, old, new_size, 0, 0)
@@ -106,7 +117,12 @@ def _resize_fixed(fd: int, path: str, old: int, new: int, footer: Footer, force:
     if new > old:
         # 1. A footer still saying the old size goes to the new end: the bytes between are not
         # guest data yet, so the old footer there can be zeroed (2) before the size changes (3).
-        with_old_size = Footer.parse(raw).replace(current_size=old).build()
+        geo = geometry_for_create(old)  # a geometry within the old size, as check wants it
+        with_old_size = (
+            Footer.parse(raw)
+            .replace(current_size=old, cylinders=geo.cylinders, heads=geo.heads, sectors=geo.sectors)
+            .build()
+        )
         write_all(fd, with_old_size, new)
         os.fsync(fd)
         write_zeros(fd, old, FOOTER_SIZE)
