@@ -120,7 +120,9 @@ def _resize_fixed(fd: int, path: str, old: int, new: int, footer: Footer, force:
         geo = geometry_for_create(old)  # a geometry within the old size, as check wants it
         with_old_size = (
             Footer.parse(raw)
-            .replace(current_size=old, cylinders=geo.cylinders, heads=geo.heads, sectors=geo.sectors)
+            .replace(
+                current_size=old, cylinders=geo.cylinders, heads=geo.heads, sectors=geo.sectors
+            )
             .build()
         )
         write_all(fd, with_old_size, new)

@@ -2,7 +2,8 @@
 accept both.
 
 A file is a VHD when it has a VHD footer at its end (fixed disks included: qemu-img probes those
-as raw, we do not) or a dynamic/differencing footer copy at its start.  A raw file's zero ranges
+as raw, we do not) or a dynamic/differencing footer copy at its start.  A file in another image
+format (qcow2, VMDK, VHDX, ... see :mod:`vhd.probe`) is refused, unless the caller forces raw.  A raw file's zero ranges
 come from ``SEEK_DATA``/``SEEK_HOLE``.
 """
 
@@ -14,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from .disk import Disk, Extent
-from .errors import NotAVHDError
+from .errors import ForeignFormatError, NotAVHDError
 from .fileio import read_exact_into, zero_fill
 from .image import open as open_image
 
@@ -79,6 +80,8 @@ def open_source(
                 parent_dirs=parent_dirs,
                 allow_parent_mismatch=allow_parent_mismatch,
             )
+        except ForeignFormatError:
+            raise  # a qcow2/VMDK/VHDX/... file: never copy the container's bytes as a disk
         except NotAVHDError:
             pass
         else:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 from typing import Any
 
 from vhd.check import azure_check, azure_target_size
 from vhd.convert import convert
+from vhd.probe import WRITABLE, output_format
 from vhd.source import open_source
 
 from ..common import Progress, parse_size, warn
@@ -18,12 +20,19 @@ def register(sub: Any) -> None:
         "convert",
         help="convert between raw and VHD (flattens differencing chains)",
         description="Copy the guest-visible content of SRC (a VHD of any type, or a raw image) "
-        "into a new DST. DST's format is --to, else taken from its extension (.vhd -> vhd, "
-        "anything else -> raw).",
+        "into a new DST. DST's format is --to, else taken from its extension (.vhd -> vhd; "
+        ".img, .raw, .bin, none, or a block device -> raw; others are refused). SRC in another "
+        "format (qcow2, VMDK, VHDX, VDI, ...) is refused, naming the format.",
     )
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--to", choices=("raw", "vhd"))
+    p.add_argument("--to", choices=tuple(WRITABLE), help="DST's format (default: by extension)")
+    p.add_argument(
+        "--from",
+        dest="from_",
+        choices=("raw",),
+        help="read SRC as a raw disk even if it looks like an image of another format",
+    )
     p.add_argument(
         "--type",
         choices=("fixed", "dynamic"),
@@ -53,13 +62,15 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    to = args.to or ("vhd" if args.dst.lower().endswith(".vhd") or args.azure else "raw")
+    to = output_format(
+        args.dst, args.to or ("vhd" if args.azure else None), block_device=is_block_device(args.dst)
+    )
     vtype = args.type or ("fixed" if args.azure else "dynamic")
     if args.azure and (to != "vhd" or vtype != "fixed"):
         raise ValueError("--azure makes a fixed VHD: drop --to raw / --type dynamic")
     if os.path.exists(args.dst) and os.path.samefile(args.src, args.dst):
         raise ValueError("SRC and DST are the same file")
-    with open_source(args.src, parent_dirs=args.parent_dir) as src:
+    with open_source(args.src, parent_dirs=args.parent_dir, force_raw=args.from_ == "raw") as src:
         for message in src.warnings:
             warn(message)
         size = src.size
@@ -95,6 +106,13 @@ def run(args: argparse.Namespace) -> int:
             return 1
         print("azure: OK (fixed VHD, whole-MiB size, valid footer)")
     return 0
+
+
+def is_block_device(path: str) -> bool:
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _azure_problems(path: str) -> list[str]:
