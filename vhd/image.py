@@ -35,9 +35,9 @@ from .errors import (
 from .fileio import file_size, read_exact, read_upto
 from .footer import COOKIE, FOOTER_SIZE, VERSION, DiskType, Footer, checksum_ok
 from .header import HEADER_SIZE, DynamicHeader
-from .probe import HEAD_BYTES, ImageFormat, probe, refusal
 from .header import VERSION as HEADER_VERSION
 from .header import checksum_ok as header_checksum_ok
+from .probe import HEAD_BYTES, ImageFormat, probe, refusal
 
 MIN_BLOCK_SIZE = 512
 MAX_BLOCK_SIZE = 256 * 1024 * 1024
