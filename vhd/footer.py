@@ -55,6 +55,14 @@ class DiskType(IntEnum):
     def label(self) -> str:
         return self.name.lower()
 
+    def __str__(self) -> str:
+        # print(disk.type) and f"{disk.type}" say "dynamic", not "3" (IntEnum's default);
+        # the value is still an int for comparisons, struct packing and int(disk.type)
+        return self.label
+
+    def __format__(self, spec: str) -> str:
+        return format(self.label, spec)
+
 
 FOOTER_STRUCT = cs.Struct(
     "cookie" / cs.Bytes(8),
