@@ -10,6 +10,7 @@ sets ``func`` to a ``run(args) -> int``.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import pkgutil
 import sys
@@ -100,12 +101,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (vhd.VHDError, OSError, ValueError) as exc:
         if args.debug:
             traceback.print_exc()
-        print(f"vhd: error: {_describe(exc)}", file=sys.stderr)
+        print(f"vhd: error: {_describe(exc, args)}", file=sys.stderr)
         return EXIT_ERROR
 
 
-def _describe(exc: BaseException) -> str:
+def _describe(exc: BaseException, args: argparse.Namespace | None = None) -> str:
     if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        if exc.errno == errno.EEXIST:
+            # only create/convert make files, and both have --force to overwrite
+            hint = " (pass --force to overwrite it)" if hasattr(args, "force") else ""
+            return f"{exc.filename}: already exists{hint}"
         return f"{exc.filename}: {exc.strerror}"
     text = str(exc) or type(exc).__name__
     return " ".join(text.split())

@@ -62,6 +62,7 @@ def convert(
         raise InvalidArgumentError("the output cannot be smaller than the source")
     if to == "raw" and _is_block_device(dst):
         return _convert_to_block_device(src, dst, out_size, block_size, overwrite, progress)
+    _refuse_unseekable(dst)
     if to == "raw":
         flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if overwrite else os.O_EXCL)
         fd = os.open(dst, flags, 0o644)
@@ -95,6 +96,21 @@ def convert(
 # zeros, the kernel's choice); _IOR(0x12, 114, u64) the device size in bytes.
 BLKZEROOUT = 0x127F
 BLKGETSIZE64 = 0x80081272
+
+
+def _refuse_unseekable(dst: str) -> None:
+    """A pipe, terminal or socket as output (``vhd convert a.vhd /dev/stdout``) cannot be
+    truncated or written at offsets: say so instead of ftruncate's bare EINVAL."""
+    try:
+        mode = os.stat(dst).st_mode
+    except OSError:
+        return  # does not exist: it will be created as a regular file
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        raise InvalidArgumentError(
+            "not a regular file or block device (a pipe or terminal?): the output is written at "
+            "offsets; name a file or a block device",
+            path=dst,
+        )
 
 
 def _is_block_device(path: str) -> bool:

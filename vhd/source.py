@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from .disk import Disk, Extent
-from .errors import ForeignFormatError, NotAVHDError
+from .errors import ForeignFormatError, InvalidArgumentError, NotAVHDError
 from .fileio import read_exact_into, zero_fill
 from .image import open as open_image
 
@@ -87,9 +88,25 @@ def open_source(
         else:
             warnings = [f"{d.path}: {w}" for d in disk.chain for w in d.warnings]
             return Source(path=path, size=disk.size, disk=disk, warnings=warnings)
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    size = os.lseek(fd, 0, os.SEEK_END)
+    # O_NONBLOCK: a FIFO must not block the open; it is refused just below
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        if not _seekable(os.fstat(fd).st_mode):
+            raise InvalidArgumentError(
+                "not a regular file or block device (a pipe?): vhdkit reads disks at random "
+                "offsets; save it to a file first",
+                path=path,
+            )
+        os.set_blocking(fd, True)
+        size = os.lseek(fd, 0, os.SEEK_END)
+    except BaseException:
+        os.close(fd)
+        raise
     return Source(path=path, size=size, fd=fd)
+
+
+def _seekable(mode: int) -> bool:
+    return stat.S_ISREG(mode) or stat.S_ISBLK(mode)
 
 
 def _raw_extents(fd: int, size: int) -> Iterator[Extent]:
