@@ -16,6 +16,7 @@ import pkgutil
 import sys
 import traceback
 from collections.abc import Sequence
+from typing import Any
 
 import vhd
 
@@ -36,6 +37,14 @@ class _CommandParser(argparse.ArgumentParser):
     (plain argparse stops filling an optional positional once an option came between)."""
 
     _intermixing = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # `vhd convert A B --debug` works like `vhd --debug convert A B`; SUPPRESS leaves the
+        # top-level value alone when the option is not given here
+        self.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks"
+        )
 
     def parse_known_args(  # type: ignore[override]
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None

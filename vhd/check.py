@@ -208,6 +208,7 @@ def check(
     deep: bool = False,
     parent_dirs: Sequence[str] = (),
     check_parent: bool = True,
+    progress: Callable[[int, int], None] | None = None,
 ) -> CheckReport:
     """Check an image.  Raises :class:`~vhd.errors.NotAVHDError` when the file holds no VHD
     footer at all, and ``OSError`` when it cannot be read; every other problem is a finding."""
@@ -218,6 +219,7 @@ def check(
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             raise NotAVHDError("not a regular file or block device", path=spath)
         checker = _Checker(fd, spath, os.lseek(fd, 0, os.SEEK_END))
+        checker.progress = progress  # (bytes done, bytes) of --deep's block reads
         checker.run(deep=deep, parent_dirs=parent_dirs, check_parent=check_parent)
         return CheckReport(spath, checker.findings, checker.model, deep)
     finally:
@@ -231,6 +233,7 @@ class _Checker:
         self.fsize = fsize
         self.findings: list[Finding] = []
         self.model = ImageModel(path=path, file_size=fsize)
+        self.progress: Callable[[int, int], None] | None = None
 
     def add(
         self, severity: str, code: str, message: str, repair: str = "", *, fix: bool = False
@@ -978,6 +981,8 @@ class _Checker:
         used = (spb + 7) // 8
         empty = 0
         for block in range(m.bat_count):
+            if self.progress is not None:
+                self.progress((block + 1) * bs, m.bat_count * bs)
             entry = bat[block]
             if entry == UNUSED or block in m.drop:
                 continue

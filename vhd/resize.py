@@ -38,6 +38,7 @@ file is cut (the footer is written at its new place before the cut).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .bat import UNUSED
@@ -72,9 +73,15 @@ class ResizeResult:
 
 
 def resize(
-    path: str | os.PathLike[str], new_size: int, *, shrink: bool = False, force: bool = False
+    path: str | os.PathLike[str],
+    new_size: int,
+    *,
+    shrink: bool = False,
+    force: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> ResizeResult:
-    """Change the guest size of the image at ``path`` to ``new_size`` bytes."""
+    """Change the guest size of the image at ``path`` to ``new_size`` bytes.  ``progress(done,
+    total)`` follows the bytes of the blocks a growing dynamic disk moves out of the BAT's way."""
     spath = os.fspath(path)
     if new_size <= 0 or new_size % SECTOR:
         raise InvalidArgumentError(f"the new size {new_size} is not a positive multiple of 512")
@@ -101,7 +108,7 @@ def resize(
             return ResizeResult(spath, old, new_size, 0, 0)
         assert isinstance(disk, SparseDisk)
         if new_size > old:
-            moved = _grow_sparse(disk, new_size, footer)
+            moved = _grow_sparse(disk, new_size, footer, progress)
             return ResizeResult(spath, old, new_size, moved, 0)
         dropped = _shrink_sparse(disk, new_size, footer, force)
         return ResizeResult(spath, old, new_size, 0, dropped)
@@ -215,7 +222,12 @@ def _write_header(disk: SparseDisk, header: DynamicHeader) -> None:
 # -- sparse: grow --------------------------------------------------------------------------
 
 
-def _grow_sparse(disk: SparseDisk, new_size: int, footer: Footer) -> int:
+def _grow_sparse(
+    disk: SparseDisk,
+    new_size: int,
+    footer: Footer,
+    progress: Callable[[int, int], None] | None = None,
+) -> int:
     header = disk.header
     assert header is not None
     bs = header.block_size
@@ -265,8 +277,10 @@ def _grow_sparse(disk: SparseDisk, new_size: int, footer: Footer) -> int:
         if plan_blocks or plan_locs:
             write_zeros(disk.fd, old_footer_at, FOOTER_SIZE)
         # 2. Copies, synced.
-        for _block, src, dst in plan_blocks:
+        for done, (_block, src, dst) in enumerate(plan_blocks, 1):
             _copy(disk.fd, src, dst, bmb + bs)
+            if progress is not None:
+                progress(done * (bmb + bs), len(plan_blocks) * (bmb + bs))
         new_locs = list(header.locators)
         for slot, dst in plan_locs:
             loc = header.locators[slot]

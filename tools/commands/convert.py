@@ -12,7 +12,7 @@ from vhd.convert import convert
 from vhd.probe import WRITABLE, output_format
 from vhd.source import open_source
 
-from ..common import Progress, parse_size, warn
+from ..common import Progress, add_progress_options, parse_size, progress_wanted, warn
 
 
 def register(sub: Any) -> None:
@@ -39,7 +39,9 @@ def register(sub: Any) -> None:
         default=None,
         help="VHD output type (default dynamic; fixed with --azure)",
     )
-    p.add_argument("--block-size", default="2M", help="dynamic output block size (default 2M)")
+    p.add_argument(
+        "--block-size", help="dynamic output block size (default 2M); not with fixed or raw"
+    )
     p.add_argument(
         "--azure",
         action="store_true",
@@ -53,6 +55,7 @@ def register(sub: Any) -> None:
         help="also look for parent images in DIR",
     )
     p.add_argument("--force", action="store_true", help="overwrite DST if it exists")
+    add_progress_options(p)
     p.add_argument(
         "--sync",
         action="store_true",
@@ -68,6 +71,10 @@ def run(args: argparse.Namespace) -> int:
     vtype = args.type or ("fixed" if args.azure else "dynamic")
     if args.azure and (to != "vhd" or vtype != "fixed"):
         raise ValueError("--azure makes a fixed VHD: drop --to raw / --type dynamic")
+    if args.block_size is not None and (to != "vhd" or vtype == "fixed"):
+        raise ValueError(
+            "--block-size is for dynamic VHD output: a fixed VHD or a raw image has no blocks"
+        )
     if os.path.exists(args.dst) and os.path.samefile(args.src, args.dst):
         raise ValueError("SRC and DST are the same file")
     with open_source(args.src, parent_dirs=args.parent_dir, force_raw=args.from_ == "raw") as src:
@@ -81,23 +88,24 @@ def run(args: argparse.Namespace) -> int:
                     f"size grown from {src.size} to {size} bytes for Azure (a whole number of "
                     "MiB, at least 20 MiB); the added space reads as zeros"
                 )
-        progress = Progress(size, "converting")
+        progress = Progress(size, "converting", enabled=progress_wanted(args))
         result = convert(
             src,
             args.dst,
             to=to,
             type=vtype,
-            block_size=parse_size(args.block_size),
+            block_size=parse_size(args.block_size or "2M"),
             size=size,
             overwrite=args.force,
             progress=progress.update,
             sync=args.sync or args.azure,
         )
         progress.finish()
-    print(
-        f"{args.dst}: {to}{' ' + vtype if to == 'vhd' else ''}, {result.size} bytes, "
-        f"{result.data_bytes} bytes of data"
-    )
+    if not args.quiet:
+        print(
+            f"{args.dst}: {to}{' ' + vtype if to == 'vhd' else ''}, {result.size} bytes, "
+            f"{result.data_bytes} bytes of data"
+        )
     if args.azure:
         problems = _azure_problems(args.dst)
         if problems:
