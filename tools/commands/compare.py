@@ -41,7 +41,8 @@ def register(sub: Any) -> None:
         "-s",
         "--strict",
         action="store_true",
-        help="different sizes count as a difference (qemu-img compare -s)",
+        help="different sizes count as a difference (the size part of qemu-img compare -s; "
+        "allocation differences are not)",
     )
     add_progress_options(p)
     p.set_defaults(func=run)
