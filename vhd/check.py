@@ -40,6 +40,7 @@ from .bat import UNUSED, BlockAllocationTable
 from .chain import read_locators, resolve_parent
 from .errors import (
     ChainLoopError,
+    ForeignFormatError,
     NotAVHDError,
     ParentMismatchError,
     ParentNotFoundError,
@@ -74,6 +75,7 @@ from .locator import (
     MAX_LOCATOR_BYTES,
     code_name,
 )
+from .probe import HEAD_BYTES, TAIL_BYTES, ImageFormat, probe, refusal
 
 SECTOR = 512
 PAGE = 4096
@@ -202,6 +204,13 @@ def _read(fd: int, length: int, offset: int) -> bytes:
     return read_hook(fd, length, offset)
 
 
+def _refuse_foreign(fd: int, fsize: int, path: str) -> None:
+    """A qcow2/VMDK/VHDX/... file gets its format named (see :mod:`vhd.probe`)."""
+    fmt = probe(_read(fd, HEAD_BYTES, 0), _read(fd, TAIL_BYTES, max(0, fsize - TAIL_BYTES)))
+    if fmt not in (ImageFormat.RAW, ImageFormat.VHD):
+        raise ForeignFormatError(refusal(fmt, path), path=path, format=fmt)
+
+
 def check(
     path: str | os.PathLike[str],
     *,
@@ -220,7 +229,11 @@ def check(
             raise NotAVHDError("not a regular file or block device", path=spath)
         checker = _Checker(fd, spath, os.lseek(fd, 0, os.SEEK_END))
         checker.progress = progress  # (bytes done, bytes) of --deep's block reads
-        checker.run(deep=deep, parent_dirs=parent_dirs, check_parent=check_parent)
+        try:
+            checker.run(deep=deep, parent_dirs=parent_dirs, check_parent=check_parent)
+        except NotAVHDError:
+            _refuse_foreign(fd, checker.fsize, spath)
+            raise
         return CheckReport(spath, checker.findings, checker.model, deep)
     finally:
         os.close(fd)

@@ -65,7 +65,7 @@ def test_probe_and_cli_refusal(
     assert probe(*head_tail(src)) is expected
     with pytest.raises(vhd.ForeignFormatError, match=name):
         vhd.open(src)
-    for args in (["convert", src, tmp_path / "out.vhd"], ["info", src]):
+    for args in (["convert", src, tmp_path / "out.vhd"], ["info", src], ["check", src]):
         proc = subprocess.run(
             [VHD_CLI, *map(str, args)], capture_output=True, text=True, timeout=60, check=False
         )
