@@ -337,8 +337,8 @@ def resolve_parent(
     if first_other is not None:
         raise ParentMismatchError(
             f"parent {label!r} (unique id {uuid.UUID(bytes=want)}) was not found: the files "
-            f"found are not this child's parent ({where}); pass allow_parent_mismatch / --force "
-            "to use one",
+            f"found are not this child's parent ({where}); if one is the right parent, record its "
+            "id with vhd set-parent CHILD PARENT --force (library: allow_parent_mismatch=True)",
             path=child_path,
         )
     raise ParentNotFoundError(

@@ -16,7 +16,8 @@ from vhd.check import CheckReport, check
 from vhd.errors import VHDError
 from vhd.repair import apply_plan, plan_repair
 
-from ..common import add_parent_options, parent_policy
+from ..common import add_parent_options, add_progress_options, parent_policy, progress_wanted
+from ._progress import progress_bar
 
 
 def register(sub: Any) -> None:
@@ -37,6 +38,7 @@ def register(sub: Any) -> None:
         help="with --repair: print what would change, change nothing",
     )
     add_parent_options(p, serving=False)
+    add_progress_options(p)
     p.set_defaults(func=run)
 
 
@@ -57,7 +59,12 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run and not args.repair:
         raise ValueError("--dry-run goes with --repair")
     try:
-        report = check(args.image, deep=args.deep, parent_policy=parent_policy(args))
+        report = check(
+            args.image,
+            deep=args.deep,
+            parent_policy=parent_policy(args),
+            progress=progress_bar("check", args.deep and progress_wanted(args)),
+        )
     except (VHDError, OSError) as exc:
         if not args.json:
             raise
@@ -67,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.repair:
         if args.json:
             print(json.dumps(report.as_dict(), indent=2))
-        else:
+        elif not args.quiet:  # -q: the exit code says it
             _print_report(report)
         return 0 if report.clean else 1
     plan = plan_repair(report)
