@@ -264,6 +264,7 @@ def resolve_parent(
     if len(candidates) > policy.max_candidates:
         tried.append(f"{len(candidates) - policy.max_candidates} candidates over the limit")
         candidates = candidates[: policy.max_candidates]
+    looked_at: set[str] = set()
     chosen: tuple[str, tuple[int, int]] | None = None
     first_other: tuple[str, tuple[int, int]] | None = None
     for _source, path in candidates:
@@ -272,6 +273,9 @@ def resolve_parent(
             tried.append(f"{shown} (not a valid path)")
             continue
         norm = os.path.normpath(os.path.abspath(path))
+        if norm in looked_at:  # the same file spelt another way (``.\\x``, ``a\\..\\x``)
+            continue
+        looked_at.add(norm)
         inside = _inside(norm, roots)
         # Checked on the path as written, so that a refused path is not even looked up.  A
         # symbolic link inside an allowed folder is followed: whoever can place one there can
