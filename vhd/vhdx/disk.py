@@ -671,10 +671,10 @@ def _read_layout(fd: int, path: str, fsize: int) -> tuple[Layout, vlog.ActiveSeq
         except VHDError as exc:
             headers.append(None)
             errors.append(str(exc))
-    valid = [(h.sequence_number, i) for i, h in enumerate(headers) if h is not None]
+    valid = [(h.sequence_number, -i) for i, h in enumerate(headers) if h is not None]
     if not valid:
         raise CorruptImageError(f"both headers are invalid ({errors[0]}; {errors[1]})")
-    current = max(valid)[1]
+    current = -max(valid)[1]  # equal sequence numbers: the first copy
     head = headers[current]
     assert head is not None
     r.check_version(head)
