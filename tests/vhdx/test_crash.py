@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+import vhd.fileio
 import vhd.vhdx.disk
 from tests.strategies import payload
 from tests.vhdx.helpers import MiB, qemu_check, qemu_raw
@@ -29,7 +30,7 @@ Op = tuple[str, int, bytes | int]
 
 def _record(monkeypatch: pytest.MonkeyPatch, log: list[Op]) -> None:
     mod = vhd.vhdx.disk
-    real_write, real_punch = mod.write_all, mod.punch_hole
+    real_write, real_punch = vhd.fileio.write_all, vhd.fileio.punch_hole
     real_sync, real_fsync, real_trunc = os.fdatasync, os.fsync, os.ftruncate
 
     def write_all(fd: int, data: Any, offset: int) -> None:
