@@ -148,3 +148,14 @@ def test_dynamic_crash_points(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     with create_vhdx(image, SIZE, block_size=MiB) as disk:
         disk.pwrite(payload(3 * MiB, 9), 0)
     _crash_points(tmp_path, monkeypatch, image, _work, qemu=True)
+
+
+def test_differencing_crash_points(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base = tmp_path / "base.vhdx"
+    with create_vhdx(base, SIZE, block_size=MiB) as disk:
+        disk.pwrite(payload(SIZE, 8), 0)
+    child = tmp_path / "child.vhdx"
+    with create_vhdx(child, 0, type="differencing", parent=open_vhdx(base), block_size=MiB) as disk:
+        disk.pwrite(payload(3 * MiB, 7), 0)
+    # The crash copies sit beside the parent, so relative_path finds it (qemu cannot read these).
+    _crash_points(tmp_path, monkeypatch, child, _work, qemu=False)

@@ -961,7 +961,7 @@ def parent_identity(parent: Disk) -> str | None:
     if isinstance(parent, VHDXDisk):
         return str(parent.current_header.data_write_guid)
     footer = getattr(parent, "footer", None)
-    uid = getattr(footer, "unique_id", None)
+    uid = getattr(footer, "uuid", None)  # a VHD: its footer's unique id
     return str(uid) if uid is not None else None
 
 
