@@ -19,11 +19,11 @@ def register(sub: Any) -> None:
         help="convert between raw and VHD (flattens differencing chains)",
         description="Copy the guest-visible content of SRC (a VHD of any type, or a raw image) "
         "into a new DST. DST's format is --to, else taken from its extension (.vhd -> vhd, "
-        "anything else -> raw).",
+        ".vhdx/.avhdx -> vhdx, anything else -> raw).",
     )
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--to", choices=("raw", "vhd"))
+    p.add_argument("--to", choices=("raw", "vhd", "vhdx"))
     p.add_argument(
         "--type",
         choices=("fixed", "dynamic"),
@@ -54,6 +54,8 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     to = args.to or ("vhd" if args.dst.lower().endswith(".vhd") or args.azure else "raw")
+    if not args.to and args.dst.lower().endswith((".vhdx", ".avhdx")):
+        to = "vhdx"
     vtype = args.type or ("fixed" if args.azure else "dynamic")
     if args.azure and (to != "vhd" or vtype != "fixed"):
         raise ValueError("--azure makes a fixed VHD: drop --to raw / --type dynamic")
@@ -84,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         )
         progress.finish()
     print(
-        f"{args.dst}: {to}{' ' + vtype if to == 'vhd' else ''}, {result.size} bytes, "
+        f"{args.dst}: {to}{' ' + vtype if to in ('vhd', 'vhdx') else ''}, {result.size} bytes, "
         f"{result.data_bytes} bytes of data"
     )
     if args.azure:

@@ -12,10 +12,17 @@ from collections.abc import Sequence
 from ..disk import Disk
 from .crc import using_c_extension
 from .create import create_vhdx
-from .disk import VHDXDisk, is_vhdx, open_vhdx
-from .records import SIGNATURE
+from .disk import VHDXDisk, is_vhdx, open_vhdx, probe_vhdx
 
-__all__ = ["VHDXDisk", "create_vhdx", "is_vhdx", "open_any", "open_vhdx", "using_c_extension"]
+__all__ = [
+    "VHDXDisk",
+    "create_vhdx",
+    "is_vhdx",
+    "open_any",
+    "open_vhdx",
+    "probe_vhdx",
+    "using_c_extension",
+]
 
 
 def open_any(
@@ -26,9 +33,7 @@ def open_any(
     _seen: frozenset[tuple[int, int]] = frozenset(),
 ) -> Disk:
     """Open a VHDX or a VHD, whichever the file's first bytes say it is."""
-    with open(path, "rb") as f:
-        magic = f.read(8)
-    if magic == SIGNATURE:
+    if probe_vhdx(os.fspath(path)):
         return open_vhdx(path, mode, parent_dirs=parent_dirs, _seen=_seen)
     from ..image import open as open_vhd
 

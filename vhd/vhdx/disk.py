@@ -33,6 +33,7 @@ a session updates both headers with a new FileWriteGuid and DataWriteGuid (2.2.2
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import os
 import stat
@@ -618,6 +619,22 @@ def is_vhdx(fd: int) -> bool:
     return read_upto(fd, 8, 0) == r.SIGNATURE
 
 
+def probe_vhdx(path: str) -> bool:
+    """True when ``path`` is a regular file or block device starting with "vhdxfile".  Never
+    blocks (a FIFO is not opened for reading) and never raises: the caller reports errors."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        mode = os.fstat(fd).st_mode
+        return (stat.S_ISREG(mode) or stat.S_ISBLK(mode)) and is_vhdx(fd)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def open_vhdx(
     path: str | os.PathLike[str],
     mode: str = "r",
@@ -641,6 +658,14 @@ def open_vhdx(
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             raise NotAVHDError("not a regular file or block device", path=spath)
         os.set_blocking(fd, True)
+        if writable:
+            # One writer at a time, as vhd.open does for VHD (advisory, whole file).
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise VHDError(
+                    "the image is open for writing by another process", path=spath
+                ) from None
         disk = _open_fd(fd, spath, writable)
         seen = _seen | {(st.st_dev, st.st_ino)}
         if disk._differencing and (open_parent or parent is not None):
