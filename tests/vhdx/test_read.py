@@ -201,3 +201,41 @@ def test_not_a_vhdx(tmp_path: Path) -> None:
     junk.write_bytes(b"\0" * (1 << 20))
     with pytest.raises(NotAVHDError, match="vhdxfile"):
         open_vhdx(junk)
+
+
+def test_forged_sizes_are_refused_before_any_allocation(tmp_path: Path) -> None:
+    image = tmp_path / "forged.vhdx"
+    create_vhdx(image, 8 * MiB, block_size=MiB).close()
+    with open_vhdx(image) as disk:
+        table = disk.layout.region_tables[0]
+        md = disk.layout.metadata
+        meta = disk.layout.metadata_region
+    assert table is not None
+    size_item = next(e for e in md.entries if e.item_id == r.VIRTUAL_DISK_SIZE)
+    forged = r.RegionTable(
+        tuple(
+            r.Region(
+                g.guid, g.file_offset, 4095 * MiB if g.guid == r.BAT_REGION else g.length, True
+            )
+            for g in table.entries
+        )
+    )
+    data = bytearray(image.read_bytes())
+    for off in r.REGION_TABLE_OFFSETS:
+        data[off : off + r.REGION_TABLE_SIZE] = forged.build()
+    at = meta.file_offset + size_item.offset
+    data[at : at + 8] = r.MAX_VIRTUAL_SIZE.to_bytes(8, "little")  # 64 TiB: a 512 MiB BAT
+    image.write_bytes(bytes(data))
+    with pytest.raises(CorruptImageError, match="past the end of the file"):
+        open_vhdx(image)
+
+    other = tmp_path / "log.vhdx"
+    create_vhdx(other, 8 * MiB).close()
+    data = bytearray(other.read_bytes())
+    off, head = current_header(data)
+    data[off : off + r.HEADER_SIZE] = head.with_changes(
+        log_guid=uuid.uuid4(), log_offset=(2**63 // MiB) * MiB
+    ).build()
+    other.write_bytes(bytes(data))
+    with pytest.raises(CorruptImageError, match="past the end of the file"):
+        open_vhdx(other)

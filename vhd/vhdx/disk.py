@@ -63,6 +63,7 @@ from . import records as r
 MiB = r.MiB
 LOG_SECTOR = r.LOG_SECTOR
 _MAX_LOG = 1024 * MiB  # a log is read whole; real ones are 1 MiB
+_MAX_GROWTH = 64 * 1024 * MiB  # how far past EOF a replayed log may extend the file
 
 
 @dataclass(slots=True)
@@ -711,6 +712,8 @@ def _read_layout(fd: int, path: str, fsize: int) -> tuple[Layout, vlog.ActiveSeq
             raise CorruptImageError(f"the log at {lo} ({ll} bytes) is not 1 MiB-aligned")
         if ll > _MAX_LOG:
             raise UnsupportedFeatureError(f"a log of {ll} bytes (vhdkit reads up to 1 GiB)")
+        if lo + ll > fsize:
+            raise CorruptImageError(f"the log [{lo}, {lo + ll}) lies past the end of the file")
         log = pread(ll, lo).ljust(ll, b"\0")
         replay = vlog.find_active_sequence(log, head.log_guid)
     tables: list[r.RegionTable | None] = []
@@ -759,6 +762,13 @@ def _read_tables(
         if reg.file_offset < MiB or reg.file_offset % MiB or reg.length % MiB or not reg.length:
             raise CorruptImageError(
                 f"region {reg.name} at {reg.file_offset} ({reg.length} bytes) is not 1 MiB-aligned"
+            )
+        if reg.guid in (r.BAT_REGION, r.METADATA_REGION) and reg.file_offset + reg.length > fsize:
+            # Both are written in full when a file is made: past the end means damage (and
+            # reading it would let a forged length decide how much memory an open takes).
+            raise CorruptImageError(
+                f"region {reg.name} [{reg.file_offset}, {reg.file_offset + reg.length}) lies "
+                f"past the end of the file ({fsize} bytes)"
             )
     bat = table.find(r.BAT_REGION)
     meta = table.find(r.METADATA_REGION)
@@ -885,8 +895,12 @@ def _open_checked(fd: int, path: str, writable: bool) -> VHDXDisk:
                     f"{replay.head.flushed_file_offset}"
                 )
             limit = max(replay.head.last_file_offset, replay.head.flushed_file_offset, fsize)
-            if limit > r.MAX_VIRTUAL_SIZE * 2:
-                raise CorruptImageError(f"the log's LastFileOffset {limit} is not plausible")
+            if limit > fsize + _MAX_GROWTH:
+                # A replay may extend the file a little (an expansion the crash cut short); a
+                # forged offset must not make it create a sparse file of terabytes.
+                raise CorruptImageError(
+                    f"the log's LastFileOffset {limit} is far past the end of the file ({fsize})"
+                )
             vlog.check_descriptors(replay, limit)
             if writable:
                 _replay_in_file(fd, replay)
