@@ -98,7 +98,9 @@ def _convert_vhdx(
     bs = VHDX_BLOCK if block_size == DEFAULT_BLOCK_SIZE else block_size
     disk = create_vhdx(dst, -(-size // 512) * 512, type=type, block_size=bs, overwrite=overwrite)
     try:
-        written = _copy(src, disk.pwrite, bs if type == "dynamic" else CHUNK, progress)
+        # 2 MiB chunks, not whole 32 MiB blocks: memory stays small; the first write into a
+        # block allocates it, the rest go in place.
+        written = _copy(src, disk.pwrite, CHUNK, progress)
     finally:
         disk.close(durable=sync)
     return ConvertResult(size, written)

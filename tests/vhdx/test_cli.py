@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import random
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from vhdtools.cli import main as cli_main
 import vhd
 from tests.maintenance.helpers import run_cli
 from tests.vhdx.helpers import MiB, assert_qemu_clean, run, unpack_corpus
-from vhd.vhdx import VHDXDisk, open_vhdx
+from vhd.vhdx import VHDXDisk, create_vhdx, open_vhdx
 
 
 def test_version_names_the_crc_implementation() -> None:
@@ -93,3 +94,20 @@ def test_bad_vhdx_is_one_line_exit_2(tmp_path: Path) -> None:
     bad.write_bytes(b"vhdxfile" + bytes(400 * 1024))
     rc, out = run_cli("convert", str(bad), str(tmp_path / "o.raw"))
     assert rc == 2 and "Traceback" not in out and len(out.strip().splitlines()) == 1, out
+
+
+def test_map_and_compare_on_a_vhdx_chain(tmp_path: Path) -> None:
+    base = tmp_path / "base.vhdx"
+    with create_vhdx(base, 4 * MiB, block_size=MiB) as disk:
+        disk.pwrite(b"\x01" * MiB, 0)
+    child = tmp_path / "c.avhdx"
+    with create_vhdx(child, 0, type="differencing", parent=open_vhdx(base), block_size=MiB) as d:
+        d.pwrite(b"\x02" * 4096, 8192)
+    rc, out = run_cli("map", "--json", str(child))
+    assert rc == 0, out
+    layers = [(e["offset"], e["length"], e["layer"]) for e in json.loads(out)]
+    assert layers[:3] == [(0, 8192, 1), (8192, 4096, 0), (12288, MiB - 12288, 1)]
+    flat = tmp_path / "flat.raw"
+    assert run_cli("convert", str(child), str(flat))[0] == 0
+    assert run_cli("compare", str(child), str(flat))[0] == 0
+    assert run_cli("compare", str(child), str(base))[0] == 1

@@ -396,6 +396,15 @@ class VHDXDisk(Disk):
         self._dirty_bat.add(index * 8 // LOG_SECTOR)
 
     def _write(self, src: memoryview, offset: int) -> None:
+        bs = self._bs
+        block, inner = divmod(offset, bs)
+        if self._session and inner + len(src) <= bs:
+            # Inside one FULLY_PRESENT block: only data changes, no metadata, no lock (the
+            # session's header update is done; entries are published after their data).
+            entry = self._entry(block)
+            if entry & r.STATE_MASK == r.PayloadState.FULLY_PRESENT:
+                write_all(self._fd, src, self._block_offset(block, entry) + inner)
+                return
         with self._lock:
             self._begin_session()
             bs = self._bs
