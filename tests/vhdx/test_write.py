@@ -107,10 +107,13 @@ def test_discard_frees_whole_blocks_and_zeroes_parts(tmp_path: Path) -> None:
         disk.pwrite(b"\x55" * (4 * MiB), 0)
         disk.discard(MiB, MiB)
         disk.discard(2 * MiB + 4096, 8192)
+        # Holes punched into a present block are reported as zeros (SEEK_HOLE), like freed ones.
         assert list(disk.extents()) == [
             Extent(0, MiB, 0),
             Extent(MiB, MiB, None),
-            Extent(2 * MiB, 2 * MiB, 0),
+            Extent(2 * MiB, 4096, 0),
+            Extent(2 * MiB + 4096, 8192, None),
+            Extent(2 * MiB + 12288, 2 * MiB - 12288, 0),
             Extent(4 * MiB, 4 * MiB, None),
         ]
         expect = bytearray(b"\x55" * (4 * MiB))
@@ -127,7 +130,12 @@ def test_fixed_writes_in_place(tmp_path: Path) -> None:
         size_before = image.stat().st_size
         disk.pwrite(b"\x66" * 5000, 3 * MiB - 100)
         disk.discard(6 * MiB, 2 * MiB)  # LeaveBlocksAllocated: blocks stay, read as zeros
-        assert list(disk.extents()) == [Extent(0, 10 * MiB, 0)]
+        # Every block is present; the file's holes (never written) are reported as zeros.
+        assert list(disk.extents()) == [
+            Extent(0, 3 * MiB - 4096, None),
+            Extent(3 * MiB - 4096, 12288, 0),
+            Extent(3 * MiB + 8192, 7 * MiB - 8192, None),
+        ]
     assert image.stat().st_size == size_before
     assert_qemu_clean(image)
     raw = qemu_raw(image, tmp_path / "q.raw")

@@ -33,6 +33,7 @@ a session updates both headers with a new FileWriteGuid and DataWriteGuid (2.2.2
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import itertools
 import os
@@ -580,7 +581,8 @@ class VHDXDisk(Disk):
             entry = self._entry(block)
             state = entry & r.STATE_MASK
             if state == r.PayloadState.FULLY_PRESENT:
-                yield Extent(pos, block_end - pos, 0)
+                base = self._block_offset(block, entry) - block * bs
+                yield from self._present_extents(base, pos, block_end)
             elif state == r.PayloadState.PARTIALLY_PRESENT and self._differencing:
                 base = block * bs
                 lss = self._lss
@@ -603,6 +605,30 @@ class VHDXDisk(Disk):
                     f"payload block {block} has the reserved state {state}", path=self.path
                 )
             pos = block_end
+
+    def _present_extents(self, base: int, start: int, end: int) -> Iterator[Extent]:
+        """A present range, split where the file has holes (``SEEK_DATA``/``SEEK_HOLE``):
+        new blocks are file space the writer never touched past their data, and holes read as
+        zeros, so copies can skip them without reading."""
+        pos = start
+        while pos < end:
+            try:
+                data = os.lseek(self._fd, base + pos, os.SEEK_DATA) - base
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:  # no SEEK_DATA support: call it all data
+                    yield Extent(pos, end - pos, 0)
+                    return
+                data = end  # ENXIO: nothing but a hole from here to the end of the file
+            if data > pos:
+                yield Extent(pos, min(data, end) - pos, None)
+                pos = min(data, end)
+                if pos >= end:
+                    return
+            hole = min(os.lseek(self._fd, pos + base, os.SEEK_HOLE) - base, end)
+            if hole <= pos:  # cannot happen on a sane file system; never loop on it
+                hole = end
+            yield Extent(pos, hole - pos, 0)
+            pos = hole
 
     def _parent_extents(self, start: int, end: int) -> Iterator[Extent]:
         if self.parent is None:
