@@ -427,15 +427,15 @@ class VHDXDisk(Disk):
             self._write_sectors(block, self._block_offset(block, entry), inner, src)
             return
         if state not in (0, 1, 2, 3):
-            self._read_block(block, inner, entry, state, memoryview(bytearray(1)))
+            what = "PARTIALLY_PRESENT without a parent" if state == 7 else f"reserved state {state}"
+            raise CorruptImageError(f"payload block {block} has the {what}", path=self.path)
         # A new block: its data goes at the end of file, the rest of it reads as zeros there.
-        off = self._grow(bs := self._bs)
+        off = self._grow(self._bs)
         if self._differencing and state == r.PayloadState.NOT_PRESENT:
             # Only the written sectors become this file's; the others still read from the parent.
             self._write_sectors(block, off, inner, src)
             self._set_entry(index, off | r.PayloadState.PARTIALLY_PRESENT)
             return
-        del bs
         write_all(self._fd, src, off + inner)
         self._set_entry(index, off | r.PayloadState.FULLY_PRESENT)
 
