@@ -15,20 +15,20 @@ from tests.interop.oracles import libvhdi_read, vhdiinfo
 from tests.vhdx.helpers import MiB
 from vhd import ParentMismatchError, ParentNotFoundError
 from vhd.disk import Disk, Extent
-from vhd.vhdx import create_vhdx, open_vhdx
+from vhd.vhdx import VHDXDisk, create_vhdx, open_vhdx
 from vhd.vhdx import records as r
 
 
-def _parent(path: Path, size: int = 16 * MiB, **kw: int) -> bytes:
+def _parent(path: Path, size: int = 16 * MiB, logical_sector_size: int = 512) -> bytes:
     rng = random.Random(5)
     data = rng.randbytes(size)
-    with create_vhdx(path, size, block_size=MiB, **kw) as disk:
+    with create_vhdx(path, size, block_size=MiB, logical_sector_size=logical_sector_size) as disk:
         disk.pwrite(data, 0)
         disk.discard(2 * MiB, MiB)  # a hole in the parent
     return data[: 2 * MiB] + bytes(MiB) + data[3 * MiB :]
 
 
-def _child(child: Path, parent: Path) -> Disk:
+def _child(child: Path, parent: Path) -> VHDXDisk:
     return create_vhdx(child, 0, type="differencing", parent=open_vhdx(parent), block_size=MiB)
 
 

@@ -140,7 +140,7 @@ def _refix(raw: bytearray) -> None:
     for at, size in [(o, r.HEADER_SIZE) for o in r.HEADER_OFFSETS] + [
         (o, r.REGION_TABLE_SIZE) for o in r.REGION_TABLE_OFFSETS
     ]:
-        if raw[at : at + 4] in (b"head", b"regi"):
+        if bytes(raw[at : at + 4]) in (b"head", b"regi"):
             raw[at + 4 : at + 8] = crc32c_with_zeroed_field(raw[at : at + size], 4).to_bytes(
                 4, "little"
             )
