@@ -21,12 +21,14 @@ def register(sub: Any) -> None:
     p.add_argument("size", nargs="?", help="disk size, e.g. 10G (not with --parent)")
     p.add_argument("--type", choices=("fixed", "dynamic"), default="dynamic")
     p.add_argument(
+        "--block-size",
+        help="dynamic/differencing block size (default 2M); not with fixed VHD. VHDX: 32M "
+        "(Hyper-V's default), fixed disks too",
+    )
+    p.add_argument(
         "--format",
         choices=("vhd", "vhdx"),
         help="image format (default: vhdx for a .vhdx/.avhdx IMAGE, else vhd)",
-    )
-    p.add_argument(
-        "--block-size", help="dynamic block size (default 2M for VHD, 32M for VHDX as Hyper-V)"
     )
     p.add_argument(
         "--logical-sector-size",
@@ -44,12 +46,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("a differencing child takes its size from the parent: drop SIZE")
     if not args.parent and not args.size:
         raise ValueError("give a SIZE (or --parent)")
-    size = parse_size(args.size) if args.size else None
     fmt = args.format or ("vhdx" if args.image.lower().endswith((".vhdx", ".avhdx")) else "vhd")
     if fmt == "vhdx":
-        return _create_vhdx(args, size)
+        return _create_vhdx(args, parse_size(args.size) if args.size else None)
     if args.logical_sector_size not in (None, 512):
         raise ValueError("a VHD has 512-byte sectors: --logical-sector-size is for VHDX")
+    if args.block_size is not None and args.type == "fixed" and not args.parent:
+        raise ValueError("--block-size is for dynamic disks: a fixed disk has no blocks")
+    size = parse_size(args.size) if args.size else None
     with vhd.create(
         args.image,
         size,
