@@ -135,6 +135,7 @@ def open(
             open_parent=open_parent,
             allow_parent_mismatch=allow_parent_mismatch,
             _seen=_seen,
+            _expect=_expect,
         )
     writable = mode == "r+"
     # O_NONBLOCK: opening a FIFO (say, a shell's <(...)) would otherwise wait for a writer

@@ -680,6 +680,7 @@ def open_vhdx(
     open_parent: bool = True,
     allow_parent_mismatch: bool = False,
     _seen: frozenset[tuple[int, int]] = frozenset(),
+    _expect: tuple[int, int] | None = None,
 ) -> VHDXDisk:
     """Open a VHDX image (``mode`` 'r' or 'r+').  A differencing disk's parent is found through
     its locator (relative_path, then the file name of volume_path and absolute_win32_path next
@@ -691,6 +692,9 @@ def open_vhdx(
     fd = os.open(spath, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK)
     try:
         st = os.fstat(fd)
+        if _expect is not None and (st.st_dev, st.st_ino) != _expect:
+            # the file a VHD child's parent search vetted was swapped before this open
+            raise ParentNotFoundError("the parent changed while it was being opened", path=spath)
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             raise NotAVHDError("not a regular file or block device", path=spath)
         os.set_blocking(fd, True)
