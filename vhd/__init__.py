@@ -1,7 +1,9 @@
 """vhd: read, write and create Microsoft VHD images (fixed, dynamic, differencing).
 
 ``vhd.open(path, mode="r", *, strict=True, parent_dirs=(), allow_parent_mismatch=False,
-parent=None, open_parent=True)`` opens an image; ``vhd.create(path, size, *, type="dynamic",
+parent=None, open_parent=True, force_share=False)`` opens an image, locked against other
+processes (shared for ``"r"`` and for every parent, exclusive for ``"r+"``; see :mod:`vhd.lock`;
+``force_share`` takes no lock, for inspection); ``vhd.create(path, size, *, type="dynamic",
 block_size=2 MiB, parent=None)`` makes one.  Both return a :class:`Disk`.
 """
 
@@ -24,6 +26,7 @@ from .errors import (
 )
 from .footer import DiskType
 from .image import open
+from .lock import InUseError
 
 __version__ = "0.1.0"
 
@@ -36,6 +39,7 @@ __all__ = [
     "DiskFile",
     "DiskType",
     "Extent",
+    "InUseError",
     "InvalidArgumentError",
     "NotAVHDError",
     "ParentError",

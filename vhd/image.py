@@ -13,7 +13,7 @@ image costs bounded time and memory.
 
 from __future__ import annotations
 
-import fcntl
+import functools
 import itertools
 import os
 import stat
@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .bat import BlockAllocationTable
+from . import lock
 from .chain import read_locators, resolve_parent
 from .disk import Disk, FixedDisk, SparseDisk
 from .errors import (
@@ -103,11 +104,14 @@ def open(
     allow_parent_mismatch: bool = False,
     parent: str | os.PathLike[str] | None = None,
     open_parent: bool = True,
+    force_share: bool = False,
     _seen: frozenset[tuple[int, int]] = frozenset(),
 ) -> Disk:
     """Open a VHD image.  See :mod:`vhd` for the parameters."""
     if mode not in ("r", "r+"):
         raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
+    if force_share and mode != "r":
+        raise InvalidArgumentError("force_share is for read-only opens")
     spath = os.fspath(path)
     writable = mode == "r+"
     # O_NONBLOCK: opening a FIFO (say, a shell's <(...)) would otherwise wait for a writer
@@ -118,13 +122,9 @@ def open(
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             raise NotAVHDError("not a regular file or block device", path=spath)
         os.set_blocking(fd, True)
-        if writable:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise VHDError(
-                    "the image is open for writing by another process", path=spath
-                ) from None
+        if not force_share:
+            # Before anything is read: a writer elsewhere could be halfway through a change.
+            lock.acquire(fd, spath, exclusive=writable)
         return _open_fd(
             fd,
             spath,
@@ -134,6 +134,7 @@ def open(
             allow_parent_mismatch=allow_parent_mismatch,
             parent=os.fspath(parent) if parent is not None else None,
             open_parent=open_parent,
+            force_share=force_share,
             seen=_seen | {(st.st_dev, st.st_ino)},
         )
     except BaseException:
@@ -151,6 +152,7 @@ def _open_fd(
     allow_parent_mismatch: bool,
     parent: str | None,
     open_parent: bool,
+    force_share: bool = False,
     seen: frozenset[tuple[int, int]],
 ) -> Disk:
     fsize = file_size(fd)
@@ -231,7 +233,8 @@ def _open_fd(
                 path,
                 header,
                 locators,
-                opener=open,
+                # Parents are opened read-only, so they are locked shared (or not at all).
+                opener=functools.partial(open, force_share=force_share),
                 search_dirs=parent_dirs,
                 allow_mismatch=allow_parent_mismatch,
                 strict=strict,
