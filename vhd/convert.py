@@ -15,10 +15,11 @@ import queue
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from .create import DEFAULT_BLOCK_SIZE, create
+from .create import DEFAULT_BLOCK_SIZE, open_new, plan_create, write_layout
 from .disk import Disk
 from .errors import InvalidArgumentError
 from .fileio import write_all
+from .newfile import NewFile, named
 from .source import Source
 
 MiB = 1024 * 1024
@@ -53,28 +54,35 @@ def convert(
     out_size = src.size if size is None else size
     if out_size < src.size:
         raise InvalidArgumentError("the output cannot be smaller than the source")
-    if to == "raw":
-        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if overwrite else os.O_EXCL)
-        fd = os.open(dst, flags, 0o644)
-        try:
-            os.ftruncate(fd, out_size)
-            written = _copy(src, lambda buf, off: write_all(fd, buf, off), block_size, progress)
-            if sync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        return ConvertResult(out_size, written)
-    if to != "vhd":
+    if to not in ("raw", "vhd"):
         raise InvalidArgumentError(f"unknown output format {to!r} (raw or vhd)")
-    if out_size % 512:
+    if to == "vhd" and out_size % 512:
         raise InvalidArgumentError(
             f"a VHD's size is a multiple of 512 bytes; the source has {src.size} bytes"
         )
-    disk: Disk = create(dst, out_size, type=type, block_size=block_size, overwrite=overwrite)
-    try:
-        written = _copy(src, disk.pwrite, block_size if type == "dynamic" else CHUNK, progress)
-    finally:
-        disk.close(durable=sync)
+    # The output is written under a temporary name and renamed when complete (vhd.newfile):
+    # an interrupted convert leaves nothing under DST, and an existing DST is only replaced
+    # at the end, after its lock showed nobody uses it.
+    with NewFile(dst, overwrite=overwrite) as new:
+        if to == "raw":
+            fd = new.fd
+            os.ftruncate(fd, out_size)
+            written = _copy(
+                src, lambda buf, off: write_all(fd, buf, off), block_size, progress, new.final
+            )
+            new.publish(durable=sync)
+            return ConvertResult(out_size, written)
+        footer, _ = plan_create(out_size, type=type, block_size=block_size, parent=None)
+        write_layout(new.fd, new.final, footer, block_size, None)
+        disk: Disk = open_new(new)
+        try:
+            chunk = block_size if type == "dynamic" else CHUNK
+            written = _copy(src, disk.pwrite, chunk, progress, new.final)
+            # Metadata reaches the file before the rename: the image is complete under its name.
+            disk.flush(durable=sync)
+            new.publish(durable=sync)
+        finally:
+            disk.close(durable=sync)
     return ConvertResult(out_size, written)
 
 
@@ -83,6 +91,7 @@ def _copy(
     write: Callable[[memoryview, int], object],
     chunk: int,
     progress: Callable[[int], None] | None,
+    dst: str = "",
 ) -> int:
     """Copy the data extents of ``src`` in chunks aligned to ``chunk`` (the output's block size,
     so that each allocating write fills whole blocks), writing only the non-zero runs.
@@ -100,11 +109,17 @@ def _copy(
         buf = buffers.get()
         try:
             view = memoryview(buf)
-            src.preadinto(view[:n], pos)
+            try:
+                src.preadinto(view[:n], pos)
+            except OSError as exc:
+                raise named(exc, src.path) from exc
             done = 0
-            for start, end in data_runs(buf, n):
-                write(view[start:end], pos + start)
-                done += end - start
+            try:
+                for start, end in data_runs(buf, n):
+                    write(view[start:end], pos + start)
+                    done += end - start
+            except OSError as exc:
+                raise named(exc, dst) from exc
             view.release()
             return done
         finally:

@@ -20,8 +20,8 @@ import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .bat import BlockAllocationTable
 from . import lock
+from .bat import BlockAllocationTable
 from .chain import read_locators, resolve_parent
 from .disk import Disk, FixedDisk, SparseDisk
 from .errors import (
@@ -136,6 +136,28 @@ def open(
             open_parent=open_parent,
             force_share=force_share,
             seen=_seen | {(st.st_dev, st.st_ino)},
+        )
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def open_locked(fd: int, path: str) -> Disk:
+    """A writable :class:`Disk` on ``fd``, which the caller opened read-write and locked
+    exclusively (:mod:`vhd.newfile`: an image being written under its temporary name); the
+    disk owns ``fd`` from here on, even on failure."""
+    try:
+        st = os.fstat(fd)
+        return _open_fd(
+            fd,
+            path,
+            True,
+            strict=True,
+            parent_dirs=(),
+            allow_parent_mismatch=False,
+            parent=None,
+            open_parent=True,
+            seen=frozenset({(st.st_dev, st.st_ino)}),
         )
     except BaseException:
         os.close(fd)

@@ -156,7 +156,9 @@ def _qemu_holder(fd: int) -> str | None:
     """What others hold, from the permission bytes: write permission means a writer."""
     if _held_by_others(fd, PERM_BASE + 1):
         return "read-write"
-    if any(_held_by_others(fd, base + bit) for base in (PERM_BASE, SHARED_BASE) for bit in range(5)):
+    if any(
+        _held_by_others(fd, base + bit) for base in (PERM_BASE, SHARED_BASE) for bit in range(5)
+    ):
         return "read-only"
     return None
 

@@ -11,6 +11,7 @@ from vhd.convert import convert
 from vhd.source import open_source
 
 from ..common import Progress, parse_size, warn
+from ..interrupt import terminate_as_interrupt
 
 
 def register(sub: Any) -> None:
@@ -52,6 +53,7 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
+@terminate_as_interrupt
 def run(args: argparse.Namespace) -> int:
     to = args.to or ("vhd" if args.dst.lower().endswith(".vhd") or args.azure else "raw")
     vtype = args.type or ("fixed" if args.azure else "dynamic")
