@@ -1,6 +1,7 @@
 """Finding the differencing children of an image (the reverse of "Parent Locator Entry").
 
-A VHD names its parent, never its children, so a tool that changes or removes a disk in the
+(And :func:`find_parent`, for an operation that holds the child open on its own.)  A VHD names
+its parent, never its children, so a tool that changes or removes a disk in the
 middle of a chain must look for them: ``vhd commit MID`` relinks MID's children to MID's parent
 before it deletes MID (as Hyper-V's Merge-VHD does), and ``vhd set-parent MID ...`` records MID's
 new modification time in them.  The search covers the image's own folder and the folders the
@@ -17,7 +18,7 @@ import os
 import stat
 from collections.abc import Sequence
 
-from .chain import parent_candidates, read_locators
+from .chain import parent_candidates, read_locators, resolve_parent
 from .disk import Disk
 from .errors import VHDError
 from .fileio import read_upto
@@ -49,6 +50,28 @@ def find_children(disk: Disk, search_dirs: Sequence[str] = ()) -> list[str]:
             ):
                 found.append(path)
     return found
+
+
+def find_parent(child: Disk, search_dirs: Sequence[str] = ()) -> Disk:
+    """The parent of ``child`` (opened with ``open_parent=False``), opened read-only as
+    :func:`vhd.open` would find it: for operations that need the child locked exclusively and
+    so cannot open the chain from the child again."""
+    from .image import open as open_image
+
+    header = child.header
+    assert header is not None
+    st = os.fstat(child.fd)
+    parent: Disk = resolve_parent(  # type: ignore[assignment]
+        child.path,
+        header,
+        read_locators(child.fd, child.file_size, header),
+        opener=open_image,
+        search_dirs=search_dirs,
+        allow_mismatch=False,
+        strict=True,
+        seen=frozenset({(st.st_dev, st.st_ino)}),
+    )
+    return parent
 
 
 def open_children(disk: Disk, search_dirs: Sequence[str] = ()) -> list[Disk]:

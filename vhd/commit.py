@@ -32,8 +32,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from .chain import read_locators, resolve_parent
-from .children import open_children
+from .children import find_parent, open_children
 from .disk import Disk
 from .errors import InvalidArgumentError
 from .footer import DiskType
@@ -105,23 +104,10 @@ def commit(
 
 
 def _parent_path(child: Disk, parent_dirs: Sequence[str]) -> str:
-    """Where the child's parent is, found as :func:`vhd.open` finds it (opened read-only and
-    closed again: it is reopened for writing)."""
-    header = child.header
-    assert header is not None
-    st = os.fstat(child.fd)
-    found: Disk = resolve_parent(  # type: ignore[assignment]
-        child.path,
-        header,
-        read_locators(child.fd, child.file_size, header),
-        opener=open_image,
-        search_dirs=parent_dirs,
-        allow_mismatch=False,
-        strict=True,
-        seen=frozenset({(st.st_dev, st.st_ino)}),
-    )
-    found.close()
-    return found.path
+    """Where the child's parent is (opened read-only and closed again: it is reopened for
+    writing, which this process's own shared lock would refuse)."""
+    with find_parent(child, parent_dirs) as parent:
+        return parent.path
 
 
 def _copy_own_ranges(child: Disk, parent: Disk, progress: Progress | None) -> int:

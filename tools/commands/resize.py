@@ -41,6 +41,13 @@ def register(sub: Any) -> None:
     p.add_argument("size", help="new size: bytes or K/M/G/T (binary), or +N / -N")
     p.add_argument("--shrink", action="store_true", help="allow making the disk smaller")
     p.add_argument("--force", action="store_true", help="with --shrink: drop data past the new end")
+    p.add_argument(
+        "--parent-dir",
+        metavar="DIR",
+        action="append",
+        default=[],
+        help="also look for the parent in DIR (growing a differencing disk reads it)",
+    )
     p.set_defaults(func=run)
 
 
@@ -50,7 +57,9 @@ def run(args: argparse.Namespace) -> int:
     size = parse_size(args.size, current)
     if args.force and not args.shrink:
         raise ValueError("--force goes with --shrink")
-    result = resize(args.image, size, shrink=args.shrink, force=args.force)
+    result = resize(
+        args.image, size, shrink=args.shrink, force=args.force, parent_dirs=args.parent_dir
+    )
     note = f", {result.relocated_blocks} blocks relocated" if result.relocated_blocks else ""
     if result.dropped_blocks:
         note += f", {result.dropped_blocks} blocks dropped"
