@@ -38,6 +38,7 @@ def open_vhd(
     parent_dirs: list[str] | None = None,
     allow_parent_mismatch: bool = False,
     open_parent: bool = True,
+    force_share: bool = False,
 ) -> vhd.Disk:
     """Open like the CLI does: bad checksums are warnings, not errors."""
     disk = vhd.open(
@@ -47,6 +48,7 @@ def open_vhd(
         parent_dirs=parent_dirs or (),
         allow_parent_mismatch=allow_parent_mismatch,
         open_parent=open_parent,
+        force_share=force_share,
     )
     for layer in disk.chain:
         for message in layer.warnings:

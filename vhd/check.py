@@ -28,6 +28,7 @@ trailing footer belongs, which BAT entries to drop), in :class:`ImageModel`.
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 from array import array
@@ -36,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import bitmap as bm
+from . import lock
 from .bat import UNUSED, BlockAllocationTable
 from .chain import read_locators, resolve_parent
 from .errors import (
@@ -206,6 +208,7 @@ def check(
     deep: bool = False,
     parent_dirs: Sequence[str] = (),
     check_parent: bool = True,
+    force_share: bool = False,
 ) -> CheckReport:
     """Check an image.  Raises :class:`~vhd.errors.NotAVHDError` when the file holds no VHD
     footer at all, and ``OSError`` when it cannot be read; every other problem is a finding."""
@@ -215,7 +218,11 @@ def check(
         st = os.fstat(fd)
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             raise NotAVHDError("not a regular file or block device", path=spath)
+        if not force_share:
+            # A reader's shared lock: a writer elsewhere would make the findings meaningless.
+            lock.acquire(fd, spath, exclusive=False)
         checker = _Checker(fd, spath, os.lseek(fd, 0, os.SEEK_END))
+        checker.force_share = force_share
         checker.run(deep=deep, parent_dirs=parent_dirs, check_parent=check_parent)
         return CheckReport(spath, checker.findings, checker.model, deep)
     finally:
@@ -227,6 +234,7 @@ class _Checker:
         self.fd = fd
         self.path = path
         self.fsize = fsize
+        self.force_share = False
         self.findings: list[Finding] = []
         self.model = ImageModel(path=path, file_size=fsize)
 
@@ -891,7 +899,7 @@ class _Checker:
                 self.path,
                 h,
                 locators,
-                opener=open_image,
+                opener=functools.partial(open_image, force_share=self.force_share),
                 search_dirs=parent_dirs,
                 allow_mismatch=False,
                 strict=False,

@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+from . import lock
 from .disk import Disk, Extent
 from .errors import NotAVHDError
 from .fileio import read_exact_into, zero_fill
@@ -68,8 +69,10 @@ def open_source(
     parent_dirs: Sequence[str] = (),
     allow_parent_mismatch: bool = False,
     force_raw: bool = False,
+    force_share: bool = False,
 ) -> Source:
-    """Open ``path`` as a VHD if it is one, else as a raw disk image."""
+    """Open ``path`` as a VHD if it is one, else as a raw disk image; either way locked for
+    reading (shared, see :mod:`vhd.lock`) unless ``force_share``."""
     if not force_raw:
         try:
             disk = open_image(
@@ -78,6 +81,7 @@ def open_source(
                 strict=strict,
                 parent_dirs=parent_dirs,
                 allow_parent_mismatch=allow_parent_mismatch,
+                force_share=force_share,
             )
         except NotAVHDError:
             pass
@@ -85,7 +89,13 @@ def open_source(
             warnings = [f"{d.path}: {w}" for d in disk.chain for w in d.warnings]
             return Source(path=path, size=disk.size, disk=disk, warnings=warnings)
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    size = os.lseek(fd, 0, os.SEEK_END)
+    try:
+        if not force_share:
+            lock.acquire(fd, path, exclusive=False)
+        size = os.lseek(fd, 0, os.SEEK_END)
+    except BaseException:
+        os.close(fd)
+        raise
     return Source(path=path, size=size, fd=fd)
 
 

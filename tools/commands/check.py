@@ -16,6 +16,8 @@ from vhd.check import CheckReport, check
 from vhd.errors import VHDError
 from vhd.repair import apply_plan, plan_repair
 
+from ..locking import add_force_share_option
+
 
 def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
@@ -41,6 +43,7 @@ def register(sub: Any) -> None:
         default=[],
         help="also look for parents in DIR",
     )
+    add_force_share_option(p)
     p.set_defaults(func=run)
 
 
@@ -60,8 +63,12 @@ def _print_report(report: CheckReport) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.dry_run and not args.repair:
         raise ValueError("--dry-run goes with --repair")
+    if args.force_share and args.repair and not args.dry_run:
+        raise ValueError("-U/--force-share is for inspection: not with --repair")
     try:
-        report = check(args.image, deep=args.deep, parent_dirs=args.parent_dir)
+        report = check(
+            args.image, deep=args.deep, parent_dirs=args.parent_dir, force_share=args.force_share
+        )
     except (VHDError, OSError) as exc:
         if not args.json:
             raise

@@ -11,6 +11,7 @@ from typing import Any
 from vhd.source import open_source
 
 from ..common import Progress, warn
+from ..locking import add_force_share_option
 
 CHUNK = 4 * 1024 * 1024
 
@@ -24,13 +25,14 @@ def register(sub: Any) -> None:
     p.add_argument("a")
     p.add_argument("b")
     p.add_argument("--parent-dir", action="append", default=[], metavar="DIR")
+    add_force_share_option(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     with (
-        open_source(args.a, parent_dirs=args.parent_dir) as a,
-        open_source(args.b, parent_dirs=args.parent_dir) as b,
+        open_source(args.a, parent_dirs=args.parent_dir, force_share=args.force_share) as a,
+        open_source(args.b, parent_dirs=args.parent_dir, force_share=args.force_share) as b,
     ):
         for message in a.warnings + b.warnings:
             warn(message)

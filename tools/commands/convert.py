@@ -12,6 +12,7 @@ from vhd.source import open_source
 
 from ..common import Progress, parse_size, warn
 from ..interrupt import terminate_as_interrupt
+from ..locking import add_force_share_option
 
 
 def register(sub: Any) -> None:
@@ -45,6 +46,7 @@ def register(sub: Any) -> None:
         help="also look for parent images in DIR",
     )
     p.add_argument("--force", action="store_true", help="overwrite DST if it exists")
+    add_force_share_option(p)
     p.add_argument(
         "--sync",
         action="store_true",
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--azure makes a fixed VHD: drop --to raw / --type dynamic")
     if os.path.exists(args.dst) and os.path.samefile(args.src, args.dst):
         raise ValueError("SRC and DST are the same file")
-    with open_source(args.src, parent_dirs=args.parent_dir) as src:
+    with open_source(args.src, parent_dirs=args.parent_dir, force_share=args.force_share) as src:
         for message in src.warnings:
             warn(message)
         size = src.size
