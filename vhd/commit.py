@@ -79,19 +79,23 @@ def commit(
         parent = open_image(parent_path, "r+", parent_dirs=parent_dirs)
         grandchildren: list[Disk] = []
         try:
-            if not keep:
-                grandchildren = open_children(child, parent_dirs)
+            grandchildren = open_children(child, parent_dirs)
             copied = _copy_own_ranges(child, parent, progress)
             parent.flush()
             parent_id = parent.footer.unique_id
             # Closed before its modification time is recorded anywhere: nothing changes it now.
             parent.close()
             if keep:
+                # The kept child records the parent's new time; that rewrite changes the
+                # child's own time, which its children record in turn.
                 record_parent_time(child, parent_path)
-            # Each grandchild reads the same through the parent, which now holds the child's
-            # data wherever the child had its own: relink it, and only then drop the child.
-            for grandchild in grandchildren:
-                retarget(grandchild, parent_path, parent_id)
+                for grandchild in grandchildren:
+                    record_parent_time(grandchild, spath)
+            else:
+                # Each reads the same through the parent, which now holds the child's data
+                # wherever the child had its own: relink it, and only then drop the child.
+                for grandchild in grandchildren:
+                    retarget(grandchild, parent_path, parent_id)
         finally:
             parent.close()
             for grandchild in grandchildren:
@@ -100,7 +104,8 @@ def commit(
             os.unlink(spath)
     finally:
         child.close()
-    return CommitResult(spath, parent_path, copied, not keep, [g.path for g in grandchildren])
+    relinked = [] if keep else [g.path for g in grandchildren]
+    return CommitResult(spath, parent_path, copied, not keep, relinked)
 
 
 def _parent_path(child: Disk, parent_dirs: Sequence[str]) -> str:
