@@ -5,11 +5,14 @@ and its data intact."""
 from __future__ import annotations
 
 import os
+import subprocess
+import tempfile
 from pathlib import Path
 
 import vhd
+from tests.conftest import need_tool
 
-from .mounting import MiB, Mounts, vhd_cli
+from .mounting import MiB, Mounts, run, vhd_cli, wait_until
 
 
 def _image(path: Path) -> Path:
@@ -71,3 +74,29 @@ def test_read_only_mounts_share_and_refuse_writers(tmp_path: Path, mounts: Mount
     assert result.returncode == 2 and "in use" in result.stderr
     assert _sha(base) == before
     assert (first / "disk").read_bytes()[:4] == b"\x11" * 4
+
+
+def test_mount_and_qemu_see_each_other(tmp_path: Path, mounts: Mounts) -> None:
+    qemu_io = need_tool("qemu-io")
+    qemu_nbd = need_tool("qemu-nbd")
+    image = _image(tmp_path / "d.vhd")
+    # vhdkit mounted: qemu-io may not write into it.
+    mnt = mounts.mount(image)
+    result = run([qemu_io, "-f", "vpc", "-c", "write -P 0x77 0 4k", str(image)])
+    assert result.returncode != 0 and "lock" in result.stderr
+    assert (mnt / "disk").read_bytes()[:4096] == b"\x11" * 4096
+    mounts.unmount(mnt)
+    # qemu-nbd serving read-write: vhd mount may not mount it.
+    with tempfile.TemporaryDirectory(prefix="lk-", dir="/tmp") as short:
+        sock = Path(short) / "s"
+        server = subprocess.Popen([qemu_nbd, "-f", "vpc", "-k", str(sock), str(image)])
+        try:
+            wait_until(sock.exists)
+            (tmp_path / "m").mkdir()
+            result = vhd_cli("mount", str(image), str(tmp_path / "m"))
+            assert result.returncode != 0
+            assert "in use by another process (read-write)" in result.stderr
+            assert not os.path.ismount(tmp_path / "m")
+        finally:
+            server.kill()
+            server.wait(timeout=60)
