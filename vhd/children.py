@@ -14,6 +14,7 @@ children).  Children elsewhere cannot be found; the README says so.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 from collections.abc import Sequence
@@ -74,15 +75,24 @@ def find_parent(child: Disk, search_dirs: Sequence[str] = ()) -> Disk:
     return parent
 
 
-def open_children(disk: Disk, search_dirs: Sequence[str] = ()) -> list[Disk]:
+def open_children(
+    disk: Disk, search_dirs: Sequence[str] = (), *, unwritable: list[str] | None = None
+) -> list[Disk]:
     """:func:`find_children`, each opened ``"r+"`` without its parent: locked exclusively, so
-    a child that is in use refuses the operation before anything changes."""
+    a child that is in use refuses the operation before anything changes.  With
+    ``unwritable``, a child this user may not write (permissions, a read-only file system) is
+    listed there instead of failing the operation."""
     from .image import open as open_image
 
     opened: list[Disk] = []
     try:
         for path in find_children(disk, search_dirs):
-            opened.append(open_image(path, "r+", open_parent=False))
+            try:
+                opened.append(open_image(path, "r+", open_parent=False))
+            except OSError as exc:
+                if unwritable is None or exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                    raise
+                unwritable.append(path)
     except BaseException:
         for child in opened:
             child.close()

@@ -37,6 +37,7 @@ from .disk import Disk
 from .errors import InvalidArgumentError
 from .footer import DiskType
 from .image import open as open_image
+from .newfile import naming
 from .reparent import record_parent_time, retarget
 
 CHUNK = 4 * 1024 * 1024
@@ -68,6 +69,13 @@ def commit(
     The child's own children (found by :func:`vhd.children.find_children`) are relinked to the
     parent before the child is deleted, so the chain below stays whole."""
     spath = os.fspath(child_path)
+    with naming(spath):
+        return _commit(spath, keep, parent_dirs, progress)
+
+
+def _commit(
+    spath: str, keep: bool, parent_dirs: Sequence[str], progress: Progress | None
+) -> CommitResult:
     # Read through this handle (its own ranges only, layer 0): the parent is opened apart.
     child = open_image(spath, "r+", open_parent=False)
     try:
@@ -81,7 +89,8 @@ def commit(
         try:
             grandchildren = open_children(child, parent_dirs)
             copied = _copy_own_ranges(child, parent, progress)
-            parent.flush()
+            with naming(parent_path):
+                parent.flush()
             parent_id = parent.footer.unique_id
             # Closed before its modification time is recorded anywhere: nothing changes it now.
             parent.close()
@@ -135,8 +144,10 @@ def _copy_own_ranges(child: Disk, parent: Disk, progress: Progress | None) -> in
         end = offset + length
         while pos < end:
             n = min(len(buf), end - pos)
-            got = child.preadinto(view[:n], pos)
-            parent.pwrite(view[:got], pos)
+            with naming(child.path):
+                got = child.preadinto(view[:n], pos)
+            with naming(parent.path):
+                parent.pwrite(view[:got], pos)
             pos += n
             done += n
             if progress is not None:

@@ -67,7 +67,7 @@ READER = (CONSISTENT_READ, WRITE | RESIZE)
 WRITER = (CONSISTENT_READ | WRITE | RESIZE, WRITE | RESIZE)
 
 # Errors that mean "this file system does not do locks", not "someone holds it".
-_UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EBADF}
+_UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 
 # struct flock on 64-bit Linux: short l_type, short l_whence, off_t l_start, off_t l_len,
 # pid_t l_pid (native alignment pads it to 32 bytes).

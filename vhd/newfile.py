@@ -25,6 +25,7 @@ import errno
 import os
 import secrets
 import stat
+from collections.abc import Iterator
 
 from . import lock
 
@@ -154,6 +155,18 @@ def named(exc: OSError, path: str) -> OSError:
     if exc.filename is not None:
         return exc
     return type(exc)(exc.errno, exc.strerror or os.strerror(exc.errno or 0), path)
+
+
+@contextlib.contextmanager
+def naming(path: str) -> Iterator[None]:
+    """OS errors raised inside without a file name (``pwrite``'s ``ENOSPC``, ``fsync``'s
+    ``EIO``) get ``path`` as theirs, so the user sees which file failed."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        raise named(exc, path) from exc
 
 
 def _sync_folder(path: str) -> None:

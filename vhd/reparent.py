@@ -41,6 +41,7 @@ from .locator import (
     posix_to_macx,
     relative_windows_path,
 )
+from .newfile import naming
 
 SECTOR = 512
 
@@ -67,6 +68,11 @@ def set_parent(
     brought up to date too, so that a middle disk's retarget leaves the rest of the chain
     checking clean."""
     cpath, ppath = os.fspath(child_path), os.path.abspath(os.fspath(parent_path))
+    with naming(cpath):
+        return _set_parent(cpath, ppath, force, search_dirs)
+
+
+def _set_parent(cpath: str, ppath: str, force: bool, search_dirs: Sequence[str]) -> SetParentResult:
     result = SetParentResult(cpath, ppath)
     if os.path.exists(cpath) and os.path.samefile(cpath, ppath):
         raise InvalidArgumentError("a disk cannot be its own parent")
@@ -97,7 +103,13 @@ def set_parent(
                 "parent's end return zeros"
             )
         # Its children are locked (refused if in use) before the child changes.
-        grandchildren = open_children(child, search_dirs)
+        unwritable: list[str] = []
+        grandchildren = open_children(child, search_dirs, unwritable=unwritable)
+        for path in unwritable:
+            result.warnings.append(
+                f"{path} (a child of {cpath}) cannot be written: its recorded parent timestamp "
+                "goes stale ('vhd check --repair' on it mends that)"
+            )
         try:
             result.grew_by, lost = retarget(child, ppath, parent_id)
             result.warnings += lost

@@ -51,6 +51,7 @@ from .footer import FOOTER_SIZE, DiskType, Footer
 from .geometry import geometry_for_create
 from .header import HEADER_SIZE, DynamicHeader
 from .image import open as open_image
+from .newfile import naming
 
 SECTOR = 512
 PAGE = 4096
@@ -81,6 +82,13 @@ def resize(
     it, also in ``parent_dirs``): where the parent holds data in the new range, the child must
     hide it."""
     spath = os.fspath(path)
+    with naming(spath):
+        return _resize(spath, new_size, shrink, force, parent_dirs)
+
+
+def _resize(
+    spath: str, new_size: int, shrink: bool, force: bool, parent_dirs: Sequence[str]
+) -> ResizeResult:
     if new_size <= 0 or new_size % SECTOR:
         raise InvalidArgumentError(f"the new size {new_size} is not a positive multiple of 512")
     if new_size > MAX_SIZE:

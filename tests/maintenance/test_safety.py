@@ -315,3 +315,20 @@ def test_enospc_names_the_path(tmp_path: Path, big_source: Path) -> None:
         pytest.skip(message)
     assert f"vhd: error: {dst}: No space left on device" in result.stderr
     assert result.stdout.strip() == "rc=2"  # and `ls` printed nothing: no file left
+
+
+def test_commit_enospc_names_the_parent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import vhd.disk
+
+    base, mid, _top, _mid_model, _model = make_three(tmp_path)
+
+    def full(fd: int, data: object, offset: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(vhd.disk, "write_all", full)
+    rc, out = run_cli("commit", str(mid))
+    assert rc == 2
+    assert f"vhd: error: {base}: No space left on device" in out
+    assert mid.exists()
