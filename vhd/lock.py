@@ -54,14 +54,6 @@ RESIZE = 1 << 3
 GRAPH_MOD = 1 << 4
 ALL = CONSISTENT_READ | WRITE | WRITE_UNCHANGED | RESIZE | GRAPH_MOD
 
-_NAMES = {
-    CONSISTENT_READ: "consistent read",
-    WRITE: "write",
-    WRITE_UNCHANGED: "write unchanged",
-    RESIZE: "resize",
-    GRAPH_MOD: "change children",
-}
-
 # (held, not shared) for each use, as qemu-img/qemu-nbd take them (see the module docstring).
 READER = (CONSISTENT_READ, WRITE | RESIZE)
 WRITER = (CONSISTENT_READ | WRITE | RESIZE, WRITE | RESIZE)

@@ -106,9 +106,7 @@ def test_discover_serve_detach_remove(rig: Rig) -> None:
     assert rig.xen.grants.mapped == 0
     rig.toolstack.rm(be)
     front.close()
-    # force_share: the daemon sets the closed device up again (it opens the image a second
-    # time) and keeps it open after the removal, so a locking open would be refused.
-    with vhd.open(image, force_share=True) as disk:
+    with vhd.open(image) as disk:
         assert disk.pread(4096, 0) == b"z" * 4096
 
 
