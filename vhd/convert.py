@@ -60,6 +60,10 @@ def convert(
         raise InvalidArgumentError(
             f"a VHD's size is a multiple of 512 bytes; the source has {src.size} bytes"
         )
+    if src.disk is not None and os.path.exists(dst):
+        for layer in src.disk.chain:
+            if os.path.samefile(layer.path, dst):
+                raise InvalidArgumentError(f"{dst} is the source or one of its parents")
     # The output is written under a temporary name and renamed when complete (vhd.newfile):
     # an interrupted convert leaves nothing under DST, and an existing DST is only replaced
     # at the end, after its lock showed nobody uses it.

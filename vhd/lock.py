@@ -52,7 +52,6 @@ WRITE = 1 << 1
 WRITE_UNCHANGED = 1 << 2
 RESIZE = 1 << 3
 GRAPH_MOD = 1 << 4
-ALL = CONSISTENT_READ | WRITE | WRITE_UNCHANGED | RESIZE | GRAPH_MOD
 
 # (held, not shared) for each use, as qemu-img/qemu-nbd take them (see the module docstring).
 READER = (CONSISTENT_READ, WRITE | RESIZE)

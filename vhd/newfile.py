@@ -83,6 +83,9 @@ class NewFile:
                 )
             except FileExistsError:
                 continue
+            except OSError as exc:
+                # Named after the file the user asked for, not our temporary.
+                raise type(exc)(exc.errno, exc.strerror, self.final) from exc
             self.path = candidate
             break
         else:  # pragma: no cover - 100 random collisions

@@ -242,3 +242,14 @@ def test_served_image_refuses_a_second_writer_and_keeps_serving(
     with vhd.open(img) as disk:
         assert disk.pread(64 * 1024, MiB) == b"\x66" * 64 * 1024
         assert disk.pread(MiB, 0) == b"\x11" * MiB
+
+
+def test_convert_onto_its_own_parent_is_refused(tmp_path: Path) -> None:
+    base, child = tmp_path / "base.vhd", tmp_path / "child.vhd"
+    make(base)
+    vhd.create(child, parent=base).close()
+    before = sha(base)
+    result = cli("convert", "--force", str(child), str(base))
+    assert result.returncode == 2
+    assert f"{base} is the source or one of its parents" in result.stderr
+    assert sha(base) == before
