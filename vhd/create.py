@@ -18,6 +18,10 @@ name in the header (UTF-16BE) and three locators: W2ku (the absolute path, backs
 ``data_space`` is stored in **bytes**, rounded up to whole sectors, as Windows, blktap and
 VirtualBox do (the spec's "sectors" is read by no tool that matters, and blktap's reader takes
 values >= 512 as bytes).
+
+The file is written under a temporary name next to the final one and renamed when complete
+(:mod:`vhd.newfile`); :func:`write_layout` and :func:`open_new` let ``vhd convert`` fill an image
+before it gets its name.
 """
 
 from __future__ import annotations

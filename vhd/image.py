@@ -9,6 +9,9 @@ the caller opens with ``strict=False`` (then they are listed in ``Disk.warnings`
 
 Every size read from the file is checked against the file's size before it is used, so a damaged
 image costs bounded time and memory.
+
+The file is locked (:mod:`vhd.lock`) before anything is read: shared for ``"r"`` and for every
+parent of a chain, exclusive for ``"r+"``, none with ``force_share``.
 """
 
 from __future__ import annotations
