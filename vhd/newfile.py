@@ -43,6 +43,7 @@ class NewFile:
         self.overwrite = overwrite
         self.in_place = False
         self.published = False
+        self.path = ""  # the temporary (or, in place, the final) name, once there is one
         self._old_fd = -1
         self._old_stat: os.stat_result | None = None
         self.fd = -1
@@ -134,7 +135,7 @@ class NewFile:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        if not self.published and not self.in_place and hasattr(self, "path"):
+        if not self.published and not self.in_place and self.path:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path)
             self.published = True  # nothing left to remove
