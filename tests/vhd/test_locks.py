@@ -226,6 +226,9 @@ def test_served_image_refuses_a_second_writer_and_keeps_serving(
             ["serve", str(img), "--nbd", "--socket", str(short / "second.sock")],
             ["commit", str(img)],
             ["resize", str(img), "8M"],
+            ["compact", str(img)],
+            ["set-parent", str(img), str(other)],
+            ["check", "--repair", str(img)],
         ):
             result = cli(*argv)
             assert result.returncode == 2, argv
