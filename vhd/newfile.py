@@ -60,9 +60,7 @@ class NewFile:
             st = None
         if st is not None:
             if not self.overwrite:
-                raise FileExistsError(
-                    errno.EEXIST, "already exists (--force overwrites it)", self.final
-                )
+                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), self.final)
             if stat.S_ISDIR(st.st_mode):
                 raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), self.final)
             if not stat.S_ISREG(st.st_mode):
@@ -120,9 +118,8 @@ class NewFile:
         try:
             os.link(self.path, self.final)
         except FileExistsError:
-            raise FileExistsError(
-                errno.EEXIST, "appeared while it was written (--force overwrites it)", self.final
-            ) from None
+            # Someone made it while we wrote ours: theirs stays (overwrite was not asked for).
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), self.final) from None
         except OSError as exc:
             if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV):
                 raise

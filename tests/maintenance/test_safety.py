@@ -288,7 +288,7 @@ def test_failed_create_names_the_path_and_leaves_nothing(tmp_path: Path) -> None
     rc, out = run_cli("create", str(folder / "c.vhd"), "1M")
     assert rc == 0, out
     rc, out = run_cli("create", str(folder / "c.vhd"), "1M")
-    assert rc == 2 and f"{folder / 'c.vhd'}: already exists (--force overwrites it)" in out
+    assert rc == 2 and f"{folder / 'c.vhd'}: already exists (pass --force" in out
 
 
 def test_enospc_names_the_path(tmp_path: Path, big_source: Path) -> None:

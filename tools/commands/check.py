@@ -16,7 +16,9 @@ from vhd.check import CheckReport, check
 from vhd.errors import VHDError
 from vhd.repair import apply_plan, plan_repair
 
+from ..common import add_progress_options, progress_wanted
 from ..locking import add_force_share_option
+from ._progress import progress_bar
 
 
 def register(sub: Any) -> None:
@@ -43,6 +45,7 @@ def register(sub: Any) -> None:
         default=[],
         help="also look for parents in DIR",
     )
+    add_progress_options(p)
     add_force_share_option(p)
     p.set_defaults(func=run)
 
@@ -67,7 +70,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("-U/--force-share is for inspection: not with --repair")
     try:
         report = check(
-            args.image, deep=args.deep, parent_dirs=args.parent_dir, force_share=args.force_share
+            args.image,
+            deep=args.deep,
+            parent_dirs=args.parent_dir,
+            progress=progress_bar("check", args.deep and progress_wanted(args)),
+            force_share=args.force_share,
         )
     except (VHDError, OSError) as exc:
         if not args.json:
@@ -78,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.repair:
         if args.json:
             print(json.dumps(report.as_dict(), indent=2))
-        else:
+        elif not args.quiet:  # -q: the exit code says it
             _print_report(report)
         return 0 if report.clean else 1
     plan = plan_repair(report)
