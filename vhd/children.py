@@ -19,7 +19,7 @@ import os
 import stat
 from collections.abc import Sequence
 
-from .chain import parent_candidates, read_locators, resolve_parent
+from .chain import ParentPolicy, parent_candidates, read_locators, resolve_parent
 from .disk import Disk
 from .errors import VHDError
 from .fileio import read_upto
@@ -53,7 +53,7 @@ def find_children(disk: Disk, search_dirs: Sequence[str] = ()) -> list[str]:
     return found
 
 
-def find_parent(child: Disk, search_dirs: Sequence[str] = ()) -> Disk:
+def find_parent(child: Disk, policy: ParentPolicy | None = None) -> Disk:
     """The parent of ``child`` (opened with ``open_parent=False``), opened read-only as
     :func:`vhd.open` would find it: for operations that need the child locked exclusively and
     so cannot open the chain from the child again."""
@@ -67,7 +67,7 @@ def find_parent(child: Disk, search_dirs: Sequence[str] = ()) -> Disk:
         header,
         read_locators(child.fd, child.file_size, header),
         opener=open_image,
-        search_dirs=search_dirs,
+        policy=policy or ParentPolicy(),
         allow_mismatch=False,
         strict=True,
         seen=frozenset({(st.st_dev, st.st_ino)}),

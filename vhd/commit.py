@@ -32,6 +32,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from .chain import ParentPolicy
 from .children import find_parent, open_children
 from .disk import Disk
 from .errors import InvalidArgumentError
@@ -60,6 +61,7 @@ def commit(
     keep: bool = False,
     parent_dirs: Sequence[str] = (),
     progress: Progress | None = None,
+    parent_policy: ParentPolicy | None = None,
 ) -> CommitResult:
     """Merge the child at ``child_path`` into its parent; remove the child unless ``keep``.
 
@@ -70,12 +72,17 @@ def commit(
     parent before the child is deleted, so the chain below stays whole."""
     spath = os.fspath(child_path)
     with naming(spath):
-        return _commit(spath, keep, parent_dirs, progress)
+        return _commit(spath, keep, parent_dirs, progress, parent_policy)
 
 
 def _commit(
-    spath: str, keep: bool, parent_dirs: Sequence[str], progress: Progress | None
+    spath: str,
+    keep: bool,
+    parent_dirs: Sequence[str],
+    progress: Progress | None,
+    parent_policy: ParentPolicy | None,
 ) -> CommitResult:
+    policy = (parent_policy or ParentPolicy()).with_dirs(parent_dirs)
     # Read through this handle (its own ranges only, layer 0): the parent is opened apart.
     child = open_image(spath, "r+", open_parent=False)
     try:
@@ -83,8 +90,8 @@ def _commit(
             raise InvalidArgumentError(
                 f"{spath} is a {child.type.label} disk; only a differencing disk can be committed"
             )
-        parent_path = _parent_path(child, parent_dirs)
-        parent = open_image(parent_path, "r+", parent_dirs=parent_dirs)
+        parent_path = _parent_path(child, policy)
+        parent = open_image(parent_path, "r+", parent_dirs=parent_dirs, parent_policy=parent_policy)
         grandchildren: list[Disk] = []
         try:
             grandchildren = open_children(child, parent_dirs)
@@ -117,10 +124,10 @@ def _commit(
     return CommitResult(spath, parent_path, copied, not keep, relinked)
 
 
-def _parent_path(child: Disk, parent_dirs: Sequence[str]) -> str:
+def _parent_path(child: Disk, policy: ParentPolicy) -> str:
     """Where the child's parent is (opened read-only and closed again: it is reopened for
     writing, which this process's own shared lock would refuse)."""
-    with find_parent(child, parent_dirs) as parent:
+    with find_parent(child, policy) as parent:
         return parent.path
 
 

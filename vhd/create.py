@@ -30,7 +30,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from .bat import UNUSED
+from .bat import MAX_ENTRIES, UNUSED
 from .errors import InvalidArgumentError
 from .fileio import write_all
 from .footer import FOOTER_SIZE, DiskType, Footer, new_footer, vhd_timestamp
@@ -74,7 +74,8 @@ def create(
     # interrupted create leaves nothing under the final name, and never touches what was there.
     with NewFile(spath, overwrite=overwrite) as new:
         write_layout(new.fd, spath, footer, block_size, parent_info)
-        disk = open_new(new)
+        # The parent the caller named is used as named (wherever it is: the caller chose it).
+        disk = open_new(new, parent=parent_path)
         try:
             new.publish(durable=True)
         except BaseException:
@@ -116,18 +117,24 @@ def plan_create(
         raise InvalidArgumentError(
             f"block size {block_size} must be a power of two from 4 KiB to 256 MiB"
         )
+    if disk_type != DiskType.FIXED and -(-size // block_size) > MAX_ENTRIES:
+        raise InvalidArgumentError(
+            f"a {size}-byte disk of {block_size}-byte blocks needs more than {MAX_ENTRIES} "
+            "blocks, the most vhdkit opens: use larger blocks"
+        )
     footer = new_footer(size=size, disk_type=disk_type, geometry=geometry_for_create(size))
     if parent_path is None:
         return footer, None
     return footer, (parent_id, vhd_timestamp(os.stat(parent_path).st_mtime), parent_path)
 
 
-def open_new(new: NewFile) -> Disk:
+def open_new(new: NewFile, *, parent: str | None = None) -> Disk:
     """The image being written at ``new`` as a writable :class:`Disk` that shares ``new``'s
-    lock (a ``dup`` of its descriptor), named by its final path."""
+    lock (a ``dup`` of its descriptor), named by its final path; ``parent``: a differencing
+    disk's parent, as the caller named it."""
     from .image import open_locked
 
-    disk = open_locked(os.dup(new.fd), new.path)
+    disk = open_locked(os.dup(new.fd), new.path, parent=parent)
     disk.path = new.final
     return disk
 

@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from . import lock
-from .bat import BlockAllocationTable
-from .chain import read_locators, resolve_parent
+from .bat import MAX_ENTRIES, BlockAllocationTable
+from .chain import ParentPolicy, read_locators, resolve_parent
 from .disk import Disk, FixedDisk, SparseDisk
 from .errors import (
     ChecksumError,
@@ -33,6 +33,7 @@ from .errors import (
     ForeignFormatError,
     InvalidArgumentError,
     NotAVHDError,
+    ParentNotFoundError,
     UnsupportedFeatureError,
     VHDError,
 )
@@ -118,8 +119,10 @@ def open(
     allow_parent_mismatch: bool = False,
     parent: str | os.PathLike[str] | None = None,
     open_parent: bool = True,
+    parent_policy: ParentPolicy | None = None,
     force_share: bool = False,
     _seen: frozenset[tuple[int, int]] = frozenset(),
+    _expect: tuple[int, int] | None = None,
 ) -> Disk:
     """Open a VHD image.  See :mod:`vhd` for the parameters."""
     if mode not in ("r", "r+"):
@@ -133,6 +136,8 @@ def open(
     fd = os.open(spath, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK)
     try:
         st = os.fstat(fd)
+        if _expect is not None and (st.st_dev, st.st_ino) != _expect:
+            raise ParentNotFoundError("the parent changed while it was being opened", path=spath)
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             raise NotAVHDError("not a regular file or block device", path=spath)
         os.set_blocking(fd, True)
@@ -144,7 +149,7 @@ def open(
             spath,
             writable,
             strict=strict,
-            parent_dirs=parent_dirs,
+            policy=(parent_policy or ParentPolicy()).with_dirs(parent_dirs),
             allow_parent_mismatch=allow_parent_mismatch,
             parent=os.fspath(parent) if parent is not None else None,
             open_parent=open_parent,
@@ -156,10 +161,11 @@ def open(
         raise
 
 
-def open_locked(fd: int, path: str) -> Disk:
+def open_locked(fd: int, path: str, *, parent: str | None = None) -> Disk:
     """A writable :class:`Disk` on ``fd``, which the caller opened read-write and locked
-    exclusively (:mod:`vhd.newfile`: an image being written under its temporary name); the
-    disk owns ``fd`` from here on, even on failure."""
+    exclusively (:mod:`vhd.newfile`: an image being written under its temporary name), with
+    the ``parent`` the caller named for a differencing disk; the disk owns ``fd`` from here on,
+    even on failure."""
     try:
         st = os.fstat(fd)
         return _open_fd(
@@ -167,9 +173,9 @@ def open_locked(fd: int, path: str) -> Disk:
             path,
             True,
             strict=True,
-            parent_dirs=(),
+            policy=ParentPolicy(),
             allow_parent_mismatch=False,
-            parent=None,
+            parent=parent,
             open_parent=True,
             seen=frozenset({(st.st_dev, st.st_ino)}),
         )
@@ -184,7 +190,7 @@ def _open_fd(
     writable: bool,
     *,
     strict: bool,
-    parent_dirs: Sequence[str],
+    policy: ParentPolicy,
     allow_parent_mismatch: bool,
     parent: str | None,
     open_parent: bool,
@@ -271,7 +277,7 @@ def _open_fd(
                 locators,
                 # Parents are opened read-only, so they are locked shared (or not at all).
                 opener=functools.partial(open, force_share=force_share),
-                search_dirs=parent_dirs,
+                policy=policy,
                 allow_mismatch=allow_parent_mismatch,
                 strict=strict,
                 seen=seen,
@@ -327,6 +333,12 @@ def _read_header(fd: int, fsize: int, footer: Footer, path: str, problem: object
         raise CorruptImageError(
             f"the BAT has {header.max_table_entries} entries but a {footer.current_size}-byte "
             f"disk needs {needed}",
+            path=path,
+        )
+    if needed > MAX_ENTRIES:
+        raise UnsupportedFeatureError(
+            f"a {footer.current_size}-byte disk of {bs}-byte blocks needs a table of {needed} "
+            f"entries, more than vhdkit holds in memory ({MAX_ENTRIES})",
             path=path,
         )
     return header

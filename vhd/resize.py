@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 from . import bitmap as bm
 from .bat import UNUSED
+from .chain import ParentPolicy
 from .children import find_parent
 from .disk import SparseDisk
 from .errors import CorruptImageError, InvalidArgumentError, UnsupportedFeatureError
@@ -354,7 +355,7 @@ def _parent_data(
     disk: SparseDisk, old: int, new: int, parent_dirs: Sequence[str]
 ) -> list[tuple[int, int]]:
     """The ranges of [old, new) where the parent chain of ``disk`` holds data."""
-    with find_parent(disk, parent_dirs) as parent:
+    with find_parent(disk, ParentPolicy().with_dirs(parent_dirs)) as parent:
         end = min(new, parent.size)
         if end <= old:
             return []

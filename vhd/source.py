@@ -4,7 +4,8 @@ accept both.
 A file is a VHD when it has a VHD footer at its end (fixed disks included: qemu-img probes those
 as raw, we do not) or a dynamic/differencing footer copy at its start.  A file in another image
 format (qcow2, VMDK, VHDX, ... see :mod:`vhd.probe`) is refused, unless the caller forces raw.  A raw file's zero ranges
-come from ``SEEK_DATA``/``SEEK_HOLE``.
+come from ``SEEK_DATA``/``SEEK_HOLE``, and so do a fixed VHD's (spec: "Fixed Hard Disk Image": the
+data is the disk, byte for byte, before the footer).
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from . import lock
+from .chain import ParentPolicy
 from .disk import Disk, Extent
 from .errors import ForeignFormatError, InvalidArgumentError, NotAVHDError
 from .fileio import read_exact_into, zero_fill
+from .footer import DiskType
 from .image import open as open_image
 
 
@@ -45,6 +48,11 @@ class Source:
         return n
 
     def extents(self) -> Iterator[Extent]:
+        if self.disk is not None and self.disk.type == DiskType.FIXED:
+            # A fixed VHD is raw data before its footer: its file's holes are zero ranges, so
+            # a sparse 2040 GiB disk is copied by reading its data only.
+            yield from _raw_extents(self.disk.fd, self.size)
+            return
         if self.disk is not None:
             yield from self.disk.extents()
             return
@@ -72,6 +80,7 @@ def open_source(
     allow_parent_mismatch: bool = False,
     force_raw: bool = False,
     force_share: bool = False,
+    parent_policy: ParentPolicy | None = None,
 ) -> Source:
     """Open ``path`` as a VHD if it is one, else as a raw disk image; either way locked for
     reading (shared, see :mod:`vhd.lock`) unless ``force_share``."""
@@ -84,6 +93,7 @@ def open_source(
                 parent_dirs=parent_dirs,
                 allow_parent_mismatch=allow_parent_mismatch,
                 force_share=force_share,
+                parent_policy=parent_policy,
             )
         except ForeignFormatError:
             raise  # a qcow2/VMDK/VHDX/... file: never copy the container's bytes as a disk

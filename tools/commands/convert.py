@@ -12,7 +12,14 @@ from vhd.convert import convert
 from vhd.probe import WRITABLE, output_format
 from vhd.source import open_source
 
-from ..common import Progress, add_progress_options, parse_size, progress_wanted, warn
+from ..common import (
+    LOCAL_PARENTS,
+    Progress,
+    add_progress_options,
+    parse_size,
+    progress_wanted,
+    warn,
+)
 from ..interrupt import terminate_as_interrupt
 from ..locking import add_force_share_option
 
@@ -85,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
         args.src,
         parent_dirs=args.parent_dir,
         force_raw=args.from_ == "raw",
+        parent_policy=LOCAL_PARENTS,
         force_share=args.force_share,
     ) as src:
         for message in src.warnings:
