@@ -11,6 +11,7 @@ from pathlib import Path
 from types import TracebackType
 
 from tests.conftest import need_tool
+from vhd import lock
 
 _HOLDER = r"""
 import sys, vhd
@@ -83,7 +84,8 @@ class QemuNbd:
         self.socket = socket
         self.proc = subprocess.Popen([*argv, str(path)], stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 30
-        while not socket.exists():
+        # Ready once it serves and holds its locks (the socket may come first).
+        while not socket.exists() or lock.holder(str(path)) is None:
             assert self.proc.poll() is None, self.proc.stderr.read() if self.proc.stderr else ""
             assert time.monotonic() < deadline, "qemu-nbd did not start"
             time.sleep(0.02)

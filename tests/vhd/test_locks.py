@@ -165,6 +165,7 @@ def test_qemu_nbd_reader_allows_vhdkit_readers(tmp_path: Path, short: Path) -> N
     img = tmp_path / "d.vhd"
     make(img)
     with QemuNbd(img, short / "s", read_only=True):
+        assert lock.holder(str(img)) == "read-only"
         with vhd.open(img) as disk:
             assert disk.pread(1, 0) == b"\x11"
         with pytest.raises(vhd.InUseError, match=r"\(read-only\)"):
