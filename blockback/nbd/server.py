@@ -665,6 +665,20 @@ def _stop_on_signals(event: threading.Event) -> Iterator[None]:
             signal.signal(sig, old)
 
 
+def describe(args: argparse.Namespace) -> str:
+    """The export description every client may read (``NBD_INFO_DESCRIPTION``).
+
+    The image's path says where the host keeps its files, so it is shown only when asked
+    (``--show-path``); ``--describe TEXT`` replaces the description altogether.
+    """
+    text: str | None = getattr(args, "describe", None)
+    if text is not None:
+        return text
+    if getattr(args, "show_path", False):
+        return f"vhdkit: {args.image}"
+    return "vhdkit"
+
+
 def serve_from_args(args: argparse.Namespace) -> int:
     """``vhd serve IMAGE --nbd``: serve in the foreground until SIGINT or SIGTERM."""
     if args.socket and args.listen:
@@ -679,7 +693,7 @@ def serve_from_args(args: argparse.Namespace) -> int:
             export_name=args.export_name or "",
             read_only=args.read_only,
             workers=args.workers,
-            description=f"vhdkit: {args.image}",
+            description=describe(args),
         )
         if args.socket:
             url = server.listen_unix(args.socket)

@@ -34,6 +34,16 @@ def register(sub: Any) -> None:
         "--listen", metavar="HOST:PORT", help="NBD: listen on TCP (default 127.0.0.1:10809)"
     )
     p.add_argument("--export-name", metavar="NAME", default="", help="NBD: export name")
+    p.add_argument(
+        "--describe",
+        metavar="TEXT",
+        help='NBD: the export description clients see (default "vhdkit", no path)',
+    )
+    p.add_argument(
+        "--show-path",
+        action="store_true",
+        help="NBD: put the image's path in the export description",
+    )
     p.add_argument("--read-only", action="store_true", help="refuse writes")
     p.add_argument(
         "--parent-dir",
