@@ -10,11 +10,22 @@ request is done, so replies leave in completion order, not request order, as the
 All connections share one ``Disk``: a flush on any connection makes every earlier write durable,
 which is why the export advertises ``NBD_FLAG_CAN_MULTI_CONN``.
 
-Memory per connection is bounded: a request is only read off the socket once the bytes of the
-requests in flight (read buffers and write payloads) fit in :data:`MAX_INFLIGHT_BYTES` and fewer
-than :data:`MAX_INFLIGHT_REQUESTS` are pending; until then the client's requests wait in the
-socket and TCP (or the unix socket) pushes back.  Add a fixed 4 MiB reply arena, a 256 KiB
-receive buffer and at most 16 MiB of buffers kept for reuse.
+Memory is bounded per connection and for the whole server: a request is only read off the
+socket once the bytes of the connection's requests in flight (read buffers and write payloads)
+fit in :data:`MAX_INFLIGHT_BYTES`, fewer than :data:`MAX_INFLIGHT_REQUESTS` are pending, and
+the bytes in flight on all connections fit in :data:`MAX_PENDING_BYTES`; until then the
+client's requests wait in the socket and TCP (or the unix socket) pushes back.  A connection
+with nothing in flight may always start one request, so clients that never read their replies
+(whose bytes stay pending) slow the others down to one request at a time at worst, and stall
+only themselves.  Add a 256 KiB receive buffer and at most 16 MiB of buffers kept for reuse per
+connection; the 4 MiB reply arenas of the inline path are shared (a connection holds one only
+while it has replies to pack), so an idle connection costs a thread and its receive buffer.
+
+Connections are bounded too (:data:`MAX_CONNECTIONS`): negotiation must finish within
+:data:`HANDSHAKE_TIMEOUT` seconds in all, an optional idle timeout drops clients that send no
+request (or read no reply) for that long, and when every slot is taken a new client takes the
+slot of a connection still negotiating (the oldest) or, failing that, of the one idle longest
+(nothing in flight for :data:`EVICT_IDLE_AFTER` seconds); only if there is none is it refused.
 
 Reads are zero-copy on our side: each read reply is one buffer holding the reply header followed
 by the data, which ``Disk.preadinto`` fills in place before a single ``sendall``.  Reads of up to
@@ -53,10 +64,18 @@ log = logging.getLogger("blockback.nbd")
 DEFAULT_PORT = 10809
 MAX_INFLIGHT_BYTES = 64 * 1024 * 1024
 MAX_INFLIGHT_REQUESTS = 128
-# Each client costs a thread (plus its workers): refuse more than this many at once.
-MAX_CONNECTIONS = 256
-# Clients that connect and say nothing useful are dropped after this long in negotiation.
-NEGOTIATION_TIMEOUT = 30.0
+# Bytes in flight on all connections together (beyond one request per connection).
+MAX_PENDING_BYTES = 256 * 1024 * 1024
+# Each client costs a thread (plus its workers): at most this many at once.
+MAX_CONNECTIONS = 128
+# Negotiation must be over within this many seconds in all (qemu-nbd's --handshake-limit).
+HANDSHAKE_TIMEOUT = 10.0
+# Kernel clients may sit idle for hours: no idle timeout unless the admin sets one.
+IDLE_TIMEOUT = 0.0
+# When all slots are taken, a connection idle this long may give its slot to a new client.
+EVICT_IDLE_AFTER = 10.0
+# Reply arenas kept for reuse by the server (each _ARENA_SIZE bytes).
+_FREE_ARENAS = 8
 _RECV_SIZE = 256 * 1024
 _SOCKET_BUFFER = 4 * 1024 * 1024
 _DISCARD_CHUNK = 1024 * 1024
@@ -80,31 +99,54 @@ class _Disconnect(Exception):
     """The client went away, or broke the protocol; the connection ends."""
 
 
-class _Budget:
-    """Bytes and requests in flight on one connection (the per-connection memory bound)."""
+class _Pending:
+    """Bytes in flight on all of a server's connections (the server-wide memory bound)."""
 
-    def __init__(self, max_bytes: int, max_requests: int) -> None:
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.cond = threading.Condition()
+        self.waiting = 0
+
+
+class _Budget:
+    """Bytes and requests in flight on one connection, drawn from the server's total."""
+
+    def __init__(self, pending: _Pending, max_bytes: int, max_requests: int) -> None:
+        self.pending = pending
         self.max_bytes = max_bytes
         self.max_requests = max_requests
         self.bytes = 0
         self.requests = 0
-        self._cond = threading.Condition()
 
     def acquire(self, n: int) -> None:
-        with self._cond:
-            # A single request larger than the budget still runs, alone.
+        pending = self.pending
+        with pending.cond:
+            # A request always runs when the connection has nothing else in flight, so clients
+            # that pin the server's total (by never reading their replies) cannot stall others.
             while self.requests and (
-                self.requests >= self.max_requests or self.bytes + n > self.max_bytes
+                self.requests >= self.max_requests
+                or self.bytes + n > self.max_bytes
+                or pending.bytes + n > pending.max_bytes
             ):
-                self._cond.wait()
+                pending.waiting += 1
+                try:
+                    pending.cond.wait()
+                finally:
+                    pending.waiting -= 1
             self.bytes += n
             self.requests += 1
+            pending.bytes += n
 
     def release(self, n: int) -> None:
-        with self._cond:
+        pending = self.pending
+        with pending.cond:
             self.bytes -= n
             self.requests -= 1
-            self._cond.notify()
+            pending.bytes -= n
+            if pending.waiting:
+                # Waiters may be on any connection (the total), so all of them look again.
+                pending.cond.notify_all()
 
 
 class Connection:
@@ -117,11 +159,18 @@ class Connection:
         self.session: p.Session | None = None
         self._send_lock = threading.Lock()
         self._dead = False
-        self._budget = _Budget(server.max_inflight_bytes, server.max_inflight_requests)
-        self._rbuf = bytearray(_RECV_SIZE)
+        self._budget = _Budget(
+            server.pending, server.max_inflight_bytes, server.max_inflight_requests
+        )
+        # Allocated once negotiation is over (a negotiating client costs no buffer).
+        self._rbuf = bytearray()
         self._rview = memoryview(self._rbuf)
         self._rpos = 0
         self._rend = 0
+        # For the idle timeout and the choice of a connection to give up its slot.
+        self.last_active = time.monotonic()
+        self.negotiating = True
+        self.evicted = False
         self.executor: RequestExecutor | None = None
         # Read and write buffers by size, kept for reuse.
         self._free_buffers: dict[int, list[bytearray]] = {}
@@ -151,10 +200,15 @@ class Connection:
                 self._rbuf[:avail] = self._rview[self._rpos : self._rend]
                 self._rpos, self._rend = 0, avail
             while self._rend - self._rpos < n:
-                got = self.sock.recv_into(self._rview[self._rend :])
+                try:
+                    got = self.sock.recv_into(self._rview[self._rend :])
+                except TimeoutError:
+                    self._check_idle()
+                    continue
                 if not got:
                     raise _Disconnect("the client closed the connection")
                 self._rend += got
+                self.last_active = time.monotonic()
         start = self._rpos
         self._rpos += n
         return self._rview[start : start + n]
@@ -171,6 +225,21 @@ class Connection:
             if not got:
                 raise _Disconnect("the client closed the connection mid-request")
             pos += got
+
+    def _check_idle(self) -> None:
+        """A receive timed out: hang up if the client has been idle past the idle timeout."""
+        if self._budget.requests:
+            # It is waiting for replies, not idle (a reply it does not read times the send out).
+            return
+        if time.monotonic() - self.last_active >= self.server.idle_timeout:
+            raise _Disconnect(f"idle for {self.server.idle_timeout:g} s")
+
+    def evict(self) -> None:
+        """Give up this connection's slot (the server is full): hang up on the client."""
+        self.evicted = True
+        self._dead = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
 
     def _skip(self, n: int) -> None:
         scratch = memoryview(bytearray(min(n, _DISCARD_CHUNK)))
@@ -215,10 +284,16 @@ class Connection:
 
     def _negotiate(self) -> bool:
         engine = p.ServerNegotiation([self.server.export])
-        self.sock.settimeout(self.server.negotiation_timeout)
+        # One deadline for the whole handshake: a client trickling a byte at a time does not
+        # get to hold its slot any longer than a silent one.
+        deadline = time.monotonic() + self.server.negotiation_timeout
         try:
             while True:
                 out = engine.data_to_send()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                self.sock.settimeout(left)
                 if out:
                     self.sock.sendall(out)
                 if engine.finished:
@@ -229,12 +304,18 @@ class Connection:
                 engine.receive_data(data)
         except TimeoutError as exc:
             raise _Disconnect("negotiation timed out") from exc
-        self.sock.settimeout(None)
+        # With an idle timeout, receives (and sends: a reply the client does not read) wake up
+        # to check it; without one the socket blocks, as the fast path likes best.
+        self.sock.settimeout(self.server.idle_timeout or None)
+        self.last_active = time.monotonic()
+        self.negotiating = False
         if engine.state is p.NegotiationState.CLOSED:
             log.info("%s: negotiation ended: %s", self.peer, engine.close_reason)
             return False
         self.session = engine.session
         rest = engine.unused_data()
+        self._rbuf = bytearray(max(_RECV_SIZE, len(rest)))
+        self._rview = memoryview(self._rbuf)
         self._rbuf[: len(rest)] = rest
         self._rend = len(rest)
         log.info(
@@ -259,62 +340,73 @@ class Connection:
         # Flags a read may carry and still take the fast path (anything else goes through
         # check_request, which refuses it properly).
         odd_read_flags = ~int(p.CmdFlag.FUA | (p.CmdFlag.DF if session.structured else 0))
-        # Small reads run inline, their replies packed one after another into the arena and
-        # sent in one go once no further request is waiting in the receive buffer.
-        arena = bytearray(_ARENA_SIZE)
-        aview = memoryview(arena)
+        # Small reads run inline, their replies packed one after another into an arena and
+        # sent in one go once no further request is waiting in the receive buffer.  The arena
+        # is the server's, borrowed while there are replies to pack: idle clients hold none.
+        arena: bytearray | None = None
+        aview = memoryview(b"")
         used = 0
         pool_reads = 0
         perf = time.perf_counter
-        while not server.stopping:
-            if self._dead:
-                raise _Disconnect("the client stopped receiving")
-            if used and self._rend - self._rpos < header_bytes:
-                # About to wait for the client: send the replies we have first.
-                self._send(aview[:used])
-                used = 0
-            magic, flags, kind, handle, offset, length = unpack(self._fill(header_bytes))
-            if magic != request_magic:
-                raise p.ProtocolError(f"bad request magic {magic:#x}")
-            if (
-                kind == 0
-                and length <= _INLINE_READ
-                and not flags & odd_read_flags
-                and offset <= size - length
-                and not pool_reads
-            ):
-                need = header_size + length
-                if used + need > _ARENA_SIZE:
-                    self._send(aview[:used])
-                    used = 0
-                started = perf()
-                err = executor.execute(
-                    BlockRequest(
-                        BlockOp.READ, offset, length, (aview[used + header_size : used + need],)
-                    )
-                )
-                if perf() - started > _SLOW_READ + length * _SLOW_READ_PER_BYTE:
-                    # The data came from the device, not the page cache: let the next reads
-                    # run in parallel on the workers, where the device can overlap them.
-                    pool_reads = _POOL_STRETCH
-                if err:
-                    reply = p.error_reply(session, handle, err, os.strerror(err))
-                    if used + len(reply) > _ARENA_SIZE:
+        try:
+            while not server.stopping:
+                if self._dead:
+                    raise _Disconnect("the client stopped receiving")
+                if arena is not None and self._rend - self._rpos < header_bytes:
+                    # About to wait for the client: send the replies we have first.
+                    if used:
                         self._send(aview[:used])
                         used = 0
-                    aview[used : used + len(reply)] = reply
-                    used += len(reply)
-                else:
-                    p.pack_read_reply_header(session, arena, handle, offset, length, at=used)
-                    used += need
-                continue
-            if used:
-                self._send(aview[:used])
-                used = 0
-            if pool_reads:
-                pool_reads -= 1
-            if not self._dispatch(session, p.Request(flags, kind, handle, offset, length)):
-                return
+                    server.give_arena(arena)
+                    arena = None
+                magic, flags, kind, handle, offset, length = unpack(self._fill(header_bytes))
+                if magic != request_magic:
+                    raise p.ProtocolError(f"bad request magic {magic:#x}")
+                if (
+                    kind == 0
+                    and length <= _INLINE_READ
+                    and not flags & odd_read_flags
+                    and offset <= size - length
+                    and not pool_reads
+                ):
+                    need = header_size + length
+                    if arena is None:
+                        arena = server.take_arena()
+                        aview = memoryview(arena)
+                    if used + need > _ARENA_SIZE:
+                        self._send(aview[:used])
+                        used = 0
+                    started = perf()
+                    err = executor.execute(
+                        BlockRequest(
+                            BlockOp.READ, offset, length, (aview[used + header_size : used + need],)
+                        )
+                    )
+                    if perf() - started > _SLOW_READ + length * _SLOW_READ_PER_BYTE:
+                        # The data came from the device, not the page cache: let the next reads
+                        # run in parallel on the workers, where the device can overlap them.
+                        pool_reads = _POOL_STRETCH
+                    if err:
+                        reply = p.error_reply(session, handle, err, os.strerror(err))
+                        if used + len(reply) > _ARENA_SIZE:
+                            self._send(aview[:used])
+                            used = 0
+                        aview[used : used + len(reply)] = reply
+                        used += len(reply)
+                    else:
+                        p.pack_read_reply_header(session, arena, handle, offset, length, at=used)
+                        used += need
+                    continue
+                if used:
+                    self._send(aview[:used])
+                    used = 0
+                if pool_reads:
+                    pool_reads -= 1
+                if not self._dispatch(session, p.Request(flags, kind, handle, offset, length)):
+                    return
+        finally:
+            if arena is not None:
+                server.give_arena(arena)
 
     def _dispatch(self, session: p.Session, req: p.Request) -> bool:
         """Check one request and start it; False once the client said goodbye (DISC)."""
@@ -489,7 +581,10 @@ class NBDServer:
         max_inflight_bytes: int = MAX_INFLIGHT_BYTES,
         max_inflight_requests: int = MAX_INFLIGHT_REQUESTS,
         max_connections: int = MAX_CONNECTIONS,
-        negotiation_timeout: float = NEGOTIATION_TIMEOUT,
+        negotiation_timeout: float = HANDSHAKE_TIMEOUT,
+        idle_timeout: float = IDLE_TIMEOUT,
+        max_pending_bytes: int = MAX_PENDING_BYTES,
+        evict_idle_after: float = EVICT_IDLE_AFTER,
     ) -> None:
         self.disk = disk
         self.read_only = bool(read_only or disk.read_only)
@@ -498,6 +593,11 @@ class NBDServer:
         self.max_inflight_requests = max(1, max_inflight_requests)
         self.max_connections = max(1, max_connections)
         self.negotiation_timeout = negotiation_timeout
+        self.idle_timeout = max(0.0, idle_timeout)
+        self.evict_idle_after = evict_idle_after
+        self.pending = _Pending(max(0, max_pending_bytes))
+        self._free_arenas: list[bytearray] = []
+        self._arena_lock = threading.Lock()
         self.export = p.Export(
             name=export_name, size=disk.size, read_only=self.read_only, description=description
         )
@@ -565,7 +665,7 @@ class NBDServer:
             if self.stopping:
                 sock.close()
                 return
-            if self.connections >= self.max_connections:
+            if not self._make_room():
                 log.warning("refusing a client: %d connections already", self.max_connections)
                 sock.close()
                 continue
@@ -576,6 +676,53 @@ class NBDServer:
             with self._lock:
                 self._connections.add(conn)
             thread.start()
+
+    def _make_room(self) -> bool:
+        """Is there a slot for one more client?  When all are taken, free one if the policy
+        allows: a connection still negotiating (the oldest: a good client needs milliseconds),
+        else the one idle longest if it has had nothing in flight for ``evict_idle_after``."""
+        with self._lock:
+            live = [c for c in self._connections if not c.evicted]
+        if len(live) < self.max_connections:
+            return True
+        now = time.monotonic()
+        negotiating = [c for c in live if c.negotiating]
+        if negotiating:
+            victim = min(negotiating, key=lambda c: c.last_active)
+        else:
+            idle = [
+                c
+                for c in live
+                if not c._budget.requests and now - c.last_active >= self.evict_idle_after
+            ]
+            if not idle:
+                return False
+            victim = min(idle, key=lambda c: c.last_active)
+        log.warning(
+            "%s: full (%d connections): closing it (idle %.0f s) for a new client",
+            victim.peer,
+            self.max_connections,
+            now - victim.last_active,
+        )
+        victim.evict()
+        return True
+
+    def take_arena(self) -> bytearray:
+        """A reply arena for the inline read path (a kept one if free)."""
+        with self._arena_lock:
+            if self._free_arenas:
+                return self._free_arenas.pop()
+        return bytearray(_ARENA_SIZE)
+
+    def give_arena(self, arena: bytearray) -> None:
+        with self._arena_lock:
+            if len(self._free_arenas) < _FREE_ARENAS:
+                self._free_arenas.append(arena)
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of requests in flight on all connections (buffers for reads and writes)."""
+        return self.pending.bytes
 
     @staticmethod
     def _tune(sock: socket.socket) -> None:
@@ -592,6 +739,7 @@ class NBDServer:
 
     @property
     def connections(self) -> int:
+        """Connections open (those closing for a new client included, until they are gone)."""
         with self._lock:
             return len(self._connections)
 
@@ -679,12 +827,38 @@ def describe(args: argparse.Namespace) -> str:
     return "vhdkit"
 
 
+def _limits_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The abuse limits ``vhd serve --nbd`` was given (None: the default)."""
+
+    def given(name: str, default: float) -> float:
+        value = getattr(args, name, None)
+        return default if value is None else float(value)
+
+    max_connections = int(given("max_connections", MAX_CONNECTIONS))
+    handshake = given("handshake_timeout", HANDSHAKE_TIMEOUT)
+    idle = given("idle_timeout", IDLE_TIMEOUT)
+    pending = given("max_pending_mib", MAX_PENDING_BYTES / (1024 * 1024))
+    if max_connections < 1:
+        raise ValueError("--max-connections must be at least 1")
+    if handshake <= 0:
+        raise ValueError("--handshake-timeout must be more than 0 seconds")
+    if idle < 0 or pending < 0:
+        raise ValueError("--idle-timeout and --max-pending-mib cannot be negative")
+    return {
+        "max_connections": max_connections,
+        "negotiation_timeout": handshake,
+        "idle_timeout": idle,
+        "max_pending_bytes": int(pending * 1024 * 1024),
+    }
+
+
 def serve_from_args(args: argparse.Namespace) -> int:
     """``vhd serve IMAGE --nbd``: serve in the foreground until SIGINT or SIGTERM."""
     if args.socket and args.listen:
         raise ValueError("give --socket or --listen, not both")
     if args.workers < 1:
         raise ValueError("--workers must be at least 1")
+    limits = _limits_from_args(args)
     mode = "r" if args.read_only else "r+"
     disk = vhd.open(args.image, mode, parent_dirs=tuple(args.parent_dir or ()))
     try:
@@ -694,6 +868,7 @@ def serve_from_args(args: argparse.Namespace) -> int:
             read_only=args.read_only,
             workers=args.workers,
             description=describe(args),
+            **limits,
         )
         if args.socket:
             url = server.listen_unix(args.socket)
