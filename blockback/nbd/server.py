@@ -27,6 +27,10 @@ request (or read no reply) for that long, and when every slot is taken a new cli
 slot of a connection still negotiating (the oldest) or, failing that, of the one idle longest
 (nothing in flight for :data:`EVICT_IDLE_AFTER` seconds); only if there is none is it refused.
 
+BLOCK_STATUS work is bounded per request (:data:`STATUS_BLOCKS` blocks, :data:`STATUS_EXAMINED`
+runs of ``Disk.extents()``; the reply covers less than asked, as proto.md allows) and yields to
+busy neighbours, so a client looping on the map of a costly disk cannot starve the others.
+
 Reads are zero-copy on our side: each read reply is one buffer holding the reply header followed
 by the data, which ``Disk.preadinto`` fills in place before a single ``sendall``.  Reads of up to
 1 MiB that come from the page cache are not worth a hand-off to a worker (the hand-off costs
@@ -41,6 +45,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import itertools
 import logging
 import os
 import signal
@@ -76,6 +81,15 @@ IDLE_TIMEOUT = 0.0
 EVICT_IDLE_AFTER = 10.0
 # Reply arenas kept for reuse by the server (each _ARENA_SIZE bytes).
 _FREE_ARENAS = 8
+# One BLOCK_STATUS request looks at no more than this many blocks of the disk (of the smallest
+# block size in its chain; a fixed disk is one run whatever the size) and this many runs of
+# Disk.extents(): about a millisecond of work, where a whole 4 GiB map could take a second.
+STATUS_BLOCKS = 256
+STATUS_EXAMINED = 512
+# Block status that took longer than this yields as long again to busy neighbours; a client
+# counts as busy with requests in flight or bytes received in the last _BUSY_WINDOW seconds.
+_STATUS_YIELD = 0.0002
+_BUSY_WINDOW = 0.05
 _RECV_SIZE = 256 * 1024
 _SOCKET_BUFFER = 4 * 1024 * 1024
 _DISCARD_CHUNK = 1024 * 1024
@@ -545,16 +559,25 @@ class Connection:
                 self._free_bytes += n
 
     def _block_status(self, session: p.Session, req: p.Request) -> bytes:
+        """Answer BLOCK_STATUS with bounded work: at most ``server.status_range`` bytes and
+        :data:`STATUS_EXAMINED` runs of the disk are looked at (proto.md lets the reply cover
+        less than asked; clients ask again from where it ends), and while other clients are
+        busy the connection then waits as long as the work took, so a client looping on block
+        status gets at most half the server's time."""
+        server = self.server
         one = bool(req.flags & p.CmdFlag.REQ_ONE)
+        length = min(req.length, server.status_range)
+        started = time.perf_counter()
         try:
-            with self.server.extents_lock:
+            with server.extents_lock:
+                runs = server.disk.extents(req.offset, length)
                 extents = p.clip_extents(
                     (
                         (e.offset, e.length, e.layer)
-                        for e in self.server.disk.extents(req.offset, req.length)
+                        for e in itertools.islice(runs, STATUS_EXAMINED)
                     ),
                     req.offset,
-                    req.length,
+                    length,
                     one=one,
                 )
         except (vhd.VHDError, OSError) as exc:
@@ -563,7 +586,10 @@ class Connection:
         if not extents:
             # The disk reported nothing for the start of the range: call it data, which is
             # always a correct (if unhelpful) answer.
-            extents = [(req.length, 0)]
+            extents = [(length, 0)]
+        spent = time.perf_counter() - started
+        if spent > _STATUS_YIELD and server.others_busy(self):
+            time.sleep(spent)
         return p.block_status_reply(req.handle, p.BASE_ALLOCATION_ID, extents)
 
 
@@ -596,6 +622,7 @@ class NBDServer:
         self.idle_timeout = max(0.0, idle_timeout)
         self.evict_idle_after = evict_idle_after
         self.pending = _Pending(max(0, max_pending_bytes))
+        self.status_range = _status_range(disk)
         self._free_arenas: list[bytearray] = []
         self._arena_lock = threading.Lock()
         self.export = p.Export(
@@ -719,6 +746,17 @@ class NBDServer:
             if len(self._free_arenas) < _FREE_ARENAS:
                 self._free_arenas.append(arena)
 
+    def others_busy(self, conn: Connection) -> bool:
+        """Is any client but ``conn`` waiting for us (requests in flight, or just sent some)?"""
+        now = time.monotonic()
+        with self._lock:
+            others = [c for c in self._connections if c is not conn]
+        return any(
+            c._budget.requests or now - c.last_active < _BUSY_WINDOW
+            for c in others
+            if not c.negotiating
+        )
+
     @property
     def pending_bytes(self) -> int:
         """Bytes of requests in flight on all connections (buffers for reads and writes)."""
@@ -784,6 +822,18 @@ class NBDServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _status_range(disk: BlockDisk) -> int:
+    """Bytes one BLOCK_STATUS request may look at: STATUS_BLOCKS of the smallest block size in
+    the disk's chain, a multiple of 512 (the protocol's largest length is 4 GiB - 1)."""
+    sizes = [
+        size
+        for layer in getattr(disk, "chain", None) or [disk]
+        if (size := getattr(layer, "block_size", None))
+    ]
+    limit = STATUS_BLOCKS * min(sizes) if sizes else 0xFFFFFFFF
+    return max(512, min(limit, 0xFFFFFFFF) // 512 * 512)
 
 
 def _parse_listen(value: str) -> tuple[str, int]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import signal
 import socket
 import struct
@@ -13,14 +14,17 @@ import sys
 import threading
 import time
 import tracemalloc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import vhd
 from blockback.nbd import protocol as p
+from blockback.nbd.server import STATUS_BLOCKS, STATUS_EXAMINED
 from tests.nbd.helpers import (
+    IMAGE_SIZE,
     MiB,
     RawClient,
     expected_content,
@@ -286,3 +290,116 @@ def wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
             return False
         time.sleep(0.02)
     return True
+
+
+# -- block status: bounded work per request, the whole map still right -------------------------
+
+
+def _fragmented_chain(tmp: Path) -> Path:
+    """A differencing child with 512 bytes of its own every 2 KiB of its first 2 MiB block, over
+    a parent with data and holes: 2048 runs of alternating layers, then the parent's map."""
+    parent, child = tmp / "parent.vhd", tmp / "child.vhd"
+    make_image(parent)
+    with vhd.create(str(child), IMAGE_SIZE, parent=str(parent)) as disk:
+        for offset in range(0, 2 * MiB, 2048):
+            disk.pwrite(b"\x5a" * 512, offset + 1024)
+    return child
+
+
+def _flags_map(extents: Iterable[vhd.Extent]) -> list[tuple[int, int, int]]:
+    """(offset, length, base:allocation flags), neighbours with equal flags merged: the oracle."""
+    out: list[tuple[int, int, int]] = []
+    for e in extents:
+        flags = p.allocation_flags(e.layer)
+        if out and out[-1][2] == flags:
+            out[-1] = (out[-1][0], out[-1][1] + e.length, flags)
+        else:
+            out.append((e.offset, e.length, flags))
+    return out
+
+
+class CountingDisk:
+    """A disk that records how much of its map each BLOCK_STATUS request looks at."""
+
+    def __init__(self, disk: vhd.Disk) -> None:
+        self.disk = disk
+        self.asked: list[int] = []  # lengths passed to extents()
+        self.examined: list[int] = []  # runs taken from each extents() call
+
+    def extents(self, offset: int = 0, length: int | None = None) -> Iterator[vhd.Extent]:
+        self.asked.append(self.disk.size - offset if length is None else length)
+        self.examined.append(0)
+        for ext in self.disk.extents(offset, length):
+            self.examined[-1] += 1
+            yield ext
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.disk, name)
+
+
+def _status(c: RawClient, offset: int, length: int, handle: int = 1) -> list[tuple[int, int]]:
+    c.send(p.Cmd.BLOCK_STATUS, offset, length, handle=handle)
+    r = c.reply()
+    assert r.error == 0 and r.kind == p.ReplyType.BLOCK_STATUS, r
+    return [struct.unpack(">II", r.data[i : i + 8]) for i in range(4, len(r.data), 8)]
+
+
+def _client_map(c: RawClient, size: int) -> tuple[list[tuple[int, int, int]], int]:
+    """The whole map as a client builds it (asking again from where each reply ends)."""
+    got: list[tuple[int, int, int]] = []
+    offset = requests = 0
+    while offset < size:
+        pairs = _status(c, offset, size - offset, handle=requests)
+        requests += 1
+        assert pairs and sum(n for n, _ in pairs) <= size - offset
+        for n, flags in pairs:
+            if got and got[-1][2] == flags:
+                got[-1] = (got[-1][0], got[-1][1] + n, flags)
+            else:
+                got.append((offset, n, flags))
+            offset += n
+    return got, requests
+
+
+def test_block_status_examines_a_bounded_number_of_runs_per_request(tmp: Path) -> None:
+    child = _fragmented_chain(tmp)
+    with vhd.open(str(child)) as disk:
+        want = _flags_map(disk.extents())
+        counting = CountingDisk(disk)
+        with serving(counting) as (_server, _url, path), RawClient(path) as c:
+            c.handshake()
+            got, requests = _client_map(c, IMAGE_SIZE)
+    assert got == want
+    # 2048 runs: one request used to walk them all; now each looks at a bounded number.
+    assert max(counting.examined) <= STATUS_EXAMINED
+    assert requests >= 2048 // STATUS_EXAMINED
+
+
+def test_block_status_examines_a_bounded_range_per_request(tmp: Path) -> None:
+    make_image(tmp / "d.vhd")
+    with vhd.open(str(tmp / "d.vhd")) as disk:
+        want = _flags_map(disk.extents())
+        counting = CountingDisk(disk)
+        with serving(counting) as (server, _url, path), RawClient(path) as c:
+            assert server.status_range == STATUS_BLOCKS * (disk.block_size or 0)
+            server.status_range = MiB
+            c.handshake()
+            assert sum(n for n, _ in _status(c, 0, IMAGE_SIZE)) <= MiB
+            got, _requests = _client_map(c, IMAGE_SIZE)
+    assert got == want
+    assert max(counting.asked) <= MiB
+
+
+def test_nbdinfo_builds_the_whole_map_from_partial_replies(
+    tmp: Path, require_tool: Callable[[str], str]
+) -> None:
+    nbdinfo = require_tool("nbdinfo")
+    child = _fragmented_chain(tmp)
+    with vhd.open(str(child)) as disk, serving(disk) as (_server, url, _path):
+        want = _flags_map(disk.extents())
+        out = subprocess.run(
+            [nbdinfo, "--map", "--json", url], capture_output=True, text=True, timeout=60
+        )
+    assert out.returncode == 0, out.stderr
+    got = [(e["offset"], e["length"], e["type"]) for e in json.loads(out.stdout)]
+    assert got == want
