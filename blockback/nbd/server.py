@@ -186,6 +186,8 @@ class Connection:
         self.negotiating = True
         self.evicted = False
         self.executor: RequestExecutor | None = None
+        # The server's reply arena while this connection borrows one (see _transmit).
+        self._arena: bytearray | None = None
         # Read and write buffers by size, kept for reuse.
         self._free_buffers: dict[int, list[bytearray]] = {}
         self._free_bytes = 0
@@ -294,6 +296,9 @@ class Connection:
             with contextlib.suppress(OSError):
                 self.sock.shutdown(socket.SHUT_RDWR)
             self.sock.close()
+            if self._arena is not None:
+                self.server.give_arena(self._arena)
+                self._arena = None
             self.server._forget(self)
 
     def _negotiate(self) -> bool:
@@ -362,65 +367,61 @@ class Connection:
         used = 0
         pool_reads = 0
         perf = time.perf_counter
-        try:
-            while not server.stopping:
-                if self._dead:
-                    raise _Disconnect("the client stopped receiving")
-                if arena is not None and self._rend - self._rpos < header_bytes:
-                    # About to wait for the client: send the replies we have first.
-                    if used:
-                        self._send(aview[:used])
-                        used = 0
-                    server.give_arena(arena)
-                    arena = None
-                magic, flags, kind, handle, offset, length = unpack(self._fill(header_bytes))
-                if magic != request_magic:
-                    raise p.ProtocolError(f"bad request magic {magic:#x}")
-                if (
-                    kind == 0
-                    and length <= _INLINE_READ
-                    and not flags & odd_read_flags
-                    and offset <= size - length
-                    and not pool_reads
-                ):
-                    need = header_size + length
-                    if arena is None:
-                        arena = server.take_arena()
-                        aview = memoryview(arena)
-                    if used + need > _ARENA_SIZE:
-                        self._send(aview[:used])
-                        used = 0
-                    started = perf()
-                    err = executor.execute(
-                        BlockRequest(
-                            BlockOp.READ, offset, length, (aview[used + header_size : used + need],)
-                        )
-                    )
-                    if perf() - started > _SLOW_READ + length * _SLOW_READ_PER_BYTE:
-                        # The data came from the device, not the page cache: let the next reads
-                        # run in parallel on the workers, where the device can overlap them.
-                        pool_reads = _POOL_STRETCH
-                    if err:
-                        reply = p.error_reply(session, handle, err, os.strerror(err))
-                        if used + len(reply) > _ARENA_SIZE:
-                            self._send(aview[:used])
-                            used = 0
-                        aview[used : used + len(reply)] = reply
-                        used += len(reply)
-                    else:
-                        p.pack_read_reply_header(session, arena, handle, offset, length, at=used)
-                        used += need
-                    continue
+        while not server.stopping:
+            if self._dead:
+                raise _Disconnect("the client stopped receiving")
+            if arena is not None and self._rend - self._rpos < header_bytes:
+                # About to wait for the client: send the replies we have first.
                 if used:
                     self._send(aview[:used])
                     used = 0
-                if pool_reads:
-                    pool_reads -= 1
-                if not self._dispatch(session, p.Request(flags, kind, handle, offset, length)):
-                    return
-        finally:
-            if arena is not None:
                 server.give_arena(arena)
+                arena = self._arena = None
+            magic, flags, kind, handle, offset, length = unpack(self._fill(header_bytes))
+            if magic != request_magic:
+                raise p.ProtocolError(f"bad request magic {magic:#x}")
+            if (
+                kind == 0
+                and length <= _INLINE_READ
+                and not flags & odd_read_flags
+                and offset <= size - length
+                and not pool_reads
+            ):
+                need = header_size + length
+                if arena is None:
+                    arena = self._arena = server.take_arena()
+                    aview = memoryview(arena)
+                if used + need > _ARENA_SIZE:
+                    self._send(aview[:used])
+                    used = 0
+                started = perf()
+                err = executor.execute(
+                    BlockRequest(
+                        BlockOp.READ, offset, length, (aview[used + header_size : used + need],)
+                    )
+                )
+                if perf() - started > _SLOW_READ + length * _SLOW_READ_PER_BYTE:
+                    # The data came from the device, not the page cache: let the next reads
+                    # run in parallel on the workers, where the device can overlap them.
+                    pool_reads = _POOL_STRETCH
+                if err:
+                    reply = p.error_reply(session, handle, err, os.strerror(err))
+                    if used + len(reply) > _ARENA_SIZE:
+                        self._send(aview[:used])
+                        used = 0
+                    aview[used : used + len(reply)] = reply
+                    used += len(reply)
+                else:
+                    p.pack_read_reply_header(session, arena, handle, offset, length, at=used)
+                    used += need
+                continue
+            if used:
+                self._send(aview[:used])
+                used = 0
+            if pool_reads:
+                pool_reads -= 1
+            if not self._dispatch(session, p.Request(flags, kind, handle, offset, length)):
+                return
 
     def _dispatch(self, session: p.Session, req: p.Request) -> bool:
         """Check one request and start it; False once the client said goodbye (DISC)."""
