@@ -75,6 +75,7 @@ MAX_PENDING_BYTES = 256 * 1024 * 1024
 MAX_CONNECTIONS = 128
 # Negotiation must be over within this many seconds in all (qemu-nbd's --handshake-limit).
 HANDSHAKE_TIMEOUT = 10.0
+NEGOTIATION_TIMEOUT = HANDSHAKE_TIMEOUT  # its earlier name
 # Kernel clients may sit idle for hours: no idle timeout unless the admin sets one.
 IDLE_TIMEOUT = 0.0
 # When all slots are taken, a connection idle this long may give its slot to a new client.
