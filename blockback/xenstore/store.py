@@ -11,7 +11,8 @@ Behaviour follows Xen's ``docs/misc/xenstore.txt`` and the C ``xenstored`` (Xen 
   to it, like ``WRITE``.
 * Permissions: the first entry names the owner and the access of every domain not listed
   (``n`` none, ``r`` read, ``w`` write, ``b`` both). The owner and dom0 (privileged) have full
-  access. Unprivileged connections get node, watch and transaction quotas.
+  access. Unprivileged connections get node, value size, watch, transaction and
+  permission-list quotas (:class:`Quotas`, C's defaults).
 * Paths: absolute (``/local/...``), relative to the connection's home ``/local/domain/<domid>``,
   or special (``@introduceDomain``, ``@releaseDomain``, for watches only). Only
   ``[A-Za-z0-9-/_@]`` are valid characters.
@@ -67,6 +68,7 @@ QUOTA_NODES_PER_DOMAIN = 1000
 QUOTA_ENTRY_SIZE = 2048
 QUOTA_WATCHES = 128
 QUOTA_TRANSACTIONS = 10
+QUOTA_PERMS_PER_NODE = 5
 PRIV_QUOTA_WATCHES = 4096
 PRIV_QUOTA_TRANSACTIONS = 256
 EVENT_QUEUE_BYTES = 256 * 1024  # beyond this, events are remembered per watch instead
@@ -78,6 +80,20 @@ class XsFail(Exception):
     def __init__(self, name: str) -> None:
         self.name = name
         super().__init__(name)
+
+
+@dataclass(frozen=True, slots=True)
+class Quotas:
+    """Limits for unprivileged domains (C xenstored's ``-E -S -W -t -A`` options and defaults),
+    and the watch and transaction limits that also bound dom0's connections."""
+
+    nodes_per_domain: int = QUOTA_NODES_PER_DOMAIN
+    entry_size: int = QUOTA_ENTRY_SIZE
+    watches: int = QUOTA_WATCHES
+    transactions: int = QUOTA_TRANSACTIONS  # open at once, per connection
+    perms_per_node: int = QUOTA_PERMS_PER_NODE
+    privileged_watches: int = PRIV_QUOTA_WATCHES
+    privileged_transactions: int = PRIV_QUOTA_TRANSACTIONS
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,7 +245,8 @@ def _parse_domid(text: str) -> int:
 class Store:
     """The database and the request dispatcher. Not thread-safe: the caller serialises."""
 
-    def __init__(self) -> None:
+    def __init__(self, quotas: Quotas | None = None) -> None:
+        self.quotas = quotas or Quotas()
         self._gen = itertools.count(1)
         root_perms = (Perm(0, "n"),)
         self.nodes: dict[str, Node] = {}
@@ -370,7 +387,7 @@ class Store:
             path = self.canonical(conn, raw_path.decode("utf-8"))
         except UnicodeDecodeError:
             raise XsFail("EINVAL") from None
-        if not conn.privileged and len(value) > QUOTA_ENTRY_SIZE:
+        if not conn.privileged and len(value) > self.quotas.entry_size:
             raise XsFail("ENOSPC")
         node = ctx.get(path)
         if node is None:
@@ -463,6 +480,8 @@ class Store:
         if len(parts) < 2:
             raise XsFail("EINVAL")
         path = self.canonical(conn, parts[0])
+        if not conn.privileged and len(parts) - 1 > self.quotas.perms_per_node:
+            raise XsFail("ENOSPC")  # as C's do_set_perms (quota_nb_perms_per_node)
         perms = tuple(Perm.parse(p) for p in parts[1:])
         node = ctx.get_checked(path, "w")
         # Only the owner (or dom0) may change permissions, and only dom0 may give a node away.
@@ -478,7 +497,7 @@ class Store:
     def _watch(self, conn: ConnState, msg: Message) -> None:
         raw, token = self._args(msg, 2)
         path = self.canonical(conn, raw, special_ok=True)
-        quota = PRIV_QUOTA_WATCHES if conn.privileged else QUOTA_WATCHES
+        quota = self.quotas.privileged_watches if conn.privileged else self.quotas.watches
         if any(w.path == path and w.token == token for w in conn.watches):
             raise XsFail("EEXIST")
         if len(conn.watches) >= quota:
@@ -504,7 +523,7 @@ class Store:
             raise XsFail("EBUSY")
         if msg.payload not in (b"", b"\0"):
             raise XsFail("EINVAL")
-        quota = PRIV_QUOTA_TRANSACTIONS if conn.privileged else QUOTA_TRANSACTIONS
+        quota = self.quotas.privileged_transactions if conn.privileged else self.quotas.transactions
         if len(conn.transactions) >= quota:
             raise XsFail("ENOSPC")
         tx_id = next(self._tx_ids)
@@ -741,7 +760,7 @@ class _Ctx:
             used = self.store.owner_count.get(conn.domid, 0)
             if self.tx is not None:
                 used += self.tx.created
-            if used + len(missing) > QUOTA_NODES_PER_DOMAIN:
+            if used + len(missing) > self.store.quotas.nodes_per_domain:
                 raise XsFail("ENOSPC")
         for sub in reversed(missing):
             up = parent_of(sub)

@@ -5,9 +5,17 @@ open transaction costs (copy-on-write, ``xenstored_transaction.c``)."""
 
 from __future__ import annotations
 
+import errno
 import gc
+import subprocess
+import sys
+import time
 import tracemalloc
+from pathlib import Path
 
+import pytest
+
+from blockback.xenstore import XenStoreClient, XenStoreError
 from blockback.xenstore.store import ConnState, Store
 from blockback.xenstore.wire import Message, XsType, join_strings, split_strings
 
@@ -148,3 +156,51 @@ def test_a_transaction_conflicts_on_what_it_read_after_a_later_change() -> None:
     reply = call(store, dom0, XsType.TRANSACTION_END, join_strings("T"), tx)
     assert (reply.type, reply.payload) == (XsType.ERROR, b"EAGAIN\0")
     assert call(store, dom0, XsType.READ, join_strings("/b")).type == XsType.ERROR
+
+
+def test_unprivileged_permission_lists_are_bounded_like_c() -> None:
+    store, dom0, guest = setup()
+    write(store, guest, f"{HOME}/shared")
+    five = join_strings(f"{HOME}/shared", f"n{GUEST}", *(f"r{d}" for d in range(1, 5)))
+    assert call(store, guest, XsType.SET_PERMS, five).payload == b"OK\0"
+    six = join_strings(f"{HOME}/shared", f"n{GUEST}", *(f"r{d}" for d in range(1, 6)))
+    reply = call(store, guest, XsType.SET_PERMS, six)
+    assert (reply.type, reply.payload) == (XsType.ERROR, b"ENOSPC\0")
+    # dom0 is not bound by it.
+    assert call(store, dom0, XsType.SET_PERMS, six).payload == b"OK\0"
+
+
+def test_quotas_are_configurable_from_the_command_line(tmp_path: Path) -> None:
+    sock, guest_sock = tmp_path / "xs.sock", tmp_path / "dom5.sock"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "blockback.xenstore.server", str(sock),
+         "--domain", f"{GUEST}:{guest_sock}", "--quota-transactions", "2",
+         "--quota-entry-size", "16"],
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while not guest_sock.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+            time.sleep(0.05)
+        with XenStoreClient(sock) as dom0, XenStoreClient(guest_sock) as guest:
+            dom0.mkdir(HOME)
+            dom0.set_perms(HOME, [f"n{GUEST}"])
+            guest.write("small", b"x" * 16)
+            with pytest.raises(XenStoreError) as info:
+                guest.write("big", b"x" * 17)
+            assert info.value.errno == errno.ENOSPC
+            txs = [guest.transaction_start() for _ in range(2)]
+            with pytest.raises(XenStoreError) as info:
+                guest.transaction_start()
+            assert info.value.errno == errno.ENOSPC
+            for tx in txs:
+                guest.transaction_end(tx, commit=False)
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    bad = subprocess.run(
+        [sys.executable, "-m", "blockback.xenstore.server", str(sock), "--quota-watches", "0"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "quota" in bad.stderr and "Traceback" not in bad.stderr
