@@ -16,7 +16,10 @@ machine slows both alike:
   runs that all merge into one "data" extent).  Reported as the share of the IOPS the reads
   keep against the same server with no such neighbour (``theirs`` is that IOPS alone); one
   BLOCK_STATUS over the whole disk cost 0.3-0.8 s and the reads kept 0.06-0.12 of their rate
-  before replies were bounded and block status yielded to other clients.
+  before replies were bounded and block status yielded to other clients;
+* the server's RSS with 200 clients that negotiated and then sit idle, against qemu-nbd's
+  (``-e 256``); ours is started with ``--max-connections 256`` (issue 12: 880 MiB before the
+  reply arenas were shared).
 
 ``run(workdir)`` returns the rows ``make bench`` prints; ``python -m benchmarks.nbd [DIR]`` runs
 it alone.
@@ -28,7 +31,9 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -63,7 +68,7 @@ def _wait_for_socket(path: Path, proc: subprocess.Popen[bytes] | subprocess.Pope
 
 
 @contextlib.contextmanager
-def _ours(image: Path, sock: Path, *extra: str) -> Iterator[str]:
+def _ours(image: Path, sock: Path, *extra: str, pids: list[int] | None = None) -> Iterator[str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "vhdtools.cli", "serve", str(image), "--nbd", "--socket",
          str(sock), *extra],
@@ -71,6 +76,8 @@ def _ours(image: Path, sock: Path, *extra: str) -> Iterator[str]:
         stderr=subprocess.DEVNULL,
         text=True,
     )  # fmt: skip
+    if pids is not None:
+        pids.append(proc.pid)
     try:
         assert proc.stdout is not None
         url = proc.stdout.readline().strip()
@@ -83,12 +90,14 @@ def _ours(image: Path, sock: Path, *extra: str) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def _qemu(image: Path, sock: Path, *extra: str) -> Iterator[str]:
+def _qemu(image: Path, sock: Path, *extra: str, pids: list[int] | None = None) -> Iterator[str]:
     proc = subprocess.Popen(
         ["qemu-nbd", "-f", "vpc", "-e", "8", "-t", "-x", "", "-k", str(sock), *extra, str(image)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    if pids is not None:
+        pids.append(proc.pid)
     try:
         _wait_for_socket(sock, proc)
         yield f"nbd+unix:///?socket={sock}"
@@ -172,6 +181,66 @@ while time.monotonic() < end:
     off = (off + covered) % size; n += 1
 print(n)
 """
+
+
+def _nbd_handshake(path: Path) -> socket.socket:
+    """Connect and negotiate (fixed newstyle, NBD_OPT_GO on the default export)."""
+    sock = socket.socket(socket.AF_UNIX)
+    sock.settimeout(30)
+    sock.connect(str(path))
+
+    def recv(n: int) -> bytes:
+        out = b""
+        while len(out) < n:
+            chunk = sock.recv(n - len(out))
+            if not chunk:
+                raise RuntimeError("the server hung up during negotiation")
+            out += chunk
+        return out
+
+    recv(18)
+    sock.sendall(struct.pack(">I", 3))
+    sock.sendall(struct.pack(">QII", 0x49484156454F5054, 7, 6) + struct.pack(">IH", 0, 0))
+    while True:
+        _magic, _opt, rep, n = struct.unpack(">QIII", recv(20))
+        recv(n)
+        if rep == 1:
+            return sock
+        if rep >> 31:
+            raise RuntimeError(f"NBD_OPT_GO refused ({rep:#x})")
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _idle_clients_row(image: Path, sockdir: Path, clients: int = 200) -> dict[str, object]:
+    rss: dict[str, float] = {}
+    for who, server in (("ours", _ours), ("theirs", _qemu)):
+        sock = sockdir / f"idle-{who}"
+        extra = (
+            ("--read-only", "--max-connections", "256") if who == "ours" else ("-r", "-e", "256")
+        )
+        pids: list[int] = []
+        with server(image, sock, *extra, pids=pids) as _url:
+            conns = [_nbd_handshake(sock) for _ in range(clients)]
+            try:
+                time.sleep(1)
+                rss[who] = _rss_mib(pids[0])
+            finally:
+                for c in conns:
+                    c.close()
+    return _row(
+        f"server RSS with {clients} idle clients (negotiated, then silent)",
+        rss["ours"],
+        rss["theirs"],
+        "MiB",
+        "qemu-nbd -e 256 beside it; was 880 MiB; lower is better; report",
+    )
 
 
 def _fairness_rows(workdir: Path, sockdir: Path) -> list[dict[str, object]]:
@@ -274,6 +343,7 @@ def run(workdir: Path) -> list[dict[str, object]]:
                     write[who].append(_timed("nbdcopy", str(source), url))
                 target.unlink()
         rows.extend(_fairness_rows(workdir, sockdir))
+        rows.append(_idle_clients_row(image, sockdir))
         rows.append(
             _row(
                 "nbdcopy 256 MiB raw file into an empty dynamic VHD",

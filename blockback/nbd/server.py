@@ -17,9 +17,10 @@ the bytes in flight on all connections fit in :data:`MAX_PENDING_BYTES`; until t
 client's requests wait in the socket and TCP (or the unix socket) pushes back.  A connection
 with nothing in flight may always start one request, so clients that never read their replies
 (whose bytes stay pending) slow the others down to one request at a time at worst, and stall
-only themselves.  Add a 256 KiB receive buffer and at most 16 MiB of buffers kept for reuse per
-connection; the 4 MiB reply arenas of the inline path are shared (a connection holds one only
-while it has replies to pack), so an idle connection costs a thread and its receive buffer.
+only themselves.  Add a 256 KiB receive buffer (anonymous memory, resident only as far as
+requests have filled it) and at most 16 MiB of buffers kept for reuse per connection; the 4 MiB
+reply arenas of the inline path are shared (a connection holds one only while it has replies to
+pack), so an idle connection costs little more than its thread.
 
 Connections are bounded too (:data:`MAX_CONNECTIONS`): negotiation must finish within
 :data:`HANDSHAKE_TIMEOUT` seconds in all, an optional idle timeout drops clients that send no
@@ -47,6 +48,7 @@ import contextlib
 import errno
 import itertools
 import logging
+import mmap
 import os
 import signal
 import socket
@@ -178,8 +180,7 @@ class Connection:
             server.pending, server.max_inflight_bytes, server.max_inflight_requests
         )
         # Allocated once negotiation is over (a negotiating client costs no buffer).
-        self._rbuf = bytearray()
-        self._rview = memoryview(self._rbuf)
+        self._rview = memoryview(b"")
         self._rpos = 0
         self._rend = 0
         # For the idle timeout and the choice of a connection to give up its slot.
@@ -214,7 +215,7 @@ class Connection:
         if avail < n:
             if self._rpos:
                 # Compact: move the partial message to the front of the buffer.
-                self._rbuf[:avail] = self._rview[self._rpos : self._rend]
+                self._rview[:avail] = self._rview[self._rpos : self._rend]
                 self._rpos, self._rend = 0, avail
             while self._rend - self._rpos < n:
                 try:
@@ -314,6 +315,11 @@ class Connection:
                 if left <= 0:
                     raise TimeoutError
                 self.sock.settimeout(left)
+                if engine.finished:
+                    # Before the last reply goes out: the client may connect again at once,
+                    # and must not find this connection counted as still negotiating.
+                    self.negotiating = False
+                    self.last_active = time.monotonic()
                 if out:
                     self.sock.sendall(out)
                 if engine.finished:
@@ -334,9 +340,10 @@ class Connection:
             return False
         self.session = engine.session
         rest = engine.unused_data()
-        self._rbuf = bytearray(max(_RECV_SIZE, len(rest)))
-        self._rview = memoryview(self._rbuf)
-        self._rbuf[: len(rest)] = rest
+        # Anonymous memory, not a bytearray: its pages become resident only as requests fill
+        # them, so a client that negotiates and then idles costs a page, not 256 KiB.
+        self._rview = memoryview(mmap.mmap(-1, max(_RECV_SIZE, len(rest))))
+        self._rview[: len(rest)] = rest
         self._rend = len(rest)
         log.info(
             "%s: connected (structured replies: %s)",
