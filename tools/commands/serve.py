@@ -103,6 +103,11 @@ def run(args: argparse.Namespace) -> int:
         module, name = "blockback.server", "serve_xen"
     if not args.xen and not args.image:
         raise ValueError("an IMAGE is needed with --nbd and --sim")
+    if args.xen and args.image:
+        raise ValueError(
+            "--xen serves the disks the toolstack configures in XenStore, not IMAGE: drop "
+            f"{args.image!r} (or use --nbd / --sim to serve it)"
+        )
     handler = getattr(importlib.import_module(module), name)
     result: int = handler(args)
     return result
