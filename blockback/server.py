@@ -456,7 +456,16 @@ def _signals_stop(stop: threading.Event) -> Iterator[None]:
 
 def _open_disk(args: argparse.Namespace, path: str) -> Any:
     mode = "r" if args.read_only else "r+"
-    return vhd.open(path, mode, parent_dirs=tuple(args.parent_dir or ()))
+    return vhd.open(path, mode, parent_policy=_parent_policy(args))
+
+
+def _parent_policy(args: argparse.Namespace) -> vhd.ParentPolicy:
+    """Served images' parents come only from the folders the admin allows (README: "Untrusted
+    images")."""
+    return vhd.ParentPolicy(
+        dirs=tuple(getattr(args, "parent_dir", None) or ()),
+        allow_absolute=bool(getattr(args, "allow_absolute_parents", False)),
+    )
 
 
 def _options(args: argparse.Namespace) -> BackendOptions:
@@ -685,10 +694,10 @@ def serve_xen(args: argparse.Namespace) -> int:
         transport = _xen_transport(xen_transport)
         domid = int((xs.try_read("domid") or b"0").decode() or "0")
         root = args.backend_dir or f"/local/domain/{domid}/backend/vbd"
-        parent_dirs = tuple(args.parent_dir or ())
+        policy = _parent_policy(args)
 
         def open_disk(image: str, read_only: bool) -> Any:
-            return vhd.open(image, "r" if read_only else "r+", parent_dirs=parent_dirs)
+            return vhd.open(image, "r" if read_only else "r+", parent_policy=policy)
 
         daemon = XenDaemon(
             xs, transport, root, open_disk, read_only=bool(args.read_only), options=_options(args)

@@ -11,6 +11,8 @@ import argparse
 import importlib
 from typing import Any
 
+from ..common import add_parent_options
+
 
 def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
@@ -72,13 +74,7 @@ def register(sub: Any) -> None:
         "each connection may always have one)",
     )
     p.add_argument("--read-only", action="store_true", help="refuse writes")
-    p.add_argument(
-        "--parent-dir",
-        metavar="DIR",
-        action="append",
-        default=[],
-        help="also look for parent images in DIR",
-    )
+    add_parent_options(p, serving=True)
     p.add_argument(
         "--backend-dir",
         metavar="PATH",
