@@ -18,6 +18,7 @@ import vhd
 from vhd.vhdx import create as vhdx_create
 from vhd.vhdx import create_vhdx, open_vhdx
 from vhd.vhdx import records as r
+from vhd.vhdx.disk import open_vhdx_locked
 
 MiB = 1024 * 1024
 SECRET = b"tenant B's data " * 32
@@ -42,7 +43,9 @@ def _craft(child: Path, parent: Path, entries: dict[str, str], monkeypatch: pyte
         m.setattr(vhdx_create, "_locator", lambda _child, _parent: locator)
         # the new child is opened once with its parent: let a crafted linkage through
         m.setattr(
-            vhdx_create, "open_vhdx", functools.partial(open_vhdx, allow_parent_mismatch=True)
+            vhdx_create,
+            "open_vhdx_locked",
+            functools.partial(open_vhdx_locked, allow_parent_mismatch=True),
         )
         with open_vhdx(parent) as p:
             create_vhdx(child, 0, type="differencing", parent=p, block_size=MiB).close()

@@ -724,6 +724,34 @@ def open_vhdx(
         raise
 
 
+def open_vhdx_locked(
+    fd: int, path: str, *, parent: Disk | None = None, allow_parent_mismatch: bool = False
+) -> VHDXDisk:
+    """A writable :class:`VHDXDisk` on ``fd``, which the caller opened read-write and locked
+    exclusively (:mod:`vhd.newfile`: an image being written under its temporary name), with the
+    open ``parent`` the caller gives for a differencing disk; the disk owns ``fd`` from here on,
+    even on failure."""
+    try:
+        st = os.fstat(fd)
+        disk = _open_fd(fd, path, True)
+        if disk._differencing and parent is not None:
+            try:
+                disk.parent = _open_parent(
+                    disk,
+                    parent,
+                    ParentPolicy(),
+                    allow_parent_mismatch,
+                    frozenset({(st.st_dev, st.st_ino)}),
+                )
+            except BaseException:
+                disk._closed = True
+                raise
+        return disk
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _read_layout(fd: int, path: str, fsize: int) -> tuple[Layout, vlog.ActiveSequence | None]:
     def pread(n: int, off: int) -> bytes:
         return read_upto(fd, n, off)
