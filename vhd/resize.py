@@ -56,11 +56,11 @@ from .footer import (
 from .geometry import geometry_for_create
 from .header import HEADER_SIZE
 from .image import open as open_image
+from .layout import MAX_SIZE
 from .metadata import MetadataWriter, metadata_end
 
 SECTOR = 512
 PAGE = 4096
-MAX_SIZE = 0xFF000000 * 512
 _COPY_CHUNK = 4 * 1024 * 1024
 
 
