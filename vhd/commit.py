@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from .chain import ParentPolicy
 from .disk import Disk
 from .errors import InvalidArgumentError
-from .fileio import write_all
 from .footer import DiskType, vhd_timestamp
 from .image import open as open_image
+from .metadata import MetadataWriter
 
 CHUNK = 4 * 1024 * 1024
 
@@ -119,7 +119,4 @@ def _record_parent_time(child_path: str, parent_path: str) -> None:
         stamp = vhd_timestamp(os.stat(parent_path).st_mtime)
         if header.parent_timestamp in (0, stamp):
             return
-        new = header.replace(parent_timestamp=stamp)
-        write_all(child.fd, new.build(), child.footer.data_offset)
-        os.fsync(child.fd)
-        child.header = new
+        MetadataWriter(child).write_header(header.replace(parent_timestamp=stamp))

@@ -22,7 +22,6 @@ import os
 from dataclasses import dataclass, field
 
 from .errors import InvalidArgumentError, ParentMismatchError
-from .fileio import write_all
 from .footer import DiskType, vhd_timestamp
 from .header import ParentLocator, encode_parent_name
 from .image import open as open_image
@@ -38,6 +37,7 @@ from .locator import (
     posix_to_macx,
     relative_windows_path,
 )
+from .metadata import MetadataWriter
 
 SECTOR = 512
 
@@ -99,7 +99,6 @@ def set_parent(
         for i, loc in enumerate(slots):
             if loc.code == CODE_MAC:
                 slots[i] = ParentLocator()
-        fd = child.fd
         end = -(-child.footer_offset // SECTOR) * SECTOR
         new_end = end
         writes: list[tuple[int, bytes]] = []
@@ -127,23 +126,20 @@ def set_parent(
                 data_offset=at,
             )
             writes.append((at, data))
+        writer = MetadataWriter(child)
         if new_end > end:
-            # The trailing footer moves first, so the file always ends in a valid footer.
-            write_all(fd, child.footer.build(), new_end)
-            os.fsync(fd)
+            # The trailing footer moves first, so the file always ends in a valid footer (the
+            # payloads' padding overwrites the old one).
+            writer.move_footer(new_end, clear_old=False)
             result.grew_by = new_end - end
-        for at, data in writes:
-            write_all(fd, data, at)
-        os.fsync(fd)
+        writer.write_raw(writes)
         new_header = header.replace(
             parent_unique_id=parent_id,
             parent_timestamp=vhd_timestamp(os.stat(ppath).st_mtime),
             parent_name_raw=encode_parent_name(os.path.basename(ppath)),
             locators=tuple(slots),
         )
-        write_all(fd, new_header.build(), child.footer.data_offset)
-        os.fsync(fd)
-        child.header = new_header
+        writer.write_header(new_header)
     finally:
         child.close()
     return result
