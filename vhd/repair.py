@@ -196,17 +196,3 @@ def apply_plan(plan: RepairPlan) -> None:
             os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def repair(
-    path: str | os.PathLike[str], *, deep: bool = False, dry_run: bool = False
-) -> tuple[RepairPlan, CheckReport]:
-    """Check, plan and (unless ``dry_run``) repair; returns the plan and a fresh check."""
-    from .check import check
-
-    report = check(path, deep=deep)
-    plan = plan_repair(report)
-    if dry_run or plan.empty:
-        return plan, report
-    apply_plan(plan)
-    return plan, check(path, deep=deep)
