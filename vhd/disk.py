@@ -316,6 +316,12 @@ class Disk:
                 self.file_size = file_size
             if header is not None:
                 self.header = header
+            self._metadata_adopted(
+                footer=footer is not None, footer_offset=footer_offset is not None
+            )
+
+    def _metadata_adopted(self, *, footer: bool, footer_offset: bool) -> None:
+        """What a kind of disk derives from its footer and the trailing footer's place."""
 
 
 class FixedDisk(Disk):
@@ -664,26 +670,14 @@ class SparseDisk(Disk):
 
     # -- metadata ------------------------------------------------------------------------
 
-    def _adopt_metadata(
-        self,
-        *,
-        footer: Footer | None = None,
-        footer_offset: int | None = None,
-        file_size: int | None = None,
-        header: DynamicHeader | None = None,
-    ) -> None:
-        with self._lock:
-            super()._adopt_metadata(
-                footer=footer, footer_offset=footer_offset, file_size=file_size, header=header
-            )
-            if footer is not None:
-                # The in-memory table holds the entries the disk size needs (see vhd.image).
-                self.bat.resize(-(-self.size // self._bs))
-            if footer_offset is not None:
-                # New blocks go where the trailing footer now is (see the module docstring).
-                self._next_free = -(-footer_offset // SECTOR) * SECTOR
-            if footer is not None or header is not None:
-                self._bitmaps.clear()
+    def _metadata_adopted(self, *, footer: bool, footer_offset: bool) -> None:
+        if footer:
+            # The in-memory table holds the entries the disk size needs (see vhd.image).
+            self.bat.resize(-(-self.size // self._bs))
+            self._bitmaps.clear()
+        if footer_offset:
+            # New blocks go where the trailing footer now is (see the module docstring).
+            self._next_free = -(-self.footer_offset // SECTOR) * SECTOR
 
     def _flush_locked(self, durable: bool) -> None:
         MetadataWriter(self).flush_bat(durable=durable)
