@@ -109,9 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result: int = args.func(args)
         return result
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("vhd: interrupted", file=sys.stderr)
-        return 130
+        return 128 + getattr(exc, "signum", 2)  # SIGINT, or the SIGTERM/SIGHUP it stands for
     except BrokenPipeError:
         return EXIT_OK
     except (vhd.VHDError, OSError, ValueError) as exc:

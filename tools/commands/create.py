@@ -8,6 +8,7 @@ from typing import Any
 import vhd
 
 from ..common import parse_size
+from ..interrupt import terminate_as_interrupt
 
 
 def register(sub: Any) -> None:
@@ -41,6 +42,7 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
+@terminate_as_interrupt
 def run(args: argparse.Namespace) -> int:
     if args.parent and args.size:
         raise ValueError("a differencing child takes its size from the parent: drop SIZE")

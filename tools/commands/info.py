@@ -11,6 +11,7 @@ import vhd
 from vhd.inspect import describe
 
 from ..common import add_parent_options, open_vhd, parent_policy, warn
+from ..locking import add_force_share_option
 
 
 def register(sub: Any) -> None:
@@ -21,18 +22,19 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--chain", action="store_true", help="describe every disk of the chain")
     add_parent_options(p, serving=False)
+    add_force_share_option(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        disk = open_vhd(args.image, policy=parent_policy(args))
+        disk = open_vhd(args.image, policy=parent_policy(args), force_share=args.force_share)
         parent_problem = None
     except vhd.ParentError as exc:
         # Still show the child's own metadata: that is what one needs to find the parent.
         parent_problem = str(exc)
         warn(parent_problem)
-        disk = open_vhd(args.image, open_parent=False)
+        disk = open_vhd(args.image, open_parent=False, force_share=args.force_share)
     if getattr(disk, "format", "vhd") == "vhdx":
         return _run_vhdx(args, disk, parent_problem)
     with disk:

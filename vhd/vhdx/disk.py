@@ -34,7 +34,6 @@ a session updates both headers with a new FileWriteGuid and DataWriteGuid (2.2.2
 from __future__ import annotations
 
 import errno
-import fcntl
 import itertools
 import os
 import stat
@@ -45,6 +44,7 @@ from array import array
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+from .. import lock
 from ..disk import Disk, Extent
 from ..errors import (
     CorruptImageError,
@@ -681,6 +681,7 @@ def open_vhdx(
     allow_parent_mismatch: bool = False,
     _seen: frozenset[tuple[int, int]] = frozenset(),
     _expect: tuple[int, int] | None = None,
+    force_share: bool = False,
 ) -> VHDXDisk:
     """Open a VHDX image (``mode`` 'r' or 'r+').  A differencing disk's parent is found through
     its locator (relative_path, then the file name of volume_path and absolute_win32_path next
@@ -698,14 +699,10 @@ def open_vhdx(
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             raise NotAVHDError("not a regular file or block device", path=spath)
         os.set_blocking(fd, True)
-        if writable:
-            # One writer at a time, as vhd.open does for VHD (advisory, whole file).
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise VHDError(
-                    "the image is open for writing by another process", path=spath
-                ) from None
+        if not force_share:
+            # As vhd.open does for VHD: shared for readers, exclusive for a writer, as flock
+            # and as QEMU's lock bytes (vhd.lock).
+            lock.acquire(fd, spath, exclusive=writable)
         disk = _open_fd(fd, spath, writable)
         seen = _seen | {(st.st_dev, st.st_ino)}
         if disk._differencing and (open_parent or parent is not None):
