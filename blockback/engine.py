@@ -14,8 +14,10 @@ decodes the copy (``blockback.abi``) and hands the :class:`~blockback.abi.Reques
 Rules (Linux blkback's ``dispatch_rw_block_io``, QEMU and tapdisk agree):
 READ/WRITE need 1..11 segments; FLUSH and BARRIER may have 0..11; INDIRECT needs
 1..``max_indirect_segments`` and an inner READ or WRITE, and is answered with the inner op;
-each segment has ``first_sect <= last_sect <= 7``; the end sector must neither wrap 64 bits nor
-pass the device end; anything but READ on a read-only device is an ERROR; a secure DISCARD is
+each segment has ``first_sect <= last_sect <= 7``; a request that carries sectors must neither
+wrap 64 bits nor pass the device end (an empty FLUSH or BARRIER is not range-checked: Linux
+blkfront sends its empty flush with ``sector_number`` 2**64-1, and Linux blkback's
+``xen_vbd_translate`` checks the range only when ``nr_sects`` is non-zero); anything but READ on a read-only device is an ERROR; a secure DISCARD is
 refused unless ``discard-secure`` was advertised; unknown ops (4, 7..255) get EOPNOTSUPP with the
 op echoed, as do DISCARD and INDIRECT when not advertised.
 """
@@ -166,6 +168,10 @@ class BlkifEngine:
             length = (last - first + 1) * SECTOR_SIZE
             data.append((gref, first * SECTOR_SIZE, length))
             total += length
+        if not total:
+            # Only FLUSH and BARRIER get here without data (READ/WRITE need a segment): the
+            # sector number means nothing then, whatever the frontend left in it.
+            return IoPlan(req.id, op, kind, 0, 0)
         end = req.sector_number + total // SECTOR_SIZE
         if end >= U64:
             return self._error(req, op, "sector range wraps 64 bits")

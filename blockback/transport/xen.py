@@ -5,6 +5,8 @@ Layouts and ioctl numbers come from Linux's uapi headers as shipped in Debian's 
 ``xen/grant_table.h``). Every ioctl is ``_IOC(_IOC_NONE, type, nr, sizeof(struct))``;
 ``tests/blockback/test_xen_layout.py`` compiles ``xen_layout.c`` against those headers and checks
 every number, size and offset below, and the byte image of a grant-copy segment.
+Every structure goes to ``fcntl.ioctl`` as a mutable buffer (the ctypes object, mutate_flag set),
+never as an integer address: see ``IoctlFn``.
 
 Interface (two layers)
 ----------------------
@@ -72,7 +74,12 @@ PAGE_SIZE = 4096
 GNTDEV_PATH = "/dev/xen/gntdev"
 EVTCHN_PATH = "/dev/xen/evtchn"
 
-IoctlFn = Callable[[int, int, Any], Any]
+# ``fcntl.ioctl(fd, request, arg, mutate_flag)``.  Every argument that is a structure goes as the
+# ctypes object itself (a writable buffer) with mutate_flag=True, never as ``addressof(obj)``:
+# CPython converts an integer argument to a C ``int``, so a real heap address (above 2**31 on
+# x86_64) raises OverflowError before the kernel is reached.  With a buffer, CPython hands the
+# kernel a real pointer and copies what the kernel wrote (index, port, status) back into it.
+IoctlFn = Callable[[int, int, Any, bool], Any]
 # One grant-copy segment with a raw local address: (domid, gref, offset, address, length, to_guest).
 RawCopy = tuple[int, int, int, int, int, bool]
 
@@ -218,10 +225,6 @@ class GrantError(OSError):
         super().__init__(code, message)
 
 
-def _addr(obj: ctypes.Structure | ctypes.Array[Any]) -> int:
-    return ctypes.addressof(obj)
-
-
 def _buffer_address(buf: Any) -> tuple[int, Any]:
     """The address of a buffer's first byte, and an object keeping it alive (no copy)."""
     if isinstance(buf, bytes):
@@ -300,7 +303,11 @@ class GntDev:
         self.path = path
         self._ioctl = ioctl
         if max_grants is not None:
-            self.set_max_grants(max_grants)
+            try:
+                self.set_max_grants(max_grants)
+            except BaseException:
+                self.close()  # no fd leaks out of a failed constructor
+                raise
 
     def fileno(self) -> int:
         return self.fd
@@ -312,7 +319,7 @@ class GntDev:
 
     def set_max_grants(self, count: int) -> None:
         arg = GntdevSetMaxGrants(count)
-        self._ioctl(self.fd, IOCTL_GNTDEV_SET_MAX_GRANTS, _addr(arg))
+        self._ioctl(self.fd, IOCTL_GNTDEV_SET_MAX_GRANTS, arg, True)
 
     def map_grant_refs(self, domid: int, refs: Sequence[int]) -> int:
         """Reserve a mapping of ``refs`` of ``domid``; returns the mmap offset (``index``)."""
@@ -324,7 +331,7 @@ class GntDev:
         for i, ref in enumerate(refs):
             struct.pack_into("=II", buf, 16 + 8 * i, domid, ref)
         try:
-            self._ioctl(self.fd, IOCTL_GNTDEV_MAP_GRANT_REF, ctypes.addressof(buf))
+            self._ioctl(self.fd, IOCTL_GNTDEV_MAP_GRANT_REF, buf, True)
         except OSError as exc:
             raise GrantError(
                 f"IOCTL_GNTDEV_MAP_GRANT_REF of {count} refs: {exc}", exc.errno or 0
@@ -334,7 +341,7 @@ class GntDev:
 
     def unmap_grant_ref(self, index: int, count: int) -> None:
         arg = GntdevUnmapGrantRef(index, count, 0)
-        self._ioctl(self.fd, IOCTL_GNTDEV_UNMAP_GRANT_REF, _addr(arg))
+        self._ioctl(self.fd, IOCTL_GNTDEV_UNMAP_GRANT_REF, arg, True)
 
     def mmap(self, index: int, count: int, writable: bool) -> mmap.mmap:
         """Map the pages (PROT_READ alone makes gntdev map the grants read-only)."""
@@ -397,7 +404,7 @@ class GntDev:
         segments = (ctypes.c_char * len(buf)).from_buffer(buf)
         arg = GntdevGrantCopy(len(entries), ctypes.addressof(segments))
         try:
-            self._ioctl(self.fd, IOCTL_GNTDEV_GRANT_COPY, _addr(arg))
+            self._ioctl(self.fd, IOCTL_GNTDEV_GRANT_COPY, arg, True)
         except OSError as exc:
             raise GrantError(f"IOCTL_GNTDEV_GRANT_COPY: {exc}", exc.errno or 0) from exc
         finally:
@@ -461,28 +468,28 @@ class EvtchnDev:
 
     def bind_interdomain(self, domid: int, remote_port: int) -> int:
         arg = EvtchnBindInterdomain(domid, remote_port)
-        port: int = self._ioctl(self.fd, IOCTL_EVTCHN_BIND_INTERDOMAIN, _addr(arg))
+        port: int = self._ioctl(self.fd, IOCTL_EVTCHN_BIND_INTERDOMAIN, arg, True)
         return port
 
     def bind_unbound_port(self, domid: int) -> int:
         arg = EvtchnBindUnboundPort(domid)
-        port: int = self._ioctl(self.fd, IOCTL_EVTCHN_BIND_UNBOUND_PORT, _addr(arg))
+        port: int = self._ioctl(self.fd, IOCTL_EVTCHN_BIND_UNBOUND_PORT, arg, True)
         return port
 
     def unbind(self, port: int) -> None:
         arg = EvtchnUnbind(port)
-        self._ioctl(self.fd, IOCTL_EVTCHN_UNBIND, _addr(arg))
+        self._ioctl(self.fd, IOCTL_EVTCHN_UNBIND, arg, True)
 
     def notify(self, port: int) -> None:
         arg = EvtchnNotify(port)
-        self._ioctl(self.fd, IOCTL_EVTCHN_NOTIFY, _addr(arg))
+        self._ioctl(self.fd, IOCTL_EVTCHN_NOTIFY, arg, True)
 
     def reset(self) -> None:
-        self._ioctl(self.fd, IOCTL_EVTCHN_RESET, 0)
+        self._ioctl(self.fd, IOCTL_EVTCHN_RESET, 0, False)  # no argument
 
     def restrict_domid(self, domid: int) -> None:
         arg = EvtchnRestrictDomid(domid)
-        self._ioctl(self.fd, IOCTL_EVTCHN_RESTRICT_DOMID, _addr(arg))
+        self._ioctl(self.fd, IOCTL_EVTCHN_RESTRICT_DOMID, arg, True)
 
     def pending(self, max_ports: int = 64) -> list[int]:
         """Ports that fired (each is masked until :meth:`unmask`); [] if none."""

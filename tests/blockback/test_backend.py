@@ -235,6 +235,21 @@ def test_out_of_order_and_barrier_drain(rig: Rig) -> None:
     assert slow.log == [("write", 0), ("flush", 0), ("write", 8192), ("flush", 0), ("write", 12288)]
 
 
+def test_linux_empty_flush_and_barrier_are_flushes(rig: Rig) -> None:
+    """Linux blkfront's empty flush: FLUSH_DISKCACHE, 0 segments, sector_number 2**64-1 (and
+    the same for an empty barrier).  Answered OKAY after a real flush of the disk."""
+    slow = SlowDisk(rig.disk)
+    rig.executor.disk = slow
+    f, abi = rig.front, rig.front.abi
+    for rid, op in ((1, Op.FLUSH_DISKCACHE), (2, Op.WRITE_BARRIER)):
+        slow.log.clear()
+        assert f.call(abi.encode_rw(op, rid, 2**64 - 1, [], nr_segments=0)) == Status.OKAY
+        assert ("flush", 0) in slow.log and all(k == "flush" for k, _ in slow.log)
+    # Requests with data are still range-checked.
+    (p,) = f.alloc(1)
+    assert f.call(abi.encode_rw(Op.FLUSH_DISKCACHE, 3, 2**64 - 1, [(p, 0, 7)])) == Status.ERROR
+
+
 def test_adaptive_inline_falls_back_to_pool(tmp_path: Path) -> None:
     """Small requests run inline while they are fast; once they look like real disk I/O the
     ring hands them to the pool again, so one slow read no longer blocks the others."""

@@ -74,6 +74,18 @@ def test_flush_and_barrier() -> None:
         assert status(RO.handle(rw(op, 0, [], nr=0))) is Status.ERROR
 
 
+@pytest.mark.parametrize("op", [Op.FLUSH_DISKCACHE, Op.WRITE_BARRIER])
+@pytest.mark.parametrize("sector", [2**64 - 1, SECTORS, SECTORS + 1, 2**63])
+def test_empty_flush_and_barrier_ignore_the_sector(op: int, sector: int) -> None:
+    """Linux blkfront's empty flush carries sector 2**64-1; Linux blkback range-checks only
+    requests with sectors. Refusing it made the guest turn flush (and barriers) off."""
+    out = ENGINE.handle(rw(op, sector, [], nr=0))
+    assert isinstance(out, IoPlan), out
+    assert (out.operation, out.length, out.segments, out.offset) == (op, 0, (), 0)
+    # With data the range still counts.
+    assert status(ENGINE.handle(rw(op, sector, [(3, 0, 7)]))) is Status.ERROR
+
+
 def test_read_only() -> None:
     assert isinstance(RO.handle(rw(Op.READ, 0, [(1, 0, 7)])), IoPlan)
     assert status(RO.handle(rw(Op.WRITE, 0, [(1, 0, 7)]))) is Status.ERROR

@@ -453,9 +453,9 @@ def test_copy_raw_builds_the_segments_encode_copy_segment_does(tmp_path: Path) -
     C header by test_xen_layout.py: the bytes must agree, and statuses come back per segment."""
     seen: list[bytes] = []
 
-    def ioctl(fd: int, request: int, arg: Any) -> int:
-        assert request == xen.IOCTL_GNTDEV_GRANT_COPY
-        head = xen.GntdevGrantCopy.from_address(arg)
+    def ioctl(fd: int, request: int, arg: Any, mutate: bool = False) -> int:
+        assert request == xen.IOCTL_GNTDEV_GRANT_COPY and mutate
+        head = xen.GntdevGrantCopy.from_buffer(arg)
         segs = (xen.GntdevGrantCopySegment * head.count).from_address(head.segments)
         seen.append(bytes(segs))
         for i, seg in enumerate(segs):

@@ -60,10 +60,15 @@ class FakeHypervisor:
     def ioctl_count(self, kind: str) -> int:
         return sum(1 for k, _ in self.calls if k == kind)
 
-    def ioctl(self, fd: int, request: int, arg: Any) -> int:
+    def ioctl(self, fd: int, request: int, arg: Any, mutate: bool = False) -> int:
+        # As fcntl.ioctl sees it: a structure must come as a writable buffer with mutate_flag
+        # (an int is converted to a C int: a real address overflows it), results written into it.
+        if request != xen.IOCTL_EVTCHN_RESET:
+            assert mutate and not isinstance(arg, int), "structures go as mutable buffers"
+            assert not memoryview(arg).readonly
         if request == xen.IOCTL_GNTDEV_MAP_GRANT_REF:
-            head = xen.GntdevMapGrantRef.from_address(arg)
-            refs = (xen.GntdevGrantRef * head.count).from_address(arg + 16)
+            head = xen.GntdevMapGrantRef.from_buffer(arg)
+            refs = (xen.GntdevGrantRef * head.count).from_buffer(arg, 16)
             pairs = [(r.domid, r.ref) for r in refs]
             self.calls.append(("map", pairs))
             if any(d != DOMID for d, _ in pairs):
@@ -77,14 +82,14 @@ class FakeHypervisor:
                 raise OSError(errno.EINVAL, "the fake maps consecutive refs only")
             return 0
         if request == xen.IOCTL_GNTDEV_UNMAP_GRANT_REF:
-            unmap = xen.GntdevUnmapGrantRef.from_address(arg)
+            unmap = xen.GntdevUnmapGrantRef.from_buffer(arg)
             self.calls.append(("unmap", (unmap.index, unmap.count)))
             return 0
         if request == xen.IOCTL_GNTDEV_SET_MAX_GRANTS:
-            self.calls.append(("max", xen.GntdevSetMaxGrants.from_address(arg).count))
+            self.calls.append(("max", xen.GntdevSetMaxGrants.from_buffer(arg).count))
             return 0
         if request == xen.IOCTL_GNTDEV_GRANT_COPY:
-            copy = xen.GntdevGrantCopy.from_address(arg)
+            copy = xen.GntdevGrantCopy.from_buffer(arg)
             segs = (xen.GntdevGrantCopySegment * copy.count).from_address(copy.segments)
             self.calls.append(("copy", copy.count))
             batch: list[tuple[int, int, int, bool]] = []
@@ -110,15 +115,15 @@ class FakeHypervisor:
                 seg.status = 0
             return 0
         if request == xen.IOCTL_EVTCHN_BIND_INTERDOMAIN:
-            bind = xen.EvtchnBindInterdomain.from_address(arg)
+            bind = xen.EvtchnBindInterdomain.from_buffer(arg)
             self.calls.append(("bind", (bind.remote_domain, bind.remote_port)))
             self.next_port += 1
             return self.next_port
         if request == xen.IOCTL_EVTCHN_NOTIFY:
-            self.calls.append(("notify", xen.EvtchnNotify.from_address(arg).port))
+            self.calls.append(("notify", xen.EvtchnNotify.from_buffer(arg).port))
             return 0
         if request == xen.IOCTL_EVTCHN_UNBIND:
-            self.calls.append(("unbind", xen.EvtchnUnbind.from_address(arg).port))
+            self.calls.append(("unbind", xen.EvtchnUnbind.from_buffer(arg).port))
             return 0
         raise OSError(errno.ENOTTY, f"unexpected ioctl {request:#x}")
 
@@ -161,6 +166,41 @@ def test_missing_devices_say_not_dom0(tmp_path: Path) -> None:
     assert info.value.errno == errno.ENODEV
     with pytest.raises(OSError, match="not a Xen dom0"):
         xen.EvtchnDev(str(tmp_path / "no-evtchn"))
+
+
+def test_real_ioctl_gets_buffers_not_addresses() -> None:
+    """Through the real ``fcntl.ioctl`` on /dev/null: every call reaches the kernel (ENOTTY).
+
+    Passing ``ctypes.addressof(obj)`` instead died with OverflowError in CPython's int
+    conversion as soon as the structure lived above 2**31 -- always, for heap memory here."""
+    assert ctypes.addressof(xen.GntdevSetMaxGrants(1)) > 2**31  # the case that overflowed
+    gnt = xen.GntDev("/dev/null")
+    evt = xen.EvtchnDev("/dev/null")
+    try:
+        calls: list[Any] = [
+            lambda: gnt.set_max_grants(64),
+            lambda: gnt.map_grant_refs(DOMID, [1, 2, 3]),
+            lambda: gnt.map_grant_refs(DOMID, list(range(300))),  # > 1 KiB: CPython's direct path
+            lambda: gnt.unmap_grant_ref(4096, 1),
+            lambda: gnt.grant_copy([xen.CopyOp(DOMID, 1, 0, bytearray(512))]),
+            lambda: gnt.copy_raw([(DOMID, 1, 0, 0x7F00_0000_0000, 512, True)]),
+            lambda: evt.bind_interdomain(DOMID, 7),
+            lambda: evt.bind_unbound_port(DOMID),
+            lambda: evt.unbind(7),
+            lambda: evt.notify(7),
+            lambda: evt.reset(),
+            lambda: evt.restrict_domid(DOMID),
+        ]
+        for call in calls:
+            with pytest.raises(OSError) as info:
+                call()
+            assert info.value.errno == errno.ENOTTY
+        with pytest.raises(OSError) as err:
+            xen.XenTransport("/dev/null", "/dev/null", max_grants=128)
+        assert err.value.errno == errno.ENOTTY
+    finally:
+        gnt.close()
+        evt.close()
 
 
 def test_ring_map_and_unmap(transport: xen.XenTransport, hv: FakeHypervisor) -> None:
