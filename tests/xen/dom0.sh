@@ -16,7 +16,8 @@ mount -t tmpfs tmpfs /tmp
 version=$(uname -r)
 mkdir -p "/lib/modules/$version"
 mount --bind "$LAB_MODULES/$version" "/lib/modules/$version"
-for m in xenfs xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xen-blkback nbd; do
+# xen-blkback is loaded only by the NBD route's test: it claims every backend/vbd device.
+for m in xenfs xen-evtchn xen-gntdev xen-gntalloc xen-privcmd; do
     modprobe "$m" || echo "vhdlab: modprobe $m failed"
 done
 mount -t xenfs xenfs /proc/xen
@@ -25,13 +26,15 @@ XEN=/usr/lib/xen-4.17/bin
 export PATH="$XEN:/usr/sbin:/usr/bin:/sbin:/bin"
 xenstored --pid-file /run/xenstored.pid
 xen-init-dom0
-xenconsoled --pid-file=/run/xenconsoled.pid --log=guest --log-dir=/var/log/xen/console
+# Guest consoles go straight to the results share: a run can be watched from the host.
+mkdir -p /vhdlab/console
+xenconsoled --pid-file=/run/xenconsoled.pid --log=guest --log-dir=/vhdlab/console
 xl info | head -20
 echo "vhdlab: dom0 ready at $(cut -d' ' -f1 /proc/uptime) s"
 cd "$REPO"
-export CI VHD_CORPUS LAB_KERNEL LAB_GUEST_INITRD VHD_XEN_DOM0=1 HOME=/root
+export CI VHD_CORPUS LAB_KERNEL LAB_GUEST_INITRD VHD_XEN_DOM0=1 HOME=/root PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
 eval "set -- $RUN_TESTS"
-.venv/bin/python -m pytest -p no:cacheprovider -p no:xdist -o addopts= -rA \
+.venv/bin/python -m pytest -p no:cacheprovider -p no:xdist -o addopts= -o timeout=1800 -rA \
     --junitxml=/vhdlab/junit.xml "$@" >/vhdlab/pytest.log 2>&1
 echo "vhdlab: pytest exit $?"
 cp -r /var/log/xen /vhdlab/xen
