@@ -25,6 +25,7 @@ def test_standalone_backendtype_is_refused_for_pv_disks() -> None:
     cfg = guest_config("gstand", "disks", [disk])
     out = run("xl", "create", cfg, check=False, timeout=300)
     assert out.returncode != 0, f"xl accepted backendtype=standalone for a PV disk:\n{out.stderr}"
+    assert "no suitable backend for disk xvda" in out.stderr, out.stderr
     assert run("xl", "domid", "gstand", check=False).returncode != 0  # nothing left running
     assert xs_ls("/local/domain/0/backend") == [] or all(
         "/vbd/" not in n and "/qdisk/" not in n for n in xs_ls("/local/domain/0/backend")

@@ -27,7 +27,7 @@ CONSOLE = Path("/vhdlab/console")  # xenconsoled --log-dir (tests/xen/dom0.sh)
 RESULTS = Path("/vhdlab")
 VHD = [str(Path(sys.executable).with_name("vhd"))]
 # Under TCG on 2 shared cores a guest boot takes minutes; these bound a hung run, not a slow one.
-BOOT_TIMEOUT = 600.0
+BOOT_TIMEOUT = 1500.0
 
 
 def run(

@@ -1,6 +1,16 @@
 """``vhd serve --xen`` on real Xen: a Linux PV guest gets every disk of its xl config from it.
 
 Runs inside the lab's dom0 (tests/xen/lab.py); the guest side is tests/xen/guest/disks.sh.
+
+NOT YET IN THE RUN (named pending_*, so neither pytest nor tests/xen/test_lab.py collects it):
+not yet seen passing as a whole on the lab.  Seen on real Xen so far: all five disks connect,
+blkfront reports flush diskcache and indirect descriptors enabled (the read-only disk: no flush
+offered) and uses the 4 queues offered, ro=1 on the read-only disk and its writes fail, every odd
+O_DIRECT write to the differencing child and the fixed disk reads back.  Open: once,
+reading back a range after ``blkdiscard`` (two whole 2 MiB blocks of a dynamic disk) did not
+return zeros; the ext4 part had run busybox's mke2fs (fixed: /usr/sbin/mke2fs); on 2 cores shared
+with a dozen busy processes the guest took longer than the old 600 s wait.  Rename it to
+test_blkif.py once it passes.
 """
 
 from __future__ import annotations
