@@ -22,7 +22,11 @@ any) and then flushes.  A halted ring (bogus ``req_prod``) is never read again; 
 requests still complete.  :meth:`RingService.stop` stops the intake, waits for in-flight I/O and
 answers it, so nothing is mapped after it returns.
 
-:class:`BlkifDevice` owns the rings of one connected vbd (one per queue) over a transport.
+:class:`BlkifDevice` owns the rings of one connected vbd (one per queue) over a transport.  It
+attaches to each ring where the frontend's ``rsp_prod`` stands (``BACK_RING_ATTACH``, as Linux
+blkback's ``xen_blkif_map`` does), not at 0: a backend restarted under a connected guest (crash, systemd
+restart) answers the requests its predecessor left unanswered and then goes on, instead of
+replaying old slots or halting the ring.
 """
 
 from __future__ import annotations
@@ -38,10 +42,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from blockback.abi import Abi, Status
+from blockback.abi import REQ_PROD, RSP_PROD, Abi, Status
 from blockback.engine import BlkifEngine, IoPlan, Kind, NeedIndirect, Reply
 from blockback.executor import BlockOp, BlockRequest, RequestExecutor
-from blockback.ring import BackRing, RemoteProtocolError, RingMemory
+from blockback.ring import MASK32, BackRing, RemoteProtocolError, RingMemory
 from blockback.xenbus import FrontendParams
 
 log = logging.getLogger("blockback")
@@ -477,6 +481,22 @@ class RingService:
         self.executor.submit(job.steps.pop(0), step_done)
 
 
+def _attach_ring(memory: RingMemory, abi: Abi, order: int) -> BackRing:
+    """``BACK_RING_ATTACH`` at the shared ``rsp_prod``: every request after it is unanswered.
+
+    A fresh ring (``SHARED_RING_INIT``) has both indexes at 0, so this is ``BACK_RING_INIT``
+    there.  More requests than the ring holds past ``rsp_prod`` is a bogus ring (Linux blkback's
+    ``xen_blkif_map`` refuses it the same way)."""
+    rsp_prod = memory.load_u32(RSP_PROD)
+    ring = BackRing(memory, abi, order, start=rsp_prod)
+    pending = (memory.load_u32(REQ_PROD) - rsp_prod) & MASK32
+    if pending > ring.nr_ents:
+        raise RemoteProtocolError(
+            f"ring has {pending} requests past rsp_prod {rsp_prod} (at most {ring.nr_ents})"
+        )
+    return ring
+
+
 class BlkifDevice:
     """A connected vbd: one :class:`RingService` per queue, over one executor and transport."""
 
@@ -503,7 +523,7 @@ class BlkifDevice:
                 self._memories.append(memory)
                 channel = transport.bind_interdomain(domid, queue.event_channel)
                 self._channels.append(channel)
-                ring = BackRing(memory, params.abi, params.ring_page_order)
+                ring = _attach_ring(memory, params.abi, params.ring_page_order)
                 self.rings.append(
                     RingService(
                         ring,

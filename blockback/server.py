@@ -12,7 +12,10 @@ per coalesced event (XSA-349).
 xenstored in DIR, guest memory and event channels in DIR, the vbd nodes libxl would write, and
 the backend.  ``serve_xen`` is the dom0 daemon: it watches the backend directory for devices the
 toolstack creates, serves each with the real Xen transport, and tears them down on
-Closing/Closed, ``online=0`` or SIGTERM.
+Closing/Closed, ``online=0``, the frontend's or the backend directory's removal, or SIGTERM.
+Every backend write is one transaction that first checks the backend directory still exists:
+the toolstack owns it, and once it is removed (``xl destroy``, ``block-detach``) nothing of ours
+may re-create it.
 """
 
 from __future__ import annotations
@@ -93,6 +96,7 @@ class VbdDriver:
         self.device: BlkifDevice | None = None
         self.engine: BlkifEngine | None = None
         self.removed = False
+        self.gone = False  # the toolstack removed the backend directory: write nothing more
         self.connects = 0
         discard_enable = self._read(f"{self.be}/discard-enable")
         self.discard = discard_enable != "0" and not self.read_only
@@ -104,8 +108,34 @@ class VbdDriver:
         value = self.xs.try_read(path)
         return None if value is None else value.decode(errors="replace")
 
-    def _write_state(self, state: XenbusState) -> None:
-        self.xs.write(f"{self.be}/state", str(int(state)))
+    def _write(self, keys: dict[str, str], *, remove: tuple[str, ...] = ()) -> bool:
+        """Write ``keys`` (relative to the backend directory) in one transaction, and only while
+        the directory exists; False (and :attr:`gone` set) once the toolstack has removed it.
+
+        The toolstack owns the directory (``xl destroy`` and ``block-detach`` remove it once we
+        answer Closed): a plain write after that would re-create it, node by node, and leave
+        ``state`` and friends behind for ever.  The existence check and the writes are atomic."""
+        if self.gone:
+            return False
+
+        def body(tx: Transaction) -> bool:
+            if not tx.exists(self.be):
+                return False
+            for key in remove:
+                with contextlib.suppress(XenStoreError):
+                    tx.rm(f"{self.be}/{key}")
+            for key, value in keys.items():
+                tx.write(f"{self.be}/{key}", value)
+            return True
+
+        if self.xs.run_transaction(body):
+            return True
+        log.info("%s: the backend directory was removed", self.be)
+        self.gone = True
+        return False
+
+    def _write_state(self, state: XenbusState) -> bool:
+        return self._write({"state": str(int(state))})
 
     def watch(self) -> None:
         if self.fe:
@@ -161,6 +191,12 @@ class VbdDriver:
         if not self.removed:
             self.feed(Input.SHUTDOWN)
 
+    def directory_removed(self) -> None:
+        """The toolstack removed the backend directory: tear down, close, write nothing."""
+        self.gone = True
+        if not self.removed:
+            self.feed(Input.GONE)
+
     # -- actions ------------------------------------------------------------------------------
 
     def perform(self, action: Action) -> None:
@@ -171,38 +207,42 @@ class VbdDriver:
                 max_indirect_segments=self.options.max_indirect_segments,
                 max_queues=self.options.max_queues,
             )
-            for key, value in keys.items():
-                self.xs.write(f"{self.be}/{key}", value)
             if self.options.write_hotplug_status:
-                self.xs.write(f"{self.be}/hotplug-status", "connected")
-            with contextlib.suppress(XenStoreError):
-                self.xs.rm(f"{self.be}/error")  # a reconnect starts clean
-            self._write_state(XenbusState.INIT_WAIT)
+                keys["hotplug-status"] = "connected"
+            keys["state"] = str(int(XenbusState.INIT_WAIT))  # last: the frontend acts on it
+            self._write(keys, remove=("error",))  # a reconnect starts clean
         elif action is Action.CONNECT:
             self._connect()
         elif action is Action.CLOSING:
             self._write_state(XenbusState.CLOSING)
         elif action is Action.CLOSE:
             self._disconnect()
-            self._write_state(XenbusState.CLOSED)
-            if self._read(f"{self.be}/online") == "0":
+            if self._write_state(XenbusState.CLOSED) and self._read(f"{self.be}/online") == "0":
                 self.feed(Input.OFFLINE)  # detached: both sides are done, forget the device
         elif action is Action.FAIL:
             self._disconnect()
             self._write_state(XenbusState.CLOSING)
         elif action is Action.RESIZE:
-            self.xs.write(f"{self.be}/sectors", str(self.disk.size // 512))
-            self._write_state(XenbusState.CONNECTED)  # rewrite: fires the frontend's watch
+            # ``state`` rewritten after ``sectors``: fires the frontend's watch.
+            self._write(
+                {"sectors": str(self.disk.size // 512), "state": str(int(XenbusState.CONNECTED))}
+            )
         elif action is Action.REMOVE:
             self._disconnect()
-            with contextlib.suppress(XenStoreError):
-                self._write_state(XenbusState.CLOSED)
+            with contextlib.suppress(XenStoreError, OSError):  # xenstored may be gone (SIGTERM)
+                self._write_state(XenbusState.CLOSED)  # unless the directory is gone
             self._remove()
+        if self.gone and not self.removed:
+            self.feed(Input.GONE)  # a write found the directory removed: tear down
 
     def _fail(self, reason: str) -> None:
         log.error("%s: %s", self.be, reason)
         with contextlib.suppress(XenStoreError):
-            self.xs.write(f"{self.be}/error", reason[:1000])
+            self._write({"error": reason[:1000]})
+        if self.gone:
+            if not self.removed:
+                self.feed(Input.GONE)
+            return
         if self.machine.state is XenbusState.CONNECTED:
             self.perform(self.machine.process(Input.CONNECT_FAILED))
         elif self.machine.state is not XenbusState.CLOSED:
@@ -234,21 +274,31 @@ class VbdDriver:
                 inline_max=self.options.inline_max,
             )
         except (RemoteProtocolError, OSError) as exc:
-            self.device = None
-            self.xs.write(f"{self.be}/error", f"connect failed: {exc}"[:1000])
-            log.error("%s: connect failed: %s", self.be, exc)
-            self.perform(self.machine.process(Input.CONNECT_FAILED))
+            self._connect_failed(str(exc))
+            return
+        except Exception as exc:
+            # One dom0 process serves every guest: a bug met while connecting one device (the
+            # OverflowError of issue 13) fails that device, with its traceback in the log,
+            # instead of taking every other guest's disk down with the daemon.
+            log.exception("%s: connect failed", self.be)
+            self._connect_failed(f"{type(exc).__name__}: {exc}")
             return
         self.device.start()
-        keys = connect_keys(size=self.disk.size, read_only=self.read_only, discard=self.discard)
+        keys = connect_keys(
+            size=self.disk.size,
+            read_only=self.read_only,
+            discard=self.discard,
+            cdrom=self._read(f"{self.fe}/device-type") == "cdrom",  # as Linux blkback reads it
+        )
+        keys["state"] = str(int(XenbusState.CONNECTED))
+        if self._write(keys):  # one transaction, state last
+            self.connects += 1
 
-        def body(tx: Transaction) -> None:
-            for key, value in keys.items():
-                tx.write(f"{self.be}/{key}", value)
-            tx.write(f"{self.be}/state", str(int(XenbusState.CONNECTED)))
-
-        self.xs.run_transaction(body)
-        self.connects += 1
+    def _connect_failed(self, reason: str) -> None:
+        self.device = None
+        self._write({"error": f"connect failed: {reason}"[:1000]})
+        log.error("%s: connect failed: %s", self.be, reason)
+        self.perform(self.machine.process(Input.CONNECT_FAILED))
 
     def _disconnect(self) -> None:
         if self.device is not None:
@@ -406,7 +456,16 @@ def _signals_stop(stop: threading.Event) -> Iterator[None]:
 
 def _open_disk(args: argparse.Namespace, path: str) -> Any:
     mode = "r" if args.read_only else "r+"
-    return vhd.open(path, mode, parent_dirs=tuple(args.parent_dir or ()))
+    return vhd.open(path, mode, parent_policy=_parent_policy(args))
+
+
+def _parent_policy(args: argparse.Namespace) -> vhd.ParentPolicy:
+    """Served images' parents come only from the folders the admin allows (README: "Untrusted
+    images")."""
+    return vhd.ParentPolicy(
+        dirs=tuple(getattr(args, "parent_dir", None) or ()),
+        allow_absolute=bool(getattr(args, "allow_absolute_parents", False)),
+    )
 
 
 def _options(args: argparse.Namespace) -> BackendOptions:
@@ -480,6 +539,11 @@ class XenDaemon:
         self.options = options or BackendOptions()
         self.drivers: dict[str, VbdDriver] = {}
         self.failed: set[str] = set()
+        # Devices we served and let go whose directory the toolstack has not removed yet
+        # (libxl writes online=0 and state=5 into it, runs its hotplug script, then removes it):
+        # never attached again until the directory is gone, or its events would re-open the
+        # image and re-publish InitWait in a loop.
+        self.finished: set[str] = set()
         self._disks: dict[str, Any] = {}
         self._depth = self.root.count("/") + 2  # root/<frontend domid>/<devid>
 
@@ -501,11 +565,13 @@ class XenDaemon:
             self.scan()  # a whole frontend domain directory appeared or vanished
             return
         device = "/".join(parts[: self._depth + 1])
-        if device in self.drivers:
-            if self.xs.try_read(f"{device}/state") is None:  # the toolstack removed it
-                self.drivers[device].shutdown()
+        if self.xs.try_read(device) is None:  # the toolstack removed the directory
+            self.finished.discard(device)
+            self.failed.discard(device)
+            if device in self.drivers:
+                self.drivers[device].directory_removed()
                 self._reap()
-        elif device not in self.failed:
+        elif device not in self.drivers and device not in self.failed | self.finished:
             self._attach(device)
 
     def scan(self) -> None:
@@ -519,27 +585,27 @@ class XenDaemon:
                 for devid in self.xs.directory(f"{self.root}/{fdom}"):
                     device = f"{self.root}/{fdom}/{devid}"
                     seen.add(device)
-                    if device not in self.drivers and device not in self.failed:
+                    if device not in self.drivers and device not in self.failed | self.finished:
                         self._attach(device)
         for device in [d for d in self.drivers if d not in seen]:
-            self.drivers[device].shutdown()
+            self.drivers[device].directory_removed()
         self.failed &= seen
+        self.finished &= seen
         self._reap()
 
     def _attach(self, device: str) -> None:
         params = self.xs.try_read(f"{device}/params")
         if params is None or self.xs.try_read(f"{device}/state") is None:
             return  # the toolstack is still writing the nodes: a later event brings us back
+        if self.xs.try_read(f"{device}/online") == b"0":
+            return  # being detached: not ours to serve
         mode = (self.xs.try_read(f"{device}/mode") or b"w").decode()
         image = image_path(params.decode())
         read_only = self.read_only or mode.startswith("r")
         try:
             disk = self.open_disk(image, read_only)
         except (vhd.VHDError, OSError) as exc:
-            log.error("%s: cannot open %s: %s", device, image, exc)
-            self.failed.add(device)  # do not retry on every event
-            self.xs.write(f"{device}/hotplug-error", str(exc)[:1000])
-            self.xs.write(f"{device}/hotplug-status", "error")
+            self._refuse(device, f"cannot open {image}: {exc}")
             return
 
         def closed(d: str = device) -> None:
@@ -547,23 +613,36 @@ class XenDaemon:
             if disk_ is not None:
                 disk_.close()
 
-        driver = VbdDriver(
-            self.xs,
-            device,
-            self.transport,
-            disk,
-            read_only=read_only,
-            options=self.options,
-            on_close=closed,
-        )
+        try:
+            driver = VbdDriver(
+                self.xs,
+                device,
+                self.transport,
+                disk,
+                read_only=read_only,
+                options=self.options,
+                on_close=closed,
+            )
+        except (ValueError, XenStoreError, OSError) as exc:  # e.g. frontend-id is not a number
+            disk.close()
+            self._refuse(device, f"bad device nodes: {exc}")
+            return
         self.drivers[device] = driver
         self._disks[device] = disk
         driver.probe()
         log.info("%s: serving %s (%s)", device, image, "ro" if read_only else "rw")
 
+    def _refuse(self, device: str, reason: str) -> None:
+        """Not served (image or nodes unusable): say so where libxl and the admin look, once."""
+        log.error("%s: %s", device, reason)
+        self.failed.add(device)  # do not retry on every event
+        self.xs.write(f"{device}/hotplug-error", reason[:1000])
+        self.xs.write(f"{device}/hotplug-status", "error")
+
     def _reap(self) -> None:
         for device in [d for d, drv in self.drivers.items() if drv.removed]:
-            del self.drivers[device]
+            if not self.drivers.pop(device).gone:
+                self.finished.add(device)
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -574,6 +653,9 @@ class XenDaemon:
                 self.handle(event.path, event.token)
             except (LocalProtocolError, XenStoreError, OSError) as exc:
                 log.error("xenbus: %s", exc)
+            except Exception:
+                # A bug: log it and keep serving every other guest rather than exit.
+                log.exception("xenbus: handling %s", event.path)
 
     def shutdown(self) -> None:
         """SIGTERM: drain and close every device (Closed), close every image."""
@@ -612,19 +694,23 @@ def serve_xen(args: argparse.Namespace) -> int:
         transport = _xen_transport(xen_transport)
         domid = int((xs.try_read("domid") or b"0").decode() or "0")
         root = args.backend_dir or f"/local/domain/{domid}/backend/vbd"
-        parent_dirs = tuple(args.parent_dir or ())
+        policy = _parent_policy(args)
 
         def open_disk(image: str, read_only: bool) -> Any:
-            return vhd.open(image, "r" if read_only else "r+", parent_dirs=parent_dirs)
+            return vhd.open(image, "r" if read_only else "r+", parent_policy=policy)
 
         daemon = XenDaemon(
             xs, transport, root, open_disk, read_only=bool(args.read_only), options=_options(args)
         )
         stop = threading.Event()
+        # Shut down with our handlers still in place (a second SIGTERM must not kill the drain)
+        # and whatever ended the loop: every device closed, every image flushed and closed.
         with _signals_stop(stop):
-            daemon.start()
-            daemon.run(stop)
-        daemon.shutdown()
+            try:
+                daemon.start()
+                daemon.run(stop)
+            finally:
+                daemon.shutdown()
     finally:
         close = getattr(transport, "close", None)
         if close is not None:

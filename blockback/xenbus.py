@@ -11,7 +11,7 @@ The table follows Linux ``xen-blkback/xenbus.c`` ``frontend_changed``: Initialis
 connects (watches coalesce), a repeated Connected is ignored, Closing follows the frontend,
 Closed disconnects (drains in-flight I/O first), Initialising after Closed reconnects (back to
 InitWait), Unknown means the frontend vanished.  Toolstack inputs: ``online=0`` (detach), resize,
-and our own shutdown (SIGTERM).  Every action is idempotent, so a frontend flipping states a
+the backend directory's removal (gone: remove without writing) and our own shutdown (SIGTERM).  Every action is idempotent, so a frontend flipping states a
 thousand times only ever connects and disconnects cleanly (XSA-350).
 
 The key helpers write exactly the keys the doc lists, and parse the frontend's keys into a
@@ -29,6 +29,7 @@ from blockback.abi import (
     ABIS,
     MAX_RING_PAGE_ORDER,
     SECTOR_SIZE,
+    VDISK_CDROM,
     VDISK_READONLY,
     Abi,
     abi_for,
@@ -65,6 +66,7 @@ class Input(enum.Enum):
     CONNECT_FAILED = "connect-failed"  # the frontend's keys were invalid or mapping failed
     RESIZE = "resize"  # the image grew: publish the new size
     SHUTDOWN = "shutdown"  # we are exiting (SIGTERM)
+    GONE = "gone"  # the toolstack removed the backend directory: nothing may be written there
 
 
 FRONTEND_INPUTS: Final = {
@@ -90,10 +92,13 @@ I = Input  # noqa: E741
 A = Action
 
 # (backend state, input) -> (action, next backend state).  Anything missing: protocol error.
+# GONE (the toolstack removed the backend directory: xl destroy, block-detach) removes from any
+# state, and the driver then writes nothing: a write would re-create the removed directory.
 TRANSITIONS: Final[dict[tuple[XenbusState, Input], tuple[Action, XenbusState]]] = {
     (S.INITIALISING, I.PROBE): (A.PUBLISH, S.INIT_WAIT),
     (S.INITIALISING, I.OFFLINE): (A.REMOVE, S.CLOSED),
     (S.INITIALISING, I.SHUTDOWN): (A.REMOVE, S.CLOSED),
+    (S.INITIALISING, I.GONE): (A.REMOVE, S.CLOSED),
     # InitWait: waiting for the frontend's ring keys.
     (S.INIT_WAIT, I.FE_INITIALISING): (A.NONE, S.INIT_WAIT),
     (S.INIT_WAIT, I.FE_INITIALISED): (A.CONNECT, S.CONNECTED),
@@ -104,6 +109,7 @@ TRANSITIONS: Final[dict[tuple[XenbusState, Input], tuple[Action, XenbusState]]] 
     (S.INIT_WAIT, I.OFFLINE): (A.REMOVE, S.CLOSED),
     (S.INIT_WAIT, I.RESIZE): (A.NONE, S.INIT_WAIT),  # sectors are written at connect
     (S.INIT_WAIT, I.SHUTDOWN): (A.REMOVE, S.CLOSED),
+    (S.INIT_WAIT, I.GONE): (A.REMOVE, S.CLOSED),
     # Connected.
     (S.CONNECTED, I.FE_INITIALISING): (A.NONE, S.CONNECTED),  # frontend walks us via 5/6
     (S.CONNECTED, I.FE_INITIALISED): (A.NONE, S.CONNECTED),  # duplicate watch
@@ -115,6 +121,7 @@ TRANSITIONS: Final[dict[tuple[XenbusState, Input], tuple[Action, XenbusState]]] 
     (S.CONNECTED, I.RESIZE): (A.RESIZE, S.CONNECTED),
     (S.CONNECTED, I.OFFLINE): (A.CLOSING, S.CLOSING),
     (S.CONNECTED, I.SHUTDOWN): (A.REMOVE, S.CLOSED),
+    (S.CONNECTED, I.GONE): (A.REMOVE, S.CLOSED),
     # Closing: wait for the frontend to finish.
     (S.CLOSING, I.FE_INITIALISING): (A.NONE, S.CLOSING),
     (S.CLOSING, I.FE_INITIALISED): (A.NONE, S.CLOSING),
@@ -125,6 +132,7 @@ TRANSITIONS: Final[dict[tuple[XenbusState, Input], tuple[Action, XenbusState]]] 
     (S.CLOSING, I.OFFLINE): (A.NONE, S.CLOSING),
     (S.CLOSING, I.RESIZE): (A.NONE, S.CLOSING),
     (S.CLOSING, I.SHUTDOWN): (A.REMOVE, S.CLOSED),
+    (S.CLOSING, I.GONE): (A.REMOVE, S.CLOSED),
     # Closed: reconnect when the frontend starts again, unless the toolstack detached us.
     (S.CLOSED, I.FE_INITIALISING): (A.PUBLISH, S.INIT_WAIT),
     (S.CLOSED, I.FE_INITIALISED): (A.CONNECT, S.CONNECTED),  # 1 and 3 coalesced
@@ -135,6 +143,7 @@ TRANSITIONS: Final[dict[tuple[XenbusState, Input], tuple[Action, XenbusState]]] 
     (S.CLOSED, I.OFFLINE): (A.REMOVE, S.CLOSED),
     (S.CLOSED, I.RESIZE): (A.NONE, S.CLOSED),
     (S.CLOSED, I.SHUTDOWN): (A.REMOVE, S.CLOSED),
+    (S.CLOSED, I.GONE): (A.REMOVE, S.CLOSED),
 }
 
 _LOCAL_INPUTS: Final = frozenset({I.PROBE, I.CONNECT_FAILED})
@@ -195,16 +204,21 @@ def connect_keys(
     discard: bool,
     discard_granularity: int = 4096,
     discard_secure: bool = False,
+    cdrom: bool = False,
 ) -> dict[str, str]:
-    """The device properties written in the connect transaction (before ``state``=4)."""
+    """The device properties written in the connect transaction (before ``state``=4).
+
+    ``info`` carries VDISK_READONLY and, for a frontend whose ``device-type`` is ``cdrom``,
+    VDISK_CDROM (Linux blkback's ``vbd.type``)."""
     writable = not read_only
+    info = (VDISK_READONLY if read_only else 0) | (VDISK_CDROM if cdrom else 0)
     keys = {
         "feature-flush-cache": "1" if writable else "0",
         "feature-barrier": "1" if writable else "0",
         "feature-discard": "1" if discard and writable else "0",
         "feature-persistent": "0",  # grant copy only (docs/blkif.md §3)
         "sectors": str(size // SECTOR_SIZE),
-        "info": str(VDISK_READONLY if read_only else 0),
+        "info": str(info),
         "sector-size": str(SECTOR_SIZE),
         "physical-sector-size": str(SECTOR_SIZE),
     }

@@ -7,7 +7,8 @@ cannot be opened or mounted.  The server records ``pid`` and process start time 
 named after the mount point, so that ``unmount()`` can wait for it to finish closing the image
 after the kernel lets go.
 
-``unmount()`` first calls ``fsync`` on ``disk`` (→ ``Disk.flush()``: everything written through
+``unmount()`` refuses a mount point that is not one of ours (type ``fuse.vhd``, source
+``vhd:IMAGE``), then calls ``fsync`` on ``disk`` (→ ``Disk.flush()``: everything written through
 the mount is durable), then unmounts with ``fusermount3 -u`` (``umount`` as a fallback for
 root), then waits for the server to exit.  A plain ``fusermount -u``/``umount`` or SIGTERM
 also ends the server cleanly: libfuse leaves its loop, and ``destroy`` flushes and closes the
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import json
 import logging
 import logging.handlers
 import os
@@ -40,6 +42,11 @@ from .partitions import read_partitions
 log = logging.getLogger("vhdfuse")
 
 READY = b"ready\n"
+# How our mounts show in /proc/self/mountinfo (libfuse's subtype and fsname options): what
+# ``vhd umount`` checks before it unmounts anything.
+SUBTYPE = "vhd"
+FSTYPE = f"fuse.{SUBTYPE}"
+FSNAME_PREFIX = "vhd:"
 
 
 class MountError(vhd.VHDError):
@@ -50,10 +57,19 @@ class MountError(vhd.VHDError):
 
 
 def open_filesystem(
-    image: str, *, read_only: bool = False, parent_dirs: Sequence[str] = ()
+    image: str,
+    *,
+    read_only: bool = False,
+    parent_dirs: Sequence[str] = (),
+    allow_absolute_parents: bool = False,
 ) -> DiskFilesystem:
-    """Open the image (a whole chain) and read its partition table for the mount's files."""
-    disk = vhd.open(image, "r" if read_only else "r+", parent_dirs=tuple(parent_dirs))
+    """Open the image (a whole chain) and read its partition table for the mount's files.
+
+    Parents are looked for next to the image and in ``parent_dirs`` only, unless
+    ``allow_absolute_parents`` (a mount serves the image to others: README "Untrusted images").
+    """
+    policy = vhd.ParentPolicy(dirs=tuple(parent_dirs), allow_absolute=allow_absolute_parents)
+    disk = vhd.open(image, "r" if read_only else "r+", parent_policy=policy)
     try:
         partitions = read_partitions(lambda offset, length: disk.pread(length, offset), disk.size)
         mtime_ns = os.stat(image).st_mtime_ns
@@ -73,10 +89,22 @@ def serve(
     cache: str | None = None,
     debug: bool = False,
     on_ready: Callable[[], None] | None = None,
+    allow_absolute_parents: bool = False,
+    on_open: Callable[[list[str]], None] | None = None,
 ) -> None:
-    """Mount in this process and serve until unmounted; the image is flushed and closed."""
+    """Mount in this process and serve until unmounted; the image is flushed and closed.
+    ``on_open`` gets the files of the chain once they are open."""
     _check_mountpoint(mountpoint)
-    fs = open_filesystem(image, read_only=read_only, parent_dirs=parent_dirs)
+    fs = open_filesystem(
+        image,
+        read_only=read_only,
+        parent_dirs=parent_dirs,
+        allow_absolute_parents=allow_absolute_parents,
+    )
+    files = [str(layer.path) for layer in getattr(fs.disk, "chain", ())]
+    log.info("serving %s", " <- ".join(files))
+    if on_open is not None:
+        on_open(files)
     from . import adapter  # loads libfuse: only where a mount is really served
 
     pidfile = _pidfile(mountpoint)
@@ -91,7 +119,8 @@ def serve(
             adapter,
             fs,
             os.path.realpath(mountpoint),
-            fsname=f"vhd:{os.path.abspath(image)}",
+            fsname=f"{FSNAME_PREFIX}{os.path.abspath(image)}",
+            subtype=SUBTYPE,
             allow_other=allow_other,
             cache=cache or adapter.DEFAULT_CACHE,
             debug=debug,
@@ -135,9 +164,12 @@ def mount(
     cache: str | None = None,
     log_file: str | None = None,
     timeout: float = 60.0,
-) -> None:
+    allow_absolute_parents: bool = False,
+) -> list[str]:
     """Mount ``image`` on ``mountpoint``; returns once the mount is live (or, in the
-    foreground, once it has been unmounted again)."""
+    foreground, once it has been unmounted again) the files the server opened (the image,
+    then its parents)."""
+    files: list[str] = []
     _check_mountpoint(mountpoint)
     if not os.path.exists(image):
         raise MountError(f"{image}: no such file")
@@ -150,8 +182,10 @@ def mount(
             allow_other=allow_other,
             parent_dirs=parent_dirs,
             cache=cache,
+            allow_absolute_parents=allow_absolute_parents,
+            on_open=files.extend,
         )
-        return
+        return files
     if log_file is None and not os.path.exists("/dev/log"):
         # No syslog to receive the server's messages (why a read failed with EIO, ...).
         log_file = str(default_log_file(mountpoint))
@@ -159,6 +193,7 @@ def mount(
     argv = [sys.executable, "-m", "vhdfuse.mount", "--ready-fd", str(write_end)]
     argv += ["--read-only"] if read_only else []
     argv += ["--allow-other"] if allow_other else []
+    argv += ["--allow-absolute-parents"] if allow_absolute_parents else []
     for directory in parent_dirs:
         argv += ["--parent-dir", os.path.abspath(directory)]
     argv += ["--cache", cache] if cache else []
@@ -186,11 +221,16 @@ def mount(
         message = _wait_ready(read_end, process, timeout)
     finally:
         os.close(read_end)
-    if message != READY:
+    if not message.startswith(READY[:-1]):
         text = message.decode(errors="replace").strip()
         if process.poll() is None:
             process.terminate()
         raise MountError(text.removeprefix("error: ") or "the mount server exited early")
+    # "ready" may be followed by the JSON list of the files the server opened.
+    with contextlib.suppress(ValueError):
+        opened = json.loads(message[len(READY) - 1 :] or b"[]")
+        files.extend(str(f) for f in opened if isinstance(opened, list))
+    return files
 
 
 def _wait_ready(fd: int, process: subprocess.Popen[bytes], timeout: float) -> bytes:
@@ -216,6 +256,9 @@ def unmount(mountpoint: str, *, timeout: float = 120.0) -> None:
     real = os.path.realpath(mountpoint)
     if not is_mounted(real):
         raise MountError(f"{mountpoint}: not mounted")
+    if not is_our_mount(real):
+        # Never take down someone else's file system (a tmpfs, a disk, another FUSE server).
+        raise MountError(f"{mountpoint}: not a 'vhd mount' (use umount for other file systems)")
     pid = _read_pidfile(_pidfile(real))
     # fsync -> Disk.flush(): whatever reached the server is durable before the unmount.
     with contextlib.suppress(OSError):
@@ -261,14 +304,37 @@ def is_mounted(path: str) -> bool:
     """Whether ``path`` is a mount point (also for a dead FUSE server, where stat fails)."""
     real = os.path.realpath(path)
     try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-            for line in f:
-                fields = line.split(" ")
-                if len(fields) > 4 and _unescape(fields[4]) == real:
-                    return True
+        return _mount_entry(real) is not None
     except FileNotFoundError:
         return os.path.ismount(real)
-    return False
+
+
+def is_our_mount(path: str) -> bool:
+    """Whether the topmost mount on ``path`` is a ``vhd mount`` (alive or with a dead server).
+
+    Our mounts are FUSE mounts with subtype ``vhd`` (file system type ``fuse.vhd``) and a source
+    (fsname) ``vhd:IMAGE``, both set in :func:`serve`.
+    """
+    try:
+        entry = _mount_entry(os.path.realpath(path))
+    except FileNotFoundError:
+        return False
+    return entry is not None and entry[0] == FSTYPE and entry[1].startswith(FSNAME_PREFIX)
+
+
+def _mount_entry(real: str) -> tuple[str, str] | None:
+    """(file system type, source) of the topmost mount on ``real`` in /proc/self/mountinfo."""
+    found = None
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.rstrip("\n").split(" ")
+            if len(fields) > 4 and _unescape(fields[4]) == real:
+                # Optional fields end at "-", followed by type, source, super options.
+                rest = fields[fields.index("-", 6) + 1 :] if "-" in fields[6:] else []
+                fstype = _unescape(rest[0]) if rest else ""
+                source = _unescape(rest[1]) if len(rest) > 1 else ""
+                found = (fstype, source)  # later lines are mounted on top of earlier ones
+    return found
 
 
 def _unescape(field: str) -> str:
@@ -370,12 +436,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ready-fd", type=int, required=True)
     parser.add_argument("--read-only", action="store_true")
     parser.add_argument("--allow-other", action="store_true")
+    parser.add_argument("--allow-absolute-parents", action="store_true")
     parser.add_argument("--parent-dir", action="append", default=[])
     parser.add_argument("--cache")
     parser.add_argument("--log")
     args = parser.parse_args(argv)
     _setup_logging(args.log, foreground=False)
     ready_fd: int | None = args.ready_fd
+    opened: list[str] = []
 
     def report(message: bytes) -> None:
         nonlocal ready_fd
@@ -393,7 +461,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             allow_other=args.allow_other,
             parent_dirs=args.parent_dir,
             cache=args.cache,
-            on_ready=lambda: report(READY),
+            allow_absolute_parents=args.allow_absolute_parents,
+            on_open=opened.extend,
+            on_ready=lambda: report(READY[:-1] + b" " + json.dumps(opened).encode() + b"\n"),
         )
     except (vhd.VHDError, OSError, ValueError, RuntimeError) as exc:
         log.error("mount failed: %s", exc)

@@ -3,6 +3,8 @@ checksums, warnings on stderr), raw-or-VHD sources, and a progress bar for termi
 
 from __future__ import annotations
 
+import argparse
+import fractions
 import os
 import re
 import sys
@@ -12,19 +14,84 @@ from typing import TextIO
 import vhd
 from vhd.source import Source, open_source
 
-__all__ = ["Progress", "Source", "open_source", "open_vhd", "parse_size", "warn"]
+__all__ = [
+    "LOCAL_PARENTS",
+    "Progress",
+    "Source",
+    "add_parent_options",
+    "add_progress_options",
+    "open_source",
+    "open_vhd",
+    "parent_policy",
+    "parse_size",
+    "progress_wanted",
+    "warn",
+]
+
+# Commands a user runs on their own images follow the parent locators as written (as qemu-img
+# and Hyper-V do: `vhd create --parent ../base.vhd` children keep working); `serve` and `mount`,
+# which hand an image to someone else, confine them (see README, "Untrusted images").
+LOCAL_PARENTS = vhd.ParentPolicy.trusting()
+
+
+def add_parent_options(p: argparse.ArgumentParser, *, serving: bool) -> None:
+    """``--parent-dir`` and the parent policy switch of a command."""
+    p.add_argument(
+        "--parent-dir",
+        metavar="DIR",
+        action="append",
+        default=[],
+        help="also look for parent images in DIR (repeatable)",
+    )
+    if serving:
+        p.add_argument(
+            "--allow-absolute-parents",
+            action="store_true",
+            help="follow parent locators anywhere on the host (absolute paths, '..'); by "
+            "default parents are looked for only next to the image and in --parent-dir folders",
+        )
+    else:
+        p.add_argument(
+            "--confine-parents",
+            action="store_true",
+            help="look for parents only where 'vhd serve' and 'vhd mount' would: next to the "
+            "image and in --parent-dir folders (to vet an image one did not make)",
+        )
+
+
+def parent_policy(args: argparse.Namespace) -> vhd.ParentPolicy:
+    """The parent policy the options of :func:`add_parent_options` ask for."""
+    dirs = tuple(getattr(args, "parent_dir", None) or ())
+    if getattr(args, "allow_absolute_parents", False):
+        return vhd.ParentPolicy.trusting(dirs)
+    if hasattr(args, "allow_absolute_parents") or getattr(args, "confine_parents", False):
+        return vhd.ParentPolicy(dirs=dirs)
+    return vhd.ParentPolicy.trusting(dirs)
+
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*([+-]?)(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
 
 
-def parse_size(text: str) -> int:
-    """``10G``, ``512M``, ``4096``, ``1TiB`` -> bytes (binary units)."""
+def parse_size(text: str, current: int | None = None) -> int:
+    """``10G``, ``1.5G``, ``512M``, ``4096``, ``1TiB`` -> bytes (binary units), the one size
+    parser of every command.  With ``current`` (resize), ``+N``/``-N`` are relative to it.
+    A fraction must come to a whole number of bytes (``1.5K`` is 1536; ``0.3K`` is refused)."""
     match = _SIZE.match(text)
     if not match:
-        raise ValueError(f"invalid size {text!r} (use a number with an optional K/M/G/T suffix)")
-    number, unit = match.groups()
-    return int(number) * _UNITS[unit.upper()]
+        raise ValueError(
+            f"invalid size {text!r} (use a number, 1.5 too, with an optional K/M/G/T suffix)"
+        )
+    sign, number, unit = match.groups()
+    exact = fractions.Fraction(number) * _UNITS[unit.upper()]  # exact: no float rounding
+    if exact.denominator != 1:
+        raise ValueError(f"invalid size {text!r}: {float(exact):g} is not a whole number of bytes")
+    value = int(exact)
+    if not sign:
+        return value
+    if current is None:
+        raise ValueError(f"invalid size {text!r}: a relative size (+/-) is for resize only")
+    return current + value if sign == "+" else current - value
 
 
 def warn(message: str) -> None:
@@ -38,6 +105,7 @@ def open_vhd(
     parent_dirs: list[str] | None = None,
     allow_parent_mismatch: bool = False,
     open_parent: bool = True,
+    policy: vhd.ParentPolicy = LOCAL_PARENTS,
 ) -> vhd.Disk:
     """Open like the CLI does: bad checksums are warnings, not errors."""
     disk = vhd.open(
@@ -47,6 +115,7 @@ def open_vhd(
         parent_dirs=parent_dirs or (),
         allow_parent_mismatch=allow_parent_mismatch,
         open_parent=open_parent,
+        parent_policy=policy,
     )
     for layer in disk.chain:
         for message in layer.warnings:
@@ -54,14 +123,41 @@ def open_vhd(
     return disk
 
 
+def add_progress_options(parser: argparse.ArgumentParser) -> None:
+    """``-p/--progress`` and ``-q/--quiet``, the same on every long-running command."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "-p", "--progress", action="store_true", help="show progress even when not a terminal"
+    )
+    group.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
+
+
+def progress_wanted(args: argparse.Namespace) -> bool:
+    """A progress bar: with -p; never with -q; else when stderr is a terminal."""
+    if getattr(args, "quiet", False):
+        return False
+    if getattr(args, "progress", False):
+        return True
+    return sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
+
+
 class Progress:
     """A one-line progress bar on a terminal's stderr; silent when stderr is not a terminal."""
 
-    def __init__(self, total: int, label: str, stream: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        total: int,
+        label: str,
+        stream: TextIO | None = None,
+        *,
+        enabled: bool | None = None,
+    ) -> None:
         self.total = max(total, 1)
         self.label = label
         self.stream = stream or sys.stderr
-        self.enabled = self.stream.isatty() and os.environ.get("TERM") != "dumb"
+        if enabled is None:
+            enabled = self.stream.isatty() and os.environ.get("TERM") != "dumb"
+        self.enabled = enabled
         self._last = 0.0
         self._start = time.monotonic()
 

@@ -7,10 +7,11 @@ Layouts written:
   512-byte multiple, then (differencing only) the locator payloads, each sector-aligned, and the
   trailing footer.  Data blocks are added later where the trailing footer is, 4 KiB-aligned.
 
-Creator code is ``vhdk``.  The size every reader sees is exact: ``current size`` = ``original
-size`` = the requested size (libvhdi reads the latter), and the geometry is the exact CHS when
-C·H·S·512 equals the size, else 65535/16/255, which qemu and every other CHS-sizing reader take as
-"use the current size" (see :mod:`vhd.geometry`).
+The footer is laid out as Windows lays it out: creator code ``win `` (vhdkit's own version in the
+creator version), ``current size`` = ``original size`` = the requested size (libvhdi reads the
+latter), and the geometry is the spec's CHS, which never exceeds the size (blktap's ``vhd-util
+check`` requires that).  qemu sizes ``win `` disks by the current size, so qemu-img, libvhdi,
+blktap and Windows all see the exact size (see :mod:`vhd.geometry`).
 
 A differencing child records its parent's unique id and modification time, the parent's file
 name in the header (UTF-16BE) and three locators: W2ku (the absolute path, backslashes), W2ru
@@ -26,7 +27,7 @@ import contextlib
 import os
 from typing import TYPE_CHECKING
 
-from .bat import UNUSED
+from .bat import MAX_ENTRIES, UNUSED
 from .errors import InvalidArgumentError
 from .fileio import write_all
 from .footer import FOOTER_SIZE, DiskType, new_footer, vhd_timestamp
@@ -90,6 +91,11 @@ def create(
         raise InvalidArgumentError(
             f"block size {block_size} must be a power of two from 4 KiB to 256 MiB"
         )
+    if disk_type != DiskType.FIXED and -(-size // block_size) > MAX_ENTRIES:
+        raise InvalidArgumentError(
+            f"a {size}-byte disk of {block_size}-byte blocks needs more than {MAX_ENTRIES} "
+            "blocks, the most vhdkit opens: use larger blocks"
+        )
     footer = new_footer(size=size, disk_type=disk_type, geometry=geometry_for_create(size))
     flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if overwrite else os.O_EXCL)
     fd = os.open(spath, flags, 0o644)
@@ -152,7 +158,8 @@ def create(
         raise
     os.close(fd)
     try:
-        return open_image(spath, "r+")
+        # The parent the caller named is used as named (wherever it is: the caller chose it).
+        return open_image(spath, "r+", parent=parent_path)
     except BaseException:
         # E.g. the new child makes the chain too deep: the caller gets an error, so it must
         # not also get a file it does not know about (which would block a retry).

@@ -15,7 +15,8 @@ from blockback.abi import X86_32, X86_64, Abi, Op, Status, encode_segments
 from blockback.backend import BlkifDevice
 from blockback.engine import BlkifEngine, DeviceConfig
 from blockback.executor import RequestExecutor
-from blockback.transport.sim import SimXen
+from blockback.ring import RemoteProtocolError
+from blockback.transport.sim import SimXen, alloc_unbound_port
 from blockback.xenbus import read_frontend
 
 from .pyfront import SimFrontend
@@ -205,6 +206,9 @@ class SlowDisk:
     def discard(self, offset: int, length: int) -> None:
         self.disk.discard(offset, length)
 
+    def write_zeroes(self, offset: int, length: int) -> None:
+        self.disk.write_zeroes(offset, length)
+
     def extents(self, offset: int = 0, length: int | None = None) -> Iterator[vhd.Extent]:
         return self.disk.extents(offset, length)
 
@@ -296,3 +300,42 @@ def test_stop_answers_everything_published(rig: Rig) -> None:
     got = f.ring.take_responses()
     assert sorted(r[0] for r in got) == [500 + i for i in range(32)]
     assert rig.xen.grants.mapped == 0
+
+
+def test_a_restarted_backend_attaches_where_the_ring_stands(rig: Rig) -> None:
+    """A backend that dies under a connected guest and comes back (BACK_RING_ATTACH at the
+    shared rsp_prod): the requests published while it was gone are answered, once each, and
+    I/O goes on -- past more requests than the ring holds, so attaching at 0 would halt."""
+    f, abi = rig.front, rig.front.abi
+    (p,) = f.alloc(1)
+    n = f.ring.nr_ents + 8
+    for i in range(n):
+        f.page(p)[:] = bytes([i % 251]) * 4096
+        assert f.call(abi.encode_rw(Op.WRITE, i, 8 * i, [(p, 0, 7)])) == Status.OKAY
+    rig.device.stop()  # gone; the guest's ring and grants stay as they are
+    # On Xen the frontend's port falls back to unbound when the backend's end closes; the
+    # simulated hub hands out a port once, so the guest offers a fresh one.
+    f.evtchn.close()
+    f.evtchn = alloc_unbound_port(rig.xen.directory)
+    pages = f.alloc(3)
+    f.submit([abi.encode_rw(Op.READ, 1000 + i, 8 * i, [(q, 0, 7)]) for i, q in enumerate(pages)])
+    rig.device = BlkifDevice(
+        rig.xen, 1, read_frontend(rig.front.keys().get), BlkifEngine(rig.config), rig.executor
+    )
+    rig.device.start()
+    got = f.wait(3)
+    assert sorted(r[0] for r in got) == [1000, 1001, 1002]
+    assert all(status == Status.OKAY for _, _, status in got)
+    for i, q in enumerate(pages):
+        assert bytes(f.page(q)) == bytes([i % 251]) * 4096
+    assert f.call(abi.encode_rw(Op.READ, 2000, 0, [(p, 0, 7)])) == Status.OKAY
+
+
+def test_a_ring_with_more_requests_than_slots_is_refused_at_connect(rig: Rig) -> None:
+    rig.device.stop()
+    f = rig.front
+    f.evtchn.close()
+    f.evtchn = alloc_unbound_port(rig.xen.directory)
+    f.ring.view[0:4] = (f.ring.nr_ents + 1).to_bytes(4, "little")  # req_prod past rsp_prod=0
+    with pytest.raises(RemoteProtocolError, match="past rsp_prod"):
+        BlkifDevice(rig.xen, 1, read_frontend(f.keys().get), BlkifEngine(rig.config), rig.executor)

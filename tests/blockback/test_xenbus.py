@@ -121,6 +121,8 @@ def test_initwait_and_connect_keys() -> None:
     ro = connect_keys(size=4096, read_only=True, discard=True)
     assert ro["info"] == "4" and ro["feature-discard"] == "0" and ro["feature-flush-cache"] == "0"
     assert "discard-granularity" not in ro
+    # A frontend whose device-type is cdrom gets VDISK_CDROM in info (Linux blkback's vbd.type).
+    assert connect_keys(size=4096, read_only=True, discard=False, cdrom=True)["info"] == "5"
 
 
 def reader(keys: dict[str, str]):  # type: ignore[no-untyped-def]
@@ -165,3 +167,12 @@ def test_read_frontend_single_and_multi_queue() -> None:
 def test_read_frontend_refuses(keys: dict[str, str]) -> None:
     with pytest.raises(RemoteProtocolError):
         read_frontend(reader(keys))
+
+
+def test_backend_directory_removed_removes_from_every_state() -> None:
+    """The toolstack removed the backend directory (xl destroy, block-detach): from any state the
+    device is removed (and the driver writes nothing more: tests/blockback/test_xen_daemon.py)."""
+    states = {state for state, _ in TRANSITIONS}
+    assert states == {S.INITIALISING, S.INIT_WAIT, S.CONNECTED, S.CLOSING, S.CLOSED}
+    for s in states:
+        assert TRANSITIONS[(s, Input.GONE)] == (Action.REMOVE, S.CLOSED)

@@ -16,6 +16,9 @@ from vhd.check import CheckReport, check
 from vhd.errors import VHDError
 from vhd.repair import apply_plan, plan_repair
 
+from ..common import add_parent_options, add_progress_options, parent_policy, progress_wanted
+from ._progress import progress_bar
+
 
 def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
@@ -34,13 +37,8 @@ def register(sub: Any) -> None:
         action="store_true",
         help="with --repair: print what would change, change nothing",
     )
-    p.add_argument(
-        "--parent-dir",
-        metavar="DIR",
-        action="append",
-        default=[],
-        help="also look for parents in DIR",
-    )
+    add_parent_options(p, serving=False)
+    add_progress_options(p)
     p.set_defaults(func=run)
 
 
@@ -61,7 +59,12 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run and not args.repair:
         raise ValueError("--dry-run goes with --repair")
     try:
-        report = check(args.image, deep=args.deep, parent_dirs=args.parent_dir)
+        report = check(
+            args.image,
+            deep=args.deep,
+            parent_policy=parent_policy(args),
+            progress=progress_bar("check", args.deep and progress_wanted(args)),
+        )
     except (VHDError, OSError) as exc:
         if not args.json:
             raise
@@ -71,14 +74,14 @@ def run(args: argparse.Namespace) -> int:
     if not args.repair:
         if args.json:
             print(json.dumps(report.as_dict(), indent=2))
-        else:
+        elif not args.quiet:  # -q: the exit code says it
             _print_report(report)
         return 0 if report.clean else 1
     plan = plan_repair(report)
     after = report
     if not args.dry_run and not plan.empty:
         apply_plan(plan)
-        after = check(args.image, deep=args.deep, parent_dirs=args.parent_dir)
+        after = check(args.image, deep=args.deep, parent_policy=parent_policy(args))
     if args.json:
         out = report.as_dict()
         out["repair"] = plan.as_dict() | {"dry_run": args.dry_run, "applied": not args.dry_run}

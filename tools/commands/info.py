@@ -10,7 +10,7 @@ from typing import Any
 import vhd
 from vhd.inspect import describe
 
-from ..common import open_vhd, warn
+from ..common import add_parent_options, open_vhd, parent_policy, warn
 
 
 def register(sub: Any) -> None:
@@ -20,13 +20,13 @@ def register(sub: Any) -> None:
     p.add_argument("image")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--chain", action="store_true", help="describe every disk of the chain")
-    p.add_argument("--parent-dir", action="append", default=[], metavar="DIR")
+    add_parent_options(p, serving=False)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        disk = open_vhd(args.image, parent_dirs=args.parent_dir)
+        disk = open_vhd(args.image, policy=parent_policy(args))
         parent_problem = None
     except vhd.ParentError as exc:
         # Still show the child's own metadata: that is what one needs to find the parent.
@@ -61,10 +61,20 @@ def _render(info: dict[str, Any]) -> None:
         print("  dynamic header:")
         for name, field in info["header"].items():
             print(f"    {name:<18} {_raw(field['raw']):<34} {field['meaning']}")
-        print("  parent locators:")
-        if not info["locators"]:
-            print("    (none)")
-        for loc in info["locators"]:
+        print("  parent locators (all 8 slots):")
+        used = {loc["slot"]: loc for loc in info["locators"]}
+        for entry in info["locator_slots"]:
+            loc = used.get(entry["slot"])
+            if loc is None:
+                stale = any(entry[k] for k in ("data_space", "data_len", "reserved", "data_offset"))
+                raw = (
+                    f" (code 0 but space {entry['data_space']} len {entry['data_len']} "
+                    f"reserved {entry['reserved']} offset {entry['data_offset']:#x})"
+                    if stale
+                    else ""
+                )
+                print(f"    slot {entry['slot']} empty{raw}")
+                continue
             extra = f"  ({loc['problem']})" if loc["problem"] else ""
             print(
                 f"    slot {loc['slot']} {loc['kind']:<5} at {loc['data_offset']:#x} "

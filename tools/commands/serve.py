@@ -11,6 +11,8 @@ import argparse
 import importlib
 from typing import Any
 
+from ..common import add_parent_options
+
 
 def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
@@ -35,13 +37,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--export-name", metavar="NAME", default="", help="NBD: export name")
     p.add_argument("--read-only", action="store_true", help="refuse writes")
-    p.add_argument(
-        "--parent-dir",
-        metavar="DIR",
-        action="append",
-        default=[],
-        help="also look for parent images in DIR",
-    )
+    add_parent_options(p, serving=True)
     p.add_argument(
         "--backend-dir",
         metavar="PATH",
@@ -66,6 +62,11 @@ def run(args: argparse.Namespace) -> int:
         module, name = "blockback.server", "serve_xen"
     if not args.xen and not args.image:
         raise ValueError("an IMAGE is needed with --nbd and --sim")
+    if args.xen and args.image:
+        raise ValueError(
+            "--xen serves the disks the toolstack configures in XenStore, not IMAGE: drop "
+            f"{args.image!r} (or use --nbd / --sim to serve it)"
+        )
     handler = getattr(importlib.import_module(module), name)
     result: int = handler(args)
     return result
