@@ -38,14 +38,13 @@ import os
 import select
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from blockback.abi import REQ_PROD, RSP_PROD, Abi, Status
 from blockback.engine import BlkifEngine, IoPlan, Kind, NeedIndirect, Reply
 from blockback.executor import BlockOp, BlockRequest, RequestExecutor
 from blockback.ring import MASK32, BackRing, RemoteProtocolError, RingMemory
+from blockback.transport import EventChannel, GrantMapper, Mapping, Transport
 from blockback.xenbus import FrontendParams
 
 log = logging.getLogger("blockback")
@@ -54,47 +53,6 @@ INLINE_SLOW = 500e-6  # seconds: far slower than a page-cache hit (~10 us), so a
 INLINE_PROBE = 256  # requests sent to the pool between two inline probes
 INLINE_WINDOW = 16  # inline requests per median
 DEFAULT_BYTES_IN_FLIGHT = 64 * 1024 * 1024  # guest data buffers in flight per ring
-
-
-class Mapping(Protocol):
-    """Guest buffers mapped for one request."""
-
-    buffers: list[memoryview]
-
-    def release(self) -> None: ...
-
-
-class GrantMapper(Protocol):
-    """Access to one frontend's granted pages.
-
-    A transport that moves data by grant copy also has ``finish_mappings([(mapping, ok)]) ->
-    [delivered]``: the ring calls it once per batch of finished requests, before writing their
-    responses, to copy read data out to the guest (only where ``ok``); a False answers ERROR.
-    Transports without it (mapped pages) need nothing done before ``release()``."""
-
-    def map_segments(self, segments: Sequence[tuple[int, int, int]], writable: bool) -> Mapping:
-        """Map ``(gref, offset, length)`` segments all or nothing; raise OSError on a bad grant."""
-        ...
-
-    def copy_pages(self, grefs: Sequence[int]) -> list[bytes]:
-        """Private copies of whole granted pages (indirect descriptors); OSError on a bad grant."""
-        ...
-
-
-class EventChannel(Protocol):
-    def fileno(self) -> int: ...
-    def notify(self) -> None: ...
-    def ack(self) -> int: ...
-    def close(self) -> None: ...
-
-
-class Transport(Protocol):
-    """What a connected device needs from the hypervisor layer (simulated or real)."""
-
-    def map_ring(self, domid: int, refs: Sequence[int]) -> RingMemory: ...
-    def unmap_ring(self, memory: RingMemory) -> None: ...
-    def grant_mapper(self, domid: int) -> GrantMapper: ...
-    def bind_interdomain(self, domid: int, port: int) -> EventChannel: ...
 
 
 class _Job:
@@ -215,7 +173,7 @@ class RingService:
                     continue
                 if self._stopping:  # set before stop() kicked the eventfd we may just have read
                     break
-                if watching_channel and getattr(self.channel, "peer_closed", False):
+                if watching_channel and self.channel.peer_closed:
                     poller.unregister(channel_fd)  # a dead peer would poll readable for ever
                     watching_channel = False
                 poller.poll()
@@ -301,15 +259,16 @@ class RingService:
         jobs: list[_Job] = []
         while done:  # a snapshot: workers keep appending
             jobs.append(done.popleft())
-        finish = getattr(self.grants, "finish_mappings", None)
-        if finish is not None:
+        if self.grants.copies_data:
             # A grant-copy transport delivers the data of every finished request to the guest
             # in one batch, before any response is written; a request whose copy failed on any
             # segment is answered ERROR, never a silent partial success (XSA-365).
-            pending = [j for j in jobs if j.mapping is not None]
+            pending = [(j, j.mapping) for j in jobs if j.mapping is not None]
             if pending:
-                delivered = finish([(j.mapping, j.status == Status.OKAY) for j in pending])
-                for job, ok in zip(pending, delivered, strict=True):
+                delivered = self.grants.finish_mappings(
+                    [(m, j.status == Status.OKAY) for j, m in pending]
+                )
+                for (job, _), ok in zip(pending, delivered, strict=True):
                     if not ok:
                         job.status = Status.ERROR
         for job in jobs:

@@ -656,6 +656,8 @@ class XenGrantMapper:
     TLB shootdowns, immune to XSA-229.  ``data_path="map"``: the guest pages are mapped (gntdev
     map + mmap) and the disk reads and writes them in place."""
 
+    copies_data = True  # finish_mappings copies read data out (a no-op for mapped requests)
+
     def __init__(
         self,
         dev: GntDev,

@@ -1,15 +1,23 @@
 """``vhd serve``: serve an image as a block device (NBD export, or a Xen blkif backend).
 
-The protocol front ends live in :mod:`blockback`; this module only parses arguments and hands
-over: ``--nbd`` to :func:`blockback.nbd.server.serve_from_args`, ``--sim`` to
-:func:`blockback.server.serve_sim` and ``--xen`` to :func:`blockback.server.serve_xen`.
+The protocol front ends live in :mod:`blockback`, which exposes typed functions and options;
+this module owns what belongs to a command: argument parsing, signals, logging set-up and what
+is printed.  ``--nbd`` goes to :func:`blockback.nbd.server.serve_from_args`, ``--sim`` to
+:class:`blockback.sim.SimBackend` and ``--xen`` to :func:`blockback.daemon.serve_xen`.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import logging
+import os
+import threading
+from pathlib import Path
 from typing import Any
+
+from vhdtools.signals import stop_on_signals
+
+import vhd
 
 
 def register(sub: Any) -> None:
@@ -58,14 +66,79 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.nbd:
-        module, name = "blockback.nbd.server", "serve_from_args"
-    elif args.sim:
-        module, name = "blockback.server", "serve_sim"
-    else:
-        module, name = "blockback.server", "serve_xen"
     if not args.xen and not args.image:
         raise ValueError("an IMAGE is needed with --nbd and --sim")
-    handler = getattr(importlib.import_module(module), name)
-    result: int = handler(args)
-    return result
+    if args.nbd:
+        from blockback.nbd.server import serve_from_args
+
+        return serve_from_args(args)
+    if args.sim:
+        return _serve_sim(args)
+    return _serve_xen(args)
+
+
+def _backend_options(args: argparse.Namespace) -> Any:
+    from blockback.vbd import BackendOptions
+
+    return BackendOptions(workers=max(1, int(args.workers or 4)))
+
+
+def _serve_sim(args: argparse.Namespace) -> int:
+    """``vhd serve IMAGE --sim DIR``: simulated Xen with a test xenstored, until SIGTERM/SIGINT."""
+    from blockback.sim import SIM_DEVID, SIM_FRONTEND_DOMID, SimBackend
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    directory = Path(args.sim).absolute()
+    disk = vhd.open(
+        args.image, "r" if args.read_only else "r+", parent_dirs=tuple(args.parent_dir or ())
+    )
+    try:
+        sim = SimBackend(
+            directory,
+            disk,
+            image=os.path.abspath(args.image),
+            read_only=bool(args.read_only or disk.read_only),
+            options=_backend_options(args),
+        )
+        with stop_on_signals(threading.Event()) as stop, sim:
+            print(
+                f"serving {args.image} ({disk.size} bytes) to simulated domain "
+                f"{SIM_FRONTEND_DOMID} as vbd {SIM_DEVID}"
+            )
+            print(f"  guest memory and grants: {directory}/memory, {directory}/grants")
+            print(f"  event channels:          {directory}/evtchn.sock")
+            print(f"  backend:  {sim.backend_path}")
+            print(f"  frontend: {sim.frontend_path}")
+            print(
+                "attach the C test frontend (build it once with: gcc -O2 -I tests/blockback "
+                "-o tests/blockback/frontend tests/blockback/frontend.c -lxenstore):"
+            )
+            print(
+                f"  XENSTORED_PATH={sim.frontend_xenstored_path} "
+                f"tests/blockback/frontend {directory} {sim.frontend_path} check"
+            )
+            print("ready", flush=True)
+            while not stop.wait(0.5):
+                pass
+    finally:
+        disk.close()
+    return 0
+
+
+def _serve_xen(args: argparse.Namespace) -> int:
+    """``vhd serve --xen``: serve the vbds the toolstack assigns to this domain, until SIGTERM."""
+    from blockback.daemon import XenOptions, serve_xen
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    options = XenOptions(
+        xenstore=args.xenstore or None,
+        backend_dir=args.backend_dir or None,
+        read_only=bool(args.read_only),
+        parent_dirs=tuple(args.parent_dir or ()),
+        backend=_backend_options(args),
+    )
+    # The daemon shuts down with our handlers still in place: a second SIGTERM must not kill
+    # the drain.
+    with stop_on_signals(threading.Event()) as stop:
+        serve_xen(options, stop)
+    return 0
