@@ -42,8 +42,9 @@ from dataclasses import dataclass, field
 
 from blockback.abi import REQ_PROD, RSP_PROD, Abi, Status
 from blockback.engine import BlkifEngine, IoPlan, Kind, NeedIndirect, Reply
+from blockback.errors import RemoteProtocolError
 from blockback.executor import BlockOp, BlockRequest, RequestExecutor
-from blockback.ring import MASK32, BackRing, RemoteProtocolError, RingMemory
+from blockback.ring import MASK32, BackRing, RingMemory
 from blockback.transport import EventChannel, GrantMapper, Mapping, Transport
 from blockback.xenbus import FrontendParams
 

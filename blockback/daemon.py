@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import vhd
-from blockback.ring import LocalProtocolError
+from blockback.errors import LocalProtocolError
 from blockback.transport import Transport
 from blockback.vbd import BackendOptions, VbdDriver
 from blockback.xenstore import XenStoreClient, XenStoreError

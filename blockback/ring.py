@@ -63,23 +63,10 @@ from pathlib import Path
 from typing import Protocol
 
 from blockback.abi import PAGE_SIZE, REQ_EVENT, REQ_PROD, RSP_EVENT, RSP_PROD, Abi
+from blockback.errors import LocalProtocolError, RemoteProtocolError
 
 MASK32 = 0xFFFFFFFF
 _U32 = struct.Struct("<I")
-
-
-class RemoteProtocolError(Exception):
-    """The frontend broke the protocol (its fault, not ours): the device should be failed."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-
-
-class LocalProtocolError(Exception):
-    """The caller misused this engine (a bug in the toolkit)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
 
 
 class RingOverflowError(RemoteProtocolError):

@@ -12,8 +12,8 @@ import os
 import threading
 from pathlib import Path
 
+from blockback.errors import LocalProtocolError
 from blockback.executor import BlockDisk
-from blockback.ring import LocalProtocolError
 from blockback.vbd import BackendOptions, VbdDriver
 from blockback.xenstore import Transaction, XenStoreClient, XenStoreError
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 from blockback.backend import BlkifDevice
 from blockback.engine import BlkifEngine, DeviceConfig
+from blockback.errors import RemoteProtocolError
 from blockback.executor import BlockDisk, RequestExecutor
-from blockback.ring import RemoteProtocolError
 from blockback.transport import Transport
 from blockback.xenbus import (
     Action,

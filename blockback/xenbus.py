@@ -34,7 +34,7 @@ from blockback.abi import (
     Abi,
     abi_for,
 )
-from blockback.ring import LocalProtocolError, RemoteProtocolError
+from blockback.errors import LocalProtocolError, RemoteProtocolError
 
 
 class XenbusState(enum.IntEnum):

@@ -33,6 +33,8 @@ import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from blockback.errors import RemoteProtocolError
+
 # -- magic numbers and constants (proto.md "Values") ------------------------------------------
 
 NBD_MAGIC = 0x4E42444D41474943  # "NBDMAGIC"
@@ -191,8 +193,9 @@ def wire_errno(err: int) -> int:
     return _WIRE_ERRNOS.get(err, 5)
 
 
-class ProtocolError(Exception):
-    """The client broke the protocol in a way that leaves no choice but to hang up."""
+# The client broke the protocol in a way that leaves no choice but to hang up: the one
+# remote-protocol error of the package, under the name the NBD code has always used.
+ProtocolError = RemoteProtocolError
 
 
 # -- exports and sessions ----------------------------------------------------------------------

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from blockback.abi import PAGE_SIZE
+from blockback.errors import GrantError
 from blockback.ring import PagedRingMemory, RingMemory, ViewRingMemory
 from blockback.transport import coalesced_views
 
@@ -45,13 +46,6 @@ GRANT_RW = 1
 GRANT_RO = 2
 DEFAULT_PAGES = 16384  # 64 MiB of guest memory
 _NOTIFY_READ = 65536  # bytes drained per ack: bounded work however fast the peer kicks us
-
-
-class GrantError(OSError):
-    """A grant reference is not granted, revoked, read-only for a write, or out of range."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(errno.EFAULT, message)
 
 
 class SimMemory:

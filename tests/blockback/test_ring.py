@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blockback.abi import PAGE_SIZE, REQ_EVENT, RSP_PROD, X86_32, X86_64, Abi, Op, Status
+from blockback.errors import LocalProtocolError
 from blockback.ring import (
     MASK32,
     BackRing,
-    LocalProtocolError,
     PagedRingMemory,
     RingOverflowError,
     ViewRingMemory,
