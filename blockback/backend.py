@@ -41,9 +41,10 @@ import time
 from dataclasses import dataclass, field
 
 from blockback.abi import REQ_PROD, RSP_PROD, Abi, Status
-from blockback.engine import BlkifEngine, IoPlan, Kind, NeedIndirect, Reply
+from blockback.engine import BlkifEngine, IoPlan, NeedIndirect, Reply
 from blockback.errors import RemoteProtocolError
-from blockback.executor import BlockOp, BlockRequest, RequestExecutor
+from blockback.executor import RequestExecutor
+from blockback.request import BlockOp, BlockRequest
 from blockback.ring import MASK32, BackRing, RingMemory
 from blockback.transport import EventChannel, GrantMapper, Mapping, Transport
 from blockback.xenbus import FrontendParams
@@ -378,29 +379,25 @@ class RingService:
             self.stats.max_bytes_in_flight = max(
                 self.stats.max_bytes_in_flight, self.bytes_in_flight
             )
-        kind = plan.kind
+        op = plan.op
         steps: list[BlockRequest]
-        if kind is Kind.READ:
-            steps = [BlockRequest(BlockOp.READ, plan.offset, plan.length, buffers)]
-        elif kind is Kind.WRITE:
-            steps = [BlockRequest(BlockOp.WRITE, plan.offset, plan.length, buffers)]
-        elif kind is Kind.DISCARD:
-            steps = [BlockRequest(BlockOp.DISCARD, plan.offset, plan.length)]
+        if op is not BlockOp.FLUSH:  # READ, WRITE, DISCARD: one step
+            steps = [BlockRequest(op, plan.offset, plan.length, buffers)]
         else:
             write = [BlockRequest(BlockOp.WRITE, plan.offset, plan.length, buffers)]
             flush = [BlockRequest(BlockOp.FLUSH)]
-            if kind is Kind.FLUSH:
+            if not plan.barrier:  # FLUSH_DISKCACHE: write any data, then flush
                 steps = (write if plan.length else []) + flush
-            else:  # BARRIER: drain, flush, write, flush
+            else:  # WRITE_BARRIER: drain, flush, write, flush
                 steps = flush + (write if plan.length else []) + flush
         job = _Job(plan, mapping, steps)
         self.in_flight += 1
         self.stats.max_in_flight = max(self.stats.max_in_flight, self.in_flight)
-        if kind is Kind.BARRIER:
+        if plan.barrier:
             self._barrier = job
             self._maybe_start_barrier()
             return True
-        if plan.length <= self.inline_max and kind in (Kind.READ, Kind.WRITE):
+        if plan.length <= self.inline_max and (op is BlockOp.READ or op is BlockOp.WRITE):
             if not self._inline_slow:
                 self._run_inline(job)
                 return True
