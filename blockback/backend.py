@@ -22,11 +22,7 @@ any) and then flushes.  A halted ring (bogus ``req_prod``) is never read again; 
 requests still complete.  :meth:`RingService.stop` stops the intake, waits for in-flight I/O and
 answers it, so nothing is mapped after it returns.
 
-:class:`BlkifDevice` owns the rings of one connected vbd (one per queue) over a transport.  It
-attaches to each ring where the frontend's ``rsp_prod`` stands (``BACK_RING_ATTACH``, as Linux
-blkback's ``xen_blkif_map`` does), not at 0: a backend restarted under a connected guest (crash, systemd
-restart) answers the requests its predecessor left unanswered and then goes on, instead of
-replaying old slots or halting the ring.
+Rings are attached and owned per connected vbd by :class:`blockback.device.BlkifDevice`.
 """
 
 from __future__ import annotations
@@ -40,14 +36,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from blockback.abi import REQ_PROD, RSP_PROD, Abi, Status
+from blockback.abi import Abi, Status
 from blockback.engine import BlkifEngine, IoPlan, NeedIndirect, Reply
 from blockback.errors import RemoteProtocolError
 from blockback.executor import RequestExecutor
 from blockback.request import BlockOp, BlockRequest
-from blockback.ring import MASK32, BackRing, RingMemory
-from blockback.transport import EventChannel, GrantMapper, Mapping, Transport
-from blockback.xenbus import FrontendParams
+from blockback.ring import BackRing
+from blockback.transport import EventChannel, GrantMapper, Mapping
 
 log = logging.getLogger("blockback")
 
@@ -436,82 +431,3 @@ class RingService:
                 os.eventfd_write(self._wake, 1)
 
         self.executor.submit(job.steps.pop(0), step_done)
-
-
-def _attach_ring(memory: RingMemory, abi: Abi, order: int) -> BackRing:
-    """``BACK_RING_ATTACH`` at the shared ``rsp_prod``: every request after it is unanswered.
-
-    A fresh ring (``SHARED_RING_INIT``) has both indexes at 0, so this is ``BACK_RING_INIT``
-    there.  More requests than the ring holds past ``rsp_prod`` is a bogus ring (Linux blkback's
-    ``xen_blkif_map`` refuses it the same way)."""
-    rsp_prod = memory.load_u32(RSP_PROD)
-    ring = BackRing(memory, abi, order, start=rsp_prod)
-    pending = (memory.load_u32(REQ_PROD) - rsp_prod) & MASK32
-    if pending > ring.nr_ents:
-        raise RemoteProtocolError(
-            f"ring has {pending} requests past rsp_prod {rsp_prod} (at most {ring.nr_ents})"
-        )
-    return ring
-
-
-class BlkifDevice:
-    """A connected vbd: one :class:`RingService` per queue, over one executor and transport."""
-
-    def __init__(
-        self,
-        transport: Transport,
-        domid: int,
-        params: FrontendParams,
-        engine: BlkifEngine,
-        executor: RequestExecutor,
-        *,
-        name: str = "vbd",
-        inline_max: int = 0,
-    ) -> None:
-        self.transport = transport
-        self.params = params
-        self.rings: list[RingService] = []
-        self._memories: list[RingMemory] = []
-        self._channels: list[EventChannel] = []
-        grants = transport.grant_mapper(domid)
-        try:
-            for q, queue in enumerate(params.queues):
-                memory = transport.map_ring(domid, queue.ring_refs)
-                self._memories.append(memory)
-                channel = transport.bind_interdomain(domid, queue.event_channel)
-                self._channels.append(channel)
-                ring = _attach_ring(memory, params.abi, params.ring_page_order)
-                self.rings.append(
-                    RingService(
-                        ring,
-                        engine,
-                        executor,
-                        grants,
-                        channel,
-                        name=f"{name}-q{q}",
-                        inline_max=inline_max,
-                    )
-                )
-        except BaseException:
-            self._release()
-            raise
-
-    def start(self) -> None:
-        for ring in self.rings:
-            ring.start()
-
-    def stop(self) -> None:
-        """Stop every ring (in-flight I/O answered), unbind ports, unmap rings.  Idempotent."""
-        for ring in self.rings:
-            ring.stop()
-        self.rings = []
-        self._release()
-
-    def _release(self) -> None:
-        for channel in self._channels:
-            with contextlib.suppress(OSError):
-                channel.close()
-        self._channels = []
-        for memory in self._memories:
-            self.transport.unmap_ring(memory)
-        self._memories = []

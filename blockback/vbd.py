@@ -22,7 +22,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from blockback.backend import BlkifDevice
+from blockback.device import BlkifDevice
 from blockback.engine import BlkifEngine, DeviceConfig
 from blockback.errors import RemoteProtocolError
 from blockback.executor import BlockDisk, RequestExecutor

@@ -12,7 +12,7 @@ import pytest
 
 import vhd
 from blockback.abi import X86_32, X86_64, Abi, Op, Status, encode_segments
-from blockback.backend import BlkifDevice
+from blockback.device import BlkifDevice
 from blockback.engine import BlkifEngine, DeviceConfig
 from blockback.errors import RemoteProtocolError
 from blockback.executor import RequestExecutor

@@ -21,7 +21,7 @@ import pytest
 import vhd
 from blockback import errors
 from blockback.abi import X86_64, Op, Status, encode_segments
-from blockback.backend import BlkifDevice
+from blockback.device import BlkifDevice
 from blockback.engine import BlkifEngine, DeviceConfig
 from blockback.executor import RequestExecutor
 from blockback.transport import bounce, xen, xen_abi, xen_devices

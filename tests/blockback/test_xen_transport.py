@@ -327,7 +327,7 @@ def test_evtchn_pending_is_bounded(tmp_path: Path, hv: FakeHypervisor) -> None:
 
 
 def test_satisfies_the_backend_transport_protocol(transport: xen.XenTransport) -> None:
-    from blockback.backend import Transport
+    from blockback.transport import Transport
 
     plugged: Transport = transport  # checked by mypy --strict: the same shape as transport/sim.py
     assert plugged.grant_mapper(DOMID).domid == DOMID  # type: ignore[attr-defined]
