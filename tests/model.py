@@ -54,6 +54,34 @@ def bit_set(bitmap: bytes, sector: int) -> bool:
     return bool(bitmap[sector // 8] & (0x80 >> (sector % 8)))
 
 
+def spec_chs(size: int) -> tuple[int, int, int]:
+    """The VHD spec appendix "CHS calculation", transcribed line by line (totalSectors, then
+    cylinderTimesHeads): the geometry a footer for ``size`` bytes should hold."""
+    total_sectors = size // SECTOR
+    if total_sectors > 65535 * 16 * 255:
+        total_sectors = 65535 * 16 * 255
+    if total_sectors >= 65535 * 16 * 63:
+        sectors_per_track = 255
+        heads = 16
+        cylinder_times_heads = total_sectors // sectors_per_track
+    else:
+        sectors_per_track = 17
+        cylinder_times_heads = total_sectors // sectors_per_track
+        heads = (cylinder_times_heads + 1023) // 1024
+        if heads < 4:
+            heads = 4
+        if cylinder_times_heads >= heads * 1024 or heads > 16:
+            sectors_per_track = 31
+            heads = 16
+            cylinder_times_heads = total_sectors // sectors_per_track
+        if cylinder_times_heads >= heads * 1024:
+            sectors_per_track = 63
+            heads = 16
+            cylinder_times_heads = total_sectors // sectors_per_track
+    cylinders = cylinder_times_heads // heads
+    return (cylinders, heads, sectors_per_track)
+
+
 def build_footer(
     *,
     size: int,

@@ -10,11 +10,13 @@ sets ``func`` to a ``run(args) -> int``.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import pkgutil
 import sys
 import traceback
 from collections.abc import Sequence
+from typing import Any
 
 import vhd
 
@@ -35,6 +37,14 @@ class _CommandParser(argparse.ArgumentParser):
     (plain argparse stops filling an optional positional once an option came between)."""
 
     _intermixing = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # `vhd convert A B --debug` works like `vhd --debug convert A B`; SUPPRESS leaves the
+        # top-level value alone when the option is not given here
+        self.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks"
+        )
 
     def parse_known_args(  # type: ignore[override]
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
@@ -100,12 +110,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (vhd.VHDError, OSError, ValueError) as exc:
         if args.debug:
             traceback.print_exc()
-        print(f"vhd: error: {_describe(exc)}", file=sys.stderr)
+        print(f"vhd: error: {_describe(exc, args)}", file=sys.stderr)
         return EXIT_ERROR
 
 
-def _describe(exc: BaseException) -> str:
+def _describe(exc: BaseException, args: argparse.Namespace | None = None) -> str:
     if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        if exc.errno == errno.EEXIST:
+            # only create/convert make files, and both have --force to overwrite
+            hint = " (pass --force to overwrite it)" if hasattr(args, "force") else ""
+            return f"{exc.filename}: already exists{hint}"
         return f"{exc.filename}: {exc.strerror}"
     text = str(exc) or type(exc).__name__
     return " ".join(text.split())

@@ -3,6 +3,8 @@ checksums, warnings on stderr), raw-or-VHD sources, and a progress bar for termi
 
 from __future__ import annotations
 
+import argparse
+import fractions
 import os
 import re
 import sys
@@ -12,19 +14,40 @@ from typing import TextIO
 import vhd
 from vhd.source import Source, open_source
 
-__all__ = ["Progress", "Source", "open_source", "open_vhd", "parse_size", "warn"]
+__all__ = [
+    "Progress",
+    "Source",
+    "add_progress_options",
+    "open_source",
+    "open_vhd",
+    "parse_size",
+    "progress_wanted",
+    "warn",
+]
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*([+-]?)(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
 
 
-def parse_size(text: str) -> int:
-    """``10G``, ``512M``, ``4096``, ``1TiB`` -> bytes (binary units)."""
+def parse_size(text: str, current: int | None = None) -> int:
+    """``10G``, ``1.5G``, ``512M``, ``4096``, ``1TiB`` -> bytes (binary units), the one size
+    parser of every command.  With ``current`` (resize), ``+N``/``-N`` are relative to it.
+    A fraction must come to a whole number of bytes (``1.5K`` is 1536; ``0.3K`` is refused)."""
     match = _SIZE.match(text)
     if not match:
-        raise ValueError(f"invalid size {text!r} (use a number with an optional K/M/G/T suffix)")
-    number, unit = match.groups()
-    return int(number) * _UNITS[unit.upper()]
+        raise ValueError(
+            f"invalid size {text!r} (use a number, 1.5 too, with an optional K/M/G/T suffix)"
+        )
+    sign, number, unit = match.groups()
+    exact = fractions.Fraction(number) * _UNITS[unit.upper()]  # exact: no float rounding
+    if exact.denominator != 1:
+        raise ValueError(f"invalid size {text!r}: {float(exact):g} is not a whole number of bytes")
+    value = int(exact)
+    if not sign:
+        return value
+    if current is None:
+        raise ValueError(f"invalid size {text!r}: a relative size (+/-) is for resize only")
+    return current + value if sign == "+" else current - value
 
 
 def warn(message: str) -> None:
@@ -54,14 +77,41 @@ def open_vhd(
     return disk
 
 
+def add_progress_options(parser: argparse.ArgumentParser) -> None:
+    """``-p/--progress`` and ``-q/--quiet``, the same on every long-running command."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "-p", "--progress", action="store_true", help="show progress even when not a terminal"
+    )
+    group.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
+
+
+def progress_wanted(args: argparse.Namespace) -> bool:
+    """A progress bar: with -p; never with -q; else when stderr is a terminal."""
+    if getattr(args, "quiet", False):
+        return False
+    if getattr(args, "progress", False):
+        return True
+    return sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
+
+
 class Progress:
     """A one-line progress bar on a terminal's stderr; silent when stderr is not a terminal."""
 
-    def __init__(self, total: int, label: str, stream: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        total: int,
+        label: str,
+        stream: TextIO | None = None,
+        *,
+        enabled: bool | None = None,
+    ) -> None:
         self.total = max(total, 1)
         self.label = label
         self.stream = stream or sys.stderr
-        self.enabled = self.stream.isatty() and os.environ.get("TERM") != "dumb"
+        if enabled is None:
+            enabled = self.stream.isatty() and os.environ.get("TERM") != "dumb"
+        self.enabled = enabled
         self._last = 0.0
         self._start = time.monotonic()
 

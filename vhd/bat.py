@@ -15,6 +15,10 @@ from array import array
 from collections.abc import Iterator
 
 UNUSED = 0xFFFFFFFF
+# a byte of an entry that is not UNUSED (all ones in either byte order); entries are 4 bytes, so
+# the match's offset // 4 is the entry
+_NOT_UNUSED = re.compile(rb"[^\xff]")
+_ALL_UNUSED = b"\xff" * 65536
 ENTRIES_PER_SECTOR = 128
 _NOT_FF = re.compile(b"[^\\xff]")
 
@@ -45,6 +49,21 @@ class BlockAllocationTable:
         return cls(array("I", [UNUSED]) * count)
 
     def __len__(self) -> int:
+        return len(self.entries)
+
+    def next_used(self, index: int) -> int:
+        """The first block >= ``index`` with an entry, or ``len(self)``: one C-speed search over
+        the table (no per-entry Python loop; a 2040 GiB disk has a million entries)."""
+        view = memoryview(self.entries).cast("B")
+        pos, total = index * 4, len(view)
+        while pos < total:
+            end = min(total, pos + len(_ALL_UNUSED))
+            # bytes() copy + == is memcpy + memcmp; memoryview == compares item by item
+            if bytes(view[pos:end]) != _ALL_UNUSED[: end - pos]:
+                found = _NOT_UNUSED.search(view, pos, end)
+                assert found is not None
+                return found.start() // 4
+            pos = end
         return len(self.entries)
 
     def __getitem__(self, index: int) -> int:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from .errors import (
     ChainLoopError,
     NotAVHDError,
+    ParentError,
     ParentMismatchError,
     ParentNotFoundError,
     VHDError,
@@ -92,6 +93,25 @@ def read_locators(fd: int, file_size: int, header: DynamicHeader) -> list[Locato
             )
         )
     return out
+
+
+def _unique_id(path: str) -> bytes | None:
+    """The unique id in a VHD's footer (trailing copy, else the one at offset 0), or None."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        size = os.lseek(fd, 0, os.SEEK_END)
+        for at in (size - 512, 0):
+            raw = read_upto(fd, 512, at) if at >= 0 else b""
+            if raw[:8] == b"conectix":
+                return raw[68:84]  # spec: unique id at footer offset 68, 16 bytes
+        return None
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def parent_candidates(
@@ -200,6 +220,14 @@ def resolve_parent(
             continue
         except ChainLoopError:
             raise
+        except ParentError as exc:
+            # The candidate opened but its own ancestor is missing: when the candidate is the
+            # right parent, say so (its error names the missing grandparent), instead of
+            # calling the parent, which exists, "not found".
+            if explicit or _unique_id(path) == want:
+                raise
+            tried.append(f"{path} ({exc})")
+            continue
         except VHDError as exc:
             if explicit:
                 raise
@@ -227,7 +255,8 @@ def resolve_parent(
     if mismatched:
         raise ParentMismatchError(
             f"parent {label!r} (unique id {_uuid.UUID(bytes=want)}) was not found: the files "
-            f"found have other ids ({where}); pass allow_parent_mismatch / --force to use one",
+            f"found have other ids ({where}); if one is the right parent, record its id with "
+            "vhd set-parent CHILD PARENT --force (library: allow_parent_mismatch=True)",
             path=child_path,
         )
     raise ParentNotFoundError(

@@ -40,6 +40,7 @@ from .bat import UNUSED, BlockAllocationTable
 from .chain import read_locators, resolve_parent
 from .errors import (
     ChainLoopError,
+    ForeignFormatError,
     NotAVHDError,
     ParentMismatchError,
     ParentNotFoundError,
@@ -47,17 +48,20 @@ from .errors import (
 )
 from .footer import (
     COOKIE,
+    CREATOR_APP,
+    CREATOR_VERSION,
     FEATURE_RESERVED,
     FEATURE_TEMPORARY,
     FIXED_DATA_OFFSET,
     FOOTER_SIZE,
+    QEMU_CURRENT_SIZE_CREATORS,
     VERSION,
     DiskType,
     Footer,
     checksum_ok,
     vhd_timestamp,
 )
-from .geometry import MAX_GEOMETRY, chs_from_size
+from .geometry import MAX_GEOMETRY, chs_from_size, packed
 from .header import COOKIE as HEADER_COOKIE
 from .header import HEADER_SIZE, UNUSED_DATA_OFFSET, DynamicHeader
 from .header import VERSION as HEADER_VERSION
@@ -71,13 +75,13 @@ from .locator import (
     MAX_LOCATOR_BYTES,
     code_name,
 )
+from .probe import HEAD_BYTES, TAIL_BYTES, ImageFormat, probe, refusal
 
 SECTOR = 512
 PAGE = 4096
 MiB = 1024 * 1024
 MAX_VHD_SIZE = 0xFF000000 * 512  # Microsoft's and qemu's cap: 2040 GiB
 # Creators whose images qemu <= 9 sizes from current size; any other is sized by C*H*S.
-QEMU_CURRENT_SIZE_CREATORS = (b"win ", b"qem2", b"d2v ", b"CTXS", b"tap\0")
 AZURE_MIN_SIZE = 20 * MiB
 AZURE_MAX_SIZE = 32 * 1024 * 1024 * MiB
 _DEEP_CHUNK = 4 * MiB
@@ -200,12 +204,20 @@ def _read(fd: int, length: int, offset: int) -> bytes:
     return read_hook(fd, length, offset)
 
 
+def _refuse_foreign(fd: int, fsize: int, path: str) -> None:
+    """A qcow2/VMDK/VHDX/... file gets its format named (see :mod:`vhd.probe`)."""
+    fmt = probe(_read(fd, HEAD_BYTES, 0), _read(fd, TAIL_BYTES, max(0, fsize - TAIL_BYTES)))
+    if fmt not in (ImageFormat.RAW, ImageFormat.VHD):
+        raise ForeignFormatError(refusal(fmt, path), path=path, format=fmt)
+
+
 def check(
     path: str | os.PathLike[str],
     *,
     deep: bool = False,
     parent_dirs: Sequence[str] = (),
     check_parent: bool = True,
+    progress: Callable[[int, int], None] | None = None,
 ) -> CheckReport:
     """Check an image.  Raises :class:`~vhd.errors.NotAVHDError` when the file holds no VHD
     footer at all, and ``OSError`` when it cannot be read; every other problem is a finding."""
@@ -216,7 +228,12 @@ def check(
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             raise NotAVHDError("not a regular file or block device", path=spath)
         checker = _Checker(fd, spath, os.lseek(fd, 0, os.SEEK_END))
-        checker.run(deep=deep, parent_dirs=parent_dirs, check_parent=check_parent)
+        checker.progress = progress  # (bytes done, bytes) of --deep's block reads
+        try:
+            checker.run(deep=deep, parent_dirs=parent_dirs, check_parent=check_parent)
+        except NotAVHDError:
+            _refuse_foreign(fd, checker.fsize, spath)
+            raise
         return CheckReport(spath, checker.findings, checker.model, deep)
     finally:
         os.close(fd)
@@ -229,6 +246,7 @@ class _Checker:
         self.fsize = fsize
         self.findings: list[Finding] = []
         self.model = ImageModel(path=path, file_size=fsize)
+        self.progress: Callable[[int, int], None] | None = None
 
     def add(
         self, severity: str, code: str, message: str, repair: str = "", *, fix: bool = False
@@ -373,7 +391,7 @@ class _Checker:
                 f"original size {f.original_size} differs from current size {size}: libvhdi "
                 "reports the original size",
             )
-        self.lint_geometry(f)
+        fixed = self.lint_geometry(f, fixed)
         if f.type == DiskType.FIXED:
             if f.data_offset != FIXED_DATA_OFFSET:
                 sev = INFO if f.data_offset == 0xFFFFFFFF else WARNING
@@ -429,11 +447,33 @@ class _Checker:
         m.footer_fixed = fixed
         return True
 
-    def lint_geometry(self, f: Footer) -> None:
+    def lint_geometry(self, f: Footer, fixed: Footer) -> Footer:
+        """Lint C/H/S against the readers that use it; returns ``fixed`` with the geometry
+        mended when blktap would refuse it."""
         geo = f.geometry
         size = f.current_size
+        chs = chs_from_size(size)
+        if packed(geo) > packed(chs):
+            # blktap's check rule (vhd-util-check.c): XenServer refuses the image.  The fix writes
+            # the spec's CHS, and Windows' creator code where qemu would then size the disk by
+            # C*H*S (vhdkit's images before 2026-11 were 'vhdk' with the maximum geometry).
+            keep = f.creator_app in QEMU_CURRENT_SIZE_CREATORS or chs.total_bytes == size
+            self.add(
+                WARNING,
+                "geometry-too-large",
+                f"geometry {geo.cylinders}/{geo.heads}/{geo.sectors} is larger than the spec's "
+                f"C/H/S for {size} bytes ({'/'.join(map(str, chs))}): vhd-util check "
+                "(XenServer) rejects it",
+                "write the spec's C/H/S"
+                + ("" if keep else " and creator 'win ' (so that qemu keeps the exact size)"),
+                fix=True,
+            )
+            fixed = fixed.replace(cylinders=chs.cylinders, heads=chs.heads, sectors=chs.sectors)
+            if not keep:
+                fixed = fixed.replace(creator_app=CREATOR_APP, creator_version=CREATOR_VERSION)
+            return fixed
         if geo == MAX_GEOMETRY:
-            return
+            return fixed
         if f.creator_app not in QEMU_CURRENT_SIZE_CREATORS and geo.total_bytes != size:
             self.add(
                 WARNING,
@@ -455,6 +495,7 @@ class _Checker:
                 f"geometry {tuple(geo)} is not the spec's C/H/S for {size} bytes "
                 f"({tuple(chs_from_size(size))})",
             )
+        return fixed
 
     # -- fixed ------------------------------------------------------------------------------
 
@@ -953,6 +994,8 @@ class _Checker:
         used = (spb + 7) // 8
         empty = 0
         for block in range(m.bat_count):
+            if self.progress is not None:
+                self.progress((block + 1) * bs, m.bat_count * bs)
             entry = bat[block]
             if entry == UNUSED or block in m.drop:
                 continue

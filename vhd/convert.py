@@ -4,21 +4,28 @@ flattened) to raw files, fixed or dynamic VHDs.
 Only data is copied: ranges the source reports as zero (unallocated blocks, clear bitmap bits,
 file holes) are skipped without reading, and chunks that read as all zeros are not written, so
 raw outputs stay sparse and dynamic VHDs get no block for them.  Memory is one chunk buffer.
+A block device as raw output is written in place (no truncate), with the ranges that hold no
+data zeroed, since a device, unlike a new file, has old content.
 """
 
 from __future__ import annotations
 
 import collections
 import concurrent.futures
+import errno
+import fcntl
 import os
 import queue
+import stat
+import struct
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from .create import DEFAULT_BLOCK_SIZE, create
 from .disk import Disk
 from .errors import InvalidArgumentError
-from .fileio import write_all
+from .fileio import write_all, write_zeros
 from .source import Source
 
 MiB = 1024 * 1024
@@ -53,6 +60,9 @@ def convert(
     out_size = src.size if size is None else size
     if out_size < src.size:
         raise InvalidArgumentError("the output cannot be smaller than the source")
+    if to == "raw" and _is_block_device(dst):
+        return _convert_to_block_device(src, dst, out_size, block_size, overwrite, progress)
+    _refuse_unseekable(dst)
     if to == "raw":
         flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if overwrite else os.O_EXCL)
         fd = os.open(dst, flags, 0o644)
@@ -66,6 +76,10 @@ def convert(
         return ConvertResult(out_size, written)
     if to != "vhd":
         raise InvalidArgumentError(f"unknown output format {to!r} (raw or vhd)")
+    if _is_block_device(dst):
+        raise InvalidArgumentError(
+            f"{dst} is a block device: vhdkit writes raw output to devices (--to raw)"
+        )
     if out_size % 512:
         raise InvalidArgumentError(
             f"a VHD's size is a multiple of 512 bytes; the source has {src.size} bytes"
@@ -78,11 +92,110 @@ def convert(
     return ConvertResult(out_size, written)
 
 
+# <linux/fs.h>: _IO(0x12, 127) zero a byte range of a block device (WRITE_ZEROES or written
+# zeros, the kernel's choice); _IOR(0x12, 114, u64) the device size in bytes.
+BLKZEROOUT = 0x127F
+BLKGETSIZE64 = 0x80081272
+
+
+def _refuse_unseekable(dst: str) -> None:
+    """A pipe, terminal or socket as output (``vhd convert a.vhd /dev/stdout``) cannot be
+    truncated or written at offsets: say so instead of ftruncate's bare EINVAL."""
+    try:
+        mode = os.stat(dst).st_mode
+    except OSError:
+        return  # does not exist: it will be created as a regular file
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        raise InvalidArgumentError(
+            "not a regular file or block device (a pipe or terminal?): the output is written at "
+            "offsets; name a file or a block device",
+            path=dst,
+        )
+
+
+def _is_block_device(path: str) -> bool:
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _convert_to_block_device(
+    src: Source,
+    dst: str,
+    out_size: int,
+    block_size: int,
+    overwrite: bool,
+    progress: Callable[[int], None] | None,
+) -> ConvertResult:
+    """Raw output to an existing block device (``vhd convert disk.vhd /dev/sdX``): nothing to
+    create or truncate; the device must be at least as large as the disk, every range the source
+    holds no data in is zeroed (BLKZEROOUT, falling back to writing zeros: the device's old
+    content must not show through), bytes past the disk are left alone, and the device is synced
+    before returning."""
+    if not overwrite:
+        raise InvalidArgumentError(
+            "the block device exists: pass --force to overwrite its content", path=dst
+        )
+    # O_EXCL on a block device: refuse one that is mounted or otherwise claimed (EBUSY)
+    try:
+        fd = os.open(dst, os.O_WRONLY | os.O_EXCL | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            raise InvalidArgumentError(
+                "the block device is in use (mounted, or part of a RAID/LVM/dm device)", path=dst
+            ) from None
+        raise
+    try:
+        buf = bytearray(8)
+        fcntl.ioctl(fd, BLKGETSIZE64, buf)
+        device_size = int.from_bytes(buf, sys.byteorder)
+        if device_size < out_size:
+            raise InvalidArgumentError(
+                f"the device holds {device_size} bytes, less than the disk's {out_size}",
+                path=dst,
+            )
+        written = _copy(
+            src,
+            lambda data, off: write_all(fd, data, off),
+            block_size,
+            progress,
+            zero=lambda off, n: zero_range(fd, off, n),
+        )
+        if out_size > src.size:
+            zero_range(fd, src.size, out_size - src.size)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return ConvertResult(out_size, written)
+
+
+def zero_range(fd: int, offset: int, length: int) -> None:
+    """Make [offset, offset+length) of a block device read as zeros."""
+    end = offset + length
+    # BLKZEROOUT takes 512-byte aligned ranges: write the unaligned edges
+    start = min(end, -(-offset // 512) * 512)
+    stop = max(start, end // 512 * 512)
+    if start > offset:
+        write_zeros(fd, offset, start - offset)
+    if stop > start:
+        try:
+            fcntl.ioctl(fd, BLKZEROOUT, struct.pack("=QQ", start, stop - start))
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTTY, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+            write_zeros(fd, start, stop - start)
+    if end > stop:
+        write_zeros(fd, stop, end - stop)
+
+
 def _copy(
     src: Source,
     write: Callable[[memoryview, int], object],
     chunk: int,
     progress: Callable[[int], None] | None,
+    *,
+    zero: Callable[[int, int], object] | None = None,
 ) -> int:
     """Copy the data extents of ``src`` in chunks aligned to ``chunk`` (the output's block size,
     so that each allocating write fills whole blocks), writing only the non-zero runs.
@@ -90,6 +203,9 @@ def _copy(
     Chunks are copied by ``_WORKERS`` threads (``preadv``/``pwritev`` release the GIL, and
     ``Disk`` is thread-safe): page-cache copies then run on both cores, as qemu-img's parallel
     requests do.  At most ``_WINDOW`` chunks are in flight, so memory stays bounded.
+
+    ``zero``, when given, is called for every range that is not written (zero extents and zero
+    runs inside data), for outputs whose old content would otherwise show through.
     """
     chunk = max(chunk, 64 * 1024)
     buffers: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
@@ -102,9 +218,15 @@ def _copy(
             view = memoryview(buf)
             src.preadinto(view[:n], pos)
             done = 0
+            last = 0
             for start, end in data_runs(buf, n):
+                if zero is not None and start > last:
+                    zero(pos + last, start - last)
                 write(view[start:end], pos + start)
                 done += end - start
+                last = end
+            if zero is not None and n > last:
+                zero(pos + last, n - last)
             view.release()
             return done
         finally:
@@ -123,8 +245,11 @@ def _copy(
                             written += _settle(pending, progress)
                         pending.append((pool.submit(copy_one, pos, n), pos + n))
                         pos += n
-                elif progress and not pending:
-                    progress(ext.end)
+                else:
+                    if zero is not None:
+                        zero(ext.offset, ext.length)
+                    if progress and not pending:
+                        progress(ext.end)
             while pending:
                 written += _settle(pending, progress)
         finally:

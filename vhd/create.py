@@ -7,10 +7,11 @@ Layouts written:
   512-byte multiple, then (differencing only) the locator payloads, each sector-aligned, and the
   trailing footer.  Data blocks are added later where the trailing footer is, 4 KiB-aligned.
 
-Creator code is ``vhdk``.  The size every reader sees is exact: ``current size`` = ``original
-size`` = the requested size (libvhdi reads the latter), and the geometry is the exact CHS when
-C·H·S·512 equals the size, else 65535/16/255, which qemu and every other CHS-sizing reader take as
-"use the current size" (see :mod:`vhd.geometry`).
+The footer is laid out as Windows lays it out: creator code ``win `` (vhdkit's own version in the
+creator version), ``current size`` = ``original size`` = the requested size (libvhdi reads the
+latter), and the geometry is the spec's CHS, which never exceeds the size (blktap's ``vhd-util
+check`` requires that).  qemu sizes ``win `` disks by the current size, so qemu-img, libvhdi,
+blktap and Windows all see the exact size (see :mod:`vhd.geometry`).
 
 A differencing child records its parent's unique id and modification time, the parent's file
 name in the header (UTF-16BE) and three locators: W2ku (the absolute path, backslashes), W2ru

@@ -616,10 +616,7 @@ class SparseDisk(Disk):
             block_end = min((block + 1) * bs, end)
             entry = bat[block]
             if entry == UNUSED:
-                nxt = block + 1
-                while nxt * bs < end and bat[nxt] == UNUSED:
-                    nxt += 1
-                run_end = min(nxt * bs, end)
+                run_end = min(bat.next_used(block + 1) * bs, end)
                 yield from self._absent_extents(pos, run_end)
                 pos = run_end
                 continue

@@ -32,6 +32,15 @@ class NotAVHDError(VHDError):
     """The file has no VHD footer at its end or start."""
 
 
+class ForeignFormatError(NotAVHDError):
+    """The file is a disk image in another format (qcow2, VMDK, VHDX, ...), named in the message:
+    vhdkit refuses it rather than reading the container's bytes as a raw disk."""
+
+    def __init__(self, message: str, *, path: str | None = None, format: object = None) -> None:
+        super().__init__(message, path=path)
+        self.format = format
+
+
 class ParentError(VHDError):
     """Base class for problems with a differencing disk's parent chain."""
 

@@ -31,9 +31,18 @@ CHECKSUM_OFFSET = 64
 # VHD timestamps count seconds from 2000-01-01 00:00:00 UTC.
 EPOCH_2000 = 946684800
 
-CREATOR_APP = b"vhdk"
+# Windows' creator code: the one layout every reader agrees on (geometry = the spec's CHS, which
+# blktap's check requires; qemu <= 9 sizes 'win ' disks by the current size, unknown creators by
+# C*H*S).  vhdkit's own images were 'vhdk' before 2026-11; they are told apart from Windows' by
+# the creator version, vhdkit's (0.x; Windows writes 5.x-10.x), see VHDKIT_CREATOR_VERSIONS.
+CREATOR_APP = b"win "
 CREATOR_VERSION = 0x00000001
+# creator versions that Windows never wrote: with 'win ', such a footer is vhdkit's
+VHDKIT_CREATOR_VERSIONS = range(0x00000000, 0x00010000)
 CREATOR_HOST = b"Wi2k"
+# Creators whose disks qemu <= 9 sizes by the current size (vpc.c); any other creator by C*H*S,
+# unless the geometry is the maximum.
+QEMU_CURRENT_SIZE_CREATORS = (b"win ", b"qem2", b"d2v ", b"CTXS", b"tap\0")
 
 
 class DiskType(IntEnum):
@@ -45,6 +54,14 @@ class DiskType(IntEnum):
     @property
     def label(self) -> str:
         return self.name.lower()
+
+    def __str__(self) -> str:
+        # print(disk.type) and f"{disk.type}" say "dynamic", not "3" (IntEnum's default);
+        # the value is still an int for comparisons, struct packing and int(disk.type)
+        return self.label
+
+    def __format__(self, spec: str) -> str:
+        return format(self.label, spec)
 
 
 FOOTER_STRUCT = cs.Struct(

@@ -2,8 +2,8 @@
 
 The same algorithm is used by qemu (``calculate_geometry``), blktap (``vhd_chs``) and FATtools.
 Every division truncates, so C*H*S*512 never exceeds the size.  The maximum geometry
-65535/16/255 means "size not representable in CHS; use the footer's current size" and is what
-vhdkit writes for sizes whose CHS product is not exact (see :func:`geometry_for_create`).
+65535/16/255 means "size not representable in CHS; use the footer's current size".  vhdkit writes
+the spec's CHS for every size (see :func:`geometry_for_create`), as Windows does.
 """
 
 from __future__ import annotations
@@ -50,13 +50,20 @@ def chs_from_size(size: int) -> Geometry:
     return Geometry(cth // heads, heads, spt)
 
 
-def geometry_for_create(size: int) -> Geometry:
-    """The geometry vhdkit writes for a new disk of ``size`` bytes.
+def packed(geometry: Geometry) -> int:
+    """The footer's 4-byte geometry field as one big-endian number (cylinders, heads, sectors):
+    blktap's ``vhd-util check`` compares this against ``vhd_chs(size)`` and rejects a larger one
+    ("geometry too large")."""
+    return geometry.cylinders << 16 | geometry.heads << 8 | geometry.sectors
 
-    Readers that size disks from CHS (qemu <= 9 for creators it does not know, Virtual PC) would
-    see a smaller disk whenever C*H*S*512 != size.  So the exact CHS is written when it covers the
-    size exactly, and otherwise the maximum geometry, which every reader (qemu included) takes as
-    "use the current size".  Windows/Hyper-V and libvhdi ignore CHS for sizing.
+
+def geometry_for_create(size: int) -> Geometry:
+    """The geometry vhdkit writes for a new disk of ``size`` bytes: the spec's CHS, always.
+
+    This is what Windows/Hyper-V write, and blktap's ``vhd-util check`` requires the geometry to
+    be at most CHS(size) (so the maximum 65535/16/255 fails it below ~127.5 GiB).  qemu <= 9 would
+    size such a disk from C*H*S (a little smaller) for a creator it does not know, which is why
+    vhdkit writes a creator code qemu sizes by the current size (see :mod:`vhd.footer`).
+    Virtual PC, which only knows CHS, sees C*H*S*512 bytes, as it does for Hyper-V's disks.
     """
-    chs = chs_from_size(size)
-    return chs if chs.total_bytes == size else MAX_GEOMETRY
+    return chs_from_size(size)

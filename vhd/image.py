@@ -26,6 +26,7 @@ from .disk import Disk, FixedDisk, SparseDisk
 from .errors import (
     ChecksumError,
     CorruptImageError,
+    ForeignFormatError,
     InvalidArgumentError,
     NotAVHDError,
     UnsupportedFeatureError,
@@ -36,6 +37,7 @@ from .footer import COOKIE, FOOTER_SIZE, VERSION, DiskType, Footer, checksum_ok
 from .header import HEADER_SIZE, DynamicHeader
 from .header import VERSION as HEADER_VERSION
 from .header import checksum_ok as header_checksum_ok
+from .probe import HEAD_BYTES, ImageFormat, probe, refusal
 
 MIN_BLOCK_SIZE = 512
 MAX_BLOCK_SIZE = 256 * 1024 * 1024
@@ -53,6 +55,7 @@ class FooterChoice:
 def locate_footer(fd: int, size: int, path: str) -> FooterChoice:
     """Pick the footer to trust, as described in the module docstring (no strictness applied)."""
     if size < FOOTER_SIZE - 1:
+        _refuse_foreign(read_upto(fd, HEAD_BYTES, 0), b"", path)
         raise NotAVHDError(f"the file is only {size} bytes, too small for a VHD", path=path)
     options: list[tuple[str, int, bytes]] = []
     if size >= FOOTER_SIZE:
@@ -87,11 +90,19 @@ def locate_footer(fd: int, size: int, path: str) -> FooterChoice:
     if head_ok:
         warnings.append("the trailing footer is missing or damaged; using the copy at offset 0")
         return FooterChoice(Footer.parse(head), size, "head", False, tuple(warnings))
+    _refuse_foreign(read_upto(fd, HEAD_BYTES, 0), options[0][2] if options else b"", path)
     raise NotAVHDError(
         "no VHD footer ('conectix') at the end or the start of the file: not a VHD image "
         "(a raw disk?)",
         path=path,
     )
+
+
+def _refuse_foreign(head: bytes, tail: bytes, path: str) -> None:
+    """Raise ForeignFormatError, naming the format, if the file is a qcow2/VMDK/VHDX/... image."""
+    fmt = probe(head, tail)
+    if fmt not in (ImageFormat.RAW, ImageFormat.VHD):
+        raise ForeignFormatError(refusal(fmt, path), path=path, format=fmt)
 
 
 def open(

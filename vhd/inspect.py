@@ -7,13 +7,21 @@ Rendering for humans lives in the CLI; this module only collects.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from . import bitmap as bm
 from .bat import UNUSED
 from .chain import read_locators
-from .disk import FULL, Disk, SparseDisk
-from .footer import FEATURE_RESERVED, FEATURE_TEMPORARY, Footer, unix_time
+from .disk import FULL, SECTOR, Disk, SparseDisk
+from .footer import (
+    CREATOR_APP,
+    FEATURE_RESERVED,
+    FEATURE_TEMPORARY,
+    VHDKIT_CREATOR_VERSIONS,
+    Footer,
+    unix_time,
+)
 from .geometry import chs_from_size
 from .header import DynamicHeader
 from .locator import code_name
@@ -34,6 +42,12 @@ _CREATORS = {
     b"vhdk": "vhdkit",
     b"Py  ": "FATtools",
 }
+
+
+def _creator_meaning(f: Footer) -> str:
+    if f.creator_app == CREATOR_APP and f.creator_version in VHDKIT_CREATOR_VERSIONS:
+        return "vhdkit (with Windows' creator code, so that qemu takes the current size)"
+    return _CREATORS.get(f.creator_app, "unknown")
 
 
 def _iso(vhd_time: int) -> str:
@@ -66,7 +80,7 @@ def footer_fields(f: Footer) -> dict[str, dict[str, Any]]:
         "timestamp": {"raw": f.timestamp, "meaning": _iso(f.timestamp)},
         "creator_app": {
             "raw": _text4(f.creator_app),
-            "meaning": _CREATORS.get(f.creator_app, "unknown"),
+            "meaning": _creator_meaning(f),
         },
         "creator_version": {
             "raw": f.creator_version,
@@ -192,6 +206,21 @@ def describe(disk: Disk, *, chain: bool = True) -> dict[str, Any]:
             }
             for loc in read_locators(disk.fd, disk.file_size, disk.header)
         ]
+        # all 8 entries of the header's locator table as stored, empty ones included (a slot
+        # with code 0 but other fields set is worth seeing: some tools leave stale entries)
+        info["locator_slots"] = [
+            {
+                "slot": slot,
+                "code": loc.code,
+                "kind": code_name(loc.code) if loc.in_use else None,
+                "data_space": loc.data_space,
+                "data_len": loc.data_len,
+                "reserved": loc.reserved,
+                "data_offset": loc.data_offset,
+                "in_use": loc.in_use,
+            }
+            for slot, loc in enumerate(disk.header.locators)
+        ]
         info["bat"] = block_stats(disk)
     if chain:
         info["chain"] = [
@@ -208,3 +237,36 @@ def describe(disk: Disk, *, chain: bool = True) -> dict[str, Any]:
             for depth, layer in enumerate(disk.chain)
         ]
     return info
+
+
+def host_extents(disk: Disk) -> Iterator[tuple[int, int, int | None, int | None]]:
+    """(guest offset, length, layer, host offset) runs: :meth:`Disk.extents` cut where the data
+    is not contiguous in the layer's file, with the byte offset in that file (the layer's path is
+    ``disk.chain[layer].path``).  Zero runs have no layer and no host offset.  Like
+    ``qemu-img map``'s "offset", which is a host offset (its guest offset is "start")."""
+    chain = disk.chain
+    for ext in disk.extents():
+        if ext.layer is None:
+            yield ext.offset, ext.length, None, None
+            continue
+        layer = chain[ext.layer]
+        if not isinstance(layer, SparseDisk):
+            yield ext.offset, ext.length, ext.layer, ext.offset  # fixed: the file is the disk
+            continue
+        bs = layer.block_size
+        assert bs is not None and layer.header is not None
+        bitmap = layer.header.bitmap_bytes
+        run_start, run_host = ext.offset, -1
+        pos = ext.offset
+        while pos < ext.end:
+            block = pos // bs
+            stop = min(ext.end, (block + 1) * bs)
+            # data of a block follows its sector bitmap (spec: "Block Allocation Table")
+            host = layer.bat[block] * SECTOR + bitmap + pos - block * bs
+            if run_host >= 0 and run_host + (pos - run_start) != host:
+                yield run_start, pos - run_start, ext.layer, run_host
+                run_start, run_host = pos, host
+            elif run_host < 0:
+                run_host = host
+            pos = stop
+        yield run_start, ext.end - run_start, ext.layer, run_host

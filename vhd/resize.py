@@ -38,13 +38,21 @@ file is cut (the footer is written at its new place before the cut).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .bat import UNUSED
 from .disk import SparseDisk
 from .errors import CorruptImageError, InvalidArgumentError, UnsupportedFeatureError
 from .fileio import read_exact, write_all, write_zeros
-from .footer import FOOTER_SIZE, DiskType, Footer
+from .footer import (
+    CREATOR_APP,
+    CREATOR_VERSION,
+    FOOTER_SIZE,
+    QEMU_CURRENT_SIZE_CREATORS,
+    DiskType,
+    Footer,
+)
 from .geometry import geometry_for_create
 from .header import HEADER_SIZE, DynamicHeader
 from .image import open as open_image
@@ -65,9 +73,15 @@ class ResizeResult:
 
 
 def resize(
-    path: str | os.PathLike[str], new_size: int, *, shrink: bool = False, force: bool = False
+    path: str | os.PathLike[str],
+    new_size: int,
+    *,
+    shrink: bool = False,
+    force: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> ResizeResult:
-    """Change the guest size of the image at ``path`` to ``new_size`` bytes."""
+    """Change the guest size of the image at ``path`` to ``new_size`` bytes.  ``progress(done,
+    total)`` follows the bytes of the blocks a growing dynamic disk moves out of the BAT's way."""
     spath = os.fspath(path)
     if new_size <= 0 or new_size % SECTOR:
         raise InvalidArgumentError(f"the new size {new_size} is not a positive multiple of 512")
@@ -85,12 +99,16 @@ def resize(
         footer = disk.footer.replace(current_size=new_size)
         geo = geometry_for_create(new_size)
         footer = footer.replace(cylinders=geo.cylinders, heads=geo.heads, sectors=geo.sectors)
+        if footer.creator_app not in QEMU_CURRENT_SIZE_CREATORS:
+            # qemu would size this creator's disk by the new C*H*S, a little short of new_size:
+            # the resized disk gets vhdkit's creator, which qemu sizes by the current size.
+            footer = footer.replace(creator_app=CREATOR_APP, creator_version=CREATOR_VERSION)
         if disk.type == DiskType.FIXED:
             _resize_fixed(disk.fd, spath, old, new_size, footer, force)
             return ResizeResult(spath, old, new_size, 0, 0)
         assert isinstance(disk, SparseDisk)
         if new_size > old:
-            moved = _grow_sparse(disk, new_size, footer)
+            moved = _grow_sparse(disk, new_size, footer, progress)
             return ResizeResult(spath, old, new_size, moved, 0)
         dropped = _shrink_sparse(disk, new_size, footer, force)
         return ResizeResult(spath, old, new_size, 0, dropped)
@@ -106,7 +124,14 @@ def _resize_fixed(fd: int, path: str, old: int, new: int, footer: Footer, force:
     if new > old:
         # 1. A footer still saying the old size goes to the new end: the bytes between are not
         # guest data yet, so the old footer there can be zeroed (2) before the size changes (3).
-        with_old_size = Footer.parse(raw).replace(current_size=old).build()
+        geo = geometry_for_create(old)  # a geometry within the old size, as check wants it
+        with_old_size = (
+            Footer.parse(raw)
+            .replace(
+                current_size=old, cylinders=geo.cylinders, heads=geo.heads, sectors=geo.sectors
+            )
+            .build()
+        )
         write_all(fd, with_old_size, new)
         os.fsync(fd)
         write_zeros(fd, old, FOOTER_SIZE)
@@ -197,7 +222,12 @@ def _write_header(disk: SparseDisk, header: DynamicHeader) -> None:
 # -- sparse: grow --------------------------------------------------------------------------
 
 
-def _grow_sparse(disk: SparseDisk, new_size: int, footer: Footer) -> int:
+def _grow_sparse(
+    disk: SparseDisk,
+    new_size: int,
+    footer: Footer,
+    progress: Callable[[int, int], None] | None = None,
+) -> int:
     header = disk.header
     assert header is not None
     bs = header.block_size
@@ -247,8 +277,10 @@ def _grow_sparse(disk: SparseDisk, new_size: int, footer: Footer) -> int:
         if plan_blocks or plan_locs:
             write_zeros(disk.fd, old_footer_at, FOOTER_SIZE)
         # 2. Copies, synced.
-        for _block, src, dst in plan_blocks:
+        for done, (_block, src, dst) in enumerate(plan_blocks, 1):
             _copy(disk.fd, src, dst, bmb + bs)
+            if progress is not None:
+                progress(done * (bmb + bs), len(plan_blocks) * (bmb + bs))
         new_locs = list(header.locators)
         for slot, dst in plan_locs:
             loc = header.locators[slot]

@@ -2,7 +2,8 @@
 accept both.
 
 A file is a VHD when it has a VHD footer at its end (fixed disks included: qemu-img probes those
-as raw, we do not) or a dynamic/differencing footer copy at its start.  A raw file's zero ranges
+as raw, we do not) or a dynamic/differencing footer copy at its start.  A file in another image
+format (qcow2, VMDK, VHDX, ... see :mod:`vhd.probe`) is refused, unless the caller forces raw.  A raw file's zero ranges
 come from ``SEEK_DATA``/``SEEK_HOLE``.
 """
 
@@ -10,11 +11,12 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from .disk import Disk, Extent
-from .errors import NotAVHDError
+from .errors import ForeignFormatError, InvalidArgumentError, NotAVHDError
 from .fileio import read_exact_into, zero_fill
 from .image import open as open_image
 
@@ -79,14 +81,32 @@ def open_source(
                 parent_dirs=parent_dirs,
                 allow_parent_mismatch=allow_parent_mismatch,
             )
+        except ForeignFormatError:
+            raise  # a qcow2/VMDK/VHDX/... file: never copy the container's bytes as a disk
         except NotAVHDError:
             pass
         else:
             warnings = [f"{d.path}: {w}" for d in disk.chain for w in d.warnings]
             return Source(path=path, size=disk.size, disk=disk, warnings=warnings)
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    size = os.lseek(fd, 0, os.SEEK_END)
+    # O_NONBLOCK: a FIFO must not block the open; it is refused just below
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        if not _seekable(os.fstat(fd).st_mode):
+            raise InvalidArgumentError(
+                "not a regular file or block device (a pipe?): vhdkit reads disks at random "
+                "offsets; save it to a file first",
+                path=path,
+            )
+        os.set_blocking(fd, True)
+        size = os.lseek(fd, 0, os.SEEK_END)
+    except BaseException:
+        os.close(fd)
+        raise
     return Source(path=path, size=size, fd=fd)
+
+
+def _seekable(mode: int) -> bool:
+    return stat.S_ISREG(mode) or stat.S_ISBLK(mode)
 
 
 def _raw_extents(fd: int, size: int) -> Iterator[Extent]:

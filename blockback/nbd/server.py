@@ -514,12 +514,21 @@ class NBDServer:
 
     def listen_unix(self, path: str) -> str:
         with contextlib.suppress(FileNotFoundError):
-            # A socket left behind by an earlier run is replaced; anything else is an error.
+            # A socket left behind by an earlier run is replaced; one that a live server still
+            # listens on is not (its clients would silently lose it); anything else is an error.
             if stat.S_ISSOCK(os.lstat(path).st_mode):
+                if _unix_socket_live(path):
+                    raise OSError(
+                        errno.EADDRINUSE, "another server is listening on this socket", path
+                    )
                 os.unlink(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(path)
-        sock.listen(64)
+        try:
+            sock.bind(path)
+            sock.listen(64)
+        except OSError as exc:
+            sock.close()
+            raise OSError(exc.errno, exc.strerror, path) from None
         self._listeners.append(sock)
         self._unix_paths.append(path)
         where = urllib.parse.quote(os.path.abspath(path), safe="/")
@@ -531,8 +540,18 @@ class NBDServer:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(64)
+        try:
+            sock.bind((host, port))
+            sock.listen(64)
+        except OSError as exc:
+            sock.close()
+            where = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+            hint = " (another server? choose one with --listen HOST:PORT)"
+            raise OSError(
+                exc.errno,
+                (exc.strerror or "cannot listen") + (hint if exc.errno == errno.EADDRINUSE else ""),
+                where,
+            ) from None
         self._listeners.append(sock)
         bound = sock.getsockname()[1]
         shown = f"[{host}]" if family == socket.AF_INET6 else host
@@ -636,6 +655,19 @@ class NBDServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _unix_socket_live(path: str) -> bool:
+    """Whether a server accepts connections on the unix socket ``path``."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except OSError:
+        return False  # ECONNREFUSED: left behind by a server that is gone
+    finally:
+        probe.close()
+    return True
 
 
 def _parse_listen(value: str) -> tuple[str, int]:

@@ -7,7 +7,7 @@
  * layouts (blkif_abi.h; -DBLKIF_X86_32 builds the x86_32-abi flavour).
  *
  *   frontend DIR FRONTEND_PATH check [--shadow FILE] [--read-only] [--resize]
- *       runs the conformance checklist of docs/blkif.md (items printed as "ok N ...") and writes
+ *       runs the blkif conformance checklist (items printed as "ok N ...") and writes
  *       the guest's view of the whole disk to FILE for comparison with the image.
  *   frontend DIR FRONTEND_PATH bench --order N --op read|write --segs N --depth N --seconds S
  *       [--random] prints one JSON line {"iops":..., "mbps":...}.

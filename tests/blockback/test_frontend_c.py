@@ -1,5 +1,5 @@
 """The C test frontend (Xen's own ring macros and blkif structs, libxenstore handshake) runs the
-conformance checklist of docs/blkif.md against the backend on the simulated hypervisor.
+conformance checklist (its 15 items are named in frontend.c) against the backend on the simulated hypervisor.
 
 Matrix: x86_64-abi and x86_32-abi layouts x ring orders 0 and 4 x dynamic and differencing VHDs.
 The frontend keeps a shadow of what the guest wrote; the image is read back with ``vhd convert``

@@ -243,7 +243,7 @@ def test_random_qemu_writes_read_the_same_here(
 )
 @hsettings(max_examples=25)
 def test_qemu_sees_the_exact_size_of_any_library_image(sectors: int, kind: str) -> None:
-    """Whatever the size, qemu (which sizes 'vhdk' images by C·H·S unless the geometry is the
+    """Whatever the size, qemu (which sizes unknown creators' images by C·H·S unless the geometry is the
     maximum) reports exactly the size asked for."""
     with tempfile.TemporaryDirectory(prefix="vhd-qemu-size-") as tmp:
         image = Path(tmp) / "d.vhd"

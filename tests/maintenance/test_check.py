@@ -18,11 +18,13 @@ from tests.maintenance.helpers import (
     MiB,
     make_chain,
     make_dynamic,
+    qemu_info,
     qemu_raw,
     read_image,
     run_cli,
     sha,
 )
+from tests.model import spec_chs
 from tests.vhd.hyperv import build_hyperv
 from vhd.check import check
 from vhd.footer import Footer
@@ -416,3 +418,28 @@ def test_hyperv_layout_repairs(tmp_path: Path, damage: str, require_tool: object
     DAMAGE[damage][0](path)
     assert DAMAGE[damage][1] <= codes(path)
     repair_ok(path, bytes(content), tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["fixed", "dynamic"])
+def test_geometry_larger_than_chs_is_found_and_mended(tmp_path: Path, kind: str) -> None:
+    """vhdkit's layout before 2026-11 ('vhdk', 65535/16/255 for a 10 MiB disk) fails blktap's
+    "geometry too large"; the repair writes the spec's C/H/S and a creator qemu sizes by the
+    current size, so qemu still sees the exact size."""
+    size = 10 * MiB
+    path = tmp_path / "old.vhd"
+    vhd.create(path, size, type=kind).close()  # type: ignore[arg-type]
+    raw = bytearray(path.read_bytes())
+    old = Footer.parse(bytes(raw[-512:])).replace(
+        creator_app=b"vhdk", cylinders=65535, heads=16, sectors=255
+    )
+    raw[-512:] = old.build()
+    if kind == "dynamic":
+        raw[:512] = old.build()
+    path.write_bytes(bytes(raw))
+    assert "geometry-too-large" in codes(path)
+    rc, out = run_cli("check", "--repair", str(path))
+    assert rc == 0, out
+    assert not codes(path)
+    footer = Footer.parse(path.read_bytes()[-512:])
+    assert tuple(footer.geometry) == spec_chs(size)
+    assert qemu_info(path)["virtual-size"] == size

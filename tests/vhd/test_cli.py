@@ -4,6 +4,7 @@ errors without tracebacks, and outputs checked against the spec model and the li
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import vhd
+from tests.conftest import need_tool
 from tests.model import ModelImage, model_chain
 from tests.strategies import payload
 
@@ -148,7 +150,13 @@ def test_map(chain: tuple[Path, Path, bytes]) -> None:
     runs = json.loads(cli("map", "--json", child, expect=0).stdout)
     with vhd.open(child) as disk:
         expected = list(disk.extents())
-    assert [(r["offset"], r["length"], r["layer"]) for r in runs] == [tuple(e) for e in expected]
+    merged: list[list[int | None]] = []  # rows are also cut where the file offset jumps
+    for r in runs:
+        if merged and merged[-1][2] == r["layer"] and merged[-1][0] + merged[-1][1] == r["offset"]:
+            merged[-1][1] += r["length"]
+        else:
+            merged.append([r["offset"], r["length"], r["layer"]])
+    assert [tuple(m) for m in merged] == [tuple(e) for e in expected]
     image = model_chain([base, child])
     for r in runs:
         assert image.layer(r["offset"] // 512) == r["layer"]
@@ -167,3 +175,54 @@ def test_compare(tmp_path: Path, chain: tuple[Path, Path, bytes]) -> None:
     raw.write_bytes(bytes(changed))
     cli("compare", child, raw, expect=1)
     cli("compare", child, tmp_path / "missing.raw", expect=2)
+
+
+def test_map_json_host_offsets(tmp_path: Path, chain: tuple[Path, Path, bytes]) -> None:
+    """host_offset is where each run's bytes are in its layer's file: the bytes there are the
+    guest's, and for a single dynamic image they equal qemu-img map's "offset" (a host offset;
+    qemu's guest offset is "start")."""
+    base, child, content = chain
+    rows = json.loads(cli("map", "--json", child, expect=0).stdout)
+    assert rows[0]["guest_offset"] == 0
+    assert sum(r["length"] for r in rows) == len(content)
+    for r in rows:
+        assert r["offset"] == r["guest_offset"]  # the old key, kept
+        if r["data"]:
+            with open(r["path"], "rb") as f:
+                f.seek(r["host_offset"])
+                got = f.read(r["length"])
+            want = content[r["guest_offset"] : r["guest_offset"] + r["length"]]
+            assert got == want
+        else:
+            assert r["host_offset"] is None
+    qemu = subprocess.run(
+        [need_tool("qemu-img"), "map", "-f", "vpc", "--output=json", str(base)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    theirs = [e for e in json.loads(qemu.stdout) if e["data"]]
+    ours = [r for r in json.loads(cli("map", "--json", base, expect=0).stdout) if r["data"]]
+    assert ours
+    for r in ours:  # qemu reports whole blocks, we report sector runs: same file positions
+        (e,) = [e for e in theirs if e["start"] <= r["guest_offset"] < e["start"] + e["length"]]
+        assert r["host_offset"] == e["offset"] + r["guest_offset"] - e["start"], (r, e)
+
+
+def test_disk_type_prints_its_name(tmp_path: Path) -> None:
+    image = tmp_path / "d.vhd"
+    with vhd.create(image, MiB) as disk:
+        assert str(disk.type) == "dynamic" and f"{disk.type}" == "dynamic"
+        assert disk.type == 3 and int(disk.type) == 3
+
+
+def test_info_shows_all_8_locator_slots(chain: tuple[Path, Path, bytes]) -> None:
+    _, child, _ = chain
+    text = cli("info", child, expect=0).stdout
+    for slot in range(8):
+        assert f"slot {slot} " in text
+    assert len(re.findall(r"slot \d empty", text)) == 5  # W2ku, W2ru, MacX used
+    slots = json.loads(cli("info", "--json", child, expect=0).stdout)["locator_slots"]
+    assert [s["slot"] for s in slots] == list(range(8))
+    assert [s["in_use"] for s in slots].count(True) == 3

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import vhd
-from tests.model import ModelImage, build_footer, model_chain
+from tests.model import ModelImage, build_footer, model_chain, spec_chs
 from tests.strategies import payload
 from tests.vhd.hyperv import build_hyperv
 
@@ -35,7 +35,7 @@ def test_create_fixed_layout(tmp_path: Path) -> None:
     image = ModelImage(path)
     assert image.footer.current_size == image.footer.original_size == size
     assert image.footer.data_offset == 2**64 - 1
-    assert image.footer.creator_app == b"vhdk"
+    assert image.footer.creator_app == b"win "
     assert image.read(size - 3, 3) == b"abc"
     assert image.read(0, 4096) == bytes(4096)
 
@@ -54,9 +54,9 @@ def test_create_dynamic_layout(tmp_path: Path) -> None:
     assert image.header.max_table_entries == 80
     assert image.bat == [0xFFFFFFFF] * 80
     assert image.read_all() == bytes(size)
-    # Geometry: exact CHS or the maximum, never something smaller than the size.
+    # Geometry: the spec's CHS, as Windows writes it (never more, which vhd-util check rejects).
     g = (image.footer.cylinders, image.footer.heads, image.footer.sectors)
-    assert g == (65535, 16, 255) or g[0] * g[1] * g[2] * 512 == size
+    assert g == spec_chs(size)
 
 
 def test_new_blocks_are_4k_aligned_and_footer_moves(tmp_path: Path) -> None:

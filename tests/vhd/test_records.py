@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import itertools
 import struct
+import tempfile
 from array import array
+from pathlib import Path
 
 from hypothesis import given
 from hypothesis import strategies as st
 
+import vhd
 from tests import model
 from tests.strategies import hsettings
 from vhd import bitmap as bm
@@ -353,8 +356,7 @@ def test_chs_never_exceeds_the_size(size: int) -> None:
     assert g.total_bytes <= size
     assert 1 <= g.heads <= 16 and g.sectors in (17, 31, 63, 255)
     assert g.cylinders <= 65535
-    chosen = geometry_for_create(size)
-    assert chosen == g if g.total_bytes == size else chosen == MAX_GEOMETRY
+    assert tuple(geometry_for_create(size)) == model.spec_chs(size)
 
 
 def test_known_geometries() -> None:
@@ -364,3 +366,23 @@ def test_known_geometries() -> None:
     assert tuple(chs_from_size(512 << 20)) == (1040, 16, 63)
     assert tuple(chs_from_size(2040 << 30)) == (65535, 16, 255)
     assert MAX_GEOMETRY.is_max
+
+
+@given(
+    sectors=st.integers(1, 8 * 1024 * 1024),
+    kind=st.sampled_from(["fixed", "dynamic"]),
+)
+@hsettings(max_examples=20)
+def test_created_footer_is_laid_out_like_windows(sectors: int, kind: str) -> None:
+    """Every image gets the spec's CHS (never more: blktap's vhd-util check rejects a larger
+    geometry) and a creator qemu sizes by the current size (qemu <= 9 sizes others by C*H*S)."""
+    size = sectors * 512
+    with tempfile.TemporaryDirectory(prefix="vhd-geo-") as tmp:
+        path = Path(tmp) / "d.vhd"
+        vhd.create(path, size, type=kind).close()  # type: ignore[arg-type]
+        with path.open("rb") as fh:
+            fh.seek(-512, 2)
+            f = model.Footer.decode(fh.read())
+    assert (f.cylinders, f.heads, f.sectors) == model.spec_chs(size)
+    assert f.creator_app in (b"win ", b"qem2", b"d2v ", b"CTXS", b"tap\0")
+    assert f.current_size == f.original_size == size

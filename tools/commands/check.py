@@ -16,6 +16,9 @@ from vhd.check import CheckReport, check
 from vhd.errors import VHDError
 from vhd.repair import apply_plan, plan_repair
 
+from ..common import add_progress_options, progress_wanted
+from ._progress import progress_bar
+
 
 def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
@@ -41,6 +44,7 @@ def register(sub: Any) -> None:
         default=[],
         help="also look for parents in DIR",
     )
+    add_progress_options(p)
     p.set_defaults(func=run)
 
 
@@ -61,7 +65,12 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run and not args.repair:
         raise ValueError("--dry-run goes with --repair")
     try:
-        report = check(args.image, deep=args.deep, parent_dirs=args.parent_dir)
+        report = check(
+            args.image,
+            deep=args.deep,
+            parent_dirs=args.parent_dir,
+            progress=progress_bar("check", args.deep and progress_wanted(args)),
+        )
     except (VHDError, OSError) as exc:
         if not args.json:
             raise
@@ -71,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.repair:
         if args.json:
             print(json.dumps(report.as_dict(), indent=2))
-        else:
+        elif not args.quiet:  # -q: the exit code says it
             _print_report(report)
         return 0 if report.clean else 1
     plan = plan_repair(report)

@@ -7,11 +7,11 @@ consistent and the chain reading as before; rerunning finishes the job.
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 from vhd.commit import commit
 
+from ..common import add_progress_options, progress_wanted
 from ._progress import progress_bar
 
 
@@ -31,15 +31,12 @@ def register(sub: Any) -> None:
         default=[],
         help="also look for parents in DIR",
     )
-    p.add_argument(
-        "-p", "--progress", action="store_true", help="show progress even when not a tty"
-    )
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress, no summary")
+    add_progress_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    show = not args.quiet and (args.progress or sys.stderr.isatty())
+    show = progress_wanted(args)
     result = commit(
         args.child,
         keep=args.keep,

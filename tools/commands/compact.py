@@ -7,11 +7,11 @@ no bit set.  The remaining blocks move down, the file is cut, and the bytes recl
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
 
 from vhd.compact import compact
 
+from ..common import add_progress_options, progress_wanted
 from ._progress import progress_bar
 
 
@@ -23,17 +23,16 @@ def register(sub: Any) -> None:
         "differencing disk only no bit set), move the rest down and cut the file.",
     )
     p.add_argument("image")
-    p.add_argument(
-        "-p", "--progress", action="store_true", help="show progress even when not a tty"
-    )
+    add_progress_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    show = args.progress or sys.stderr.isatty()
-    result = compact(args.image, progress=progress_bar("scan", show))
-    print(
-        f"{result.path}: reclaimed {result.reclaimed} bytes ({result.size_before} -> "
-        f"{result.size_after}); {result.blocks_freed} blocks freed, {result.blocks_moved} moved"
-    )
+    result = compact(args.image, progress=progress_bar("scan", progress_wanted(args)))
+    if not args.quiet:
+        print(
+            f"{result.path}: reclaimed {result.reclaimed} bytes ({result.size_before} -> "
+            f"{result.size_after}); {result.blocks_freed} blocks freed, "
+            f"{result.blocks_moved} moved"
+        )
     return 0

@@ -20,7 +20,9 @@ def register(sub: Any) -> None:
     p.add_argument("image")
     p.add_argument("size", nargs="?", help="disk size, e.g. 10G (not with --parent)")
     p.add_argument("--type", choices=("fixed", "dynamic"), default="dynamic")
-    p.add_argument("--block-size", default="2M", help="dynamic block size (default 2M)")
+    p.add_argument(
+        "--block-size", help="dynamic/differencing block size (default 2M); not with fixed"
+    )
     p.add_argument("--parent", help="make a differencing child of this image")
     p.add_argument("--force", action="store_true", help="overwrite IMAGE if it exists")
     p.set_defaults(func=run)
@@ -31,12 +33,14 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("a differencing child takes its size from the parent: drop SIZE")
     if not args.parent and not args.size:
         raise ValueError("give a SIZE (or --parent)")
+    if args.block_size is not None and args.type == "fixed" and not args.parent:
+        raise ValueError("--block-size is for dynamic disks: a fixed disk has no blocks")
     size = parse_size(args.size) if args.size else None
     with vhd.create(
         args.image,
         size,
         type=args.type,
-        block_size=parse_size(args.block_size),
+        block_size=parse_size(args.block_size or "2M"),
         parent=args.parent,
         overwrite=args.force,
     ) as disk:

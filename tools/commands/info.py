@@ -61,10 +61,20 @@ def _render(info: dict[str, Any]) -> None:
         print("  dynamic header:")
         for name, field in info["header"].items():
             print(f"    {name:<18} {_raw(field['raw']):<34} {field['meaning']}")
-        print("  parent locators:")
-        if not info["locators"]:
-            print("    (none)")
-        for loc in info["locators"]:
+        print("  parent locators (all 8 slots):")
+        used = {loc["slot"]: loc for loc in info["locators"]}
+        for entry in info["locator_slots"]:
+            loc = used.get(entry["slot"])
+            if loc is None:
+                stale = any(entry[k] for k in ("data_space", "data_len", "reserved", "data_offset"))
+                raw = (
+                    f" (code 0 but space {entry['data_space']} len {entry['data_len']} "
+                    f"reserved {entry['reserved']} offset {entry['data_offset']:#x})"
+                    if stale
+                    else ""
+                )
+                print(f"    slot {entry['slot']} empty{raw}")
+                continue
             extra = f"  ({loc['problem']})" if loc["problem"] else ""
             print(
                 f"    slot {loc['slot']} {loc['kind']:<5} at {loc['data_offset']:#x} "

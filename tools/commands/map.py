@@ -6,6 +6,8 @@ import argparse
 import json
 from typing import Any
 
+from vhd.inspect import host_extents
+
 from ..common import open_vhd
 
 
@@ -14,7 +16,8 @@ def register(sub: Any) -> None:
         "map",
         help="show which layer holds each guest range",
         description="List the runs of the guest address space with where their data lives: "
-        "a layer of the chain (0 = the image itself) or nowhere (reads as zeros).",
+        "a layer of the chain (0 = the image itself) and the byte offset in that file "
+        "(host_offset), or nowhere (reads as zeros).",
     )
     p.add_argument("image")
     p.add_argument("--json", action="store_true")
@@ -27,19 +30,25 @@ def run(args: argparse.Namespace) -> int:
         paths = [layer.path for layer in disk.chain]
         rows = [
             {
-                "offset": e.offset,
-                "length": e.length,
-                "layer": e.layer,
-                "data": e.layer is not None,
-                "path": paths[e.layer] if e.layer is not None else None,
+                # "guest_offset" is where the run is in the disk; "host_offset" where its bytes
+                # are in the file "path" (qemu-img map calls these "start" and "offset").
+                # "offset" repeats guest_offset for scripts written before host_offset existed.
+                "guest_offset": guest,
+                "offset": guest,
+                "length": length,
+                "layer": layer,
+                "data": layer is not None,
+                "path": paths[layer] if layer is not None else None,
+                "host_offset": host,
             }
-            for e in disk.extents()
+            for guest, length, layer, host in host_extents(disk)
         ]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'offset':>16} {'length':>16}  where")
+    print(f"{'guest offset':>16} {'length':>16} {'host offset':>16}  where")
     for row in rows:
         where = f"[{row['layer']}] {row['path']}" if row["data"] else "zero (unallocated)"
-        print(f"{row['offset']:>16} {row['length']:>16}  {where}")
+        host = "-" if row["host_offset"] is None else row["host_offset"]
+        print(f"{row['guest_offset']:>16} {row['length']:>16} {host:>16}  {where}")
     return 0

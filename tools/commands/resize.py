@@ -8,26 +8,13 @@ SIZE is bytes or a number with a binary suffix (K, M, G, T: KiB, MiB, GiB, TiB),
 from __future__ import annotations
 
 import argparse
-import re
 from typing import Any
 
 import vhd
 from vhd.resize import resize
 
-_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_size(text: str, current: int) -> int:
-    match = re.fullmatch(r"([+-]?)(\d+)([KMGT]?)(?:i?B)?", text.strip(), re.IGNORECASE)
-    if not match:
-        raise ValueError(f"invalid size {text!r} (use bytes or a K/M/G/T suffix)")
-    sign, number, unit = match.groups()
-    value = int(number) * _UNITS[unit.upper()]
-    if sign == "+":
-        return current + value
-    if sign == "-":
-        return current - value
-    return value
+from ..common import add_progress_options, parse_size, progress_wanted
+from ._progress import progress_bar
 
 
 def register(sub: Any) -> None:
@@ -41,6 +28,7 @@ def register(sub: Any) -> None:
     p.add_argument("size", help="new size: bytes or K/M/G/T (binary), or +N / -N")
     p.add_argument("--shrink", action="store_true", help="allow making the disk smaller")
     p.add_argument("--force", action="store_true", help="with --shrink: drop data past the new end")
+    add_progress_options(p)
     p.set_defaults(func=run)
 
 
@@ -50,7 +38,12 @@ def run(args: argparse.Namespace) -> int:
     size = parse_size(args.size, current)
     if args.force and not args.shrink:
         raise ValueError("--force goes with --shrink")
-    result = resize(args.image, size, shrink=args.shrink, force=args.force)
+    bar = progress_bar("moving blocks", progress_wanted(args))
+    result = resize(args.image, size, shrink=args.shrink, force=args.force, progress=bar)
+    if not result.relocated_blocks:
+        bar(0, 0)  # nothing had to move: the bar still ends at 100 %
+    if args.quiet:
+        return 0
     note = f", {result.relocated_blocks} blocks relocated" if result.relocated_blocks else ""
     if result.dropped_blocks:
         note += f", {result.dropped_blocks} blocks dropped"

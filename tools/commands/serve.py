@@ -68,6 +68,11 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     if not args.xen and not args.image:
         raise ValueError("an IMAGE is needed with --nbd and --sim")
+    if args.xen and args.image:
+        raise ValueError(
+            "--xen serves the disks the toolstack configures in XenStore, not IMAGE: drop "
+            f"{args.image!r} (or use --nbd / --sim to serve it)"
+        )
     if args.nbd:
         from blockback.nbd.server import serve_from_args
 

@@ -1,0 +1,75 @@
+"""``vhd compare`` side by side with ``qemu-img compare`` (issue 9, item 17): target <= 1.0x
+qemu-img's time on sparse pairs and on half-full pairs.
+
+* sparse pairs: two empty 8 GiB dynamic VHDs, two empty 2040 GiB dynamic VHDs, two 8 GiB raw
+  files that are one hole each (only the extents may be looked at: reading the zeros took 65 s);
+* a half-full pair: a 1 GiB dynamic VHD made by ``vhd convert`` against its raw source (4 MiB
+  runs of random data and of zeros, page cache warm), so both tools must read every data byte;
+* for scale, ``vhd --version``: the interpreter start-up every ``vhd`` command pays, which is most
+  of the sparse rows' time (qemu-img, a C program, starts in a few milliseconds).
+
+Times are medians of ``ROUNDS`` runs of the whole process (GNU time).
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import vhd
+
+from . import core
+from .core import ROUNDS, VHD_CLI, GiB, _make_source, _row, _run_child, _warm
+
+
+def _median(command: list[str]) -> float:
+    return statistics.median(_run_child(command)[0] for _ in range(ROUNDS))
+
+
+def _pair(name: str, a: Path, b: Path, fmt_a: str, fmt_b: str, qemu: str) -> dict[str, Any]:
+    ours = _median([VHD_CLI, "compare", str(a), str(b)])
+    theirs = _median([qemu, "compare", "-f", fmt_a, "-F", fmt_b, str(a), str(b)])
+    return _row(name, ours, theirs, "s", "vs qemu-img compare; target <= 1.0x")
+
+
+def run(workdir: Path) -> list[dict[str, Any]]:
+    qemu = shutil.which("qemu-img")
+    if qemu is None:
+        raise RuntimeError("qemu-img is needed (apt-get install qemu-utils)")
+    core._ENV = core._child_env(workdir)
+    rows: list[dict[str, Any]] = []
+    startup = _median([VHD_CLI, "--version"])
+    rows.append(_row("vhd --version (interpreter start-up)", startup, None, "s", "for scale"))
+    paths: list[Path] = []
+    try:
+        for size, label in ((8 * GiB, "8 GiB"), (2040 * GiB, "2040 GiB")):
+            a, b = workdir / f"a-{label[:-4]}.vhd", workdir / f"b-{label[:-4]}.vhd"
+            paths += [a, b]
+            vhd.create(a, size).close()
+            vhd.create(b, size).close()
+            rows.append(
+                _pair(f"compare, sparse {label} dynamic VHD pair", a, b, "vpc", "vpc", qemu)
+            )
+        a, b = workdir / "a.raw", workdir / "b.raw"
+        paths += [a, b]
+        for p in (a, b):
+            with p.open("wb") as f:
+                f.truncate(8 * GiB)
+        rows.append(_pair("compare, sparse 8 GiB raw pair", a, b, "raw", "raw", qemu))
+
+        src, image = workdir / "half.raw", workdir / "half.vhd"
+        paths += [src, image]
+        _make_source(src)
+        subprocess.run([VHD_CLI, "convert", str(src), str(image)], check=True, timeout=600)
+        _warm(src)
+        _warm(image)
+        rows.append(
+            _pair("compare, half-full 1 GiB dynamic VHD vs raw", image, src, "vpc", "raw", qemu)
+        )
+    finally:
+        for p in paths:
+            p.unlink(missing_ok=True)
+    return rows

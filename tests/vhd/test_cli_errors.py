@@ -1,0 +1,115 @@
+"""One clear line naming the path, as a user meets the errors: pipes as input and output, an
+existing output (naming --force), a chain whose grandparent is missing (named, not the parent
+that exists), a parent with another id (no advice to pass --force to commands without it), an
+occupied NBD port or unix socket."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import vhd
+
+VHD_CLI = str(Path(sys.executable).with_name("vhd"))
+MiB = 1 << 20
+
+
+def error_line(*args: str | Path, stdin: bytes | None = None) -> str:
+    proc = subprocess.run(
+        [VHD_CLI, *map(str, args)], input=stdin, capture_output=True, timeout=60, check=False
+    )
+    err = proc.stderr.decode()
+    assert proc.returncode == 2, (proc.returncode, err)
+    lines = [ln for ln in err.splitlines() if not ln.startswith("vhd: warning:")]
+    assert len(lines) == 1 and lines[0].startswith("vhd: error: "), err
+    assert "Errno" not in lines[0], lines[0]
+    return lines[0]
+
+
+def test_pipes(tmp_path: Path) -> None:
+    image = tmp_path / "a.vhd"
+    vhd.create(image, MiB).close()
+    data = image.read_bytes()
+    line = error_line("convert", "/dev/stdin", tmp_path / "o.vhd", stdin=data)
+    assert "/dev/stdin" in line and "pipe" in line
+    line = error_line("compare", image, "/dev/stdin", stdin=data)
+    assert "/dev/stdin" in line and "pipe" in line
+    proc = subprocess.run(
+        f"{VHD_CLI} convert --force --to raw {image} /dev/stdout | cat",
+        shell=True,
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    err = proc.stderr.decode()
+    assert "/dev/stdout" in err and "Errno" not in err and err.count("\n") == 1, err
+
+
+def test_existing_output_names_force(tmp_path: Path) -> None:
+    image = tmp_path / "a.vhd"
+    vhd.create(image, MiB).close()
+    for args in (("create", image, "1M"), ("convert", image, image.with_suffix(".img"))):
+        if args[0] == "convert":
+            image.with_suffix(".img").write_bytes(b"")
+        line = error_line(*args)
+        assert "already exists" in line and "--force" in line, line
+
+
+def test_missing_grandparent_is_named(tmp_path: Path) -> None:
+    base, mid, top = tmp_path / "base.vhd", tmp_path / "mid.vhd", tmp_path / "top.vhd"
+    vhd.create(base, MiB).close()
+    vhd.create(mid, parent=base).close()
+    vhd.create(top, parent=mid).close()
+    base.rename(tmp_path / "moved.vhd")
+    for command in ("info", "convert", "map"):
+        args: list[str | Path] = [command, top]
+        if command == "convert":
+            args.append(tmp_path / "flat.img")
+        line = error_line(*args) if command != "info" else _info_parent_error(top)
+        assert "base.vhd" in line and str(mid) in line, line
+        assert "'mid.vhd'" not in line, line  # the parent exists: not reported missing
+
+
+def _info_parent_error(image: Path) -> str:
+    proc = subprocess.run(
+        [VHD_CLI, "info", str(image)], capture_output=True, text=True, timeout=60, check=False
+    )
+    (line,) = [ln for ln in proc.stdout.splitlines() if "NOT FOUND" in ln]
+    return line
+
+
+def test_mismatch_advice_names_a_command_that_has_force(tmp_path: Path) -> None:
+    base, child = tmp_path / "base.vhd", tmp_path / "child.vhd"
+    vhd.create(base, MiB).close()
+    vhd.create(child, parent=base).close()
+    base.unlink()
+    vhd.create(base, MiB).close()  # same name, another unique id
+    line = error_line("convert", child, tmp_path / "flat.img")
+    assert "set-parent" in line, line  # convert's own --force means "overwrite DST"
+
+
+def test_nbd_address_or_socket_in_use(tmp_path: Path) -> None:
+    image = tmp_path / "a.vhd"
+    vhd.create(image, MiB).close()
+    tcp = socket.socket()
+    tcp.bind(("127.0.0.1", 0))
+    tcp.listen()
+    port = tcp.getsockname()[1]
+    path = str(tmp_path / "nbd.sock")
+    unix = socket.socket(socket.AF_UNIX)
+    unix.bind(path)
+    unix.listen()
+    try:
+        line = error_line("serve", image, "--nbd", "--listen", f"127.0.0.1:{port}")
+        assert f"127.0.0.1:{port}" in line and "in use" in line, line
+        line = error_line("serve", image, "--nbd", "--socket", path)
+        assert path in line and "listening" in line, line
+        assert os.path.exists(path)  # the live server's socket was not removed
+        line = error_line("serve", image, "--nbd", "--socket", tmp_path / "no" / "s.sock")
+        assert str(tmp_path / "no" / "s.sock") in line, line
+    finally:
+        tcp.close()
+        unix.close()
