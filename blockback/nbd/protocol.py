@@ -32,6 +32,7 @@ import errno
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from blockback.errors import RemoteProtocolError
 
@@ -526,9 +527,8 @@ class ServerNegotiation:
 # -- transmission phase ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Request:
-    """One decoded request header."""
+class Request(NamedTuple):
+    """One decoded request header (a tuple: decoded once per request, on the hot path)."""
 
     flags: int
     type: int
@@ -563,40 +563,53 @@ _ALLOWED_FLAGS = {
 _WRITING = (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES)
 
 
+# Per command, as plain ints for the per-request path: (the command, the flags it may carry,
+# whether it modifies the export, whether the maximum block size applies).
+_RULES: dict[int, tuple[Cmd, int, bool, bool]] = {
+    int(cmd): (cmd, int(allowed), cmd in _WRITING, cmd in (Cmd.READ, Cmd.WRITE))
+    for cmd, allowed in _ALLOWED_FLAGS.items()
+}
+_DF = int(CmdFlag.DF)
+_OK = (0, "")
+
+
 def check_request(session: Session, req: Request) -> tuple[int, str]:
     """Decide whether a request may run: ``(0, "")`` or ``(errno, why)``.
 
-    The checks are those of proto.md's "Request types" section: unknown commands and flags are
-    ``EINVAL``, ranges must lie inside the export, payload-carrying and read requests must not
-    exceed the maximum block size, writes to a read-only export are ``EPERM``, and block status
-    needs a selected metadata context.
+    The one place a request is validated (the server's inline read path included): the checks
+    of proto.md's "Request types" section.  Unknown commands and flags are ``EINVAL``, ranges must
+    lie inside the export, payload-carrying and read requests must not exceed the maximum block
+    size, writes to a read-only export are ``EPERM``, and block status needs a selected metadata
+    context.  What passes here is in range for the executor, which only re-checks defensively.
     """
-    try:
-        cmd = Cmd(req.type)
-    except ValueError:
-        return errno.EINVAL, f"unknown command {req.type}"
-    allowed = _ALLOWED_FLAGS.get(cmd)
-    if allowed is None:
-        return errno.EINVAL, f"command {cmd.name} is not supported"
-    if req.flags & ~int(allowed):
-        return errno.EINVAL, f"flags {req.flags:#x} are not valid for {cmd.name}"
-    if req.flags & CmdFlag.DF and not session.structured:
+    rule = _RULES.get(req.type)
+    if rule is None:
+        try:
+            return errno.EINVAL, f"command {Cmd(req.type).name} is not supported"
+        except ValueError:
+            return errno.EINVAL, f"unknown command {req.type}"
+    cmd, allowed, writing, bounded = rule
+    flags = req.flags
+    if flags & ~allowed:
+        return errno.EINVAL, f"flags {flags:#x} are not valid for {cmd.name}"
+    if flags & _DF and not session.structured:
         return errno.EINVAL, "DF needs structured replies"
+    if cmd is Cmd.FLUSH or cmd is Cmd.DISC:
+        return _OK
     export = session.export
-    if cmd in (Cmd.FLUSH, Cmd.DISC):
-        return 0, ""
-    if cmd in _WRITING and export.read_only:
+    if writing and export.read_only:
         return errno.EPERM, "the export is read-only"
-    if cmd in (Cmd.READ, Cmd.WRITE) and req.length > export.max_block:
-        return errno.EINVAL, f"{req.length} bytes is more than the {export.max_block} maximum"
-    if req.offset > export.size or req.length > export.size - req.offset:
-        return errno.EINVAL, f"{req.offset}+{req.length} is past the end ({export.size})"
+    offset, length = req.offset, req.length
+    if bounded and length > export.max_block:
+        return errno.EINVAL, f"{length} bytes is more than the {export.max_block} maximum"
+    if offset > export.size or length > export.size - offset:
+        return errno.EINVAL, f"{offset}+{length} is past the end ({export.size})"
     if cmd is Cmd.BLOCK_STATUS:
         if not session.contexts:
             return errno.EINVAL, "no metadata context was selected"
-        if req.length == 0:
+        if length == 0:
             return errno.EINVAL, "block status of zero bytes"
-    return 0, ""
+    return _OK
 
 
 def simple_reply(handle: int, error: int = 0) -> bytes:

@@ -252,13 +252,9 @@ class Connection:
             server.disk, read_only=server.read_only, workers=server.workers
         )
         header_size = p.read_reply_header_size(session)
-        size = session.export.size
-        unpack = p.REQUEST.unpack
-        request_magic = p.REQUEST_MAGIC
+        decode = p.decode_request
+        check = p.check_request
         header_bytes = p.REQUEST.size
-        # Flags a read may carry and still take the fast path (anything else goes through
-        # check_request, which refuses it properly).
-        odd_read_flags = ~int(p.CmdFlag.FUA | (p.CmdFlag.DF if session.structured else 0))
         # Small reads run inline, their replies packed one after another into the arena and
         # sent in one go once no further request is waiting in the receive buffer.
         arena = bytearray(_ARENA_SIZE)
@@ -273,16 +269,12 @@ class Connection:
                 # About to wait for the client: send the replies we have first.
                 self._send(aview[:used])
                 used = 0
-            magic, flags, kind, handle, offset, length = unpack(self._fill(header_bytes))
-            if magic != request_magic:
-                raise p.ProtocolError(f"bad request magic {magic:#x}")
-            if (
-                kind == 0
-                and length <= _INLINE_READ
-                and not flags & odd_read_flags
-                and offset <= size - length
-                and not pool_reads
-            ):
+            # Decoded and validated once, here at the protocol edge, for every request: the
+            # inline read path below and _dispatch act on this verdict.
+            req = decode(self._fill(header_bytes))
+            err, why = check(session, req)
+            if not err and req.type == 0 and req.length <= _INLINE_READ and not pool_reads:
+                handle, offset, length = req.handle, req.offset, req.length
                 need = header_size + length
                 if used + need > _ARENA_SIZE:
                     self._send(aview[:used])
@@ -313,17 +305,17 @@ class Connection:
                 used = 0
             if pool_reads:
                 pool_reads -= 1
-            if not self._dispatch(session, p.Request(flags, kind, handle, offset, length)):
+            if not self._dispatch(session, req, err, why):
                 return
 
-    def _dispatch(self, session: p.Session, req: p.Request) -> bool:
-        """Check one request and start it; False once the client said goodbye (DISC)."""
+    def _dispatch(self, session: p.Session, req: p.Request, err: int, why: str) -> bool:
+        """Start one request, or refuse it with the verdict of ``check_request`` (``err``,
+        ``why``); False once the client said goodbye (DISC)."""
         executor = self.executor
         assert executor is not None
         header_size = p.read_reply_header_size(session)
         Cmd = p.Cmd
         kind = req.type
-        err, why = p.check_request(session, req)
         if err:
             if req.payload_length:
                 self._skip(req.payload_length)
