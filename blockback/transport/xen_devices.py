@@ -112,7 +112,21 @@ class GrantMap:
             self.dev.unmap_grant_ref(self.index, self.count)
 
 
-class GntDev:
+class _Device:
+    """An open Xen device node: its descriptor, for ``poll``, and an idempotent close."""
+
+    fd = -1
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class GntDev(_Device):
     """``/dev/xen/gntdev``: map guest grants, and copy to and from them."""
 
     def __init__(
@@ -137,14 +151,6 @@ class GntDev:
             except BaseException:
                 self.close()  # no fd leaks out of a failed constructor
                 raise
-
-    def fileno(self) -> int:
-        return self.fd
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
 
     def set_max_grants(self, count: int) -> None:
         arg = GntdevSetMaxGrants(count)
@@ -241,7 +247,7 @@ class GntDev:
         return [s for (s,) in STATUS.iter_unpack(buf[STATUS_AT:] + bytes(STATUS_PAD))]
 
 
-class EvtchnDev:
+class EvtchnDev(_Device):
     """One ``/dev/xen/evtchn`` handle (all the ports bound through it share its fd)."""
 
     def __init__(self, path: str = EVTCHN_PATH, *, ioctl: IoctlFn = fcntl.ioctl) -> None:
@@ -252,14 +258,6 @@ class EvtchnDev:
                 errno.ENODEV, f"{path} not found: not a Xen dom0 (xen_evtchn not loaded?)"
             ) from exc
         self._ioctl = ioctl
-
-    def fileno(self) -> int:
-        return self.fd
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
 
     def bind_interdomain(self, domid: int, remote_port: int) -> int:
         arg = EvtchnBindInterdomain(domid, remote_port)
