@@ -17,7 +17,7 @@ export VHD_CORPUS ?= $(if $(wildcard $(CORPUS_DEFAULT)/SOURCES.txt),$(CORPUS_DEF
 
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv demo test lint bench clean
+.PHONY: all deps venv demo test test-blktap lint bench clean
 
 all: test
 
@@ -46,6 +46,12 @@ demo: deps venv
 
 test: deps venv
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
+
+# blktap's vhd-util is not packaged anywhere this project installs from: build it yourself and
+# name it, e.g. `make test-blktap VHD_UTIL=$$HOME/blktap/vhd/vhd-util`.
+test-blktap: deps venv
+	@test -n "$(VHD_UTIL)" || { echo "set VHD_UTIL=/path/to/vhd-util (blktap, built from its source)"; exit 2; }
+	VHD_UTIL="$(VHD_UTIL)" $(PY) -m pytest -n 2 tests/interop/test_blktap.py $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check vhd blockback fuse tools tests benchmarks
