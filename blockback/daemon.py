@@ -200,7 +200,8 @@ class XenOptions:
     xenstore: str | None = None  # None: $XENSTORED_PATH or the default socket
     backend_dir: str | None = None  # None: /local/domain/<own domid>/backend/vbd
     read_only: bool = False
-    parent_dirs: tuple[str, ...] = ()
+    # Where served images' parents may come from (README: "Untrusted images").
+    parent_policy: vhd.ParentPolicy = field(default_factory=vhd.ParentPolicy)
     backend: BackendOptions = field(default_factory=BackendOptions)
 
 
@@ -222,7 +223,8 @@ def serve_xen(options: XenOptions, stop: threading.Event) -> None:
         root = options.backend_dir or f"/local/domain/{domid}/backend/vbd"
 
         def open_disk(image: str, read_only: bool) -> Any:
-            return vhd.open(image, "r" if read_only else "r+", parent_dirs=options.parent_dirs)
+            mode = "r" if read_only else "r+"
+            return vhd.open(image, mode, parent_policy=options.parent_policy)
 
         daemon = XenDaemon(
             xs, transport, root, open_disk, read_only=options.read_only, options=options.backend

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import json
 import logging
 import logging.handlers
 import os
@@ -50,10 +51,19 @@ class MountError(vhd.VHDError):
 
 
 def open_filesystem(
-    image: str, *, read_only: bool = False, parent_dirs: Sequence[str] = ()
+    image: str,
+    *,
+    read_only: bool = False,
+    parent_dirs: Sequence[str] = (),
+    allow_absolute_parents: bool = False,
 ) -> DiskFilesystem:
-    """Open the image (a whole chain) and read its partition table for the mount's files."""
-    disk = vhd.open(image, "r" if read_only else "r+", parent_dirs=tuple(parent_dirs))
+    """Open the image (a whole chain) and read its partition table for the mount's files.
+
+    Parents are looked for next to the image and in ``parent_dirs`` only, unless
+    ``allow_absolute_parents`` (a mount serves the image to others: README "Untrusted images").
+    """
+    policy = vhd.ParentPolicy(dirs=tuple(parent_dirs), allow_absolute=allow_absolute_parents)
+    disk = vhd.open(image, "r" if read_only else "r+", parent_policy=policy)
     try:
         partitions = read_partitions(lambda offset, length: disk.pread(length, offset), disk.size)
         mtime_ns = os.stat(image).st_mtime_ns
@@ -73,10 +83,22 @@ def serve(
     cache: str | None = None,
     debug: bool = False,
     on_ready: Callable[[], None] | None = None,
+    allow_absolute_parents: bool = False,
+    on_open: Callable[[list[str]], None] | None = None,
 ) -> None:
-    """Mount in this process and serve until unmounted; the image is flushed and closed."""
+    """Mount in this process and serve until unmounted; the image is flushed and closed.
+    ``on_open`` gets the files of the chain once they are open."""
     _check_mountpoint(mountpoint)
-    fs = open_filesystem(image, read_only=read_only, parent_dirs=parent_dirs)
+    fs = open_filesystem(
+        image,
+        read_only=read_only,
+        parent_dirs=parent_dirs,
+        allow_absolute_parents=allow_absolute_parents,
+    )
+    files = [str(layer.path) for layer in getattr(fs.disk, "chain", ())]
+    log.info("serving %s", " <- ".join(files))
+    if on_open is not None:
+        on_open(files)
     from . import adapter  # loads libfuse: only where a mount is really served
 
     pidfile = _pidfile(mountpoint)
@@ -135,9 +157,12 @@ def mount(
     cache: str | None = None,
     log_file: str | None = None,
     timeout: float = 60.0,
-) -> None:
+    allow_absolute_parents: bool = False,
+) -> list[str]:
     """Mount ``image`` on ``mountpoint``; returns once the mount is live (or, in the
-    foreground, once it has been unmounted again)."""
+    foreground, once it has been unmounted again) the files the server opened (the image,
+    then its parents)."""
+    files: list[str] = []
     _check_mountpoint(mountpoint)
     if not os.path.exists(image):
         raise MountError(f"{image}: no such file")
@@ -150,8 +175,10 @@ def mount(
             allow_other=allow_other,
             parent_dirs=parent_dirs,
             cache=cache,
+            allow_absolute_parents=allow_absolute_parents,
+            on_open=files.extend,
         )
-        return
+        return files
     if log_file is None and not os.path.exists("/dev/log"):
         # No syslog to receive the server's messages (why a read failed with EIO, ...).
         log_file = str(default_log_file(mountpoint))
@@ -159,6 +186,7 @@ def mount(
     argv = [sys.executable, "-m", "vhdfuse.mount", "--ready-fd", str(write_end)]
     argv += ["--read-only"] if read_only else []
     argv += ["--allow-other"] if allow_other else []
+    argv += ["--allow-absolute-parents"] if allow_absolute_parents else []
     for directory in parent_dirs:
         argv += ["--parent-dir", os.path.abspath(directory)]
     argv += ["--cache", cache] if cache else []
@@ -186,11 +214,16 @@ def mount(
         message = _wait_ready(read_end, process, timeout)
     finally:
         os.close(read_end)
-    if message != READY:
+    if not message.startswith(READY[:-1]):
         text = message.decode(errors="replace").strip()
         if process.poll() is None:
             process.terminate()
         raise MountError(text.removeprefix("error: ") or "the mount server exited early")
+    # "ready" may be followed by the JSON list of the files the server opened.
+    with contextlib.suppress(ValueError):
+        opened = json.loads(message[len(READY) - 1 :] or b"[]")
+        files.extend(str(f) for f in opened if isinstance(opened, list))
+    return files
 
 
 def _wait_ready(fd: int, process: subprocess.Popen[bytes], timeout: float) -> bytes:
@@ -370,12 +403,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--ready-fd", type=int, required=True)
     parser.add_argument("--read-only", action="store_true")
     parser.add_argument("--allow-other", action="store_true")
+    parser.add_argument("--allow-absolute-parents", action="store_true")
     parser.add_argument("--parent-dir", action="append", default=[])
     parser.add_argument("--cache")
     parser.add_argument("--log")
     args = parser.parse_args(argv)
     _setup_logging(args.log, foreground=False)
     ready_fd: int | None = args.ready_fd
+    opened: list[str] = []
 
     def report(message: bytes) -> None:
         nonlocal ready_fd
@@ -393,7 +428,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             allow_other=args.allow_other,
             parent_dirs=args.parent_dir,
             cache=args.cache,
-            on_ready=lambda: report(READY),
+            allow_absolute_parents=args.allow_absolute_parents,
+            on_open=opened.extend,
+            on_ready=lambda: report(READY[:-1] + b" " + json.dumps(opened).encode() + b"\n"),
         )
     except (vhd.VHDError, OSError, ValueError, RuntimeError) as exc:
         log.error("mount failed: %s", exc)

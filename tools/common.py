@@ -15,15 +15,59 @@ import vhd
 from vhd.source import Source, open_source
 
 __all__ = [
+    "LOCAL_PARENTS",
     "Progress",
     "Source",
+    "add_parent_options",
     "add_progress_options",
     "open_source",
     "open_vhd",
+    "parent_policy",
     "parse_size",
     "progress_wanted",
     "warn",
 ]
+
+# Commands a user runs on their own images follow the parent locators as written (as qemu-img
+# and Hyper-V do: `vhd create --parent ../base.vhd` children keep working); `serve` and `mount`,
+# which hand an image to someone else, confine them (see README, "Untrusted images").
+LOCAL_PARENTS = vhd.ParentPolicy.trusting()
+
+
+def add_parent_options(p: argparse.ArgumentParser, *, serving: bool) -> None:
+    """``--parent-dir`` and the parent policy switch of a command."""
+    p.add_argument(
+        "--parent-dir",
+        metavar="DIR",
+        action="append",
+        default=[],
+        help="also look for parent images in DIR (repeatable)",
+    )
+    if serving:
+        p.add_argument(
+            "--allow-absolute-parents",
+            action="store_true",
+            help="follow parent locators anywhere on the host (absolute paths, '..'); by "
+            "default parents are looked for only next to the image and in --parent-dir folders",
+        )
+    else:
+        p.add_argument(
+            "--confine-parents",
+            action="store_true",
+            help="look for parents only where 'vhd serve' and 'vhd mount' would: next to the "
+            "image and in --parent-dir folders (to vet an image one did not make)",
+        )
+
+
+def parent_policy(args: argparse.Namespace) -> vhd.ParentPolicy:
+    """The parent policy the options of :func:`add_parent_options` ask for."""
+    dirs = tuple(getattr(args, "parent_dir", None) or ())
+    if getattr(args, "allow_absolute_parents", False):
+        return vhd.ParentPolicy.trusting(dirs)
+    if hasattr(args, "allow_absolute_parents") or getattr(args, "confine_parents", False):
+        return vhd.ParentPolicy(dirs=dirs)
+    return vhd.ParentPolicy.trusting(dirs)
+
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SIZE = re.compile(r"^\s*([+-]?)(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
@@ -61,6 +105,7 @@ def open_vhd(
     parent_dirs: list[str] | None = None,
     allow_parent_mismatch: bool = False,
     open_parent: bool = True,
+    policy: vhd.ParentPolicy = LOCAL_PARENTS,
 ) -> vhd.Disk:
     """Open like the CLI does: bad checksums are warnings, not errors."""
     disk = vhd.open(
@@ -70,6 +115,7 @@ def open_vhd(
         parent_dirs=parent_dirs or (),
         allow_parent_mismatch=allow_parent_mismatch,
         open_parent=open_parent,
+        parent_policy=policy,
     )
     for layer in disk.chain:
         for message in layer.warnings:

@@ -1,12 +1,15 @@
 """vhd: read, write and create Microsoft VHD images (fixed, dynamic, differencing).
 
 ``vhd.open(path, mode="r", *, strict=True, parent_dirs=(), allow_parent_mismatch=False,
-parent=None, open_parent=True)`` opens an image; ``vhd.create(path, size, *, type="dynamic",
+parent=None, open_parent=True, parent_policy=None)`` opens an image (a differencing disk's
+parent is looked for only in its own folder and ``parent_dirs`` unless a :class:`ParentPolicy`
+says otherwise); ``vhd.create(path, size, *, type="dynamic",
 block_size=2 MiB, parent=None)`` makes one.  Both return a :class:`Disk`.
 """
 
 from __future__ import annotations
 
+from .chain import ParentPolicy
 from .create import create
 from .disk import BlockDevice, Disk, DiskFile, Extent
 from .errors import (
@@ -43,6 +46,7 @@ __all__ = [
     "ParentError",
     "ParentMismatchError",
     "ParentNotFoundError",
+    "ParentPolicy",
     "ReadOnlyError",
     "UnsupportedFeatureError",
     "VHDError",

@@ -20,6 +20,11 @@ UNUSED = 0xFFFFFFFF
 _NOT_UNUSED = re.compile(rb"[^\xff]")
 _ALL_UNUSED = b"\xff" * 65536
 ENTRIES_PER_SECTOR = 128
+# The most entries vhdkit holds in memory (16 MiB as an array; `vhd check` needs about 32 bytes
+# per block at most): 2 GiB at 512-byte blocks, 16 GiB at 4 KiB, 8 PiB at 2 MiB.  A header may
+# claim up to 2^32 - 1, and a 2040 GiB disk of 512-byte blocks needs a 16 GiB table: such
+# images are refused with a clear error, as qemu-img refuses "Max Table Entries too large".
+MAX_ENTRIES = 1 << 22
 _NOT_FF = re.compile(b"[^\\xff]")
 
 _NATIVE_IS_LITTLE = sys.byteorder == "little"

@@ -9,8 +9,20 @@ recorded parent id wins:
 3. the bare file name of every path above, in the child's directory and in each extra search
    directory the caller gives.
 
-A candidate that exists but has another unique id is skipped (and reported if nothing matches),
-unless the caller allows a mismatch.  Loops and absurdly deep chains are errors.
+A child's locators are data from whoever made the image, so a :class:`ParentPolicy` says where
+they may lead.  By default only the child's own folder (and below it) and the folders the caller
+names are searched: a path outside them (absolute, or ``..`` out of them) is refused without being looked
+at, unless the caller allows absolute parents.  Symbolic links inside the allowed folders are
+followed (whoever can place one there can as well replace the image itself).  Only regular files
+are candidates; a block device is a parent only when the caller names it explicitly.
+
+Each candidate's footer alone is read and its unique id compared before its own chain is
+opened, so a layer costs one footer read per candidate (not a whole chain), and the number of
+candidates and the length of the error are bounded.  A candidate with another unique id is
+skipped (the error lists what was tried, never the ids of the files found), unless the caller
+allows a mismatch.  Loops and absurdly deep chains are errors; only :class:`~vhd.errors.VHDError`
+subclasses leave this module, whatever the locators point at (sockets, FIFOs, terminals,
+unreadable files, paths with NUL bytes).
 """
 
 from __future__ import annotations
@@ -18,13 +30,13 @@ from __future__ import annotations
 import ntpath
 import os
 import posixpath
+import stat
+import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .errors import (
     ChainLoopError,
-    NotAVHDError,
-    ParentError,
     ParentMismatchError,
     ParentNotFoundError,
     VHDError,
@@ -45,6 +57,12 @@ from .locator import (
 )
 
 MAX_CHAIN_DEPTH = 64
+# Eight locators, the header's name and their bare names in a few folders fit well within this;
+# more is a crafted image, and each candidate costs a file lookup.
+MAX_CANDIDATES = 32
+# The error lists this many of the candidates tried, each cut to this many characters.
+_MAX_LISTED = 8
+_MAX_SHOWN = 160
 
 _ORDER = (CODE_W2KU, CODE_W2RU, CODE_MACX, CODE_WI2K, CODE_WI2R)
 
@@ -95,23 +113,30 @@ def read_locators(fd: int, file_size: int, header: DynamicHeader) -> list[Locato
     return out
 
 
-def _unique_id(path: str) -> bytes | None:
-    """The unique id in a VHD's footer (trailing copy, else the one at offset 0), or None."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError:
-        return None
-    try:
-        size = os.lseek(fd, 0, os.SEEK_END)
-        for at in (size - 512, 0):
-            raw = read_upto(fd, 512, at) if at >= 0 else b""
-            if raw[:8] == b"conectix":
-                return raw[68:84]  # spec: unique id at footer offset 68, 16 bytes
-        return None
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
+@dataclass(frozen=True, slots=True)
+class ParentPolicy:
+    """Where the parent of a differencing disk may be looked for.
+
+    ``dirs``: folders searched besides the child's own (each layer's parents are searched in
+    that layer's folder and in these, sub-folders included).  ``allow_absolute``: follow locators anywhere on the host
+    (absolute paths, ``..`` out of the allowed folders); only for images one trusts, since a
+    child's locators can name any file.  ``max_candidates`` bounds the paths tried per layer.
+    Block devices are never candidates; name one explicitly (``parent=``) to use it.
+    """
+
+    dirs: tuple[str, ...] = ()
+    allow_absolute: bool = False
+    max_candidates: int = MAX_CANDIDATES
+
+    @classmethod
+    def trusting(cls, dirs: Sequence[str] = ()) -> ParentPolicy:
+        """Follow the locators wherever they point (for one's own images)."""
+        return cls(dirs=tuple(dirs), allow_absolute=True)
+
+    def with_dirs(self, dirs: Sequence[str]) -> ParentPolicy:
+        """The same policy with ``dirs`` searched too."""
+        extra = tuple(d for d in dirs if d not in self.dirs)
+        return replace(self, dirs=self.dirs + extra) if extra else self
 
 
 def parent_candidates(
@@ -120,7 +145,8 @@ def parent_candidates(
     locators: Sequence[LocatorInfo],
     search_dirs: Sequence[str] = (),
 ) -> list[tuple[str, str]]:
-    """``(how it was found, path)`` candidates in the order they are tried, without duplicates."""
+    """``(how it was found, path)`` candidates in the order they are tried, without duplicates
+    (before any policy is applied)."""
     child_dir = os.path.dirname(os.path.abspath(child_path))
     found: list[tuple[str, str]] = []
     names: list[str] = []
@@ -163,12 +189,49 @@ def _basenames(names: Sequence[str]) -> list[str]:
     return out
 
 
-def _identity(path: str) -> tuple[int, int] | None:
+def _inside(path: str, roots: Sequence[str]) -> bool:
+    return any(path == root or path.startswith(root.rstrip("/") + "/") for root in roots)
+
+
+def _show(path: str) -> str:
+    """A path for a one-line message: control characters escaped, long ones cut."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in path)
+    if len(text) > _MAX_SHOWN:
+        half = _MAX_SHOWN // 2 - 2
+        text = f"{text[:half]}...{text[-half:]}"
+    return text
+
+
+def _tried_text(tried: Sequence[str]) -> str:
+    if not tried:
+        return "no locator or name to try"
+    shown = "; ".join(tried[:_MAX_LISTED])
+    if len(tried) > _MAX_LISTED:
+        shown += f"; and {len(tried) - _MAX_LISTED} more"
+    return shown
+
+
+def _footer_id(path: str, *, devices: bool) -> tuple[tuple[int, int], bytes] | None:
+    """(identity, unique id) of the VHD at ``path`` from its footer alone; None when it is not
+    a readable VHD (a regular file, or a block device when ``devices``)."""
+    from .image import locate_footer  # image imports this module
+
     try:
-        st = os.stat(path)
-    except OSError:
+        # O_NONBLOCK: a FIFO would otherwise block the open until a writer comes.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    except (OSError, ValueError):
         return None
-    return (st.st_dev, st.st_ino)
+    try:
+        st = os.fstat(fd)
+        if not (stat.S_ISREG(st.st_mode) or (devices and stat.S_ISBLK(st.st_mode))):
+            return None
+        size = st.st_size if stat.S_ISREG(st.st_mode) else os.lseek(fd, 0, os.SEEK_END)
+        choice = locate_footer(fd, size, path)
+        return (st.st_dev, st.st_ino), choice.footer.unique_id
+    except (OSError, ValueError, VHDError):
+        return None
+    finally:
+        os.close(fd)
 
 
 OpenFn = Callable[..., object]
@@ -180,7 +243,7 @@ def resolve_parent(
     locators: Sequence[LocatorInfo],
     *,
     opener: OpenFn,
-    search_dirs: Sequence[str],
+    policy: ParentPolicy,
     allow_mismatch: bool,
     strict: bool,
     seen: frozenset[tuple[int, int]],
@@ -190,77 +253,100 @@ def resolve_parent(
     if len(seen) >= MAX_CHAIN_DEPTH:
         raise ChainLoopError(f"the chain is deeper than {MAX_CHAIN_DEPTH} disks", path=child_path)
     want = header.parent_unique_id
-    candidates = (
-        [("explicit parent", explicit)]
-        if explicit
-        else parent_candidates(child_path, header, locators, search_dirs)
-    )
-    mismatched: list[tuple[str, object]] = []
+    child_dir = os.path.dirname(os.path.abspath(child_path))
+    roots = [child_dir] + [os.path.normpath(os.path.abspath(d)) for d in policy.dirs]
+    if explicit:
+        candidates = [("explicit parent", explicit)]
+    else:
+        candidates = parent_candidates(child_path, header, locators, policy.dirs)
     tried: list[str] = []
-    for source, path in candidates:
-        ident = _identity(path)
-        if ident is None:
-            tried.append(path)
+    refused = False
+    if len(candidates) > policy.max_candidates:
+        tried.append(f"{len(candidates) - policy.max_candidates} candidates over the limit")
+        candidates = candidates[: policy.max_candidates]
+    looked_at: set[str] = set()
+    chosen: tuple[str, tuple[int, int]] | None = None
+    first_other: tuple[str, tuple[int, int]] | None = None
+    for _source, path in candidates:
+        shown = _show(path)
+        if "\0" in path:
+            tried.append(f"{shown} (not a valid path)")
             continue
-        if ident in seen:
-            raise ChainLoopError(
-                f"the parent chain loops back to {path} (via the {source})", path=child_path
+        norm = os.path.normpath(os.path.abspath(path))
+        if norm in looked_at:  # the same file spelt another way (``.\\x``, ``a\\..\\x``)
+            continue
+        looked_at.add(norm)
+        inside = _inside(norm, roots)
+        # Checked on the path as written, so that a refused path is not even looked up.  A
+        # symbolic link inside an allowed folder is followed: whoever can place one there can
+        # as well replace the image itself.
+        if not inside and explicit is None and not policy.allow_absolute:
+            tried.append(f"{shown} (outside the allowed folders)")
+            refused = True
+            continue
+        found = _footer_id(norm, devices=explicit is not None)
+        if found is None:
+            # Outside the allowed folders (where the caller opted in) every failure reads the
+            # same: whether a file exists there, or what it is, is not the image's business.
+            tried.append(
+                f"{shown} ("
+                + ("not found or not a VHD" if inside or explicit else "no parent there")
+                + ")"
             )
+            continue
+        ident, unique_id = found
+        if unique_id == want or (explicit and allow_mismatch):
+            if ident in seen:
+                raise ChainLoopError(f"the parent chain loops back to {shown}", path=child_path)
+            chosen = (norm, ident)
+            break
+        tried.append(f"{shown} (not this child's parent)")
+        if first_other is None and ident not in seen:
+            first_other = (norm, ident)
+    mismatch_used = False
+    if chosen is None and allow_mismatch and first_other is not None:
+        chosen = first_other
+        mismatch_used = True
+    if chosen is not None:
+        path, ident = chosen
         try:
+            # The file must still be the one whose footer was read (not swapped for a link to
+            # something else in between).
             disk = opener(
                 path,
                 "r",
                 strict=strict,
-                parent_dirs=search_dirs,
+                parent_policy=policy,
                 allow_parent_mismatch=allow_mismatch,
                 _seen=seen | {ident},
+                _expect=ident,
             )
-        except NotAVHDError:
-            tried.append(f"{path} (not a VHD)")
-            continue
-        except ChainLoopError:
+        except VHDError:
             raise
-        except ParentError as exc:
-            # The candidate opened but its own ancestor is missing: when the candidate is the
-            # right parent, say so (its error names the missing grandparent), instead of
-            # calling the parent, which exists, "not found".
-            if explicit or _unique_id(path) == want:
-                raise
-            tried.append(f"{path} ({exc})")
-            continue
-        except VHDError as exc:
-            if explicit:
-                raise
-            tried.append(f"{path} ({exc})")
-            continue
-        footer = disk.footer  # type: ignore[attr-defined]
-        if footer.unique_id == want or (explicit and allow_mismatch):
-            return disk
-        mismatched.append((path, disk))
-        tried.append(f"{path} (unique id {footer.uuid}, not the parent's)")
-    if mismatched and allow_mismatch:
-        path, disk = mismatched[0]
-        for _, other in mismatched[1:]:
-            other.close()  # type: ignore[attr-defined]
-        disk.warnings.append(  # type: ignore[attr-defined]
-            f"parent {path} has another unique id than the child records; used anyway"
-        )
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not valid"
+            raise ParentNotFoundError(
+                f"the parent {_show(path)} cannot be opened ({reason})", path=child_path
+            ) from None
+        if mismatch_used:
+            disk.warnings.append(  # type: ignore[attr-defined]
+                f"parent {path} has another unique id than the child records; used anyway"
+            )
         return disk
-    for _, other in mismatched:
-        other.close()  # type: ignore[attr-defined]
-    import uuid as _uuid
-
-    label = header.parent_name or "(no name)"
-    where = "; ".join(tried) if tried else "no locator or name to try"
-    if mismatched:
+    label = _show(header.parent_name) if header.parent_name else "(no name)"
+    where = _tried_text(tried)
+    hint = "Pass the directory that holds it with --parent-dir"
+    if refused:
+        hint += " (or trust the image's locators with --allow-absolute-parents)"
+    if first_other is not None:
         raise ParentMismatchError(
-            f"parent {label!r} (unique id {_uuid.UUID(bytes=want)}) was not found: the files "
-            f"found have other ids ({where}); if one is the right parent, record its id with "
-            "vhd set-parent CHILD PARENT --force (library: allow_parent_mismatch=True)",
+            f"parent {label!r} (unique id {uuid.UUID(bytes=want)}) was not found: the files "
+            f"found are not this child's parent ({where}); if one is the right parent, record its "
+            "id with vhd set-parent CHILD PARENT --force (library: allow_parent_mismatch=True)",
             path=child_path,
         )
     raise ParentNotFoundError(
-        f"parent image {label!r} (unique id {_uuid.UUID(bytes=want)}) not found; "
-        f"tried: {where}. Pass the directory that holds it with --parent-dir",
+        f"parent image {label!r} (unique id {uuid.UUID(bytes=want)}) not found; "
+        f"tried: {where}. {hint}",
         path=child_path,
     )

@@ -28,16 +28,18 @@ trailing footer belongs, which BAT entries to drop), in :class:`ImageModel`.
 
 from __future__ import annotations
 
+import heapq
 import os
+import re
 import stat
 from array import array
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import bitmap as bm
-from .bat import UNUSED, BlockAllocationTable
-from .chain import read_locators, resolve_parent
+from .bat import MAX_ENTRIES, UNUSED, BlockAllocationTable
+from .chain import ParentPolicy, read_locators, resolve_parent
 from .errors import (
     ChainLoopError,
     ForeignFormatError,
@@ -85,6 +87,22 @@ MAX_VHD_SIZE = 0xFF000000 * 512  # Microsoft's and qemu's cap: 2040 GiB
 AZURE_MIN_SIZE = 20 * MiB
 AZURE_MAX_SIZE = 32 * 1024 * 1024 * MiB
 _DEEP_CHUNK = 4 * MiB
+_PADDING_SCAN = 64 * MiB
+
+# Repairs that write the trailing footer at its place, and ones that rewrite the header.
+_NEEDS_FOOTER_TARGET = frozenset(
+    (
+        "footer-tail-missing",
+        "footer-checksum",
+        "footer-511",
+        "footer-features",
+        "footer-data-offset",
+    )
+)
+_NEEDS_HEADER = frozenset(("header-checksum", "header-data-offset"))
+
+# Findings listed per kind (code); the rest are counted in one more finding.
+MAX_FINDINGS_PER_CODE = 50
 
 ERROR = "error"
 WARNING = "warning"
@@ -112,6 +130,70 @@ class Finding:
         }
 
 
+class DropMap(MutableMapping[int, str]):
+    """block -> why ``--repair`` unallocates it, in one byte per block of the table.
+
+    A crafted BAT can give millions of blocks to drop; a dict of them would cost hundreds of
+    MiB.  Each distinct reason text is kept once (the first 255); later new texts read as
+    "overlaps another block".
+    """
+
+    _OTHER = "overlaps another block"
+
+    def __init__(self, count: int = 0) -> None:
+        self._kind = bytearray(count)
+        self._texts: list[str] = ["", self._OTHER]
+        self._index: dict[str, int] = {self._OTHER: 1}
+        self._len = 0
+
+    def _grow(self, block: int) -> None:
+        if block >= len(self._kind):
+            self._kind.extend(bytes(block + 1 - len(self._kind)))
+
+    def __setitem__(self, block: int, why: str) -> None:
+        kind = self._index.get(why)
+        if kind is None:
+            if len(self._texts) < 256:
+                kind = self._index[why] = len(self._texts)
+                self._texts.append(why)
+            else:
+                kind = 1
+        self._grow(block)
+        if not self._kind[block]:
+            self._len += 1
+        self._kind[block] = kind
+
+    def __getitem__(self, block: int) -> str:
+        if not 0 <= block < len(self._kind) or not self._kind[block]:
+            raise KeyError(block)
+        return self._texts[self._kind[block]]
+
+    def __delitem__(self, block: int) -> None:
+        self[block]  # raises KeyError for a block not dropped
+        self._kind[block] = 0
+        self._len -= 1
+
+    def __contains__(self, block: object) -> bool:
+        return isinstance(block, int) and 0 <= block < len(self._kind) and bool(self._kind[block])
+
+    def __iter__(self) -> Iterator[int]:
+        """The dropped blocks in ascending order (found at C speed)."""
+        kind = self._kind
+        pos = 0
+        while True:
+            hit = _NONZERO.search(kind, pos)
+            if hit is None:
+                return
+            yield hit.start()
+            pos = hit.start() + 1
+
+    def __len__(self) -> int:
+        return self._len
+
+
+_NONZERO = re.compile(b"[^\\x00]")
+
+
 @dataclass
 class ImageModel:
     """What the analysis learnt about the file: the basis for :mod:`vhd.repair`."""
@@ -134,7 +216,7 @@ class ImageModel:
     bat_count: int = 0
     bitmap_bytes: int = 0
     # block -> reason: entries that repair unallocates (their guest ranges are lost).
-    drop: dict[int, str] = field(default_factory=dict)
+    drop: DropMap = field(default_factory=DropMap)
     # Where the trailing footer belongs once the drops are done (end of the last block or of
     # the metadata); for fixed disks the current size.
     footer_target: int = -1
@@ -217,6 +299,7 @@ def check(
     deep: bool = False,
     parent_dirs: Sequence[str] = (),
     check_parent: bool = True,
+    parent_policy: ParentPolicy | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> CheckReport:
     """Check an image.  Raises :class:`~vhd.errors.NotAVHDError` when the file holds no VHD
@@ -228,9 +311,10 @@ def check(
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             raise NotAVHDError("not a regular file or block device", path=spath)
         checker = _Checker(fd, spath, os.lseek(fd, 0, os.SEEK_END))
+        policy = (parent_policy or ParentPolicy()).with_dirs(parent_dirs)
         checker.progress = progress  # (bytes done, bytes) of --deep's block reads
         try:
-            checker.run(deep=deep, parent_dirs=parent_dirs, check_parent=check_parent)
+            checker.run(deep=deep, policy=policy, check_parent=check_parent)
         except NotAVHDError:
             _refuse_foreign(fd, checker.fsize, spath)
             raise
@@ -246,16 +330,66 @@ class _Checker:
         self.fsize = fsize
         self.findings: list[Finding] = []
         self.model = ImageModel(path=path, file_size=fsize)
+        # code -> (findings made, the first one): a crafted BAT can break a rule millions of
+        # times; the report lists the first few of each kind and counts the rest.
+        self._per_code: dict[str, list[Any]] = {}
         self.progress: Callable[[int, int], None] | None = None
 
     def add(
         self, severity: str, code: str, message: str, repair: str = "", *, fix: bool = False
     ) -> None:
-        self.findings.append(Finding(severity, code, message, fix, repair if fix else ""))
+        seen = self._per_code.setdefault(code, [0, None])
+        seen[0] += 1
+        if seen[0] > MAX_FINDINGS_PER_CODE:
+            return
+        finding = Finding(severity, code, message, fix, repair if fix else "")
+        if seen[1] is None:
+            seen[1] = finding
+        self.findings.append(finding)
+
+    def summarise(self) -> None:
+        """One finding for the findings of each kind past the first few."""
+        for code, (count, first) in self._per_code.items():
+            if count > MAX_FINDINGS_PER_CODE:
+                more = count - MAX_FINDINGS_PER_CODE
+                self.findings.append(
+                    Finding(
+                        first.severity,
+                        code,
+                        f"{more} more like the above (not listed)",
+                        first.repairable,
+                        "the same for each" if first.repairable else "",
+                    )
+                )
 
     # -- footer -----------------------------------------------------------------------------
 
-    def run(self, *, deep: bool, parent_dirs: Sequence[str], check_parent: bool) -> None:
+    def run(self, *, deep: bool, policy: ParentPolicy, check_parent: bool) -> None:
+        try:
+            self._run(deep=deep, policy=policy, check_parent=check_parent)
+        finally:
+            self.summarise()
+            self.settle_repairs()
+
+    def settle_repairs(self) -> None:
+        """Withdraw the offers :mod:`vhd.repair` cannot keep: when the analysis stopped before
+        it learnt where the trailing footer belongs (a damaged header or BAT), the footer
+        cannot be rewritten; without a usable header, neither can the header."""
+        m = self.model
+        for i, f in enumerate(self.findings):
+            if not f.repairable:
+                continue
+            if (f.code in _NEEDS_FOOTER_TARGET and m.footer_target < 0) or (
+                f.code in _NEEDS_HEADER and m.header_fixed is None
+            ):
+                self.findings[i] = replace(
+                    f,
+                    message=f"{f.message} (--repair cannot mend it while the errors above last)",
+                    repairable=False,
+                    repair="",
+                )
+
+    def _run(self, *, deep: bool, policy: ParentPolicy, check_parent: bool) -> None:
         if not self.check_footer():
             return
         m = self.model
@@ -269,7 +403,7 @@ class _Checker:
             return
         self.check_locators()
         if m.disk_type == DiskType.DIFFERENCING and check_parent:
-            self.check_parent(parent_dirs)
+            self.check_parent(policy)
         if deep:
             self.check_blocks_deep()
 
@@ -612,6 +746,14 @@ class _Checker:
                 f"needs {needed}",
             )
             return False
+        if needed > MAX_ENTRIES:
+            self.add(
+                ERROR,
+                "header-table-too-large",
+                f"a {f.current_size}-byte disk of {bs}-byte blocks needs a table of {needed} "
+                f"entries, more than vhdkit holds in memory ({MAX_ENTRIES})",
+            )
+            return False
         if h.max_table_entries > needed:
             self.add(
                 INFO,
@@ -647,6 +789,21 @@ class _Checker:
                     )
         return regions
 
+    def _padding_used(self, start: int, end: int) -> bool:
+        """Whether the table entries past the disk size hold anything but 0xFF: read in
+        chunks, stopping at the first one (a header may claim 2^32 - 1 entries), and at most
+        ``_PADDING_SCAN`` bytes of them (only a note depends on it)."""
+        end = min(end, start + _PADDING_SCAN)
+        pos = start
+        while pos < end:
+            chunk = _read(self.fd, min(_DEEP_CHUNK, end - pos), pos)
+            if not chunk:
+                return False
+            if chunk.strip(b"\xff"):
+                return True
+            pos += len(chunk)
+        return False
+
     def check_bat(self) -> bool:
         m, fd = self.model, self.fd
         f, h = m.footer, m.header
@@ -673,14 +830,13 @@ class _Checker:
         table = BlockAllocationTable.from_bytes(raw, count)
         m.bat = table.entries
         m.bat_count = count
-        if h.max_table_entries > count:
-            extra = _read(fd, (h.max_table_entries - count) * 4, at + count * 4)
-            if extra.strip(b"\xff"):
-                self.add(
-                    INFO,
-                    "bat-entries-past-size",
-                    "BAT entries beyond the disk size are allocated (ignored by every reader)",
-                )
+        m.drop = DropMap(count)
+        if h.max_table_entries > count and self._padding_used(at + count * 4, at + length):
+            self.add(
+                INFO,
+                "bat-entries-past-size",
+                "BAT entries beyond the disk size are allocated (ignored by every reader)",
+            )
         regions = self.metadata_regions()
         meta_end = max(end for _, end, _ in regions)
         m.metadata_end = meta_end
@@ -692,23 +848,31 @@ class _Checker:
         if not m.tail_ok and m.tail_offset >= 0 and m.footer is not None:
             # A tail footer with only a bad checksum still marks the end of the data.
             limit = m.tail_offset
-        blocks: list[tuple[int, int, int, int]] = []  # (start, full end, needed end, block)
+        # Per allocated block only two machine integers (its BAT entry is its start): a crafted
+        # table allocates millions of blocks, and tuples of Python ints would cost gigabytes.
+        starts = array("Q")
+        indices = array("I")
         misaligned = 0
         for block, entry in table.allocated():
-            start = entry * SECTOR
-            needed = min(bs, size - block * bs)
-            blocks.append((start, start + bmb + bs, start + bmb + needed, block))
-            if (start + bmb) % PAGE:
+            starts.append(entry * SECTOR)
+            indices.append(block)
+            if (entry * SECTOR + bmb) % PAGE:
                 misaligned += 1
+        allocated = len(indices)
+
+        def needed_end(start: int, block: int) -> int:
+            return start + bmb + min(bs, size - block * bs)
 
         def lost(block: int) -> str:
             g, n = block * bs, min(bs, size - block * bs)
             return f"guest bytes {g:#x}-{g + n:#x} ({n} bytes)"
 
-        for start, _full, nend, block in blocks:
+        drop = m.drop
+        for start, block in zip(starts, indices, strict=True):
+            nend = needed_end(start, block)
             for rstart, rend, label in regions:
                 if start < rend and nend > rstart:
-                    m.drop[block] = f"overlaps {label}"
+                    drop[block] = f"overlaps {label}"
                     self.add(
                         ERROR,
                         "bat-overlaps-metadata",
@@ -719,45 +883,66 @@ class _Checker:
                         fix=True,
                     )
                     break
-        for start, _full, _nend, block in blocks:
-            if block in m.drop:
-                continue
-            if start + bmb > limit:
-                m.drop[block] = "past the end of the file"
-                self.add(
-                    ERROR,
-                    "bat-past-eof",
-                    f"block {block} at {start:#x} lies past the end of the data "
-                    f"(file {self.fsize} bytes)",
-                    f"unallocate block {block}: {lost(block)} are lost",
-                    fix=True,
-                )
-        # Overlaps between blocks: the lower block number keeps the space.
-        kept = sorted((b for b in blocks if b[3] not in m.drop), key=lambda b: (b[0], b[3]))
-        active: list[tuple[int, int, int, int]] = []
-        for item in kept:
-            start, _full, nend, block = item
-            active = [a for a in active if a[2] > start]
-            clash = [a for a in active if a[3] not in m.drop]
-            if clash:
-                other = min(clash, key=lambda a: a[3])
-                loser = block if other[3] < block else other[3]
-                winner = other[3] if loser == block else block
-                m.drop[loser] = f"overlaps block {winner}"
+            else:
+                if start + bmb > limit:
+                    drop[block] = "past the end of the file"
+                    self.add(
+                        ERROR,
+                        "bat-past-eof",
+                        f"block {block} at {start:#x} lies past the end of the data "
+                        f"(file {self.fsize} bytes)",
+                        f"unallocate block {block}: {lost(block)} are lost",
+                        fix=True,
+                    )
+        # Overlaps between blocks: the lower block number keeps the space.  The blocks are
+        # sorted once by (start, block), packed into one integer each.
+        shift = max(allocated, 1).bit_length()
+        mask = (1 << shift) - 1
+        kept = sorted(
+            (start << shift) | k
+            for k, (start, block) in enumerate(zip(starts, indices, strict=True))
+            if block not in drop
+        )
+        # A sweep over the blocks in file order: ``active`` is a heap (by block number) of the
+        # kept blocks whose space may reach the current start.  Blocks that ended before it or
+        # were dropped are removed when they come to the top; each block is pushed and popped
+        # once, so the whole sweep is n log n however the blocks overlap.
+        active: list[tuple[int, int, int]] = []  # (block, start, needed end)
+        for key in kept:
+            start, block = key >> shift, indices[key & mask]
+            nend = needed_end(start, block)
+            while True:
+                while active and (active[0][2] <= start or active[0][0] in drop):
+                    heapq.heappop(active)
+                if not active:
+                    heapq.heappush(active, (block, start, nend))
+                    break
+                other, other_start, _ = active[0]
+                loser, winner = max(block, other), min(block, other)
+                drop[loser] = f"overlaps block {winner}"
                 self.add(
                     ERROR,
                     "bat-overlap",
-                    f"blocks {min(block, other[3])} and {max(block, other[3])} overlap in the file "
-                    f"(at {other[0]:#x} and {start:#x})",
+                    f"blocks {winner} and {loser} overlap in the file "
+                    f"(at {other_start:#x} and {start:#x})",
                     f"unallocate block {loser}: {lost(loser)} are lost",
                     fix=True,
                 )
                 if loser == block:
-                    continue
-            active.append(item)
-        survivors = [b for b in blocks if b[3] not in m.drop]
+                    break
+                heapq.heappop(active)
+        del active
         data_end = meta_end
-        for start, full, nend, block in survivors:
+        # Survivors in file order (``kept`` is sorted by start): the data end, and
+        # unreferenced space between blocks (after discards), which compact reclaims.
+        pos = meta_end
+        holes = 0
+        for key in kept:
+            start, block = key >> shift, indices[key & mask]
+            if block in drop:
+                continue
+            full = start + bmb + bs
+            nend = needed_end(start, block)
             # A block ends at its full size when the file holds it; a last partial block may
             # have been stored short.
             end = full if full <= limit else nend
@@ -777,11 +962,15 @@ class _Checker:
                     fix=True,
                 )
             data_end = max(data_end, end)
+            if start - pos >= bs + bmb:
+                holes += start - pos
+            pos = max(pos, full)
+        del kept
         if misaligned:
             self.add(
                 INFO,
                 "bat-misaligned",
-                f"{misaligned} of {len(blocks)} blocks have data not 4 KiB-aligned "
+                f"{misaligned} of {allocated} blocks have data not 4 KiB-aligned "
                 "(slower on 4 KiB-sector storage)",
             )
         target = -(-data_end // SECTOR) * SECTOR
@@ -813,14 +1002,6 @@ class _Checker:
                 f"move it to {target:#x}",
                 fix=True,
             )
-        # Unreferenced space between blocks (after discards): compact reclaims it.
-        survivors.sort()
-        pos = meta_end
-        holes = 0
-        for start, full, _nend, _block in survivors:
-            if start - pos >= bs + bmb:
-                holes += start - pos
-            pos = max(pos, full)
         if holes:
             self.add(INFO, "free-space", f"{holes} bytes between blocks are unused (vhd compact)")
         return True
@@ -920,7 +1101,7 @@ class _Checker:
             elif loc.code == CODE_MAC:
                 self.add(INFO, "locator-mac-alias", f"{where}: a Mac alias cannot be resolved")
 
-    def check_parent(self, parent_dirs: Sequence[str]) -> None:
+    def check_parent(self, policy: ParentPolicy) -> None:
         from .image import open as open_image
 
         m = self.model
@@ -933,7 +1114,7 @@ class _Checker:
                 h,
                 locators,
                 opener=open_image,
-                search_dirs=parent_dirs,
+                policy=policy,
                 allow_mismatch=False,
                 strict=False,
                 seen=frozenset(),

@@ -27,6 +27,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from .chain import ParentPolicy
 from .disk import Disk
 from .errors import InvalidArgumentError
 from .fileio import write_all
@@ -52,10 +53,11 @@ def commit(
     keep: bool = False,
     parent_dirs: Sequence[str] = (),
     progress: Progress | None = None,
+    parent_policy: ParentPolicy | None = None,
 ) -> CommitResult:
     """Merge the child at ``child_path`` into its parent; remove the child unless ``keep``."""
     spath = os.fspath(child_path)
-    with open_image(spath, "r", parent_dirs=parent_dirs) as probe:
+    with open_image(spath, "r", parent_dirs=parent_dirs, parent_policy=parent_policy) as probe:
         if probe.type != DiskType.DIFFERENCING or probe.parent is None:
             raise InvalidArgumentError(
                 f"{spath} is a {probe.type.label} disk; only a differencing disk can be committed"
@@ -64,7 +66,7 @@ def commit(
     # The child without its parent: only its own ranges (layer 0) are read.
     child = open_image(spath, "r", open_parent=False)
     try:
-        parent = open_image(parent_path, "r+", parent_dirs=parent_dirs)
+        parent = open_image(parent_path, "r+", parent_dirs=parent_dirs, parent_policy=parent_policy)
         try:
             copied = _copy_own_ranges(child, parent, progress)
             parent.flush()

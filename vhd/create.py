@@ -27,7 +27,7 @@ import contextlib
 import os
 from typing import TYPE_CHECKING
 
-from .bat import UNUSED
+from .bat import MAX_ENTRIES, UNUSED
 from .errors import InvalidArgumentError
 from .fileio import write_all
 from .footer import FOOTER_SIZE, DiskType, new_footer, vhd_timestamp
@@ -91,6 +91,11 @@ def create(
         raise InvalidArgumentError(
             f"block size {block_size} must be a power of two from 4 KiB to 256 MiB"
         )
+    if disk_type != DiskType.FIXED and -(-size // block_size) > MAX_ENTRIES:
+        raise InvalidArgumentError(
+            f"a {size}-byte disk of {block_size}-byte blocks needs more than {MAX_ENTRIES} "
+            "blocks, the most vhdkit opens: use larger blocks"
+        )
     footer = new_footer(size=size, disk_type=disk_type, geometry=geometry_for_create(size))
     flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if overwrite else os.O_EXCL)
     fd = os.open(spath, flags, 0o644)
@@ -153,7 +158,8 @@ def create(
         raise
     os.close(fd)
     try:
-        return open_image(spath, "r+")
+        # The parent the caller named is used as named (wherever it is: the caller chose it).
+        return open_image(spath, "r+", parent=parent_path)
     except BaseException:
         # E.g. the new child makes the chain too deep: the caller gets an error, so it must
         # not also get a file it does not know about (which would block a retry).

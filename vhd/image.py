@@ -20,8 +20,8 @@ import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .bat import BlockAllocationTable
-from .chain import read_locators, resolve_parent
+from .bat import MAX_ENTRIES, BlockAllocationTable
+from .chain import ParentPolicy, read_locators, resolve_parent
 from .disk import Disk, FixedDisk, SparseDisk
 from .errors import (
     ChecksumError,
@@ -29,6 +29,7 @@ from .errors import (
     ForeignFormatError,
     InvalidArgumentError,
     NotAVHDError,
+    ParentNotFoundError,
     UnsupportedFeatureError,
     VHDError,
 )
@@ -114,7 +115,9 @@ def open(
     allow_parent_mismatch: bool = False,
     parent: str | os.PathLike[str] | None = None,
     open_parent: bool = True,
+    parent_policy: ParentPolicy | None = None,
     _seen: frozenset[tuple[int, int]] = frozenset(),
+    _expect: tuple[int, int] | None = None,
 ) -> Disk:
     """Open a VHD image.  See :mod:`vhd` for the parameters."""
     if mode not in ("r", "r+"):
@@ -126,6 +129,8 @@ def open(
     fd = os.open(spath, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK)
     try:
         st = os.fstat(fd)
+        if _expect is not None and (st.st_dev, st.st_ino) != _expect:
+            raise ParentNotFoundError("the parent changed while it was being opened", path=spath)
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             raise NotAVHDError("not a regular file or block device", path=spath)
         os.set_blocking(fd, True)
@@ -141,7 +146,7 @@ def open(
             spath,
             writable,
             strict=strict,
-            parent_dirs=parent_dirs,
+            policy=(parent_policy or ParentPolicy()).with_dirs(parent_dirs),
             allow_parent_mismatch=allow_parent_mismatch,
             parent=os.fspath(parent) if parent is not None else None,
             open_parent=open_parent,
@@ -158,7 +163,7 @@ def _open_fd(
     writable: bool,
     *,
     strict: bool,
-    parent_dirs: Sequence[str],
+    policy: ParentPolicy,
     allow_parent_mismatch: bool,
     parent: str | None,
     open_parent: bool,
@@ -243,7 +248,7 @@ def _open_fd(
                 header,
                 locators,
                 opener=open,
-                search_dirs=parent_dirs,
+                policy=policy,
                 allow_mismatch=allow_parent_mismatch,
                 strict=strict,
                 seen=seen,
@@ -299,6 +304,12 @@ def _read_header(fd: int, fsize: int, footer: Footer, path: str, problem: object
         raise CorruptImageError(
             f"the BAT has {header.max_table_entries} entries but a {footer.current_size}-byte "
             f"disk needs {needed}",
+            path=path,
+        )
+    if needed > MAX_ENTRIES:
+        raise UnsupportedFeatureError(
+            f"a {footer.current_size}-byte disk of {bs}-byte blocks needs a table of {needed} "
+            f"entries, more than vhdkit holds in memory ({MAX_ENTRIES})",
             path=path,
         )
     return header

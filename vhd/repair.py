@@ -27,6 +27,7 @@ as zeros) rather than dropped.
 from __future__ import annotations
 
 import fcntl
+import itertools
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,13 @@ from .fileio import write_all
 from .footer import FOOTER_SIZE, DiskType
 
 SECTOR = 512
+# Descriptions list this many blocks or ranges and count the rest.
+_LISTED = 50
+
+
+def _listing(items: list[str], total: int) -> str:
+    more = f", and {total - len(items)} more" if total > len(items) else ""
+    return ", ".join(items) + more
 
 
 @dataclass
@@ -96,7 +104,7 @@ def plan_repair(report: CheckReport) -> RepairPlan:
     try:
         if m.sparse and m.drop and m.header is not None:
             sectors: dict[int, bytearray] = {}
-            for block in sorted(m.drop):
+            for block in m.drop:  # ascending
                 sector = block // 128
                 if sector not in sectors:
                     at = m.header.table_offset + sector * SECTOR
@@ -104,13 +112,20 @@ def plan_repair(report: CheckReport) -> RepairPlan:
                 pos = (block % 128) * 4
                 sectors[sector][pos : pos + 4] = UNUSED.to_bytes(4, "big")
                 offset, length = m.block_extent(block)
-                lost.append((offset, length, m.drop[block]))
+                why = m.drop[block]
+                # Neighbouring blocks dropped for the same reason make one lost range (a
+                # crafted table can drop millions).
+                if lost and lost[-1][0] + lost[-1][1] == offset and lost[-1][2] == why:
+                    lost[-1] = (lost[-1][0], lost[-1][1] + length, why)
+                else:
+                    lost.append((offset, length, why))
+            dropped = list(itertools.islice(m.drop, _LISTED))
             steps.append(
                 Step(
                     "unallocate blocks "
-                    + ", ".join(f"{b} ({m.drop[b]})" for b in sorted(m.drop))
+                    + _listing([f"{b} ({m.drop[b]})" for b in dropped], len(m.drop))
                     + "; lost guest ranges: "
-                    + ", ".join(f"{o:#x}+{n:#x}" for o, n, _ in lost),
+                    + _listing([f"{o:#x}+{n:#x}" for o, n, _ in lost[:_LISTED]], len(lost)),
                     [
                         (m.header.table_offset + s * SECTOR, bytes(raw))
                         for s, raw in sorted(sectors.items())

@@ -4,7 +4,8 @@ accept both.
 A file is a VHD when it has a VHD footer at its end (fixed disks included: qemu-img probes those
 as raw, we do not) or a dynamic/differencing footer copy at its start.  A file in another image
 format (qcow2, VMDK, VHDX, ... see :mod:`vhd.probe`) is refused, unless the caller forces raw.  A raw file's zero ranges
-come from ``SEEK_DATA``/``SEEK_HOLE``.
+come from ``SEEK_DATA``/``SEEK_HOLE``, and so do a fixed VHD's (spec: "Fixed Hard Disk Image": the
+data is the disk, byte for byte, before the footer).
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+from .chain import ParentPolicy
 from .disk import Disk, Extent
 from .errors import ForeignFormatError, InvalidArgumentError, NotAVHDError
 from .fileio import read_exact_into, zero_fill
+from .footer import DiskType
 from .image import open as open_image
 
 
@@ -44,6 +47,11 @@ class Source:
         return n
 
     def extents(self) -> Iterator[Extent]:
+        if self.disk is not None and self.disk.type == DiskType.FIXED:
+            # A fixed VHD is raw data before its footer: its file's holes are zero ranges, so
+            # a sparse 2040 GiB disk is copied by reading its data only.
+            yield from _raw_extents(self.disk.fd, self.size)
+            return
         if self.disk is not None:
             yield from self.disk.extents()
             return
@@ -70,6 +78,7 @@ def open_source(
     parent_dirs: Sequence[str] = (),
     allow_parent_mismatch: bool = False,
     force_raw: bool = False,
+    parent_policy: ParentPolicy | None = None,
 ) -> Source:
     """Open ``path`` as a VHD if it is one, else as a raw disk image."""
     if not force_raw:
@@ -80,6 +89,7 @@ def open_source(
                 strict=strict,
                 parent_dirs=parent_dirs,
                 allow_parent_mismatch=allow_parent_mismatch,
+                parent_policy=parent_policy,
             )
         except ForeignFormatError:
             raise  # a qcow2/VMDK/VHDX/... file: never copy the container's bytes as a disk

@@ -696,7 +696,12 @@ def serve_from_args(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise ValueError("--workers must be at least 1")
     mode = "r" if args.read_only else "r+"
-    disk = vhd.open(args.image, mode, parent_dirs=tuple(args.parent_dir or ()))
+    # The image is handed to clients: its parents only from the folders the admin allows.
+    policy = vhd.ParentPolicy(
+        dirs=tuple(args.parent_dir or ()),
+        allow_absolute=bool(getattr(args, "allow_absolute_parents", False)),
+    )
+    disk = vhd.open(args.image, mode, parent_policy=policy)
     try:
         server = NBDServer(
             disk,
@@ -712,6 +717,8 @@ def serve_from_args(args: argparse.Namespace) -> int:
         stop = threading.Event()
         with _stop_on_signals(stop):
             server.start()
+            files = " <- ".join(layer.path for layer in disk.chain)
+            print(f"vhd serve: {url} serves {files}", file=sys.stderr, flush=True)
             print(url, flush=True)
             while not stop.wait(3600):
                 pass

@@ -16,7 +16,7 @@ from vhd.check import CheckReport, check
 from vhd.errors import VHDError
 from vhd.repair import apply_plan, plan_repair
 
-from ..common import add_progress_options, progress_wanted
+from ..common import add_parent_options, add_progress_options, parent_policy, progress_wanted
 from ._progress import progress_bar
 
 
@@ -37,13 +37,7 @@ def register(sub: Any) -> None:
         action="store_true",
         help="with --repair: print what would change, change nothing",
     )
-    p.add_argument(
-        "--parent-dir",
-        metavar="DIR",
-        action="append",
-        default=[],
-        help="also look for parents in DIR",
-    )
+    add_parent_options(p, serving=False)
     add_progress_options(p)
     p.set_defaults(func=run)
 
@@ -68,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
         report = check(
             args.image,
             deep=args.deep,
-            parent_dirs=args.parent_dir,
+            parent_policy=parent_policy(args),
             progress=progress_bar("check", args.deep and progress_wanted(args)),
         )
     except (VHDError, OSError) as exc:
@@ -87,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     after = report
     if not args.dry_run and not plan.empty:
         apply_plan(plan)
-        after = check(args.image, deep=args.deep, parent_dirs=args.parent_dir)
+        after = check(args.image, deep=args.deep, parent_policy=parent_policy(args))
     if args.json:
         out = report.as_dict()
         out["repair"] = plan.as_dict() | {"dry_run": args.dry_run, "applied": not args.dry_run}

@@ -11,7 +11,7 @@ from typing import Any
 
 from vhd.commit import commit
 
-from ..common import add_progress_options, progress_wanted
+from ..common import LOCAL_PARENTS, add_progress_options, progress_wanted
 from ._progress import progress_bar
 
 
@@ -42,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
         keep=args.keep,
         parent_dirs=args.parent_dir,
         progress=progress_bar("commit", show),
+        parent_policy=LOCAL_PARENTS,
     )
     if not args.quiet:
         what = "kept" if args.keep else "removed"

@@ -20,7 +20,7 @@ from typing import Any
 from vhd.disk import Extent
 from vhd.source import Source, open_source
 
-from ..common import Progress, add_progress_options, progress_wanted, warn
+from ..common import LOCAL_PARENTS, Progress, add_progress_options, progress_wanted, warn
 
 CHUNK = 512 * 1024
 _ZEROS = bytes(CHUNK)
@@ -50,8 +50,8 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     with (
-        open_source(args.a, parent_dirs=args.parent_dir) as a,
-        open_source(args.b, parent_dirs=args.parent_dir) as b,
+        open_source(args.a, parent_dirs=args.parent_dir, parent_policy=LOCAL_PARENTS) as a,
+        open_source(args.b, parent_dirs=args.parent_dir, parent_policy=LOCAL_PARENTS) as b,
     ):
         for message in a.warnings + b.warnings:
             warn(message)

@@ -12,7 +12,14 @@ from vhd.convert import convert
 from vhd.probe import WRITABLE, output_format
 from vhd.source import open_source
 
-from ..common import Progress, add_progress_options, parse_size, progress_wanted, warn
+from ..common import (
+    LOCAL_PARENTS,
+    Progress,
+    add_progress_options,
+    parse_size,
+    progress_wanted,
+    warn,
+)
 
 
 def register(sub: Any) -> None:
@@ -77,7 +84,12 @@ def run(args: argparse.Namespace) -> int:
         )
     if os.path.exists(args.dst) and os.path.samefile(args.src, args.dst):
         raise ValueError("SRC and DST are the same file")
-    with open_source(args.src, parent_dirs=args.parent_dir, force_raw=args.from_ == "raw") as src:
+    with open_source(
+        args.src,
+        parent_dirs=args.parent_dir,
+        force_raw=args.from_ == "raw",
+        parent_policy=LOCAL_PARENTS,
+    ) as src:
         for message in src.warnings:
             warn(message)
         size = src.size

@@ -10,7 +10,7 @@ from typing import Any
 import vhd
 from vhd.inspect import describe
 
-from ..common import open_vhd, warn
+from ..common import add_parent_options, open_vhd, parent_policy, warn
 
 
 def register(sub: Any) -> None:
@@ -20,13 +20,13 @@ def register(sub: Any) -> None:
     p.add_argument("image")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--chain", action="store_true", help="describe every disk of the chain")
-    p.add_argument("--parent-dir", action="append", default=[], metavar="DIR")
+    add_parent_options(p, serving=False)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        disk = open_vhd(args.image, parent_dirs=args.parent_dir)
+        disk = open_vhd(args.image, policy=parent_policy(args))
         parent_problem = None
     except vhd.ParentError as exc:
         # Still show the child's own metadata: that is what one needs to find the parent.

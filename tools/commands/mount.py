@@ -11,6 +11,8 @@ import argparse
 import importlib
 from typing import Any
 
+from ..common import add_parent_options
+
 
 def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
@@ -34,13 +36,7 @@ def register(sub: Any) -> None:
         action="store_true",
         help="let other users access the mount (needs user_allow_other for non-root)",
     )
-    p.add_argument(
-        "--parent-dir",
-        metavar="DIR",
-        action="append",
-        default=[],
-        help="also look for parent images in DIR (repeatable)",
-    )
+    add_parent_options(p, serving=True)
     p.add_argument(
         "--cache",
         choices=("direct", "kernel"),
@@ -61,14 +57,19 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     # Imported when used: other commands never load the FUSE modules.
     mount = importlib.import_module("vhdfuse.mount").mount
-    mount(
+    files = mount(
         args.image,
         args.mountpoint,
         read_only=args.read_only,
         foreground=args.foreground,
         allow_other=args.allow_other,
         parent_dirs=args.parent_dir,
+        allow_absolute_parents=args.allow_absolute_parents,
         cache=args.cache,
         log_file=args.log,
     )
+    if not args.foreground:
+        # The startup line names every file the mount serves, so that a parent found
+        # somewhere unexpected is seen at once.
+        print(f"vhd mount: {args.mountpoint} serves {' <- '.join(files) or args.image}")
     return 0

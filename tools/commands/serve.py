@@ -19,6 +19,8 @@ from vhdtools.signals import stop_on_signals
 
 import vhd
 
+from ..common import add_parent_options
+
 
 def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
@@ -43,13 +45,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--export-name", metavar="NAME", default="", help="NBD: export name")
     p.add_argument("--read-only", action="store_true", help="refuse writes")
-    p.add_argument(
-        "--parent-dir",
-        metavar="DIR",
-        action="append",
-        default=[],
-        help="also look for parent images in DIR",
-    )
+    add_parent_options(p, serving=True)
     p.add_argument(
         "--backend-dir",
         metavar="PATH",
@@ -82,6 +78,15 @@ def run(args: argparse.Namespace) -> int:
     return _serve_xen(args)
 
 
+def _parent_policy(args: argparse.Namespace) -> vhd.ParentPolicy:
+    """Served images' parents come only from the folders the admin allows (README: "Untrusted
+    images")."""
+    return vhd.ParentPolicy(
+        dirs=tuple(getattr(args, "parent_dir", None) or ()),
+        allow_absolute=bool(getattr(args, "allow_absolute_parents", False)),
+    )
+
+
 def _backend_options(args: argparse.Namespace) -> Any:
     from blockback.vbd import BackendOptions
 
@@ -94,9 +99,7 @@ def _serve_sim(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     directory = Path(args.sim).absolute()
-    disk = vhd.open(
-        args.image, "r" if args.read_only else "r+", parent_dirs=tuple(args.parent_dir or ())
-    )
+    disk = vhd.open(args.image, "r" if args.read_only else "r+", parent_policy=_parent_policy(args))
     try:
         sim = SimBackend(
             directory,
@@ -139,7 +142,7 @@ def _serve_xen(args: argparse.Namespace) -> int:
         xenstore=args.xenstore or None,
         backend_dir=args.backend_dir or None,
         read_only=bool(args.read_only),
-        parent_dirs=tuple(args.parent_dir or ()),
+        parent_policy=_parent_policy(args),
         backend=_backend_options(args),
     )
     # The daemon shuts down with our handlers still in place: a second SIGTERM must not kill

@@ -1,0 +1,311 @@
+"""The hostile-input suite (issue 12, item 12): `vhd info`, `check`, `convert`, `mount` (FUSE,
+read-only, foreground, one read) and `serve --nbd` (start, one read, stop) over crafted images,
+each run under resource limits (address space, CPU seconds).  Every run must end with exit 0, 1
+or 2, a one-line error for 2 and never a traceback, within the CPU limit, and with a peak RSS
+under 256 MiB.
+
+The crafted set: a header claiming 2^32 - 1 table entries, a 2040 GiB disk of 512-byte blocks,
+an all-zero table of 512-byte blocks (every block at offset 0: bitmap cache churn), table
+entries pointing everywhere, 32,000 staggered overlapping blocks, a sparse 2040 GiB fixed disk,
+a parent-locator loop, and locators at /dev/tty, a socket, a FIFO, /etc/shadow and a folder
+outside the image's own.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import vhd
+from tests.conftest import need_tool
+from tests.fuse.mounting import need_fuse
+from tests.hostile.craft import MACX, W2KU, W2RU, craft, craft_fixed, footer_id, new_id
+
+KiB, MiB, GiB = 1024, 1024 * 1024, 1024 * 1024 * 1024
+ADDRESS_SPACE = 2 * GiB  # virtual: Python, libfuse and thread stacks fit well within it
+CPU_SECONDS = 60
+MAX_RSS = 256 * MiB
+
+
+@dataclass
+class Outcome:
+    returncode: int
+    stdout: str
+    stderr: str
+    peak_rss: int  # bytes
+    cpu: float
+
+
+def _limits() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
+    resource.setrlimit(resource.RLIMIT_CPU, (CPU_SECONDS, CPU_SECONDS))
+
+
+class Bounded:
+    """One `vhd` command under the limits; its own rusage comes from wait4."""
+
+    def __init__(self, tmp: Path, *args: str) -> None:
+        self.out = open(tmp / f"out-{time.monotonic_ns()}", "w+")  # noqa: SIM115
+        self.err = open(tmp / f"err-{time.monotonic_ns()}", "w+")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "vhdtools.cli", *args],
+            stdout=self.out,
+            stderr=self.err,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=_limits,
+        )
+
+    def running(self) -> bool:
+        """Without reaping it (wait4 must still see its rusage)."""
+        flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
+        return os.waitid(os.P_PID, self.proc.pid, flags) is None
+
+    def stderr_so_far(self) -> str:
+        self.err.seek(0)
+        return self.err.read()
+
+    def stdout_so_far(self) -> str:
+        self.out.seek(0)
+        return self.out.read()
+
+    def wait(self, timeout: float = 2 * CPU_SECONDS) -> Outcome:
+        deadline = time.monotonic() + timeout
+        while True:
+            pid, status, usage = os.wait4(self.proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                pid, status, usage = os.wait4(self.proc.pid, 0)
+                self.proc.returncode = -9
+                pytest.fail(f"still running after {timeout} s: {self.proc.args}")
+            time.sleep(0.02)
+        self.proc.returncode = os.waitstatus_to_exitcode(status)
+        outcome = Outcome(
+            os.waitstatus_to_exitcode(status),
+            self.stdout_so_far(),
+            self.stderr_so_far(),
+            usage.ru_maxrss * 1024,
+            usage.ru_utime + usage.ru_stime,
+        )
+        self.out.close()
+        self.err.close()
+        return outcome
+
+
+def bounded(tmp: Path, *args: str) -> Outcome:
+    outcome = Bounded(tmp, *args).wait()
+    assert_well_behaved(outcome, args)
+    return outcome
+
+
+def assert_well_behaved(outcome: Outcome, args: tuple[str, ...]) -> None:
+    what = f"vhd {' '.join(args)}"
+    assert outcome.returncode != -signal.SIGXCPU, f"{what}: out of CPU time"
+    assert "Traceback" not in outcome.stderr, f"{what}:\n{outcome.stderr[-3000:]}"
+    assert "MemoryError" not in outcome.stderr, what
+    assert outcome.returncode in (0, 1, 2), f"{what}: exit {outcome.returncode}\n{outcome.stderr}"
+    if outcome.returncode == 2:
+        lines = [ln for ln in outcome.stderr.splitlines() if not ln.startswith("vhd: warning:")]
+        assert len(lines) == 1 and lines[0].startswith("vhd: error: "), f"{what}: {lines}"
+        assert len(lines[0]) < 4096, what
+    assert outcome.peak_rss < MAX_RSS, f"{what}: peak RSS {outcome.peak_rss >> 20} MiB"
+
+
+# -- the crafted images ----------------------------------------------------------------------------
+
+
+def _everywhere(path: Path) -> Path:
+    rng = random.Random(12)
+    bat = {b: rng.getrandbits(32) for b in range(0, 16384, 3)}
+    bat.update({b: rng.randrange(0, 0x8000) for b in range(1, 16384, 3)})
+    return craft(path, size=64 * MiB, block_size=4096, bat=bat, file_size=16 * MiB)
+
+
+def _staggered(path: Path, count: int = 32000) -> Path:
+    # Each block's data starts half a block after the previous one's: all overlap.
+    half = (4096 + 512) // 2 // 512 * 512
+    bat = {b: (0x40000 + b * half) // 512 for b in range(count)}
+    return craft(
+        path, size=count * 4096, block_size=4096, bat=bat, file_size=0x40000 + (count + 8) * half
+    )
+
+
+@pytest.fixture(scope="module")
+def crafted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+    root = tmp_path_factory.mktemp("hostile")
+    images: dict[str, Path] = {}
+    images["claims-2^32-entries"] = craft(root / "claims.vhd", size=16 * MiB, entries=2**32 - 1)
+    images["2040g-512b-blocks"] = craft(root / "huge512.vhd", size=2040 * GiB, block_size=512)
+    images["zero-table-512b"] = craft(
+        root / "zero.vhd", size=128 * MiB, block_size=512, bat_fill=b"\0"
+    )
+    images["table-everywhere"] = _everywhere(root / "everywhere.vhd")
+    images["staggered-overlaps"] = _staggered(root / "staggered.vhd")
+    images["sparse-fixed-2040g"] = craft_fixed(
+        root / "fixed.vhd", 2040 * GiB, data={0: b"MBR!" * 128, 1000 * GiB: b"x" * 4096}
+    )
+    # A loop: a's parent is b, b's parent is a.
+    a, b = root / "loop-a.vhd", root / "loop-b.vhd"
+    craft(
+        a,
+        size=1 * MiB,
+        unique_id=new_id(1),
+        parent_id=new_id(2),
+        locators=[(W2RU, ".\\loop-b.vhd")],
+    )
+    craft(
+        b,
+        size=1 * MiB,
+        unique_id=new_id(2),
+        parent_id=new_id(1),
+        locators=[(W2RU, ".\\loop-a.vhd")],
+    )
+    images["locator-loop"] = a
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(root / "parent.sock"))
+    os.mkfifo(root / "parent.fifo")
+    secret = tmp_path_factory.mktemp("outside")  # a sibling of the images' folder
+    other = secret / "disk.vhd"
+    vhd.create(other, 1 * MiB).close()
+    targets = {
+        "locator-tty": (W2KU, "/dev/tty"),
+        "locator-socket": (W2RU, ".\\parent.sock"),
+        "locator-fifo": (W2RU, ".\\parent.fifo"),
+        "locator-shadow": (MACX, "file:///etc/shadow"),
+        "locator-nul": (MACX, "file:///etc/%00passwd"),
+        "locator-other-folder": (W2RU, ".\\..\\" + secret.name + "\\disk.vhd"),
+    }
+    for name, (code, text) in targets.items():
+        parent_id = footer_id(other) if name == "locator-other-folder" else new_id(50)
+        images[name] = craft(root / f"{name}.vhd", size=1 * MiB, parent_id=parent_id,
+                             locators=[(code, text)], parent_name=text)  # fmt: skip
+    images["locator-other-folder-abs"] = craft(
+        root / "abs.vhd", size=1 * MiB, parent_id=footer_id(other), locators=[(W2KU, str(other))]
+    )
+    yield images
+    sock.close()
+
+
+NAMES = [
+    "claims-2^32-entries",
+    "2040g-512b-blocks",
+    "zero-table-512b",
+    "table-everywhere",
+    "staggered-overlaps",
+    "sparse-fixed-2040g",
+    "locator-loop",
+    "locator-tty",
+    "locator-socket",
+    "locator-fifo",
+    "locator-shadow",
+    "locator-nul",
+    "locator-other-folder",
+    "locator-other-folder-abs",
+]
+# What serving and mounting must do: open (and serve a read) or refuse with exit 2.
+# A read-only open does not validate every block: damaged tables are served, and a read of a
+# damaged block fails (EIO) while the server carries on.
+DAMAGED = {"table-everywhere", "staggered-overlaps"}
+SERVED = {"claims-2^32-entries", "zero-table-512b", "sparse-fixed-2040g"} | DAMAGED
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_info_check_convert(crafted: dict[str, Path], name: str, tmp_path: Path) -> None:
+    image = str(crafted[name])
+    bounded(tmp_path, "info", image)
+    checked = bounded(tmp_path, "check", image)
+    assert checked.returncode in (0, 1) or "not a VHD" in checked.stderr
+    out = tmp_path / "out.raw"
+    bounded(tmp_path, "convert", image, str(out))
+    out.unlink(missing_ok=True)
+
+
+def test_refusals_say_why(crafted: dict[str, Path], tmp_path: Path) -> None:
+    huge = bounded(tmp_path, "info", str(crafted["2040g-512b-blocks"]))
+    assert huge.returncode == 2 and "more than vhdkit holds in memory" in huge.stderr
+    loop = bounded(tmp_path, "info", str(crafted["locator-loop"]))
+    assert "loops back" in loop.stderr
+    for name in ("locator-other-folder", "locator-other-folder-abs"):
+        # Local commands follow the user's own locators; vetting as a server would refuses.
+        assert bounded(tmp_path, "info", str(crafted[name])).returncode == 0
+        vetted = bounded(tmp_path, "check", "--confine-parents", str(crafted[name]))
+        assert vetted.returncode == 1 and "outside the allowed folders" in vetted.stdout
+
+
+def _nbd_read(url: str, *, may_fail: bool) -> None:
+    qemu_io = need_tool("qemu-io")
+    result = subprocess.run([qemu_io, "-f", "raw", "-r", "-c", "read 0 4096", url],
+                            capture_output=True, text=True, timeout=60, check=False)  # fmt: skip
+    if may_fail and "Input/output error" in result.stdout + result.stderr:
+        return
+    assert result.returncode == 0 and "read 4096/4096" in result.stdout, (
+        result.stdout + result.stderr
+    )
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_serve_nbd(crafted: dict[str, Path], name: str, tmp_path: Path) -> None:
+    need_tool("qemu-io")
+    sock = tmp_path / "nbd.sock"
+    run = Bounded(
+        tmp_path, "serve", str(crafted[name]), "--nbd", "--read-only", "--socket", str(sock)
+    )
+    deadline = time.monotonic() + 60
+    while run.running() and not run.stdout_so_far().strip():
+        assert time.monotonic() < deadline, "vhd serve did not start"
+        time.sleep(0.05)
+    url = run.stdout_so_far().strip()
+    if url:
+        assert name in SERVED, f"served {name}"
+        # The startup line names every file served.
+        assert f"serves {crafted[name]}" in run.stderr_so_far()
+        _nbd_read(url, may_fail=name in DAMAGED)
+        run.proc.send_signal(signal.SIGTERM)
+    outcome = run.wait()
+    assert_well_behaved(outcome, ("serve", name))
+    if name not in SERVED:
+        assert outcome.returncode == 2
+    else:
+        assert outcome.returncode == 0, outcome.stderr
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_mount_read_only(crafted: dict[str, Path], name: str, tmp_path: Path) -> None:
+    need_fuse()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    run = Bounded(tmp_path, "mount", str(crafted[name]), str(mnt), "--read-only", "--foreground")
+    deadline = time.monotonic() + 60
+    while run.running() and not os.path.ismount(mnt):
+        assert time.monotonic() < deadline, "vhd mount did not come up"
+        time.sleep(0.05)
+    if os.path.ismount(mnt):
+        assert name in SERVED, f"mounted {name}"
+        try:
+            try:
+                with open(mnt / "disk", "rb") as f:
+                    assert len(f.read(4096)) == 4096
+            except OSError:
+                if name not in DAMAGED:
+                    raise
+        finally:
+            fusermount = shutil.which("fusermount3") or "fusermount"
+            subprocess.run([fusermount, "-u", str(mnt)], check=False, timeout=60)
+    outcome = run.wait()
+    assert_well_behaved(outcome, ("mount", name))
+    # A damaged table may fail already where the mount reads the partition table.
+    expected = {0, 2} if name in DAMAGED else {0} if name in SERVED else {2}
+    assert outcome.returncode in expected, outcome.stderr
