@@ -27,26 +27,21 @@ workers again so the device sees them in parallel.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import logging
 import os
-import signal
 import socket
 import stat
-import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
-from typing import Any
 
 import vhd
 from blockback.executor import BlockDisk, BlockOp, BlockRequest, RequestExecutor
 from blockback.nbd import protocol as p
 
-__all__ = ["NBDServer", "serve_from_args"]
+__all__ = ["DEFAULT_PORT", "NBDServer"]
 
 log = logging.getLogger("blockback.nbd")
 
@@ -660,70 +655,3 @@ def _unix_socket_live(path: str) -> bool:
     finally:
         probe.close()
     return True
-
-
-def _parse_listen(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep:
-        host, port = value, str(DEFAULT_PORT)
-    host = host.strip("[]") or "127.0.0.1"
-    try:
-        number = int(port)
-    except ValueError:
-        raise ValueError(f"--listen wants HOST:PORT, not {value!r}") from None
-    if not 0 <= number <= 65535:
-        raise ValueError(f"port {number} is out of range")
-    return host, number
-
-
-@contextlib.contextmanager
-def _stop_on_signals(event: threading.Event) -> Iterator[None]:
-    def handler(signum: int, frame: Any) -> None:
-        event.set()
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
-def serve_from_args(args: argparse.Namespace) -> int:
-    """``vhd serve IMAGE --nbd``: serve in the foreground until SIGINT or SIGTERM."""
-    if args.socket and args.listen:
-        raise ValueError("give --socket or --listen, not both")
-    if args.workers < 1:
-        raise ValueError("--workers must be at least 1")
-    mode = "r" if args.read_only else "r+"
-    # The image is handed to clients: its parents only from the folders the admin allows.
-    policy = vhd.ParentPolicy(
-        dirs=tuple(args.parent_dir or ()),
-        allow_absolute=bool(getattr(args, "allow_absolute_parents", False)),
-    )
-    disk = vhd.open(args.image, mode, parent_policy=policy)
-    try:
-        server = NBDServer(
-            disk,
-            export_name=args.export_name or "",
-            read_only=args.read_only,
-            workers=args.workers,
-            description=f"vhdkit: {args.image}",
-        )
-        if args.socket:
-            url = server.listen_unix(args.socket)
-        else:
-            url = server.listen_tcp(*_parse_listen(args.listen or f"127.0.0.1:{DEFAULT_PORT}"))
-        stop = threading.Event()
-        with _stop_on_signals(stop):
-            server.start()
-            files = " <- ".join(layer.path for layer in disk.chain)
-            print(f"vhd serve: {url} serves {files}", file=sys.stderr, flush=True)
-            print(url, flush=True)
-            while not stop.wait(3600):
-                pass
-            print("vhd serve: stopping", file=sys.stderr, flush=True)
-            server.stop()
-    finally:
-        disk.close()
-    return 0

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from vhdtools.commands.serve import parse_listen
 
 import vhd
 from blockback.nbd import protocol as p
-from blockback.nbd.server import NBDServer, _parse_listen
+from blockback.nbd.server import NBDServer
 from tests.nbd.helpers import (
     IMAGE_SIZE,
     MiB,
@@ -351,13 +352,13 @@ def test_tcp_listener(disk: vhd.Disk) -> None:
 
 
 def test_parse_listen() -> None:
-    assert _parse_listen("127.0.0.1:1234") == ("127.0.0.1", 1234)
-    assert _parse_listen("[::1]:99") == ("::1", 99)
-    assert _parse_listen(":5") == ("127.0.0.1", 5)
+    assert parse_listen("127.0.0.1:1234") == ("127.0.0.1", 1234)
+    assert parse_listen("[::1]:99") == ("::1", 99)
+    assert parse_listen(":5") == ("127.0.0.1", 5)
     with pytest.raises(ValueError):
-        _parse_listen("host:port")
+        parse_listen("host:port")
     with pytest.raises(ValueError):
-        _parse_listen("host:70000")
+        parse_listen("host:70000")
 
 
 @pytest.mark.parametrize("structured", [True, False])

@@ -2,7 +2,7 @@
 
 The protocol front ends live in :mod:`blockback`, which exposes typed functions and options;
 this module owns what belongs to a command: argument parsing, signals, logging set-up and what
-is printed.  ``--nbd`` goes to :func:`blockback.nbd.server.serve_from_args`, ``--sim`` to
+is printed.  ``--nbd`` goes to :class:`blockback.nbd.server.NBDServer`, ``--sim`` to
 :class:`blockback.sim.SimBackend` and ``--xen`` to :func:`blockback.daemon.serve_xen`.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -70,9 +71,7 @@ def run(args: argparse.Namespace) -> int:
             f"{args.image!r} (or use --nbd / --sim to serve it)"
         )
     if args.nbd:
-        from blockback.nbd.server import serve_from_args
-
-        return serve_from_args(args)
+        return _serve_nbd(args)
     if args.sim:
         return _serve_sim(args)
     return _serve_xen(args)
@@ -91,6 +90,60 @@ def _backend_options(args: argparse.Namespace) -> Any:
     from blockback.vbd import BackendOptions
 
     return BackendOptions(workers=max(1, int(args.workers or 4)))
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``--listen HOST:PORT`` (``[v6]:PORT``; a bare host takes the NBD port)."""
+    from blockback.nbd.server import DEFAULT_PORT
+
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        host, port = value, str(DEFAULT_PORT)
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        number = int(port)
+    except ValueError:
+        raise ValueError(f"--listen wants HOST:PORT, not {value!r}") from None
+    if not 0 <= number <= 65535:
+        raise ValueError(f"port {number} is out of range")
+    return host, number
+
+
+def _serve_nbd(args: argparse.Namespace) -> int:
+    """``vhd serve IMAGE --nbd``: serve in the foreground until SIGINT or SIGTERM."""
+    from blockback.nbd.server import DEFAULT_PORT, NBDServer
+
+    if args.socket and args.listen:
+        raise ValueError("give --socket or --listen, not both")
+    if args.workers < 1:
+        raise ValueError("--workers must be at least 1")
+    mode = "r" if args.read_only else "r+"
+    # The image is handed to clients: its parents only from the folders the admin allows.
+    disk = vhd.open(args.image, mode, parent_policy=_parent_policy(args))
+    try:
+        server = NBDServer(
+            disk,
+            export_name=args.export_name or "",
+            read_only=args.read_only,
+            workers=args.workers,
+            description=f"vhdkit: {args.image}",
+        )
+        if args.socket:
+            url = server.listen_unix(args.socket)
+        else:
+            url = server.listen_tcp(*parse_listen(args.listen or f"127.0.0.1:{DEFAULT_PORT}"))
+        with stop_on_signals(threading.Event()) as stop:
+            server.start()
+            files = " <- ".join(layer.path for layer in disk.chain)
+            print(f"vhd serve: {url} serves {files}", file=sys.stderr, flush=True)
+            print(url, flush=True)
+            while not stop.wait(3600):
+                pass
+            print("vhd serve: stopping", file=sys.stderr, flush=True)
+            server.stop()
+    finally:
+        disk.close()
+    return 0
 
 
 def _serve_sim(args: argparse.Namespace) -> int:
