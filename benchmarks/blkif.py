@@ -83,6 +83,9 @@ class RawDisk:
     def discard(self, offset: int, length: int) -> None:
         os.pwrite(self.fd, bytes(length), offset)
 
+    def write_zeroes(self, offset: int, length: int) -> None:
+        os.pwrite(self.fd, bytes(length), offset)
+
     def extents(self, offset: int = 0, length: int | None = None) -> Iterator[Any]:
         return iter(())
 

@@ -171,8 +171,9 @@ class RequestExecutor:
     def _write_zeroes(self, req: BlockRequest) -> int:
         if req.length:
             if not req.no_hole:
-                # Disk.discard guarantees the range reads as zeros afterwards.
-                self.disk.discard(req.offset, req.length)
+                # Reads back zeros, freeing space where that keeps the zeros (TRIM, above, is
+                # Disk.discard: unspecified contents, never allocates).
+                self.disk.write_zeroes(req.offset, req.length)
             elif req.fast_zero:
                 # Real zeros cost as much as a write: the client asked us to refuse.
                 return errno.ENOTSUP

@@ -32,18 +32,27 @@ and the report of issue 4):
   write-through cache is coherent by itself).  A writable mount with partitions stays direct:
   invalidating the aliases from inside a write would need the single server thread that the
   pending reads wait for.
+* **Our own stop signals.**  libfuse's handlers for SIGINT, SIGTERM and SIGHUP end the loop,
+  but ``fuse_main`` then reports the signal as a failure (status 8), which made a clean stop of
+  a foreground mount (Ctrl-C, ``systemctl stop``) exit 2.  :class:`_Stopper` blocks those
+  signals, takes them with ``sigtimedwait`` on a thread, and ends the loop the way
+  ``fuse_exit`` does (then a ``statfs`` wakes the loop from its read); libfuse unmounts and
+  calls ``destroy`` (flush, close) as before, and ``fuse_main`` returns 0.
 * **Long attribute timeouts** and ``nullpath_ok``: sizes and names never change while mounted,
   so the kernel need not ask again, and libfuse need not build paths for I/O requests.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
 import functools
 import logging
 import os
+import signal
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -81,6 +90,71 @@ DEFAULT_THREADS = os.environ.get("VHDFUSE_THREADS", "0") == "1"
 _TIMEOUT = 86400.0  # the mount's names and sizes never change
 
 
+STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM, signal.SIGHUP})
+
+
+class _Stopper:
+    """Ends the FUSE loop on SIGINT/SIGTERM/SIGHUP as a clean stop (see the module docstring).
+
+    Active only on the main thread (where the process's signals can be blocked for all threads
+    that libfuse starts); elsewhere libfuse's own handlers stay in charge.
+    """
+
+    def __init__(self, mountpoint: str) -> None:
+        self.mountpoint = mountpoint
+        self.received: int | None = None
+        self._fuse: int | None = None  # libfuse's ``struct fuse *``, known from init on
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._old_mask: set[int | signal.Signals] | None = None
+
+    def start(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        # Blocked before libfuse (and its worker threads) exist: every thread inherits it.
+        self._old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        self._thread = threading.Thread(target=self._watch, name="vhdfuse-signals", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is None or self._old_mask is None:
+            return
+        self._done.set()
+        self._thread.join()
+        # A signal that came while libfuse was closing: taken here, not left to kill us later.
+        while (late := signal.sigtimedwait(STOP_SIGNALS, 0)) is not None:
+            self.received = self.received or late.si_signo
+        signal.pthread_sigmask(signal.SIG_SETMASK, self._old_mask)
+
+    def attach(self) -> None:
+        """From libfuse's ``init`` callback: remember the session; a stop may be pending."""
+        pointer = mfusepy._libfuse.fuse_get_context().contents.fuse
+        with self._lock:
+            self._fuse = pointer
+            stop = self.received is not None
+        if stop:
+            self._exit()
+
+    def _watch(self) -> None:
+        while not self._done.is_set():
+            info = signal.sigtimedwait(STOP_SIGNALS, 0.25)
+            if info is None or self.received is not None:
+                continue
+            log.info("%s: stopping (%s)", self.mountpoint, signal.Signals(info.si_signo).name)
+            with self._lock:
+                self.received = info.si_signo
+                attached = self._fuse is not None
+            if attached:
+                self._exit()
+                # The loop notices the flag after its next request: send a harmless one.
+                with contextlib.suppress(OSError):
+                    os.statvfs(self.mountpoint)
+
+    def _exit(self) -> None:
+        mfusepy._libfuse.fuse_exit(ctypes.c_void_p(self._fuse))
+
+
 def _fsname_option(text: str) -> str:
     # Commas separate -o options and backslash escapes in libfuse's option parser.
     return text.replace("\\", "\\\\").replace(",", "\\,")
@@ -97,8 +171,10 @@ class _Operations(mfusepy.Operations):  # type: ignore[misc]
         *,
         cache: str,
         on_ready: Callable[[], None] | None,
+        stopper: _Stopper | None = None,
     ) -> None:
         self.fs = fs
+        self.stopper = stopper
         # Aliasing page caches (disk and pN) could go stale on a writable mount: no cache there.
         self.direct = cache != "kernel" or (not fs.read_only and len(fs.nodes) > 1)
         self.on_ready = on_ready
@@ -126,6 +202,8 @@ class _Operations(mfusepy.Operations):  # type: ignore[misc]
                 conn.proto_minor,
                 "direct I/O" if self.direct else "kernel page cache",
             )
+        if self.stopper is not None:
+            self.stopper.attach()
         if self.on_ready is not None:
             self.on_ready()
 
@@ -203,6 +281,9 @@ class _Operations(mfusepy.Operations):  # type: ignore[misc]
         self.fs.fallocate(fi.fh, mode, offset, size)
         return 0
 
+    def lseek(self, path: str | None, offset: int, whence: int, fh: Any) -> int:
+        return self.fs.lseek(fh, offset, whence)
+
     # Present so that mfusepy registers the callbacks; _FUSE routes them without copies.
     def read(self, path: str, size: int, offset: int, fh: Any) -> bytes:
         raise FilesystemError(errno.ENOSYS)  # pragma: no cover
@@ -221,21 +302,33 @@ class _FUSE(mfusepy.FUSE):  # type: ignore[misc]
         result: int = self.operations.truncate(name, length, fh)
         return result
 
+    def lseek(self, path: bytes | None, offset: int, whence: int, fip: Any) -> int:
+        # libfuse 3 only (mfusepy has no wrapper for it): SEEK_DATA/SEEK_HOLE.
+        result: int = self.operations.lseek(None, offset, whence, fip.contents.fh)
+        return result
+
     def read(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
-        view = memoryview(_array(size).from_address(ctypes.addressof(buf.contents)))
-        count: int = self.operations.fs.readinto(fip.contents.fh, view, offset)
+        count: int = self.operations.fs.readinto(fip.contents.fh, _view(buf, size), offset)
         return count
 
     def write(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
-        view = memoryview(_array(size).from_address(ctypes.addressof(buf.contents)))
-        count: int = self.operations.fs.write(fip.contents.fh, view, offset)
+        count: int = self.operations.fs.write(fip.contents.fh, _view(buf, size), offset)
         return count
 
 
 @functools.lru_cache(maxsize=64)
 def _array(size: int) -> Any:
-    """The ctypes array type viewing a request buffer (unsigned bytes: a 'B' memoryview)."""
+    """The ctypes array type viewing a request buffer."""
     return ctypes.c_ubyte * size
+
+
+def _view(buf: Any, size: int) -> memoryview:
+    """A ``'B'`` memoryview of libfuse's request buffer, without a copy.
+
+    ctypes exports its arrays with the format ``'<B'``; cast to the native ``'B'`` that the
+    disk's single-``preadv`` fast path (and every ``bytes``-like consumer) expects.
+    """
+    return memoryview(_array(size).from_address(ctypes.addressof(buf.contents))).cast("B")
 
 
 def run(
@@ -243,6 +336,7 @@ def run(
     mountpoint: str,
     *,
     fsname: str,
+    subtype: str = "vhd",
     allow_other: bool = False,
     cache: str = DEFAULT_CACHE,
     debug: bool = False,
@@ -251,9 +345,10 @@ def run(
 ) -> None:
     """Mount ``fs`` on ``mountpoint`` and serve it until unmounted (or SIGTERM/SIGINT/SIGHUP).
 
-    Blocks; ``on_ready`` runs once the kernel has initialised the connection.  libfuse's own
-    signal handlers end the loop on SIGTERM, then libfuse unmounts and calls ``destroy``, which
-    flushes and closes the disk.
+    Blocks; ``on_ready`` runs once the kernel has initialised the connection.  A stop signal
+    ends the loop (:class:`_Stopper`), then libfuse unmounts and calls ``destroy``, which
+    flushes and closes the disk; either way this returns normally.  Raises ``RuntimeError``
+    (libfuse's status) when the mount fails.
     """
     if cache not in CACHE_MODES:
         raise ValueError(f"cache must be one of {', '.join(CACHE_MODES)}")
@@ -262,7 +357,7 @@ def run(
         "debug": debug,
         "nothreads": not (DEFAULT_THREADS if threads is None else threads),
         "fsname": _fsname_option(fsname),
-        "subtype": "vhd",
+        "subtype": subtype,
         "default_permissions": True,
         "attr_timeout": _TIMEOUT,
         "entry_timeout": _TIMEOUT,
@@ -275,5 +370,10 @@ def run(
         options["allow_other"] = True
     if LIBFUSE_MAJOR == 2:
         options.update(big_writes=True, max_write=MAX_IO, max_read=MAX_IO, max_readahead=MAX_IO)
-    operations = _Operations(fs, cache=cache, on_ready=on_ready)
-    _FUSE(operations, mountpoint, raw_fi=True, **options)
+    stopper = _Stopper(mountpoint)
+    operations = _Operations(fs, cache=cache, on_ready=on_ready, stopper=stopper)
+    stopper.start()
+    try:
+        _FUSE(operations, mountpoint, raw_fi=True, **options)
+    finally:
+        stopper.stop()

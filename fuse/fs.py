@@ -17,9 +17,14 @@ Files (see issue 4):
 * Sizes are fixed: ``truncate`` to the current size succeeds (``open(O_TRUNC)`` and
   ``truncate -s`` to the same size stay usable), any other size fails with ``EINVAL``.
 * ``fsync`` and the ``flush`` at ``close`` of a handle that wrote map to ``Disk.flush()``;
-  ``fallocate`` with ``PUNCH_HOLE`` or ``ZERO_RANGE`` maps to ``Disk.discard()`` (both promise
-  zeros afterwards); plain allocation is not offered (``EOPNOTSUPP``).
+  ``fallocate`` with ``PUNCH_HOLE`` or ``ZERO_RANGE`` maps to ``Disk.write_zeroes()`` (both
+  promise zeros afterwards; ``Disk.discard()`` would not on a differencing disk); plain
+  allocation is not offered (``EOPNOTSUPP``).
 * A read-only filesystem refuses writes with ``EROFS`` (``open`` for writing included).
+* Sparseness shows as it does for a sparse file: ``st_blocks`` counts the 512-byte units where
+  some layer of the chain holds data (``Disk.extents()``), so ``du`` shows what the disk holds,
+  and ``lseek`` with ``SEEK_DATA``/``SEEK_HOLE`` finds those extents (a hole is a range no layer
+  holds, which reads as zeros), so ``cp --sparse``, ``tar -S`` and friends skip the holes.
 
 Several files view the same bytes; how the adapter keeps the kernel's page caches of those
 files coherent is explained in :mod:`vhdfuse.adapter`.
@@ -187,6 +192,10 @@ class DiskFilesystem:
         self._next_handle = 1
         self._lock = threading.Lock()
         self._closed = False
+        # st_blocks per node, with the write generation it was counted at: counting walks the
+        # BAT and bitmaps, so it is redone only after a write or zeroing.
+        self._generation = 0
+        self._blocks: dict[str, tuple[int, int]] = {}
 
     # -- helpers -------------------------------------------------------------------------
 
@@ -234,8 +243,28 @@ class DiskFilesystem:
             gid=self.gid,
             mtime_ns=self._mtime_ns,
             blksize=PREFERRED_IO_SIZE,
-            blocks=(node.length + 511) // 512,
+            blocks=self._allocated_blocks(node),
         )
+
+    def _allocated_blocks(self, node: Node) -> int:
+        """512-byte units of ``node`` where some layer holds data (what ``du`` shows)."""
+        generation = self._generation
+        cached = self._blocks.get(node.name)
+        if cached is not None and cached[0] == generation:
+            return cached[1]
+        try:
+            extents = self.disk.extents(node.start, node.length)
+            held = sum(e.length for e in extents if e.layer is not None)
+        except (vhd.VHDError, OSError) as exc:
+            # A damaged block must not make the file unreachable (everything calls stat):
+            # count it all as allocated; reading the damaged range still fails with EIO.
+            log.warning(
+                "%s: cannot count allocated space, showing the full size: %s", node.name, exc
+            )
+            held = node.length
+        blocks = (held + 511) // 512
+        self._blocks[node.name] = (generation, blocks)
+        return blocks
 
     @errno_boundary
     def readdir(self, path: str) -> list[str]:
@@ -356,6 +385,7 @@ class DiskFilesystem:
                 return 0
             raise FilesystemError(errno.ENOSPC)  # at or past the end, like a block device
         handle.dirty = True
+        self._generation += 1
         written: int = self.disk.pwrite(
             view if count == len(view) else view[:count], node.start + offset
         )
@@ -380,7 +410,27 @@ class DiskFilesystem:
         if count == 0:
             return
         handle.dirty = True
-        self.disk.discard(node.start + offset, count)
+        self._generation += 1
+        # Both modes promise zeros: write_zeroes (a plain discard may show a parent's data).
+        self.disk.write_zeroes(node.start + offset, count)
+
+    @errno_boundary
+    def lseek(self, fh: int, offset: int, whence: int) -> int:
+        """``SEEK_DATA``/``SEEK_HOLE`` (the only whences the kernel asks the file system for),
+        answered from ``Disk.extents()`` over the handle's window; the end of the file counts
+        as a hole, and ``ENXIO`` means no data at or after ``offset``, as lseek(2) says."""
+        node = self._handle(fh).node
+        if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise FilesystemError(errno.EINVAL)
+        if offset < 0 or offset >= node.length:
+            raise FilesystemError(errno.ENXIO if offset >= 0 else errno.EINVAL)
+        want_data = whence == os.SEEK_DATA
+        for ext in self.disk.extents(node.start + offset, node.length - offset):
+            if (ext.layer is not None) == want_data:
+                return max(ext.offset - node.start, offset)
+        if want_data:
+            raise FilesystemError(errno.ENXIO)
+        return node.length
 
     # -- lifetime -----------------------------------------------------------------------
 

@@ -7,7 +7,8 @@ cannot be opened or mounted.  The server records ``pid`` and process start time 
 named after the mount point, so that ``unmount()`` can wait for it to finish closing the image
 after the kernel lets go.
 
-``unmount()`` first calls ``fsync`` on ``disk`` (→ ``Disk.flush()``: everything written through
+``unmount()`` refuses a mount point that is not one of ours (type ``fuse.vhd``, source
+``vhd:IMAGE``), then calls ``fsync`` on ``disk`` (→ ``Disk.flush()``: everything written through
 the mount is durable), then unmounts with ``fusermount3 -u`` (``umount`` as a fallback for
 root), then waits for the server to exit.  A plain ``fusermount -u``/``umount`` or SIGTERM
 also ends the server cleanly: libfuse leaves its loop, and ``destroy`` flushes and closes the
@@ -41,6 +42,11 @@ from .partitions import read_partitions
 log = logging.getLogger("vhdfuse")
 
 READY = b"ready\n"
+# How our mounts show in /proc/self/mountinfo (libfuse's subtype and fsname options): what
+# ``vhd umount`` checks before it unmounts anything.
+SUBTYPE = "vhd"
+FSTYPE = f"fuse.{SUBTYPE}"
+FSNAME_PREFIX = "vhd:"
 
 
 class MountError(vhd.VHDError):
@@ -113,7 +119,8 @@ def serve(
             adapter,
             fs,
             os.path.realpath(mountpoint),
-            fsname=f"vhd:{os.path.abspath(image)}",
+            fsname=f"{FSNAME_PREFIX}{os.path.abspath(image)}",
+            subtype=SUBTYPE,
             allow_other=allow_other,
             cache=cache or adapter.DEFAULT_CACHE,
             debug=debug,
@@ -249,6 +256,9 @@ def unmount(mountpoint: str, *, timeout: float = 120.0) -> None:
     real = os.path.realpath(mountpoint)
     if not is_mounted(real):
         raise MountError(f"{mountpoint}: not mounted")
+    if not is_our_mount(real):
+        # Never take down someone else's file system (a tmpfs, a disk, another FUSE server).
+        raise MountError(f"{mountpoint}: not a 'vhd mount' (use umount for other file systems)")
     pid = _read_pidfile(_pidfile(real))
     # fsync -> Disk.flush(): whatever reached the server is durable before the unmount.
     with contextlib.suppress(OSError):
@@ -294,14 +304,37 @@ def is_mounted(path: str) -> bool:
     """Whether ``path`` is a mount point (also for a dead FUSE server, where stat fails)."""
     real = os.path.realpath(path)
     try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-            for line in f:
-                fields = line.split(" ")
-                if len(fields) > 4 and _unescape(fields[4]) == real:
-                    return True
+        return _mount_entry(real) is not None
     except FileNotFoundError:
         return os.path.ismount(real)
-    return False
+
+
+def is_our_mount(path: str) -> bool:
+    """Whether the topmost mount on ``path`` is a ``vhd mount`` (alive or with a dead server).
+
+    Our mounts are FUSE mounts with subtype ``vhd`` (file system type ``fuse.vhd``) and a source
+    (fsname) ``vhd:IMAGE``, both set in :func:`serve`.
+    """
+    try:
+        entry = _mount_entry(os.path.realpath(path))
+    except FileNotFoundError:
+        return False
+    return entry is not None and entry[0] == FSTYPE and entry[1].startswith(FSNAME_PREFIX)
+
+
+def _mount_entry(real: str) -> tuple[str, str] | None:
+    """(file system type, source) of the topmost mount on ``real`` in /proc/self/mountinfo."""
+    found = None
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            fields = line.rstrip("\n").split(" ")
+            if len(fields) > 4 and _unescape(fields[4]) == real:
+                # Optional fields end at "-", followed by type, source, super options.
+                rest = fields[fields.index("-", 6) + 1 :] if "-" in fields[6:] else []
+                fstype = _unescape(rest[0]) if rest else ""
+                source = _unescape(rest[1]) if len(rest) > 1 else ""
+                found = (fstype, source)  # later lines are mounted on top of earlier ones
+    return found
 
 
 def _unescape(field: str) -> str:

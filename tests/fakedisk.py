@@ -28,6 +28,7 @@ class FakeDisk:
         self.allocated = bytearray((size + grain - 1) // grain)
         self.flushes = 0
         self.discards: list[tuple[int, int]] = []
+        self.zeroed: list[tuple[int, int]] = []
         self.writes: list[tuple[int, int]] = []
         self.fail_next: BaseException | None = None
         self.closed = False
@@ -72,12 +73,21 @@ class FakeDisk:
             self.flushes += 1
 
     def discard(self, offset: int, length: int) -> None:
+        # The strictest legal TRIM: recorded, and the data left as it was (the contents of a
+        # discarded range are unspecified), so a front end that needs zeros must ask for them.
+        with self._lock:
+            self._maybe_fail()
+            if self.read_only:
+                raise vhd.ReadOnlyError("read-only")
+            self.discards.append((offset, length))
+
+    def write_zeroes(self, offset: int, length: int) -> None:
         with self._lock:
             self._maybe_fail()
             if self.read_only:
                 raise vhd.ReadOnlyError("read-only")
             self.data[offset : offset + length] = bytes(length)
-            self.discards.append((offset, length))
+            self.zeroed.append((offset, length))
             # Whole grains inside the range become unallocated.
             first = -(-offset // self.grain)
             last = (offset + length) // self.grain

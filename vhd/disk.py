@@ -63,6 +63,8 @@ _BITMAP_CACHE_LIMIT = 16384
 FULL: bytes = b""
 
 Buffer = bytes | bytearray | memoryview
+# memoryview formats of unsigned bytes ('<B' is what ctypes arrays export).
+_BYTE_FORMATS = frozenset({"B", "<B", ">B", "=B", "@B"})
 
 
 class BlockDevice(Protocol):
@@ -82,6 +84,8 @@ class BlockDevice(Protocol):
     def flush(self) -> None: ...
 
     def discard(self, offset: int, length: int) -> None: ...
+
+    def write_zeroes(self, offset: int, length: int) -> None: ...
 
     def extents(self, offset: int = 0, length: int | None = None) -> Iterator[Extent]: ...
 
@@ -182,14 +186,33 @@ class Disk:
         return len(view)
 
     def discard(self, offset: int, length: int) -> None:
+        """Give the range back (TRIM): afterwards its contents are unspecified.
+
+        Never allocates.  What the range then reads as: zeros on a fixed or dynamic disk (whole
+        blocks are freed, holes punched); on a differencing disk, every sector that the range
+        covers entirely and that this file holds is released and reads from the parent again
+        (whole blocks are freed), and the rest is left as it was.  Use :meth:`write_zeroes`
+        when the range must read as zeros.
+        """
+        self._check_range("discard", offset, length)
+        if length:
+            self._discard(offset, length)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Make the range read as zeros, giving space back where that keeps the zeros (fixed
+        and dynamic disks: as :meth:`discard`; a differencing disk writes zeros over the range
+        wherever some layer of the chain holds data)."""
+        self._check_range("write_zeroes", offset, length)
+        if length:
+            self._write_zeroes(offset, length)
+
+    def _check_range(self, what: str, offset: int, length: int) -> None:
         self._check_writable()
         if offset < 0 or length < 0 or offset + length > self.size:
             raise InvalidArgumentError(
-                f"discard of {length} bytes at offset {offset} is outside the disk",
+                f"{what} of {length} bytes at offset {offset} is outside the disk",
                 path=self.path,
             )
-        if length:
-            self._discard(offset, length)
 
     def flush(self, *, durable: bool = True) -> None:
         """Make every completed write durable (``fdatasync``), metadata included.
@@ -264,6 +287,9 @@ class Disk:
 
     def _discard(self, offset: int, length: int) -> None:
         raise NotImplementedError
+
+    def _write_zeroes(self, offset: int, length: int) -> None:
+        self._discard(offset, length)  # a fixed or dynamic disk's discard leaves zeros
 
     def _extents(self, start: int, end: int) -> Iterator[Extent]:
         raise NotImplementedError
@@ -367,7 +393,7 @@ class SparseDisk(Disk):
     def preadinto(self, buffer: Buffer, offset: int) -> int:
         # Fast path for the common small read (NBD, blkif, FUSE): inside one block whose bitmap
         # is all ones, it is a single preadv with no further Python work.
-        if type(buffer) is memoryview and buffer.format == "B" and not buffer.readonly:
+        if type(buffer) is memoryview and buffer.format in _BYTE_FORMATS and not buffer.readonly:
             n = len(buffer)
             bs = self._bs
             block = offset // bs
@@ -543,15 +569,21 @@ class SparseDisk(Disk):
     # -- discard -------------------------------------------------------------------------
 
     def _discard(self, offset: int, length: int) -> None:
-        if self._differencing:
-            # Zeros must hide the parent's data; where nothing is allocated anywhere the range
-            # already reads as zeros.
-            for ext in list(self.extents(offset, length)):
-                if ext.layer is not None:
-                    self._write_zeros_range(ext.offset, ext.length)
-            return
+        # Only blocks this file holds are touched: a discard never allocates.
+        bat = self.bat
         for block, inner, _pos, n in self._pieces(offset, length):
-            self._discard_block(block, inner, n)
+            if bat[block] != UNUSED:
+                self._discard_block(block, inner, n)
+
+    def _write_zeroes(self, offset: int, length: int) -> None:
+        if not self._differencing:
+            self._discard(offset, length)  # freed sectors and blocks read as zeros
+            return
+        # Zeros must hide the parent's data; where nothing is allocated anywhere the range
+        # already reads as zeros.
+        for ext in list(self.extents(offset, length)):
+            if ext.layer is not None:
+                self._write_zeros_range(ext.offset, ext.length)
 
     def _write_zeros_range(self, offset: int, length: int) -> None:
         zeros = memoryview(bytes(min(length, 1 << 20)))
@@ -562,6 +594,18 @@ class SparseDisk(Disk):
             length -= n
 
     def _discard_block(self, block: int, inner: int, n: int) -> None:
+        """Release the sectors of ``block`` that ``[inner, inner + n)`` covers entirely.
+
+        Dynamic: partly covered edge sectors get zeros written, so the whole range reads as
+        zeros.  Differencing: they are left alone (a discard must not allocate or read the
+        parent), and released sectors read from the parent again.
+
+        Crash ordering: on a differencing disk the bitmap is written (or the block freed in
+        the in-memory BAT) before the data is punched, so a crash leaves each sector either as
+        it was or released, never zeros that neither the child nor the parent held.  A freed
+        block's on-disk BAT entry goes stale until the next flush; its bitmap is punched (all
+        bits clear: the parent shows, as in memory) and its space is not reused while open.
+        """
         with self._lock:
             entry = self.bat[block]
             if entry == UNUSED:
@@ -571,17 +615,28 @@ class SparseDisk(Disk):
             new = bytearray(self._full_pattern if bits is FULL else bits)
             first = -(-inner // SECTOR)
             last = (inner + n) // SECTOR
-            # Partly covered edge sectors keep their bit and get zeros written.
-            if first * SECTOR > inner:
-                write_zeros(self._fd, data + inner, min(first * SECTOR, inner + n) - inner)
-            if last * SECTOR < inner + n and last >= first:
-                write_zeros(self._fd, data + last * SECTOR, inner + n - last * SECTOR)
+            if not self._differencing:
+                # Partly covered edge sectors keep their bit and get zeros written.
+                if first * SECTOR > inner:
+                    write_zeros(self._fd, data + inner, min(first * SECTOR, inner + n) - inner)
+                if last * SECTOR < inner + n and last >= first:
+                    write_zeros(self._fd, data + last * SECTOR, inner + n - last * SECTOR)
             if first >= last:
                 return
             bm.set_range(new, first, last, False)
+            emptied = not bm.any_set(new, -(-self._needed(block) // SECTOR))
+            if self._differencing:
+                if emptied:
+                    self._bitmaps.pop(block, None)
+                    self.bat[block] = UNUSED
+                    punch_hole(self._fd, entry * SECTOR, self._bitmap_bytes + self._bs)
+                else:
+                    self._store_bitmap(block, entry, new)
+                    punch_hole(self._fd, data + first * SECTOR, (last - first) * SECTOR)
+                return
             # Punch the data too: readers that ignore bitmaps (qemu) then also see zeros.
             punch_hole(self._fd, data + first * SECTOR, (last - first) * SECTOR)
-            if not bm.any_set(new, -(-self._needed(block) // SECTOR)):
+            if emptied:
                 self._bitmaps.pop(block, None)
                 self.bat[block] = UNUSED
                 punch_hole(self._fd, entry * SECTOR, self._bitmap_bytes + self._bs)

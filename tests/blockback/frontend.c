@@ -654,7 +654,6 @@ static void check_discard(struct fe *f) {
     blkif_request_discard_t *d = (blkif_request_discard_t *)next_req(f);
     d->operation = BLKIF_OP_DISCARD; d->id = next_id++; d->sector_number = 4096; d->nr_sectors = 4096;
     expect(f, (blkif_request_t *)d, BLKIF_RSP_OKAY, "discard in range");
-    memset(f->shadow + 4096 * 512, 0, 4096 * 512);
     d = (blkif_request_discard_t *)next_req(f);
     d->operation = BLKIF_OP_DISCARD; d->id = next_id++; d->sector_number = f->sectors - 8; d->nr_sectors = 16;
     expect(f, (blkif_request_t *)d, BLKIF_RSP_ERROR, "discard past the end");
@@ -662,15 +661,17 @@ static void check_discard(struct fe *f) {
     d->operation = BLKIF_OP_DISCARD; d->id = next_id++; d->sector_number = 0; d->nr_sectors = 8;
     d->flag = BLKIF_DISCARD_SECURE;
     expect(f, (blkif_request_t *)d, BLKIF_RSP_ERROR, "secure discard not advertised");
-    /* Discarded sectors read back as zeros. */
+    /* A discarded range's contents are unspecified (blkif: the region "may be discarded at any
+     * time without impact to the client"; a differencing image shows its parent there again):
+     * read it back into the shadow, which the final read-back then holds the backend to. */
     for (unsigned i = 0; i < 11; i++) grant(f, DATA_BASE + i, false);
-    blkif_request_t *r = rw(f, BLKIF_OP_READ, 4096 + 512, 11, DATA_BASE, 0, 7);
-    expect(f, r, BLKIF_RSP_OKAY, "read discarded");
-    for (unsigned i = 0; i < 11; i++) {
-        static const uint8_t zero[PAGE];
-        CHECK(memcmp(page(f, DATA_BASE + i), zero, PAGE) == 0, "discarded range is not zero");
+    for (uint64_t s = 4096; s < 8192; s += 88) {
+        unsigned n = 8192 - s < 88 ? (unsigned)(8192 - s) / 8 : 11;
+        blkif_request_t *r = rw(f, BLKIF_OP_READ, s, n, DATA_BASE, 0, 7);
+        expect(f, r, BLKIF_RSP_OKAY, "read discarded");
+        memcpy(f->shadow + s * 512, page(f, DATA_BASE), (size_t)n * PAGE);
     }
-    if (failures == before) item(8, "DISCARD in range OK (reads zeros), past end ERROR, secure ERROR");
+    if (failures == before) item(8, "DISCARD in range OK (reads back), past end ERROR, secure ERROR");
 }
 
 static void check_indirect(struct fe *f) {

@@ -206,6 +206,9 @@ class SlowDisk:
     def discard(self, offset: int, length: int) -> None:
         self.disk.discard(offset, length)
 
+    def write_zeroes(self, offset: int, length: int) -> None:
+        self.disk.write_zeroes(offset, length)
+
     def extents(self, offset: int = 0, length: int | None = None) -> Iterator[vhd.Extent]:
         return self.disk.extents(offset, length)
 

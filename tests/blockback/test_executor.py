@@ -6,6 +6,7 @@ import errno
 import itertools
 import random
 import threading
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -17,6 +18,7 @@ from blockback.request import BlockOp, BlockRequest
 from tests.fakedisk import FakeDisk
 
 SIZE = 1024 * 1024
+MIB = 1024 * 1024
 
 
 def read(ex: RequestExecutor, offset: int, length: int) -> tuple[int, bytes]:
@@ -122,15 +124,34 @@ def test_fua_and_flush_reach_the_disk() -> None:
     assert disk.flushes == 2
 
 
-def test_discard_reads_as_zeros() -> None:
+def test_discard_is_a_trim_and_promises_no_zeros() -> None:
+    # NBD TRIM and blkif DISCARD leave the range unspecified: Disk.discard, which on a
+    # differencing disk never allocates (issue 9 item 11), not Disk.write_zeroes.
     disk = FakeDisk(SIZE)
     ex = RequestExecutor(disk)
     assert write(ex, 0, b"\x01" * 8192) == 0
     assert ex.execute(BlockRequest(BlockOp.DISCARD, 100, 1000)) == 0
-    assert disk.discards == [(100, 1000)]
-    rc, data = read(ex, 0, 8192)
-    assert rc == 0
-    assert data == b"\x01" * 100 + bytes(1000) + b"\x01" * 7092
+    assert disk.discards == [(100, 1000)] and not disk.zeroed
+
+
+def test_trim_on_a_differencing_disk_never_grows_it(tmp_path: Path) -> None:
+    """Issue 9 item 11 through the executor (NBD TRIM, blkif DISCARD): the child's blocks are
+    freed, not filled with zeros; WRITE_ZEROES (NBD) still reads back zeros."""
+    parent, child = tmp_path / "p.vhd", tmp_path / "c.vhd"
+    with vhd.create(parent, 4 * MIB, block_size=64 * 1024) as disk:
+        disk.pwrite(b"\x5a" * 4 * MIB, 0)
+    vhd.create(child, parent=parent, block_size=64 * 1024).close()
+    with vhd.open(child, "r+") as disk:
+        ex = RequestExecutor(disk)
+        assert write(ex, MIB, b"\x01" * MIB) == 0
+        disk.flush()
+        grown = child.stat().st_size
+        assert ex.execute(BlockRequest(BlockOp.DISCARD, 0, 4 * MIB)) == 0
+        assert child.stat().st_size == grown
+        assert [e.layer for e in disk.extents()] == [1]  # all of it the parent's again
+        assert read(ex, 0, 4 * MIB) == (0, b"\x5a" * 4 * MIB)
+        assert ex.execute(BlockRequest(BlockOp.WRITE_ZEROES, 100, 5000)) == 0
+        assert read(ex, 0, 5200) == (0, b"\x5a" * 100 + bytes(5000) + b"\x5a" * 100)
 
 
 def test_write_zeroes_may_punch_a_hole() -> None:
@@ -138,7 +159,7 @@ def test_write_zeroes_may_punch_a_hole() -> None:
     ex = RequestExecutor(disk)
     write(ex, 0, b"\x07" * SIZE)
     assert ex.execute(BlockRequest(BlockOp.WRITE_ZEROES, 65536, 65536, fast_zero=True)) == 0
-    assert disk.discards == [(65536, 65536)]
+    assert disk.zeroed == [(65536, 65536)] and not disk.discards
     assert read(ex, 65536, 65536) == (0, bytes(65536))
     assert not disk.allocated[1]
 
@@ -151,7 +172,7 @@ def test_write_zeroes_no_hole_writes_real_zeros_in_bounded_chunks() -> None:
     disk.writes.clear()
     req = BlockRequest(BlockOp.WRITE_ZEROES, 1, size - 2, no_hole=True, fua=True)
     assert ex.execute(req) == 0
-    assert not disk.discards
+    assert not disk.discards and not disk.zeroed
     assert disk.flushes == 1
     assert max(n for _, n in disk.writes) <= 1024 * 1024
     assert sum(n for _, n in disk.writes) == size - 2
@@ -165,7 +186,7 @@ def test_fast_zero_with_no_hole_is_refused_quickly() -> None:
     ex = RequestExecutor(disk)
     req = BlockRequest(BlockOp.WRITE_ZEROES, 0, 4096, no_hole=True, fast_zero=True)
     assert ex.execute(req) == errno.ENOTSUP
-    assert not disk.writes and not disk.discards
+    assert not disk.writes and not disk.discards and not disk.zeroed
 
 
 @pytest.mark.parametrize(
@@ -341,8 +362,9 @@ def test_matches_a_model_for_random_request_sequences(
         else:
             rc = ex.execute(BlockRequest(op, offset, length, no_hole=flag))
             assert rc == (0 if in_range else errno.EINVAL)
-            if in_range:
+            if in_range and op is BlockOp.WRITE_ZEROES:
                 model[offset : offset + length] = bytes(length)
+            # DISCARD promises nothing; the fake keeps the data (see FakeDisk.discard).
         assert disk.data == model
 
 

@@ -134,9 +134,11 @@ def test_fallocate_modes() -> None:
     disk.data[:] = b"\x01" * len(disk.data)
     fh = fs.open("/p2", os.O_RDWR)
     fs.fallocate(fh, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 4096, 8192)
-    assert disk.discards == [(3 * MiB + 4096, 8192)]
+    # Both modes promise zeros afterwards: Disk.write_zeroes, not the unspecified discard.
+    assert disk.zeroed == [(3 * MiB + 4096, 8192)] and not disk.discards
+    assert disk.data[3 * MiB + 4096 : 3 * MiB + 12288] == bytes(8192)
     fs.fallocate(fh, FALLOC_FL_ZERO_RANGE, 4 * MiB - 512, 4096)  # clipped at the window's end
-    assert disk.discards[-1] == (7 * MiB - 512, 512)
+    assert disk.zeroed[-1] == (7 * MiB - 512, 512)
     assert disk.data[7 * MiB - 512 : 7 * MiB] == bytes(512)
     assert disk.data[7 * MiB] == 1
     assert _errno(fs.fallocate, fh, 0, 0, 4096) == errno.EOPNOTSUPP
@@ -249,3 +251,42 @@ def test_operations_against_a_model(ops: list[tuple[str, str, int, int]]) -> Non
             fs.fallocate(handles[name], FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
             model[start + offset : start + offset + count] = bytes(count)
     assert disk.data == model
+
+
+def test_st_blocks_counts_what_the_disk_holds() -> None:
+    """Issue 9 item 13: du showed the full size of an empty disk."""
+    fs, _ = _fs()
+    assert fs.getattr("/disk").blocks == 0
+    fh = fs.open("/p2", os.O_RDWR)
+    fs.write(fh, b"x", 0)  # allocates one 64 KiB grain at 3 MiB
+    assert fs.getattr("/disk").blocks == 128
+    assert fs.getattr("/p2").blocks == fs.getattr("/p5").blocks == 128
+    assert fs.getattr("/p1").blocks == 0
+    fs.write(fh, b"y" * 200 * 1024, MiB)  # 4 MiB .. 4 MiB + 200 KiB: 4 grains
+    assert fs.getattr("", fh).blocks == 5 * 128
+    fs.fallocate(fh, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, MiB)
+    assert fs.getattr("/disk").blocks == 4 * 128
+    assert fs.getattr("/p5").blocks == 0
+
+
+def test_seek_data_and_seek_hole_follow_the_extents() -> None:
+    fs, _ = _fs()
+    fh = fs.open("/p2", os.O_RDWR)  # the window [3 MiB, 7 MiB)
+    whole = fs.open("/disk", os.O_RDONLY)
+    assert _errno(fs.lseek, whole, 0, os.SEEK_DATA) == errno.ENXIO  # all hole
+    assert fs.lseek(whole, 5, os.SEEK_HOLE) == 5
+    fs.write(fh, b"x" * 100, MiB + 10)  # grain [4 MiB, 4 MiB + 64 KiB) of the disk
+    grain = 64 * 1024
+    assert fs.lseek(fh, 0, os.SEEK_DATA) == MiB
+    assert fs.lseek(fh, MiB + 7, os.SEEK_DATA) == MiB + 7  # inside data: stays
+    assert fs.lseek(fh, MiB, os.SEEK_HOLE) == MiB + grain
+    assert fs.lseek(fh, 0, os.SEEK_HOLE) == 0
+    assert _errno(fs.lseek, fh, MiB + grain, os.SEEK_DATA) == errno.ENXIO
+    assert fs.lseek(whole, 0, os.SEEK_DATA) == 4 * MiB
+    # Data up to the end of a window: the end of the file is the hole.
+    p5 = fs.open("/p5", os.O_RDWR)  # [3 MiB, 4 MiB)
+    fs.write(p5, b"z", MiB - 1)
+    assert fs.lseek(p5, MiB - grain, os.SEEK_HOLE) == MiB
+    assert _errno(fs.lseek, p5, MiB, os.SEEK_DATA) == errno.ENXIO  # at or past the end
+    assert _errno(fs.lseek, p5, MiB, os.SEEK_HOLE) == errno.ENXIO
+    assert _errno(fs.lseek, p5, 0, os.SEEK_SET) == errno.EINVAL

@@ -333,6 +333,70 @@ def test_fallocate_punch_hole_discards(
         assert sum(e.length for e in holes) == 3 * MiB  # whole blocks were given back
 
 
+def test_punch_hole_on_a_differencing_disk_reads_zeros(
+    tmp_path: Path, mounts: Mounts, require_tool: Callable[[str], str]
+) -> None:
+    """Punch-hole promises zeros: on a child it must hide the parent (Disk.write_zeroes, not the
+    TRIM-like Disk.discard that lets the parent show through)."""
+    fallocate = require_tool("fallocate")
+    parent = _image(tmp_path / "parent.vhd", 8 * MiB, block_size=MiB)
+    with vhd.open(str(parent), "r+") as disk:
+        disk.pwrite(b"\xaa" * 8 * MiB, 0)
+    child = tmp_path / "child.vhd"
+    vhd.create(str(child), parent=str(parent), block_size=MiB).close()
+    mnt = mounts.mount(child)
+    result = run([fallocate, "-p", "-o", str(MiB + 512), "-l", str(MiB), str(mnt / "disk")])
+    assert result.returncode == 0, result.stderr
+    with open(mnt / "disk", "rb") as f:
+        f.seek(MiB)
+        assert f.read(2 * MiB) == b"\xaa" * 512 + bytes(MiB) + b"\xaa" * (MiB - 512)
+    mounts.unmount(mnt)
+    assert model_chain([parent, child]).read(MiB + 512, MiB) == bytes(MiB)
+
+
+@pytest.mark.parametrize("cache", ["direct", "kernel"])
+def test_du_seek_hole_and_sparse_copies(
+    tmp_path: Path, mounts: Mounts, require_tool: Callable[[str], str], cache: str
+) -> None:
+    """Issue 9 item 13: du showed 256M for an empty disk, and SEEK_HOLE found no holes."""
+    du, cp = require_tool("du"), require_tool("cp")
+    parent = _image(tmp_path / "base.vhd", 256 * MiB, block_size=MiB)
+    with vhd.open(str(parent), "r+") as disk:
+        disk.pwrite(_pattern(1, MiB), 0)  # the parent holds [0, 1 MiB)
+    image = tmp_path / "child.vhd"
+    vhd.create(str(image), parent=str(parent), block_size=MiB).close()
+    mnt = mounts.mount(image, "--cache", cache)
+    disk_file = mnt / "disk"
+
+    def du_kib() -> int:
+        return int(run([du, "-k", str(disk_file)]).stdout.split()[0])
+
+    assert du_kib() == 1024  # the parent's MiB, not 256M
+    with open(disk_file, "r+b", buffering=0) as f:
+        os.pwrite(f.fileno(), _pattern(2, 3 * MiB), 100 * MiB)
+    assert du_kib() == 4 * 1024  # the new data shows without a remount
+    fd = os.open(disk_file, os.O_RDONLY)
+    try:
+        assert os.lseek(fd, 0, os.SEEK_DATA) == 0
+        assert os.lseek(fd, 0, os.SEEK_HOLE) == MiB
+        assert os.lseek(fd, MiB, os.SEEK_DATA) == 100 * MiB
+        assert os.lseek(fd, 100 * MiB, os.SEEK_HOLE) == 103 * MiB
+        with pytest.raises(OSError) as info:
+            os.lseek(fd, 103 * MiB, os.SEEK_DATA)
+        assert info.value.errno == errno.ENXIO
+    finally:
+        os.close(fd)
+    copy = tmp_path / "copy.raw"
+    assert run([cp, "--sparse=always", str(disk_file), str(copy)]).returncode == 0
+    assert copy.stat().st_size == 256 * MiB
+    assert copy.stat().st_blocks * 512 <= 8 * MiB  # the holes stayed holes
+    with open(copy, "rb") as f:
+        assert f.read(MiB) == _pattern(1, MiB)
+        f.seek(100 * MiB)
+        assert f.read(3 * MiB) == _pattern(2, 3 * MiB)
+    mounts.unmount(mnt)
+
+
 def test_sigterm_flushes_and_closes(tmp_path: Path, mounts: Mounts) -> None:
     image = _image(tmp_path / "term.vhd", 16 * MiB)
     mnt = mounts.mount(image)
@@ -347,6 +411,43 @@ def test_sigterm_flushes_and_closes(tmp_path: Path, mounts: Mounts) -> None:
     mounts.active.remove(mnt)
     # Clean: opens strictly (checksums, footer copies) and the data is there.
     assert _read_image(image, 3 * MiB, 22) == b"written before SIGTERM"
+    assert "stopping (SIGTERM)" in mounts.log() and "failed" not in mounts.log()
+
+
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_foreground_mount_stops_cleanly_on_a_signal(
+    tmp_path: Path, mounts: Mounts, stop: signal.Signals
+) -> None:
+    """Issue 9 item 12: Ctrl-C or `systemctl stop` is a clean stop: exit 0, image closed clean
+    (it used to exit 2 with "libfuse could not mount (status 8)")."""
+    image = _image(tmp_path / "fg.vhd", 8 * MiB)
+    mnt = tmp_path / "fg"
+    mnt.mkdir()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vhdtools.cli", "mount", "--foreground", str(image), str(mnt)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    mounts.active.append(mnt)
+    try:
+        wait_until(lambda: os.path.ismount(mnt) or process.poll() is not None)
+        assert process.poll() is None
+        with open(mnt / "disk", "r+b", buffering=0) as f:
+            f.seek(5 * MiB)
+            f.write(b"before the signal")
+        process.send_signal(stop)
+        _, stderr = process.communicate(timeout=60)
+        assert process.returncode == 0, stderr
+        assert "error" not in stderr
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert not is_mounted(mnt)
+    mounts.active.remove(mnt)
+    assert _read_image(image, 5 * MiB, 17) == b"before the signal"
+    result = vhd_cli("check", str(image))
+    assert result.returncode == 0 and "clean" in result.stdout, result.stdout + result.stderr
 
 
 def test_crash_after_fsync_keeps_flushed_writes(tmp_path: Path, mounts: Mounts) -> None:
@@ -442,3 +543,66 @@ def test_foreground_mount_serves_until_unmounted(tmp_path: Path, mounts: Mounts)
             process.kill()
     mounts.active.remove(mnt)
     assert _read_image(image, 0, 8 * MiB) == b"fg" * (4 * MiB)
+
+
+# Another FUSE server, even one with our subtype: only the fsname ``vhd:IMAGE`` marks ours.
+_OTHER_FUSE_SERVER = """
+import sys
+from vhdfuse import adapter
+from vhdfuse.fs import DiskFilesystem
+from tests.fakedisk import FakeDisk
+fs = DiskFilesystem(FakeDisk(1 << 20))
+adapter.run(fs, sys.argv[1], fsname="somebody-else")
+"""
+
+
+def test_umount_refuses_a_foreign_fuse_mount(tmp_path: Path, mounts: Mounts) -> None:
+    """Issue 9 item 7: `vhd umount` leaves file systems that `vhd mount` did not make alone."""
+    mnt = tmp_path / "other"
+    mnt.mkdir()
+    root = Path(__file__).resolve().parents[2]
+    server = subprocess.Popen(
+        [sys.executable, "-c", _OTHER_FUSE_SERVER, str(mnt)],
+        cwd=root,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    mounts.active.append(mnt)
+    try:
+        wait_until(lambda: is_mounted(mnt) or server.poll() is not None)
+        assert server.poll() is None, "the other FUSE server did not start"
+        result = vhd_cli("umount", str(mnt))
+        assert result.returncode == 2
+        assert result.stderr.count("\n") == 1 and "not a 'vhd mount'" in result.stderr
+        assert is_mounted(mnt) and server.poll() is None
+        assert os.path.getsize(mnt / "disk") == MiB
+    finally:
+        run(["fusermount3", "-u", str(mnt)])
+        server.wait(timeout=60)
+        mounts.active.remove(mnt)
+
+
+def test_umount_refuses_a_tmpfs(tmp_path: Path, mounts: Mounts) -> None:
+    """The case of the report: `vhd umount` took down a tmpfs and the files on it."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    result = run(["mount", "-t", "tmpfs", "-o", "size=1m", "vhdkit-test", str(mnt)])
+    assert result.returncode == 0, result.stderr
+    try:
+        (mnt / "precious").write_text("keep me")
+        result = vhd_cli("umount", str(mnt))
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert is_mounted(mnt)
+        assert (mnt / "precious").read_text() == "keep me"
+    finally:
+        run(["umount", str(mnt)])
+    # Our own mounts still unmount, and so does one whose server was killed.
+    image = _image(tmp_path / "ours.vhd", 8 * MiB)
+    mine = mounts.mount(image)
+    pid = server_pid(str(mine))
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: server_pid(str(mine)) is None)
+    mounts.unmount(mine)

@@ -93,7 +93,10 @@ def test_chain_written_by_the_library_reads_the_same_in_libvhdi(
         root = Path(tmp)
         paths = [root / "base.vhd", root / "mid.vhd", root / "leaf.vhd"]
         expected = bytearray(size)
+        parents_view = bytes(size)  # what the leaf's parent chain reads
         for level, path in enumerate(paths):
+            if level == 2:
+                parents_view = bytes(expected)
             if level == 0:
                 disk = vhd.create(path, size, type=base_kind, block_size=blocks[0])
             else:
@@ -103,11 +106,16 @@ def test_chain_written_by_the_library_reads_the_same_in_libvhdi(
                     disk.pwrite(payload(n, seed), off)
                     expected[off : off + n] = payload(n, seed)
                 if level == 2 and writes[level]:
-                    # An aligned discard in the leaf must hide the parents' data too.
                     rng = random.Random(discard_seed)
+                    # An aligned discard in the leaf releases its sectors: the parents show.
                     off = rng.randrange(size // 4096) * 4096
                     n = min(size - off, rng.randrange(1, 4) * 4096)
                     disk.discard(off, n)
+                    expected[off : off + n] = parents_view[off : off + n]
+                    # Zeroes written in the leaf must hide the parents' data.
+                    off = rng.randrange(size // 4096) * 4096
+                    n = min(size - off, rng.randrange(1, 4) * 4096)
+                    disk.write_zeroes(off, n)
                     expected[off : off + n] = bytes(n)
         with vhd.open(paths[-1]) as leaf:
             ours = leaf.pread(size, 0)

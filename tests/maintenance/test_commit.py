@@ -38,7 +38,7 @@ def test_commit_into_fixed_and_dynamic(tmp_path: Path, ptype: str, require_tool:
         random_writes(disk, model, 10, 1)
     with vhd.create(child, parent=parent) as disk:
         random_writes(disk, model, 30, 2, align=512, max_len=8192)
-        disk.discard(MiB, 4096)  # zeros that must hide the parent's data
+        disk.write_zeroes(MiB, 4096)  # zeros that must hide the parent's data
         model[MiB : MiB + 4096] = bytes(4096)
     assert read_image(child) == bytes(model)
     rc, out = run_cli("commit", str(child))

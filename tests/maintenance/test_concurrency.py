@@ -20,7 +20,10 @@ THREADS = 8
 OPS = 400
 
 
-def hammer(disk: vhd.Disk, model: bytearray, errors: list[BaseException]) -> None:
+def hammer(
+    disk: vhd.Disk, model: bytearray, errors: list[BaseException], released: bytes | None = None
+) -> None:
+    """``released``: what a discarded page reads as (a differencing disk's parent; None: zeros)."""
     pages = disk.size // PAGE
 
     def worker(t: int) -> None:
@@ -41,8 +44,12 @@ def hammer(disk: vhd.Disk, model: bytearray, errors: list[BaseException]) -> Non
                 elif op < 0.85:
                     got = disk.pread(PAGE, at)
                     assert got == model[at : at + PAGE], f"thread {t} page {page}"
-                elif op < 0.95:
+                elif op < 0.90:
                     disk.discard(at, PAGE)
+                    gone = bytes(PAGE) if released is None else released[at : at + PAGE]
+                    model[at : at + PAGE] = gone
+                elif op < 0.95:
+                    disk.write_zeroes(at, PAGE)
                     model[at : at + PAGE] = bytes(PAGE)
                 else:
                     disk.flush()
@@ -62,16 +69,18 @@ def test_threads_against_model(tmp_path: Path, kind: str) -> None:
     size = 4 * MiB
     model = bytearray(size)
     path = tmp_path / "d.vhd"
+    released = None
     if kind == "differencing":
         parent = tmp_path / "p.vhd"
         with vhd.create(parent, size, block_size=64 * 1024) as pdisk:
             random_writes(pdisk, model, 60, 3)
+        released = bytes(model)
         disk = vhd.create(path, parent=parent, block_size=64 * 1024)
     else:
         disk = vhd.create(path, size, type=kind, block_size=64 * 1024)
     errors: list[BaseException] = []
     with disk:
-        hammer(disk, model, errors)
+        hammer(disk, model, errors, released)
         assert not errors, errors[0]
         assert disk.pread(size, 0) == bytes(model)
     assert read_image(path) == bytes(model)

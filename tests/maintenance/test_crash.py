@@ -41,12 +41,22 @@ def parse_log(text: str) -> tuple[list[tuple[int, int, int, bool]], int]:
 
 
 def verify(
-    base: bytes, got: bytes, writes: list[tuple[int, int, int, bool]], flushed: int, seed: int
+    base: bytes,
+    got: bytes,
+    writes: list[tuple[int, int, int, bool]],
+    flushed: int,
+    seed: int,
+    released: bytes | None = None,
 ) -> None:
+    """``released``: what a discarded range reads as (the parent's data on a differencing disk,
+    whose discard releases sectors to the parent; None: zeros)."""
     model = bytearray(base)
     pending: dict[int, list[bytes]] = {}
     for seq, offset, length, discard in writes:
-        data = bytes(length) if discard else payload(seed, seq, length)
+        if discard:
+            data = bytes(length) if released is None else released[offset : offset + length]
+        else:
+            data = payload(seed, seq, length)
         if seq <= flushed:
             model[offset : offset + length] = data
         else:
@@ -63,7 +73,9 @@ def verify(
         assert have in pending.get(page, []), f"page {page} lost an acknowledged write"
 
 
-def kill_rounds(image: Path, tmp: Path, base: bytes, seed0: int) -> tuple[int, int]:
+def kill_rounds(
+    image: Path, tmp: Path, base: bytes, seed0: int, released: bytes | None = None
+) -> tuple[int, int]:
     """Returns (writes acknowledged, rounds that left something to repair)."""
     rng = random.Random(seed0)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -102,7 +114,7 @@ def kill_rounds(image: Path, tmp: Path, base: bytes, seed0: int) -> tuple[int, i
         assert rc == 0, out
         assert check(image, deep=True).clean
         got = read_image(image)
-        verify(base, got, writes, flushed, seed)
+        verify(base, got, writes, flushed, seed, released)
         base = got
     return acknowledged, repaired
 
@@ -127,6 +139,6 @@ def test_sigkill_differencing(tmp_path: Path) -> None:
         random_writes(disk, model, 200, 7, max_len=64 * 1024)
     child = tmp_path / "child.vhd"
     vhd.create(child, parent=parent, block_size=16 * 1024).close()
-    acknowledged, repaired = kill_rounds(child, tmp_path, bytes(model), 2)
+    acknowledged, repaired = kill_rounds(child, tmp_path, bytes(model), 2, released=bytes(model))
     assert acknowledged > ROUNDS and repaired > 0
     assert read_image(parent) == bytes(model)

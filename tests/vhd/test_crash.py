@@ -115,7 +115,8 @@ def _crash_points(
             assert disk.pread(SIZE, 0) == seen
 
 
-def _work(disk: vhd.Disk) -> list[tuple[int, bytes]]:
+def _work(disk: vhd.Disk, released: bytes | None = None) -> list[tuple[int, bytes]]:
+    """``released``: the parent's content on a differencing disk (discarded sectors show it)."""
     changes = [
         (5 * BLOCK + 1000, payload(3000, 1)),  # new block, partial sectors
         (100, payload(BLOCK, 2)),  # spans an old and a new block
@@ -126,7 +127,17 @@ def _work(disk: vhd.Disk) -> list[tuple[int, bytes]]:
     disk.flush()
     disk.pwrite(payload(512, 4), 15 * BLOCK)
     changes.append((15 * BLOCK, payload(512, 4)))
-    disk.discard(2 * BLOCK, BLOCK)  # frees a whole block
+    if released is None:
+        disk.discard(2 * BLOCK, BLOCK)  # frees a whole block
+        changes.append((2 * BLOCK, bytes(BLOCK)))
+        return changes
+    # A differencing disk held blocks 11 and 12 before: discard frees block 11 and clears two
+    # sectors of block 12 (the partly covered third stays); the parent shows there again.
+    disk.discard(11 * BLOCK, BLOCK)
+    changes.append((11 * BLOCK, released[11 * BLOCK : 12 * BLOCK]))
+    disk.discard(12 * BLOCK + 512, 1024 + 100)
+    changes.append((12 * BLOCK + 512, released[12 * BLOCK + 512 : 12 * BLOCK + 1536]))
+    disk.write_zeroes(2 * BLOCK, BLOCK)  # zeros that hide the parent: written into the child
     changes.append((2 * BLOCK, bytes(BLOCK)))
     return changes
 
@@ -146,5 +157,7 @@ def test_differencing_crash_points(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     child = tmp_path / "child.vhd"
     with vhd.create(child, parent=base, block_size=BLOCK) as disk:
         disk.pwrite(payload(BLOCK, 7), 0)
+        disk.pwrite(payload(2 * BLOCK, 6), 11 * BLOCK)
     old = model_chain([base, child]).read_all()
-    _crash_points(tmp_path, monkeypatch, [base, child], _work, old)
+    parent_data = payload(SIZE, 8)
+    _crash_points(tmp_path, monkeypatch, [base, child], lambda disk: _work(disk, parent_data), old)

@@ -253,6 +253,40 @@ def test_dynamic_discard_frees_blocks(tmp_path: Path) -> None:
     assert path.stat().st_blocks < before, "the freed space went back to the file system"
 
 
+def test_differencing_discard_never_allocates_and_releases_to_the_parent(tmp_path: Path) -> None:
+    """Issue 9 item 11: a guest's fstrim on a differencing disk used to write whole blocks of
+    zeros into the child (the file grew; compact reclaimed nothing).  Now a discard skips what
+    the child does not hold and frees what it does; write_zeroes still reads back zeros."""
+    parent, child = tmp_path / "p.vhd", tmp_path / "c.vhd"
+    base = payload(4 * MiB, 1)
+    with vhd.create(parent, 4 * MiB, block_size=64 * KiB) as disk:
+        disk.pwrite(base, 0)
+    with vhd.create(child, parent=parent, block_size=64 * KiB) as disk:
+        disk.pwrite(payload(MiB, 2), MiB)  # the child holds [1 MiB, 2 MiB): 16 blocks
+    size_before, blocks_before = child.stat().st_size, child.stat().st_blocks
+    with vhd.open(child, "r+") as disk:
+        disk.discard(0, 4 * MiB - 100)  # fstrim: everything but a partial last sector
+        assert [(e.offset, e.length, e.layer) for e in disk.extents()] == [(0, 4 * MiB, 1)]
+    assert child.stat().st_size == size_before
+    assert child.stat().st_blocks < blocks_before, "the child's blocks went back to the host"
+    image = model_chain([parent, child])
+    assert image.read_all() == base
+    assert not image.allocated_blocks()
+    # Compact has nothing left to keep; discarding unallocated space allocated nothing.
+    with vhd.open(child, "r+") as disk:
+        disk.discard(0, 4 * MiB)
+        disk.pwrite(b"x" * 1000, 3 * MiB + 100)
+        disk.discard(3 * MiB + 200, 700)  # partial sectors are left alone
+        assert disk.pread(1000, 3 * MiB + 100) == b"x" * 1000
+        disk.discard(3 * MiB, 1024)  # covers sectors 0 and 1 of the write entirely
+        assert disk.pread(1024, 3 * MiB) == base[3 * MiB : 3 * MiB + 1024]
+        assert disk.pread(100, 3 * MiB + 1024) == b"x" * 76 + base[3 * MiB + 1100 : 3 * MiB + 1124]
+        # write_zeroes keeps its promise: zeros, hiding the parent.
+        disk.write_zeroes(2 * MiB + 10, 5000)
+        assert disk.pread(5000, 2 * MiB + 10) == bytes(5000)
+    assert model_chain([parent, child]).read(2 * MiB + 10, 5000) == bytes(5000)
+
+
 def test_concurrent_writers_and_readers(tmp_path: Path) -> None:
     path = tmp_path / "d.vhd"
     size = 2 * MiB
@@ -403,3 +437,26 @@ def test_readers_never_see_unwritten_blocks(tmp_path: Path, differencing: bool) 
         t.join(120)
     disk.close()
     assert not problems, problems[:5]
+
+
+def test_fast_path_takes_any_unsigned_byte_view(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ctypes buffer's memoryview has the format '<B' (issue 10 §3): still one preadv."""
+    import ctypes
+
+    path = tmp_path / "d.vhd"
+    with vhd.create(path, 2 * MiB, block_size=MiB) as disk:
+        disk.pwrite(b"\x42" * MiB, MiB)
+    with vhd.open(path) as disk:
+        assert disk.pread(512, MiB) == b"\x42" * 512  # caches the block's bitmap
+
+        def slow_path(self: vhd.Disk, buffer: object, offset: int) -> int:
+            raise AssertionError("the read missed the fast path")
+
+        monkeypatch.setattr(vhd.Disk, "preadinto", slow_path)
+        buffer = (ctypes.c_ubyte * 4096)()
+        view = memoryview(buffer)
+        assert view.format == "<B"
+        assert disk.preadinto(view, MiB + 512) == 4096
+        assert bytes(buffer) == b"\x42" * 4096

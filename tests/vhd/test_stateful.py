@@ -1,5 +1,10 @@
-"""Hypothesis stateful tests: random pwrite/pread/preadinto/flush/reopen/discard against a
-bytearray, for fixed, dynamic, differencing, Hyper-V-layout and 3-deep chains.
+"""Hypothesis stateful tests: random pwrite/pread/preadinto/flush/reopen/discard/write_zeroes
+against a bytearray, for fixed, dynamic, differencing, Hyper-V-layout and 3-deep chains.
+
+Discard is modelled exactly: on a fixed or dynamic disk the range reads as zeros; on a
+differencing disk every sector the range covers entirely reads from the parent again and
+partly covered sectors keep their data; and a discard never makes the file grow (on a
+differencing disk it never allocates host space either).
 
 After every reopen and at the end, the files on disk are also read by the independent spec model
 (:mod:`tests.model`), so what the library wrote is checked by a second reader, and the parents of
@@ -9,6 +14,7 @@ a chain are checked to be byte-for-byte untouched.
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import shutil
 import tempfile
@@ -51,6 +57,8 @@ class DiskMachine(RuleBasedStateMachine):
         self.frozen: dict[Path, str] = {}
         self.expected = bytearray()
         self.size = 0
+        # What the leaf's parent chain reads (None: no parent); discarded sectors show it.
+        self.released: bytes | None = None
 
     # -- set-up ----------------------------------------------------------------------------
 
@@ -81,6 +89,7 @@ class DiskMachine(RuleBasedStateMachine):
         self.size = sectors * SECTOR
         self.expected = bytearray(self.size)
         self.build(self.size, block, random.Random(seed))
+        self.released = bytes(self.expected) if len(self.layers) > 1 else None
         for parent in self.layers[:-1]:
             self.frozen[parent] = _digest(parent)
         self._check_files()
@@ -124,7 +133,26 @@ class DiskMachine(RuleBasedStateMachine):
     def discard(self, data: st.DataObject) -> None:
         assert self.disk is not None
         off, n = data.draw(ranges(self.size))
+        before = os.fstat(self.disk.fd)
         self.disk.discard(off, n)
+        after = os.fstat(self.disk.fd)
+        assert after.st_size <= before.st_size, "discard made the file grow"
+        if self.released is None:
+            self.expected[off : off + n] = bytes(n)
+            return
+        # No allocation: not even a host block for an edge sector.
+        assert after.st_blocks <= before.st_blocks, "discard allocated host space"
+        first = -(-off // SECTOR) * SECTOR
+        last = (off + n) // SECTOR * SECTOR
+        if first < last:
+            self.expected[first:last] = self.released[first:last]
+
+    @precondition(lambda self: self.disk is not None)
+    @rule(data=st.data())
+    def write_zeroes(self, data: st.DataObject) -> None:
+        assert self.disk is not None
+        off, n = data.draw(ranges(self.size))
+        self.disk.write_zeroes(off, n)
         self.expected[off : off + n] = bytes(n)
 
     @precondition(lambda self: self.disk is not None)
