@@ -123,6 +123,20 @@ def open(
     if mode not in ("r", "r+"):
         raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
     spath = os.fspath(path)
+    # VHDX (MS-VHDX) is probed by content, its "vhdxfile" identifier at offset 0.
+    from .vhdx import open_vhdx, probe_vhdx
+
+    if probe_vhdx(spath):
+        return open_vhdx(
+            spath,
+            mode,
+            parent_dirs=parent_dirs,
+            parent=parent,
+            open_parent=open_parent,
+            allow_parent_mismatch=allow_parent_mismatch,
+            _seen=_seen,
+            _expect=_expect,
+        )
     writable = mode == "r+"
     # O_NONBLOCK: opening a FIFO (say, a shell's <(...)) would otherwise wait for a writer
     # forever; it is refused just below, and the flag is cleared for files that are accepted.

@@ -58,6 +58,12 @@ def _print_report(report: CheckReport) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.dry_run and not args.repair:
         raise ValueError("--dry-run goes with --repair")
+    from vhd.vhdx import probe_vhdx
+
+    if probe_vhdx(args.image):
+        from ._vhdx_check import run_vhdx_check
+
+        return run_vhdx_check(args)
     try:
         report = check(
             args.image,

@@ -28,6 +28,7 @@ def register(sub: Any) -> None:
         help="convert between raw and VHD (flattens differencing chains)",
         description="Copy the guest-visible content of SRC (a VHD of any type, or a raw image) "
         "into a new DST. DST's format is --to, else taken from its extension (.vhd -> vhd; "
+        ".vhdx/.avhdx -> vhdx; "
         ".img, .raw, .bin, none, or a block device -> raw; others are refused). SRC in another "
         "format (qcow2, VMDK, VHDX, VDI, ...) is refused, naming the format.",
     )
@@ -115,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         progress.finish()
     if not args.quiet:
         print(
-            f"{args.dst}: {to}{' ' + vtype if to == 'vhd' else ''}, {result.size} bytes, "
+            f"{args.dst}: {to}{' ' + vtype if to in ('vhd', 'vhdx') else ''}, {result.size} bytes, "
             f"{result.data_bytes} bytes of data"
         )
     if args.azure:

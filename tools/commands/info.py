@@ -33,6 +33,8 @@ def run(args: argparse.Namespace) -> int:
         parent_problem = str(exc)
         warn(parent_problem)
         disk = open_vhd(args.image, open_parent=False)
+    if getattr(disk, "format", "vhd") == "vhdx":
+        return _run_vhdx(args, disk, parent_problem)
     with disk:
         info = describe(disk)
         if parent_problem:
@@ -110,3 +112,23 @@ def _raw(value: object) -> str:
     if isinstance(value, int):
         return f"{value} ({value:#x})"
     return str(value)
+
+
+def _run_vhdx(args: argparse.Namespace, disk: vhd.Disk, parent_problem: str | None) -> int:
+    from vhd.vhdx import VHDXDisk
+    from vhd.vhdx.inspect import describe_vhdx
+
+    from ._vhdx_info import render_vhdx
+
+    assert isinstance(disk, VHDXDisk)
+    with disk:
+        info = describe_vhdx(disk)
+        if parent_problem:
+            info["parent_error"] = parent_problem
+        if args.json:
+            print(json.dumps(info, indent=2))
+        else:
+            render_vhdx(info)
+            if parent_problem:
+                print(f"  parent: NOT FOUND: {parent_problem}")
+    return 0
