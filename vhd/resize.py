@@ -42,7 +42,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from . import bitmap as bm
-from .bat import UNUSED
+from .bat import MAX_ENTRIES, UNUSED
 from .chain import ParentPolicy
 from .children import find_parent
 from .disk import SparseDisk
@@ -129,6 +129,13 @@ def _resize(
             _resize_fixed(disk.fd, spath, old, new_size, footer, force)
             return ResizeResult(spath, old, new_size, 0, 0)
         assert isinstance(disk, SparseDisk)
+        assert disk.header is not None
+        if -(-new_size // disk.header.block_size) > MAX_ENTRIES:
+            # vhd.open refuses tables past this bound: growing past it would lock the user out.
+            raise InvalidArgumentError(
+                f"a {new_size}-byte disk of {disk.header.block_size}-byte blocks needs more than "
+                f"{MAX_ENTRIES} blocks, the most vhdkit opens"
+            )
         if new_size > old:
             hide: list[tuple[int, int]] = []
             if disk.type == DiskType.DIFFERENCING:
