@@ -11,18 +11,24 @@ STAMP := $(VENV)/.installed
 APT_PACKAGES := qemu-utils qemu-system-common libvhdi-utils python3-libvhdi e2fsprogs fdisk \
 	fuse3 libfuse3-3 fio libnbd-bin libxen-dev xenstore-utils mtools dosfstools gcc libc6-dev \
 	python3 hyperfine time
+# `make test-xen` (the real-Xen lab, tests/xen/): Xen's toolstack for dom0, QEMU to boot Xen under
+# TCG, GRUB to build its ISO, busybox/cpio/kmod for the initramfs images, nbd-client for the NBD
+# route.  The hypervisor and the 6.1 kernel are downloaded, not installed (tests/xen/lab.py).
+XEN_APT_PACKAGES := xen-utils-4.17 qemu-system-x86 grub-pc-bin grub-common xorriso mtools \
+	busybox-static cpio kmod nbd-client
 
 CORPUS_DEFAULT := $(abspath ../shared/corpus)
 export VHD_CORPUS ?= $(if $(wildcard $(CORPUS_DEFAULT)/SOURCES.txt),$(CORPUS_DEFAULT),)
 
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv demo test test-blktap lint bench clean
+.PHONY: all deps deps-xen venv demo test test-xen test-blktap lint bench clean
 
 all: test
 
-deps:
-	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+# $(call apt_install,PACKAGES): install what is missing (as root), or say what to install.
+define apt_install
+	@missing=$$(for p in $(1); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ]; then \
 			echo "Installing: $$missing"; \
@@ -32,6 +38,13 @@ deps:
 			echo "Missing packages; run as root:"; echo "  apt-get install -y $$missing"; exit 1; \
 		fi; \
 	fi
+endef
+
+deps:
+	$(call apt_install,$(APT_PACKAGES))
+
+deps-xen: deps
+	$(call apt_install,$(XEN_APT_PACKAGES))
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,6 +59,11 @@ demo: deps venv
 
 test: deps venv
 	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
+
+# Boots Xen 4.17 + a Debian dom0 under QEMU once and runs tests/xen/dom0/ in it (README "Real-Xen
+# lab"); downloads and images are cached in build/xen-lab/, logs land in build/xen-lab/run/.
+test-xen: deps-xen venv
+	VHD_TEST_XEN=1 $(PY) -m pytest -p no:xdist tests/xen $(PYTEST_ARGS)
 
 # blktap's vhd-util is not packaged anywhere this project installs from: build it yourself and
 # name it, e.g. `make test-blktap VHD_UTIL=$$HOME/blktap/vhd/vhd-util`.

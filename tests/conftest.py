@@ -38,3 +38,8 @@ def corpus() -> Path:
     if not path.is_dir():
         pytest.fail(f"VHD_CORPUS={value} is not a directory")
     return path
+
+
+# tests/xen/ boots a real hypervisor under QEMU: only `make test-xen` (VHD_TEST_XEN=1) and the
+# lab's own dom0 (VHD_XEN_DOM0=1) collect it.
+collect_ignore = [] if os.environ.get("VHD_TEST_XEN") or os.environ.get("VHD_XEN_DOM0") else ["xen"]

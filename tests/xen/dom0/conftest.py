@@ -1,0 +1,42 @@
+"""Inside the lab's dom0: each test starts from a clean toolstack and leaves its evidence behind.
+
+After every test, whatever it did not clean up itself (it failed midway) is torn down so the next
+scenario does not inherit guests, backends or xenstore nodes, and every guest console is copied to
+/vhdlab/<test>/ for the report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+from collections.abc import Iterator
+
+import pytest
+
+from .xenlab import CONSOLE, RESULTS, Backend, run
+
+
+@pytest.fixture(autouse=True)
+def clean_lab(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    out = RESULTS / request.node.name
+    out.mkdir(parents=True, exist_ok=True)
+    for log in CONSOLE.glob("guest-*.log"):
+        shutil.copy(log, out / log.name)
+        log.unlink()
+    listing = run("xl", "list", check=False).stdout.splitlines()[1:]
+    for line in listing:
+        name = line.split()[0]
+        if name != "Domain-0":
+            run("xl", "destroy", name, check=False)
+    # A backend still running here belongs to a test that failed midway: SIGABRT makes
+    # faulthandler (PYTHONFAULTHANDLER=1) write every thread's stack to its serve.log.
+    (out / "xenstore.txt").write_text(
+        run("xenstore-ls", "-fp", "/local/domain", check=False).stdout
+    )
+    for backend in list(Backend.running):
+        with contextlib.suppress(AssertionError):
+            backend.stop(signal.SIGABRT, timeout=30)
+    for kind in ("vbd", "qdisk"):
+        run("xenstore-rm", f"/local/domain/0/backend/{kind}", check=False)
