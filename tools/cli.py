@@ -64,7 +64,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The parser; with ``argv``, only the command it names is imported (fast start-up)."""
     parser = _Parser(prog="vhd", description="Work with Microsoft VHD disk images on Linux.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    parser.add_argument("--version", action="version", version=f"vhdkit {vhd.__version__}")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_CommandParser)
     sub.required = True
     names = sorted(
@@ -79,6 +79,13 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         if register is not None:
             register(sub)
     return parser
+
+
+def _version() -> str:
+    from vhd.vhdx.crc import using_c_extension
+
+    crc = "crcmod C extension" if using_c_extension() else "crcmod pure Python (slow)"
+    return f"vhdkit {vhd.__version__} (VHDX CRC-32C: {crc})"
 
 
 def _command_module(argv: Sequence[str] | None, names: list[str]) -> str | None:
@@ -102,9 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result: int = args.func(args)
         return result
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("vhd: interrupted", file=sys.stderr)
-        return 130
+        return 128 + getattr(exc, "signum", 2)  # SIGINT, or the SIGTERM/SIGHUP it stands for
     except BrokenPipeError:
         return EXIT_OK
     except (vhd.VHDError, OSError, ValueError) as exc:

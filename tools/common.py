@@ -106,6 +106,7 @@ def open_vhd(
     allow_parent_mismatch: bool = False,
     open_parent: bool = True,
     policy: vhd.ParentPolicy = LOCAL_PARENTS,
+    force_share: bool = False,
 ) -> vhd.Disk:
     """Open like the CLI does: bad checksums are warnings, not errors."""
     disk = vhd.open(
@@ -116,6 +117,7 @@ def open_vhd(
         allow_parent_mismatch=allow_parent_mismatch,
         open_parent=open_parent,
         parent_policy=policy,
+        force_share=force_share,
     )
     for layer in disk.chain:
         for message in layer.warnings:

@@ -28,6 +28,7 @@ trailing footer belongs, which BAT entries to drop), in :class:`ImageModel`.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import os
 import re
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import bitmap as bm
+from . import lock
 from .bat import MAX_ENTRIES, UNUSED, BlockAllocationTable
 from .chain import ParentPolicy, read_locators, resolve_parent
 from .errors import (
@@ -301,6 +303,7 @@ def check(
     check_parent: bool = True,
     parent_policy: ParentPolicy | None = None,
     progress: Callable[[int, int], None] | None = None,
+    force_share: bool = False,
 ) -> CheckReport:
     """Check an image.  Raises :class:`~vhd.errors.NotAVHDError` when the file holds no VHD
     footer at all, and ``OSError`` when it cannot be read; every other problem is a finding."""
@@ -310,7 +313,11 @@ def check(
         st = os.fstat(fd)
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             raise NotAVHDError("not a regular file or block device", path=spath)
+        if not force_share:
+            # A reader's shared lock: a writer elsewhere would make the findings meaningless.
+            lock.acquire(fd, spath, exclusive=False)
         checker = _Checker(fd, spath, os.lseek(fd, 0, os.SEEK_END))
+        checker.force_share = force_share
         policy = (parent_policy or ParentPolicy()).with_dirs(parent_dirs)
         checker.progress = progress  # (bytes done, bytes) of --deep's block reads
         try:
@@ -328,6 +335,7 @@ class _Checker:
         self.fd = fd
         self.path = path
         self.fsize = fsize
+        self.force_share = False
         self.findings: list[Finding] = []
         self.model = ImageModel(path=path, file_size=fsize)
         # code -> (findings made, the first one): a crafted BAT can break a rule millions of
@@ -1113,7 +1121,7 @@ class _Checker:
                 self.path,
                 h,
                 locators,
-                opener=open_image,
+                opener=functools.partial(open_image, force_share=self.force_share),
                 policy=policy,
                 allow_mismatch=False,
                 strict=False,

@@ -8,7 +8,10 @@ is the child removed (or, with ``keep``, told the parent's new timestamp).
 
 Crash safety, and why no flushed write is lost:
 
-* The child is opened read-only and is not changed until the very end.  Its view of the disk
+* Every disk that changes is locked exclusively first (:mod:`vhd.lock`): the child (it is
+  deleted at the end), the parent, and the child's own children (relinked to the parent).  A
+  mounted or served one refuses the commit before anything is copied.
+* The child is not written until the very end.  Its view of the disk
   hides the parent wherever the child holds data, and the commit writes the parent *only* there;
   so at every moment of the commit the chain child → parent reads exactly what it read before.
 * Each parent write follows the core's allocation order (new trailing footer first, then data,
@@ -16,7 +19,9 @@ Crash safety, and why no flushed write is lost:
   interrupted commit leaves a consistent parent, at worst with orphan space after its last
   block that ``vhd check --repair`` reclaims.
 * Rerunning the commit copies the child's ranges again and finishes the job; the child is deleted
-  only after the parent's final ``flush()`` (``fsync``) has returned.
+  only after the parent's final ``flush()`` (``fsync``) has returned and its children point at
+  the parent (a child relinked already reads the same through the parent; one not yet relinked
+  still reads through the child).
 
 Other children of the same parent see the merged data afterwards, as with every tool that merges.
 """
@@ -25,14 +30,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .chain import ParentPolicy
+from .children import find_parent, open_children
 from .disk import Disk
 from .errors import InvalidArgumentError
-from .fileio import write_all
-from .footer import DiskType, vhd_timestamp
+from .footer import DiskType
 from .image import open as open_image
+from .newfile import naming
+from .reparent import record_parent_time, retarget
 
 CHUNK = 4 * 1024 * 1024
 
@@ -45,6 +52,7 @@ class CommitResult:
     parent: str
     bytes_copied: int
     child_removed: bool
+    relinked: list[str] = field(default_factory=list)  # the child's children, now the parent's
 
 
 def commit(
@@ -55,30 +63,72 @@ def commit(
     progress: Progress | None = None,
     parent_policy: ParentPolicy | None = None,
 ) -> CommitResult:
-    """Merge the child at ``child_path`` into its parent; remove the child unless ``keep``."""
+    """Merge the child at ``child_path`` into its parent; remove the child unless ``keep``.
+
+    Every disk the commit changes is locked exclusively before anything is copied, so a child
+    (or parent) that is mounted, served or open elsewhere refuses the commit up front: the
+    child is about to be deleted, and writes a mount made into it afterwards would be lost.
+    The child's own children (found by :func:`vhd.children.find_children`) are relinked to the
+    parent before the child is deleted, so the chain below stays whole."""
     spath = os.fspath(child_path)
-    with open_image(spath, "r", parent_dirs=parent_dirs, parent_policy=parent_policy) as probe:
-        if probe.type != DiskType.DIFFERENCING or probe.parent is None:
-            raise InvalidArgumentError(
-                f"{spath} is a {probe.type.label} disk; only a differencing disk can be committed"
-            )
-        parent_path = probe.parent.path
-    # The child without its parent: only its own ranges (layer 0) are read.
-    child = open_image(spath, "r", open_parent=False)
+    with naming(spath):
+        return _commit(spath, keep, parent_dirs, progress, parent_policy)
+
+
+def _commit(
+    spath: str,
+    keep: bool,
+    parent_dirs: Sequence[str],
+    progress: Progress | None,
+    parent_policy: ParentPolicy | None,
+) -> CommitResult:
+    policy = (parent_policy or ParentPolicy()).with_dirs(parent_dirs)
+    # Read through this handle (its own ranges only, layer 0): the parent is opened apart.
+    child = open_image(spath, "r+", open_parent=False)
     try:
+        if child.type != DiskType.DIFFERENCING:
+            raise InvalidArgumentError(
+                f"{spath} is a {child.type.label} disk; only a differencing disk can be committed"
+            )
+        parent_path = _parent_path(child, policy)
         parent = open_image(parent_path, "r+", parent_dirs=parent_dirs, parent_policy=parent_policy)
+        grandchildren: list[Disk] = []
         try:
+            grandchildren = open_children(child, parent_dirs)
             copied = _copy_own_ranges(child, parent, progress)
-            parent.flush()
+            with naming(parent_path):
+                parent.flush()
+            parent_id = parent.footer.unique_id
+            # Closed before its modification time is recorded anywhere: nothing changes it now.
+            parent.close()
+            if keep:
+                # The kept child records the parent's new time; that rewrite changes the
+                # child's own time, which its children record in turn.
+                record_parent_time(child, parent_path)
+                for grandchild in grandchildren:
+                    record_parent_time(grandchild, spath)
+            else:
+                # Each reads the same through the parent, which now holds the child's data
+                # wherever the child had its own: relink it, and only then drop the child.
+                for grandchild in grandchildren:
+                    retarget(grandchild, parent_path, parent_id)
         finally:
             parent.close()
+            for grandchild in grandchildren:
+                grandchild.close()
+        if not keep:
+            os.unlink(spath)
     finally:
         child.close()
-    if keep:
-        _record_parent_time(spath, parent_path)
-    else:
-        os.unlink(spath)
-    return CommitResult(spath, parent_path, copied, not keep)
+    relinked = [] if keep else [g.path for g in grandchildren]
+    return CommitResult(spath, parent_path, copied, not keep, relinked)
+
+
+def _parent_path(child: Disk, policy: ParentPolicy) -> str:
+    """Where the child's parent is (opened read-only and closed again: it is reopened for
+    writing, which this process's own shared lock would refuse)."""
+    with find_parent(child, policy) as parent:
+        return parent.path
 
 
 def _copy_own_ranges(child: Disk, parent: Disk, progress: Progress | None) -> int:
@@ -101,25 +151,12 @@ def _copy_own_ranges(child: Disk, parent: Disk, progress: Progress | None) -> in
         end = offset + length
         while pos < end:
             n = min(len(buf), end - pos)
-            got = child.preadinto(view[:n], pos)
-            parent.pwrite(view[:got], pos)
+            with naming(child.path):
+                got = child.preadinto(view[:n], pos)
+            with naming(parent.path):
+                parent.pwrite(view[:got], pos)
             pos += n
             done += n
             if progress is not None:
                 progress(done, total)
     return done
-
-
-def _record_parent_time(child_path: str, parent_path: str) -> None:
-    """After a commit with ``keep``, the child's recorded parent timestamp is made current again
-    (the parent's modification time changed), so the kept chain checks clean."""
-    with open_image(child_path, "r+", open_parent=False) as child:
-        header = child.header
-        assert header is not None
-        stamp = vhd_timestamp(os.stat(parent_path).st_mtime)
-        if header.parent_timestamp in (0, stamp):
-            return
-        new = header.replace(parent_timestamp=stamp)
-        write_all(child.fd, new.build(), child.footer.data_offset)
-        os.fsync(child.fd)
-        child.header = new

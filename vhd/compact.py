@@ -29,6 +29,7 @@ from .fileio import read_exact, write_all
 from .footer import FOOTER_SIZE, DiskType
 from .header import HEADER_SIZE
 from .image import open as open_image
+from .newfile import naming
 
 SECTOR = 512
 PAGE = 4096
@@ -52,6 +53,11 @@ class CompactResult:
 
 def compact(path: str | os.PathLike[str], *, progress: Progress | None = None) -> CompactResult:
     spath = os.fspath(path)
+    with naming(spath):
+        return _compact(spath, progress)
+
+
+def _compact(spath: str, progress: Progress | None) -> CompactResult:
     disk = open_image(spath, "r+", open_parent=False)
     try:
         if not isinstance(disk, SparseDisk):

@@ -22,10 +22,12 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from .create import DEFAULT_BLOCK_SIZE, create
+from . import lock
+from .create import DEFAULT_BLOCK_SIZE, open_new, plan_create, write_layout
 from .disk import Disk
 from .errors import InvalidArgumentError
 from .fileio import write_all, write_zeros
+from .newfile import NewFile, named, naming
 from .source import Source
 
 MiB = 1024 * 1024
@@ -63,33 +65,72 @@ def convert(
     if to == "raw" and _is_block_device(dst):
         return _convert_to_block_device(src, dst, out_size, block_size, overwrite, progress)
     _refuse_unseekable(dst)
-    if to == "raw":
-        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if overwrite else os.O_EXCL)
-        fd = os.open(dst, flags, 0o644)
-        try:
-            os.ftruncate(fd, out_size)
-            written = _copy(src, lambda buf, off: write_all(fd, buf, off), block_size, progress)
-            if sync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        return ConvertResult(out_size, written)
-    if to != "vhd":
-        raise InvalidArgumentError(f"unknown output format {to!r} (raw or vhd)")
-    if _is_block_device(dst):
+    if to not in ("raw", "vhd", "vhdx"):
+        raise InvalidArgumentError(f"unknown output format {to!r} (raw, vhd or vhdx)")
+    if to != "raw" and _is_block_device(dst):
         raise InvalidArgumentError(
             f"{dst} is a block device: vhdkit writes raw output to devices (--to raw)"
         )
-    if out_size % 512:
+    if to == "vhd" and out_size % 512:
         raise InvalidArgumentError(
             f"a VHD's size is a multiple of 512 bytes; the source has {src.size} bytes"
         )
-    disk: Disk = create(dst, out_size, type=type, block_size=block_size, overwrite=overwrite)
+    if src.disk is not None and os.path.exists(dst):
+        for layer in src.disk.chain:
+            if os.path.samefile(layer.path, dst):
+                raise InvalidArgumentError(f"{dst} is the source or one of its parents")
+    if to == "vhdx":
+        return _convert_vhdx(src, dst, type, block_size, out_size, overwrite, progress, sync)
+    # The output is written under a temporary name and renamed when complete (vhd.newfile):
+    # an interrupted convert leaves nothing under DST, and an existing DST is only replaced
+    # at the end, after its lock showed nobody uses it.
+    with NewFile(dst, overwrite=overwrite) as new:
+        if to == "raw":
+            fd = new.fd
+            os.ftruncate(fd, out_size)
+            written = _copy(
+                src, lambda buf, off: write_all(fd, buf, off), block_size, progress, new.final
+            )
+            new.publish(durable=sync)
+            return ConvertResult(out_size, written)
+        footer, _ = plan_create(out_size, type=type, block_size=block_size, parent=None)
+        write_layout(new.fd, new.final, footer, block_size, None)
+        disk: Disk = open_new(new)
+        try:
+            chunk = block_size if type == "dynamic" else CHUNK
+            written = _copy(src, disk.pwrite, chunk, progress, new.final)
+            # Metadata reaches the file before the rename: the image is complete under its name.
+            disk.flush(durable=sync)
+            new.publish(durable=sync)
+        finally:
+            disk.close(durable=sync)
+    return ConvertResult(out_size, written)
+
+
+def _convert_vhdx(
+    src: Source,
+    dst: str,
+    type: str,
+    block_size: int,
+    size: int,
+    overwrite: bool,
+    progress: Callable[[int], None] | None,
+    sync: bool,
+) -> ConvertResult:
+    """The VHDX writer (vhd.vhdx): Hyper-V's 32 MiB blocks unless VHD's 2 MiB default was
+    overridden; the size rounded up to a 512-byte sector."""
+    from .vhdx import create_vhdx
+    from .vhdx.create import DEFAULT_BLOCK_SIZE as VHDX_BLOCK
+
+    bs = VHDX_BLOCK if block_size == DEFAULT_BLOCK_SIZE else block_size
+    disk = create_vhdx(dst, -(-size // 512) * 512, type=type, block_size=bs, overwrite=overwrite)
     try:
-        written = _copy(src, disk.pwrite, block_size if type == "dynamic" else CHUNK, progress)
+        # 2 MiB chunks, not whole 32 MiB blocks: memory stays small; the first write into a
+        # block allocates it, the rest go in place.
+        written = _copy(src, disk.pwrite, CHUNK, progress)
     finally:
         disk.close(durable=sync)
-    return ConvertResult(out_size, written)
+    return ConvertResult(size, written)
 
 
 # <linux/fs.h>: _IO(0x12, 127) zero a byte range of a block device (WRITE_ZEROES or written
@@ -137,9 +178,10 @@ def _convert_to_block_device(
         raise InvalidArgumentError(
             "the block device exists: pass --force to overwrite its content", path=dst
         )
-    # O_EXCL on a block device: refuse one that is mounted or otherwise claimed (EBUSY)
+    # O_EXCL on a block device: refuse one that is mounted or otherwise claimed (EBUSY).
+    # Read-write, not write-only: QEMU's lock bytes are read locks, which need read access.
     try:
-        fd = os.open(dst, os.O_WRONLY | os.O_EXCL | os.O_CLOEXEC)
+        fd = os.open(dst, os.O_RDWR | os.O_EXCL | os.O_CLOEXEC)
     except OSError as exc:
         if exc.errno == errno.EBUSY:
             raise InvalidArgumentError(
@@ -147,6 +189,8 @@ def _convert_to_block_device(
             ) from None
         raise
     try:
+        # A device a VM or a server of ours is using is refused before anything is written.
+        lock.acquire(fd, dst, exclusive=True)
         buf = bytearray(8)
         fcntl.ioctl(fd, BLKGETSIZE64, buf)
         device_size = int.from_bytes(buf, sys.byteorder)
@@ -160,11 +204,13 @@ def _convert_to_block_device(
             lambda data, off: write_all(fd, data, off),
             block_size,
             progress,
+            dst,
             zero=lambda off, n: zero_range(fd, off, n),
         )
-        if out_size > src.size:
-            zero_range(fd, src.size, out_size - src.size)
-        os.fsync(fd)
+        with naming(dst):
+            if out_size > src.size:
+                zero_range(fd, src.size, out_size - src.size)
+            os.fsync(fd)
     finally:
         os.close(fd)
     return ConvertResult(out_size, written)
@@ -194,6 +240,7 @@ def _copy(
     write: Callable[[memoryview, int], object],
     chunk: int,
     progress: Callable[[int], None] | None,
+    dst: str = "",
     *,
     zero: Callable[[int, int], object] | None = None,
 ) -> int:
@@ -216,17 +263,23 @@ def _copy(
         buf = buffers.get()
         try:
             view = memoryview(buf)
-            src.preadinto(view[:n], pos)
+            try:
+                src.preadinto(view[:n], pos)
+            except OSError as exc:
+                raise named(exc, src.path) from exc
             done = 0
             last = 0
-            for start, end in data_runs(buf, n):
-                if zero is not None and start > last:
-                    zero(pos + last, start - last)
-                write(view[start:end], pos + start)
-                done += end - start
-                last = end
-            if zero is not None and n > last:
-                zero(pos + last, n - last)
+            try:
+                for start, end in data_runs(buf, n):
+                    if zero is not None and start > last:
+                        zero(pos + last, start - last)
+                    write(view[start:end], pos + start)
+                    done += end - start
+                    last = end
+                if zero is not None and n > last:
+                    zero(pos + last, n - last)
+            except OSError as exc:
+                raise named(exc, dst) from exc
             view.release()
             return done
         finally:

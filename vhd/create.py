@@ -19,18 +19,21 @@ name in the header (UTF-16BE) and three locators: W2ku (the absolute path, backs
 ``data_space`` is stored in **bytes**, rounded up to whole sectors, as Windows, blktap and
 VirtualBox do (the spec's "sectors" is read by no tool that matters, and blktap's reader takes
 values >= 512 as bytes).
+
+The file is written under a temporary name next to the final one and renamed when complete
+(:mod:`vhd.newfile`); :func:`write_layout` and :func:`open_new` let ``vhd convert`` fill an image
+before it gets its name.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import TYPE_CHECKING
 
 from .bat import MAX_ENTRIES, UNUSED
 from .errors import InvalidArgumentError
 from .fileio import write_all
-from .footer import FOOTER_SIZE, DiskType, new_footer, vhd_timestamp
+from .footer import FOOTER_SIZE, DiskType, Footer, new_footer, vhd_timestamp
 from .geometry import geometry_for_create
 from .header import HEADER_SIZE, ParentLocator, new_header
 from .locator import (
@@ -42,6 +45,7 @@ from .locator import (
     posix_to_macx,
     relative_windows_path,
 )
+from .newfile import NewFile
 
 if TYPE_CHECKING:
     from .disk import Disk
@@ -63,10 +67,32 @@ def create(
     overwrite: bool = False,
 ) -> Disk:
     """Create an image and return it opened ``"r+"``."""
-    from .image import open as open_image
-
     spath = os.fspath(path)
     parent_path = os.fspath(parent) if parent is not None else None
+    footer, parent_info = plan_create(size, type=type, block_size=block_size, parent=parent_path)
+    # Written under a temporary name and renamed when complete (see vhd.newfile): an
+    # interrupted create leaves nothing under the final name, and never touches what was there.
+    with NewFile(spath, overwrite=overwrite) as new:
+        write_layout(new.fd, spath, footer, block_size, parent_info)
+        # The parent the caller named is used as named (wherever it is: the caller chose it).
+        disk = open_new(new, parent=parent_path)
+        try:
+            new.publish(durable=True)
+        except BaseException:
+            disk.close()
+            raise
+    return disk
+
+
+def plan_create(
+    size: int | None, *, type: str, block_size: int, parent: str | None
+) -> tuple[Footer, tuple[bytes, int, str] | None]:
+    """Check the arguments of :func:`create`; the new footer, and the parent's unique id,
+    timestamp and path for a differencing disk."""
+    from .image import open as open_image
+
+    parent_path = parent
+    parent_id = bytes(16)
     if parent_path is not None:
         with open_image(parent_path, "r") as pdisk:
             psize = pdisk.size
@@ -97,75 +123,79 @@ def create(
             "blocks, the most vhdkit opens: use larger blocks"
         )
     footer = new_footer(size=size, disk_type=disk_type, geometry=geometry_for_create(size))
-    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if overwrite else os.O_EXCL)
-    fd = os.open(spath, flags, 0o644)
-    try:
-        if disk_type == DiskType.FIXED:
-            os.ftruncate(fd, size + FOOTER_SIZE)
-            write_all(fd, footer.build(), size)
-        else:
-            entries = -(-size // block_size)
-            bat_bytes = -(-entries * 4 // 512) * 512
-            end = TABLE_OFFSET + bat_bytes
-            locators: list[ParentLocator] = []
-            payloads: list[tuple[int, bytes]] = []
-            parent_name = ""
-            parent_ts = 0
-            parent_uid = bytes(16)
-            if parent_path is not None:
-                parent_uid = parent_id
-                parent_ts = vhd_timestamp(os.stat(parent_path).st_mtime)
-                parent_name = os.path.basename(parent_path)
-                child_dir = os.path.dirname(os.path.abspath(spath))
-                texts = (
-                    (CODE_W2KU, absolute_windows_path(parent_path)),
-                    (CODE_W2RU, relative_windows_path(parent_path, child_dir)),
-                    (CODE_MACX, posix_to_macx(parent_path)),
-                )
-                for code, text in texts:
-                    data = encode_payload(code, text)
-                    space = max(512, -(-len(data) // 512) * 512)
-                    locators.append(
-                        ParentLocator(
-                            code=code, data_space=space, data_len=len(data), data_offset=end
-                        )
-                    )
-                    payloads.append((end, data))
-                    end += space
-            header = new_header(
-                table_offset=TABLE_OFFSET,
-                max_table_entries=entries,
-                block_size=block_size,
-                parent_unique_id=parent_uid,
-                parent_timestamp=parent_ts,
-                parent_name=parent_name,
-                locators=tuple(locators),
+    if parent_path is None:
+        return footer, None
+    return footer, (parent_id, vhd_timestamp(os.stat(parent_path).st_mtime), parent_path)
+
+
+def open_new(new: NewFile, *, parent: str | None = None) -> Disk:
+    """The image being written at ``new`` as a writable :class:`Disk` that shares ``new``'s
+    lock (a ``dup`` of its descriptor), named by its final path; ``parent``: a differencing
+    disk's parent, as the caller named it."""
+    from .image import open_locked
+
+    disk = open_locked(os.dup(new.fd), new.path, parent=parent)
+    disk.path = new.final
+    return disk
+
+
+def write_layout(
+    fd: int,
+    path: str,
+    footer: Footer,
+    block_size: int,
+    parent: tuple[bytes, int, str] | None,
+) -> None:
+    """Write an empty image's metadata into the new, empty file ``fd`` (to be named ``path``;
+    ``parent`` is the parent's unique id, timestamp and path)."""
+    size = footer.current_size
+    if footer.type == DiskType.FIXED:
+        os.ftruncate(fd, size + FOOTER_SIZE)
+        write_all(fd, footer.build(), size)
+        return
+    entries = -(-size // block_size)
+    bat_bytes = -(-entries * 4 // 512) * 512
+    end = TABLE_OFFSET + bat_bytes
+    locators: list[ParentLocator] = []
+    payloads: list[tuple[int, bytes]] = []
+    parent_name = ""
+    parent_ts = 0
+    parent_uid = bytes(16)
+    if parent is not None:
+        parent_uid, parent_ts, parent_path = parent
+        parent_name = os.path.basename(parent_path)
+        child_dir = os.path.dirname(os.path.abspath(path))
+        texts = (
+            (CODE_W2KU, absolute_windows_path(parent_path)),
+            (CODE_W2RU, relative_windows_path(parent_path, child_dir)),
+            (CODE_MACX, posix_to_macx(parent_path)),
+        )
+        for code, text in texts:
+            data = encode_payload(code, text)
+            space = max(512, -(-len(data) // 512) * 512)
+            locators.append(
+                ParentLocator(code=code, data_space=space, data_len=len(data), data_offset=end)
             )
-            raw_footer = footer.build()
-            os.ftruncate(fd, end + FOOTER_SIZE)
-            write_all(fd, raw_footer, 0)
-            write_all(fd, header.build(), FOOTER_SIZE)
-            write_all(fd, UNUSED.to_bytes(4, "big") * (bat_bytes // 4), TABLE_OFFSET)
-            for at, data in payloads:
-                write_all(fd, data, at)
-            write_all(fd, raw_footer, end)
-            assert HEADER_SIZE + FOOTER_SIZE <= TABLE_OFFSET
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(spath)
-        raise
-    os.close(fd)
-    try:
-        # The parent the caller named is used as named (wherever it is: the caller chose it).
-        return open_image(spath, "r+", parent=parent_path)
-    except BaseException:
-        # E.g. the new child makes the chain too deep: the caller gets an error, so it must
-        # not also get a file it does not know about (which would block a retry).
-        with contextlib.suppress(OSError):
-            os.unlink(spath)
-        raise
+            payloads.append((end, data))
+            end += space
+    header = new_header(
+        table_offset=TABLE_OFFSET,
+        max_table_entries=entries,
+        block_size=block_size,
+        parent_unique_id=parent_uid,
+        parent_timestamp=parent_ts,
+        parent_name=parent_name,
+        locators=tuple(locators),
+    )
+    raw_footer = footer.build()
+    os.ftruncate(fd, end + FOOTER_SIZE)
+    write_all(fd, raw_footer, 0)
+    write_all(fd, header.build(), FOOTER_SIZE)
+    write_all(fd, UNUSED.to_bytes(4, "big") * (bat_bytes // 4), TABLE_OFFSET)
+    for at, data in payloads:
+        write_all(fd, data, at)
+    write_all(fd, raw_footer, end)
+    assert HEADER_SIZE + FOOTER_SIZE <= TABLE_OFFSET
 
 
 def _check_size(size: int) -> None:

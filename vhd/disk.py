@@ -358,6 +358,10 @@ class SparseDisk(Disk):
         # FIFO of loaded bitmaps; an OrderedDict evicts its oldest entry in O(1) (a dict's
         # next(iter()) scans the slots its evictions left empty: 50-170 us at this limit).
         self._bitmaps: OrderedDict[int, bytes | bytearray] = OrderedDict()
+        # Bumped (under the lock) by every change a writer makes to a bitmap or to the cache.
+        # A reader loads a bitmap without the lock; if this moved meanwhile, what it read may
+        # already be stale, and caching it could outlive the writer's own (evicted) entry.
+        self._bitmap_gen = 0
         self._differencing = differencing
         # Where the next block goes: the trailing footer's place (see the module docstring).
         self._next_free = -(-footer_offset // SECTOR) * SECTOR
@@ -372,6 +376,7 @@ class SparseDisk(Disk):
         cached = self._bitmaps.get(block)
         if cached is not None:
             return cached
+        gen = self._bitmap_gen
         start = entry * SECTOR
         if start + self._bitmap_bytes + self._needed(block) > self.file_size:
             raise CorruptImageError(
@@ -381,9 +386,17 @@ class SparseDisk(Disk):
         raw = read_exact(self._fd, self._bitmap_used, start, path=self.path)
         loaded: bytes | bytearray = FULL if raw == self._full_pattern else bytearray(raw)
         with self._lock:
+            cached = self._bitmaps.get(block)
+            if cached is not None:
+                return cached
+            if gen != self._bitmap_gen:
+                # A writer changed bitmaps while this one was read: use it for this read only
+                # (it races with that write anyway), never cache it.
+                return loaded
             if len(self._bitmaps) >= _BITMAP_CACHE_LIMIT:
                 self._bitmaps.popitem(last=False)
-            return self._bitmaps.setdefault(block, loaded)
+            self._bitmaps[block] = loaded
+            return loaded
 
     def _data_offset(self, entry: int) -> int:
         return entry * SECTOR + self._bitmap_bytes
@@ -484,6 +497,7 @@ class SparseDisk(Disk):
     def _store_bitmap(self, block: int, entry: int, bits: bytearray) -> None:
         """Write a block's bitmap (after its data), then publish it to readers."""
         write_all(self._fd, bits, entry * SECTOR)
+        self._bitmap_gen += 1
         self._bitmaps[block] = FULL if bytes(bits) == self._full_pattern else bits
 
     def _write_sectors(
@@ -562,6 +576,7 @@ class SparseDisk(Disk):
         entry = bitmap_at // SECTOR
         write_all(self._fd, bits, bitmap_at)
         used = bits[: self._bitmap_used]
+        self._bitmap_gen += 1
         self._bitmaps[block] = FULL if bytes(used) == self._full_pattern else used
         # 3. The BAT entry: in memory now, on disk at the next flush (after the data is durable).
         self.bat[block] = entry
@@ -627,6 +642,7 @@ class SparseDisk(Disk):
             emptied = not bm.any_set(new, -(-self._needed(block) // SECTOR))
             if self._differencing:
                 if emptied:
+                    self._bitmap_gen += 1
                     self._bitmaps.pop(block, None)
                     self.bat[block] = UNUSED
                     punch_hole(self._fd, entry * SECTOR, self._bitmap_bytes + self._bs)
@@ -637,6 +653,7 @@ class SparseDisk(Disk):
             # Punch the data too: readers that ignore bitmaps (qemu) then also see zeros.
             punch_hole(self._fd, data + first * SECTOR, (last - first) * SECTOR)
             if emptied:
+                self._bitmap_gen += 1
                 self._bitmaps.pop(block, None)
                 self.bat[block] = UNUSED
                 punch_hole(self._fd, entry * SECTOR, self._bitmap_bytes + self._bs)

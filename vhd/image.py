@@ -9,17 +9,21 @@ the caller opens with ``strict=False`` (then they are listed in ``Disk.warnings`
 
 Every size read from the file is checked against the file's size before it is used, so a damaged
 image costs bounded time and memory.
+
+The file is locked (:mod:`vhd.lock`) before anything is read: shared for ``"r"`` and for every
+parent of a chain, exclusive for ``"r+"``, none with ``force_share``.
 """
 
 from __future__ import annotations
 
-import fcntl
+import functools
 import itertools
 import os
 import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from . import lock
 from .bat import MAX_ENTRIES, BlockAllocationTable
 from .chain import ParentPolicy, read_locators, resolve_parent
 from .disk import Disk, FixedDisk, SparseDisk
@@ -116,13 +120,31 @@ def open(
     parent: str | os.PathLike[str] | None = None,
     open_parent: bool = True,
     parent_policy: ParentPolicy | None = None,
+    force_share: bool = False,
     _seen: frozenset[tuple[int, int]] = frozenset(),
     _expect: tuple[int, int] | None = None,
 ) -> Disk:
     """Open a VHD image.  See :mod:`vhd` for the parameters."""
     if mode not in ("r", "r+"):
         raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
+    if force_share and mode != "r":
+        raise InvalidArgumentError("force_share is for read-only opens")
     spath = os.fspath(path)
+    # VHDX (MS-VHDX) is probed by content, its "vhdxfile" identifier at offset 0.
+    from .vhdx import open_vhdx, probe_vhdx
+
+    if probe_vhdx(spath):
+        return open_vhdx(
+            spath,
+            mode,
+            parent_dirs=parent_dirs,
+            parent=parent,
+            open_parent=open_parent,
+            allow_parent_mismatch=allow_parent_mismatch,
+            _seen=_seen,
+            _expect=_expect,
+            force_share=force_share,
+        )
     writable = mode == "r+"
     # O_NONBLOCK: opening a FIFO (say, a shell's <(...)) would otherwise wait for a writer
     # forever; it is refused just below, and the flag is cleared for files that are accepted.
@@ -134,13 +156,9 @@ def open(
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             raise NotAVHDError("not a regular file or block device", path=spath)
         os.set_blocking(fd, True)
-        if writable:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise VHDError(
-                    "the image is open for writing by another process", path=spath
-                ) from None
+        if not force_share:
+            # Before anything is read: a writer elsewhere could be halfway through a change.
+            lock.acquire(fd, spath, exclusive=writable)
         return _open_fd(
             fd,
             spath,
@@ -150,7 +168,31 @@ def open(
             allow_parent_mismatch=allow_parent_mismatch,
             parent=os.fspath(parent) if parent is not None else None,
             open_parent=open_parent,
+            force_share=force_share,
             seen=_seen | {(st.st_dev, st.st_ino)},
+        )
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def open_locked(fd: int, path: str, *, parent: str | None = None) -> Disk:
+    """A writable :class:`Disk` on ``fd``, which the caller opened read-write and locked
+    exclusively (:mod:`vhd.newfile`: an image being written under its temporary name), with
+    the ``parent`` the caller named for a differencing disk; the disk owns ``fd`` from here on,
+    even on failure."""
+    try:
+        st = os.fstat(fd)
+        return _open_fd(
+            fd,
+            path,
+            True,
+            strict=True,
+            policy=ParentPolicy(),
+            allow_parent_mismatch=False,
+            parent=parent,
+            open_parent=True,
+            seen=frozenset({(st.st_dev, st.st_ino)}),
         )
     except BaseException:
         os.close(fd)
@@ -167,6 +209,7 @@ def _open_fd(
     allow_parent_mismatch: bool,
     parent: str | None,
     open_parent: bool,
+    force_share: bool = False,
     seen: frozenset[tuple[int, int]],
 ) -> Disk:
     fsize = file_size(fd)
@@ -247,7 +290,8 @@ def _open_fd(
                 path,
                 header,
                 locators,
-                opener=open,
+                # Parents are opened read-only, so they are locked shared (or not at all).
+                opener=functools.partial(open, force_share=force_share),
                 policy=policy,
                 allow_mismatch=allow_parent_mismatch,
                 strict=strict,

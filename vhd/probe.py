@@ -131,6 +131,7 @@ OUTPUT_EXTENSIONS: dict[str, ImageFormat] = {
     ".bin": ImageFormat.RAW,
     ".vhd": ImageFormat.VHD,
     ".vhdx": ImageFormat.VHDX,
+    ".avhdx": ImageFormat.VHDX,
     ".qcow2": ImageFormat.QCOW2,
     ".qcow": ImageFormat.QCOW,
     ".qed": ImageFormat.QED,
@@ -139,7 +140,11 @@ OUTPUT_EXTENSIONS: dict[str, ImageFormat] = {
     ".hdd": ImageFormat.PARALLELS,
     ".dmg": ImageFormat.DMG,
 }
-WRITABLE: dict[str, ImageFormat] = {"raw": ImageFormat.RAW, "vhd": ImageFormat.VHD}
+WRITABLE: dict[str, ImageFormat] = {
+    "raw": ImageFormat.RAW,
+    "vhd": ImageFormat.VHD,
+    "vhdx": ImageFormat.VHDX,  # vhd.vhdx
+}
 
 
 def output_format(path: str, to: str | None = None, *, block_device: bool = False) -> str:

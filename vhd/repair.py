@@ -26,15 +26,14 @@ as zeros) rather than dropped.
 
 from __future__ import annotations
 
-import fcntl
 import itertools
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import lock
 from .bat import UNUSED
 from .check import ERROR, WARNING, CheckReport, Finding
-from .errors import VHDError
 from .fileio import write_all
 from .footer import FOOTER_SIZE, DiskType
 
@@ -187,12 +186,7 @@ def apply_plan(plan: RepairPlan) -> None:
         return
     fd = os.open(plan.path, os.O_RDWR | os.O_CLOEXEC)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise VHDError(
-                "the image is open for writing by another process", path=plan.path
-            ) from None
+        lock.acquire(fd, plan.path, exclusive=True)
         for step in plan.steps:
             for at, data in step.writes:
                 write_all(fd, data, at)

@@ -19,8 +19,11 @@ only then does the header point at them.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from .children import open_children
+from .disk import Disk
 from .errors import InvalidArgumentError, ParentMismatchError
 from .fileio import write_all
 from .footer import DiskType, vhd_timestamp
@@ -38,6 +41,7 @@ from .locator import (
     posix_to_macx,
     relative_windows_path,
 )
+from .newfile import naming
 
 SECTOR = 512
 
@@ -51,10 +55,24 @@ class SetParentResult:
 
 
 def set_parent(
-    child_path: str | os.PathLike[str], parent_path: str | os.PathLike[str], *, force: bool = False
+    child_path: str | os.PathLike[str],
+    parent_path: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    search_dirs: Sequence[str] = (),
 ) -> SetParentResult:
-    """Point the differencing disk at ``child_path`` to ``parent_path``."""
+    """Point the differencing disk at ``child_path`` to ``parent_path``.
+
+    Rewriting the child changes its modification time, which its own children (found next to
+    it and in ``search_dirs``, see :func:`vhd.children.find_children`) record: theirs is
+    brought up to date too, so that a middle disk's retarget leaves the rest of the chain
+    checking clean."""
     cpath, ppath = os.fspath(child_path), os.path.abspath(os.fspath(parent_path))
+    with naming(cpath):
+        return _set_parent(cpath, ppath, force, search_dirs)
+
+
+def _set_parent(cpath: str, ppath: str, force: bool, search_dirs: Sequence[str]) -> SetParentResult:
     result = SetParentResult(cpath, ppath)
     if os.path.exists(cpath) and os.path.samefile(cpath, ppath):
         raise InvalidArgumentError("a disk cannot be its own parent")
@@ -84,66 +102,108 @@ def set_parent(
                 f"the parent is {parent_size} bytes, the child {child.size}: reads past the "
                 "parent's end return zeros"
             )
-        child_dir = os.path.dirname(os.path.abspath(cpath))
-        texts = {
-            CODE_W2KU: absolute_windows_path(ppath),
-            CODE_W2RU: relative_windows_path(ppath, child_dir),
-            CODE_MACX: posix_to_macx(ppath),
-            CODE_WI2K: absolute_windows_path(ppath),
-            CODE_WI2R: relative_windows_path(ppath, child_dir),
-        }
-        slots = list(header.locators)
-        wanted = [CODE_W2KU, CODE_W2RU, CODE_MACX] + [
-            code for code in (CODE_WI2K, CODE_WI2R) if any(s.code == code for s in slots)
-        ]
-        for i, loc in enumerate(slots):
-            if loc.code == CODE_MAC:
-                slots[i] = ParentLocator()
-        fd = child.fd
-        end = -(-child.footer_offset // SECTOR) * SECTOR
-        new_end = end
-        writes: list[tuple[int, bytes]] = []
-        for code in wanted:
-            data = encode_payload(code, texts[code])
-            index = next((i for i, s in enumerate(slots) if s.code == code), None)
-            if index is None:
-                index = next((i for i, s in enumerate(slots) if not s.in_use), None)
-                if index is None:
-                    result.warnings.append(f"no free locator slot for kind {code:#x}")
-                    continue
-            old = slots[index]
-            if old.in_use and old.space_bytes >= len(data) and old.data_offset >= SECTOR:
-                at, space = old.data_offset, old.data_space
-            else:
-                at = new_end
-                size = max(SECTOR, -(-len(data) // SECTOR) * SECTOR)
-                space = size
-                new_end += size
-                data = data.ljust(size, b"\0")  # padding overwrites the old footer there
-            slots[index] = ParentLocator(
-                code=code,
-                data_space=space,
-                data_len=len(encode_payload(code, texts[code])),
-                data_offset=at,
+        # Its children are locked (refused if in use) before the child changes.
+        unwritable: list[str] = []
+        grandchildren = open_children(child, search_dirs, unwritable=unwritable)
+        for path in unwritable:
+            result.warnings.append(
+                f"{path} (a child of {cpath}) cannot be written: its recorded parent timestamp "
+                "goes stale ('vhd check --repair' on it mends that)"
             )
-            writes.append((at, data))
-        if new_end > end:
-            # The trailing footer moves first, so the file always ends in a valid footer.
-            write_all(fd, child.footer.build(), new_end)
-            os.fsync(fd)
-            result.grew_by = new_end - end
-        for at, data in writes:
-            write_all(fd, data, at)
-        os.fsync(fd)
-        new_header = header.replace(
-            parent_unique_id=parent_id,
-            parent_timestamp=vhd_timestamp(os.stat(ppath).st_mtime),
-            parent_name_raw=encode_parent_name(os.path.basename(ppath)),
-            locators=tuple(slots),
-        )
-        write_all(fd, new_header.build(), child.footer.data_offset)
-        os.fsync(fd)
-        child.header = new_header
+        try:
+            result.grew_by, lost = retarget(child, ppath, parent_id)
+            result.warnings += lost
+            for grandchild in grandchildren:
+                record_parent_time(grandchild, cpath)
+        finally:
+            for grandchild in grandchildren:
+                grandchild.close()
     finally:
         child.close()
     return result
+
+
+def retarget(child: Disk, ppath: str, parent_id: bytes) -> tuple[int, list[str]]:
+    """Rewrite the header of ``child`` (open ``"r+"``) to name ``ppath``, whose unique id is
+    ``parent_id``: name, timestamp, unique id and locators.  Returns how many bytes the file
+    grew by and warnings."""
+    warnings: list[str] = []
+    header = child.header
+    assert header is not None
+    grew_by = 0
+    child_dir = os.path.dirname(os.path.abspath(child.path))
+    texts = {
+        CODE_W2KU: absolute_windows_path(ppath),
+        CODE_W2RU: relative_windows_path(ppath, child_dir),
+        CODE_MACX: posix_to_macx(ppath),
+        CODE_WI2K: absolute_windows_path(ppath),
+        CODE_WI2R: relative_windows_path(ppath, child_dir),
+    }
+    slots = list(header.locators)
+    wanted = [CODE_W2KU, CODE_W2RU, CODE_MACX] + [
+        code for code in (CODE_WI2K, CODE_WI2R) if any(s.code == code for s in slots)
+    ]
+    for i, loc in enumerate(slots):
+        if loc.code == CODE_MAC:
+            slots[i] = ParentLocator()
+    fd = child.fd
+    end = -(-child.footer_offset // SECTOR) * SECTOR
+    new_end = end
+    writes: list[tuple[int, bytes]] = []
+    for code in wanted:
+        data = encode_payload(code, texts[code])
+        index = next((i for i, s in enumerate(slots) if s.code == code), None)
+        if index is None:
+            index = next((i for i, s in enumerate(slots) if not s.in_use), None)
+            if index is None:
+                warnings.append(f"no free locator slot for kind {code:#x}")
+                continue
+        old = slots[index]
+        if old.in_use and old.space_bytes >= len(data) and old.data_offset >= SECTOR:
+            at, space = old.data_offset, old.data_space
+        else:
+            at = new_end
+            size = max(SECTOR, -(-len(data) // SECTOR) * SECTOR)
+            space = size
+            new_end += size
+            data = data.ljust(size, b"\0")  # padding overwrites the old footer there
+        slots[index] = ParentLocator(
+            code=code,
+            data_space=space,
+            data_len=len(encode_payload(code, texts[code])),
+            data_offset=at,
+        )
+        writes.append((at, data))
+    if new_end > end:
+        # The trailing footer moves first, so the file always ends in a valid footer.
+        write_all(fd, child.footer.build(), new_end)
+        os.fsync(fd)
+        grew_by = new_end - end
+    for at, data in writes:
+        write_all(fd, data, at)
+    os.fsync(fd)
+    new_header = header.replace(
+        parent_unique_id=parent_id,
+        parent_timestamp=vhd_timestamp(os.stat(ppath).st_mtime),
+        parent_name_raw=encode_parent_name(os.path.basename(ppath)),
+        locators=tuple(slots),
+    )
+    write_all(fd, new_header.build(), child.footer.data_offset)
+    os.fsync(fd)
+    child.header = new_header
+    return grew_by, warnings
+
+
+def record_parent_time(child: Disk, parent_path: str) -> None:
+    """Record the modification time of ``parent_path`` in ``child`` (open ``"r+"``) as its
+    parent timestamp, after the parent changed (a commit into it, a retarget of it)."""
+    header = child.header
+    assert header is not None
+    stamp = vhd_timestamp(os.stat(parent_path).st_mtime)
+    if header.parent_timestamp in (0, stamp):
+        # 0 is what Windows 10 diskpart writes: it means "not recorded", so it stays.
+        return
+    new = header.replace(parent_timestamp=stamp)
+    write_all(child.fd, new.build(), child.footer.data_offset)
+    os.fsync(child.fd)
+    child.header = new

@@ -38,13 +38,16 @@ file is cut (the footer is written at its new place before the cut).
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from . import bitmap as bm
 from .bat import UNUSED
+from .chain import ParentPolicy
+from .children import find_parent
 from .disk import SparseDisk
 from .errors import CorruptImageError, InvalidArgumentError, UnsupportedFeatureError
-from .fileio import read_exact, write_all, write_zeros
+from .fileio import punch_hole, read_exact, write_all, write_zeros
 from .footer import (
     CREATOR_APP,
     CREATOR_VERSION,
@@ -56,6 +59,7 @@ from .footer import (
 from .geometry import geometry_for_create
 from .header import HEADER_SIZE, DynamicHeader
 from .image import open as open_image
+from .newfile import naming
 
 SECTOR = 512
 PAGE = 4096
@@ -79,10 +83,27 @@ def resize(
     shrink: bool = False,
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    parent_dirs: Sequence[str] = (),
 ) -> ResizeResult:
     """Change the guest size of the image at ``path`` to ``new_size`` bytes.  ``progress(done,
-    total)`` follows the bytes of the blocks a growing dynamic disk moves out of the BAT's way."""
+    total)`` follows the bytes of the blocks a growing dynamic disk moves out of the BAT's way.
+
+    Growing a differencing disk opens its parent (read-only, found as :func:`vhd.open` finds
+    it, also in ``parent_dirs``): where the parent holds data in the new range, the child must
+    hide it."""
     spath = os.fspath(path)
+    with naming(spath):
+        return _resize(spath, new_size, shrink, force, progress, parent_dirs)
+
+
+def _resize(
+    spath: str,
+    new_size: int,
+    shrink: bool,
+    force: bool,
+    progress: Callable[[int, int], None] | None,
+    parent_dirs: Sequence[str],
+) -> ResizeResult:
     if new_size <= 0 or new_size % SECTOR:
         raise InvalidArgumentError(f"the new size {new_size} is not a positive multiple of 512")
     if new_size > MAX_SIZE:
@@ -108,7 +129,10 @@ def resize(
             return ResizeResult(spath, old, new_size, 0, 0)
         assert isinstance(disk, SparseDisk)
         if new_size > old:
-            moved = _grow_sparse(disk, new_size, footer, progress)
+            hide: list[tuple[int, int]] = []
+            if disk.type == DiskType.DIFFERENCING:
+                hide = _parent_data(disk, old, new_size, parent_dirs)
+            moved = _grow_sparse(disk, new_size, footer, hide, progress)
             return ResizeResult(spath, old, new_size, moved, 0)
         dropped = _shrink_sparse(disk, new_size, footer, force)
         return ResizeResult(spath, old, new_size, 0, dropped)
@@ -226,6 +250,7 @@ def _grow_sparse(
     disk: SparseDisk,
     new_size: int,
     footer: Footer,
+    hide: list[tuple[int, int]],
     progress: Callable[[int, int], None] | None = None,
 ) -> int:
     header = disk.header
@@ -318,10 +343,113 @@ def _grow_sparse(
         table + old_count * 4,
     )
     os.fsync(disk.fd)
+    # 4b. The new range must read as zeros (below).  Still at the old size: nothing shows yet.
+    footer_at = _zero_new_range(disk, disk.size, new_size, hide, footer_at)
     # 5. Header, 6-7. footers.
     _write_header(disk, header.replace(max_table_entries=new_count))
     _write_footers(disk, footer, footer_at)
     return moved
+
+
+def _parent_data(
+    disk: SparseDisk, old: int, new: int, parent_dirs: Sequence[str]
+) -> list[tuple[int, int]]:
+    """The ranges of [old, new) where the parent chain of ``disk`` holds data."""
+    with find_parent(disk, ParentPolicy().with_dirs(parent_dirs)) as parent:
+        end = min(new, parent.size)
+        if end <= old:
+            return []
+        return [(e.offset, e.end) for e in parent.extents(old, end - old) if e.layer is not None]
+
+
+def _zero_new_range(
+    disk: SparseDisk, old: int, new: int, hide: list[tuple[int, int]], footer_at: int
+) -> int:
+    """Make guest bytes [old, new) read as zeros; returns the trailing footer's offset.
+
+    A disk shrunk earlier (by vhdkit or another tool) may keep old data past its end in its
+    last block, and a differencing disk reads its parent wherever a bitmap bit is clear: after
+    a shrink and a grow, that would bring old data back (QEMU reads zeros there).  So:
+
+    * the last old block, if allocated, has its data past ``old`` punched out (zeros), and for
+      a differencing disk its bits there set (zeros, not the parent);
+    * a differencing disk gets new blocks, bits set, data left as file holes, wherever the
+      parent holds data in ``hide``: the usual way a VHD says "zeros, not the parent", which
+      every reader understands.  Blocks are placed as the core allocates them: the trailing
+      footer moves first, then the bitmaps are written, then the BAT entries point at them.
+    """
+    header = disk.header
+    assert header is not None
+    bs, bmb = header.block_size, header.bitmap_bytes
+    spb = bs // SECTOR
+    differencing = disk.type == DiskType.DIFFERENCING
+    # block -> (first sector, end sector) to mark, within the block
+    marks: dict[int, tuple[int, int]] = {}
+    last = (old - 1) // bs
+    if old % bs and disk.bat[last] != UNUSED:
+        entry = disk.bat[last]
+        full_end = entry * SECTOR + bmb + bs
+        if full_end > footer_at:
+            # Some creators give the last block only the space the old size needs; it now
+            # needs all of it, so the trailing footer moves out of its way first.
+            if any(
+                b != last and footer_at <= e * SECTOR < full_end for b, e in disk.bat.allocated()
+            ):
+                raise UnsupportedFeatureError(
+                    f"the last block ({last}) is cut short by the block after it; vhdkit cannot "
+                    "grow this layout",
+                    path=disk.path,
+                )
+            new_at = -(-full_end // SECTOR) * SECTOR
+            write_all(disk.fd, disk.footer.build(), new_at)
+            os.fsync(disk.fd)
+            write_zeros(disk.fd, footer_at, min(FOOTER_SIZE, new_at - footer_at))
+            footer_at = disk.footer_offset = new_at
+        first = (old - last * bs) // SECTOR
+        end = min(spb, -(-(new - last * bs) // SECTOR))
+        punch_hole(disk.fd, entry * SECTOR + bmb + first * SECTOR, (end - first) * SECTOR)
+        if differencing:
+            marks[last] = (first, end)
+    for start, stop in hide:
+        for block in range(start // bs, -(-stop // bs)):
+            a = max(start, block * bs) - block * bs
+            z = min(stop, (block + 1) * bs) - block * bs
+            lo, hi = a // SECTOR, -(-z // SECTOR)
+            if block in marks:
+                lo, hi = min(lo, marks[block][0]), max(hi, marks[block][1])
+            marks[block] = (lo, hi)
+    if not marks:
+        os.fsync(disk.fd)
+        return footer_at
+    existing = {b: r for b, r in marks.items() if b < len(disk.bat) and disk.bat[b] != UNUSED}
+    fresh = sorted(b for b in marks if b not in existing)
+    for block, (lo, hi) in existing.items():
+        raw = bytearray(read_exact(disk.fd, bmb, disk.bat[block] * SECTOR))
+        bm.set_range(raw, lo, hi)
+        write_all(disk.fd, raw, disk.bat[block] * SECTOR)
+    # New blocks after the trailing footer, data aligned as the core aligns it.
+    align = PAGE if bs >= PAGE else SECTOR
+    pos = -(-footer_at // SECTOR) * SECTOR
+    placed: dict[int, int] = {}
+    for block in fresh:
+        data = -(-(pos + bmb) // align) * align
+        placed[block] = data - bmb
+        pos = data + bs
+    if placed:
+        write_all(disk.fd, disk.footer.build(), pos)  # the file always ends in a footer
+        os.fsync(disk.fd)
+        write_zeros(disk.fd, footer_at, min(FOOTER_SIZE, pos - footer_at))
+        disk.footer_offset = pos
+        for block, at in placed.items():
+            bits = bytearray(bmb)
+            bm.set_range(bits, *marks[block])
+            write_all(disk.fd, bits, at)
+    os.fsync(disk.fd)
+    if placed:
+        _write_bat_entries(disk, header.table_offset, {b: at // SECTOR for b, at in placed.items()})
+        os.fsync(disk.fd)
+        footer_at = pos
+    return footer_at
 
 
 def _check_room(disk: SparseDisk, table: int, need_end: int) -> None:
@@ -370,8 +498,6 @@ def _shrink_sparse(disk: SparseDisk, new_size: int, footer: Footer, force: bool)
     keep = -(-(new_size - last * bs) // SECTOR)
     if entry != UNUSED and keep < spb:
         raw = bytearray(read_exact(disk.fd, bmb, entry * SECTOR))
-        from . import bitmap as bm
-
         if bm.set_range(raw, keep, spb, False):
             write_all(disk.fd, raw, entry * SECTOR)
             os.fsync(disk.fd)

@@ -16,6 +16,7 @@ import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+from . import lock
 from .chain import ParentPolicy
 from .disk import Disk, Extent
 from .errors import ForeignFormatError, InvalidArgumentError, NotAVHDError
@@ -78,9 +79,11 @@ def open_source(
     parent_dirs: Sequence[str] = (),
     allow_parent_mismatch: bool = False,
     force_raw: bool = False,
+    force_share: bool = False,
     parent_policy: ParentPolicy | None = None,
 ) -> Source:
-    """Open ``path`` as a VHD if it is one, else as a raw disk image."""
+    """Open ``path`` as a VHD if it is one, else as a raw disk image; either way locked for
+    reading (shared, see :mod:`vhd.lock`) unless ``force_share``."""
     if not force_raw:
         try:
             disk = open_image(
@@ -89,6 +92,7 @@ def open_source(
                 strict=strict,
                 parent_dirs=parent_dirs,
                 allow_parent_mismatch=allow_parent_mismatch,
+                force_share=force_share,
                 parent_policy=parent_policy,
             )
         except ForeignFormatError:
@@ -108,6 +112,8 @@ def open_source(
                 path=path,
             )
         os.set_blocking(fd, True)
+        if not force_share:
+            lock.acquire(fd, path, exclusive=False)
         size = os.lseek(fd, 0, os.SEEK_END)
     except BaseException:
         os.close(fd)

@@ -10,11 +10,27 @@ request is done, so replies leave in completion order, not request order, as the
 All connections share one ``Disk``: a flush on any connection makes every earlier write durable,
 which is why the export advertises ``NBD_FLAG_CAN_MULTI_CONN``.
 
-Memory per connection is bounded: a request is only read off the socket once the bytes of the
-requests in flight (read buffers and write payloads) fit in :data:`MAX_INFLIGHT_BYTES` and fewer
-than :data:`MAX_INFLIGHT_REQUESTS` are pending; until then the client's requests wait in the
-socket and TCP (or the unix socket) pushes back.  Add a fixed 4 MiB reply arena, a 256 KiB
-receive buffer and at most 16 MiB of buffers kept for reuse.
+Memory is bounded per connection and for the whole server: a request is only read off the
+socket once the bytes of the connection's requests in flight (read buffers and write payloads)
+fit in :data:`MAX_INFLIGHT_BYTES`, fewer than :data:`MAX_INFLIGHT_REQUESTS` are pending, and
+the bytes in flight on all connections fit in :data:`MAX_PENDING_BYTES`; until then the
+client's requests wait in the socket and TCP (or the unix socket) pushes back.  A connection
+with nothing in flight may always start one request, so clients that never read their replies
+(whose bytes stay pending) slow the others down to one request at a time at worst, and stall
+only themselves.  Add a 256 KiB receive buffer (anonymous memory, resident only as far as
+requests have filled it) and at most 16 MiB of buffers kept for reuse per connection; the 4 MiB
+reply arenas of the inline path are shared (a connection holds one only while it has replies to
+pack), so an idle connection costs little more than its thread.
+
+Connections are bounded too (:data:`MAX_CONNECTIONS`): negotiation must finish within
+:data:`HANDSHAKE_TIMEOUT` seconds in all, an optional idle timeout drops clients that send no
+request (or read no reply) for that long, and when every slot is taken a new client takes the
+slot of a connection still negotiating (the oldest) or, failing that, of the one idle longest
+(nothing in flight for :data:`EVICT_IDLE_AFTER` seconds); only if there is none is it refused.
+
+BLOCK_STATUS work is bounded per request (:data:`STATUS_BLOCKS` blocks, :data:`STATUS_EXAMINED`
+runs of ``Disk.extents()``; the reply covers less than asked, as proto.md allows) and yields to
+busy neighbours, so a client looping on the map of a costly disk cannot starve the others.
 
 Reads are zero-copy on our side: each read reply is one buffer holding the reply header followed
 by the data, which ``Disk.preadinto`` fills in place before a single ``sendall``.  Reads of up to
@@ -30,7 +46,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import itertools
 import logging
+import mmap
 import os
 import signal
 import socket
@@ -53,10 +71,28 @@ log = logging.getLogger("blockback.nbd")
 DEFAULT_PORT = 10809
 MAX_INFLIGHT_BYTES = 64 * 1024 * 1024
 MAX_INFLIGHT_REQUESTS = 128
-# Each client costs a thread (plus its workers): refuse more than this many at once.
-MAX_CONNECTIONS = 256
-# Clients that connect and say nothing useful are dropped after this long in negotiation.
-NEGOTIATION_TIMEOUT = 30.0
+# Bytes in flight on all connections together (beyond one request per connection).
+MAX_PENDING_BYTES = 256 * 1024 * 1024
+# Each client costs a thread (plus its workers): at most this many at once.
+MAX_CONNECTIONS = 128
+# Negotiation must be over within this many seconds in all (qemu-nbd's --handshake-limit).
+HANDSHAKE_TIMEOUT = 10.0
+NEGOTIATION_TIMEOUT = HANDSHAKE_TIMEOUT  # its earlier name
+# Kernel clients may sit idle for hours: no idle timeout unless the admin sets one.
+IDLE_TIMEOUT = 0.0
+# When all slots are taken, a connection idle this long may give its slot to a new client.
+EVICT_IDLE_AFTER = 10.0
+# Reply arenas kept for reuse by the server (each _ARENA_SIZE bytes).
+_FREE_ARENAS = 8
+# One BLOCK_STATUS request looks at no more than this many blocks of the disk (of the smallest
+# block size in its chain; a fixed disk is one run whatever the size) and this many runs of
+# Disk.extents(): about a millisecond of work, where a whole 4 GiB map could take a second.
+STATUS_BLOCKS = 256
+STATUS_EXAMINED = 512
+# Block status that took longer than this yields as long again to busy neighbours; a client
+# counts as busy with requests in flight or bytes received in the last _BUSY_WINDOW seconds.
+_STATUS_YIELD = 0.0002
+_BUSY_WINDOW = 0.05
 _RECV_SIZE = 256 * 1024
 _SOCKET_BUFFER = 4 * 1024 * 1024
 _DISCARD_CHUNK = 1024 * 1024
@@ -80,31 +116,54 @@ class _Disconnect(Exception):
     """The client went away, or broke the protocol; the connection ends."""
 
 
-class _Budget:
-    """Bytes and requests in flight on one connection (the per-connection memory bound)."""
+class _Pending:
+    """Bytes in flight on all of a server's connections (the server-wide memory bound)."""
 
-    def __init__(self, max_bytes: int, max_requests: int) -> None:
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.cond = threading.Condition()
+        self.waiting = 0
+
+
+class _Budget:
+    """Bytes and requests in flight on one connection, drawn from the server's total."""
+
+    def __init__(self, pending: _Pending, max_bytes: int, max_requests: int) -> None:
+        self.pending = pending
         self.max_bytes = max_bytes
         self.max_requests = max_requests
         self.bytes = 0
         self.requests = 0
-        self._cond = threading.Condition()
 
     def acquire(self, n: int) -> None:
-        with self._cond:
-            # A single request larger than the budget still runs, alone.
+        pending = self.pending
+        with pending.cond:
+            # A request always runs when the connection has nothing else in flight, so clients
+            # that pin the server's total (by never reading their replies) cannot stall others.
             while self.requests and (
-                self.requests >= self.max_requests or self.bytes + n > self.max_bytes
+                self.requests >= self.max_requests
+                or self.bytes + n > self.max_bytes
+                or pending.bytes + n > pending.max_bytes
             ):
-                self._cond.wait()
+                pending.waiting += 1
+                try:
+                    pending.cond.wait()
+                finally:
+                    pending.waiting -= 1
             self.bytes += n
             self.requests += 1
+            pending.bytes += n
 
     def release(self, n: int) -> None:
-        with self._cond:
+        pending = self.pending
+        with pending.cond:
             self.bytes -= n
             self.requests -= 1
-            self._cond.notify()
+            pending.bytes -= n
+            if pending.waiting:
+                # Waiters may be on any connection (the total), so all of them look again.
+                pending.cond.notify_all()
 
 
 class Connection:
@@ -117,12 +176,20 @@ class Connection:
         self.session: p.Session | None = None
         self._send_lock = threading.Lock()
         self._dead = False
-        self._budget = _Budget(server.max_inflight_bytes, server.max_inflight_requests)
-        self._rbuf = bytearray(_RECV_SIZE)
-        self._rview = memoryview(self._rbuf)
+        self._budget = _Budget(
+            server.pending, server.max_inflight_bytes, server.max_inflight_requests
+        )
+        # Allocated once negotiation is over (a negotiating client costs no buffer).
+        self._rview = memoryview(b"")
         self._rpos = 0
         self._rend = 0
+        # For the idle timeout and the choice of a connection to give up its slot.
+        self.last_active = time.monotonic()
+        self.negotiating = True
+        self.evicted = False
         self.executor: RequestExecutor | None = None
+        # The server's reply arena while this connection borrows one (see _transmit).
+        self._arena: bytearray | None = None
         # Read and write buffers by size, kept for reuse.
         self._free_buffers: dict[int, list[bytearray]] = {}
         self._free_bytes = 0
@@ -148,13 +215,18 @@ class Connection:
         if avail < n:
             if self._rpos:
                 # Compact: move the partial message to the front of the buffer.
-                self._rbuf[:avail] = self._rview[self._rpos : self._rend]
+                self._rview[:avail] = self._rview[self._rpos : self._rend]
                 self._rpos, self._rend = 0, avail
             while self._rend - self._rpos < n:
-                got = self.sock.recv_into(self._rview[self._rend :])
+                try:
+                    got = self.sock.recv_into(self._rview[self._rend :])
+                except TimeoutError:
+                    self._check_idle()
+                    continue
                 if not got:
                     raise _Disconnect("the client closed the connection")
                 self._rend += got
+                self.last_active = time.monotonic()
         start = self._rpos
         self._rpos += n
         return self._rview[start : start + n]
@@ -171,6 +243,21 @@ class Connection:
             if not got:
                 raise _Disconnect("the client closed the connection mid-request")
             pos += got
+
+    def _check_idle(self) -> None:
+        """A receive timed out: hang up if the client has been idle past the idle timeout."""
+        if self._budget.requests:
+            # It is waiting for replies, not idle (a reply it does not read times the send out).
+            return
+        if time.monotonic() - self.last_active >= self.server.idle_timeout:
+            raise _Disconnect(f"idle for {self.server.idle_timeout:g} s")
+
+    def evict(self) -> None:
+        """Give up this connection's slot (the server is full): hang up on the client."""
+        self.evicted = True
+        self._dead = True
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_RDWR)
 
     def _skip(self, n: int) -> None:
         scratch = memoryview(bytearray(min(n, _DISCARD_CHUNK)))
@@ -211,14 +298,28 @@ class Connection:
             with contextlib.suppress(OSError):
                 self.sock.shutdown(socket.SHUT_RDWR)
             self.sock.close()
+            if self._arena is not None:
+                self.server.give_arena(self._arena)
+                self._arena = None
             self.server._forget(self)
 
     def _negotiate(self) -> bool:
         engine = p.ServerNegotiation([self.server.export])
-        self.sock.settimeout(self.server.negotiation_timeout)
+        # One deadline for the whole handshake: a client trickling a byte at a time does not
+        # get to hold its slot any longer than a silent one.
+        deadline = time.monotonic() + self.server.negotiation_timeout
         try:
             while True:
                 out = engine.data_to_send()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                self.sock.settimeout(left)
+                if engine.finished:
+                    # Before the last reply goes out: the client may connect again at once,
+                    # and must not find this connection counted as still negotiating.
+                    self.negotiating = False
+                    self.last_active = time.monotonic()
                 if out:
                     self.sock.sendall(out)
                 if engine.finished:
@@ -229,13 +330,20 @@ class Connection:
                 engine.receive_data(data)
         except TimeoutError as exc:
             raise _Disconnect("negotiation timed out") from exc
-        self.sock.settimeout(None)
+        # With an idle timeout, receives (and sends: a reply the client does not read) wake up
+        # to check it; without one the socket blocks, as the fast path likes best.
+        self.sock.settimeout(self.server.idle_timeout or None)
+        self.last_active = time.monotonic()
+        self.negotiating = False
         if engine.state is p.NegotiationState.CLOSED:
             log.info("%s: negotiation ended: %s", self.peer, engine.close_reason)
             return False
         self.session = engine.session
         rest = engine.unused_data()
-        self._rbuf[: len(rest)] = rest
+        # Anonymous memory, not a bytearray: its pages become resident only as requests fill
+        # them, so a client that negotiates and then idles costs a page, not 256 KiB.
+        self._rview = memoryview(mmap.mmap(-1, max(_RECV_SIZE, len(rest))))
+        self._rview[: len(rest)] = rest
         self._rend = len(rest)
         log.info(
             "%s: connected (structured replies: %s)",
@@ -259,20 +367,24 @@ class Connection:
         # Flags a read may carry and still take the fast path (anything else goes through
         # check_request, which refuses it properly).
         odd_read_flags = ~int(p.CmdFlag.FUA | (p.CmdFlag.DF if session.structured else 0))
-        # Small reads run inline, their replies packed one after another into the arena and
-        # sent in one go once no further request is waiting in the receive buffer.
-        arena = bytearray(_ARENA_SIZE)
-        aview = memoryview(arena)
+        # Small reads run inline, their replies packed one after another into an arena and
+        # sent in one go once no further request is waiting in the receive buffer.  The arena
+        # is the server's, borrowed while there are replies to pack: idle clients hold none.
+        arena: bytearray | None = None
+        aview = memoryview(b"")
         used = 0
         pool_reads = 0
         perf = time.perf_counter
         while not server.stopping:
             if self._dead:
                 raise _Disconnect("the client stopped receiving")
-            if used and self._rend - self._rpos < header_bytes:
+            if arena is not None and self._rend - self._rpos < header_bytes:
                 # About to wait for the client: send the replies we have first.
-                self._send(aview[:used])
-                used = 0
+                if used:
+                    self._send(aview[:used])
+                    used = 0
+                server.give_arena(arena)
+                arena = self._arena = None
             magic, flags, kind, handle, offset, length = unpack(self._fill(header_bytes))
             if magic != request_magic:
                 raise p.ProtocolError(f"bad request magic {magic:#x}")
@@ -284,6 +396,9 @@ class Connection:
                 and not pool_reads
             ):
                 need = header_size + length
+                if arena is None:
+                    arena = self._arena = server.take_arena()
+                    aview = memoryview(arena)
                 if used + need > _ARENA_SIZE:
                     self._send(aview[:used])
                     used = 0
@@ -453,16 +568,25 @@ class Connection:
                 self._free_bytes += n
 
     def _block_status(self, session: p.Session, req: p.Request) -> bytes:
+        """Answer BLOCK_STATUS with bounded work: at most ``server.status_range`` bytes and
+        :data:`STATUS_EXAMINED` runs of the disk are looked at (proto.md lets the reply cover
+        less than asked; clients ask again from where it ends), and while other clients are
+        busy the connection then waits as long as the work took, so a client looping on block
+        status gets at most half the server's time."""
+        server = self.server
         one = bool(req.flags & p.CmdFlag.REQ_ONE)
+        length = min(req.length, server.status_range)
+        started = time.perf_counter()
         try:
-            with self.server.extents_lock:
+            with server.extents_lock:
+                runs = server.disk.extents(req.offset, length)
                 extents = p.clip_extents(
                     (
                         (e.offset, e.length, e.layer)
-                        for e in self.server.disk.extents(req.offset, req.length)
+                        for e in itertools.islice(runs, STATUS_EXAMINED)
                     ),
                     req.offset,
-                    req.length,
+                    length,
                     one=one,
                 )
         except (vhd.VHDError, OSError) as exc:
@@ -471,7 +595,10 @@ class Connection:
         if not extents:
             # The disk reported nothing for the start of the range: call it data, which is
             # always a correct (if unhelpful) answer.
-            extents = [(req.length, 0)]
+            extents = [(length, 0)]
+        spent = time.perf_counter() - started
+        if spent > _STATUS_YIELD and server.others_busy(self):
+            time.sleep(spent)
         return p.block_status_reply(req.handle, p.BASE_ALLOCATION_ID, extents)
 
 
@@ -489,7 +616,10 @@ class NBDServer:
         max_inflight_bytes: int = MAX_INFLIGHT_BYTES,
         max_inflight_requests: int = MAX_INFLIGHT_REQUESTS,
         max_connections: int = MAX_CONNECTIONS,
-        negotiation_timeout: float = NEGOTIATION_TIMEOUT,
+        negotiation_timeout: float = HANDSHAKE_TIMEOUT,
+        idle_timeout: float = IDLE_TIMEOUT,
+        max_pending_bytes: int = MAX_PENDING_BYTES,
+        evict_idle_after: float = EVICT_IDLE_AFTER,
     ) -> None:
         self.disk = disk
         self.read_only = bool(read_only or disk.read_only)
@@ -498,6 +628,12 @@ class NBDServer:
         self.max_inflight_requests = max(1, max_inflight_requests)
         self.max_connections = max(1, max_connections)
         self.negotiation_timeout = negotiation_timeout
+        self.idle_timeout = max(0.0, idle_timeout)
+        self.evict_idle_after = evict_idle_after
+        self.pending = _Pending(max(0, max_pending_bytes))
+        self.status_range = _status_range(disk)
+        self._free_arenas: list[bytearray] = []
+        self._arena_lock = threading.Lock()
         self.export = p.Export(
             name=export_name, size=disk.size, read_only=self.read_only, description=description
         )
@@ -584,7 +720,7 @@ class NBDServer:
             if self.stopping:
                 sock.close()
                 return
-            if self.connections >= self.max_connections:
+            if not self._make_room():
                 log.warning("refusing a client: %d connections already", self.max_connections)
                 sock.close()
                 continue
@@ -595,6 +731,64 @@ class NBDServer:
             with self._lock:
                 self._connections.add(conn)
             thread.start()
+
+    def _make_room(self) -> bool:
+        """Is there a slot for one more client?  When all are taken, free one if the policy
+        allows: a connection still negotiating (the oldest: a good client needs milliseconds),
+        else the one idle longest if it has had nothing in flight for ``evict_idle_after``."""
+        with self._lock:
+            live = [c for c in self._connections if not c.evicted]
+        if len(live) < self.max_connections:
+            return True
+        now = time.monotonic()
+        negotiating = [c for c in live if c.negotiating]
+        if negotiating:
+            victim = min(negotiating, key=lambda c: c.last_active)
+        else:
+            idle = [
+                c
+                for c in live
+                if not c._budget.requests and now - c.last_active >= self.evict_idle_after
+            ]
+            if not idle:
+                return False
+            victim = min(idle, key=lambda c: c.last_active)
+        log.warning(
+            "%s: full (%d connections): closing it (idle %.0f s) for a new client",
+            victim.peer,
+            self.max_connections,
+            now - victim.last_active,
+        )
+        victim.evict()
+        return True
+
+    def take_arena(self) -> bytearray:
+        """A reply arena for the inline read path (a kept one if free)."""
+        with self._arena_lock:
+            if self._free_arenas:
+                return self._free_arenas.pop()
+        return bytearray(_ARENA_SIZE)
+
+    def give_arena(self, arena: bytearray) -> None:
+        with self._arena_lock:
+            if len(self._free_arenas) < _FREE_ARENAS:
+                self._free_arenas.append(arena)
+
+    def others_busy(self, conn: Connection) -> bool:
+        """Is any client but ``conn`` waiting for us (requests in flight, or just sent some)?"""
+        now = time.monotonic()
+        with self._lock:
+            others = [c for c in self._connections if c is not conn]
+        return any(
+            c._budget.requests or now - c.last_active < _BUSY_WINDOW
+            for c in others
+            if not c.negotiating
+        )
+
+    @property
+    def pending_bytes(self) -> int:
+        """Bytes of requests in flight on all connections (buffers for reads and writes)."""
+        return self.pending.bytes
 
     @staticmethod
     def _tune(sock: socket.socket) -> None:
@@ -611,6 +805,7 @@ class NBDServer:
 
     @property
     def connections(self) -> int:
+        """Connections open (those closing for a new client included, until they are gone)."""
         with self._lock:
             return len(self._connections)
 
@@ -657,6 +852,18 @@ class NBDServer:
         self.stop()
 
 
+def _status_range(disk: BlockDisk) -> int:
+    """Bytes one BLOCK_STATUS request may look at: STATUS_BLOCKS of the smallest block size in
+    the disk's chain, a multiple of 512 (the protocol's largest length is 4 GiB - 1)."""
+    sizes = [
+        size
+        for layer in getattr(disk, "chain", None) or [disk]
+        if (size := getattr(layer, "block_size", None))
+    ]
+    limit = STATUS_BLOCKS * min(sizes) if sizes else 0xFFFFFFFF
+    return max(512, min(limit, 0xFFFFFFFF) // 512 * 512)
+
+
 def _unix_socket_live(path: str) -> bool:
     """Whether a server accepts connections on the unix socket ``path``."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -697,12 +904,52 @@ def _stop_on_signals(event: threading.Event) -> Iterator[None]:
             signal.signal(sig, old)
 
 
+def describe(args: argparse.Namespace) -> str:
+    """The export description every client may read (``NBD_INFO_DESCRIPTION``).
+
+    The image's path says where the host keeps its files, so it is shown only when asked
+    (``--show-path``); ``--describe TEXT`` replaces the description altogether.
+    """
+    text: str | None = getattr(args, "describe", None)
+    if text is not None:
+        return text
+    if getattr(args, "show_path", False):
+        return f"vhdkit: {args.image}"
+    return "vhdkit"
+
+
+def _limits_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The abuse limits ``vhd serve --nbd`` was given (None: the default)."""
+
+    def given(name: str, default: float) -> float:
+        value = getattr(args, name, None)
+        return default if value is None else float(value)
+
+    max_connections = int(given("max_connections", MAX_CONNECTIONS))
+    handshake = given("handshake_timeout", HANDSHAKE_TIMEOUT)
+    idle = given("idle_timeout", IDLE_TIMEOUT)
+    pending = given("max_pending_mib", MAX_PENDING_BYTES / (1024 * 1024))
+    if max_connections < 1:
+        raise ValueError("--max-connections must be at least 1")
+    if handshake <= 0:
+        raise ValueError("--handshake-timeout must be more than 0 seconds")
+    if idle < 0 or pending < 0:
+        raise ValueError("--idle-timeout and --max-pending-mib cannot be negative")
+    return {
+        "max_connections": max_connections,
+        "negotiation_timeout": handshake,
+        "idle_timeout": idle,
+        "max_pending_bytes": int(pending * 1024 * 1024),
+    }
+
+
 def serve_from_args(args: argparse.Namespace) -> int:
     """``vhd serve IMAGE --nbd``: serve in the foreground until SIGINT or SIGTERM."""
     if args.socket and args.listen:
         raise ValueError("give --socket or --listen, not both")
     if args.workers < 1:
         raise ValueError("--workers must be at least 1")
+    limits = _limits_from_args(args)
     mode = "r" if args.read_only else "r+"
     # The image is handed to clients: its parents only from the folders the admin allows.
     policy = vhd.ParentPolicy(
@@ -716,7 +963,8 @@ def serve_from_args(args: argparse.Namespace) -> int:
             export_name=args.export_name or "",
             read_only=args.read_only,
             workers=args.workers,
-            description=f"vhdkit: {args.image}",
+            description=describe(args),
+            **limits,
         )
         if args.socket:
             url = server.listen_unix(args.socket)

@@ -13,7 +13,8 @@ Robustness against hostile clients:
 * a connection whose outgoing queue is above ``reply_limit`` is not read from until it drains
   (flow control, so a client that never reads cannot grow our memory with replies), and watch
   events are bounded per connection by ``store.ConnState`` (coalesced, then collapsed per watch);
-* exceptions while serving one connection close that connection only.
+* exceptions while serving one connection close that connection only;
+* unprivileged domains have C xenstored's quotas (``store.Quotas``; ``--quota-*`` options).
 
 Run it standalone with ``python -m blockback.xenstore.server SOCKETPATH`` (see :func:`main`).
 """
@@ -31,10 +32,11 @@ import stat
 import sys
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from types import TracebackType
 from typing import TypeVar
 
-from .store import EVENT_QUEUE_BYTES, ConnState, Store
+from .store import EVENT_QUEUE_BYTES, ConnState, Quotas, Store
 from .wire import MessageDecoder, WireProtocolError, error_message
 
 REPLY_LIMIT = 64 * 1024  # stop reading requests while this much output is queued
@@ -65,8 +67,9 @@ class XenStoreServer:
         *,
         reply_limit: int = REPLY_LIMIT,
         event_limit: int = EVENT_QUEUE_BYTES,
+        quotas: Quotas | None = None,
     ) -> None:
-        self.store = Store()
+        self.store = Store(quotas)
         self.event_limit = event_limit
         self.lock = threading.RLock()
         self.path = os.fspath(path)
@@ -312,9 +315,13 @@ class XenStoreServer:
             self._sel.close()
 
 
-def serve(path: str | os.PathLike[str], domains: dict[int, str] | None = None) -> None:
+def serve(
+    path: str | os.PathLike[str],
+    domains: dict[int, str] | None = None,
+    quotas: Quotas | None = None,
+) -> None:
     """Serve xenstore on ``path`` until SIGINT or SIGTERM; ``domains`` adds domU sockets."""
-    server = XenStoreServer(path)
+    server = XenStoreServer(path, quotas=quotas)
     for domid, dpath in (domains or {}).items():
         server.listen(dpath, domid)
     previous = signal.getsignal(signal.SIGTERM)
@@ -345,7 +352,35 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DOMID:PATH",
         help="also accept connections on PATH as unprivileged domain DOMID",
     )
+    defaults = Quotas()
+    for option, field, what in (
+        ("--quota-nodes", "nodes_per_domain", "nodes a domain may own"),
+        ("--quota-entry-size", "entry_size", "bytes in one value"),
+        ("--quota-watches", "watches", "watches per connection"),
+        ("--quota-transactions", "transactions", "open transactions per connection"),
+        ("--quota-perms", "perms_per_node", "entries in one permission list"),
+    ):
+        parser.add_argument(
+            option,
+            dest=field,
+            type=int,
+            metavar="N",
+            default=getattr(defaults, field),
+            help=f"unprivileged domains: at most N {what} (default {getattr(defaults, field)})",
+        )
     args = parser.parse_args(argv)
+    quotas = replace(
+        defaults,
+        nodes_per_domain=args.nodes_per_domain,
+        entry_size=args.entry_size,
+        watches=args.watches,
+        transactions=args.transactions,
+        perms_per_node=args.perms_per_node,
+    )
+    if min(quotas.nodes_per_domain, quotas.entry_size, quotas.watches, quotas.perms_per_node) < 1:
+        parser.error("quotas must be at least 1 (transactions at least 0)")
+    if quotas.transactions < 0:
+        parser.error("quotas must be at least 1 (transactions at least 0)")
     domains: dict[int, str] = {}
     for item in args.domain:
         domid, sep, dpath = item.partition(":")
@@ -353,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--domain wants DOMID:PATH, not {item!r}")
         domains[int(domid)] = dpath
     try:
-        serve(args.socket, domains)
+        serve(args.socket, domains, quotas)
     except OSError as exc:
         print(f"xenstored: {exc}", file=sys.stderr)
         return 2

@@ -4,22 +4,30 @@ Behaviour follows Xen's ``docs/misc/xenstore.txt`` and the C ``xenstored`` (Xen 
 ``tools/xenstore/xenstored_core.c``, ``_transaction.c``, ``_watch.c``):
 
 * The tree: every node has a value (bytes), a permission list and ordered children. Writing a
-  node creates missing ancestors; a new node copies its parent's permissions with the owner set
-  to the creating domain. ``RM`` is recursive and succeeds when only the node is missing.
+  node creates missing ancestors; a new node copies its parent's permissions, and an
+  unprivileged creator becomes its owner (a privileged one keeps the parent's owner, so what
+  dom0 writes into a guest's home stays the guest's: ``construct_node``). ``RM`` is recursive
+  and succeeds when only the node is missing. ``MKDIR`` of an existing node needs write access
+  to it, like ``WRITE``.
 * Permissions: the first entry names the owner and the access of every domain not listed
   (``n`` none, ``r`` read, ``w`` write, ``b`` both). The owner and dom0 (privileged) have full
-  access. Unprivileged connections get node, watch and transaction quotas.
+  access. Unprivileged connections get node, value size, watch, transaction and
+  permission-list quotas (:class:`Quotas`, C's defaults).
 * Paths: absolute (``/local/...``), relative to the connection's home ``/local/domain/<domid>``,
   or special (``@introduceDomain``, ``@releaseDomain``, for watches only). Only
   ``[A-Za-z0-9-/_@]`` are valid characters.
-* Transactions run on a snapshot of the tree taken at ``TRANSACTION_START``. Each node the
-  transaction reads or writes is recorded with the generation it had in the snapshot; at commit,
-  if any of those nodes has a different generation in the live tree, the commit fails with
-  ``EAGAIN`` (what C xenstored does since 4.9). Otherwise the written nodes are copied over and
-  the watches fire.
+* Transactions are copy-on-write, as in C xenstored since 4.9 (``xenstored_transaction.c``):
+  a transaction holds only the nodes it touched. The first time it reads or writes a node it
+  takes the live node and records its generation; later reads see its own copy. At commit, if
+  any touched node has a different generation in the live tree (or appeared or vanished), the
+  commit fails with ``EAGAIN``; otherwise the written nodes are copied over and the watches
+  fire. An open transaction costs memory in proportion to what it touched, not to the tree.
 * Watches match the node and everything below it. Registering a watch fires it once at once
   (after the ``OK`` reply). A recursive removal also fires watches set *below* the removed node,
   with the watch's own path.
+* An unprivileged watcher hears of a node only if it may read the node or the node's parent
+  (``watch_permitted``): by the permissions the node has after a change, or had before it (a
+  removal, or a ``SET_PERMS`` that took its access away).
 * Outgoing queues are bounded (XSA-349: a guest churning watched nodes must not grow dom0's
   memory without bound): an event identical to one still queued is coalesced; once a
   connection's queue passes its limit further events are not queued but remembered per watch
@@ -60,6 +68,7 @@ QUOTA_NODES_PER_DOMAIN = 1000
 QUOTA_ENTRY_SIZE = 2048
 QUOTA_WATCHES = 128
 QUOTA_TRANSACTIONS = 10
+QUOTA_PERMS_PER_NODE = 5
 PRIV_QUOTA_WATCHES = 4096
 PRIV_QUOTA_TRANSACTIONS = 256
 EVENT_QUEUE_BYTES = 256 * 1024  # beyond this, events are remembered per watch instead
@@ -71,6 +80,20 @@ class XsFail(Exception):
     def __init__(self, name: str) -> None:
         self.name = name
         super().__init__(name)
+
+
+@dataclass(frozen=True, slots=True)
+class Quotas:
+    """Limits for unprivileged domains (C xenstored's ``-E -S -W -t -A`` options and defaults),
+    and the watch and transaction limits that also bound dom0's connections."""
+
+    nodes_per_domain: int = QUOTA_NODES_PER_DOMAIN
+    entry_size: int = QUOTA_ENTRY_SIZE
+    watches: int = QUOTA_WATCHES
+    transactions: int = QUOTA_TRANSACTIONS  # open at once, per connection
+    perms_per_node: int = QUOTA_PERMS_PER_NODE
+    privileged_watches: int = PRIV_QUOTA_WATCHES
+    privileged_transactions: int = PRIV_QUOTA_TRANSACTIONS
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,14 +140,22 @@ class Watch:
         return path
 
 
+# Permissions a node had before a change, by path: a removal (the removed nodes) or SET_PERMS.
+OldPerms = dict[str, tuple[Perm, ...]]
+# A watch event to fire: the path, whether only watches at or above it match (a write) or also
+# those below it (a removal), and the permissions it had before (None if it had none to lose).
+Fire = tuple[str, bool, OldPerms | None]
+
+
 @dataclass(eq=False)
 class Transaction:
+    """An open transaction: only the nodes it touched (copy-on-write), never the whole tree."""
+
     id: int
-    base: dict[str, Node]  # the tree at start, never modified
-    view: dict[str, Node]  # the transaction's own copy
-    accessed: dict[str, int | None] = field(default_factory=dict)  # path -> base generation
+    view: dict[str, Node | None] = field(default_factory=dict)  # touched nodes as it sees them
+    accessed: dict[str, int | None] = field(default_factory=dict)  # path -> live gen when touched
     written: dict[str, None] = field(default_factory=dict)  # ordered set
-    fires: list[tuple[str, bool]] = field(default_factory=list)
+    fires: list[Fire] = field(default_factory=list)
     created: int = 0
 
 
@@ -214,7 +245,8 @@ def _parse_domid(text: str) -> int:
 class Store:
     """The database and the request dispatcher. Not thread-safe: the caller serialises."""
 
-    def __init__(self) -> None:
+    def __init__(self, quotas: Quotas | None = None) -> None:
+        self.quotas = quotas or Quotas()
         self._gen = itertools.count(1)
         root_perms = (Perm(0, "n"),)
         self.nodes: dict[str, Node] = {}
@@ -321,10 +353,15 @@ class Store:
     @staticmethod
     def access(conn: ConnState, node: Node) -> str:
         """The letters ("r", "w") ``conn`` may do on ``node``."""
-        if conn.privileged or node.owner == conn.domid:
+        return Store.perms_access(conn, node.perms)
+
+    @staticmethod
+    def perms_access(conn: ConnState, perms: tuple[Perm, ...]) -> str:
+        """The letters ("r", "w") ``conn`` may do on a node with ``perms``."""
+        if conn.privileged or perms[0].domid == conn.domid:
             return "rw"
-        letter = node.perms[0].access
-        for perm in node.perms[1:]:
+        letter = perms[0].access
+        for perm in perms[1:]:
             if perm.domid == conn.domid:
                 letter = perm.access
                 break
@@ -350,7 +387,7 @@ class Store:
             path = self.canonical(conn, raw_path.decode("utf-8"))
         except UnicodeDecodeError:
             raise XsFail("EINVAL") from None
-        if not conn.privileged and len(value) > QUOTA_ENTRY_SIZE:
+        if not conn.privileged and len(value) > self.quotas.entry_size:
             raise XsFail("ENOSPC")
         node = ctx.get(path)
         if node is None:
@@ -359,15 +396,20 @@ class Store:
             if "w" not in self.access(conn, node):
                 raise XsFail("EACCES")
             ctx.put(path, replace(node, value=value, gen=self.next_gen()))
-        ctx.fires.append((path, True))
+        ctx.fires.append((path, True, None))
         return OK
 
     def _mkdir(self, conn: ConnState, ctx: _Ctx, msg: Message) -> bytes:
         (raw,) = self._args(msg, 1)
         path = self.canonical(conn, raw)
-        if ctx.get(path) is None:
+        node = ctx.get(path)
+        if node is None:
             ctx.create(path, b"")
-            ctx.fires.append((path, True))
+            ctx.fires.append((path, True, None))
+        elif "w" not in self.access(conn, node):
+            # C xenstored looks the node up for writing: an existing node the caller may not
+            # write is EACCES, so MKDIR does not tell an unprivileged caller that it exists.
+            raise XsFail("EACCES")
         return OK
 
     def _rm(self, conn: ConnState, ctx: _Ctx, msg: Message) -> bytes:
@@ -393,9 +435,12 @@ class Store:
                 parent, children=tuple(c for c in parent.children if c != name), gen=self.next_gen()
             ),
         )
+        removed: OldPerms = {}
         for sub in list(ctx.walk(path)):
-            ctx.delete(sub)
-        ctx.fires.append((path, False))
+            old = ctx.delete(sub)
+            if old is not None:
+                removed[sub] = old.perms
+        ctx.fires.append((path, False, removed))
         return OK
 
     def _directory(self, conn: ConnState, ctx: _Ctx, msg: Message) -> bytes:
@@ -435,6 +480,8 @@ class Store:
         if len(parts) < 2:
             raise XsFail("EINVAL")
         path = self.canonical(conn, parts[0])
+        if not conn.privileged and len(parts) - 1 > self.quotas.perms_per_node:
+            raise XsFail("ENOSPC")  # as C's do_set_perms (quota_nb_perms_per_node)
         perms = tuple(Perm.parse(p) for p in parts[1:])
         node = ctx.get_checked(path, "w")
         # Only the owner (or dom0) may change permissions, and only dom0 may give a node away.
@@ -443,13 +490,14 @@ class Store:
         if not conn.privileged and perms[0].domid != node.owner:
             raise XsFail("EPERM")
         ctx.put(path, replace(node, perms=perms, gen=self.next_gen()))
-        ctx.fires.append((path, True))
+        # A watcher that loses read access still hears of the change (C passes old_perms).
+        ctx.fires.append((path, True, {path: node.perms}))
         return OK
 
     def _watch(self, conn: ConnState, msg: Message) -> None:
         raw, token = self._args(msg, 2)
         path = self.canonical(conn, raw, special_ok=True)
-        quota = PRIV_QUOTA_WATCHES if conn.privileged else QUOTA_WATCHES
+        quota = self.quotas.privileged_watches if conn.privileged else self.quotas.watches
         if any(w.path == path and w.token == token for w in conn.watches):
             raise XsFail("EEXIST")
         if len(conn.watches) >= quota:
@@ -475,11 +523,11 @@ class Store:
             raise XsFail("EBUSY")
         if msg.payload not in (b"", b"\0"):
             raise XsFail("EINVAL")
-        quota = PRIV_QUOTA_TRANSACTIONS if conn.privileged else QUOTA_TRANSACTIONS
+        quota = self.quotas.privileged_transactions if conn.privileged else self.quotas.transactions
         if len(conn.transactions) >= quota:
             raise XsFail("ENOSPC")
         tx_id = next(self._tx_ids)
-        conn.transactions[tx_id] = Transaction(tx_id, dict(self.nodes), dict(self.nodes))
+        conn.transactions[tx_id] = Transaction(tx_id)
         return join_strings(str(tx_id))
 
     def _transaction_end(self, conn: ConnState, msg: Message) -> bytes:
@@ -561,13 +609,13 @@ class Store:
 
     def introduce_domain(self, domid: int) -> None:
         self.introduced.add(domid)
-        self._fire_all([("@introduceDomain", True)])
+        self._fire_all([("@introduceDomain", True, None)])
 
     def release_domain(self, domid: int) -> bool:
         if domid not in self.introduced or domid == 0:
             return False
         self.introduced.discard(domid)
-        self._fire_all([("@releaseDomain", True)])
+        self._fire_all([("@releaseDomain", True, None)])
         return True
 
     # -- internals -----------------------------------------------------------------------------
@@ -578,12 +626,11 @@ class Store:
     def _count(self, domid: int, delta: int) -> None:
         self.owner_count[domid] = self.owner_count.get(domid, 0) + delta
 
-    def _fire_all(self, fires: list[tuple[str, bool]]) -> None:
-        for path, exact in fires:
-            self._fire(path, exact)
+    def _fire_all(self, fires: list[Fire]) -> None:
+        for path, exact, old in fires:
+            self._fire(path, exact, old)
 
-    def _fire(self, path: str, exact: bool) -> None:
-        node = self.nodes.get(path)
+    def _fire(self, path: str, exact: bool, old: OldPerms | None) -> None:
         for conn in self.connections:
             for watch in conn.watches:
                 if path.startswith("@") or watch.path.startswith("@"):
@@ -591,31 +638,64 @@ class Store:
                         conn.push_event(watch, path)
                     continue
                 if is_child(path, watch.path):
-                    # An unprivileged watcher only hears of nodes it may read (xenstored rule).
-                    if node is None or "r" in self.access(conn, node) or not exact:
+                    if self._permitted(conn, path, old):
                         conn.push_event(watch, path)
                 elif not exact and is_child(watch.path, path):
-                    conn.push_event(watch, watch.path)
+                    # A watch below a removed node: judged by the nearest removed node.
+                    judged = watch.path
+                    while old is not None and judged not in old and judged != path:
+                        judged = parent_of(judged)
+                    if self._permitted(conn, judged, old):
+                        conn.push_event(watch, watch.path)
+
+    def _permitted(self, conn: ConnState, path: str, old: OldPerms | None) -> bool:
+        """May ``conn`` hear of a change at ``path``? (C xenstored's ``watch_permitted``.)
+
+        Yes if it may read the node as it was before the change (``old``) or as it is now, or
+        the node's parent; a node that is gone and left no permissions behind tells nothing.
+        """
+        if conn.privileged:
+            return True
+        before = old.get(path) if old is not None else None
+        if before is not None and "r" in self.perms_access(conn, before):
+            return True
+        node = self.nodes.get(path)
+        if node is not None and "r" in self.access(conn, node):
+            return True
+        if node is None and before is None:
+            return False
+        if path == "/":
+            return False
+        up = parent_of(path)
+        parent_perms = old.get(up) if old is not None else None
+        if parent_perms is None:
+            parent = self.nodes.get(up)
+            if parent is None:
+                return False
+            parent_perms = parent.perms
+        return "r" in self.perms_access(conn, parent_perms)
 
 
 class _Ctx:
-    """The tree as one request sees it: the live tree, or a transaction's copy."""
+    """The tree as one request sees it: the live tree, or the live tree overlaid with what a
+    transaction touched (its first look at a node records the node's generation)."""
 
     def __init__(self, store: Store, conn: ConnState, tx: Transaction | None) -> None:
         self.store = store
         self.conn = conn
         self.tx = tx
-        self.nodes = tx.view if tx is not None else store.nodes
-        self.fires: list[tuple[str, bool]] = tx.fires if tx is not None else []
-
-    def _touch(self, path: str) -> None:
-        if self.tx is not None and path not in self.tx.accessed:
-            base = self.tx.base.get(path)
-            self.tx.accessed[path] = base.gen if base is not None else None
+        self.fires: list[Fire] = tx.fires if tx is not None else []
 
     def get(self, path: str) -> Node | None:
-        self._touch(path)
-        return self.nodes.get(path)
+        tx = self.tx
+        if tx is None:
+            return self.store.nodes.get(path)
+        if path in tx.view:
+            return tx.view[path]
+        node = self.store.nodes.get(path)
+        tx.view[path] = node
+        tx.accessed[path] = node.gen if node is not None else None
+        return node
 
     def get_checked(self, path: str, letter: str) -> Node:
         node = self.get(path)
@@ -626,23 +706,27 @@ class _Ctx:
         return node
 
     def put(self, path: str, node: Node) -> None:
-        self._touch(path)
-        old = self.nodes.get(path)
-        self.nodes[path] = node
+        old = self.get(path)
         if self.tx is not None:
+            self.tx.view[path] = node
             self.tx.written[path] = None
         else:
+            self.store.nodes[path] = node
             if old is not None:
                 self.store._count(old.owner, -1)
             self.store._count(node.owner, +1)
 
-    def delete(self, path: str) -> None:
-        self._touch(path)
-        old = self.nodes.pop(path, None)
+    def delete(self, path: str) -> Node | None:
+        """Remove ``path``; return the node as it was."""
+        old = self.get(path)
         if self.tx is not None:
+            self.tx.view[path] = None
             self.tx.written[path] = None
-        elif old is not None:
-            self.store._count(old.owner, -1)
+        else:
+            self.store.nodes.pop(path, None)
+            if old is not None:
+                self.store._count(old.owner, -1)
+        return old
 
     def walk(self, path: str) -> Iterator[str]:
         """``path`` and every node below it, parents first."""
@@ -657,7 +741,8 @@ class _Ctx:
             stack.extend(f"{base}/{c}" for c in node.children)
 
     def create(self, path: str, value: bytes) -> None:
-        """Create ``path`` (and missing ancestors), inheriting permissions, owner = creator."""
+        """Create ``path`` (and missing ancestors) with the parent's permissions; an unprivileged
+        creator becomes the owner, a privileged one leaves the parent's owner in place."""
         conn = self.conn
         missing: list[str] = []
         current = path
@@ -675,7 +760,7 @@ class _Ctx:
             used = self.store.owner_count.get(conn.domid, 0)
             if self.tx is not None:
                 used += self.tx.created
-            if used + len(missing) > QUOTA_NODES_PER_DOMAIN:
+            if used + len(missing) > self.store.quotas.nodes_per_domain:
                 raise XsFail("ENOSPC")
         for sub in reversed(missing):
             up = parent_of(sub)
@@ -685,7 +770,10 @@ class _Ctx:
             self.put(
                 up, replace(parent, children=(*parent.children, name), gen=self.store.next_gen())
             )
-            perms = (Perm(conn.domid, parent.perms[0].access), *parent.perms[1:])
+            if conn.privileged:
+                perms = parent.perms
+            else:
+                perms = (Perm(conn.domid, parent.perms[0].access), *parent.perms[1:])
             self.put(sub, Node(value if sub == path else b"", perms, (), self.store.next_gen()))
             if self.tx is not None:
                 self.tx.created += 1

@@ -89,7 +89,7 @@ def test_write_read_every_sector_pair(rig: Rig) -> None:
     assert rig.xen.grants.mapped == 0  # no mapping outlives its response
     rig.device.stop()
     rig.disk.flush()
-    with vhd.open(rig.path) as again:
+    with vhd.open(rig.path, force_share=True) as again:  # rig.disk is still open
         assert again.pread(SIZE, 0) == bytes(rig.model)
 
 

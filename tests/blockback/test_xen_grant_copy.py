@@ -212,7 +212,7 @@ def test_random_round_trips_against_a_model(tmp_path: Path, data_path: str) -> N
             assert rig.hv.ioctl_count("copy") == 0
         rig.device.stop()
         rig.disk.flush()
-        with vhd.open(rig.path) as again:
+        with vhd.open(rig.path, force_share=True) as again:  # rig.disk is still open
             assert again.pread(SIZE, 0) == bytes(rig.model)
     finally:
         rig.close()
@@ -243,7 +243,7 @@ def test_indirect_round_trip_one_copy_per_direction(rig: Rig) -> None:
     assert [len(b) for b in batches] == [2, n]
     assert batches[1] == [(p, 512, 3072, True) for p in data]
     rig.disk.flush()
-    with vhd.open(rig.path) as again:
+    with vhd.open(rig.path, force_share=True) as again:  # rig.disk is still open
         assert again.pread(len(payload), 64 * 512) == payload
 
 
@@ -260,7 +260,7 @@ def test_failed_copy_in_answers_error_and_writes_nothing(rig: Rig) -> None:
     assert rig.mapper.copy_failures == 1
     assert rig.pool.in_use == 0
     rig.disk.flush()
-    with vhd.open(rig.path) as again:
+    with vhd.open(rig.path, force_share=True) as again:  # rig.disk is still open
         assert [e.layer for e in again.extents(sector * 512, 11 * 4096)] == [None]
         assert again.pread(11 * 4096, sector * 512) == bytes(11 * 4096)
     # The ring carries on: the same write without the bad page succeeds.

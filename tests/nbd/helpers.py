@@ -10,7 +10,7 @@ import shutil
 import socket
 import struct
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,11 +157,14 @@ class RawClient:
         header = struct.pack(">IHHQQI", p.REQUEST_MAGIC, flags, kind, handle, offset, length)
         self.sock.sendall(header + payload)
 
-    def reply(self, read_length: int = 0) -> Reply:
-        """Read one reply.  For a simple reply to a successful read, pass its length."""
+    def reply(self, read_length: int | Callable[[int], int] = 0) -> Reply:
+        """Read one reply.  For a simple reply to a successful read, pass its length (or a
+        function of the handle giving it, when replies may come in any order)."""
         (magic,) = struct.unpack(">I", self.recv_exact(4))
         if magic == p.SIMPLE_REPLY_MAGIC:
             error, handle = struct.unpack(">IQ", self.recv_exact(12))
+            if callable(read_length):
+                read_length = read_length(handle)
             data = self.recv_exact(read_length) if read_length and not error else b""
             return Reply(handle, error, data)
         assert magic == p.STRUCTURED_REPLY_MAGIC, hex(magic)

@@ -460,3 +460,46 @@ def test_fast_path_takes_any_unsigned_byte_view(
         assert view.format == "<B"
         assert disk.preadinto(view, MiB + 512) == 4096
         assert bytes(buffer) == b"\x42" * 4096
+
+
+def test_a_bitmap_read_racing_a_writer_is_never_cached_stale(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader loads a block's bitmap without the lock.  If a writer sets more bits and its
+    cache entry is evicted (cache pressure) before the reader caches what it read, the stale
+    bitmap must not be cached: later reads would show the parent there, and later writes would
+    store the stale bits back (found by reading the code; would need > 16384 cached bitmaps)."""
+    import vhd.disk as vdisk
+
+    base = tmp_path / "base.vhd"
+    with vhd.create(base, 4 * 2**20, block_size=2**20) as disk:
+        disk.pwrite(b"P" * 4096, 0)
+    child = tmp_path / "child.vhd"
+    with vhd.create(child, parent=base) as disk:
+        disk.pwrite(b"A" * 512, 0)  # block 0 allocated, only sector 0 in the child
+
+    with vhd.open(child, "r+") as disk:
+        sparse = disk
+        assert isinstance(sparse, vdisk.SparseDisk)
+        entry = sparse.bat[0]
+        real_read = vdisk.read_exact
+        raced = []
+
+        def read_then_race(fd: int, n: int, offset: int, *, path: str | None = None) -> bytes:
+            raw = real_read(fd, n, offset, path=path)
+            if not raced:
+                raced.append(True)
+                sparse.pwrite(b"B" * 512, 5 * 512)  # a writer sets sector 5's bit ...
+                sparse._bitmaps.pop(0, None)  # ... and cache pressure evicts its entry
+            return raw
+
+        monkeypatch.setattr(vdisk, "read_exact", read_then_race)
+        sparse._bitmap(0, entry)
+        monkeypatch.setattr(vdisk, "read_exact", real_read)
+        assert raced
+        assert disk.pread(512, 5 * 512) == b"B" * 512
+        disk.pwrite(b"C" * 512, 9 * 512)  # a later write must not drop sector 5's bit
+    with vhd.open(child) as disk:
+        assert disk.pread(512, 5 * 512) == b"B" * 512
+        assert disk.pread(512, 9 * 512) == b"C" * 512
+        assert disk.pread(512, 512) == b"P" * 512

@@ -17,6 +17,7 @@ from vhd.errors import VHDError
 from vhd.repair import apply_plan, plan_repair
 
 from ..common import add_parent_options, add_progress_options, parent_policy, progress_wanted
+from ..locking import add_force_share_option
 from ._progress import progress_bar
 
 
@@ -39,6 +40,7 @@ def register(sub: Any) -> None:
     )
     add_parent_options(p, serving=False)
     add_progress_options(p)
+    add_force_share_option(p)
     p.set_defaults(func=run)
 
 
@@ -58,12 +60,21 @@ def _print_report(report: CheckReport) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.dry_run and not args.repair:
         raise ValueError("--dry-run goes with --repair")
+    if args.force_share and args.repair and not args.dry_run:
+        raise ValueError("-U/--force-share is for inspection: not with --repair")
+    from vhd.vhdx import probe_vhdx
+
+    if probe_vhdx(args.image):
+        from ._vhdx_check import run_vhdx_check
+
+        return run_vhdx_check(args)
     try:
         report = check(
             args.image,
             deep=args.deep,
             parent_policy=parent_policy(args),
             progress=progress_bar("check", args.deep and progress_wanted(args)),
+            force_share=args.force_share,
         )
     except (VHDError, OSError) as exc:
         if not args.json:

@@ -50,4 +50,6 @@ def run(args: argparse.Namespace) -> int:
             f"committed {result.bytes_copied} bytes of {result.child} into {result.parent}; "
             f"child {what}"
         )
+        for path in result.relinked:
+            print(f"{path}: now a child of {result.parent}")
     return 0

@@ -21,6 +21,7 @@ from vhd.disk import Extent
 from vhd.source import Source, open_source
 
 from ..common import LOCAL_PARENTS, Progress, add_progress_options, progress_wanted, warn
+from ..locking import add_force_share_option
 
 CHUNK = 512 * 1024
 _ZEROS = bytes(CHUNK)
@@ -45,13 +46,24 @@ def register(sub: Any) -> None:
         "allocation differences are not)",
     )
     add_progress_options(p)
+    add_force_share_option(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     with (
-        open_source(args.a, parent_dirs=args.parent_dir, parent_policy=LOCAL_PARENTS) as a,
-        open_source(args.b, parent_dirs=args.parent_dir, parent_policy=LOCAL_PARENTS) as b,
+        open_source(
+            args.a,
+            parent_dirs=args.parent_dir,
+            parent_policy=LOCAL_PARENTS,
+            force_share=args.force_share,
+        ) as a,
+        open_source(
+            args.b,
+            parent_dirs=args.parent_dir,
+            parent_policy=LOCAL_PARENTS,
+            force_share=args.force_share,
+        ) as b,
     ):
         for message in a.warnings + b.warnings:
             warn(message)

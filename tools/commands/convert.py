@@ -20,6 +20,8 @@ from ..common import (
     progress_wanted,
     warn,
 )
+from ..interrupt import terminate_as_interrupt
+from ..locking import add_force_share_option
 
 
 def register(sub: Any) -> None:
@@ -28,6 +30,7 @@ def register(sub: Any) -> None:
         help="convert between raw and VHD (flattens differencing chains)",
         description="Copy the guest-visible content of SRC (a VHD of any type, or a raw image) "
         "into a new DST. DST's format is --to, else taken from its extension (.vhd -> vhd; "
+        ".vhdx/.avhdx -> vhdx; "
         ".img, .raw, .bin, none, or a block device -> raw; others are refused). SRC in another "
         "format (qcow2, VMDK, VHDX, VDI, ...) is refused, naming the format.",
     )
@@ -63,6 +66,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--force", action="store_true", help="overwrite DST if it exists")
     add_progress_options(p)
+    add_force_share_option(p)
     p.add_argument(
         "--sync",
         action="store_true",
@@ -71,6 +75,7 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
+@terminate_as_interrupt
 def run(args: argparse.Namespace) -> int:
     to = output_format(
         args.dst, args.to or ("vhd" if args.azure else None), block_device=is_block_device(args.dst)
@@ -89,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
         parent_dirs=args.parent_dir,
         force_raw=args.from_ == "raw",
         parent_policy=LOCAL_PARENTS,
+        force_share=args.force_share,
     ) as src:
         for message in src.warnings:
             warn(message)
@@ -115,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         progress.finish()
     if not args.quiet:
         print(
-            f"{args.dst}: {to}{' ' + vtype if to == 'vhd' else ''}, {result.size} bytes, "
+            f"{args.dst}: {to}{' ' + vtype if to in ('vhd', 'vhdx') else ''}, {result.size} bytes, "
             f"{result.data_bytes} bytes of data"
         )
     if args.azure:

@@ -11,6 +11,7 @@ import vhd
 from vhd.inspect import describe
 
 from ..common import add_parent_options, open_vhd, parent_policy, warn
+from ..locking import add_force_share_option
 
 
 def register(sub: Any) -> None:
@@ -21,18 +22,21 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--chain", action="store_true", help="describe every disk of the chain")
     add_parent_options(p, serving=False)
+    add_force_share_option(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        disk = open_vhd(args.image, policy=parent_policy(args))
+        disk = open_vhd(args.image, policy=parent_policy(args), force_share=args.force_share)
         parent_problem = None
     except vhd.ParentError as exc:
         # Still show the child's own metadata: that is what one needs to find the parent.
         parent_problem = str(exc)
         warn(parent_problem)
-        disk = open_vhd(args.image, open_parent=False)
+        disk = open_vhd(args.image, open_parent=False, force_share=args.force_share)
+    if getattr(disk, "format", "vhd") == "vhdx":
+        return _run_vhdx(args, disk, parent_problem)
     with disk:
         info = describe(disk)
         if parent_problem:
@@ -110,3 +114,23 @@ def _raw(value: object) -> str:
     if isinstance(value, int):
         return f"{value} ({value:#x})"
     return str(value)
+
+
+def _run_vhdx(args: argparse.Namespace, disk: vhd.Disk, parent_problem: str | None) -> int:
+    from vhd.vhdx import VHDXDisk
+    from vhd.vhdx.inspect import describe_vhdx
+
+    from ._vhdx_info import render_vhdx
+
+    assert isinstance(disk, VHDXDisk)
+    with disk:
+        info = describe_vhdx(disk)
+        if parent_problem:
+            info["parent_error"] = parent_problem
+        if args.json:
+            print(json.dumps(info, indent=2))
+        else:
+            render_vhdx(info)
+            if parent_problem:
+                print(f"  parent: NOT FOUND: {parent_problem}")
+    return 0

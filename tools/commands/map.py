@@ -9,6 +9,7 @@ from typing import Any
 from vhd.inspect import host_extents
 
 from ..common import open_vhd
+from ..locking import add_force_share_option
 
 
 def register(sub: Any) -> None:
@@ -22,11 +23,12 @@ def register(sub: Any) -> None:
     p.add_argument("image")
     p.add_argument("--json", action="store_true")
     p.add_argument("--parent-dir", action="append", default=[], metavar="DIR")
+    add_force_share_option(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    with open_vhd(args.image, parent_dirs=args.parent_dir) as disk:
+    with open_vhd(args.image, parent_dirs=args.parent_dir, force_share=args.force_share) as disk:
         paths = [layer.path for layer in disk.chain]
         rows = [
             {

@@ -28,6 +28,13 @@ def register(sub: Any) -> None:
     p.add_argument("size", help="new size: bytes or K/M/G/T (binary), or +N / -N")
     p.add_argument("--shrink", action="store_true", help="allow making the disk smaller")
     p.add_argument("--force", action="store_true", help="with --shrink: drop data past the new end")
+    p.add_argument(
+        "--parent-dir",
+        metavar="DIR",
+        action="append",
+        default=[],
+        help="also look for the parent in DIR (growing a differencing disk reads it)",
+    )
     add_progress_options(p)
     p.set_defaults(func=run)
 
@@ -39,7 +46,14 @@ def run(args: argparse.Namespace) -> int:
     if args.force and not args.shrink:
         raise ValueError("--force goes with --shrink")
     bar = progress_bar("moving blocks", progress_wanted(args))
-    result = resize(args.image, size, shrink=args.shrink, force=args.force, progress=bar)
+    result = resize(
+        args.image,
+        size,
+        shrink=args.shrink,
+        force=args.force,
+        progress=bar,
+        parent_dirs=args.parent_dir,
+    )
     if not result.relocated_blocks:
         bar(0, 0)  # nothing had to move: the bar still ends at 100 %
     if args.quiet:

@@ -36,6 +36,43 @@ def register(sub: Any) -> None:
         "--listen", metavar="HOST:PORT", help="NBD: listen on TCP (default 127.0.0.1:10809)"
     )
     p.add_argument("--export-name", metavar="NAME", default="", help="NBD: export name")
+    p.add_argument(
+        "--describe",
+        metavar="TEXT",
+        help='NBD: the export description clients see (default "vhdkit", no path)',
+    )
+    p.add_argument(
+        "--show-path",
+        action="store_true",
+        help="NBD: put the image's path in the export description",
+    )
+    p.add_argument(
+        "--max-connections",
+        metavar="N",
+        type=int,
+        help="NBD: clients at once (default 128; when full, a new client takes the slot of "
+        "one still negotiating or idle for 10 s, else it is refused)",
+    )
+    p.add_argument(
+        "--handshake-timeout",
+        metavar="SECONDS",
+        type=float,
+        help="NBD: negotiation must be over within this long (default 10)",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        metavar="SECONDS",
+        type=float,
+        help="NBD: hang up on a client that sends no request, or reads no reply, for this "
+        "long (default 0: never)",
+    )
+    p.add_argument(
+        "--max-pending-mib",
+        metavar="MIB",
+        type=int,
+        help="NBD: bytes of requests in flight on all connections together (default 256 MiB; "
+        "each connection may always have one)",
+    )
     p.add_argument("--read-only", action="store_true", help="refuse writes")
     add_parent_options(p, serving=True)
     p.add_argument(

@@ -1,0 +1,168 @@
+"""``vhd check`` for VHDX: every rule of MS-VHDX 1.0 that an open does not already enforce, and
+``--repair`` for what a crash or a torn write leaves.
+
+Checked: both header copies (signature, CRC-32C, version) and both region tables (CRC-32C, equal
+contents); the log (a live LogGuid means a replay is pending); BAT entries (reserved states and
+bits, PARTIALLY_PRESENT only with a parent and a present sector bitmap, sector bitmap entries
+only in differencing disks, offsets 1 MiB-aligned, inside the file, not overlapping each other
+or the headers, log, BAT and metadata regions).  Whatever makes the open itself fail is reported
+as the one problem.
+
+Repairs: the log is replayed (an ``r+`` open does it), a damaged header copy is rewritten from
+the current one (the header update procedure), a damaged region table copy from its twin.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass, field
+
+from ..errors import VHDError
+from ..fileio import write_all
+from . import records as r
+from .disk import VHDXDisk, chunk_ratio, open_vhdx
+
+
+@dataclass
+class VHDXCheckReport:
+    path: str
+    problems: list[str] = field(default_factory=list)
+    repairable: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
+    type: str = "?"
+    size: int = 0
+
+    @property
+    def clean(self) -> bool:
+        return not self.problems
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "path": self.path,
+            "format": "vhdx",
+            "type": self.type,
+            "size": self.size,
+            "clean": self.clean,
+            "problems": self.problems,
+            "repairable": self.repairable,
+            "repaired": self.repaired,
+        }
+
+
+def _structures(disk: VHDXDisk) -> list[tuple[int, int, str]]:
+    h = disk.current_header
+    out = [(0, r.MiB, "header section")]
+    if h.log_length:
+        out.append((h.log_offset, h.log_offset + h.log_length, "log"))
+    for reg in (disk.layout.bat_region, disk.layout.metadata_region):
+        out.append((reg.file_offset, reg.file_offset + reg.length, f"{reg.name} region"))
+    return out
+
+
+def _check_bat(disk: VHDXDisk, report: VHDXCheckReport) -> None:
+    md = disk.metadata
+    ratio = chunk_ratio(md.block_size, md.logical_sector_size)
+    blocks = -(-disk.size // md.block_size)
+    fsize = disk.file_size
+    spans = _structures(disk)
+    used: list[tuple[int, int, str]] = []
+    bitmap_present: set[int] = set()
+    chunks = -(-blocks // ratio)
+    for c in range(chunks):
+        index = c * (ratio + 1) + ratio
+        if index >= len(disk.bat):
+            continue
+        entry = disk.bat[index]
+        state = entry & r.STATE_MASK
+        if state == r.BitmapState.PRESENT:
+            if not md.has_parent:
+                report.problems.append(f"sector bitmap entry {index} is PRESENT without a parent")
+            bitmap_present.add(c)
+            used.append((entry & r.OFFSET_MASK, (entry & r.OFFSET_MASK) + r.MiB, f"bitmap {c}"))
+        elif state != r.BitmapState.NOT_PRESENT:
+            report.problems.append(f"sector bitmap entry {index} has the reserved state {state}")
+    for b in range(blocks):
+        index = b + b // ratio
+        entry = disk.bat[index]
+        state = entry & r.STATE_MASK
+        if entry & 0xFFFF8:
+            report.problems.append(f"BAT entry {index} (block {b}) has reserved bits set")
+        if state in (4, 5):
+            report.problems.append(f"block {b} has the reserved state {state}")
+            continue
+        if state == r.PayloadState.PARTIALLY_PRESENT:
+            if not md.has_parent:
+                report.problems.append(f"block {b} is PARTIALLY_PRESENT in a disk without parent")
+            elif b // ratio not in bitmap_present:
+                report.problems.append(f"block {b} is PARTIALLY_PRESENT but has no sector bitmap")
+        if state in (r.PayloadState.FULLY_PRESENT, r.PayloadState.PARTIALLY_PRESENT):
+            off = entry & r.OFFSET_MASK
+            used.append((off, off + md.block_size, f"block {b}"))
+    for lo, hi, name in used:
+        if lo < r.MiB or hi > fsize:
+            report.problems.append(f"{name} at [{lo}, {hi}) lies outside the file ({fsize} bytes)")
+        for slo, shi, sname in spans:
+            if lo < shi and slo < hi:
+                report.problems.append(f"{name} at [{lo}, {hi}) overlaps the {sname}")
+    used.sort()
+    for (_, ahi, aname), (blo, _, bname) in itertools.pairwise(used):
+        if blo < ahi:
+            report.problems.append(f"{aname} and {bname} overlap at file offset {blo}")
+    if not md.has_parent and md.leave_blocks_allocated:
+        for b in range(blocks):
+            if disk.bat[b + b // ratio] & r.STATE_MASK != r.PayloadState.FULLY_PRESENT:
+                report.problems.append(f"block {b} of a fixed disk is not FULLY_PRESENT")
+                break
+
+
+def check_vhdx(
+    path: str, *, repair: bool = False, parent_dirs: list[str] | None = None
+) -> VHDXCheckReport:
+    report = VHDXCheckReport(path)
+    try:
+        disk = open_vhdx(path, parent_dirs=parent_dirs or ())
+    except VHDError as exc:
+        report.problems.append(str(exc))
+        return report
+    with disk:
+        report.type = disk.type.label
+        report.size = disk.size
+        lay = disk.layout
+        for i, (h, err) in enumerate(zip(lay.headers, lay.header_errors, strict=True)):
+            if h is None:
+                report.problems.append(f"header {i + 1} is invalid: {err}")
+                report.repairable.append(f"rewrite header {i + 1} from the current one")
+        tables = lay.region_tables
+        for i, (t, err) in enumerate(zip(tables, lay.region_errors, strict=True)):
+            if t is None:
+                report.problems.append(f"region table {i + 1} is invalid: {err}")
+                report.repairable.append(f"rewrite region table {i + 1} from its twin")
+        t0, t1 = tables
+        if t0 is not None and t1 is not None and t0.entries != t1.entries:
+            report.problems.append("the two region tables differ")
+        if disk.current_header.log_guid != r.ZERO_GUID:
+            report.problems.append("the log is live: it must be replayed")
+            report.repairable.append("replay the log")
+        _check_bat(disk, report)
+    if repair and report.repairable and len(report.repairable) == len(report.problems):
+        _repair(path, report)
+    return report
+
+
+def _repair(path: str, report: VHDXCheckReport) -> None:
+    with open_vhdx(path, "r+", open_parent=False) as disk:  # replays the log, clears LogGuid
+        lay = disk.layout
+        if any(h is None for h in lay.headers):
+            disk._write_header(True)  # the non-current (damaged) copy gets seq + 1
+            disk._write_header(True)
+        good = next(t for t in lay.region_tables if t is not None)
+        for i, t in enumerate(lay.region_tables):
+            if t is None:
+                write_all(disk.fd, good.build(), r.REGION_TABLE_OFFSETS[i])
+                os.fsync(disk.fd)
+                lay.region_tables[i] = good
+    report.repaired = list(report.repairable)
+    after = check_vhdx(path)
+    report.problems = after.problems
+    report.repairable = after.repairable

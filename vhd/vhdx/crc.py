@@ -1,0 +1,30 @@
+"""CRC-32C (Castagnoli), the checksum of every VHDX record (MS-VHDX 2.2.2, 2.2.3.1, 2.3.1.1).
+
+Computed by ``crcmod``; its compiled extension is about a hundred times faster than the pure
+Python fallback, which matters for log entries and whole 64 KiB region tables.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import crcmod.predefined
+
+_crc32c = crcmod.predefined.mkCrcFun("crc-32c")
+
+
+def crc32c(data: bytes | bytearray | memoryview) -> int:
+    return int(_crc32c(bytes(data) if isinstance(data, memoryview) else data))
+
+
+def crc32c_with_zeroed_field(record: bytes | bytearray | memoryview, field_offset: int) -> int:
+    """Checksum of ``record`` as if its 4-byte checksum field at ``field_offset`` were zero."""
+    buf = bytearray(record)
+    buf[field_offset : field_offset + 4] = b"\0\0\0\0"
+    return crc32c(buf)
+
+
+def using_c_extension() -> bool:
+    """True when crcmod runs its compiled extension (``crcmod._usingExtension``)."""
+    module = sys.modules.get("crcmod.crcmod")
+    return bool(getattr(module, "_usingExtension", False))

@@ -1,0 +1,1092 @@
+"""VHDX disks: open, positional I/O and crash-safe metadata updates (MS-VHDX 1.0, 2.2 header
+section, 2.3.3 log replay, 2.4 blocks, 2.5 BAT, 2.6 metadata region).
+
+Opening parses every record once: the current header (the valid one with the higher sequence
+number), the region table (first valid copy), the metadata table and known items, the parent
+locator, and the BAT into a native ``array('Q')``.  A non-zero LogGuid means the log is replayed
+first: in the file for an ``r+`` open, into an in-memory :class:`~vhd.vhdx.log.Overlay` for a
+read-only one, which then never writes.
+
+Data path: guest block *b* has BAT entry ``b + b // chunk_ratio`` (sector bitmap entries are
+interleaved after each chunk).  FULLY_PRESENT blocks read from the file; PARTIALLY_PRESENT
+(differencing only) consult the sector bitmap (bit *i* of the chunk's 1 MiB bitmap block, least
+significant bit first, is logical sector *i* of the chunk); NOT_PRESENT reads from the parent of a
+differencing disk and as zeros otherwise, as do ZERO, UNMAPPED and UNDEFINED.
+
+Crash safety: payload data is written in place (new blocks at the 1 MiB-aligned end of file);
+BAT entries and sector bitmaps change in memory only.  :meth:`VHDXDisk.flush` is a transaction
+through the log, in the spec's order (2.3):
+
+1. ``fdatasync``: the payload data and file extension are durable before any metadata names them;
+2. the dirty 4 KiB metadata pages are written as log entries under a fresh LogGuid at the start of
+   the log, then ``fdatasync``;
+3. the header is updated (the non-current copy, sequence + 1) with that LogGuid, ``fdatasync``:
+   from here on an open replays the entries;
+4. the pages are written to their final places, ``fdatasync``;
+5. the header is updated again with a zero LogGuid, ``fdatasync``: the image is clean at rest.
+
+A crash before 3 leaves the old metadata (the unflushed writes are lost, their space orphaned);
+from 3 on, replay produces the new metadata.  A fresh LogGuid per transaction makes every older
+entry invalid, so entries always start at the beginning of the log.  The first modification in
+a session updates both headers with a new FileWriteGuid and DataWriteGuid (2.2.2.1).
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import stat
+import sys
+import threading
+import uuid
+from array import array
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from .. import lock
+from ..disk import Disk, Extent
+from ..errors import (
+    CorruptImageError,
+    InvalidArgumentError,
+    NotAVHDError,
+    ParentError,
+    ParentMismatchError,
+    ParentNotFoundError,
+    UnsupportedFeatureError,
+    VHDError,
+)
+from ..fileio import file_size, punch_hole, read_exact_into, read_upto, write_all, zero_fill
+from ..footer import DiskType
+from . import log as vlog
+from . import records as r
+
+MiB = r.MiB
+LOG_SECTOR = r.LOG_SECTOR
+_MAX_LOG = 1024 * MiB  # a log is read whole; real ones are 1 MiB
+_MAX_GROWTH = 64 * 1024 * MiB  # how far past EOF a replayed log may extend the file
+
+
+@dataclass(slots=True)
+class Metadata:
+    """The known metadata items, decoded, plus the raw table for ``vhd info``."""
+
+    entries: tuple[r.MetadataEntry, ...]
+    block_size: int
+    leave_blocks_allocated: bool
+    has_parent: bool
+    virtual_size: int
+    virtual_disk_id: uuid.UUID
+    logical_sector_size: int
+    physical_sector_size: int
+    parent_locator: r.ParentLocator | None
+    raw_items: dict[uuid.UUID, bytes] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Layout:
+    """Everything an open reads before the data path: for ``vhd info`` and ``vhd check``."""
+
+    creator: str
+    headers: list[r.Header | None]
+    header_errors: list[str]
+    current: int
+    region_tables: list[r.RegionTable | None]
+    region_errors: list[str]
+    bat_region: r.Region
+    metadata_region: r.Region
+    metadata: Metadata
+    replayed: vlog.ActiveSequence | None
+
+
+def chunk_ratio(block_size: int, logical_sector_size: int) -> int:
+    return ((1 << 23) * logical_sector_size) // block_size
+
+
+def bat_entries(size: int, block_size: int, lss: int, differencing: bool) -> int:
+    """Entries the BAT must hold (2.5): payload entries plus the interleaved bitmap entries."""
+    ratio = chunk_ratio(block_size, lss)
+    blocks = -(-size // block_size)
+    if differencing:
+        return -(-blocks // ratio) * (ratio + 1)
+    return blocks + (blocks - 1) // ratio if blocks else 0
+
+
+def _bits_runs(bits: int, first: int, last: int) -> Iterator[tuple[int, int, bool]]:
+    """Runs of equal bits of the little-endian bitmap ``bits`` in [first, last)."""
+    pos = first
+    while pos < last:
+        value = bool((bits >> pos) & 1)
+        rest = (~bits if value else bits) >> pos
+        end = pos + ((rest & -rest).bit_length() - 1) if rest else last
+        end = min(end, last)
+        yield pos, end, value
+        pos = end
+
+
+class VHDXDisk(Disk):
+    """A VHDX opened for positional I/O.  Use :func:`vhd.vhdx.open_vhdx` or
+    :func:`vhd.vhdx.create_vhdx`."""
+
+    format = "vhdx"
+
+    def __init__(
+        self,
+        *,
+        path: str,
+        fd: int,
+        writable: bool,
+        layout: Layout,
+        bat: array[int],
+        fsize: int,
+        overlay: vlog.Overlay | None,
+        warnings: list[str],
+    ) -> None:
+        # Disk.__init__ is VHD-specific (footer); the attributes the shared API uses are set here.
+        self.path = path
+        self._fd = fd
+        self.read_only = not writable
+        self.file_size = fsize
+        self.warnings = warnings
+        self.parent: Disk | None = None
+        self._lock = threading.RLock()
+        self._closed = False
+        self.layout = layout
+        md = layout.metadata
+        self.metadata = md
+        self.size = md.virtual_size
+        self.block_size = md.block_size
+        self.logical_sector_size = md.logical_sector_size
+        self.physical_sector_size = md.physical_sector_size
+        if md.has_parent:
+            self.type = DiskType.DIFFERENCING
+        elif md.leave_blocks_allocated:
+            self.type = DiskType.FIXED
+        else:
+            self.type = DiskType.DYNAMIC
+        self._differencing = md.has_parent
+        self._bs = md.block_size
+        self._lss = md.logical_sector_size
+        self._ratio = chunk_ratio(md.block_size, md.logical_sector_size)
+        self._spb = md.block_size // md.logical_sector_size
+        self.bat = bat
+        self._bat_offset = layout.bat_region.file_offset
+        self._overlay = overlay
+        self._dirty_bat: set[int] = set()  # BAT page numbers
+        self._bitmap_pages: dict[int, bytearray] = {}  # file offset of a 4 KiB page -> content
+        self._dirty_bitmaps: set[int] = set()
+        self._session = False
+        self._eof = -(-fsize // MiB) * MiB
+
+    # -- headers ---------------------------------------------------------------------------
+
+    @property
+    def current_header(self) -> r.Header:
+        h = self.layout.headers[self.layout.current]
+        assert h is not None
+        return h
+
+    def _write_header(self, durable: bool, **changes: object) -> None:
+        """The update procedure of 2.2.2.1: the non-current copy gets sequence + 1."""
+        cur = self.current_header
+        new = cur.with_changes(sequence_number=cur.sequence_number + 1, **changes)
+        slot = 1 - self.layout.current
+        write_all(self._fd, new.build(), r.HEADER_OFFSETS[slot])
+        if durable:
+            os.fdatasync(self._fd)
+        self.layout.headers[slot] = new
+        self.layout.current = slot
+
+    def _begin_session(self) -> None:
+        """Before the first modification: new FileWriteGuid and DataWriteGuid, both copies."""
+        if self._session:
+            return
+        changes = {"file_write_guid": uuid.uuid4(), "data_write_guid": uuid.uuid4()}
+        self._write_header(True, **changes)
+        self._write_header(True)
+        self._session = True
+
+    # -- reads -----------------------------------------------------------------------------
+
+    def _entry(self, block: int) -> int:
+        return self.bat[block + block // self._ratio]
+
+    def _pread_file(self, dest: memoryview, offset: int) -> None:
+        read_exact_into(self._fd, dest, offset, path=self.path)
+        if self._overlay:
+            self._overlay.apply(dest, offset)
+
+    def _block_offset(self, block: int, entry: int) -> int:
+        off = entry & r.OFFSET_MASK
+        if off < MiB or off + self._bs > max(self.file_size, self._eof):
+            raise CorruptImageError(
+                f"payload block {block} at file offset {off} lies outside the file",
+                path=self.path,
+            )
+        return off
+
+    def _readinto(self, dest: memoryview, offset: int) -> None:
+        bs = self._bs
+        pos = 0
+        total = len(dest)
+        while pos < total:
+            block, inner = divmod(offset + pos, bs)
+            n = min(total - pos, bs - inner)
+            entry = self._entry(block)
+            state = entry & r.STATE_MASK
+            if state == r.PayloadState.FULLY_PRESENT:
+                # Coalesce blocks that lie one after the other in the file into one read.
+                start = self._block_offset(block, entry) + inner
+                end = pos + n
+                nxt = block + 1
+                while end < total:
+                    e2 = self._entry(nxt)
+                    if (e2 & r.STATE_MASK) != r.PayloadState.FULLY_PRESENT or (
+                        e2 & r.OFFSET_MASK
+                    ) != start - inner + (nxt - block) * bs:
+                        break
+                    self._block_offset(nxt, e2)
+                    end = min(total, end + bs)
+                    nxt += 1
+                self._pread_file(dest[pos:end], start)
+                pos = end
+                continue
+            self._read_block(block, inner, entry, state, dest[pos : pos + n])
+            pos += n
+
+    def _read_block(self, block: int, inner: int, entry: int, state: int, dest: memoryview) -> None:
+        guest = block * self._bs + inner
+        if state == r.PayloadState.PARTIALLY_PRESENT:
+            if not self._differencing:
+                raise CorruptImageError(
+                    f"payload block {block} is PARTIALLY_PRESENT in a disk without a parent",
+                    path=self.path,
+                )
+            data = self._block_offset(block, entry)
+            lss = self._lss
+            bits = self._block_bits(block)
+            first = inner // lss
+            last = (inner + len(dest) + lss - 1) // lss
+            for a_s, z_s, present in _bits_runs(bits, first, last):
+                a = max(a_s * lss, inner) - inner
+                z = min(z_s * lss, inner + len(dest)) - inner
+                if present:
+                    self._pread_file(dest[a:z], data + inner + a)
+                else:
+                    self._read_parent(dest[a:z], guest + a)
+        elif state == r.PayloadState.NOT_PRESENT and self._differencing:
+            self._read_parent(dest, guest)
+        elif state in (
+            r.PayloadState.NOT_PRESENT,
+            r.PayloadState.ZERO,
+            r.PayloadState.UNMAPPED,
+            r.PayloadState.UNDEFINED,
+        ):
+            zero_fill(dest)
+        else:
+            raise CorruptImageError(
+                f"payload block {block} has the reserved state {state}", path=self.path
+            )
+
+    def _read_parent(self, dest: memoryview, guest: int) -> None:
+        if self.parent is None:
+            raise ParentError(
+                "the parent image is not open, so its data cannot be read", path=self.path
+            )
+        got = self.parent.preadinto(dest, guest)
+        if got < len(dest):
+            zero_fill(dest[got:])
+
+    # -- sector bitmaps (differencing) -----------------------------------------------------
+
+    def _bitmap_location(self, block: int) -> tuple[int, int]:
+        """(BAT index of the chunk's bitmap entry, byte offset of the block's bits in it)."""
+        chunk, j = divmod(block, self._ratio)
+        return chunk * (self._ratio + 1) + self._ratio, j * self._spb // 8
+
+    def _bitmap_page(self, page_offset: int) -> bytearray:
+        page = self._bitmap_pages.get(page_offset)
+        if page is None:
+            buf = bytearray(LOG_SECTOR)
+            self._pread_file(memoryview(buf), page_offset)
+            page = self._bitmap_pages.setdefault(page_offset, buf)
+        return page
+
+    def _bitmap_base(self, block: int, allocate: bool = False) -> int | None:
+        index, _ = self._bitmap_location(block)
+        entry = self.bat[index]
+        state = entry & r.STATE_MASK
+        if state == r.BitmapState.PRESENT:
+            off = entry & r.OFFSET_MASK
+            if off < MiB or off + MiB > max(self.file_size, self._eof):
+                raise CorruptImageError(
+                    f"sector bitmap block at file offset {off} lies outside the file",
+                    path=self.path,
+                )
+            return off
+        if state != r.BitmapState.NOT_PRESENT:
+            raise CorruptImageError(
+                f"sector bitmap entry {index} has the reserved state {state}", path=self.path
+            )
+        if not allocate:
+            return None
+        off = self._grow(r.SECTOR_BITMAP_BLOCK_SIZE)
+        for p in range(0, r.SECTOR_BITMAP_BLOCK_SIZE, LOG_SECTOR):
+            self._bitmap_pages[off + p] = bytearray(LOG_SECTOR)
+        self._set_entry(index, off | r.BitmapState.PRESENT)
+        return off
+
+    def _block_bits(self, block: int) -> int:
+        """The block's sector bits as an int (bit i = sector i of the block)."""
+        base = self._bitmap_base(block)
+        if base is None:
+            raise CorruptImageError(
+                f"payload block {block} is PARTIALLY_PRESENT but its chunk has no sector bitmap",
+                path=self.path,
+            )
+        _, rel = self._bitmap_location(block)
+        return int.from_bytes(self._bitmap_bytes(base + rel, self._spb // 8), "little")
+
+    def _bitmap_bytes(self, offset: int, length: int) -> bytes:
+        out = bytearray()
+        pos = offset
+        while pos < offset + length:
+            page_off = pos - pos % LOG_SECTOR
+            page = self._bitmap_page(page_off)
+            n = min(offset + length, page_off + LOG_SECTOR) - pos
+            out += page[pos - page_off : pos - page_off + n]
+            pos += n
+        return bytes(out)
+
+    def _set_bits(self, block: int, first: int, last: int) -> None:
+        base = self._bitmap_base(block, allocate=True)
+        assert base is not None
+        _, rel = self._bitmap_location(block)
+        start = base + rel
+        for sector in range(first, last):  # per byte below; ranges are short-lived Python ints
+            if sector % 8 == 0 and sector + 8 <= last:
+                continue
+            byte = start + sector // 8
+            page = self._bitmap_page(byte - byte % LOG_SECTOR)
+            page[byte % LOG_SECTOR] |= 1 << (sector % 8)
+            self._dirty_bitmaps.add(byte - byte % LOG_SECTOR)
+        full_lo = -(-first // 8)
+        full_hi = last // 8
+        pos = full_lo
+        while pos < full_hi:
+            byte = start + pos
+            page_off = byte - byte % LOG_SECTOR
+            page = self._bitmap_page(page_off)
+            n = min(full_hi - pos, LOG_SECTOR - byte % LOG_SECTOR)
+            page[byte % LOG_SECTOR : byte % LOG_SECTOR + n] = b"\xff" * n
+            self._dirty_bitmaps.add(page_off)
+            pos += n
+
+    # -- writes ----------------------------------------------------------------------------
+
+    def _grow(self, length: int) -> int:
+        """Space for a new block at the 1 MiB-aligned end of file (never reused while open)."""
+        off = self._eof
+        self._eof = off + length
+        os.ftruncate(self._fd, self._eof)
+        self.file_size = self._eof
+        return off
+
+    def _set_entry(self, index: int, value: int) -> None:
+        self.bat[index] = value
+        self._dirty_bat.add(index * 8 // LOG_SECTOR)
+
+    def _write(self, src: memoryview, offset: int) -> None:
+        bs = self._bs
+        block, inner = divmod(offset, bs)
+        if self._session and inner + len(src) <= bs:
+            # Inside one FULLY_PRESENT block: only data changes, no metadata, no lock (the
+            # session's header update is done; entries are published after their data).
+            entry = self._entry(block)
+            if entry & r.STATE_MASK == r.PayloadState.FULLY_PRESENT:
+                write_all(self._fd, src, self._block_offset(block, entry) + inner)
+                return
+        with self._lock:
+            self._begin_session()
+            bs = self._bs
+            pos = 0
+            while pos < len(src):
+                block, inner = divmod(offset + pos, bs)
+                n = min(len(src) - pos, bs - inner)
+                self._write_block(block, inner, src[pos : pos + n])
+                pos += n
+
+    def _write_block(self, block: int, inner: int, src: memoryview) -> None:
+        index = block + block // self._ratio
+        entry = self.bat[index]
+        state = entry & r.STATE_MASK
+        if state == r.PayloadState.FULLY_PRESENT:
+            write_all(self._fd, src, self._block_offset(block, entry) + inner)
+            return
+        if state == r.PayloadState.PARTIALLY_PRESENT and self._differencing:
+            self._write_sectors(block, self._block_offset(block, entry), inner, src)
+            return
+        if state not in (0, 1, 2, 3):
+            what = "PARTIALLY_PRESENT without a parent" if state == 7 else f"reserved state {state}"
+            raise CorruptImageError(f"payload block {block} has the {what}", path=self.path)
+        # A new block: its data goes at the end of file, the rest of it reads as zeros there.
+        off = self._grow(self._bs)
+        if self._differencing and state == r.PayloadState.NOT_PRESENT:
+            # Only the written sectors become this file's; the others still read from the parent.
+            self._write_sectors(block, off, inner, src)
+            self._set_entry(index, off | r.PayloadState.PARTIALLY_PRESENT)
+            return
+        write_all(self._fd, src, off + inner)
+        self._set_entry(index, off | r.PayloadState.FULLY_PRESENT)
+
+    def _write_sectors(self, block: int, data: int, inner: int, src: memoryview) -> None:
+        """Write into a PARTIALLY_PRESENT block: a partly written sector whose bit is clear is
+        first completed with what the guest saw there (the parent's data), then its bit set."""
+        lss = self._lss
+        first = inner // lss
+        last = (inner + len(src) + lss - 1) // lss
+        base = self._bitmap_base(block)
+        bits = self._block_bits(block) if base is not None else 0
+        head = inner - first * lss
+        tail = last * lss - (inner + len(src))
+        if head or tail:
+            buf = bytearray((last - first) * lss)
+            view = memoryview(buf)
+            guest = block * self._bs + first * lss
+            for sector in {first, last - 1}:
+                if (sector == first and head) or (sector == last - 1 and tail):
+                    at = (sector - first) * lss
+                    piece = view[at : at + lss]
+                    if (bits >> sector) & 1:
+                        self._pread_file(piece, data + sector * lss)
+                    else:
+                        self._read_parent(piece, guest + at)
+            view[head : head + len(src)] = src
+            write_all(self._fd, view, data + first * lss)
+        else:
+            write_all(self._fd, src, data + inner)
+        self._set_bits(block, first, last)
+
+    def _discard(self, offset: int, length: int) -> None:
+        with self._lock:
+            self._begin_session()
+            bs = self._bs
+            pos = offset
+            end = offset + length
+            while pos < end:
+                block, inner = divmod(pos, bs)
+                n = min(end - pos, bs - inner)
+                self._discard_block(block, inner, n)
+                pos += n
+
+    def _discard_block(self, block: int, inner: int, n: int) -> None:
+        index = block + block // self._ratio
+        entry = self.bat[index]
+        state = entry & r.STATE_MASK
+        whole = inner == 0 and (n == self._bs or block * self._bs + n == self.size)
+        if whole and not self.metadata.leave_blocks_allocated:
+            if state == r.PayloadState.FULLY_PRESENT or state == r.PayloadState.PARTIALLY_PRESENT:
+                off = self._block_offset(block, entry)
+            else:
+                off = 0
+            # Differencing: ZERO hides the parent; dynamic: NOT_PRESENT reads as zeros.
+            new = r.PayloadState.ZERO if self._differencing else r.PayloadState.NOT_PRESENT
+            self._set_entry(index, int(new))
+            if off:
+                # The old space is never reused while open, so no live entry can alias it.
+                punch_hole(self._fd, off, self._bs)
+            return
+        if state == r.PayloadState.FULLY_PRESENT:
+            punch_hole(self._fd, self._block_offset(block, entry) + inner, n)
+        elif self._differencing and state in (
+            r.PayloadState.NOT_PRESENT,
+            r.PayloadState.PARTIALLY_PRESENT,
+        ):
+            self._write_block(block, inner, memoryview(bytes(n)))
+
+    # -- flush: the log transaction --------------------------------------------------------
+
+    def _dirty_pages(self) -> list[tuple[int, bytes]]:
+        raw = memoryview(self.bat).cast("B")
+        pages = [
+            (self._bat_offset + p * LOG_SECTOR, bytes(raw[p * LOG_SECTOR : (p + 1) * LOG_SECTOR]))
+            for p in sorted(self._dirty_bat)
+        ]
+        pages += [(off, bytes(self._bitmap_pages[off])) for off in sorted(self._dirty_bitmaps)]
+        return pages
+
+    def _flush_locked(self, durable: bool) -> None:
+        if not (self._dirty_bat or self._dirty_bitmaps):
+            if durable:
+                os.fdatasync(self._fd)
+            return
+        pages = self._dirty_pages()
+        per_entry = vlog.max_pages_per_entry()
+        entry_sectors = 1 + per_entry
+        per_txn = max(1, self.current_header.log_length // LOG_SECTOR // entry_sectors) * per_entry
+        for start in range(0, len(pages), per_txn):
+            self._transaction(pages[start : start + per_txn], durable)
+        self._dirty_bat.clear()
+        self._dirty_bitmaps.clear()
+
+    def _transaction(self, pages: list[tuple[int, bytes]], durable: bool) -> None:
+        sync: Callable[[], None] = (lambda: os.fdatasync(self._fd)) if durable else (lambda: None)
+        sync()  # 1. data and file size first
+        log_guid = uuid.uuid4()
+        h = self.current_header
+        at = h.log_offset
+        per_entry = vlog.max_pages_per_entry()
+        seq = 1
+        for i in range(0, len(pages), per_entry):
+            entry = vlog.build_entry(
+                log_guid=log_guid,
+                sequence_number=seq,
+                tail=0,
+                flushed_file_offset=self._eof,
+                last_file_offset=self._eof,
+                pages=pages[i : i + per_entry],
+            )
+            write_all(self._fd, entry, at)
+            at += len(entry)
+            seq += 1
+        sync()  # 2. the entries
+        self._write_header(durable, log_guid=log_guid)  # 3. from here an open replays
+        for off, page in pages:  # 4. the metadata in place
+            write_all(self._fd, page, off)
+        sync()
+        self._write_header(durable, log_guid=r.ZERO_GUID)  # 5. clean at rest
+
+    def close(self, *, durable: bool = True) -> None:
+        if self._closed:
+            return
+        try:
+            self.flush(durable=durable)
+            if self._session and not self.read_only:
+                # Both copies up to date (2.2.2.1 "SHOULD perform the update a second time").
+                self._write_header(durable)
+        finally:
+            self._closed = True
+            os.close(self._fd)
+            if self.parent is not None:
+                self.parent.close()
+
+    # -- extents ---------------------------------------------------------------------------
+
+    def _extents(self, start: int, end: int) -> Iterator[Extent]:
+        bs = self._bs
+        pos = start
+        while pos < end:
+            block = pos // bs
+            block_end = min((block + 1) * bs, end)
+            entry = self._entry(block)
+            state = entry & r.STATE_MASK
+            if state == r.PayloadState.FULLY_PRESENT:
+                base = self._block_offset(block, entry) - block * bs
+                yield from self._present_extents(base, pos, block_end)
+            elif state == r.PayloadState.PARTIALLY_PRESENT and self._differencing:
+                base = block * bs
+                lss = self._lss
+                bits = self._block_bits(block)
+                first = (pos - base) // lss
+                last = (block_end - base + lss - 1) // lss
+                for a_s, z_s, present in _bits_runs(bits, first, last):
+                    a = max(base + a_s * lss, pos)
+                    z = min(base + z_s * lss, block_end)
+                    if present:
+                        yield Extent(a, z - a, 0)
+                    else:
+                        yield from self._parent_extents(a, z)
+            elif state == r.PayloadState.NOT_PRESENT and self._differencing:
+                yield from self._parent_extents(pos, block_end)
+            elif state in (1, 2, 3) or state == r.PayloadState.NOT_PRESENT:
+                yield Extent(pos, block_end - pos, None)
+            else:
+                raise CorruptImageError(
+                    f"payload block {block} has the reserved state {state}", path=self.path
+                )
+            pos = block_end
+
+    def _present_extents(self, base: int, start: int, end: int) -> Iterator[Extent]:
+        """A present range, split where the file has holes (``SEEK_DATA``/``SEEK_HOLE``):
+        new blocks are file space the writer never touched past their data, and holes read as
+        zeros, so copies can skip them without reading."""
+        pos = start
+        while pos < end:
+            try:
+                data = os.lseek(self._fd, base + pos, os.SEEK_DATA) - base
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:  # no SEEK_DATA support: call it all data
+                    yield Extent(pos, end - pos, 0)
+                    return
+                data = end  # ENXIO: nothing but a hole from here to the end of the file
+            if data > pos:
+                yield Extent(pos, min(data, end) - pos, None)
+                pos = min(data, end)
+                if pos >= end:
+                    return
+            hole = min(os.lseek(self._fd, pos + base, os.SEEK_HOLE) - base, end)
+            if hole <= pos:  # cannot happen on a sane file system; never loop on it
+                hole = end
+            yield Extent(pos, hole - pos, 0)
+            pos = hole
+
+    def _parent_extents(self, start: int, end: int) -> Iterator[Extent]:
+        if self.parent is None:
+            yield Extent(start, end - start, 1)
+            return
+        covered = start
+        for ext in self.parent.extents(start, end - start):
+            covered = ext.end
+            yield Extent(ext.offset, ext.length, None if ext.layer is None else ext.layer + 1)
+        if covered < end:
+            yield Extent(covered, end - covered, None)
+
+    def __enter__(self) -> VHDXDisk:
+        return self
+
+    def __repr__(self) -> str:
+        return f"<VHDXDisk {self.path!r} {self.type.label} {self.size} bytes>"
+
+
+# -- open ---------------------------------------------------------------------------------------
+
+
+def is_vhdx(fd: int) -> bool:
+    return read_upto(fd, 8, 0) == r.SIGNATURE
+
+
+def probe_vhdx(path: str) -> bool:
+    """True when ``path`` is a regular file or block device starting with "vhdxfile".  Never
+    blocks (a FIFO is not opened for reading) and never raises: the caller reports errors."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        mode = os.fstat(fd).st_mode
+        return (stat.S_ISREG(mode) or stat.S_ISBLK(mode)) and is_vhdx(fd)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def open_vhdx(
+    path: str | os.PathLike[str],
+    mode: str = "r",
+    *,
+    parent: Disk | str | os.PathLike[str] | None = None,
+    parent_dirs: Sequence[str] = (),
+    open_parent: bool = True,
+    allow_parent_mismatch: bool = False,
+    _seen: frozenset[tuple[int, int]] = frozenset(),
+    _expect: tuple[int, int] | None = None,
+    force_share: bool = False,
+) -> VHDXDisk:
+    """Open a VHDX image (``mode`` 'r' or 'r+').  A differencing disk's parent is found through
+    its locator (relative_path, then the file name of volume_path and absolute_win32_path next
+    to the child and in ``parent_dirs``) unless ``parent`` names it or ``open_parent`` is False."""
+    if mode not in ("r", "r+"):
+        raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
+    spath = os.fspath(path)
+    writable = mode == "r+"
+    fd = os.open(spath, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if _expect is not None and (st.st_dev, st.st_ino) != _expect:
+            # the file a VHD child's parent search vetted was swapped before this open
+            raise ParentNotFoundError("the parent changed while it was being opened", path=spath)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise NotAVHDError("not a regular file or block device", path=spath)
+        os.set_blocking(fd, True)
+        if not force_share:
+            # As vhd.open does for VHD: shared for readers, exclusive for a writer, as flock
+            # and as QEMU's lock bytes (vhd.lock).
+            lock.acquire(fd, spath, exclusive=writable)
+        disk = _open_fd(fd, spath, writable)
+        seen = _seen | {(st.st_dev, st.st_ino)}
+        if disk._differencing and (open_parent or parent is not None):
+            try:
+                disk.parent = _open_parent(disk, parent, parent_dirs, allow_parent_mismatch, seen)
+            except BaseException:
+                disk._closed = True
+                raise
+        return disk
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _read_layout(fd: int, path: str, fsize: int) -> tuple[Layout, vlog.ActiveSequence | None]:
+    def pread(n: int, off: int) -> bytes:
+        return read_upto(fd, n, off)
+
+    if fsize < r.REGION_TABLE_OFFSETS[1] + r.REGION_TABLE_SIZE:
+        raise CorruptImageError(f"a VHDX is at least 320 KiB; this file has {fsize} bytes")
+    ident = r.FileIdentifier.parse(pread(520, 0))
+    headers: list[r.Header | None] = []
+    errors: list[str] = []
+    for off in r.HEADER_OFFSETS:
+        try:
+            headers.append(r.Header.parse(pread(r.HEADER_SIZE, off)))
+            errors.append("")
+        except VHDError as exc:
+            headers.append(None)
+            errors.append(str(exc))
+    valid = [(h.sequence_number, -i) for i, h in enumerate(headers) if h is not None]
+    if not valid:
+        raise CorruptImageError(f"both headers are invalid ({errors[0]}; {errors[1]})")
+    current = -max(valid)[1]  # equal sequence numbers: the first copy
+    head = headers[current]
+    assert head is not None
+    r.check_version(head)
+
+    replay: vlog.ActiveSequence | None = None
+    if head.log_guid != r.ZERO_GUID:
+        lo, ll = head.log_offset, head.log_length
+        if lo < MiB or lo % MiB or ll == 0 or ll % MiB:
+            raise CorruptImageError(f"the log at {lo} ({ll} bytes) is not 1 MiB-aligned")
+        if ll > _MAX_LOG:
+            raise UnsupportedFeatureError(f"a log of {ll} bytes (vhdkit reads up to 1 GiB)")
+        if lo + ll > fsize:
+            raise CorruptImageError(f"the log [{lo}, {lo + ll}) lies past the end of the file")
+        log = pread(ll, lo).ljust(ll, b"\0")
+        replay = vlog.find_active_sequence(log, head.log_guid)
+    tables: list[r.RegionTable | None] = []
+    rerrors: list[str] = []
+    return (
+        Layout(
+            creator=ident.creator,
+            headers=headers,
+            header_errors=errors,
+            current=current,
+            region_tables=tables,
+            region_errors=rerrors,
+            bat_region=r.Region(r.BAT_REGION, 0, 0, True),
+            metadata_region=r.Region(r.METADATA_REGION, 0, 0, True),
+            metadata=None,  # type: ignore[arg-type]
+            replayed=replay,
+        ),
+        replay,
+    )
+
+
+def _read_tables(
+    layout: Layout, read: Callable[[int, int], bytes], fsize: int, warnings: list[str]
+) -> None:
+    for off in r.REGION_TABLE_OFFSETS:
+        try:
+            layout.region_tables.append(r.RegionTable.parse(read(r.REGION_TABLE_SIZE, off)))
+            layout.region_errors.append("")
+        except VHDError as exc:
+            layout.region_tables.append(None)
+            layout.region_errors.append(str(exc))
+    table = next((t for t in layout.region_tables if t is not None), None)
+    if table is None:
+        raise CorruptImageError(
+            f"both region tables are invalid ({layout.region_errors[0]}; {layout.region_errors[1]})"
+        )
+    if layout.region_tables[0] is None:
+        warnings.append(f"region table 1 is invalid ({layout.region_errors[0]}); using copy 2")
+    seen: set[uuid.UUID] = set()
+    for reg in table.entries:
+        if reg.guid in seen:
+            raise CorruptImageError(f"region {reg.guid} appears twice in the region table")
+        seen.add(reg.guid)
+        if reg.guid not in (r.BAT_REGION, r.METADATA_REGION) and reg.required:
+            raise UnsupportedFeatureError(f"unknown required region {reg.guid}")
+        if reg.file_offset < MiB or reg.file_offset % MiB or reg.length % MiB or not reg.length:
+            raise CorruptImageError(
+                f"region {reg.name} at {reg.file_offset} ({reg.length} bytes) is not 1 MiB-aligned"
+            )
+        if reg.guid in (r.BAT_REGION, r.METADATA_REGION) and reg.file_offset + reg.length > fsize:
+            # Both are written in full when a file is made: past the end means damage (and
+            # reading it would let a forged length decide how much memory an open takes).
+            raise CorruptImageError(
+                f"region {reg.name} [{reg.file_offset}, {reg.file_offset + reg.length}) lies "
+                f"past the end of the file ({fsize} bytes)"
+            )
+    bat = table.find(r.BAT_REGION)
+    meta = table.find(r.METADATA_REGION)
+    if bat is None or meta is None:
+        raise CorruptImageError("the region table lacks the BAT or the metadata region")
+    a, b = sorted((bat, meta), key=lambda x: x.file_offset)
+    if a.file_offset + a.length > b.file_offset:
+        raise CorruptImageError("the BAT and metadata regions overlap")
+    h = layout.headers[layout.current]
+    assert h is not None
+    for reg in (bat, meta):
+        if h.log_length and not (
+            reg.file_offset + reg.length <= h.log_offset
+            or h.log_offset + h.log_length <= reg.file_offset
+        ):
+            raise CorruptImageError(f"the {reg.name} region overlaps the log")
+    layout.bat_region = bat
+    layout.metadata_region = meta
+    layout.metadata = _read_metadata(read, meta)
+
+
+def _read_metadata(read: Callable[[int, int], bytes], region: r.Region) -> Metadata:
+    if region.length < r.METADATA_TABLE_SIZE:
+        raise CorruptImageError("the metadata region is smaller than its 64 KiB table")
+    entries = r.parse_metadata_table(read(r.METADATA_TABLE_SIZE, region.file_offset))
+    items: dict[uuid.UUID, bytes] = {}
+    spans: list[tuple[int, int]] = []
+    for e in entries:
+        if e.item_id in items:
+            raise CorruptImageError(f"metadata item {e.item_id} appears twice")
+        if e.item_id not in r.KNOWN_ITEMS and e.is_required:
+            raise UnsupportedFeatureError(f"unknown required metadata item {e.item_id}")
+        if e.length == 0:
+            items[e.item_id] = b""
+            continue
+        if (
+            e.offset < r.METADATA_TABLE_SIZE
+            or e.length > r.MAX_METADATA_ITEM
+            or e.offset + e.length > region.length
+        ):
+            raise CorruptImageError(
+                f"metadata item {e.name} at {e.offset} ({e.length} bytes) lies outside the "
+                "metadata region"
+            )
+        spans.append((e.offset, e.offset + e.length))
+        items[e.item_id] = read(e.length, region.file_offset + e.offset)
+    spans.sort()
+    for (_, z), (a, _) in itertools.pairwise(spans):
+        if a < z:
+            raise CorruptImageError("metadata items overlap")
+
+    def item(which: uuid.UUID, size: int) -> bytes:
+        raw = items.get(which)
+        if raw is None:
+            raise CorruptImageError(f"the required metadata item {r.KNOWN_ITEMS[which]} is missing")
+        if len(raw) < size:
+            raise CorruptImageError(f"metadata item {r.KNOWN_ITEMS[which]} is too short")
+        return raw
+
+    fp = r.FILE_PARAMETERS_STRUCT.parse(item(r.FILE_PARAMETERS, 8))
+    block_size = fp.block_size
+    if block_size < MiB or block_size > 256 * MiB or block_size & (block_size - 1):
+        raise CorruptImageError(f"block size {block_size} (a power of 2, 1 MiB to 256 MiB)")
+    size = int.from_bytes(item(r.VIRTUAL_DISK_SIZE, 8)[:8], "little")
+    lss = int.from_bytes(item(r.LOGICAL_SECTOR_SIZE, 4)[:4], "little")
+    pss = int.from_bytes(item(r.PHYSICAL_SECTOR_SIZE, 4)[:4], "little")
+    disk_id = r.guid(item(r.VIRTUAL_DISK_ID, 16)[:16])
+    if lss not in (512, 4096):
+        raise CorruptImageError(f"logical sector size {lss} (512 or 4096)")
+    if pss not in (512, 4096):
+        raise CorruptImageError(f"physical sector size {pss} (512 or 4096)")
+    if size == 0 or size % lss or size > r.MAX_VIRTUAL_SIZE:
+        raise CorruptImageError(
+            f"virtual disk size {size} (a multiple of the {lss}-byte sector, at most 64 TiB)"
+        )
+    has_parent = bool(fp.flags & r.HAS_PARENT)
+    locator = None
+    if has_parent:
+        raw = items.get(r.PARENT_LOCATOR)
+        if raw is None:
+            raise CorruptImageError("HasParent is set but there is no parent locator")
+        locator = r.ParentLocator.parse(raw)
+    return Metadata(
+        entries=entries,
+        block_size=block_size,
+        leave_blocks_allocated=bool(fp.flags & r.LEAVE_BLOCKS_ALLOCATED) and not has_parent,
+        has_parent=has_parent,
+        virtual_size=size,
+        virtual_disk_id=disk_id,
+        logical_sector_size=lss,
+        physical_sector_size=pss,
+        parent_locator=locator,
+        raw_items=items,
+    )
+
+
+def _open_fd(fd: int, path: str, writable: bool) -> VHDXDisk:
+    try:
+        return _open_checked(fd, path, writable)
+    except VHDError as exc:
+        if exc.path is None:
+            raise type(exc)(str(exc), path=path) from exc
+        raise
+
+
+def _open_checked(fd: int, path: str, writable: bool) -> VHDXDisk:
+    fsize = file_size(fd)
+    if read_upto(fd, 8, 0) != r.SIGNATURE:
+        raise NotAVHDError("not a VHDX (no 'vhdxfile' identifier at offset 0)")
+    layout, replay = _read_layout(fd, path, fsize)
+    warnings: list[str] = []
+    overlay: vlog.Overlay | None = None
+    head = layout.headers[layout.current]
+    assert head is not None
+    if head.log_guid != r.ZERO_GUID:
+        if replay is None:
+            # The spec calls this corrupt; qemu opens it.  Nothing valid to replay means nothing
+            # was promised by the log, so the image opens with a warning.
+            warnings.append("the header names a log but the log holds no valid entry sequence")
+        else:
+            if fsize < replay.head.flushed_file_offset:
+                raise CorruptImageError(
+                    f"the file is truncated: {fsize} bytes, the log says at least "
+                    f"{replay.head.flushed_file_offset}"
+                )
+            limit = max(replay.head.last_file_offset, replay.head.flushed_file_offset, fsize)
+            if limit > fsize + _MAX_GROWTH:
+                # A replay may extend the file a little (an expansion the crash cut short); a
+                # forged offset must not make it create a sparse file of terabytes.
+                raise CorruptImageError(
+                    f"the log's LastFileOffset {limit} is far past the end of the file ({fsize})"
+                )
+            vlog.check_descriptors(replay, limit)
+            if writable:
+                _replay_in_file(fd, replay)
+                fsize = file_size(fd)
+            else:
+                overlay = vlog.Overlay(replay.writes)
+                warnings.append("the log was replayed in memory (the file is open read-only)")
+
+    def read(n: int, off: int) -> bytes:
+        return vlog.read_with(lambda k, o: read_upto(fd, k, o), overlay, n, off)
+
+    _read_tables(layout, read, fsize, warnings)
+    md = layout.metadata
+    count = bat_entries(md.virtual_size, md.block_size, md.logical_sector_size, md.has_parent)
+    nbytes = -(-count * 8 // LOG_SECTOR) * LOG_SECTOR
+    if nbytes > layout.bat_region.length:
+        raise CorruptImageError(
+            f"the BAT region ({layout.bat_region.length} bytes) is smaller than the "
+            f"{count} entries the disk size needs"
+        )
+    bat = array("Q")
+    bat.frombytes(read(nbytes, layout.bat_region.file_offset))
+    if sys.byteorder != "little":  # pragma: no cover - the format is little-endian
+        bat.byteswap()
+    disk = VHDXDisk(
+        path=path,
+        fd=fd,
+        writable=writable,
+        layout=layout,
+        bat=bat,
+        fsize=fsize,
+        overlay=overlay,
+        warnings=warnings,
+    )
+    if writable and head.log_guid != r.ZERO_GUID:
+        # Replayed (or nothing to replay): the log is done with, say so in both headers.
+        disk._write_header(True, log_guid=r.ZERO_GUID)
+        disk._write_header(True)
+    return disk
+
+
+def _replay_in_file(fd: int, seq: vlog.ActiveSequence) -> None:
+    for w in seq.writes:
+        if w.data is not None:
+            write_all(fd, w.data, w.offset)
+        else:
+            end = w.offset + w.zero_length
+            if end > file_size(fd):
+                os.ftruncate(fd, end)
+            punch_hole(fd, w.offset, w.zero_length)
+    last = seq.head.last_file_offset
+    if file_size(fd) < last:
+        os.ftruncate(fd, last)
+    os.fsync(fd)
+
+
+# -- parents ------------------------------------------------------------------------------------
+
+
+def _windows_name(value: str) -> str:
+    return value.replace("\\", "/").rsplit("/", 1)[-1]
+
+
+def parent_candidates(disk: VHDXDisk, parent_dirs: Sequence[str]) -> list[str]:
+    """Where the parent may be, in the spec's order (2.6.2.6.3): relative_path, then the file
+    names of volume_path and absolute_win32_path beside the child and in ``parent_dirs``."""
+    loc = disk.metadata.parent_locator
+    assert loc is not None
+    here = os.path.dirname(os.path.abspath(disk.path))
+    out: list[str] = []
+    rel = loc.entries.get("relative_path")
+    if rel:
+        parts = [p for p in rel.replace("\\", "/").split("/") if p not in ("", ".")]
+        out.append(os.path.normpath(os.path.join(here, *parts)))
+    for key in ("volume_path", "absolute_win32_path"):
+        value = loc.entries.get(key)
+        if value:
+            name = _windows_name(value)
+            for d in (here, *parent_dirs):
+                out.append(os.path.join(d, name))
+    seen: set[str] = set()
+    return [p for p in out if not (p in seen or seen.add(p))]  # type: ignore[func-returns-value]
+
+
+def parent_linkages(disk: VHDXDisk) -> set[str]:
+    loc = disk.metadata.parent_locator
+    assert loc is not None
+    return {
+        v.strip().strip("{}").lower()
+        for k, v in loc.entries.items()
+        if k in ("parent_linkage", "parent_linkage2")
+    }
+
+
+def parent_identity(parent: Disk) -> str | None:
+    """What a child's parent_linkage names: a VHDX parent's DataWriteGuid, a VHD's unique id."""
+    if isinstance(parent, VHDXDisk):
+        return str(parent.current_header.data_write_guid)
+    footer = getattr(parent, "footer", None)
+    uid = getattr(footer, "uuid", None)  # a VHD: its footer's unique id
+    return str(uid) if uid is not None else None
+
+
+def _open_parent(
+    disk: VHDXDisk,
+    parent: Disk | str | os.PathLike[str] | None,
+    parent_dirs: Sequence[str],
+    allow_mismatch: bool,
+    seen: frozenset[tuple[int, int]],
+) -> Disk:
+    from . import open_any
+
+    loc = disk.metadata.parent_locator
+    assert loc is not None
+    if loc.locator_type != r.VHDX_PARENT_LOCATOR_TYPE:
+        raise UnsupportedFeatureError(f"parent locator type {loc.locator_type}", path=disk.path)
+    if "parent_linkage" not in loc.entries:
+        raise CorruptImageError("the parent locator has no parent_linkage", path=disk.path)
+    if isinstance(parent, Disk):
+        opened = parent
+    else:
+        paths = [os.fspath(parent)] if parent is not None else parent_candidates(disk, parent_dirs)
+        found = next((p for p in paths if os.path.isfile(p)), None)
+        if found is None:
+            raise ParentNotFoundError(
+                f"parent not found (tried {', '.join(paths) or 'no locator path'})",
+                path=disk.path,
+            )
+        st = os.stat(found)
+        if (st.st_dev, st.st_ino) in seen:
+            from ..errors import ChainLoopError
+
+            raise ChainLoopError(f"the parent {found} is already in the chain", path=disk.path)
+        opened = open_any(found, parent_dirs=parent_dirs, _seen=seen)
+    try:
+        ident = parent_identity(opened)
+        if not allow_mismatch and ident is not None and ident not in parent_linkages(disk):
+            raise ParentMismatchError(
+                f"the parent {opened.path} has identity {{{ident}}}, the child expects "
+                f"{loc.entries.get('parent_linkage')}",
+                path=disk.path,
+            )
+        if opened.size < disk.size:
+            disk.warnings.append(f"the parent is smaller ({opened.size} bytes) than the child")
+        if isinstance(opened, VHDXDisk) and opened.logical_sector_size != disk.logical_sector_size:
+            raise ParentMismatchError(
+                "parent and child have different logical sector sizes", path=disk.path
+            )
+    except BaseException:
+        if not isinstance(parent, Disk):
+            opened.close()
+        raise
+    return opened
