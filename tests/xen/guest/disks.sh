@@ -24,15 +24,15 @@ else
     pass "xvdd write refused"
 fi
 
-# Discard reaches the image: 4 MiB (two whole 2 MiB blocks) written, discarded, read as zeros.
+# Discard reaches the image: 4 MiB (two whole 2 MiB blocks) written, then discarded.  blkif's
+# DISCARD promises no zeros (Linux has no discard-zeroes-data), so the guest only reports what it
+# reads back; dom0 asserts the blocks were deallocated in the image (Disk.discard).
 dd if=/dev/urandom of=/dev/xvde bs=1M count=4 seek=8 oflag=direct 2>/dev/null
 dd if=/dev/urandom of=/tmp/keep bs=1M count=1 2>/dev/null
 dd if=/tmp/keep of=/dev/xvde bs=1M count=1 seek=16 oflag=direct 2>/dev/null
 info "md5_xvde_keep $(md5sum </tmp/keep | cut -d' ' -f1)"
 check "blkdiscard xvde" blkdiscard -o $((8 << 20)) -l $((4 << 20)) /dev/xvde
 dd if=/dev/xvde of=/tmp/r bs=1M count=4 skip=8 iflag=direct 2>/dev/null
-dd if=/dev/zero of=/tmp/z bs=1M count=4 2>/dev/null
-check "discarded range reads zeros" cmp /tmp/r /tmp/z
 info "discarded_md5 $(md5sum </tmp/r | cut -d' ' -f1)"
 
 # ext4 on xvda: mkfs, mount, write, remount, read back.
