@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import vhd
-from blockback.server import BackendOptions, SimBackend
+from blockback.sim import SimBackend
+from blockback.vbd import BackendOptions
 
 MiB = 1 << 20
 SIZE = 256 * MiB

@@ -112,10 +112,6 @@ class Abi:
         n = raw // self.entry_size
         return 1 << (n.bit_length() - 1)
 
-    def slot_offset(self, index: int, nr_ents: int) -> int:
-        """Byte offset of the slot that free-running ``index`` maps to."""
-        return RING_HEADER_SIZE + (index & (nr_ents - 1)) * self.entry_size
-
     def decode_request(self, slot: bytes) -> Request:
         """Decode a private copy of one ring slot (``len(slot) >= request_size``)."""
         operation = slot[0]

@@ -22,11 +22,7 @@ any) and then flushes.  A halted ring (bogus ``req_prod``) is never read again; 
 requests still complete.  :meth:`RingService.stop` stops the intake, waits for in-flight I/O and
 answers it, so nothing is mapped after it returns.
 
-:class:`BlkifDevice` owns the rings of one connected vbd (one per queue) over a transport.  It
-attaches to each ring where the frontend's ``rsp_prod`` stands (``BACK_RING_ATTACH``, as Linux
-blkback's ``xen_blkif_map`` does), not at 0: a backend restarted under a connected guest (crash, systemd
-restart) answers the requests its predecessor left unanswered and then goes on, instead of
-replaying old slots or halting the ring.
+Rings are attached and owned per connected vbd by :class:`blockback.device.BlkifDevice`.
 """
 
 from __future__ import annotations
@@ -38,15 +34,15 @@ import os
 import select
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
-from blockback.abi import REQ_PROD, RSP_PROD, Abi, Status
-from blockback.engine import BlkifEngine, IoPlan, Kind, NeedIndirect, Reply
-from blockback.executor import BlockOp, BlockRequest, RequestExecutor
-from blockback.ring import MASK32, BackRing, RemoteProtocolError, RingMemory
-from blockback.xenbus import FrontendParams
+from blockback.abi import Abi, Status
+from blockback.engine import BlkifEngine, IoPlan, NeedIndirect, Reply
+from blockback.errors import RemoteProtocolError
+from blockback.executor import RequestExecutor
+from blockback.request import BlockOp, BlockRequest
+from blockback.ring import BackRing
+from blockback.transport import EventChannel, GrantMapper, Mapping
 
 log = logging.getLogger("blockback")
 
@@ -54,47 +50,6 @@ INLINE_SLOW = 500e-6  # seconds: far slower than a page-cache hit (~10 us), so a
 INLINE_PROBE = 256  # requests sent to the pool between two inline probes
 INLINE_WINDOW = 16  # inline requests per median
 DEFAULT_BYTES_IN_FLIGHT = 64 * 1024 * 1024  # guest data buffers in flight per ring
-
-
-class Mapping(Protocol):
-    """Guest buffers mapped for one request."""
-
-    buffers: list[memoryview]
-
-    def release(self) -> None: ...
-
-
-class GrantMapper(Protocol):
-    """Access to one frontend's granted pages.
-
-    A transport that moves data by grant copy also has ``finish_mappings([(mapping, ok)]) ->
-    [delivered]``: the ring calls it once per batch of finished requests, before writing their
-    responses, to copy read data out to the guest (only where ``ok``); a False answers ERROR.
-    Transports without it (mapped pages) need nothing done before ``release()``."""
-
-    def map_segments(self, segments: Sequence[tuple[int, int, int]], writable: bool) -> Mapping:
-        """Map ``(gref, offset, length)`` segments all or nothing; raise OSError on a bad grant."""
-        ...
-
-    def copy_pages(self, grefs: Sequence[int]) -> list[bytes]:
-        """Private copies of whole granted pages (indirect descriptors); OSError on a bad grant."""
-        ...
-
-
-class EventChannel(Protocol):
-    def fileno(self) -> int: ...
-    def notify(self) -> None: ...
-    def ack(self) -> int: ...
-    def close(self) -> None: ...
-
-
-class Transport(Protocol):
-    """What a connected device needs from the hypervisor layer (simulated or real)."""
-
-    def map_ring(self, domid: int, refs: Sequence[int]) -> RingMemory: ...
-    def unmap_ring(self, memory: RingMemory) -> None: ...
-    def grant_mapper(self, domid: int) -> GrantMapper: ...
-    def bind_interdomain(self, domid: int, port: int) -> EventChannel: ...
 
 
 class _Job:
@@ -215,7 +170,7 @@ class RingService:
                     continue
                 if self._stopping:  # set before stop() kicked the eventfd we may just have read
                     break
-                if watching_channel and getattr(self.channel, "peer_closed", False):
+                if watching_channel and self.channel.peer_closed:
                     poller.unregister(channel_fd)  # a dead peer would poll readable for ever
                     watching_channel = False
                 poller.poll()
@@ -301,15 +256,16 @@ class RingService:
         jobs: list[_Job] = []
         while done:  # a snapshot: workers keep appending
             jobs.append(done.popleft())
-        finish = getattr(self.grants, "finish_mappings", None)
-        if finish is not None:
+        if self.grants.copies_data:
             # A grant-copy transport delivers the data of every finished request to the guest
             # in one batch, before any response is written; a request whose copy failed on any
             # segment is answered ERROR, never a silent partial success (XSA-365).
-            pending = [j for j in jobs if j.mapping is not None]
+            pending = [(j, j.mapping) for j in jobs if j.mapping is not None]
             if pending:
-                delivered = finish([(j.mapping, j.status == Status.OKAY) for j in pending])
-                for job, ok in zip(pending, delivered, strict=True):
+                delivered = self.grants.finish_mappings(
+                    [(m, j.status == Status.OKAY) for j, m in pending]
+                )
+                for (job, _), ok in zip(pending, delivered, strict=True):
                     if not ok:
                         job.status = Status.ERROR
         for job in jobs:
@@ -418,29 +374,25 @@ class RingService:
             self.stats.max_bytes_in_flight = max(
                 self.stats.max_bytes_in_flight, self.bytes_in_flight
             )
-        kind = plan.kind
+        op = plan.op
         steps: list[BlockRequest]
-        if kind is Kind.READ:
-            steps = [BlockRequest(BlockOp.READ, plan.offset, plan.length, buffers)]
-        elif kind is Kind.WRITE:
-            steps = [BlockRequest(BlockOp.WRITE, plan.offset, plan.length, buffers)]
-        elif kind is Kind.DISCARD:
-            steps = [BlockRequest(BlockOp.DISCARD, plan.offset, plan.length)]
+        if op is not BlockOp.FLUSH:  # READ, WRITE, DISCARD: one step
+            steps = [BlockRequest(op, plan.offset, plan.length, buffers)]
         else:
             write = [BlockRequest(BlockOp.WRITE, plan.offset, plan.length, buffers)]
             flush = [BlockRequest(BlockOp.FLUSH)]
-            if kind is Kind.FLUSH:
+            if not plan.barrier:  # FLUSH_DISKCACHE: write any data, then flush
                 steps = (write if plan.length else []) + flush
-            else:  # BARRIER: drain, flush, write, flush
+            else:  # WRITE_BARRIER: drain, flush, write, flush
                 steps = flush + (write if plan.length else []) + flush
         job = _Job(plan, mapping, steps)
         self.in_flight += 1
         self.stats.max_in_flight = max(self.stats.max_in_flight, self.in_flight)
-        if kind is Kind.BARRIER:
+        if plan.barrier:
             self._barrier = job
             self._maybe_start_barrier()
             return True
-        if plan.length <= self.inline_max and kind in (Kind.READ, Kind.WRITE):
+        if plan.length <= self.inline_max and (op is BlockOp.READ or op is BlockOp.WRITE):
             if not self._inline_slow:
                 self._run_inline(job)
                 return True
@@ -479,82 +431,3 @@ class RingService:
                 os.eventfd_write(self._wake, 1)
 
         self.executor.submit(job.steps.pop(0), step_done)
-
-
-def _attach_ring(memory: RingMemory, abi: Abi, order: int) -> BackRing:
-    """``BACK_RING_ATTACH`` at the shared ``rsp_prod``: every request after it is unanswered.
-
-    A fresh ring (``SHARED_RING_INIT``) has both indexes at 0, so this is ``BACK_RING_INIT``
-    there.  More requests than the ring holds past ``rsp_prod`` is a bogus ring (Linux blkback's
-    ``xen_blkif_map`` refuses it the same way)."""
-    rsp_prod = memory.load_u32(RSP_PROD)
-    ring = BackRing(memory, abi, order, start=rsp_prod)
-    pending = (memory.load_u32(REQ_PROD) - rsp_prod) & MASK32
-    if pending > ring.nr_ents:
-        raise RemoteProtocolError(
-            f"ring has {pending} requests past rsp_prod {rsp_prod} (at most {ring.nr_ents})"
-        )
-    return ring
-
-
-class BlkifDevice:
-    """A connected vbd: one :class:`RingService` per queue, over one executor and transport."""
-
-    def __init__(
-        self,
-        transport: Transport,
-        domid: int,
-        params: FrontendParams,
-        engine: BlkifEngine,
-        executor: RequestExecutor,
-        *,
-        name: str = "vbd",
-        inline_max: int = 0,
-    ) -> None:
-        self.transport = transport
-        self.params = params
-        self.rings: list[RingService] = []
-        self._memories: list[RingMemory] = []
-        self._channels: list[EventChannel] = []
-        grants = transport.grant_mapper(domid)
-        try:
-            for q, queue in enumerate(params.queues):
-                memory = transport.map_ring(domid, queue.ring_refs)
-                self._memories.append(memory)
-                channel = transport.bind_interdomain(domid, queue.event_channel)
-                self._channels.append(channel)
-                ring = _attach_ring(memory, params.abi, params.ring_page_order)
-                self.rings.append(
-                    RingService(
-                        ring,
-                        engine,
-                        executor,
-                        grants,
-                        channel,
-                        name=f"{name}-q{q}",
-                        inline_max=inline_max,
-                    )
-                )
-        except BaseException:
-            self._release()
-            raise
-
-    def start(self) -> None:
-        for ring in self.rings:
-            ring.start()
-
-    def stop(self) -> None:
-        """Stop every ring (in-flight I/O answered), unbind ports, unmap rings.  Idempotent."""
-        for ring in self.rings:
-            ring.stop()
-        self.rings = []
-        self._release()
-
-    def _release(self) -> None:
-        for channel in self._channels:
-            with contextlib.suppress(OSError):
-                channel.close()
-        self._channels = []
-        for memory in self._memories:
-            self.transport.unmap_ring(memory)
-        self._memories = []

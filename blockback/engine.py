@@ -24,7 +24,6 @@ op echoed, as do DISCARD and INDIRECT when not advertised.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -40,16 +39,9 @@ from blockback.abi import (
     Status,
     decode_segments,
 )
+from blockback.request import BlockOp
 
 U64 = 1 << 64
-
-
-class Kind(enum.Enum):
-    READ = "read"
-    WRITE = "write"
-    FLUSH = "flush"  # FLUSH_DISKCACHE: write any data, then flush
-    BARRIER = "barrier"  # drain everything before it, flush, write, flush
-    DISCARD = "discard"
 
 
 class Reply(NamedTuple):
@@ -71,17 +63,22 @@ DataSegment = tuple[int, int, int]
 
 
 class IoPlan(NamedTuple):
+    """A validated request in the executor's vocabulary.  ``op`` FLUSH is FLUSH_DISKCACHE (write
+    any data, then flush) or, with ``barrier``, WRITE_BARRIER (drain everything before it, flush,
+    write any data, flush)."""
+
     id: int
     operation: int  # echoed in the response (the inner op for INDIRECT)
-    kind: Kind
+    op: BlockOp
     offset: int  # bytes
     length: int  # bytes (sum of the segment lengths; DISCARD: the range)
     segments: tuple[DataSegment, ...] = ()
+    barrier: bool = False
 
     @property
     def writes_guest_pages(self) -> bool:
         """True when the data flows disk -> guest (the grants must be writable)."""
-        return self.kind is Kind.READ
+        return self.op is BlockOp.READ
 
 
 Outcome = Reply | NeedIndirect | IoPlan
@@ -107,13 +104,13 @@ class BlkifEngine:
         if op == Op.READ or op == Op.WRITE:
             if not 1 <= req.nr_segments <= MAX_SEGMENTS_PER_REQUEST:
                 return self._error(req, op, f"{req.nr_segments} segments (need 1..11)")
-            kind = Kind.READ if op == Op.READ else Kind.WRITE
+            kind = BlockOp.READ if op == Op.READ else BlockOp.WRITE
             return self._plan(req, op, kind, req.segments)
         if op == Op.FLUSH_DISKCACHE or op == Op.WRITE_BARRIER:
             if req.nr_segments > MAX_SEGMENTS_PER_REQUEST:
                 return self._error(req, op, f"{req.nr_segments} segments (at most 11)")
-            kind = Kind.FLUSH if op == Op.FLUSH_DISKCACHE else Kind.BARRIER
-            return self._plan(req, op, kind, req.segments)
+            barrier = op == Op.WRITE_BARRIER
+            return self._plan(req, op, BlockOp.FLUSH, req.segments, barrier=barrier)
         if op == Op.DISCARD:
             return self._discard(req)
         if op == Op.INDIRECT:
@@ -130,7 +127,7 @@ class BlkifEngine:
         for i, page in enumerate(pages):
             count = min(SEGMENTS_PER_INDIRECT_PAGE, n - i * SEGMENTS_PER_INDIRECT_PAGE)
             segments.extend(decode_segments(page, 0, count))
-        kind = Kind.READ if req.indirect_op == Op.READ else Kind.WRITE
+        kind = BlockOp.READ if req.indirect_op == Op.READ else BlockOp.WRITE
         outcome = self._plan(req, req.indirect_op, kind, tuple(segments))
         assert not isinstance(outcome, NeedIndirect)
         return outcome
@@ -156,10 +153,17 @@ class BlkifEngine:
         return NeedIndirect(req, req.indirect_grefs[:pages])
 
     def _plan(
-        self, req: Request, op: int, kind: Kind, segments: tuple[Segment, ...]
+        self,
+        req: Request,
+        op: int,
+        kind: BlockOp,
+        segments: tuple[Segment, ...],
+        *,
+        barrier: bool = False,
     ) -> Reply | IoPlan:
-        if kind is not Kind.READ and self.config.read_only:
-            return self._error(req, op, f"{kind.value} on a read-only device")
+        if kind is not BlockOp.READ and self.config.read_only:
+            what = "barrier" if barrier else kind.value
+            return self._error(req, op, f"{what} on a read-only device")
         data: list[DataSegment] = []
         total = 0
         for gref, first, last in segments:
@@ -171,13 +175,14 @@ class BlkifEngine:
         if not total:
             # Only FLUSH and BARRIER get here without data (READ/WRITE need a segment): the
             # sector number means nothing then, whatever the frontend left in it.
-            return IoPlan(req.id, op, kind, 0, 0)
+            return IoPlan(req.id, op, kind, 0, 0, barrier=barrier)
         end = req.sector_number + total // SECTOR_SIZE
         if end >= U64:
             return self._error(req, op, "sector range wraps 64 bits")
         if end > self.config.sectors:
             return self._error(req, op, f"sectors {req.sector_number}..{end} pass the device end")
-        return IoPlan(req.id, op, kind, req.sector_number * SECTOR_SIZE, total, tuple(data))
+        offset = req.sector_number * SECTOR_SIZE
+        return IoPlan(req.id, op, kind, offset, total, tuple(data), barrier=barrier)
 
     def _discard(self, req: Request) -> Outcome:
         cfg = self.config
@@ -193,7 +198,7 @@ class BlkifEngine:
         return IoPlan(
             req.id,
             Op.DISCARD,
-            Kind.DISCARD,
+            BlockOp.DISCARD,
             req.sector_number * SECTOR_SIZE,
             req.nr_sectors * SECTOR_SIZE,
         )

@@ -1,8 +1,8 @@
 """The block-request executor shared by the NBD export and the Xen blkif backend.
 
-Both protocol front ends decode their wire format into :class:`BlockRequest` objects (read,
-write, flush, discard, write-zeroes over byte ranges, with scatter/gather buffers) and hand them
-to one :class:`RequestExecutor`, which validates them against the disk and runs them on a
+Both protocol front ends decode their wire format into
+:class:`~blockback.request.BlockRequest` objects (the one request vocabulary of
+:mod:`blockback.request`) and hand them to one :class:`RequestExecutor`, which validates them against the disk and runs them on a
 :class:`vhd` ``Disk``.  The executor speaks errno, the common currency of both protocols: NBD
 sends errno values on the wire (EPERM, EIO, EINVAL, ENOSPC, ENOTSUP) and blkif collapses every
 failure to ``BLKIF_RSP_ERROR``.
@@ -23,15 +23,14 @@ Theory of operation
 
 from __future__ import annotations
 
-import enum
 import errno
 import logging
 import queue
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import vhd
+from blockback.request import BlockOp, BlockRequest
 
 __all__ = ["BlockDisk", "BlockOp", "BlockRequest", "Completion", "RequestExecutor"]
 
@@ -45,36 +44,6 @@ _ZEROS = bytes(_ZERO_CHUNK)
 
 # What the executor needs from a disk: the positional I/O of ``vhd.Disk``.
 BlockDisk = vhd.BlockDevice
-
-
-class BlockOp(enum.Enum):
-    """The operations both protocols share."""
-
-    READ = "read"
-    WRITE = "write"
-    FLUSH = "flush"
-    DISCARD = "discard"
-    WRITE_ZEROES = "write_zeroes"
-
-
-@dataclass(frozen=True, slots=True)
-class BlockRequest:
-    """One request, in bytes, as a protocol front end decoded it."""
-
-    op: BlockOp
-    offset: int = 0
-    length: int = 0
-    # READ: destinations filled in order from `offset` (scatter); WRITE: sources (gather).
-    buffers: tuple[memoryview, ...] = ()
-    # WRITE / WRITE_ZEROES: durable before completion.
-    fua: bool = False
-    # The caller's cookie (NBD handle, blkif id), passed back untouched.
-    tag: object = None
-    # WRITE_ZEROES: the range must stay allocated (NBD_CMD_FLAG_NO_HOLE): write real zeros.
-    no_hole: bool = False
-    # WRITE_ZEROES: fail with ENOTSUP rather than take as long as a write
-    # (NBD_CMD_FLAG_FAST_ZERO).  Discarding is fast; writing zeros is not.
-    fast_zero: bool = False
 
 
 Completion = Callable[[BlockRequest, int], None]

@@ -40,7 +40,8 @@ the pattern of both full barriers above.  :func:`memory_barrier` therefore calls
 libatomic's exported ``atomic_thread_fence(memory_order_seq_cst)`` (its body is a ``lock or`` on
 x86-64 and ``dmb ish`` on arm64 -- a genuine full fence, and libatomic ships with gcc on every
 Debian system), loaded with ctypes.  Where libatomic is missing we compile the one-line C function
-``__atomic_thread_fence(__ATOMIC_SEQ_CST)`` with gcc into a cache directory at first use.  On
+``__atomic_thread_fence(__ATOMIC_SEQ_CST)`` with gcc into a cache directory.  Either happens at first use (the first ring attached), never at
+import.  On
 non-x86 machines the read/write barriers also use the full fence.
 
 The engine owns no file descriptors, threads or clocks: the caller (``blockback.backend``) hands
@@ -62,24 +63,19 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from blockback.abi import PAGE_SIZE, REQ_EVENT, REQ_PROD, RSP_EVENT, RSP_PROD, Abi
+from blockback.abi import (
+    PAGE_SIZE,
+    REQ_EVENT,
+    REQ_PROD,
+    RING_HEADER_SIZE,
+    RSP_EVENT,
+    RSP_PROD,
+    Abi,
+)
+from blockback.errors import LocalProtocolError, RemoteProtocolError
 
 MASK32 = 0xFFFFFFFF
 _U32 = struct.Struct("<I")
-
-
-class RemoteProtocolError(Exception):
-    """The frontend broke the protocol (its fault, not ours): the device should be failed."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-
-
-class LocalProtocolError(Exception):
-    """The caller misused this engine (a bug in the toolkit)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
 
 
 class RingOverflowError(RemoteProtocolError):
@@ -91,7 +87,11 @@ class RingOverflowError(RemoteProtocolError):
 _FENCE_SOURCE = "void vhdkit_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }\n"
 
 
-def _load_fence() -> Callable[[], None]:
+@functools.cache
+def fence() -> Callable[[], None]:
+    """The full memory fence, found (or built) on first use and then cached: importing this
+    module runs nothing.  OSError, saying what to install, when neither libatomic nor gcc is
+    there -- a device then fails to connect with that message, the daemon stays up."""
     name = ctypes.util.find_library("atomic")
     for candidate in ([name] if name else []) + ["libatomic.so.1"]:
         try:
@@ -102,7 +102,12 @@ def _load_fence() -> Callable[[], None]:
         fn.argtypes = [ctypes.c_int]
         fn.restype = None
         return functools.partial(fn, 5)  # memory_order_seq_cst
-    return _compile_fence()
+    try:
+        return _compile_fence()
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise OSError(
+            f"no memory fence for the blkif ring: install libatomic1 (or gcc) ({exc})"
+        ) from exc
 
 
 def _compile_fence() -> Callable[[], None]:
@@ -125,7 +130,11 @@ def _compile_fence() -> Callable[[], None]:
     return fn
 
 
-memory_barrier: Callable[[], None] = _load_fence()
+def memory_barrier() -> None:
+    """A full fence (``mb``).  The ring engine binds :func:`fence` once per ring instead."""
+    fence()()
+
+
 _TSO = platform.machine() in ("x86_64", "AMD64", "i386", "i686")
 
 
@@ -133,10 +142,12 @@ def _noop() -> None:
     pass
 
 
-# Loads are not reordered with loads, nor stores with stores, on x86: only the compiler could,
-# and each Python-level access is an opaque call.  Elsewhere use the full fence.
-read_barrier: Callable[[], None] = _noop if _TSO else memory_barrier
-write_barrier: Callable[[], None] = _noop if _TSO else memory_barrier
+def _barriers() -> tuple[Callable[[], None], Callable[[], None], Callable[[], None]]:
+    """``(rmb, wmb, mb)``.  Loads are not reordered with loads, nor stores with stores, on x86:
+    only the compiler could, and each Python-level access is an opaque call.  Elsewhere the full
+    fence serves for all three."""
+    mb = fence()
+    return (_noop, _noop, mb) if _TSO else (mb, mb, mb)
 
 
 # --- shared memory access ------------------------------------------------------------------------
@@ -227,6 +238,7 @@ class BackRing:
         self.halted = False
         self._entry = abi.entry_size
         self._req_size = abi.request_size
+        self._rmb, self._wmb, self._mb = _barriers()
 
     # ``RING_HAS_UNCONSUMED_REQUESTS`` on a req_prod value already read.
     def _unconsumed(self, prod: int) -> int:
@@ -248,14 +260,14 @@ class BackRing:
         if self.halted:
             return []
         prod = self.memory.load_u32(REQ_PROD)
-        read_barrier()  # see the requests published before req_prod
+        self._rmb()  # see the requests published before req_prod
         n = min(self._unconsumed(prod), budget)
         out: list[bytes] = []
         copy_out = self.memory.copy_out
         cons = self.req_cons
         mask = self.nr_ents - 1
         for _ in range(n):
-            out.append(copy_out(64 + (cons & mask) * self._entry, self._req_size))
+            out.append(copy_out(RING_HEADER_SIZE + (cons & mask) * self._entry, self._req_size))
             cons = (cons + 1) & MASK32
         self.req_cons = cons
         return out
@@ -276,7 +288,7 @@ class BackRing:
             raise LocalProtocolError("more responses than consumed requests")
         if len(response) != self.abi.response_size:
             raise LocalProtocolError("response has the wrong size for this ABI")
-        offset = 64 + (self.rsp_prod_pvt & (self.nr_ents - 1)) * self._entry
+        offset = RING_HEADER_SIZE + (self.rsp_prod_pvt & (self.nr_ents - 1)) * self._entry
         self.memory.copy_in(offset, response)
         self.rsp_prod_pvt = (self.rsp_prod_pvt + 1) & MASK32
 
@@ -285,9 +297,9 @@ class BackRing:
         mem = self.memory
         old = mem.load_u32(RSP_PROD)
         new = self.rsp_prod_pvt
-        write_barrier()  # frontend sees the responses before the index
+        self._wmb()  # frontend sees the responses before the index
         mem.store_u32(RSP_PROD, new)
-        memory_barrier()  # frontend sees the index before we read rsp_event
+        self._mb()  # frontend sees the index before we read rsp_event
         event = mem.load_u32(RSP_EVENT)
         return ((new - event) & MASK32) < ((new - old) & MASK32)
 
@@ -298,5 +310,5 @@ class BackRing:
         if self.has_unconsumed_requests():
             return True
         self.memory.store_u32(REQ_EVENT, self.req_cons + 1)
-        memory_barrier()  # req_event visible before we look at req_prod again
+        self._mb()  # req_event visible before we look at req_prod again
         return self.has_unconsumed_requests()

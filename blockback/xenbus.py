@@ -5,7 +5,7 @@ h2's connection state machine: ``(backend state, input) -> (action, next state)`
 missing from the table is a protocol error -- :class:`RemoteProtocolError` when the frontend
 caused it (e.g. a frontend state Linux blkback also refuses: InitWait, Reconfiguring,
 Reconfigured), :class:`LocalProtocolError` when our own driver fed an impossible input.  The
-driver (``blockback.server``) turns XenStore watch events into inputs and performs the actions.
+driver (``blockback.vbd``) turns XenStore watch events into inputs and performs the actions.
 
 The table follows Linux ``xen-blkback/xenbus.c`` ``frontend_changed``: Initialised *or* Connected
 connects (watches coalesce), a repeated Connected is ignored, Closing follows the frontend,
@@ -34,7 +34,7 @@ from blockback.abi import (
     Abi,
     abi_for,
 )
-from blockback.ring import LocalProtocolError, RemoteProtocolError
+from blockback.errors import LocalProtocolError, RemoteProtocolError
 
 
 class XenbusState(enum.IntEnum):

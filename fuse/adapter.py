@@ -49,6 +49,7 @@ import ctypes
 import ctypes.util
 import errno
 import functools
+import importlib
 import logging
 import os
 import signal
@@ -69,14 +70,27 @@ def _select_library() -> str:
     for name in names:
         path = ctypes.util.find_library(name)
         if path:
-            os.environ["FUSE_LIBRARY_PATH"] = path
             return path
     raise OSError(errno.ENOENT, "libfuse is not installed (apt-get install libfuse3-3)")
 
 
-LIBRARY_PATH = _select_library()
+def _load_mfusepy(library: str) -> Any:
+    """Import mfusepy bound to ``library``: it reads FUSE_LIBRARY_PATH once, at its import.
+    The variable is set for that import only and restored after, so importing this module
+    leaves the process environment as it found it."""
+    saved = os.environ.get("FUSE_LIBRARY_PATH")
+    os.environ["FUSE_LIBRARY_PATH"] = library
+    try:
+        return importlib.import_module("mfusepy")
+    finally:
+        if saved is None:
+            del os.environ["FUSE_LIBRARY_PATH"]
+        else:
+            os.environ["FUSE_LIBRARY_PATH"] = saved
 
-import mfusepy  # noqa: E402  (must follow the library choice above)
+
+LIBRARY_PATH = _select_library()
+mfusepy = _load_mfusepy(LIBRARY_PATH)
 
 log = logging.getLogger("vhdfuse")
 
@@ -160,7 +174,7 @@ def _fsname_option(text: str) -> str:
     return text.replace("\\", "\\\\").replace(",", "\\,")
 
 
-class _Operations(mfusepy.Operations):  # type: ignore[misc]
+class _Operations(mfusepy.Operations):  # type: ignore[misc,name-defined]
     """mfusepy callbacks, each a thin call into the filesystem core."""
 
     use_ns = True
@@ -292,7 +306,7 @@ class _Operations(mfusepy.Operations):  # type: ignore[misc]
         raise FilesystemError(errno.ENOSYS)  # pragma: no cover
 
 
-class _FUSE(mfusepy.FUSE):  # type: ignore[misc]
+class _FUSE(mfusepy.FUSE):  # type: ignore[misc,name-defined]
     """mfusepy's dispatcher with copy-free read and write callbacks."""
 
     def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:

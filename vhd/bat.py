@@ -119,6 +119,15 @@ class BlockAllocationTable:
         raw = copy.tobytes()
         return raw + b"\xff" * (512 - len(raw))
 
+    def resize(self, count: int) -> None:
+        """Grow (new entries unallocated) or cut the table to ``count`` entries, for a table whose
+        on-disk size changed (the on-disk entries must already say the same)."""
+        if count < len(self.entries):
+            del self.entries[count:]
+            self._dirty = {s for s in self._dirty if s * ENTRIES_PER_SECTOR < count}
+        elif count > len(self.entries):
+            self.entries.extend(array("I", [UNUSED]) * (count - len(self.entries)))
+
     def take_dirty(self) -> list[int]:
         """The dirty sector numbers (sorted), clearing the set."""
         dirty = sorted(self._dirty)

@@ -70,6 +70,7 @@ from .header import COOKIE as HEADER_COOKIE
 from .header import HEADER_SIZE, UNUSED_DATA_OFFSET, DynamicHeader
 from .header import VERSION as HEADER_VERSION
 from .header import checksum_ok as header_checksum_ok
+from .layout import MAX_SIZE, block_size_ok, metadata_regions
 from .locator import (
     CODE_MAC,
     CODE_MACX,
@@ -84,7 +85,6 @@ from .probe import HEAD_BYTES, TAIL_BYTES, ImageFormat, probe, refusal
 SECTOR = 512
 PAGE = 4096
 MiB = 1024 * 1024
-MAX_VHD_SIZE = 0xFF000000 * 512  # Microsoft's and qemu's cap: 2040 GiB
 # Creators whose images qemu <= 9 sizes from current size; any other is sized by C*H*S.
 AZURE_MIN_SIZE = 20 * MiB
 AZURE_MAX_SIZE = 32 * 1024 * 1024 * MiB
@@ -520,7 +520,7 @@ class _Checker:
             return False
         if size == 0:
             self.add(WARNING, "footer-size-zero", "the disk size is 0")
-        if size > MAX_VHD_SIZE:
+        if size > MAX_SIZE:
             self.add(
                 WARNING,
                 "size-over-2040g",
@@ -736,7 +736,7 @@ class _Checker:
             )
             fixed = fixed.replace(data_offset=UNUSED_DATA_OFFSET)
         bs = h.block_size
-        if bs < SECTOR or bs > 256 * MiB or bs & (bs - 1):
+        if not block_size_ok(bs):
             self.add(
                 ERROR,
                 "header-block-size",
@@ -776,26 +776,9 @@ class _Checker:
     # -- BAT ----------------------------------------------------------------------------------
 
     def metadata_regions(self) -> list[tuple[int, int, str]]:
-        m = self.model
-        h = m.header
+        h = self.model.header
         assert h is not None
-        regions = [
-            (0, FOOTER_SIZE, "the footer copy"),
-            (m.header_offset, m.header_offset + HEADER_SIZE, "the dynamic header"),
-            (
-                h.table_offset,
-                h.table_offset + -(-h.max_table_entries * 4 // SECTOR) * SECTOR,
-                "the BAT",
-            ),
-        ]
-        for slot, loc in enumerate(h.locators):
-            if loc.in_use and loc.data_len <= MAX_LOCATOR_BYTES:
-                length = max(loc.data_len, min(loc.space_bytes, MAX_LOCATOR_BYTES))
-                if length:
-                    regions.append(
-                        (loc.data_offset, loc.data_offset + length, f"parent locator {slot}")
-                    )
-        return regions
+        return metadata_regions(self.model.header_offset, h)
 
     def _padding_used(self, start: int, end: int) -> bool:
         """Whether the table entries past the disk size hold anything but 0xFF: read in

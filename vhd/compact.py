@@ -25,10 +25,10 @@ from . import bitmap as bm
 from .bat import UNUSED
 from .disk import SparseDisk
 from .errors import CorruptImageError, InvalidArgumentError
-from .fileio import read_exact, write_all
-from .footer import FOOTER_SIZE, DiskType
-from .header import HEADER_SIZE
+from .fileio import read_exact
+from .footer import DiskType
 from .image import open as open_image
+from .metadata import MetadataWriter, metadata_end
 from .newfile import naming
 
 SECTOR = 512
@@ -67,15 +67,9 @@ def _compact(spath: str, progress: Progress | None) -> CompactResult:
         before = os.fstat(disk.fd).st_size
         freed = _free_empty_blocks(disk, progress)
         moved, end = _pack(disk)
-        fd = disk.fd
         if end < disk.footer_offset:
-            write_all(fd, disk.footer.build(), end)
-            os.fsync(fd)
-            os.ftruncate(fd, end + FOOTER_SIZE)
-            os.fsync(fd)
-            disk.footer_offset = end
-        after = os.fstat(fd).st_size
-        disk.bat.take_dirty()  # everything is on disk already
+            MetadataWriter(disk).cut(end)
+        after = os.fstat(disk.fd).st_size
         return CompactResult(spath, before, after, freed, moved)
     finally:
         disk.close()
@@ -99,11 +93,7 @@ def _free_empty_blocks(disk: SparseDisk, progress: Progress | None) -> int:
             empty[block] = UNUSED
         if progress is not None:
             progress(n + 1, len(allocated))
-    if empty:
-        _write_entries(disk, empty)
-        os.fsync(disk.fd)
-        for block in empty:
-            disk.bat.entries[block] = UNUSED
+    MetadataWriter(disk).set_bat_entries(empty)
     return len(empty)
 
 
@@ -118,32 +108,6 @@ def _all_zero(disk: SparseDisk, offset: int, length: int) -> bool:
     return True
 
 
-def _write_entries(disk: SparseDisk, entries: dict[int, int]) -> None:
-    header = disk.header
-    assert header is not None
-    sectors: dict[int, bytearray] = {}
-    for index, value in entries.items():
-        sector = index // 128
-        if sector not in sectors:
-            raw = os.pread(disk.fd, SECTOR, header.table_offset + sector * SECTOR)
-            sectors[sector] = bytearray(raw.ljust(SECTOR, b"\xff"))
-        pos = (index % 128) * 4
-        sectors[sector][pos : pos + 4] = value.to_bytes(4, "big")
-    for sector, updated in sorted(sectors.items()):
-        write_all(disk.fd, updated, header.table_offset + sector * SECTOR)
-
-
-def _metadata_end(disk: SparseDisk) -> int:
-    header = disk.header
-    assert header is not None
-    end = max(FOOTER_SIZE, disk.footer.data_offset + HEADER_SIZE)
-    end = max(end, header.table_offset + -(-header.max_table_entries * 4 // SECTOR) * SECTOR)
-    for loc in header.locators:
-        if loc.in_use:
-            end = max(end, loc.data_offset + max(loc.data_len, loc.space_bytes))
-    return -(-end // SECTOR) * SECTOR
-
-
 def _pack(disk: SparseDisk) -> tuple[int, int]:
     """Move blocks down over free space; returns (blocks moved, end of the last block)."""
     header = disk.header
@@ -152,18 +116,15 @@ def _pack(disk: SparseDisk) -> tuple[int, int]:
     align = PAGE if bs >= PAGE else SECTOR
     limit = disk.footer_offset
     blocks = sorted((entry * SECTOR, block) for block, entry in disk.bat.allocated())
-    pos = _metadata_end(disk)
+    pos = metadata_end(disk.footer, header)
+    writer = MetadataWriter(disk)
     pending: list[tuple[int, int, int, int]] = []  # (block, src, dst, length)
     moved = 0
 
     def commit_batch() -> None:
         if not pending:
             return
-        os.fdatasync(disk.fd)
-        _write_entries(disk, {b: dst // SECTOR for b, _s, dst, _n in pending})
-        os.fsync(disk.fd)
-        for b, _s, dst, _n in pending:
-            disk.bat.entries[b] = dst // SECTOR
+        writer.set_bat_entries({b: dst // SECTOR for b, _s, dst, _n in pending}, data_first=True)
         pending.clear()
 
     for src, block in blocks:
@@ -180,21 +141,13 @@ def _pack(disk: SparseDisk) -> tuple[int, int]:
             continue
         if any(dst < s + n and dst + length > s for _b, s, _d, n in pending):
             commit_batch()
-        _copy(disk.fd, src, dst, length)
+        writer.copy(src, dst, length)
         pending.append((block, src, dst, length))
         moved += 1
         pos = dst + length
     commit_batch()
     end = pos
     for _src, block in blocks:
-        entry = disk.bat.entries[block]
+        entry = disk.bat[block]
         end = max(end, entry * SECTOR + min(bmb + bs, limit - entry * SECTOR))
     return moved, -(-end // SECTOR) * SECTOR
-
-
-def _copy(fd: int, src: int, dst: int, length: int) -> None:
-    done = 0
-    while done < length:
-        n = min(_CHUNK, length - done)
-        write_all(fd, read_exact(fd, n, src + done), dst + done)
-        done += n

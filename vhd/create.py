@@ -36,6 +36,7 @@ from .fileio import write_all
 from .footer import FOOTER_SIZE, DiskType, Footer, new_footer, vhd_timestamp
 from .geometry import geometry_for_create
 from .header import HEADER_SIZE, ParentLocator, new_header
+from .layout import MAX_SIZE, MIN_CREATE_BLOCK_SIZE, block_size_ok
 from .locator import (
     CODE_MACX,
     CODE_W2KU,
@@ -53,7 +54,6 @@ if TYPE_CHECKING:
 MiB = 1024 * 1024
 DEFAULT_BLOCK_SIZE = 2 * MiB
 # Microsoft's (and qemu's) cap for VHDs: 2040 GiB.
-MAX_SIZE = 0xFF000000 * 512
 TABLE_OFFSET = 0x600
 
 
@@ -111,9 +111,7 @@ def plan_create(
             raise InvalidArgumentError(f"type must be 'fixed' or 'dynamic', not {type!r}")
         disk_type = kinds[type]
     _check_size(size)
-    if disk_type != DiskType.FIXED and (
-        block_size < 512 * 8 or block_size > 256 * MiB or block_size & (block_size - 1)
-    ):
+    if disk_type != DiskType.FIXED and (not block_size_ok(block_size, MIN_CREATE_BLOCK_SIZE)):
         raise InvalidArgumentError(
             f"block size {block_size} must be a power of two from 4 KiB to 256 MiB"
         )

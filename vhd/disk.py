@@ -12,16 +12,11 @@ Blocks", "Sector bitmap"):
 Reads and writes move data with ``os.preadv``/``os.pwritev`` straight between the file and the
 caller's buffer; runs that a bitmap marks alike take one system call.
 
-Crash safety (allocation), in the order the writes are issued:
-
-1. the trailing footer is written at the new end of file first, so the image has a valid footer
-   at EOF at every moment (a crash leaves at worst unreferenced space before it);
-2. the block's data, then its sector bitmap;
-3. the BAT entry is changed in memory only; :meth:`Disk.flush` first ``fdatasync``\\ s the data,
-   bitmaps and footer and only then writes the dirty BAT sectors and syncs again.  So an on-disk
-   BAT entry never points at a block whose contents are not durable, and every write acknowledged
-   by a completed ``flush()`` survives a crash.  Unflushed allocations can be lost; the space they
-   took shows up as orphan blocks that ``vhd check --repair`` reclaims.
+Crash safety: block allocation follows the ordering rules written once in :mod:`vhd.metadata`
+(rules 1 and 2): the trailing footer moves to the new end of file first; the block's data, then
+its sector bitmap, are written; the BAT entry changes in memory only, and :meth:`Disk.flush`
+(through :meth:`vhd.metadata.MetadataWriter.flush_bat`) syncs the data before it writes the
+dirty BAT sectors.  Every write acknowledged by a completed ``flush()`` survives a crash.
 
 New blocks start where the trailing footer was, with their data aligned to 4 KiB (as Hyper-V
 lays them out), and space is never reused while the file is open, so an on-disk BAT entry that
@@ -55,6 +50,7 @@ from .fileio import (
 )
 from .footer import FOOTER_SIZE, DiskType, Footer
 from .header import DynamicHeader
+from .metadata import MetadataWriter
 
 SECTOR = 512
 DATA_ALIGNMENT = 4096
@@ -297,6 +293,35 @@ class Disk:
     def _flush_locked(self, durable: bool) -> None:
         if durable:
             os.fdatasync(self._fd)
+
+    def _adopt_metadata(
+        self,
+        *,
+        footer: Footer | None = None,
+        footer_offset: int | None = None,
+        file_size: int | None = None,
+        header: DynamicHeader | None = None,
+    ) -> None:
+        """Take metadata that :class:`vhd.metadata.MetadataWriter` has just written to the file
+        (the one caller), so this Disk describes the file as it now is."""
+        with self._lock:
+            if footer is not None:
+                self.footer = footer
+                self.size = footer.current_size
+                self._footer_bytes = footer.build()
+            if footer_offset is not None:
+                self.footer_offset = footer_offset
+                self.file_size = max(self.file_size, footer_offset + FOOTER_SIZE)
+            if file_size is not None:
+                self.file_size = file_size
+            if header is not None:
+                self.header = header
+            self._metadata_adopted(
+                footer=footer is not None, footer_offset=footer_offset is not None
+            )
+
+    def _metadata_adopted(self, *, footer: bool, footer_offset: bool) -> None:
+        """What a kind of disk derives from its footer and the trailing footer's place."""
 
 
 class FixedDisk(Disk):
@@ -662,23 +687,17 @@ class SparseDisk(Disk):
 
     # -- metadata ------------------------------------------------------------------------
 
+    def _metadata_adopted(self, *, footer: bool, footer_offset: bool) -> None:
+        if footer:
+            # The in-memory table holds the entries the disk size needs (see vhd.image).
+            self.bat.resize(-(-self.size // self._bs))
+            self._bitmaps.clear()
+        if footer_offset:
+            # New blocks go where the trailing footer now is (see the module docstring).
+            self._next_free = -(-self.footer_offset // SECTOR) * SECTOR
+
     def _flush_locked(self, durable: bool) -> None:
-        if durable:
-            os.fdatasync(self._fd)
-        if not self.bat.dirty:
-            return
-        assert self.header is not None
-        sectors = self.bat.take_dirty()
-        try:
-            for sector in sectors:
-                write_all(
-                    self._fd, self.bat.sector_bytes(sector), self.header.table_offset + sector * 512
-                )
-            if durable:
-                os.fdatasync(self._fd)
-        except BaseException:
-            self.bat.mark_dirty(sectors)
-            raise
+        MetadataWriter(self).flush_bat(durable=durable)
 
     # -- extents -------------------------------------------------------------------------
 

@@ -42,10 +42,8 @@ from .footer import COOKIE, FOOTER_SIZE, VERSION, DiskType, Footer, checksum_ok
 from .header import HEADER_SIZE, DynamicHeader
 from .header import VERSION as HEADER_VERSION
 from .header import checksum_ok as header_checksum_ok
+from .layout import block_size_ok, metadata_regions
 from .probe import HEAD_BYTES, ImageFormat, probe, refusal
-
-MIN_BLOCK_SIZE = 512
-MAX_BLOCK_SIZE = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,7 +337,7 @@ def _read_header(fd: int, fsize: int, footer: Footer, path: str, problem: object
             f"unknown dynamic header version {header.version:#010x}", UnsupportedFeatureError
         )
     bs = header.block_size
-    if bs < MIN_BLOCK_SIZE or bs > MAX_BLOCK_SIZE or bs & (bs - 1):
+    if not block_size_ok(bs):
         raise CorruptImageError(
             f"invalid block size {bs} (must be a power of two from 512 B to 256 MiB)", path=path
         )
@@ -384,16 +382,8 @@ def _check_writable_layout(disk: SparseDisk, header: DynamicHeader) -> None:
     blocks will go; otherwise a new block could overwrite an old one."""
     limit = disk.footer_offset
     # Metadata a block must not overlap, or a write into the block would overwrite it: the
-    # header, the BAT and the locator payloads (each as [start, end)).
-    metadata = [
-        (disk.footer.data_offset, disk.footer.data_offset + HEADER_SIZE),
-        (header.table_offset, header.table_offset + header.max_table_entries * 4),
-    ]
-    metadata += [
-        (loc.data_offset, loc.data_offset + max(loc.data_len, loc.space_bytes))
-        for loc in header.locators
-        if loc.in_use and loc.data_offset < limit
-    ]
+    # footer copy, the header, the BAT and the locator payloads, as `vhd check` sees them.
+    metadata = [(start, end) for start, end, _ in metadata_regions(disk.footer.data_offset, header)]
     spans: list[tuple[int, int, int]] = []
     for block, entry in disk.bat.allocated():
         start = entry * 512

@@ -36,6 +36,7 @@ from .bat import UNUSED
 from .check import ERROR, WARNING, CheckReport, Finding
 from .fileio import write_all
 from .footer import FOOTER_SIZE, DiskType
+from .metadata import bat_sector_writes
 
 SECTOR = 512
 # Descriptions list this many blocks or ranges and count the rest.
@@ -102,14 +103,7 @@ def plan_repair(report: CheckReport) -> RepairPlan:
     fd = os.open(report.path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         if m.sparse and m.drop and m.header is not None:
-            sectors: dict[int, bytearray] = {}
             for block in m.drop:  # ascending
-                sector = block // 128
-                if sector not in sectors:
-                    at = m.header.table_offset + sector * SECTOR
-                    sectors[sector] = bytearray(os.pread(fd, SECTOR, at).ljust(SECTOR, b"\xff"))
-                pos = (block % 128) * 4
-                sectors[sector][pos : pos + 4] = UNUSED.to_bytes(4, "big")
                 offset, length = m.block_extent(block)
                 why = m.drop[block]
                 # Neighbouring blocks dropped for the same reason make one lost range (a
@@ -125,10 +119,11 @@ def plan_repair(report: CheckReport) -> RepairPlan:
                     + _listing([f"{b} ({m.drop[b]})" for b in dropped], len(m.drop))
                     + "; lost guest ranges: "
                     + _listing([f"{o:#x}+{n:#x}" for o, n, _ in lost[:_LISTED]], len(lost)),
-                    [
-                        (m.header.table_offset + s * SECTOR, bytes(raw))
-                        for s, raw in sorted(sectors.items())
-                    ],
+                    bat_sector_writes(
+                        lambda at: os.pread(fd, SECTOR, at),
+                        m.header.table_offset,
+                        dict.fromkeys(m.drop, UNUSED),
+                    ),
                 )
             )
         if m.bitmap_fixes and m.bat is not None:
@@ -195,17 +190,3 @@ def apply_plan(plan: RepairPlan) -> None:
             os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def repair(
-    path: str | os.PathLike[str], *, deep: bool = False, dry_run: bool = False
-) -> tuple[RepairPlan, CheckReport]:
-    """Check, plan and (unless ``dry_run``) repair; returns the plan and a fresh check."""
-    from .check import check
-
-    report = check(path, deep=deep)
-    plan = plan_repair(report)
-    if dry_run or plan.empty:
-        return plan, report
-    apply_plan(plan)
-    return plan, check(path, deep=deep)

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from .children import open_children
 from .disk import Disk
 from .errors import InvalidArgumentError, ParentMismatchError
-from .fileio import write_all
 from .footer import DiskType, vhd_timestamp
 from .header import ParentLocator, encode_parent_name
 from .image import open as open_image
@@ -41,6 +40,7 @@ from .locator import (
     posix_to_macx,
     relative_windows_path,
 )
+from .metadata import MetadataWriter
 from .newfile import naming
 
 SECTOR = 512
@@ -146,7 +146,6 @@ def retarget(child: Disk, ppath: str, parent_id: bytes) -> tuple[int, list[str]]
     for i, loc in enumerate(slots):
         if loc.code == CODE_MAC:
             slots[i] = ParentLocator()
-    fd = child.fd
     end = -(-child.footer_offset // SECTOR) * SECTOR
     new_end = end
     writes: list[tuple[int, bytes]] = []
@@ -174,23 +173,20 @@ def retarget(child: Disk, ppath: str, parent_id: bytes) -> tuple[int, list[str]]
             data_offset=at,
         )
         writes.append((at, data))
+    writer = MetadataWriter(child)
     if new_end > end:
-        # The trailing footer moves first, so the file always ends in a valid footer.
-        write_all(fd, child.footer.build(), new_end)
-        os.fsync(fd)
+        # The trailing footer moves first, so the file always ends in a valid footer (the
+        # payloads' padding overwrites the old one).
+        writer.move_footer(new_end, clear_old=False)
         grew_by = new_end - end
-    for at, data in writes:
-        write_all(fd, data, at)
-    os.fsync(fd)
+    writer.write_raw(writes)
     new_header = header.replace(
         parent_unique_id=parent_id,
         parent_timestamp=vhd_timestamp(os.stat(ppath).st_mtime),
         parent_name_raw=encode_parent_name(os.path.basename(ppath)),
         locators=tuple(slots),
     )
-    write_all(fd, new_header.build(), child.footer.data_offset)
-    os.fsync(fd)
-    child.header = new_header
+    writer.write_header(new_header)
     return grew_by, warnings
 
 
@@ -203,7 +199,4 @@ def record_parent_time(child: Disk, parent_path: str) -> None:
     if header.parent_timestamp in (0, stamp):
         # 0 is what Windows 10 diskpart writes: it means "not recorded", so it stays.
         return
-    new = header.replace(parent_timestamp=stamp)
-    write_all(child.fd, new.build(), child.footer.data_offset)
-    os.fsync(child.fd)
-    child.header = new
+    MetadataWriter(child).write_header(header.replace(parent_timestamp=stamp))

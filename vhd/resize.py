@@ -42,7 +42,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from . import bitmap as bm
-from .bat import UNUSED
+from .bat import MAX_ENTRIES, UNUSED
 from .chain import ParentPolicy
 from .children import find_parent
 from .disk import SparseDisk
@@ -57,13 +57,14 @@ from .footer import (
     Footer,
 )
 from .geometry import geometry_for_create
-from .header import HEADER_SIZE, DynamicHeader
+from .header import HEADER_SIZE
 from .image import open as open_image
+from .layout import MAX_SIZE
+from .metadata import MetadataWriter, metadata_end
 from .newfile import naming
 
 SECTOR = 512
 PAGE = 4096
-MAX_SIZE = 0xFF000000 * 512
 _COPY_CHUNK = 4 * 1024 * 1024
 
 
@@ -128,6 +129,13 @@ def _resize(
             _resize_fixed(disk.fd, spath, old, new_size, footer, force)
             return ResizeResult(spath, old, new_size, 0, 0)
         assert isinstance(disk, SparseDisk)
+        assert disk.header is not None
+        if -(-new_size // disk.header.block_size) > MAX_ENTRIES:
+            # vhd.open refuses tables past this bound: growing past it would lock the user out.
+            raise InvalidArgumentError(
+                f"a {new_size}-byte disk of {disk.header.block_size}-byte blocks needs more than "
+                f"{MAX_ENTRIES} blocks, the most vhdkit opens"
+            )
         if new_size > old:
             hide: list[tuple[int, int]] = []
             if disk.type == DiskType.DIFFERENCING:
@@ -201,48 +209,6 @@ def _first_nonzero(fd: int, start: int, end: int) -> int | None:
 # -- sparse: shared helpers ----------------------------------------------------------------
 
 
-def _write_footers(disk: SparseDisk, footer: Footer, at: int) -> None:
-    raw = footer.build()
-    write_all(disk.fd, raw, at)
-    os.fsync(disk.fd)
-    write_all(disk.fd, raw, 0)
-    os.fsync(disk.fd)
-    disk.footer = footer
-
-
-def _bat_sector(disk: SparseDisk, table_offset: int, sector: int) -> bytearray:
-    raw = os.pread(disk.fd, SECTOR, table_offset + sector * SECTOR)
-    return bytearray(raw.ljust(SECTOR, b"\xff"))
-
-
-def _write_bat_entries(disk: SparseDisk, table_offset: int, entries: dict[int, int]) -> None:
-    """Write ``{index: value}`` into the on-disk BAT, a sector at a time (sectors read first, so
-    entries past the in-memory table are kept)."""
-    sectors: dict[int, bytearray] = {}
-    for index, value in entries.items():
-        sector = index // 128
-        if sector not in sectors:
-            sectors[sector] = _bat_sector(disk, table_offset, sector)
-        pos = (index % 128) * 4
-        sectors[sector][pos : pos + 4] = value.to_bytes(4, "big")
-    for sector, raw in sorted(sectors.items()):
-        write_all(disk.fd, raw, table_offset + sector * SECTOR)
-
-
-def _copy(fd: int, src: int, dst: int, length: int) -> None:
-    pos = 0
-    while pos < length:
-        n = min(_COPY_CHUNK, length - pos)
-        write_all(fd, read_exact(fd, n, src + pos), dst + pos)
-        pos += n
-
-
-def _write_header(disk: SparseDisk, header: DynamicHeader) -> None:
-    write_all(disk.fd, header.build(), disk.footer.data_offset)
-    os.fsync(disk.fd)
-    disk.header = header
-
-
 # -- sparse: grow --------------------------------------------------------------------------
 
 
@@ -266,6 +232,7 @@ def _grow_sparse(
         )
     need_end = table + -(-new_count * 4 // SECTOR) * SECTOR
     moved = 0
+    writer = MetadataWriter(disk)
     footer_at = disk.footer_offset
     # What lies in the space the larger BAT needs: blocks and locator payloads move to the end.
     blocks = [
@@ -292,25 +259,20 @@ def _grow_sparse(
         for slot, loc in locators:
             plan_locs.append((slot, pos))
             pos += -(-max(loc.data_len, loc.space_bytes, 1) // SECTOR) * SECTOR
-        # 1. The trailing footer (old size still) moves to the new end first.
-        write_all(disk.fd, disk.footer.build(), pos)
-        os.fsync(disk.fd)
-        old_footer_at = footer_at
+        # 1. The trailing footer (old size still) moves to the new end first; the old one, now
+        # inside the relocated area, is zeroed so no scan mistakes it.
+        writer.move_footer(pos)
         footer_at = pos
-        disk.footer_offset = pos
-        # The old footer is now inside the relocated area: zero it so no scan mistakes it.
-        if plan_blocks or plan_locs:
-            write_zeros(disk.fd, old_footer_at, FOOTER_SIZE)
         # 2. Copies, synced.
         for done, (_block, src, dst) in enumerate(plan_blocks, 1):
-            _copy(disk.fd, src, dst, bmb + bs)
+            writer.copy(src, dst, bmb + bs)
             if progress is not None:
                 progress(done * (bmb + bs), len(plan_blocks) * (bmb + bs))
         new_locs = list(header.locators)
         for slot, dst in plan_locs:
             loc = header.locators[slot]
             if loc.data_len:
-                _copy(disk.fd, loc.data_offset, dst, loc.data_len)
+                writer.copy(loc.data_offset, dst, loc.data_len)
             new_locs[slot] = loc.__class__(
                 code=loc.code,
                 data_space=loc.data_space,
@@ -320,34 +282,24 @@ def _grow_sparse(
             )
         os.fsync(disk.fd)
         # 3. Point at the copies.
-        if plan_blocks:
-            _write_bat_entries(disk, table, {b: dst // SECTOR for b, _src, dst in plan_blocks})
-            for b, _src, dst in plan_blocks:
-                disk.bat.entries[b] = dst // SECTOR
+        writer.set_bat_entries({b: dst // SECTOR for b, _src, dst in plan_blocks})
         if plan_locs:
             header = header.replace(locators=tuple(new_locs))
-            write_all(disk.fd, header.build(), disk.footer.data_offset)
-        os.fsync(disk.fd)
-        disk.header = header
+            writer.write_header(header)
         moved = len(plan_blocks)
     # Any other thing still in the way (the trailing footer of a disk with no blocks)?
     if footer_at < need_end:
-        write_all(disk.fd, disk.footer.build(), need_end)
-        os.fsync(disk.fd)
+        # (The old footer lies where the new entries go: step 4 overwrites it.)
+        writer.move_footer(need_end, clear_old=False)
         footer_at = need_end
     _check_room(disk, table, need_end)
     # 4. New entries, unallocated.
-    write_all(
-        disk.fd,
-        b"\xff" * (need_end - table - old_count * 4),
-        table + old_count * 4,
-    )
-    os.fsync(disk.fd)
+    writer.write_raw([(table + old_count * 4, b"\xff" * (need_end - table - old_count * 4))])
     # 4b. The new range must read as zeros (below).  Still at the old size: nothing shows yet.
     footer_at = _zero_new_range(disk, disk.size, new_size, hide, footer_at)
     # 5. Header, 6-7. footers.
-    _write_header(disk, header.replace(max_table_entries=new_count))
-    _write_footers(disk, footer, footer_at)
+    writer.write_header(header.replace(max_table_entries=new_count))
+    writer.write_footers(footer, footer_at)
     return moved
 
 
@@ -378,6 +330,7 @@ def _zero_new_range(
       every reader understands.  Blocks are placed as the core allocates them: the trailing
       footer moves first, then the bitmaps are written, then the BAT entries point at them.
     """
+    writer = MetadataWriter(disk)
     header = disk.header
     assert header is not None
     bs, bmb = header.block_size, header.bitmap_bytes
@@ -401,10 +354,8 @@ def _zero_new_range(
                     path=disk.path,
                 )
             new_at = -(-full_end // SECTOR) * SECTOR
-            write_all(disk.fd, disk.footer.build(), new_at)
-            os.fsync(disk.fd)
-            write_zeros(disk.fd, footer_at, min(FOOTER_SIZE, new_at - footer_at))
-            footer_at = disk.footer_offset = new_at
+            writer.move_footer(new_at)
+            footer_at = new_at
         first = (old - last * bs) // SECTOR
         end = min(spb, -(-(new - last * bs) // SECTOR))
         punch_hole(disk.fd, entry * SECTOR + bmb + first * SECTOR, (end - first) * SECTOR)
@@ -436,18 +387,14 @@ def _zero_new_range(
         placed[block] = data - bmb
         pos = data + bs
     if placed:
-        write_all(disk.fd, disk.footer.build(), pos)  # the file always ends in a footer
-        os.fsync(disk.fd)
-        write_zeros(disk.fd, footer_at, min(FOOTER_SIZE, pos - footer_at))
-        disk.footer_offset = pos
+        writer.move_footer(pos)  # the file always ends in a footer
         for block, at in placed.items():
             bits = bytearray(bmb)
             bm.set_range(bits, *marks[block])
             write_all(disk.fd, bits, at)
     os.fsync(disk.fd)
     if placed:
-        _write_bat_entries(disk, header.table_offset, {b: at // SECTOR for b, at in placed.items()})
-        os.fsync(disk.fd)
+        writer.set_bat_entries({b: at // SECTOR for b, at in placed.items()})
         footer_at = pos
     return footer_at
 
@@ -482,15 +429,14 @@ def _shrink_sparse(disk: SparseDisk, new_size: int, footer: Footer, force: bool)
                         "pass --force to drop it",
                         path=disk.path,
                     )
-    # 1. Both footers get the new size.
-    _write_footers(disk, footer, disk.footer_offset)
-    # 2. Entries past the new end are unallocated.
+    writer = MetadataWriter(disk)
     dropped = {b: UNUSED for b, _ in disk.bat.allocated() if b >= new_count}
-    if dropped:
-        _write_bat_entries(disk, header.table_offset, dropped)
-        os.fsync(disk.fd)
+    # 1. Both footers get the new size.
+    writer.write_footers(footer, disk.footer_offset)
+    # 2. Entries past the new end are unallocated.
+    writer.set_bat_entries(dropped)
     # 3. Header.
-    _write_header(disk, header.replace(max_table_entries=new_count))
+    writer.write_header(header.replace(max_table_entries=new_count))
     # 4. Bits past the new end in the last block.
     last = new_count - 1
     entry = disk.bat[last]
@@ -499,25 +445,15 @@ def _shrink_sparse(disk: SparseDisk, new_size: int, footer: Footer, force: bool)
     if entry != UNUSED and keep < spb:
         raw = bytearray(read_exact(disk.fd, bmb, entry * SECTOR))
         if bm.set_range(raw, keep, spb, False):
-            write_all(disk.fd, raw, entry * SECTOR)
-            os.fsync(disk.fd)
+            writer.write_raw([(entry * SECTOR, bytes(raw))])
     # 5. Cut unreferenced space at the end.
-    end = header.table_offset + -(-new_count * 4 // SECTOR) * SECTOR
-    end = max(end, disk.footer.data_offset + HEADER_SIZE)
-    for loc in header.locators:
-        if loc.in_use:
-            end = max(end, loc.data_offset + max(loc.data_len, loc.space_bytes))
+    end = metadata_end(disk.footer, header, table_entries=new_count)
     for block, entry in disk.bat.allocated():
         if block < new_count:
             end = max(end, entry * SECTOR + bmb + bs)
     end = -(-end // SECTOR) * SECTOR
     if end < disk.footer_offset:
-        write_all(disk.fd, footer.build(), end)
-        os.fsync(disk.fd)
-        os.ftruncate(disk.fd, end + FOOTER_SIZE)
-        os.fsync(disk.fd)
-    # The in-memory table must not be written back by close().
-    disk.bat.take_dirty()
+        writer.cut(end)
     return len(dropped)
 
 

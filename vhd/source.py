@@ -20,7 +20,7 @@ from . import lock
 from .chain import ParentPolicy
 from .disk import Disk, Extent
 from .errors import ForeignFormatError, InvalidArgumentError, NotAVHDError
-from .fileio import read_exact_into, zero_fill
+from .fileio import read_exact_into
 from .footer import DiskType
 from .image import open as open_image
 
@@ -34,10 +34,6 @@ class Source:
     disk: Disk | None = None
     fd: int = -1
     warnings: list[str] = field(default_factory=list)
-
-    @property
-    def is_vhd(self) -> bool:
-        return self.disk is not None
 
     def preadinto(self, buffer: memoryview, offset: int) -> int:
         if self.disk is not None:
@@ -143,7 +139,3 @@ def _raw_extents(fd: int, size: int) -> Iterator[Extent]:
         hole = min(os.lseek(fd, data, os.SEEK_HOLE), size)
         yield Extent(data, hole - data, 0)
         pos = hole
-
-
-def fill_zero(buffer: memoryview) -> None:
-    zero_fill(buffer)

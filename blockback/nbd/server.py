@@ -43,28 +43,23 @@ workers again so the device sees them in parallel.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import itertools
 import logging
 import mmap
 import os
-import signal
 import socket
 import stat
-import sys
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
-from typing import Any
 
 import vhd
 from blockback.executor import BlockDisk, BlockOp, BlockRequest, RequestExecutor
 from blockback.nbd import protocol as p
 
-__all__ = ["NBDServer", "serve_from_args"]
+__all__ = ["DEFAULT_PORT", "NBDServer"]
 
 log = logging.getLogger("blockback.nbd")
 
@@ -360,13 +355,9 @@ class Connection:
             server.disk, read_only=server.read_only, workers=server.workers
         )
         header_size = p.read_reply_header_size(session)
-        size = session.export.size
-        unpack = p.REQUEST.unpack
-        request_magic = p.REQUEST_MAGIC
+        decode = p.decode_request
+        check = p.check_request
         header_bytes = p.REQUEST.size
-        # Flags a read may carry and still take the fast path (anything else goes through
-        # check_request, which refuses it properly).
-        odd_read_flags = ~int(p.CmdFlag.FUA | (p.CmdFlag.DF if session.structured else 0))
         # Small reads run inline, their replies packed one after another into an arena and
         # sent in one go once no further request is waiting in the receive buffer.  The arena
         # is the server's, borrowed while there are replies to pack: idle clients hold none.
@@ -385,16 +376,12 @@ class Connection:
                     used = 0
                 server.give_arena(arena)
                 arena = self._arena = None
-            magic, flags, kind, handle, offset, length = unpack(self._fill(header_bytes))
-            if magic != request_magic:
-                raise p.ProtocolError(f"bad request magic {magic:#x}")
-            if (
-                kind == 0
-                and length <= _INLINE_READ
-                and not flags & odd_read_flags
-                and offset <= size - length
-                and not pool_reads
-            ):
+            # Decoded and validated once, here at the protocol edge, for every request: the
+            # inline read path below and _dispatch act on this verdict.
+            req = decode(self._fill(header_bytes))
+            err, why = check(session, req)
+            if not err and req.type == 0 and req.length <= _INLINE_READ and not pool_reads:
+                handle, offset, length = req.handle, req.offset, req.length
                 need = header_size + length
                 if arena is None:
                     arena = self._arena = server.take_arena()
@@ -428,17 +415,17 @@ class Connection:
                 used = 0
             if pool_reads:
                 pool_reads -= 1
-            if not self._dispatch(session, p.Request(flags, kind, handle, offset, length)):
+            if not self._dispatch(session, req, err, why):
                 return
 
-    def _dispatch(self, session: p.Session, req: p.Request) -> bool:
-        """Check one request and start it; False once the client said goodbye (DISC)."""
+    def _dispatch(self, session: p.Session, req: p.Request, err: int, why: str) -> bool:
+        """Start one request, or refuse it with the verdict of ``check_request`` (``err``,
+        ``why``); False once the client said goodbye (DISC)."""
         executor = self.executor
         assert executor is not None
         header_size = p.read_reply_header_size(session)
         Cmd = p.Cmd
         kind = req.type
-        err, why = p.check_request(session, req)
         if err:
             if req.payload_length:
                 self._skip(req.payload_length)
@@ -875,111 +862,3 @@ def _unix_socket_live(path: str) -> bool:
     finally:
         probe.close()
     return True
-
-
-def _parse_listen(value: str) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep:
-        host, port = value, str(DEFAULT_PORT)
-    host = host.strip("[]") or "127.0.0.1"
-    try:
-        number = int(port)
-    except ValueError:
-        raise ValueError(f"--listen wants HOST:PORT, not {value!r}") from None
-    if not 0 <= number <= 65535:
-        raise ValueError(f"port {number} is out of range")
-    return host, number
-
-
-@contextlib.contextmanager
-def _stop_on_signals(event: threading.Event) -> Iterator[None]:
-    def handler(signum: int, frame: Any) -> None:
-        event.set()
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
-def describe(args: argparse.Namespace) -> str:
-    """The export description every client may read (``NBD_INFO_DESCRIPTION``).
-
-    The image's path says where the host keeps its files, so it is shown only when asked
-    (``--show-path``); ``--describe TEXT`` replaces the description altogether.
-    """
-    text: str | None = getattr(args, "describe", None)
-    if text is not None:
-        return text
-    if getattr(args, "show_path", False):
-        return f"vhdkit: {args.image}"
-    return "vhdkit"
-
-
-def _limits_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """The abuse limits ``vhd serve --nbd`` was given (None: the default)."""
-
-    def given(name: str, default: float) -> float:
-        value = getattr(args, name, None)
-        return default if value is None else float(value)
-
-    max_connections = int(given("max_connections", MAX_CONNECTIONS))
-    handshake = given("handshake_timeout", HANDSHAKE_TIMEOUT)
-    idle = given("idle_timeout", IDLE_TIMEOUT)
-    pending = given("max_pending_mib", MAX_PENDING_BYTES / (1024 * 1024))
-    if max_connections < 1:
-        raise ValueError("--max-connections must be at least 1")
-    if handshake <= 0:
-        raise ValueError("--handshake-timeout must be more than 0 seconds")
-    if idle < 0 or pending < 0:
-        raise ValueError("--idle-timeout and --max-pending-mib cannot be negative")
-    return {
-        "max_connections": max_connections,
-        "negotiation_timeout": handshake,
-        "idle_timeout": idle,
-        "max_pending_bytes": int(pending * 1024 * 1024),
-    }
-
-
-def serve_from_args(args: argparse.Namespace) -> int:
-    """``vhd serve IMAGE --nbd``: serve in the foreground until SIGINT or SIGTERM."""
-    if args.socket and args.listen:
-        raise ValueError("give --socket or --listen, not both")
-    if args.workers < 1:
-        raise ValueError("--workers must be at least 1")
-    limits = _limits_from_args(args)
-    mode = "r" if args.read_only else "r+"
-    # The image is handed to clients: its parents only from the folders the admin allows.
-    policy = vhd.ParentPolicy(
-        dirs=tuple(args.parent_dir or ()),
-        allow_absolute=bool(getattr(args, "allow_absolute_parents", False)),
-    )
-    disk = vhd.open(args.image, mode, parent_policy=policy)
-    try:
-        server = NBDServer(
-            disk,
-            export_name=args.export_name or "",
-            read_only=args.read_only,
-            workers=args.workers,
-            description=describe(args),
-            **limits,
-        )
-        if args.socket:
-            url = server.listen_unix(args.socket)
-        else:
-            url = server.listen_tcp(*_parse_listen(args.listen or f"127.0.0.1:{DEFAULT_PORT}"))
-        stop = threading.Event()
-        with _stop_on_signals(stop):
-            server.start()
-            files = " <- ".join(layer.path for layer in disk.chain)
-            print(f"vhd serve: {url} serves {files}", file=sys.stderr, flush=True)
-            print(url, flush=True)
-            while not stop.wait(3600):
-                pass
-            print("vhd serve: stopping", file=sys.stderr, flush=True)
-            server.stop()
-    finally:
-        disk.close()
-    return 0

@@ -34,8 +34,10 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from blockback.abi import PAGE_SIZE
+from blockback.errors import GrantError
 from blockback.ring import PagedRingMemory, RingMemory, ViewRingMemory
 from blockback.transport import coalesced_views
 
@@ -44,13 +46,6 @@ GRANT_RW = 1
 GRANT_RO = 2
 DEFAULT_PAGES = 16384  # 64 MiB of guest memory
 _NOTIFY_READ = 65536  # bytes drained per ack: bounded work however fast the peer kicks us
-
-
-class GrantError(OSError):
-    """A grant reference is not granted, revoked, read-only for a write, or out of range."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(errno.EFAULT, message)
 
 
 class SimMemory:
@@ -109,6 +104,8 @@ class SimGrantTable:
     """Backend access to a frontend's granted pages (grant map for data, grant copy for
     indirect descriptor pages)."""
 
+    copies_data = False  # data is mapped: nothing to do between completion and release
+
     def __init__(self, memory: SimMemory) -> None:
         self.memory = memory
         self.mapped = 0  # live mappings: must be 0 whenever no request is in flight
@@ -138,6 +135,9 @@ class SimGrantTable:
     def _unmapped(self) -> None:
         with self._lock:
             self.mapped -= 1
+
+    def finish_mappings(self, items: Sequence[tuple[Any, bool]]) -> list[bool]:
+        return [True] * len(items)  # mapped pages already hold the data (not called: copies_data)
 
     def copy_pages(self, grefs: Sequence[int]) -> list[bytes]:
         """Grant copy: private copies of whole pages (read once)."""

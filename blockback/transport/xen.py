@@ -1,31 +1,6 @@
-"""The real Xen transport for dom0: ``/dev/xen/gntdev`` and ``/dev/xen/evtchn`` (docs/blkif.md §4).
-
-Layouts and ioctl numbers come from Linux's uapi headers as shipped in Debian's ``libxen-dev``
-(``/usr/include/xen/sys/gntdev.h``, ``/usr/include/xen/sys/evtchn.h``; grant-copy flags from
-``xen/grant_table.h``). Every ioctl is ``_IOC(_IOC_NONE, type, nr, sizeof(struct))``;
-``tests/blockback/test_xen_layout.py`` compiles ``xen_layout.c`` against those headers and checks
-every number, size and offset below, and the byte image of a grant-copy segment.
-Every structure goes to ``fcntl.ioctl`` as a mutable buffer (the ctypes object, mutate_flag set),
-never as an integer address: see ``IoctlFn``.
-
-Interface (two layers)
-----------------------
-
-Low level, one object per open device, everything explicit:
-
-* :class:`GntDev` -- ``map_grant_refs(domid, refs) -> index``; ``mmap(index, count, writable)``;
-  ``unmap_grant_ref(index, count)``; ``map(domid, refs, writable) -> GrantMap`` (the three in one,
-  all or nothing: a bad grant fails the ``mmap``, everything is undone, :class:`GrantError`);
-  ``set_max_grants(n)``; ``grant_copy(ops) -> list[status]`` (one batched
-  ``IOCTL_GNTDEV_GRANT_COPY``; each :class:`CopyOp` moves ``len(buffer)`` bytes between a local
-  buffer and ``(domid, gref, offset)``, never across a 4 KiB frame); ``copy_raw(entries)`` (the
-  same with raw local addresses, for the bounce pool's pinned pages).
-* :class:`EvtchnDev` -- ``bind_interdomain(domid, remote_port) -> local port``;
-  ``bind_unbound_port(domid)``; ``unbind(port)``; ``notify(port)``; ``pending(max) -> ports``
-  (``read()``: each delivered port is masked); ``unmask(ports)`` (``write()``: re-enable, late EOI,
-  XSA-332); ``reset()``; ``restrict_domid(domid)``; ``fileno()`` for ``select``/``poll``.
-
-High level, the ``blockback.backend.Transport`` protocol (the same shape as ``transport/sim.py``):
+"""The real Xen transport for dom0 (docs/blkif.md §3-4): the :class:`blockback.transport.Transport`
+protocol over ``/dev/xen/gntdev`` and ``/dev/xen/evtchn`` (:mod:`~blockback.transport.xen_devices`;
+the ioctl ABI is :mod:`~blockback.transport.xen_abi`).
 
 * :class:`XenTransport` -- ``map_ring(domid, refs) -> RingMemory`` (one gntdev mapping of all
   ring pages, read-write), ``unmap_ring(memory)``, ``grant_mapper(domid) -> XenGrantMapper``,
@@ -46,467 +21,25 @@ High level, the ``blockback.backend.Transport`` protocol (the same shape as ``tr
     into them; ``release()`` unmaps before the response.
 * :class:`XenEventChannel` -- its own ``/dev/xen/evtchn`` handle, so one ring has one fd:
   ``fileno()``, ``notify()``, ``ack() -> n`` (drain pending, bounded, then unmask), ``close()``.
-
-Nothing here can run without a hypervisor; the classes take the device paths and an ``ioctl``
-function so tests can drive them with fakes.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import logging
-import mmap
-import os
-import struct
-import threading
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
+from blockback.errors import GrantError
 from blockback.ring import ViewRingMemory
 from blockback.transport import coalesced_views
+from blockback.transport.bounce import DEFAULT_POOL_BYTES, Bounce, BouncePool
+from blockback.transport.xen_abi import GNTST_OKAY, PAGE_SIZE, CopyOp, IoctlFn, RawCopy
+from blockback.transport.xen_devices import EVTCHN_PATH, GNTDEV_PATH, EvtchnDev, GntDev, GrantMap
 
 log = logging.getLogger("blockback.xen")
-PAGE_SIZE = 4096
-GNTDEV_PATH = "/dev/xen/gntdev"
-EVTCHN_PATH = "/dev/xen/evtchn"
-
-# ``fcntl.ioctl(fd, request, arg, mutate_flag)``.  Every argument that is a structure goes as the
-# ctypes object itself (a writable buffer) with mutate_flag=True, never as ``addressof(obj)``:
-# CPython converts an integer argument to a C ``int``, so a real heap address (above 2**31 on
-# x86_64) raises OverflowError before the kernel is reached.  With a buffer, CPython hands the
-# kernel a real pointer and copies what the kernel wrote (index, port, status) back into it.
-IoctlFn = Callable[[int, int, Any, bool], Any]
-# One grant-copy segment with a raw local address: (domid, gref, offset, address, length, to_guest).
-RawCopy = tuple[int, int, int, int, int, bool]
-
-# --- ioctl numbers (asm-generic/ioctl.h) -----------------------------------------------------------
-
-_IOC_NONE = 0
-_IOC_NRSHIFT = 0
-_IOC_TYPESHIFT = 8
-_IOC_SIZESHIFT = 16
-_IOC_DIRSHIFT = 30
-
-
-def _ioc(direction: int, kind: str, nr: int, size: int) -> int:
-    return (
-        (direction << _IOC_DIRSHIFT)
-        | (ord(kind) << _IOC_TYPESHIFT)
-        | (nr << _IOC_NRSHIFT)
-        | (size << _IOC_SIZESHIFT)
-    )
-
-
-# --- gntdev.h structures -------------------------------------------------------------------------
-
-
-class GntdevGrantRef(ctypes.Structure):
-    _fields_ = (("domid", ctypes.c_uint32), ("ref", ctypes.c_uint32))
-
-
-class GntdevMapGrantRef(ctypes.Structure):
-    """``struct ioctl_gntdev_map_grant_ref`` with ``refs[1]``: the ioctl size; real calls append
-    ``count - 1`` more refs (the kernel reads ``count`` entries)."""
-
-    _fields_ = (
-        ("count", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
-        ("index", ctypes.c_uint64),
-        ("refs", GntdevGrantRef * 1),
-    )
-
-
-class GntdevUnmapGrantRef(ctypes.Structure):
-    _fields_ = (("index", ctypes.c_uint64), ("count", ctypes.c_uint32), ("pad", ctypes.c_uint32))
-
-
-class GntdevGetOffsetForVaddr(ctypes.Structure):
-    _fields_ = (
-        ("vaddr", ctypes.c_uint64),
-        ("offset", ctypes.c_uint64),
-        ("count", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
-    )
-
-
-class GntdevSetMaxGrants(ctypes.Structure):
-    _fields_ = (("count", ctypes.c_uint32),)
-
-
-class GntdevUnmapNotify(ctypes.Structure):
-    _fields_ = (
-        ("index", ctypes.c_uint64),
-        ("action", ctypes.c_uint32),
-        ("event_channel_port", ctypes.c_uint32),
-    )
-
-
-class GntCopyForeign(ctypes.Structure):
-    _fields_ = (("ref", ctypes.c_uint32), ("offset", ctypes.c_uint16), ("domid", ctypes.c_uint16))
-
-
-class GntCopyPtr(ctypes.Union):
-    _fields_ = (("virt", ctypes.c_void_p), ("foreign", GntCopyForeign))
-
-
-class GntdevGrantCopySegment(ctypes.Structure):
-    _fields_ = (
-        ("source", GntCopyPtr),
-        ("dest", GntCopyPtr),
-        ("len", ctypes.c_uint16),
-        ("flags", ctypes.c_uint16),
-        ("status", ctypes.c_int16),
-    )
-
-
-class GntdevGrantCopy(ctypes.Structure):
-    _fields_ = (("count", ctypes.c_uint), ("segments", ctypes.c_void_p))
-
-
-IOCTL_GNTDEV_MAP_GRANT_REF = _ioc(_IOC_NONE, "G", 0, ctypes.sizeof(GntdevMapGrantRef))
-IOCTL_GNTDEV_UNMAP_GRANT_REF = _ioc(_IOC_NONE, "G", 1, ctypes.sizeof(GntdevUnmapGrantRef))
-IOCTL_GNTDEV_GET_OFFSET_FOR_VADDR = _ioc(_IOC_NONE, "G", 2, ctypes.sizeof(GntdevGetOffsetForVaddr))
-IOCTL_GNTDEV_SET_MAX_GRANTS = _ioc(_IOC_NONE, "G", 3, ctypes.sizeof(GntdevSetMaxGrants))
-IOCTL_GNTDEV_SET_UNMAP_NOTIFY = _ioc(_IOC_NONE, "G", 7, ctypes.sizeof(GntdevUnmapNotify))
-IOCTL_GNTDEV_GRANT_COPY = _ioc(_IOC_NONE, "G", 8, ctypes.sizeof(GntdevGrantCopy))
-
-UNMAP_NOTIFY_CLEAR_BYTE = 0x1
-UNMAP_NOTIFY_SEND_EVENT = 0x2
-GNTCOPY_SOURCE_GREF = 1 << 0  # xen/grant_table.h
-GNTCOPY_DEST_GREF = 1 << 1
-GNTST_OKAY = 0
-
-# --- evtchn.h structures -------------------------------------------------------------------------
-
-
-class EvtchnBindVirq(ctypes.Structure):
-    _fields_ = (("virq", ctypes.c_uint),)
-
-
-class EvtchnBindInterdomain(ctypes.Structure):
-    _fields_ = (("remote_domain", ctypes.c_uint), ("remote_port", ctypes.c_uint))
-
-
-class EvtchnBindUnboundPort(ctypes.Structure):
-    _fields_ = (("remote_domain", ctypes.c_uint),)
-
-
-class EvtchnUnbind(ctypes.Structure):
-    _fields_ = (("port", ctypes.c_uint),)
-
-
-class EvtchnNotify(ctypes.Structure):
-    _fields_ = (("port", ctypes.c_uint),)
-
-
-class EvtchnRestrictDomid(ctypes.Structure):
-    _fields_ = (("domid", ctypes.c_uint16),)
-
-
-IOCTL_EVTCHN_BIND_VIRQ = _ioc(_IOC_NONE, "E", 0, ctypes.sizeof(EvtchnBindVirq))
-IOCTL_EVTCHN_BIND_INTERDOMAIN = _ioc(_IOC_NONE, "E", 1, ctypes.sizeof(EvtchnBindInterdomain))
-IOCTL_EVTCHN_BIND_UNBOUND_PORT = _ioc(_IOC_NONE, "E", 2, ctypes.sizeof(EvtchnBindUnboundPort))
-IOCTL_EVTCHN_UNBIND = _ioc(_IOC_NONE, "E", 3, ctypes.sizeof(EvtchnUnbind))
-IOCTL_EVTCHN_NOTIFY = _ioc(_IOC_NONE, "E", 4, ctypes.sizeof(EvtchnNotify))
-IOCTL_EVTCHN_RESET = _ioc(_IOC_NONE, "E", 5, 0)
-IOCTL_EVTCHN_RESTRICT_DOMID = _ioc(_IOC_NONE, "E", 6, ctypes.sizeof(EvtchnRestrictDomid))
-
-_PORT = struct.Struct("=I")
-
-
-class GrantError(OSError):
-    """A grant could not be mapped or copied (bad, revoked or read-only reference)."""
-
-    def __init__(self, message: str, code: int = errno.EFAULT) -> None:
-        super().__init__(code, message)
-
-
-def _buffer_address(buf: Any) -> tuple[int, Any]:
-    """The address of a buffer's first byte, and an object keeping it alive (no copy)."""
-    if isinstance(buf, bytes):
-        keep: Any = ctypes.c_char_p(buf)
-        return ctypes.cast(keep, ctypes.c_void_p).value or 0, keep
-    view = memoryview(buf)
-    if view.readonly:
-        raise TypeError("grant copy needs a writable local buffer (or bytes as a source)")
-    keep = (ctypes.c_char * view.nbytes).from_buffer(view)
-    return ctypes.addressof(keep), keep
-
-
-# --- /dev/xen/gntdev -----------------------------------------------------------------------------
-
-
-@dataclass
-class CopyOp:
-    """One grant-copy segment: ``buffer`` (local) <-> ``(domid, gref, offset)`` (foreign).
-
-    ``to_guest`` copies the local buffer into the guest's page; otherwise the guest's bytes land
-    in ``buffer`` (which must then be writable). ``offset + len(buffer)`` must not pass 4096.
-    """
-
-    domid: int
-    gref: int
-    offset: int
-    buffer: Any
-    to_guest: bool = False
-
-
-class GrantMap:
-    """Guest pages mapped into our address space (one gntdev mapping). ``close()`` unmaps."""
-
-    def __init__(self, dev: GntDev, index: int, count: int, mm: mmap.mmap) -> None:
-        self.dev = dev
-        self.index = index
-        self.count = count
-        self.mmap = mm
-        self.view = memoryview(mm)
-        self._closed = False
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self.view.release()
-        try:
-            self.mmap.close()
-        except BufferError:
-            # Someone still holds a slice of the pages: the munmap happens when it is collected.
-            # Never raise here (a release runs on the response path); leave the reservation to
-            # the fd's close rather than unmapping pages that are still in use.
-            log.error("gntdev mapping %#x still referenced; unmapped later", self.index)
-            return
-        with contextlib.suppress(OSError):
-            self.dev.unmap_grant_ref(self.index, self.count)
-
-
-class GntDev:
-    """``/dev/xen/gntdev``: map guest grants, and copy to and from them."""
-
-    def __init__(
-        self,
-        path: str = GNTDEV_PATH,
-        *,
-        ioctl: IoctlFn = fcntl.ioctl,
-        max_grants: int | None = None,
-    ) -> None:
-        try:
-            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError as exc:
-            raise GrantError(
-                f"{path} not found: not a Xen dom0 (or the xen_gntdev module is not loaded)",
-                errno.ENODEV,
-            ) from exc
-        self.path = path
-        self._ioctl = ioctl
-        if max_grants is not None:
-            try:
-                self.set_max_grants(max_grants)
-            except BaseException:
-                self.close()  # no fd leaks out of a failed constructor
-                raise
-
-    def fileno(self) -> int:
-        return self.fd
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def set_max_grants(self, count: int) -> None:
-        arg = GntdevSetMaxGrants(count)
-        self._ioctl(self.fd, IOCTL_GNTDEV_SET_MAX_GRANTS, arg, True)
-
-    def map_grant_refs(self, domid: int, refs: Sequence[int]) -> int:
-        """Reserve a mapping of ``refs`` of ``domid``; returns the mmap offset (``index``)."""
-        if not refs:
-            raise ValueError("no grant references to map")
-        count = len(refs)
-        buf = ctypes.create_string_buffer(16 + 8 * count)
-        struct.pack_into("=II", buf, 0, count, 0)
-        for i, ref in enumerate(refs):
-            struct.pack_into("=II", buf, 16 + 8 * i, domid, ref)
-        try:
-            self._ioctl(self.fd, IOCTL_GNTDEV_MAP_GRANT_REF, buf, True)
-        except OSError as exc:
-            raise GrantError(
-                f"IOCTL_GNTDEV_MAP_GRANT_REF of {count} refs: {exc}", exc.errno or 0
-            ) from exc
-        index: int = struct.unpack_from("=Q", buf, 8)[0]
-        return index
-
-    def unmap_grant_ref(self, index: int, count: int) -> None:
-        arg = GntdevUnmapGrantRef(index, count, 0)
-        self._ioctl(self.fd, IOCTL_GNTDEV_UNMAP_GRANT_REF, arg, True)
-
-    def mmap(self, index: int, count: int, writable: bool) -> mmap.mmap:
-        """Map the pages (PROT_READ alone makes gntdev map the grants read-only)."""
-        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-        return mmap.mmap(self.fd, count * PAGE_SIZE, flags=mmap.MAP_SHARED, prot=prot, offset=index)
-
-    def map(self, domid: int, refs: Sequence[int], writable: bool) -> GrantMap:
-        """All or nothing: the mmap performs the grant map hypercall and fails on a bad ref."""
-        index = self.map_grant_refs(domid, refs)
-        try:
-            mm = self.mmap(index, len(refs), writable)
-        except OSError as exc:
-            with contextlib.suppress(OSError):
-                self.unmap_grant_ref(index, len(refs))
-            raise GrantError(f"cannot map grants {list(refs)} of domain {domid}: {exc}") from exc
-        return GrantMap(self, index, len(refs), mm)
-
-    def map_ring(self, domid: int, refs: Sequence[int], writable: bool = True) -> GrantMap:
-        """The shared ring pages, contiguous in one mapping."""
-        return self.map(domid, refs, writable)
-
-    def grant_copy(self, ops: Sequence[CopyOp]) -> list[int]:
-        """One batched IOCTL_GNTDEV_GRANT_COPY; returns each segment's status (0 = GNTST_okay)."""
-        if not ops:
-            return []
-        entries: list[RawCopy] = []
-        keep: list[Any] = []
-        try:
-            for op in ops:
-                length = memoryview(op.buffer).nbytes
-                _check_frame(op.offset, length)
-                address, holder = _buffer_address(op.buffer)
-                keep.append(holder)
-                entries.append((op.domid, op.gref, op.offset, address, length, op.to_guest))
-            return self.copy_raw(entries)
-        finally:
-            del keep
-
-    def copy_raw(self, entries: Sequence[RawCopy]) -> list[int]:
-        """One batched IOCTL_GNTDEV_GRANT_COPY of ``(domid, gref, offset, address, length,
-        to_guest)`` entries whose local side is a raw address the caller keeps valid (the bounce
-        pool's pages); returns each segment's status."""
-        if not entries:
-            return []
-        # Packed with two precompiled structs rather than ctypes field by field (3x cheaper per
-        # segment); the byte image is the one encode_copy_segment gives (tests compare them).
-        buf = bytearray(_SEGMENT_TO_GUEST.size * len(entries))
-        pos = 0
-        for domid, gref, offset, address, length, to_guest in entries:
-            _check_frame(offset, length)
-            if to_guest:
-                _SEGMENT_TO_GUEST.pack_into(
-                    buf, pos, address, gref, offset, domid, length, GNTCOPY_DEST_GREF, 0
-                )
-            else:
-                _SEGMENT_FROM_GUEST.pack_into(
-                    buf, pos, gref, offset, domid, address, length, GNTCOPY_SOURCE_GREF, 0
-                )
-            pos += _SEGMENT_TO_GUEST.size
-        segments = (ctypes.c_char * len(buf)).from_buffer(buf)
-        arg = GntdevGrantCopy(len(entries), ctypes.addressof(segments))
-        try:
-            self._ioctl(self.fd, IOCTL_GNTDEV_GRANT_COPY, arg, True)
-        except OSError as exc:
-            raise GrantError(f"IOCTL_GNTDEV_GRANT_COPY: {exc}", exc.errno or 0) from exc
-        finally:
-            del segments
-        return [s for (s,) in _STATUS.iter_unpack(buf[_STATUS_AT:] + bytes(_STATUS_PAD))]
-
-
-# struct gntdev_grant_copy_segment (24 bytes): source @0 and dest @8 (a pointer, or {u32 ref,
-# u16 offset, u16 domid}), len u16 @16, flags u16 @18, status i16 @20, 2 bytes of padding.
-_SEGMENT_TO_GUEST = struct.Struct("=QIHHHHh2x")
-_SEGMENT_FROM_GUEST = struct.Struct("=IHHQHHh2x")
-_STATUS = struct.Struct("=h22x")  # one status per segment, read from offset 20
-_STATUS_AT = 20
-_STATUS_PAD = 20
-
-
-def _check_frame(offset: int, length: int) -> None:
-    # The hypervisor refuses a foreign side crossing its 4 KiB frame; say so before the ioctl.
-    if offset < 0 or length < 0 or offset + length > PAGE_SIZE:
-        raise ValueError(f"copy of {length} bytes at {offset} crosses a 4 KiB frame")
-
-
-def encode_copy_segment(op: CopyOp, address: int) -> bytes:
-    """The byte image of one segment for a local buffer at ``address`` (layout tests use it)."""
-    seg = GntdevGrantCopySegment()
-    foreign = GntCopyForeign(op.gref, op.offset, op.domid)
-    if op.to_guest:
-        seg.source.virt = address
-        seg.dest.foreign = foreign
-        seg.flags = GNTCOPY_DEST_GREF
-    else:
-        seg.source.foreign = foreign
-        seg.dest.virt = address
-        seg.flags = GNTCOPY_SOURCE_GREF
-    seg.len = memoryview(op.buffer).nbytes
-    return bytes(seg)
-
-
-# --- /dev/xen/evtchn -----------------------------------------------------------------------------
-
-
-class EvtchnDev:
-    """One ``/dev/xen/evtchn`` handle (all the ports bound through it share its fd)."""
-
-    def __init__(self, path: str = EVTCHN_PATH, *, ioctl: IoctlFn = fcntl.ioctl) -> None:
-        try:
-            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
-        except FileNotFoundError as exc:
-            raise OSError(
-                errno.ENODEV, f"{path} not found: not a Xen dom0 (xen_evtchn not loaded?)"
-            ) from exc
-        self._ioctl = ioctl
-
-    def fileno(self) -> int:
-        return self.fd
-
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def bind_interdomain(self, domid: int, remote_port: int) -> int:
-        arg = EvtchnBindInterdomain(domid, remote_port)
-        port: int = self._ioctl(self.fd, IOCTL_EVTCHN_BIND_INTERDOMAIN, arg, True)
-        return port
-
-    def bind_unbound_port(self, domid: int) -> int:
-        arg = EvtchnBindUnboundPort(domid)
-        port: int = self._ioctl(self.fd, IOCTL_EVTCHN_BIND_UNBOUND_PORT, arg, True)
-        return port
-
-    def unbind(self, port: int) -> None:
-        arg = EvtchnUnbind(port)
-        self._ioctl(self.fd, IOCTL_EVTCHN_UNBIND, arg, True)
-
-    def notify(self, port: int) -> None:
-        arg = EvtchnNotify(port)
-        self._ioctl(self.fd, IOCTL_EVTCHN_NOTIFY, arg, True)
-
-    def reset(self) -> None:
-        self._ioctl(self.fd, IOCTL_EVTCHN_RESET, 0, False)  # no argument
-
-    def restrict_domid(self, domid: int) -> None:
-        arg = EvtchnRestrictDomid(domid)
-        self._ioctl(self.fd, IOCTL_EVTCHN_RESTRICT_DOMID, arg, True)
-
-    def pending(self, max_ports: int = 64) -> list[int]:
-        """Ports that fired (each is masked until :meth:`unmask`); [] if none."""
-        try:
-            data = os.read(self.fd, _PORT.size * max_ports)
-        except (BlockingIOError, InterruptedError):
-            return []
-        usable = len(data) - len(data) % _PORT.size
-        return [p for (p,) in _PORT.iter_unpack(data[:usable])]
-
-    def unmask(self, ports: Sequence[int]) -> None:
-        """Re-enable ports after handling them (the late EOI of XSA-332)."""
-        if ports:
-            os.write(self.fd, b"".join(_PORT.pack(p) for p in ports))
-
-
-# --- the backend.Transport protocol ---------------------------------------------------------------
 
 
 class XenRingMemory(ViewRingMemory):
@@ -539,60 +72,6 @@ class XenMapping:
 
 
 DATA_PATHS = ("copy", "map")
-# Bounce pages kept for reuse per frontend domain: 64 base requests (11 pages) or four full
-# 1024-segment indirect ones.  What is in flight beyond it is allocated and dropped on return, so
-# memory is bounded by the ring depth (in flight) plus this (pooled).
-DEFAULT_POOL_BYTES = 16 << 20
-
-
-class _Bounce:
-    """One page-aligned anonymous mapping of ``pages`` pages, with its address cached (the
-    ctypes view pins the mmap, so the address stays valid for the object's life)."""
-
-    __slots__ = ("_pin", "address", "mmap", "pages")
-
-    def __init__(self, pages: int) -> None:
-        self.pages = pages
-        self.mmap = mmap.mmap(-1, pages * PAGE_SIZE)
-        self._pin = (ctypes.c_char * (pages * PAGE_SIZE)).from_buffer(self.mmap)
-        self.address = ctypes.addressof(self._pin)
-
-
-class BouncePool:
-    """Reused local buffers for grant copy: free lists by power-of-two page count, at most
-    ``max_bytes`` kept free.  Thread-safe (the queues of one device share it)."""
-
-    def __init__(self, max_bytes: int = DEFAULT_POOL_BYTES) -> None:
-        self.max_bytes = max_bytes
-        self._free: dict[int, list[_Bounce]] = {}
-        self._free_bytes = 0
-        self._lock = threading.Lock()
-        self.allocated = 0  # bounce mappings ever created (tests: reuse keeps this small)
-        self.in_use = 0
-
-    @property
-    def free_bytes(self) -> int:
-        return self._free_bytes
-
-    def get(self, nbytes: int) -> _Bounce:
-        pages = 1 << max(0, (-(-nbytes // PAGE_SIZE) - 1).bit_length())
-        with self._lock:
-            self.in_use += 1
-            free = self._free.get(pages)
-            if free:
-                self._free_bytes -= pages * PAGE_SIZE
-                return free.pop()
-            self.allocated += 1
-        return _Bounce(pages)
-
-    def put(self, bounce: _Bounce) -> None:
-        size = bounce.pages * PAGE_SIZE
-        with self._lock:
-            self.in_use -= 1
-            if self._free_bytes + size <= self.max_bytes:
-                self._free.setdefault(bounce.pages, []).append(bounce)
-                self._free_bytes += size
-        # else: dropped; the mapping goes away with the object
 
 
 class XenCopyMapping:
@@ -608,13 +87,13 @@ class XenCopyMapping:
     def __init__(
         self,
         mapper: XenGrantMapper,
-        bounce: _Bounce,
+        bounce: Bounce,
         segments: Sequence[tuple[int, int, int]],
         length: int,
         to_guest: bool,
     ) -> None:
         self._mapper = mapper
-        self._bounce: _Bounce | None = bounce
+        self._bounce: Bounce | None = bounce
         self.segments = segments
         self.to_guest = to_guest
         self.finished: bool | None = None
@@ -655,6 +134,8 @@ class XenGrantMapper:
     bounce buffers moved by batched ``IOCTL_GNTDEV_GRANT_COPY`` -- no map/unmap hypercalls, no
     TLB shootdowns, immune to XSA-229.  ``data_path="map"``: the guest pages are mapped (gntdev
     map + mmap) and the disk reads and writes them in place."""
+
+    copies_data = True  # finish_mappings copies read data out (a no-op for mapped requests)
 
     def __init__(
         self,

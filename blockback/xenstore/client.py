@@ -1,11 +1,8 @@
 """A thread-safe XenStore client over the xenstored unix socket.
 
 It speaks the protocol of ``wire.py`` (``xs_wire.h``) to the real ``xenstored`` on a dom0 or to
-our own ``server.py``. The daemon is found as ``libxenstore``'s ``xs_open(0)`` finds it:
-``$XENSTORED_PATH`` if set, else ``/var/run/xenstored/socket`` (the daemon's unix socket); where
-no socket exists (xenstored in a stub domain, or a guest) the kernel's xenbus device,
-``/dev/xen/xenbus`` (or the older ``/proc/xen/xenbus``), carries the same messages and is used
-the same way through ``read``/``write``.
+our own ``server.py``, over a :class:`~blockback.xenstore.channel.Channel` (the daemon's socket
+or the xenbus device, found as ``libxenstore``'s ``xs_open(0)`` finds it).
 
 Threading: any thread may call any method. A reader thread demultiplexes replies (matched by
 ``req_id``) from ``WATCH_EVENT`` messages, which go to a bounded queue; callers take them with
@@ -27,15 +24,13 @@ import errno
 import itertools
 import logging
 import os
-import select
-import socket
-import stat
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TypeVar
 
+from .channel import DEFAULT_SOCKET, Channel, default_socket_path, find_xenstore
 from .wire import (
     HEADER,
     HEADER_SIZE,
@@ -49,98 +44,8 @@ from .wire import (
     split_strings,
 )
 
-DEFAULT_SOCKET = "/var/run/xenstored/socket"
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-XENBUS_DEVICES = ("/dev/xen/xenbus", "/proc/xen/xenbus")
-
-
-def default_socket_path() -> str:
-    """``$XENSTORED_PATH``, else ``/var/run/xenstored/socket`` (libxenstore's rule)."""
-    return os.environ.get("XENSTORED_PATH") or DEFAULT_SOCKET
-
-
-def find_xenstore() -> str:
-    """Where to connect: ``$XENSTORED_PATH``; else the daemon socket if it exists; else the
-    first xenbus device that exists; else the socket path (for the error message)."""
-    explicit = os.environ.get("XENSTORED_PATH")
-    if explicit:
-        return explicit
-    for candidate in (DEFAULT_SOCKET, *XENBUS_DEVICES):
-        if os.path.exists(candidate):
-            return candidate
-    return DEFAULT_SOCKET
-
-
-class _Channel:
-    """The byte stream to xenstored: a unix socket, or a xenbus character device (fd)."""
-
-    def __init__(self, path: str) -> None:
-        self.sock: socket.socket | None = None
-        self.fd = -1
-        try:
-            is_device = stat.S_ISCHR(os.stat(path).st_mode)
-        except OSError:
-            is_device = False
-        self._wake_r = self._wake_w = -1
-        if is_device:
-            self._set_fd(os.open(path, os.O_RDWR | os.O_CLOEXEC))
-            return
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.connect(path)
-        except OSError:
-            sock.close()
-            raise
-        self.sock = sock
-
-    def _set_fd(self, fd: int) -> None:
-        # A read blocked on a device is not woken by close(): poll it with a wake-up pipe.
-        self.fd = fd
-        self._wake_r, self._wake_w = os.pipe()
-
-    @classmethod
-    def from_fd(cls, fd: int) -> _Channel:
-        """A channel over an already open descriptor (read/write), as for the xenbus device."""
-        channel = cls.__new__(cls)
-        channel.sock = None
-        channel._set_fd(fd)
-        return channel
-
-    def send(self, data: bytes) -> None:
-        if self.sock is not None:
-            self.sock.sendall(data)
-            return
-        view = memoryview(data)
-        while view:  # the xenbus device takes whole messages; loop for short writes anyway
-            view = view[os.write(self.fd, view) :]
-
-    def recv(self) -> bytes:
-        if self.sock is not None:
-            return self.sock.recv(65536)
-        ready, _, _ = select.select([self.fd, self._wake_r], [], [])
-        if self._wake_r in ready:
-            return b""
-        return os.read(self.fd, 65536)
-
-    def close(self) -> None:
-        if self.sock is not None:
-            with contextlib.suppress(OSError):
-                self.sock.shutdown(socket.SHUT_RDWR)
-            self.sock.close()
-        elif self.fd >= 0:
-            with contextlib.suppress(OSError):
-                os.write(self._wake_w, b"x")
-
-    def release(self) -> None:
-        """Free the descriptors once the reader has stopped using them."""
-        if self.sock is None and self.fd >= 0:
-            for fd in (self.fd, self._wake_r, self._wake_w):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-            self.fd = -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,7 +76,7 @@ class XenStoreClient:
         timeout: float = 30.0,
         max_events: int = 1024,
         on_watch: Callable[[WatchEvent], None] | None = None,
-        _channel: _Channel | None = None,
+        _channel: Channel | None = None,
     ) -> None:
         self.path = os.fspath(path) if path is not None else find_xenstore()
         self.timeout = timeout
@@ -179,7 +84,7 @@ class XenStoreClient:
             self._chan = _channel
         else:
             try:
-                self._chan = _Channel(self.path)
+                self._chan = Channel(self.path)
             except OSError as exc:
                 raise XenStoreError("EIO", f"cannot connect to {self.path}: {exc}") from exc
         self._send_lock = threading.Lock()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import struct
 
-from blockback.abi import REQ_EVENT, REQ_PROD, RSP_EVENT, RSP_PROD, Abi
+from blockback.abi import REQ_EVENT, REQ_PROD, RING_HEADER_SIZE, RSP_EVENT, RSP_PROD, Abi
 from blockback.ring import MASK32, memory_barrier
 
 _U32 = struct.Struct("<I")
@@ -33,7 +33,7 @@ class FrontRing:
         _U32.pack_into(self.view, off, value & MASK32)
 
     def slot(self, index: int) -> int:
-        return self.abi.slot_offset(index, self.nr_ents)
+        return RING_HEADER_SIZE + (index & (self.nr_ents - 1)) * self.abi.entry_size
 
     @property
     def free_requests(self) -> int:

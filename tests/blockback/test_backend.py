@@ -12,10 +12,10 @@ import pytest
 
 import vhd
 from blockback.abi import X86_32, X86_64, Abi, Op, Status, encode_segments
-from blockback.backend import BlkifDevice
+from blockback.device import BlkifDevice
 from blockback.engine import BlkifEngine, DeviceConfig
+from blockback.errors import RemoteProtocolError
 from blockback.executor import RequestExecutor
-from blockback.ring import RemoteProtocolError
 from blockback.transport.sim import SimXen, alloc_unbound_port
 from blockback.xenbus import read_frontend
 

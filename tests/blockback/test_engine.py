@@ -7,7 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from blockback.abi import X86_64, Op, Request, Status, encode_segments
-from blockback.engine import BlkifEngine, DeviceConfig, IoPlan, Kind, NeedIndirect, Reply
+from blockback.engine import BlkifEngine, DeviceConfig, IoPlan, NeedIndirect, Reply
+from blockback.request import BlockOp
 
 SECTORS = 2048  # 1 MiB device
 ENGINE = BlkifEngine(DeviceConfig(sectors=SECTORS))
@@ -31,7 +32,7 @@ def test_read_plan_every_sector_pair(first: int, last: int, n: int) -> None:
         return
     assert isinstance(out, IoPlan)
     length = (last - first + 1) * 512
-    assert (out.kind, out.offset, out.length, out.id) == (Kind.READ, 4096, n * length, 42)
+    assert (out.op, out.offset, out.length, out.id) == (BlockOp.READ, 4096, n * length, 42)
     assert out.segments == tuple((g, first * 512, length) for g in range(n))
 
 
@@ -66,9 +67,10 @@ def test_unknown_ops_eopnotsupp(op: int) -> None:
 
 
 def test_flush_and_barrier() -> None:
-    for op, kind in ((Op.FLUSH_DISKCACHE, Kind.FLUSH), (Op.WRITE_BARRIER, Kind.BARRIER)):
+    for op, barrier in ((Op.FLUSH_DISKCACHE, False), (Op.WRITE_BARRIER, True)):
         empty = ENGINE.handle(rw(op, 0, [], nr=0))
-        assert isinstance(empty, IoPlan) and empty.kind is kind and empty.length == 0
+        assert isinstance(empty, IoPlan) and empty.op is BlockOp.FLUSH and empty.length == 0
+        assert empty.barrier is barrier
         data = ENGINE.handle(rw(op, 16, [(3, 0, 7)]))
         assert isinstance(data, IoPlan) and data.length == 4096 and data.offset == 8192
         assert status(RO.handle(rw(op, 0, [], nr=0))) is Status.ERROR
@@ -96,8 +98,8 @@ def test_read_only() -> None:
 
 def test_discard() -> None:
     d = ENGINE.handle(X86_64.decode_request(X86_64.encode_discard(9, 8, 16)))
-    assert isinstance(d, IoPlan) and (d.kind, d.offset, d.length, d.operation) == (
-        Kind.DISCARD, 4096, 8192, Op.DISCARD)  # fmt: skip
+    assert isinstance(d, IoPlan) and (d.op, d.offset, d.length, d.operation) == (
+        BlockOp.DISCARD, 4096, 8192, Op.DISCARD)  # fmt: skip
     bad = [(SECTORS, 1, 0), (2**64 - 1, 2, 0), (0, 8, 1)]  # past end, wrap, secure
     for sector, n, flag in bad:
         req = X86_64.decode_request(X86_64.encode_discard(9, sector, n, flag))

@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import vhd
-from blockback.executor import BlockOp, BlockRequest, RequestExecutor
+from blockback.executor import RequestExecutor
+from blockback.request import BlockOp, BlockRequest
 from tests.fakedisk import FakeDisk
 
 SIZE = 1024 * 1024

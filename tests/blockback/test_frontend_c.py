@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 import vhd
-from blockback.server import SimBackend
+from blockback.sim import SimBackend
 
 from .cbuild import compile_c
 

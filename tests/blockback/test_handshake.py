@@ -12,7 +12,7 @@ import pytest
 
 import vhd
 from blockback.abi import X86_32, X86_64, Abi, Op, Status
-from blockback.server import SimBackend
+from blockback.sim import SimBackend
 from blockback.xenstore import XenStoreClient
 
 from .pyfront import SimFrontend

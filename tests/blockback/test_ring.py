@@ -10,10 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blockback.abi import PAGE_SIZE, REQ_EVENT, RSP_PROD, X86_32, X86_64, Abi, Op, Status
+from blockback.errors import LocalProtocolError
 from blockback.ring import (
     MASK32,
     BackRing,
-    LocalProtocolError,
     PagedRingMemory,
     RingOverflowError,
     ViewRingMemory,
@@ -50,6 +50,38 @@ class CountingMemory(ViewRingMemory):
 
 def test_fence_callable() -> None:
     memory_barrier()  # a real fence (libatomic or compiled); must simply not crash
+
+
+# Neither libatomic nor gcc: importing the ring module (and everything that imports it) must
+# still work -- the fence is found or built on first use, and then fails with a clear OSError.
+NO_FENCE = """
+import ctypes, subprocess, sys
+real_cdll = ctypes.CDLL
+def no_atomic(name, *a, **k):
+    if "atomic" in str(name) or "fence" in str(name):
+        raise OSError("refused by the test")
+    return real_cdll(name, *a, **k)
+def refuse(*a, **k):
+    raise OSError("refused by the test")
+ctypes.CDLL = no_atomic
+subprocess.run = refuse
+import blockback.ring, blockback.backend, blockback.daemon
+try:
+    blockback.ring.fence()
+except OSError as exc:
+    print("fence:", exc)
+"""
+
+
+def test_importing_the_ring_loads_and_builds_nothing() -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", NO_FENCE], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("fence: no memory fence for the blkif ring: install libatomic1")
 
 
 def test_basic_round_trip_and_notify() -> None:

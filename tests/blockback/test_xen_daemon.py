@@ -17,7 +17,8 @@ import pytest
 
 import vhd
 from blockback.abi import X86_64, Op, Status
-from blockback.server import XenDaemon, toolstack_add_vbd
+from blockback.daemon import XenDaemon
+from blockback.sim import toolstack_add_vbd
 from blockback.transport.sim import SimXen, alloc_unbound_port
 from blockback.xenstore import Transaction, XenStoreClient, XenStoreError
 from blockback.xenstore.server import XenStoreServer
@@ -144,7 +145,7 @@ def test_removed_nodes_and_shutdown(rig: Rig) -> None:
 
 
 def test_params_with_a_toolstack_format_prefix_name_the_image(tmp_path: Path) -> None:
-    from blockback.server import image_path
+    from blockback.daemon import image_path
 
     image = tmp_path / "g.vhd"
     image.write_bytes(b"")
@@ -257,9 +258,9 @@ def test_block_detach_then_reattach_the_same_vdev(rig: Rig) -> None:
 # (the only part of serve_xen a host without Xen cannot run).
 SERVE_XEN = """
 import sys
-import blockback.server
+import blockback.daemon
 from blockback.transport.sim import SimXen
-blockback.server._xen_transport = lambda module: SimXen(sys.argv[1], pages=512)
+blockback.daemon.open_xen_transport = lambda: SimXen(sys.argv[1], pages=512)
 from vhdtools.cli import main
 sys.exit(main(["serve", "--xen", "--xenstore", sys.argv[2], "--backend-dir", sys.argv[3]]))
 """

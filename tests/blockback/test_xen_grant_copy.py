@@ -19,11 +19,12 @@ from typing import Any
 import pytest
 
 import vhd
+from blockback import errors
 from blockback.abi import X86_64, Op, Status, encode_segments
-from blockback.backend import BlkifDevice
+from blockback.device import BlkifDevice
 from blockback.engine import BlkifEngine, DeviceConfig
 from blockback.executor import RequestExecutor
-from blockback.transport import xen
+from blockback.transport import bounce, xen, xen_abi, xen_devices
 from blockback.transport.sim import SimEventChannel, SimEventHub, alloc_unbound_port
 from blockback.xenbus import read_frontend
 
@@ -110,7 +111,7 @@ class Rig:
         *,
         data_path: str = "copy",
         inline_max: int = 0,
-        pool_bytes: int = xen.DEFAULT_POOL_BYTES,
+        pool_bytes: int = bounce.DEFAULT_POOL_BYTES,
         workers: int = 4,
     ) -> None:
         self.hv = FakeHypervisor(tmp / "gntdev", PAGES)
@@ -147,7 +148,7 @@ class Rig:
         return self.transport.mappers[0]
 
     @property
-    def pool(self) -> xen.BouncePool:
+    def pool(self) -> bounce.BouncePool:
         return self.mapper.pool
 
     def copies_since(self, mark: int) -> list[list[tuple[int, int, int, bool]]]:
@@ -427,7 +428,7 @@ def test_finish_mappings_batches_and_reports_each_request(
         w.release()
         assert mapper.pool.allocated == 3  # a's 2-page buffer again
         hv.revoked.add(21)
-        with pytest.raises(xen.GrantError, match="ref 21"):
+        with pytest.raises(errors.GrantError, match="ref 21"):
             mapper.map_segments([(20, 0, 512), (21, 0, 512)], writable=False)
         assert mapper.pool.in_use == 0
     finally:
@@ -454,16 +455,16 @@ def test_copy_raw_builds_the_segments_encode_copy_segment_does(tmp_path: Path) -
     seen: list[bytes] = []
 
     def ioctl(fd: int, request: int, arg: Any, mutate: bool = False) -> int:
-        assert request == xen.IOCTL_GNTDEV_GRANT_COPY and mutate
-        head = xen.GntdevGrantCopy.from_buffer(arg)
-        segs = (xen.GntdevGrantCopySegment * head.count).from_address(head.segments)
+        assert request == xen_abi.IOCTL_GNTDEV_GRANT_COPY and mutate
+        head = xen_abi.GntdevGrantCopy.from_buffer(arg)
+        segs = (xen_abi.GntdevGrantCopySegment * head.count).from_address(head.segments)
         seen.append(bytes(segs))
         for i, seg in enumerate(segs):
             seg.status = -i
         return 0
 
     (tmp_path / "gntdev").write_bytes(b"")
-    dev = xen.GntDev(str(tmp_path / "gntdev"), ioctl=ioctl)
+    dev = xen_devices.GntDev(str(tmp_path / "gntdev"), ioctl=ioctl)
     entries = [
         (7, 1234, 512, 0x7F00_1234_5000, 3072, True),
         (65535, 0xFFFF_FFFF, 0, 0x1000, 4096, False),
@@ -471,8 +472,8 @@ def test_copy_raw_builds_the_segments_encode_copy_segment_does(tmp_path: Path) -
     ]
     assert dev.copy_raw(entries) == [0, -1, -2]
     expected = b"".join(
-        xen.encode_copy_segment(
-            xen.CopyOp(domid, gref, offset, bytearray(length), to_guest), address
+        xen_abi.encode_copy_segment(
+            xen_abi.CopyOp(domid, gref, offset, bytearray(length), to_guest), address
         )
         for domid, gref, offset, address, length, to_guest in entries
     )

@@ -21,7 +21,8 @@ from typing import Any
 
 import pytest
 
-from blockback.transport import xen
+from blockback import errors
+from blockback.transport import xen, xen_abi, xen_devices
 
 PAGES = 64
 DOMID = 5
@@ -38,11 +39,11 @@ class FakeHypervisor:
 
     def __init__(self, memory_path: Path, pages: int = PAGES) -> None:
         with open(memory_path, "wb") as f:
-            f.truncate(pages * xen.PAGE_SIZE)
+            f.truncate(pages * xen_abi.PAGE_SIZE)
         self.pages = pages
         self.memory_path = memory_path
         fd = os.open(memory_path, os.O_RDWR)
-        self.mem = mmap.mmap(fd, pages * xen.PAGE_SIZE)
+        self.mem = mmap.mmap(fd, pages * xen_abi.PAGE_SIZE)
         os.close(fd)
         self._pin = ctypes.c_char.from_buffer(self.mem)
         self.mem_addr = ctypes.addressof(self._pin)
@@ -63,12 +64,12 @@ class FakeHypervisor:
     def ioctl(self, fd: int, request: int, arg: Any, mutate: bool = False) -> int:
         # As fcntl.ioctl sees it: a structure must come as a writable buffer with mutate_flag
         # (an int is converted to a C int: a real address overflows it), results written into it.
-        if request != xen.IOCTL_EVTCHN_RESET:
+        if request != xen_abi.IOCTL_EVTCHN_RESET:
             assert mutate and not isinstance(arg, int), "structures go as mutable buffers"
             assert not memoryview(arg).readonly
-        if request == xen.IOCTL_GNTDEV_MAP_GRANT_REF:
-            head = xen.GntdevMapGrantRef.from_buffer(arg)
-            refs = (xen.GntdevGrantRef * head.count).from_buffer(arg, 16)
+        if request == xen_abi.IOCTL_GNTDEV_MAP_GRANT_REF:
+            head = xen_abi.GntdevMapGrantRef.from_buffer(arg)
+            refs = (xen_abi.GntdevGrantRef * head.count).from_buffer(arg, 16)
             pairs = [(r.domid, r.ref) for r in refs]
             self.calls.append(("map", pairs))
             if any(d != DOMID for d, _ in pairs):
@@ -77,25 +78,25 @@ class FakeHypervisor:
             if any(r in self.revoked for _, r in pairs):
                 head.index = 123  # an index the mmap will refuse, as a failed map would
             elif [r for _, r in pairs] == list(range(first, first + len(pairs))):
-                head.index = first * xen.PAGE_SIZE
+                head.index = first * xen_abi.PAGE_SIZE
             else:
                 raise OSError(errno.EINVAL, "the fake maps consecutive refs only")
             return 0
-        if request == xen.IOCTL_GNTDEV_UNMAP_GRANT_REF:
-            unmap = xen.GntdevUnmapGrantRef.from_buffer(arg)
+        if request == xen_abi.IOCTL_GNTDEV_UNMAP_GRANT_REF:
+            unmap = xen_abi.GntdevUnmapGrantRef.from_buffer(arg)
             self.calls.append(("unmap", (unmap.index, unmap.count)))
             return 0
-        if request == xen.IOCTL_GNTDEV_SET_MAX_GRANTS:
-            self.calls.append(("max", xen.GntdevSetMaxGrants.from_buffer(arg).count))
+        if request == xen_abi.IOCTL_GNTDEV_SET_MAX_GRANTS:
+            self.calls.append(("max", xen_abi.GntdevSetMaxGrants.from_buffer(arg).count))
             return 0
-        if request == xen.IOCTL_GNTDEV_GRANT_COPY:
-            copy = xen.GntdevGrantCopy.from_buffer(arg)
-            segs = (xen.GntdevGrantCopySegment * copy.count).from_address(copy.segments)
+        if request == xen_abi.IOCTL_GNTDEV_GRANT_COPY:
+            copy = xen_abi.GntdevGrantCopy.from_buffer(arg)
+            segs = (xen_abi.GntdevGrantCopySegment * copy.count).from_address(copy.segments)
             self.calls.append(("copy", copy.count))
             batch: list[tuple[int, int, int, bool]] = []
             self.copies.append(batch)
             for seg in segs:
-                to_guest = not seg.flags & xen.GNTCOPY_SOURCE_GREF
+                to_guest = not seg.flags & xen_abi.GNTCOPY_SOURCE_GREF
                 guest = seg.dest.foreign if to_guest else seg.source.foreign
                 batch.append((guest.ref, guest.offset, seg.len, to_guest))
                 if guest.domid != DOMID or guest.ref >= self.pages or guest.ref in self.revoked:
@@ -104,26 +105,26 @@ class FakeHypervisor:
                 if to_guest and guest.ref in self.read_only:
                     seg.status = GNTST_PERMISSION_DENIED
                     continue
-                if guest.offset + seg.len > xen.PAGE_SIZE:
+                if guest.offset + seg.len > xen_abi.PAGE_SIZE:
                     seg.status = GNTST_BAD_COPY_ARG
                     continue
-                guest_addr = self.mem_addr + guest.ref * xen.PAGE_SIZE + guest.offset
-                if seg.flags & xen.GNTCOPY_SOURCE_GREF:
+                guest_addr = self.mem_addr + guest.ref * xen_abi.PAGE_SIZE + guest.offset
+                if seg.flags & xen_abi.GNTCOPY_SOURCE_GREF:
                     ctypes.memmove(seg.dest.virt, guest_addr, seg.len)
                 else:
                     ctypes.memmove(guest_addr, seg.source.virt, seg.len)
                 seg.status = 0
             return 0
-        if request == xen.IOCTL_EVTCHN_BIND_INTERDOMAIN:
-            bind = xen.EvtchnBindInterdomain.from_buffer(arg)
+        if request == xen_abi.IOCTL_EVTCHN_BIND_INTERDOMAIN:
+            bind = xen_abi.EvtchnBindInterdomain.from_buffer(arg)
             self.calls.append(("bind", (bind.remote_domain, bind.remote_port)))
             self.next_port += 1
             return self.next_port
-        if request == xen.IOCTL_EVTCHN_NOTIFY:
-            self.calls.append(("notify", xen.EvtchnNotify.from_buffer(arg).port))
+        if request == xen_abi.IOCTL_EVTCHN_NOTIFY:
+            self.calls.append(("notify", xen_abi.EvtchnNotify.from_buffer(arg).port))
             return 0
-        if request == xen.IOCTL_EVTCHN_UNBIND:
-            self.calls.append(("unbind", xen.EvtchnUnbind.from_buffer(arg).port))
+        if request == xen_abi.IOCTL_EVTCHN_UNBIND:
+            self.calls.append(("unbind", xen_abi.EvtchnUnbind.from_buffer(arg).port))
             return 0
         raise OSError(errno.ENOTTY, f"unexpected ioctl {request:#x}")
 
@@ -131,7 +132,7 @@ class FakeHypervisor:
         return self.calls[-1]
 
     def page(self, ref: int) -> bytes:
-        return self.mem[ref * xen.PAGE_SIZE : (ref + 1) * xen.PAGE_SIZE]
+        return self.mem[ref * xen_abi.PAGE_SIZE : (ref + 1) * xen_abi.PAGE_SIZE]
 
 
 @pytest.fixture
@@ -161,11 +162,11 @@ def map_transport(hv: FakeHypervisor, tmp_path: Path) -> Iterator[xen.XenTranspo
 
 
 def test_missing_devices_say_not_dom0(tmp_path: Path) -> None:
-    with pytest.raises(xen.GrantError, match="not a Xen dom0") as info:
+    with pytest.raises(errors.GrantError, match="not a Xen dom0") as info:
         xen.XenTransport(str(tmp_path / "no-gntdev"), str(tmp_path / "no-evtchn"))
     assert info.value.errno == errno.ENODEV
     with pytest.raises(OSError, match="not a Xen dom0"):
-        xen.EvtchnDev(str(tmp_path / "no-evtchn"))
+        xen_devices.EvtchnDev(str(tmp_path / "no-evtchn"))
 
 
 def test_real_ioctl_gets_buffers_not_addresses() -> None:
@@ -173,16 +174,16 @@ def test_real_ioctl_gets_buffers_not_addresses() -> None:
 
     Passing ``ctypes.addressof(obj)`` instead died with OverflowError in CPython's int
     conversion as soon as the structure lived above 2**31 -- always, for heap memory here."""
-    assert ctypes.addressof(xen.GntdevSetMaxGrants(1)) > 2**31  # the case that overflowed
-    gnt = xen.GntDev("/dev/null")
-    evt = xen.EvtchnDev("/dev/null")
+    assert ctypes.addressof(xen_abi.GntdevSetMaxGrants(1)) > 2**31  # the case that overflowed
+    gnt = xen_devices.GntDev("/dev/null")
+    evt = xen_devices.EvtchnDev("/dev/null")
     try:
         calls: list[Any] = [
             lambda: gnt.set_max_grants(64),
             lambda: gnt.map_grant_refs(DOMID, [1, 2, 3]),
             lambda: gnt.map_grant_refs(DOMID, list(range(300))),  # > 1 KiB: CPython's direct path
             lambda: gnt.unmap_grant_ref(4096, 1),
-            lambda: gnt.grant_copy([xen.CopyOp(DOMID, 1, 0, bytearray(512))]),
+            lambda: gnt.grant_copy([xen_abi.CopyOp(DOMID, 1, 0, bytearray(512))]),
             lambda: gnt.copy_raw([(DOMID, 1, 0, 0x7F00_0000_0000, 512, True)]),
             lambda: evt.bind_interdomain(DOMID, 7),
             lambda: evt.bind_unbound_port(DOMID),
@@ -245,12 +246,12 @@ def test_map_failures_are_grant_errors_and_undo(
 ) -> None:
     mapper = map_transport.grant_mapper(DOMID)
     hv.revoked.add(31)
-    with pytest.raises(xen.GrantError):
+    with pytest.raises(errors.GrantError):
         mapper.map_segments([(30, 0, 4096), (31, 0, 4096)], writable=True)
     assert hv.last() == ("unmap", (123, 2))  # the reservation was given back
-    with pytest.raises(xen.GrantError):
+    with pytest.raises(errors.GrantError):
         map_transport.grant_mapper(DOMID + 1).map_segments([(1, 0, 512)], writable=True)
-    with pytest.raises(xen.GrantError):
+    with pytest.raises(errors.GrantError):
         mapper.map_segments([(1, 4000, 512)], writable=True)  # crosses the page
 
 
@@ -263,7 +264,7 @@ def test_copy_pages_by_grant_copy(transport: xen.XenTransport, hv: FakeHyperviso
     hv.mem[3 * 4096] = 0xFF
     assert pages[0][0] == 3  # a private copy: later guest writes do not show
     hv.revoked.add(17)
-    with pytest.raises(xen.GrantError, match="ref 17"):
+    with pytest.raises(errors.GrantError, match="ref 17"):
         transport.grant_mapper(DOMID).copy_pages([3, 17])
 
 
@@ -274,18 +275,18 @@ def test_grant_copy_both_directions(transport: xen.XenTransport, hv: FakeHypervi
     hv.mem[5 * 4096 + 300 : 5 * 4096 + 400] = b"g" * 100
     statuses = dev.grant_copy(
         [
-            xen.CopyOp(DOMID, 5, 300, out),
-            xen.CopyOp(DOMID, 6, 4000, payload, to_guest=True),
-            xen.CopyOp(DOMID, 99, 0, bytearray(10)),
+            xen_abi.CopyOp(DOMID, 5, 300, out),
+            xen_abi.CopyOp(DOMID, 6, 4000, payload, to_guest=True),
+            xen_abi.CopyOp(DOMID, 99, 0, bytearray(10)),
         ]
     )
     assert statuses == [0, 0, GNTST_BAD_GNTREF]
     assert out == b"g" * 100
     assert hv.page(6)[4000:4096] == payload
     with pytest.raises(ValueError):
-        dev.grant_copy([xen.CopyOp(DOMID, 5, 4090, bytearray(10))])
+        dev.grant_copy([xen_abi.CopyOp(DOMID, 5, 4090, bytearray(10))])
     with pytest.raises(TypeError):
-        dev.grant_copy([xen.CopyOp(DOMID, 5, 0, memoryview(b"readonly-view"))])
+        dev.grant_copy([xen_abi.CopyOp(DOMID, 5, 0, memoryview(b"readonly-view"))])
 
 
 def test_event_channel(transport: xen.XenTransport, hv: FakeHypervisor) -> None:
@@ -312,7 +313,7 @@ def test_event_channel(transport: xen.XenTransport, hv: FakeHypervisor) -> None:
 
 def test_evtchn_pending_is_bounded(tmp_path: Path, hv: FakeHypervisor) -> None:
     (tmp_path / "evtchn").write_bytes(b"")
-    dev = xen.EvtchnDev(str(tmp_path / "evtchn"), ioctl=hv.ioctl)
+    dev = xen_devices.EvtchnDev(str(tmp_path / "evtchn"), ioctl=hv.ioctl)
     ours, theirs = socket.socketpair()
     os.dup2(ours.fileno(), dev.fileno())
     ours.close()
@@ -326,7 +327,7 @@ def test_evtchn_pending_is_bounded(tmp_path: Path, hv: FakeHypervisor) -> None:
 
 
 def test_satisfies_the_backend_transport_protocol(transport: xen.XenTransport) -> None:
-    from blockback.backend import Transport
+    from blockback.transport import Transport
 
     plugged: Transport = transport  # checked by mypy --strict: the same shape as transport/sim.py
     assert plugged.grant_mapper(DOMID).domid == DOMID  # type: ignore[attr-defined]

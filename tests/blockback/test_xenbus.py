@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from blockback.abi import X86_32, X86_64
-from blockback.ring import LocalProtocolError, RemoteProtocolError
+from blockback.errors import LocalProtocolError, RemoteProtocolError
 from blockback.xenbus import (
     TRANSITIONS,
     Action,

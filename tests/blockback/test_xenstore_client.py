@@ -315,13 +315,13 @@ def test_device_style_channel(xs_server: XenStoreServer) -> None:
     import socket
     import time
 
-    from blockback.xenstore.client import _Channel
+    from blockback.xenstore.channel import Channel
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(xs_server.path)
     fd = os.dup(sock.fileno())
     sock.close()
-    client = XenStoreClient(xs_server.path, _channel=_Channel.from_fd(fd))
+    client = XenStoreClient(xs_server.path, _channel=Channel.from_fd(fd))
     client.write("/dev-style", "v")
     assert client.read("/dev-style") == b"v"
     client.watch("/dev-style", "t")
@@ -334,7 +334,7 @@ def test_device_style_channel(xs_server: XenStoreServer) -> None:
 
 
 def test_find_xenstore(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from blockback.xenstore import client as client_module
+    from blockback.xenstore import channel as client_module
 
     monkeypatch.setenv("XENSTORED_PATH", str(tmp_path / "x.sock"))
     assert client_module.find_xenstore() == str(tmp_path / "x.sock")

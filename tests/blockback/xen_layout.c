@@ -33,16 +33,11 @@ int main(void)
 {
     NUM(IOCTL_GNTDEV_MAP_GRANT_REF);
     NUM(IOCTL_GNTDEV_UNMAP_GRANT_REF);
-    NUM(IOCTL_GNTDEV_GET_OFFSET_FOR_VADDR);
     NUM(IOCTL_GNTDEV_SET_MAX_GRANTS);
-    NUM(IOCTL_GNTDEV_SET_UNMAP_NOTIFY);
     NUM(IOCTL_GNTDEV_GRANT_COPY);
-    NUM(UNMAP_NOTIFY_CLEAR_BYTE);
-    NUM(UNMAP_NOTIFY_SEND_EVENT);
     NUM(GNTCOPY_source_gref);
     NUM(GNTCOPY_dest_gref);
     NUM(GNTST_okay);
-    NUM(IOCTL_EVTCHN_BIND_VIRQ);
     NUM(IOCTL_EVTCHN_BIND_INTERDOMAIN);
     NUM(IOCTL_EVTCHN_BIND_UNBOUND_PORT);
     NUM(IOCTL_EVTCHN_UNBIND);
@@ -62,15 +57,7 @@ int main(void)
     OFF(ioctl_gntdev_unmap_grant_ref, index);
     OFF(ioctl_gntdev_unmap_grant_ref, count);
     OFF(ioctl_gntdev_unmap_grant_ref, pad);
-    SIZE(ioctl_gntdev_get_offset_for_vaddr);
-    OFF(ioctl_gntdev_get_offset_for_vaddr, vaddr);
-    OFF(ioctl_gntdev_get_offset_for_vaddr, offset);
-    OFF(ioctl_gntdev_get_offset_for_vaddr, count);
     SIZE(ioctl_gntdev_set_max_grants);
-    SIZE(ioctl_gntdev_unmap_notify);
-    OFF(ioctl_gntdev_unmap_notify, index);
-    OFF(ioctl_gntdev_unmap_notify, action);
-    OFF(ioctl_gntdev_unmap_notify, event_channel_port);
     SIZE(ioctl_gntdev_grant_copy_segment);
     OFF(ioctl_gntdev_grant_copy_segment, source);
     OFF(ioctl_gntdev_grant_copy_segment, dest);
@@ -83,7 +70,6 @@ int main(void)
     SIZE(ioctl_gntdev_grant_copy);
     OFF(ioctl_gntdev_grant_copy, count);
     OFF(ioctl_gntdev_grant_copy, segments);
-    SIZE(ioctl_evtchn_bind_virq);
     SIZE(ioctl_evtchn_bind_interdomain);
     OFF(ioctl_evtchn_bind_interdomain, remote_domain);
     OFF(ioctl_evtchn_bind_interdomain, remote_port);

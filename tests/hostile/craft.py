@@ -13,6 +13,8 @@ import uuid
 from pathlib import Path
 
 from tests.model import DIFFERENCING, DYNAMIC, FIXED, build_footer, build_header
+from vhd.check import CheckReport, check
+from vhd.repair import RepairPlan, apply_plan, plan_repair
 
 SECTOR = 512
 W2KU = 0x57326B75
@@ -121,3 +123,13 @@ def footer_id(path: Path) -> bytes:
     with open(path, "rb") as f:
         f.seek(-SECTOR, os.SEEK_END)
         return f.read(SECTOR)[68:84]
+
+
+def repair(path: Path) -> tuple[RepairPlan, CheckReport]:
+    """What ``vhd check --repair`` does: check, plan, apply; the plan and a fresh check."""
+    report = check(path)
+    plan = plan_repair(report)
+    if plan.empty:
+        return plan, report
+    apply_plan(plan)
+    return plan, check(path)

@@ -15,10 +15,9 @@ import vhd
 import vhd.bat
 import vhd.check as check_module
 from tests.conftest import need_tool
-from tests.hostile.craft import craft, craft_fixed
+from tests.hostile.craft import craft, craft_fixed, repair
 from vhd.check import check
 from vhd.convert import convert
-from vhd.repair import repair
 from vhd.source import Source, open_source
 
 KiB, MiB, GiB = 1024, 1024 * 1024, 1024 * 1024 * 1024

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 import vhd
+from tests.hostile.craft import repair
 from tests.model import checksum
 from vhd.check import check
-from vhd.repair import repair
 
 MiB = 1024 * 1024
 

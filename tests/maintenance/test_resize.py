@@ -195,3 +195,18 @@ def test_grow_hyperv_dynamic(tmp_path: Path, require_tool: object) -> None:
     assert rc == 0 and "relocated" in out, out
     want = bytes(content) + bytes(12 * MiB)
     verify(path, want, tmp_path)
+
+
+def test_grow_past_the_table_bound_is_refused(tmp_path: Path) -> None:
+    """vhd.open refuses a disk needing more than vhd.bat.MAX_ENTRIES blocks (hostile headers):
+    resize must not make such a disk, or the user's own image would no longer open."""
+    from vhd.bat import MAX_ENTRIES
+
+    path = tmp_path / "small-blocks.vhd"
+    with vhd.create(path, 64 * 2**20, block_size=4096):
+        pass
+    too_big = (MAX_ENTRIES + 1) * 4096
+    with pytest.raises(vhd.InvalidArgumentError, match="needs more than"):
+        vresize.resize(path, too_big)
+    with vhd.open(path) as disk:
+        assert disk.size == 64 * 2**20

@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from vhdtools.commands.serve import parse_listen
 
 import vhd
 from blockback.nbd import protocol as p
-from blockback.nbd.server import NBDServer, _parse_listen
+from blockback.nbd.server import NBDServer
 from tests.nbd.helpers import (
     IMAGE_SIZE,
     MiB,
@@ -351,13 +352,13 @@ def test_tcp_listener(disk: vhd.Disk) -> None:
 
 
 def test_parse_listen() -> None:
-    assert _parse_listen("127.0.0.1:1234") == ("127.0.0.1", 1234)
-    assert _parse_listen("[::1]:99") == ("::1", 99)
-    assert _parse_listen(":5") == ("127.0.0.1", 5)
+    assert parse_listen("127.0.0.1:1234") == ("127.0.0.1", 1234)
+    assert parse_listen("[::1]:99") == ("::1", 99)
+    assert parse_listen(":5") == ("127.0.0.1", 5)
     with pytest.raises(ValueError):
-        _parse_listen("host:port")
+        parse_listen("host:port")
     with pytest.raises(ValueError):
-        _parse_listen("host:70000")
+        parse_listen("host:70000")
 
 
 @pytest.mark.parametrize("structured", [True, False])
@@ -452,3 +453,27 @@ def test_protocol_error_hangs_up_even_if_the_client_reads_nothing(disk: vhd.Disk
         while server.connections and time.monotonic() < deadline:
             time.sleep(0.02)
         assert server.connections == 0
+
+
+@pytest.mark.parametrize("length", [4096, BIG])
+def test_every_request_is_validated_by_check_request(
+    disk: vhd.Disk, monkeypatch: pytest.MonkeyPatch, length: int
+) -> None:
+    """One validation point: a rule added to ``check_request`` applies to small reads too (they
+    run inline, on a path that once decoded the header itself and skipped the check)."""
+    seen: list[p.Request] = []
+
+    def refuse_reads(session: p.Session, req: p.Request) -> tuple[int, str]:
+        seen.append(req)
+        if req.type == p.Cmd.READ:
+            return errno.EPERM, "a new rule"
+        return 0, ""
+
+    monkeypatch.setattr(p, "check_request", refuse_reads)
+    with serving(disk) as (_s, _url, path), RawClient(path) as c:
+        c.handshake()
+        r = c.read(0, length, handle=11)
+        assert (r.handle, r.error) == (11, errno.EPERM)
+        c.send(p.Cmd.DISC)
+    reads = [(q.handle, q.offset, q.length) for q in seen if q.type == p.Cmd.READ]
+    assert reads == [(11, 0, length)]  # checked, and checked once

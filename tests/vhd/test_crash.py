@@ -19,6 +19,7 @@ import pytest
 import vhd
 import vhd.disk
 import vhd.fileio
+import vhd.metadata
 from tests.model import ModelImage, model_chain
 from tests.strategies import payload
 
@@ -32,7 +33,8 @@ Op = tuple[
 
 
 def _record(monkeypatch: pytest.MonkeyPatch, log: list[Op]) -> None:
-    # The names vhd.disk imported from vhd.fileio are the ones its code calls.
+    # The names vhd.disk and vhd.metadata (its BAT writes) imported from vhd.fileio are the
+    # ones their code calls.
     real_write = vhd.fileio.write_all
     real_zeros = vhd.fileio.write_zeros
     real_punch = vhd.fileio.punch_hole
@@ -57,6 +59,8 @@ def _record(monkeypatch: pytest.MonkeyPatch, log: list[Op]) -> None:
     monkeypatch.setattr(vhd.disk, "write_all", write_all)
     monkeypatch.setattr(vhd.disk, "write_zeros", write_zeros)
     monkeypatch.setattr(vhd.disk, "punch_hole", punch_hole)
+    monkeypatch.setattr(vhd.metadata, "write_all", write_all)
+    monkeypatch.setattr(vhd.metadata, "write_zeros", write_zeros)
     monkeypatch.setattr(os, "fdatasync", fdatasync)
 
 

@@ -1,0 +1,37 @@
+"""The errors of the block backends, in one place, split as h11 splits them.
+
+* :class:`RemoteProtocolError` -- the peer (a blkif frontend, an NBD client) broke the protocol:
+  its fault, not ours.  A blkif device is failed (docs/blkif.md §2, "error" node and Closing);
+  an NBD connection is hung up on (NBD protocol doc, "Terminating the transmission phase").
+* :class:`LocalProtocolError` -- our own caller misused an engine: a bug in the toolkit.
+* :class:`GrantError` -- a grant reference could not be mapped or copied (docs/blkif.md §1:
+  not granted, revoked, read-only for a write, out of range); an :class:`OSError`, EFAULT unless
+  the device said otherwise, so the request is answered ERROR like any other I/O failure.
+
+None of them is a :class:`vhd.VHDError`: they are about a peer or a hypervisor, not an image.
+"""
+
+from __future__ import annotations
+
+import errno
+
+
+class RemoteProtocolError(Exception):
+    """The peer broke the protocol (its fault, not ours): the device or connection is failed."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+
+
+class LocalProtocolError(Exception):
+    """The caller misused this engine (a bug in the toolkit)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+
+
+class GrantError(OSError):
+    """A grant could not be mapped or copied (bad, revoked or read-only reference)."""
+
+    def __init__(self, message: str, code: int = errno.EFAULT) -> None:
+        super().__init__(code, message)

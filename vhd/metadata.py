@@ -1,0 +1,211 @@
+"""The one writer of VHD metadata: BAT entries, the dynamic header, the footers and where the
+file ends (spec: "Hard Disk Footer", "Dynamic Disk Header", "Block Allocation Table").
+
+Every operation that changes metadata of an image — block allocation in :class:`~vhd.disk.Disk`,
+``compact``, ``resize``, ``commit``, ``set-parent`` and the plans of ``check --repair`` — goes
+through here, so the on-disk bytes are built one way and an open :class:`Disk` is kept in step
+with what is on disk (nothing else assigns to a Disk's footer, header or BAT behind its back).
+
+Crash-ordering rules (each a write followed by a sync before the next step depends on it):
+
+1. **The file always ends in a valid footer.**  Before anything is placed past the trailing
+   footer, the footer is first written at the new end (:meth:`MetadataWriter.move_footer`); an
+   old footer left inside the new space is zeroed, so no scan mistakes it for the image's.  A
+   crash leaves at worst unreferenced space before the footer (orphan space, which
+   ``vhd check --repair`` cuts).
+2. **A BAT entry never points at bytes that are not durable.**  A block's data, then its sector
+   bitmap, are written and synced before the BAT sector that references them
+   (:meth:`MetadataWriter.flush_bat` and :meth:`MetadataWriter.set_bat_entries` sync first when
+   asked).  Unflushed allocations can be lost; the space they took shows up as orphan blocks.
+3. **Space is freed only after nothing references it.**  Entries are unallocated (synced) before
+   the space they held is reused or cut; a cut (:meth:`MetadataWriter.cut`) writes the footer at
+   its new place before the file is shortened.
+4. **The trailing footer before the copy at offset 0.**  Between the two writes the footers
+   differ, which ``vhd check --repair`` mends from the trailing one.
+
+BAT sectors are read-modify-written a 512-byte sector at a time (:func:`bat_sector_writes`), so
+entries past the in-memory table (a header that claims fewer entries than the file holds) are
+kept as they are.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING
+
+from .bat import ENTRIES_PER_SECTOR
+from .fileio import read_exact, write_all, write_zeros
+from .footer import FOOTER_SIZE, Footer
+from .header import HEADER_SIZE, DynamicHeader
+
+if TYPE_CHECKING:
+    from .bat import BlockAllocationTable
+    from .disk import Disk
+
+SECTOR = 512
+_COPY_CHUNK = 4 * 1024 * 1024
+
+
+def bat_sector_writes(
+    read_sector: Callable[[int], bytes], table_offset: int, entries: Mapping[int, int]
+) -> list[tuple[int, bytes]]:
+    """The ``(file offset, 512 bytes)`` writes that set ``{index: value}`` in an on-disk BAT at
+    ``table_offset``, in file order.  ``read_sector(offset)`` gives the sector's current bytes
+    (short reads are padded with 0xFF, "unallocated"), so the other entries are kept."""
+    sectors: dict[int, bytearray] = {}
+    for index, value in entries.items():
+        sector = index // ENTRIES_PER_SECTOR
+        raw = sectors.get(sector)
+        if raw is None:
+            at = table_offset + sector * SECTOR
+            raw = sectors[sector] = bytearray(read_sector(at).ljust(SECTOR, b"\xff"))
+        pos = (index % ENTRIES_PER_SECTOR) * 4
+        raw[pos : pos + 4] = value.to_bytes(4, "big")
+    return [(table_offset + s * SECTOR, bytes(raw)) for s, raw in sorted(sectors.items())]
+
+
+def metadata_end(footer: Footer, header: DynamicHeader, *, table_entries: int | None = None) -> int:
+    """The sector-rounded end of the dynamic header, the BAT (``table_entries`` of them, sector
+    padded; the header's count by default) and the locator payloads: where blocks may start."""
+    count = header.max_table_entries if table_entries is None else table_entries
+    end = max(FOOTER_SIZE, footer.data_offset + HEADER_SIZE)
+    end = max(end, header.table_offset + -(-count * 4 // SECTOR) * SECTOR)
+    for loc in header.locators:
+        if loc.in_use:
+            end = max(end, loc.data_offset + max(loc.data_len, loc.space_bytes))
+    return -(-end // SECTOR) * SECTOR
+
+
+class MetadataWriter:
+    """Metadata writes to the file of an open :class:`~vhd.disk.Disk`, each keeping the Disk's
+    in-memory footer, header and BAT equal to what is on disk."""
+
+    __slots__ = ("_disk",)
+
+    def __init__(self, disk: Disk) -> None:
+        self._disk = disk
+
+    @property
+    def fd(self) -> int:
+        return self._disk.fd
+
+    def _sync(self) -> None:
+        os.fsync(self._disk.fd)
+
+    def _bat(self) -> BlockAllocationTable:
+        from .disk import SparseDisk  # (vhd.disk imports this module)
+
+        assert isinstance(self._disk, SparseDisk), "a fixed disk has no BAT"
+        return self._disk.bat
+
+    # -- BAT ---------------------------------------------------------------------------
+
+    def set_bat_entries(self, entries: Mapping[int, int], *, data_first: bool = False) -> None:
+        """Write ``{block: sector}`` into the on-disk BAT and sync, then adopt them in memory
+        (clean: close() has nothing left to write).  ``data_first`` syncs the data the entries
+        will point at before the BAT is touched (rule 2)."""
+        if not entries:
+            return
+        disk = self._disk
+        header = disk.header
+        assert header is not None
+        if data_first:
+            os.fdatasync(disk.fd)
+        for at, raw in bat_sector_writes(
+            lambda at: os.pread(disk.fd, SECTOR, at), header.table_offset, entries
+        ):
+            write_all(disk.fd, raw, at)
+        self._sync()
+        bat = self._bat()
+        count = len(bat)
+        for block, value in entries.items():
+            if block < count:
+                bat.entries[block] = value
+
+    def flush_bat(self, *, durable: bool) -> None:
+        """Write the BAT sectors that the Disk changed in memory (its allocations and discards):
+        the data and bitmaps first, synced, then the sectors (rule 2)."""
+        disk = self._disk
+        if durable:
+            os.fdatasync(disk.fd)
+        bat = self._bat()
+        if not bat.dirty:
+            return
+        header = disk.header
+        assert header is not None
+        sectors = bat.take_dirty()
+        try:
+            for sector in sectors:
+                write_all(disk.fd, bat.sector_bytes(sector), header.table_offset + sector * SECTOR)
+            if durable:
+                os.fdatasync(disk.fd)
+        except BaseException:
+            bat.mark_dirty(sectors)
+            raise
+
+    # -- header and footers ------------------------------------------------------------
+
+    def write_header(self, header: DynamicHeader, *, sync: bool = True) -> None:
+        """The dynamic header in place (at the footer's data offset)."""
+        disk = self._disk
+        write_all(disk.fd, header.build(), disk.footer.data_offset)
+        if sync:
+            self._sync()
+        disk._adopt_metadata(header=header)
+
+    def write_footers(self, footer: Footer, at: int) -> None:
+        """The trailing footer at ``at``, then the copy at offset 0 (rule 4).  The in-memory BAT
+        follows a changed disk size (its new entries must be unallocated on disk already)."""
+        disk = self._disk
+        raw = footer.build()
+        write_all(disk.fd, raw, at)
+        self._sync()
+        write_all(disk.fd, raw, 0)
+        self._sync()
+        disk._adopt_metadata(footer=footer, footer_offset=at)
+
+    def write_footer_copy(self) -> None:
+        """The footer copy at offset 0 from the current footer."""
+        write_all(self._disk.fd, self._disk.footer.build(), 0)
+        self._sync()
+
+    def move_footer(self, at: int, *, clear_old: bool = True) -> None:
+        """The current trailing footer written at ``at`` (past the old one) and synced; the old
+        one, now inside the file, is zeroed (rule 1)."""
+        disk = self._disk
+        old = disk.footer_offset
+        write_all(disk.fd, disk.footer.build(), at)
+        self._sync()
+        if clear_old and old < at:
+            write_zeros(disk.fd, old, min(FOOTER_SIZE, at - old))
+        disk._adopt_metadata(footer_offset=at)
+
+    def cut(self, end: int, footer: Footer | None = None) -> None:
+        """The trailing footer written at ``end``, synced, then the file cut after it (rule 3)."""
+        disk = self._disk
+        footer = disk.footer if footer is None else footer
+        write_all(disk.fd, footer.build(), end)
+        self._sync()
+        os.ftruncate(disk.fd, end + FOOTER_SIZE)
+        self._sync()
+        disk._adopt_metadata(footer=footer, footer_offset=end, file_size=end + FOOTER_SIZE)
+
+    # -- block placement ---------------------------------------------------------------
+
+    def copy(self, src: int, dst: int, length: int) -> None:
+        """Copy ``length`` file bytes from ``src`` to ``dst`` (unsynced: the caller syncs the
+        copies before pointing at them, rule 2)."""
+        fd = self._disk.fd
+        pos = 0
+        while pos < length:
+            n = min(_COPY_CHUNK, length - pos)
+            write_all(fd, read_exact(fd, n, src + pos), dst + pos)
+            pos += n
+
+    def write_raw(self, writes: Iterable[tuple[int, bytes]], *, sync: bool = True) -> None:
+        """Positioned writes of metadata payloads (locator data, bitmaps), then a sync."""
+        for at, data in writes:
+            write_all(self._disk.fd, data, at)
+        if sync:
+            self._sync()
