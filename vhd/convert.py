@@ -123,13 +123,18 @@ def _convert_vhdx(
     from .vhdx.create import DEFAULT_BLOCK_SIZE as VHDX_BLOCK
 
     bs = VHDX_BLOCK if block_size == DEFAULT_BLOCK_SIZE else block_size
-    disk = create_vhdx(dst, -(-size // 512) * 512, type=type, block_size=bs, overwrite=overwrite)
-    try:
-        # 2 MiB chunks, not whole 32 MiB blocks: memory stays small; the first write into a
-        # block allocates it, the rest go in place.
-        written = _copy(src, disk.pwrite, CHUNK, progress)
-    finally:
-        disk.close(durable=sync)
+    # Under a temporary name and renamed when complete, as VHD and raw outputs (vhd.newfile).
+    with NewFile(dst, overwrite=overwrite) as new:
+        disk = create_vhdx(new, -(-size // 512) * 512, type=type, block_size=bs)
+        try:
+            # 2 MiB chunks, not whole 32 MiB blocks: memory stays small; the first write into
+            # a block allocates it, the rest go in place.
+            written = _copy(src, disk.pwrite, CHUNK, progress, new.final)
+            # Metadata reaches the file before the rename: the image is complete under its name.
+            disk.flush(durable=sync)
+            new.publish(durable=sync)
+        finally:
+            disk.close(durable=sync)
     return ConvertResult(size, written)
 
 

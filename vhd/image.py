@@ -139,6 +139,7 @@ def open(
             parent=parent,
             open_parent=open_parent,
             allow_parent_mismatch=allow_parent_mismatch,
+            parent_policy=parent_policy,
             _seen=_seen,
             _expect=_expect,
             force_share=force_share,

@@ -9,16 +9,16 @@ parent_linkage is the parent's DataWriteGuid (a VHD parent: its unique id).
 
 from __future__ import annotations
 
-import contextlib
 import ntpath
 import os
 import uuid
 
 from ..disk import Disk
-from ..errors import InvalidArgumentError, VHDError
+from ..errors import InvalidArgumentError
 from ..fileio import write_all
+from ..newfile import NewFile, naming
 from . import records as r
-from .disk import VHDXDisk, bat_entries, chunk_ratio, open_vhdx, parent_identity
+from .disk import VHDXDisk, bat_entries, chunk_ratio, open_vhdx_locked, parent_identity
 
 MiB = r.MiB
 DEFAULT_BLOCK_SIZE = 32 * MiB
@@ -27,7 +27,7 @@ CREATOR = "vhdkit"
 
 
 def create_vhdx(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | NewFile,
     size: int,
     *,
     type: str = "dynamic",
@@ -39,8 +39,11 @@ def create_vhdx(
 ) -> VHDXDisk:
     """Create a VHDX and return it open read-write.  ``type`` is fixed, dynamic or differencing
     (then ``parent`` is an open :class:`Disk`; its size is the child's unless ``size`` is
-    larger)."""
-    spath = os.fspath(path)
+    larger).  Written under a temporary name and renamed when complete (:mod:`vhd.newfile`).
+    ``path`` may instead be an unpublished :class:`~vhd.newfile.NewFile`: the layout is written
+    into it and the disk returned on a copy of its locked descriptor, named by its final path;
+    the caller fills it, flushes and publishes (``vhd convert``)."""
+    spath = path.final if isinstance(path, NewFile) else os.fspath(path)
     if type not in ("fixed", "dynamic", "differencing"):
         raise InvalidArgumentError(f"unknown VHDX type {type!r} (fixed, dynamic, differencing)")
     if (type == "differencing") != (parent is not None):
@@ -98,6 +101,37 @@ def create_vhdx(
     ]
     if parent is not None:
         items.append((r.PARENT_LOCATOR, _locator(spath, parent).build(), False))
+    if isinstance(path, NewFile):
+        return _write_new(path, items, header, regions, meta_offset, bat_offset, bat_length,
+                          data_offset, type, size, block_size, logical_sector_size, parent)  # fmt: skip
+    # Written under a temporary name and renamed when complete (vhd.newfile), as VHD: an
+    # interrupted create leaves nothing under the final name, and never touches what was there.
+    with NewFile(spath, overwrite=overwrite) as new:
+        disk = _write_new(new, items, header, regions, meta_offset, bat_offset, bat_length,
+                          data_offset, type, size, block_size, logical_sector_size, parent)  # fmt: skip
+        try:
+            new.publish(durable=True)
+        except BaseException:
+            disk.close()
+            raise
+    return disk
+
+
+def _write_new(
+    new: NewFile,
+    items: list[tuple[uuid.UUID, bytes, bool]],
+    header: r.Header,
+    regions: r.RegionTable,
+    meta_offset: int,
+    bat_offset: int,
+    bat_length: int,
+    data_offset: int,
+    type: str,
+    size: int,
+    block_size: int,
+    logical_sector_size: int,
+    parent: Disk | None,
+) -> VHDXDisk:
     entries: list[r.MetadataEntry] = []
     blobs = bytearray()
     at = r.METADATA_TABLE_SIZE
@@ -105,10 +139,8 @@ def create_vhdx(
         entries.append(r.MetadataEntry(item_id, at + len(blobs), len(blob), False, virtual, True))
         blobs += blob
         blobs += bytes(-len(blobs) % 8)
-
-    flags_open = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (os.O_TRUNC if overwrite else os.O_EXCL)
-    fd = os.open(spath, flags_open, 0o644)
-    try:
+    fd = new.fd
+    with naming(new.final):
         write_all(fd, r.FileIdentifier(CREATOR).build(), 0)
         for off in r.HEADER_OFFSETS:
             write_all(fd, header.build(), off)
@@ -127,19 +159,8 @@ def create_vhdx(
             write_all(fd, bat, bat_offset)
             end = data_offset + blocks * block_size
         os.ftruncate(fd, end)
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(spath)
-        raise
-    os.close(fd)
-    try:
-        disk = open_vhdx(spath, "r+", parent=parent, open_parent=False)
-    except VHDError:
-        os.unlink(spath)
-        raise
-    return disk
+    # The disk shares new's lock (a dup of its descriptor) and goes by the final name.
+    return open_vhdx_locked(os.dup(fd), new.final, parent=parent)
 
 
 def _locator(child: str, parent: Disk) -> r.ParentLocator:

@@ -33,9 +33,11 @@ a session updates both headers with a new FileWriteGuid and DataWriteGuid (2.2.2
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import os
+import re
 import stat
 import sys
 import threading
@@ -45,8 +47,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from .. import lock
+from ..chain import MAX_CHAIN_DEPTH, ParentPolicy, _inside, _show, _tried_text
 from ..disk import Disk, Extent
 from ..errors import (
+    ChainLoopError,
     CorruptImageError,
     InvalidArgumentError,
     NotAVHDError,
@@ -58,6 +62,7 @@ from ..errors import (
 )
 from ..fileio import file_size, punch_hole, read_exact_into, read_upto, write_all, zero_fill
 from ..footer import DiskType
+from ..locator import windows_to_posix
 from . import log as vlog
 from . import records as r
 
@@ -679,6 +684,7 @@ def open_vhdx(
     parent_dirs: Sequence[str] = (),
     open_parent: bool = True,
     allow_parent_mismatch: bool = False,
+    parent_policy: ParentPolicy | None = None,
     _seen: frozenset[tuple[int, int]] = frozenset(),
     _expect: tuple[int, int] | None = None,
     force_share: bool = False,
@@ -690,6 +696,7 @@ def open_vhdx(
         raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
     spath = os.fspath(path)
     writable = mode == "r+"
+    policy = (parent_policy or ParentPolicy()).with_dirs(parent_dirs)
     fd = os.open(spath, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK)
     try:
         st = os.fstat(fd)
@@ -707,7 +714,35 @@ def open_vhdx(
         seen = _seen | {(st.st_dev, st.st_ino)}
         if disk._differencing and (open_parent or parent is not None):
             try:
-                disk.parent = _open_parent(disk, parent, parent_dirs, allow_parent_mismatch, seen)
+                disk.parent = _open_parent(disk, parent, policy, allow_parent_mismatch, seen)
+            except BaseException:
+                disk._closed = True
+                raise
+        return disk
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def open_vhdx_locked(
+    fd: int, path: str, *, parent: Disk | None = None, allow_parent_mismatch: bool = False
+) -> VHDXDisk:
+    """A writable :class:`VHDXDisk` on ``fd``, which the caller opened read-write and locked
+    exclusively (:mod:`vhd.newfile`: an image being written under its temporary name), with the
+    open ``parent`` the caller gives for a differencing disk; the disk owns ``fd`` from here on,
+    even on failure."""
+    try:
+        st = os.fstat(fd)
+        disk = _open_fd(fd, path, True)
+        if disk._differencing and parent is not None:
+            try:
+                disk.parent = _open_parent(
+                    disk,
+                    parent,
+                    ParentPolicy(),
+                    allow_parent_mismatch,
+                    frozenset({(st.st_dev, st.st_ino)}),
+                )
             except BaseException:
                 disk._closed = True
                 raise
@@ -996,29 +1031,50 @@ def _replay_in_file(fd: int, seq: vlog.ActiveSequence) -> None:
 # -- parents ------------------------------------------------------------------------------------
 
 
+_DRIVE_PREFIX = re.compile(r"^[A-Za-z]:")
+
+
 def _windows_name(value: str) -> str:
     return value.replace("\\", "/").rsplit("/", 1)[-1]
 
 
-def parent_candidates(disk: VHDXDisk, parent_dirs: Sequence[str]) -> list[str]:
-    """Where the parent may be, in the spec's order (2.6.2.6.3): relative_path, then the file
-    names of volume_path and absolute_win32_path beside the child and in ``parent_dirs``."""
+def parent_candidates(disk: VHDXDisk, parent_dirs: Sequence[str]) -> list[tuple[str, str]]:
+    """``(locator key, path)`` where the parent may be, in the spec's order (2.6.2.6.3):
+    relative_path, then absolute_win32_path (``C:\\x`` as ``/mnt/c/x``), then the file names
+    of all three beside the child and in ``parent_dirs``; before any policy is applied."""
     loc = disk.metadata.parent_locator
     assert loc is not None
     here = os.path.dirname(os.path.abspath(disk.path))
-    out: list[str] = []
+    out: list[tuple[str, str]] = []
+    names: list[tuple[str, str]] = []
     rel = loc.entries.get("relative_path")
     if rel:
         parts = [p for p in rel.replace("\\", "/").split("/") if p not in ("", ".")]
-        out.append(os.path.normpath(os.path.join(here, *parts)))
+        out.append(("relative_path", os.path.normpath(os.path.join(here, *parts))))
+        names.append(("relative_path", rel))
+    absolute = loc.entries.get("absolute_win32_path")
+    if absolute:
+        text = absolute
+        if text.startswith("\\\\?\\"):
+            text = text[4:]
+            # vhdkit writes a Linux path as "\\?\tmp\x" (no drive): rooted, as Linux sees it
+            if not _DRIVE_PREFIX.match(text):
+                text = "\\" + text
+        # A UNC or volume path ("\\\\server", "Volume{...}") names no Linux file.
+        if not text.startswith("\\\\") and not text.startswith("\\Volume{"):
+            out += [("absolute_win32_path", p) for p in windows_to_posix(text, here)]
     for key in ("volume_path", "absolute_win32_path"):
         value = loc.entries.get(key)
         if value:
-            name = _windows_name(value)
-            for d in (here, *parent_dirs):
-                out.append(os.path.join(d, name))
+            names.append((key, value))
+    for key, value in names:
+        name = _windows_name(value)
+        if name in ("", ".", ".."):
+            continue
+        for d in (here, *parent_dirs):
+            out.append((key, os.path.join(os.path.abspath(d), name)))
     seen: set[str] = set()
-    return [p for p in out if not (p in seen or seen.add(p))]  # type: ignore[func-returns-value]
+    return [(k, p) for k, p in out if not (p in seen or seen.add(p))]  # type: ignore[func-returns-value]
 
 
 def parent_linkages(disk: VHDXDisk) -> set[str]:
@@ -1040,43 +1096,70 @@ def parent_identity(parent: Disk) -> str | None:
     return str(uid) if uid is not None else None
 
 
+def _identity_at(path: str, *, devices: bool) -> tuple[tuple[int, int], str] | None:
+    """(file identity, what a parent_linkage would name) of the image at ``path``, from its
+    headers or footer alone (not its chain); None when it is not a readable VHDX or VHD (a
+    regular file, or a block device when ``devices``)."""
+    from ..image import locate_footer
+
+    try:
+        # O_NONBLOCK: a FIFO would otherwise block the open until a writer comes.
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    except (OSError, ValueError):
+        return None
+    try:
+        st = os.fstat(fd)
+        if not (stat.S_ISREG(st.st_mode) or (devices and stat.S_ISBLK(st.st_mode))):
+            return None
+        size = st.st_size if stat.S_ISREG(st.st_mode) else os.lseek(fd, 0, os.SEEK_END)
+        ident = (st.st_dev, st.st_ino)
+        if read_upto(fd, 8, 0) == r.SIGNATURE:
+            heads = []
+            for off in r.HEADER_OFFSETS:
+                with contextlib.suppress(VHDError):
+                    heads.append(r.Header.parse(read_upto(fd, r.HEADER_SIZE, off)))
+            if not heads:
+                return None
+            # the current header, as _read_layout picks it (equal numbers: the first copy)
+            head = max(heads, key=lambda h: h.sequence_number)
+            return ident, str(head.data_write_guid)
+        return ident, str(locate_footer(fd, size, path).footer.uuid)
+    except (OSError, ValueError, VHDError):
+        return None
+    finally:
+        os.close(fd)
+
+
 def _open_parent(
     disk: VHDXDisk,
     parent: Disk | str | os.PathLike[str] | None,
-    parent_dirs: Sequence[str],
+    policy: ParentPolicy,
     allow_mismatch: bool,
     seen: frozenset[tuple[int, int]],
 ) -> Disk:
-    from . import open_any
-
+    """The parent of a differencing VHDX, searched under ``policy`` as :mod:`vhd.chain` does
+    for VHD: candidates outside the child's folder and the policy's folders are refused unless
+    it allows absolute parents, only regular files qualify, each candidate's linkage is compared
+    from its headers before its chain is opened, and errors name no id of a file found."""
     loc = disk.metadata.parent_locator
     assert loc is not None
     if loc.locator_type != r.VHDX_PARENT_LOCATOR_TYPE:
         raise UnsupportedFeatureError(f"parent locator type {loc.locator_type}", path=disk.path)
     if "parent_linkage" not in loc.entries:
         raise CorruptImageError("the parent locator has no parent_linkage", path=disk.path)
+    if len(seen) >= MAX_CHAIN_DEPTH:
+        raise ChainLoopError(f"the chain is deeper than {MAX_CHAIN_DEPTH} disks", path=disk.path)
+    want = parent_linkages(disk)
     if isinstance(parent, Disk):
         opened = parent
     else:
-        paths = [os.fspath(parent)] if parent is not None else parent_candidates(disk, parent_dirs)
-        found = next((p for p in paths if os.path.isfile(p)), None)
-        if found is None:
-            raise ParentNotFoundError(
-                f"parent not found (tried {', '.join(paths) or 'no locator path'})",
-                path=disk.path,
-            )
-        st = os.stat(found)
-        if (st.st_dev, st.st_ino) in seen:
-            from ..errors import ChainLoopError
-
-            raise ChainLoopError(f"the parent {found} is already in the chain", path=disk.path)
-        opened = open_any(found, parent_dirs=parent_dirs, _seen=seen)
+        opened = _search_parent(disk, parent, policy, allow_mismatch, seen, want)
     try:
         ident = parent_identity(opened)
-        if not allow_mismatch and ident is not None and ident not in parent_linkages(disk):
+        if not allow_mismatch and ident is not None and ident not in want:
             raise ParentMismatchError(
-                f"the parent {opened.path} has identity {{{ident}}}, the child expects "
-                f"{loc.entries.get('parent_linkage')}",
+                f"the parent {_show(opened.path)} is not this child's parent (its identity is "
+                f"not the child's parent_linkage {loc.entries.get('parent_linkage')})",
                 path=disk.path,
             )
         if opened.size < disk.size:
@@ -1089,4 +1172,102 @@ def _open_parent(
         if not isinstance(parent, Disk):
             opened.close()
         raise
+    return opened
+
+
+def _search_parent(
+    disk: VHDXDisk,
+    parent: str | os.PathLike[str] | None,
+    policy: ParentPolicy,
+    allow_mismatch: bool,
+    seen: frozenset[tuple[int, int]],
+    want: set[str],
+) -> Disk:
+    from ..image import open as open_image
+
+    explicit = parent is not None
+    here = os.path.dirname(os.path.abspath(disk.path))
+    roots = [here] + [os.path.normpath(os.path.abspath(d)) for d in policy.dirs]
+    if parent is not None:
+        candidates = [("explicit parent", os.fspath(parent))]
+    else:
+        candidates = parent_candidates(disk, policy.dirs)
+    tried: list[str] = []
+    refused = False
+    if len(candidates) > policy.max_candidates:
+        tried.append(f"{len(candidates) - policy.max_candidates} candidates over the limit")
+        candidates = candidates[: policy.max_candidates]
+    looked_at: set[str] = set()
+    chosen: tuple[str, tuple[int, int]] | None = None
+    first_other: tuple[str, tuple[int, int]] | None = None
+    for _key, path in candidates:
+        shown = _show(path)
+        if "\0" in path:
+            tried.append(f"{shown} (not a valid path)")
+            continue
+        norm = os.path.normpath(os.path.abspath(path))
+        if norm in looked_at:
+            continue
+        looked_at.add(norm)
+        inside = _inside(norm, roots)
+        # Judged on the path as written, so that a refused path is not even looked up.
+        if not inside and not explicit and not policy.allow_absolute:
+            tried.append(f"{shown} (outside the allowed folders)")
+            refused = True
+            continue
+        found = _identity_at(norm, devices=explicit)
+        if found is None:
+            # Outside the allowed folders every failure reads the same: whether a file exists
+            # there, or what it is, is not the image's business.
+            what = "not found or not a VHDX or VHD" if inside or explicit else "no parent there"
+            tried.append(f"{shown} ({what})")
+            continue
+        ident, linkage = found
+        if linkage in want or (explicit and allow_mismatch):
+            if ident in seen:
+                raise ChainLoopError(f"the parent chain loops back to {shown}", path=disk.path)
+            chosen = (norm, ident)
+            break
+        tried.append(f"{shown} (not this child's parent)")
+        if first_other is None and ident not in seen:
+            first_other = (norm, ident)
+    mismatch_used = False
+    if chosen is None and allow_mismatch and first_other is not None:
+        chosen, mismatch_used = first_other, True
+    if chosen is None:
+        linkage_text = disk.metadata.parent_locator.entries.get("parent_linkage", "")  # type: ignore[union-attr]
+        where = _tried_text(tried)
+        if first_other is not None:
+            raise ParentMismatchError(
+                f"parent {_show(linkage_text)} was not found: the files found are not this "
+                f"child's parent ({where})",
+                path=disk.path,
+            )
+        hint = "Pass the directory that holds it with --parent-dir"
+        if refused:
+            hint += " (or trust the image's locators with --allow-absolute-parents)"
+        raise ParentNotFoundError(
+            f"parent image {_show(linkage_text)} not found; tried: {where}. {hint}",
+            path=disk.path,
+        )
+    path, ident = chosen
+    try:
+        # _expect: the file must still be the one whose headers were read.
+        opened = open_image(
+            path,
+            "r",
+            parent_policy=policy,
+            allow_parent_mismatch=allow_mismatch,
+            _seen=seen,
+            _expect=ident,
+        )
+    except VHDError:
+        raise
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not valid"
+        raise ParentNotFoundError(
+            f"the parent {_show(path)} cannot be opened ({reason})", path=disk.path
+        ) from None
+    if mismatch_used:
+        disk.warnings.append(f"parent {path} is not the one the child records; used anyway")
     return opened
