@@ -19,6 +19,9 @@ from tests.conftest import need_tool
 from tests.xen import lab
 
 DOM0 = Path(__file__).parent / "dom0"
+# The whole boot runs in the first scenario's setup: the project's default pytest-timeout (300 s,
+# pyproject.toml) would kill QEMU mid-run, so the bound is the lab's own, plus room to report.
+LAB_TIMEOUT = float(os.environ.get("XEN_LAB_TIMEOUT", "2400"))
 
 
 def scenarios() -> list[str]:
@@ -41,7 +44,7 @@ def lab_results(request: pytest.FixtureRequest) -> dict[str, ET.Element]:
         for item in request.session.items
         if hasattr(item, "callspec") and "scenario" in item.callspec.params
     ]
-    status = lab.boot(selected, timeout=float(os.environ.get("XEN_LAB_TIMEOUT", "2400")))
+    status = lab.boot(selected, timeout=LAB_TIMEOUT)
     junit = lab.RUN / "junit.xml"
     assert junit.exists(), f"the lab produced no report (qemu status {status}); see {lab.RUN}"
     results = {}
@@ -51,6 +54,7 @@ def lab_results(request: pytest.FixtureRequest) -> dict[str, ET.Element]:
     return results
 
 
+@pytest.mark.timeout(LAB_TIMEOUT + 600)
 @pytest.mark.parametrize("scenario", scenarios(), ids=lambda s: s.split("::")[-1])
 def test_scenario(scenario: str, lab_results: dict[str, ET.Element]) -> None:
     case = lab_results.get(scenario)
