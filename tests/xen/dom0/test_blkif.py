@@ -2,8 +2,7 @@
 
 Runs inside the lab's dom0 (tests/xen/lab.py); the guest side is tests/xen/guest/disks.sh.
 
-NOT YET IN THE RUN (named pending_*, so neither pytest nor tests/xen/test_lab.py collects it):
-it has not passed twice on the lab.  What it asserts: all five disks connect from one backend
+In the run.  What it asserts: all five disks connect from one backend
 process; blkfront reports flush diskcache and indirect descriptors enabled (the read-only disk:
 no flush offered) and uses the 4 queues offered; ro=1 on the read-only disk and its writes fail;
 odd O_DIRECT writes to the differencing child and the fixed disk read back in the guest and match
@@ -12,15 +11,10 @@ the image read by our library; the parent shows through the child and is unchang
 blkif's DISCARD promises the guest no zeros, so the guest's read-back is only reported);
 mkfs.ext4/mount/remount; ``vhd check`` and ``e2fsck -fn`` clean afterwards.
 
-Seen on the lab (xen-lab2, merged main before bb-arch): the guest's side passed whole -- every
-``VHDTEST PASS`` above, no FAIL, ``mq_*`` 4, ``ro_xvdd`` 1, flush/indirect enabled -- in under
-three minutes of guest time, and the backend closed all five devices when the guest powered off.
-The guest's read-back of the discarded range was NOT zeros (``discarded_md5`` differs from 4 MiB
-of zeros), although ``Disk.discard`` of whole blocks reads zeros through the library: so the
-host-side deallocation check is the one to watch.  dom0's checks of the images afterwards never
-ran: ``make test-xen``'s host pytest hit the project's default 300 s timeout, which killed QEMU
-just after the guest powered off (fixed in tests/xen/test_lab.py).  Rename it to
-test_blkif.py once it passes twice.
+Seen on the lab: the guest's side passed whole twice (once before the blockback split, once
+after); the host's checks passed on the final code of 2026-11-30, where the guest also read the
+discarded range back as zeros (an earlier run read non-zero data there, on code before discard
+became a TRIM: the host-side deallocation check is the one that decides).
 """
 
 from __future__ import annotations
