@@ -11,7 +11,8 @@ mkdir -p /dev/pts /dev/shm
 mount -t devpts devpts /dev/pts
 mount -t tmpfs tmpfs /dev/shm
 mount -t tmpfs tmpfs /run
-mount -t tmpfs tmpfs /tmp
+# No tmpfs on /tmp: the checkout (and the lab's unpacked kernel modules) may live under the host's
+# /tmp, as a CI clone can; the overlay's tmpfs upper already keeps dom0's writes in memory.
 # The unpacked 6.1 kernel's modules (the host runs another kernel).
 version=$(uname -r)
 mkdir -p "/lib/modules/$version"
