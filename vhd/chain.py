@@ -44,6 +44,7 @@ from .errors import (
 )
 from .fileio import read_upto
 from .header import DynamicHeader
+from .layout import locate_footer
 from .locator import (
     CODE_MACX,
     CODE_W2KU,
@@ -215,8 +216,6 @@ def _tried_text(tried: Sequence[str]) -> str:
 def _footer_id(path: str, *, devices: bool) -> tuple[tuple[int, int], bytes] | None:
     """(identity, unique id) of the VHD at ``path`` from its footer alone; None when it is not
     a readable VHD (a regular file, or a block device when ``devices``)."""
-    from .image import locate_footer  # image imports this module
-
     try:
         # O_NONBLOCK: a FIFO would otherwise block the open until a writer comes.
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)

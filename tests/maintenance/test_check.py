@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import vhd
-import vhd.check as vcheck
+import vhd.layout as vlayout
 from tests.maintenance.helpers import (
     MiB,
     make_chain,
@@ -240,7 +240,7 @@ def test_bat_overlapping_metadata_and_each_other(tmp_path: Path, require_tool: o
     found = codes(path)
     assert {"bat-overlaps-metadata", "bat-overlap"} <= found
     report = check(path)
-    assert set(report.model.drop) == {used[0], used[2]}
+    assert set(report.fixes.drop) == {used[0], used[2]}
     repair_ok(path, model, tmp_path, lost=[used[0], used[2]])
 
 
@@ -334,13 +334,13 @@ def test_deep_bitmap_past_end(tmp_path: Path) -> None:
 def test_metadata_check_reads_no_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     parent, child, _ = make_chain(tmp_path)
     reads: list[tuple[int, int]] = []
-    real = vcheck.read_hook
+    real = vlayout.read_hook
 
     def spy(fd: int, n: int, off: int) -> bytes:
         reads.append((off, n))
         return real(fd, n, off)
 
-    monkeypatch.setattr(vcheck, "read_hook", spy)
+    monkeypatch.setattr(vlayout, "read_hook", spy)
     for path in (parent, child):
         reads.clear()
         entries = [e for e in bat_entries(path) if e != 0xFFFFFFFF]
