@@ -43,7 +43,7 @@ def bat_rules(layout: Layout, fixes: RepairFacts, out: Findings) -> None:
     limit = layout.data_limit  # a trailing footer with only a bad checksum still ends the data
     starts, indices = layout.spans()
     allocated = len(indices)
-    needed_end = layout.block_end
+    needed_end = layout.block_ends()
 
     def lost(block: int) -> str:
         g, n = layout.block_extent(block)

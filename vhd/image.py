@@ -298,8 +298,9 @@ def _check_writable_layout(layout: Layout) -> None:
     # footer copy, the header, the BAT and the locator payloads, as `vhd check` sees them.
     metadata = [(start, end) for start, end, _ in layout.regions()]
     spans: list[tuple[int, int, int]] = []
+    block_end = layout.block_ends()
     for start, block in zip(*layout.spans(), strict=True):
-        end = layout.block_end(start, block)
+        end = block_end(start, block)
         clash = any(start < m_end and m_start < end for m_start, m_end in metadata)
         if end > limit or start < 512 or clash:
             raise CorruptImageError(

@@ -252,12 +252,17 @@ class Layout:
         bs = self.header.block_size
         return block * bs, min(bs, self.size - block * bs)
 
-    def block_end(self, start: int, block: int) -> int:
-        """The end in the file of ``block`` stored at ``start``: its bitmap and the data the disk
-        size needs (a last block may be partial)."""
+    def block_ends(self) -> Callable[[int, int], int]:
+        """``end(start, block)``: the end in the file of ``block`` stored at ``start``, its bitmap
+        and the data the disk size needs (a last block may be partial).  A closure over plain
+        integers: rules call it once or more per allocated block."""
         assert self.header is not None
-        bs = self.header.block_size
-        return start + self.header.bitmap_bytes + min(bs, self.size - block * bs)
+        bs, bmb, size = self.header.block_size, self.header.bitmap_bytes, self.size
+
+        def end(start: int, block: int) -> int:
+            return start + bmb + min(bs, size - block * bs)
+
+        return end
 
     def spans(self) -> tuple[array[int], array[int]]:
         """``(file starts, block numbers)`` of the allocated blocks in block order.  Two machine

@@ -1,8 +1,9 @@
 """Repair of what crashes and bad copies leave in a VHD (``vhd check --repair``).
 
-The plan is built from a :class:`~vhd.check.CheckReport` and is a list of :class:`Step`\\ s, each a
-few positioned writes (or a cut of the file) followed by an ``fsync``.  ``--dry-run`` prints the
-plan; :func:`apply_plan` executes it.  What it mends:
+The plan is built from a :class:`~vhd.findings.CheckReport` (the image's layout and what the
+rules decided) and is a list of :class:`Step`\\ s, each a few positioned writes (or a cut of the
+file) followed by an ``fsync``, executed through :class:`~vhd.metadata.MetadataWriter`.
+``--dry-run`` prints the plan; :func:`apply_plan` executes it.  What it mends:
 
 * the trailing footer zeroed, damaged or cut off (restored from the copy at offset 0, placed after
   the last block) and the copy at offset 0 (restored from the trailing footer); bad footer
@@ -33,10 +34,9 @@ from typing import Any
 
 from . import lock
 from .bat import UNUSED
-from .fileio import write_all
 from .findings import ERROR, WARNING, CheckReport, Finding, Findings, RepairFacts
 from .footer import FOOTER_SIZE, DiskType
-from .metadata import bat_sector_writes
+from .metadata import MetadataWriter, bat_sector_writes
 
 SECTOR = 512
 # Offers that write the trailing footer at its place, and ones that rewrite the header.
@@ -210,11 +210,11 @@ def apply_plan(plan: RepairPlan) -> None:
     fd = os.open(plan.path, os.O_RDWR | os.O_CLOEXEC)
     try:
         lock.acquire(fd, plan.path, exclusive=True)
+        # The plan's steps are already in the metadata writer's crash order (see above).
+        writer = MetadataWriter.for_repair(fd)
         for step in plan.steps:
-            for at, data in step.writes:
-                write_all(fd, data, at)
+            writer.write_raw(step.writes, sync=step.truncate is None)
             if step.truncate is not None:
-                os.ftruncate(fd, step.truncate)
-            os.fsync(fd)
+                writer.truncate(step.truncate)
     finally:
         os.close(fd)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import struct
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -443,3 +445,17 @@ def test_geometry_larger_than_chs_is_found_and_mended(tmp_path: Path, kind: str)
     footer = Footer.parse(path.read_bytes()[-512:])
     assert tuple(footer.geometry) == spec_chs(size)
     assert qemu_info(path)["virtual-size"] == size
+
+
+def test_check_refuses_a_fifo_without_waiting_for_a_writer(tmp_path: Path) -> None:
+    """A named pipe nobody writes to: exit 2 at once, as vhd.open does (check's own open used
+    to block until a writer came)."""
+    fifo = tmp_path / "pipe.vhd"
+    os.mkfifo(fifo)
+    res = subprocess.run(
+        [sys.executable, "-m", "vhdtools.cli", "check", str(fifo)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 2 and "not a regular file" in res.stderr, res.stderr

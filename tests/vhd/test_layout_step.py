@@ -90,7 +90,7 @@ def test_layout_of_a_clean_dynamic_disk(tmp_path: Path) -> None:
             (0, DATA * SECTOR),
             (5, (DATA + 9) * SECTOR),
         ]
-        assert lay.block_end(DATA * SECTOR, 0) == DATA * SECTOR + SECTOR + BS
+        assert lay.block_ends()(DATA * SECTOR, 0) == DATA * SECTOR + SECTOR + BS
         labels = [label for _, _, label in lay.regions()]
         assert labels == ["the footer copy", "the dynamic header", "the BAT"]
         assert lay.regions()[2][:2] == (TABLE, TABLE + SECTOR)
