@@ -14,8 +14,8 @@ import pytest
 from vhdtools.cli import main as cli_main
 
 import vhd
-from tests.maintenance.helpers import run_cli
-from tests.vhdx.helpers import MiB, assert_qemu_clean, run, unpack_corpus
+from tests.vhd.helpers import run_cli
+from tests.vhd.vhdx.helpers import MiB, assert_qemu_clean, run, unpack_corpus
 from vhd.vhdx import VHDXDisk, create_vhdx, open_vhdx
 
 

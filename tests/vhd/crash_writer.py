@@ -1,7 +1,7 @@
 """A writer process for the crash test: random allocating writes with periodic flushes, logging
 each write's intent before it starts and each completed flush after it returns.
 
-Usage: python -m tests.maintenance.crash_writer IMAGE LOG SEED
+Usage: python -m tests.vhd.crash_writer IMAGE LOG SEED
 Log lines: ``R`` (ready), ``W seq offset length`` (about to write), ``D seq offset length`` (about
 to discard: the range then reads as zeros, or as the parent on a differencing disk), ``F seq`` (every operation up to seq is
 acknowledged by a completed flush).  The data of write ``seq`` is ``payload(seed, seq, n)``.

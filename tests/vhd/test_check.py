@@ -14,7 +14,8 @@ import pytest
 
 import vhd
 import vhd.check as vcheck
-from tests.maintenance.helpers import (
+from tests.model import spec_chs
+from tests.vhd.helpers import (
     MiB,
     make_chain,
     make_dynamic,
@@ -24,7 +25,6 @@ from tests.maintenance.helpers import (
     run_cli,
     sha,
 )
-from tests.model import spec_chs
 from tests.vhd.hyperv import build_hyperv
 from vhd.check import check
 from vhd.footer import Footer

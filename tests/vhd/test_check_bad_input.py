@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import vhd
-from tests.maintenance.helpers import MiB, make_chain, make_dynamic, run_cli, sha
+from tests.vhd.helpers import MiB, make_chain, make_dynamic, run_cli, sha
 from tests.vhd.hyperv import build_hyperv
 
 CASES = 100

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import vhd
-from tests.maintenance.helpers import (
+from tests.vhd.helpers import (
     MiB,
     libvhdi_read,
     make_chain,

@@ -11,7 +11,7 @@ import pytest
 
 import vhd
 import vhd.compact as vcompact
-from tests.maintenance.helpers import (
+from tests.vhd.helpers import (
     MiB,
     libvhdi_read,
     make_chain,

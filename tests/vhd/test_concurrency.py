@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import vhd
-from tests.maintenance.helpers import MiB, random_writes, read_image
+from tests.vhd.helpers import MiB, random_writes, read_image
 from vhd.check import check
 
 PAGE = 4096

@@ -6,7 +6,7 @@ from __future__ import annotations
 import gzip
 from pathlib import Path
 
-from tests.maintenance.helpers import MiB, qemu_info, qemu_raw, read_image, run_cli
+from tests.vhd.helpers import MiB, qemu_info, qemu_raw, read_image, run_cli
 from vhd.check import azure_check, check
 
 

@@ -15,7 +15,7 @@ import pytest
 
 import vhd
 import vhd.disk
-from tests.maintenance.helpers import MiB, read_image, run_cli
+from tests.vhd.helpers import MiB, read_image, run_cli
 from vhd.check import check
 
 PAGE = 4096

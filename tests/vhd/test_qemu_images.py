@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 from tests.conftest import need_tool
-from tests.maintenance.helpers import qemu_info, qemu_raw, read_image, run_cli
+from tests.vhd.helpers import qemu_info, qemu_raw, read_image, run_cli
 from vhd.check import check
 
 

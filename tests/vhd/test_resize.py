@@ -13,7 +13,7 @@ import pytest
 
 import vhd
 import vhd.resize as vresize
-from tests.maintenance.helpers import (
+from tests.vhd.helpers import (
     MiB,
     libvhdi_read,
     make_chain,

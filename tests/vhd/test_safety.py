@@ -16,7 +16,7 @@ import pytest
 import vhd
 from tests.conftest import IN_CI, need_tool
 from tests.lockhelpers import Holder, sha
-from tests.maintenance.helpers import MiB, libvhdi_read, qemu_raw, random_writes, run_cli
+from tests.vhd.helpers import MiB, libvhdi_read, qemu_raw, random_writes, run_cli
 from vhd.check import check
 from vhd.footer import vhd_timestamp
 from vhd.header import DynamicHeader

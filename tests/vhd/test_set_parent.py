@@ -10,8 +10,8 @@ import uuid
 from pathlib import Path
 
 import vhd
-from tests.maintenance.helpers import MiB, libvhdi_read, make_chain, read_image, run_cli
 from tests.model import model_chain
+from tests.vhd.helpers import MiB, libvhdi_read, make_chain, read_image, run_cli
 from tests.vhd.hyperv import build_hyperv
 from vhd.chain import read_locators
 from vhd.check import check

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 import vhd
-from tests.maintenance.crash_writer import PAGE, payload
-from tests.maintenance.helpers import MiB, random_writes, read_image, run_cli
+from tests.vhd.crash_writer import PAGE, payload
+from tests.vhd.helpers import MiB, random_writes, read_image, run_cli
 from vhd.check import check
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -88,7 +88,7 @@ def kill_rounds(
             [
                 sys.executable,
                 "-m",
-                "tests.maintenance.crash_writer",
+                "tests.vhd.crash_writer",
                 str(image),
                 str(log),
                 str(seed),

@@ -23,7 +23,7 @@ import pytest
 import vhd
 from blockback.nbd import protocol as p
 from blockback.nbd.server import STATUS_BLOCKS, STATUS_EXAMINED
-from tests.nbd.helpers import (
+from tests.blockback.nbd.helpers import (
     IMAGE_SIZE,
     MiB,
     RawClient,

@@ -21,7 +21,7 @@ import pytest
 
 import vhd
 from blockback.nbd import protocol as p
-from tests.nbd.helpers import (
+from tests.blockback.nbd.helpers import (
     IMAGE_SIZE,
     MiB,
     RawClient,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import vhd
 from blockback.nbd import protocol as p
-from tests.nbd.helpers import MiB, RawClient, serving, short_tmpdir
+from tests.blockback.nbd.helpers import MiB, RawClient, serving, short_tmpdir
 
 CHUNK = 128 * 1024  # the kernel's nbd splits a 1 MiB O_DIRECT write into requests this size
 CONNECTIONS = 4

@@ -18,7 +18,7 @@ from vhdtools.commands.serve import parse_listen
 import vhd
 from blockback.nbd import protocol as p
 from blockback.nbd.server import NBDServer
-from tests.nbd.helpers import (
+from tests.blockback.nbd.helpers import (
     IMAGE_SIZE,
     MiB,
     RawClient,

@@ -48,7 +48,7 @@ def c_layout(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     for header in ("/usr/include/xen/sys/gntdev.h", "/usr/include/xen/sys/evtchn.h"):
         if not Path(header).exists():
             pytest.fail(f"{header} missing: install libxen-dev (make deps)")
-    exe = compile_c("xen_layout.c", tmp_path_factory.mktemp("xl") / "xen_layout")
+    exe = compile_c("transport/xen_layout.c", tmp_path_factory.mktemp("xl") / "xen_layout")
     out = subprocess.run([str(exe)], capture_output=True, text=True, timeout=30, check=True).stdout
     return dict(line.rsplit(" ", 1) for line in out.splitlines())
 

@@ -1,7 +1,7 @@
 """The grant-copy data path of ``blockback/transport/xen.py`` through the whole blkif backend.
 
 The ring and the data go through :class:`XenTransport` over the fake gntdev of
-``test_xen_transport.py`` (guest memory is a file; the fake ``IOCTL_GNTDEV_GRANT_COPY`` reads the
+``test_xen.py`` (guest memory is a file; the fake ``IOCTL_GNTDEV_GRANT_COPY`` reads the
 segment array the transport built and performs each copy, failing revoked or read-only refs with
 the hypervisor's status codes); only the event channels come from the simulated hypervisor.  The
 disk is a real dynamic VHD, checked against a bytearray model and re-read after the run.
@@ -27,9 +27,8 @@ from blockback.executor import RequestExecutor
 from blockback.transport import bounce, xen, xen_abi, xen_devices
 from blockback.transport.sim import SimEventChannel, SimEventHub, alloc_unbound_port
 from blockback.xenbus import read_frontend
-
-from .pyfront import FrontRing, SimFrontend
-from .test_xen_transport import DOMID, FakeHypervisor
+from tests.blockback.pyfront import FrontRing, SimFrontend
+from tests.blockback.transport.test_xen import DOMID, FakeHypervisor
 
 SIZE = 16 * 1024 * 1024
 PAGES = 2048  # guest memory: ring page(s) first, then data and indirect pages
@@ -451,7 +450,7 @@ def test_copy_path_is_the_default_and_options_are_checked(tmp_path: Path) -> Non
 
 def test_copy_raw_builds_the_segments_encode_copy_segment_does(tmp_path: Path) -> None:
     """``copy_raw`` packs with structs; ``encode_copy_segment`` (ctypes) is checked against the
-    C header by test_xen_layout.py: the bytes must agree, and statuses come back per segment."""
+    C header by test_xen_abi.py: the bytes must agree, and statuses come back per segment."""
     seen: list[bytes] = []
 
     def ioctl(fd: int, request: int, arg: Any, mutate: bool = False) -> int:

@@ -1,7 +1,7 @@
 /*
  * Print the ioctl numbers, struct sizes and field offsets of Linux's Xen gntdev and evtchn
  * interfaces as Debian's libxen-dev ships them (/usr/include/xen/sys/{gntdev,evtchn}.h), for
- * tests/blockback/test_xen_layout.py to compare with blockback/transport/xen.py.
+ * tests/blockback/transport/test_xen_abi.py to compare with blockback/transport/xen.py.
  * Output: one "NAME VALUE" per line (decimal), then "SEGMENT <hex>" lines: byte images of a
  * filled ioctl_gntdev_grant_copy_segment.
  */

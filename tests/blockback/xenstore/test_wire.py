@@ -15,7 +15,7 @@ from tests.blockback.cbuild import compile_c
 
 @pytest.fixture(scope="module")
 def c_wire(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
-    exe = compile_c("xs_wire_layout.c", tmp_path_factory.mktemp("xw") / "xs_wire_layout")
+    exe = compile_c("xenstore/xs_wire_layout.c", tmp_path_factory.mktemp("xw") / "xs_wire_layout")
     return subprocess.run(
         [str(exe)], capture_output=True, text=True, timeout=30, check=True
     ).stdout.splitlines()

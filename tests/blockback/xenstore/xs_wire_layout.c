@@ -1,6 +1,6 @@
 /*
  * Print the XenStore wire constants of /usr/include/xen/io/xs_wire.h (libxen-dev) for
- * tests/blockback/test_xenstore_wire.py to compare with blockback/xenstore/wire.py.
+ * tests/blockback/xenstore/test_wire.py to compare with blockback/xenstore/wire.py.
  */
 #include <errno.h>
 #include <stddef.h>

@@ -1,8 +1,8 @@
 """A writer process for the VHDX SIGKILL test: random allocating writes and discards with
 periodic flushes, logging intent before each operation and each completed flush after it returns
-(the log format of tests.maintenance.crash_writer, whose payloads it shares).
+(the log format of tests.vhd.crash_writer, whose payloads it shares).
 
-Usage: python -m tests.vhdx.crash_writer IMAGE LOG SEED
+Usage: python -m tests.vhd.vhdx.crash_writer IMAGE LOG SEED
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import os
 import random
 import sys
 
-from tests.maintenance.crash_writer import PAGE, payload
+from tests.vhd.crash_writer import PAGE, payload
 from vhd.vhdx import open_vhdx
 
 

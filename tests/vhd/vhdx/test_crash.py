@@ -20,7 +20,7 @@ import pytest
 import vhd.fileio
 import vhd.vhdx.disk
 from tests.strategies import payload
-from tests.vhdx.helpers import MiB, qemu_check, qemu_raw
+from tests.vhd.vhdx.helpers import MiB, qemu_check, qemu_raw
 from vhd.vhdx import VHDXDisk, create_vhdx, open_vhdx
 
 SIZE = 8 * MiB

@@ -12,7 +12,7 @@ import pytest
 
 import vhd
 from tests.interop.oracles import libvhdi_read, vhdiinfo
-from tests.vhdx.helpers import MiB
+from tests.vhd.vhdx.helpers import MiB
 from vhd import ParentMismatchError, ParentNotFoundError
 from vhd.disk import Disk, Extent
 from vhd.vhdx import VHDXDisk, create_vhdx, open_vhdx

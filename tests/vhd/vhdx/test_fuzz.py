@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 import vhd
 from tests.strategies import hsettings, payload
-from tests.vhdx.helpers import current_header
+from tests.vhd.vhdx.helpers import current_header
 from vhd.vhdx import create_vhdx, open_vhdx
 from vhd.vhdx import records as r
 from vhd.vhdx.crc import crc32c_with_zeroed_field

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.maintenance.helpers import run_cli
-from tests.vhdx.helpers import MiB, assert_qemu_clean, current_header, qemu_check, unpack_corpus
-from tests.vhdx.test_fuzz import _live_log
+from tests.vhd.helpers import run_cli
+from tests.vhd.vhdx.helpers import MiB, assert_qemu_clean, current_header, qemu_check, unpack_corpus
+from tests.vhd.vhdx.test_fuzz import _live_log
 from vhd.vhdx import create_vhdx, open_vhdx
 from vhd.vhdx import records as r
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.vhdx.helpers import (
+from tests.vhd.vhdx.helpers import (
     MiB,
     assert_qemu_clean,
     current_header,

@@ -1,7 +1,7 @@
 """VHDX outputs are written under a temporary name and renamed when complete (vhd.newfile), as
 VHD and raw outputs are: an interrupted or killed `vhd convert ... out.vhdx` leaves nothing under
 the final name, `vhd create x.vhdx` too, and `--force` over a VHDX in use is refused and leaves
-it as it was.  Mirrors the VHD cases of tests/maintenance/test_safety.py."""
+it as it was.  Mirrors the VHD cases of tests/vhd/test_safety.py."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from tests.lockhelpers import Holder, sha
-from tests.maintenance.helpers import MiB, run_cli
-from tests.maintenance.test_safety import PARTIAL, leftovers, slow_convert
-from tests.vhdx.helpers import qemu_raw
+from tests.vhd.helpers import MiB, run_cli
+from tests.vhd.test_safety import PARTIAL, leftovers, slow_convert
+from tests.vhd.vhdx.helpers import qemu_raw
 from vhd.vhdx import create_vhdx, open_vhdx
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.interop.oracles import libvhdi_read
-from tests.vhdx.helpers import (
+from tests.vhd.vhdx.helpers import (
     MiB,
     current_header,
     qemu_create,

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.maintenance.test_crash import parse_log, verify
 from tests.strategies import payload
-from tests.vhdx.helpers import MiB, assert_qemu_clean, current_header, qemu_check, qemu_raw
+from tests.vhd.test_sigkill import parse_log, verify
+from tests.vhd.vhdx.helpers import MiB, assert_qemu_clean, current_header, qemu_check, qemu_raw
 from vhd.vhdx import create_vhdx, open_vhdx
 from vhd.vhdx import records as r
 
@@ -40,7 +40,7 @@ def _kill_rounds(image: Path, tmp: Path, base: bytes, seed0: int, *, qemu: bool)
         seed = seed0 * 1000 + round_
         log = tmp / f"log{round_}"
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.vhdx.crash_writer", str(image), str(log), str(seed)],
+            [sys.executable, "-m", "tests.vhd.vhdx.crash_writer", str(image), str(log), str(seed)],
             cwd=ROOT,
             env=env,
             stderr=subprocess.PIPE,

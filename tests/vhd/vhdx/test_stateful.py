@@ -21,7 +21,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition,
 import vhd
 from tests.interop.oracles import libvhdi_read
 from tests.strategies import hsettings, payload
-from tests.vhdx.helpers import assert_qemu_clean, qemu_raw
+from tests.vhd.vhdx.helpers import assert_qemu_clean, qemu_raw
 from vhd.disk import Disk
 from vhd.vhdx import create_vhdx, open_vhdx
 
