@@ -29,16 +29,14 @@ Rules, by structure:
 from __future__ import annotations
 
 import os
-import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from . import lock
 from .azure import azure_check, azure_target_size
 from .chain import ParentPolicy
 from .check_blocks import bat_rules, bitmap_rules, read_failure
 from .check_parent import locator_rules, parent_rules
-from .errors import NotAVHDError
+from .fileio import open_image_file
 from .findings import (
     ERROR,
     INFO,
@@ -110,14 +108,10 @@ def check(
     footer at all, and ``OSError`` when it cannot be read; every other problem is a finding.
     ``progress(bytes done, bytes)`` follows ``deep``'s block reads."""
     spath = os.fspath(path)
-    fd = os.open(spath, os.O_RDONLY | os.O_CLOEXEC)
+    # Opened, vetted and locked as vhd.open does (a reader's shared lock: a writer elsewhere
+    # would make the findings meaningless; a FIFO is refused, not waited on).
+    fd, _ = open_image_file(spath, writable=False, force_share=force_share)
     try:
-        st = os.fstat(fd)
-        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-            raise NotAVHDError("not a regular file or block device", path=spath)
-        if not force_share:
-            # A reader's shared lock: a writer elsewhere would make the findings meaningless.
-            lock.acquire(fd, spath, exclusive=False)
         layout = read_layout(fd, spath, os.lseek(fd, 0, os.SEEK_END))
         rules = _Rules(layout, RepairFacts(), Findings(), force_share)
         policy = (parent_policy or ParentPolicy()).with_dirs(parent_dirs)
