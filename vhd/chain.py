@@ -213,9 +213,17 @@ def _tried_text(tried: Sequence[str]) -> str:
     return shown
 
 
-def _footer_id(path: str, *, devices: bool) -> tuple[tuple[int, int], bytes] | None:
-    """(identity, unique id) of the VHD at ``path`` from its footer alone; None when it is not
-    a readable VHD (a regular file, or a block device when ``devices``)."""
+Ident = tuple[int, int]  # (st_dev, st_ino) of a file
+Key = TypeVar("Key")
+Opened = TypeVar("Opened")
+
+
+def read_candidate(
+    path: str, *, devices: bool, read: Callable[[int, int], Key | None]
+) -> tuple[Ident, Key] | None:
+    """(file identity, ``read(fd, size)``) of the candidate parent at ``path``, for any format;
+    None when it is not a regular file (or a block device when ``devices``), cannot be read, or
+    ``read`` finds no key (or raises a VHDError) in it."""
     try:
         # O_NONBLOCK: a FIFO would otherwise block the open until a writer comes.
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
@@ -226,17 +234,19 @@ def _footer_id(path: str, *, devices: bool) -> tuple[tuple[int, int], bytes] | N
         if not (stat.S_ISREG(st.st_mode) or (devices and stat.S_ISBLK(st.st_mode))):
             return None
         size = st.st_size if stat.S_ISREG(st.st_mode) else os.lseek(fd, 0, os.SEEK_END)
-        choice = locate_footer(fd, size, path)
-        return (st.st_dev, st.st_ino), choice.footer.unique_id
+        key = read(fd, size)
+        return None if key is None else ((st.st_dev, st.st_ino), key)
     except (OSError, ValueError, VHDError):
         return None
     finally:
         os.close(fd)
 
 
-Ident = tuple[int, int]  # (st_dev, st_ino) of a file
-Key = TypeVar("Key")
-Opened = TypeVar("Opened")
+def _footer_id(path: str, *, devices: bool) -> tuple[Ident, bytes] | None:
+    """(identity, unique id) of the VHD at ``path`` from its footer alone."""
+    return read_candidate(
+        path, devices=devices, read=lambda fd, size: locate_footer(fd, size, path).footer.unique_id
+    )
 
 
 @dataclass(slots=True)

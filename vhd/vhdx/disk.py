@@ -52,6 +52,7 @@ from ..chain import (
     _show,
     _tried_text,
     open_chosen,
+    read_candidate,
     search_candidates,
 )
 from ..disk import Disk, Extent, parent_extents
@@ -1093,21 +1094,10 @@ def parent_identity(parent: Disk) -> str | None:
 
 def _identity_at(path: str, *, devices: bool) -> tuple[tuple[int, int], str] | None:
     """(file identity, what a parent_linkage would name) of the image at ``path``, from its
-    headers or footer alone (not its chain); None when it is not a readable VHDX or VHD (a
-    regular file, or a block device when ``devices``)."""
+    headers or footer alone (not its chain); None when it is not a readable VHDX or VHD."""
     from ..image import locate_footer
 
-    try:
-        # O_NONBLOCK: a FIFO would otherwise block the open until a writer comes.
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
-    except (OSError, ValueError):
-        return None
-    try:
-        st = os.fstat(fd)
-        if not (stat.S_ISREG(st.st_mode) or (devices and stat.S_ISBLK(st.st_mode))):
-            return None
-        size = st.st_size if stat.S_ISREG(st.st_mode) else os.lseek(fd, 0, os.SEEK_END)
-        ident = (st.st_dev, st.st_ino)
+    def key(fd: int, size: int) -> str | None:
         if read_upto(fd, 8, 0) == r.SIGNATURE:
             heads = []
             for off in r.HEADER_OFFSETS:
@@ -1116,13 +1106,10 @@ def _identity_at(path: str, *, devices: bool) -> tuple[tuple[int, int], str] | N
             if not heads:
                 return None
             # the current header, as _read_layout picks it (equal numbers: the first copy)
-            head = max(heads, key=lambda h: h.sequence_number)
-            return ident, str(head.data_write_guid)
-        return ident, str(locate_footer(fd, size, path).footer.uuid)
-    except (OSError, ValueError, VHDError):
-        return None
-    finally:
-        os.close(fd)
+            return str(max(heads, key=lambda h: h.sequence_number).data_write_guid)
+        return str(locate_footer(fd, size, path).footer.uuid)
+
+    return read_candidate(path, devices=devices, read=key)
 
 
 def _open_parent(
