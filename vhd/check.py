@@ -1,6 +1,7 @@
 """The rules of ``vhd check``: a VHD image judged against the spec and against what real readers
-accept (spec: "Hard Disk Footer Format", "Dynamic Disk Header Format", "Parent Locator Entry";
-the BAT and block rules are in :mod:`vhd.check_blocks`).
+accept (spec: "Hard Disk Footer Format", "Dynamic Disk Header Format"; the "Block Allocation
+Table" rules are in :mod:`vhd.check_blocks`, the "Parent Locator Entry" ones in
+:mod:`vhd.check_parent`).
 
 The file is read once, by the layout step (:func:`vhd.layout.read_layout`), the same step
 :func:`vhd.open` builds on; the rules here read nothing themselves and turn that
@@ -19,7 +20,7 @@ Rules, by structure:
 * **BAT** (:mod:`vhd.check_blocks`): entries past the end of the file or of the data area,
   overlapping metadata (footer copy, header, BAT, locator payloads) or each other, data not
   4 KiB-aligned, orphan space between the last block and the trailing footer.
-* **Parent locators**: bounds, overlaps, encodings (UTF-16LE for W2ku/W2ru, ``file://`` for
+* **Parent locators** (:mod:`vhd.check_parent`): bounds, overlaps, encodings (UTF-16LE for W2ku/W2ru, ``file://`` for
   MacX), data_space in sectors vs bytes, the ``.\\`` prefix of W2ru; the parent itself (found,
   unique id, stale timestamp, size).
 * With ``deep=True`` only: sector bitmaps (bits set past the disk end, empty blocks) and a read of
@@ -113,16 +114,20 @@ def check(
     fd, _ = open_image_file(spath, writable=False, force_share=force_share)
     try:
         layout = read_layout(fd, spath, os.lseek(fd, 0, os.SEEK_END))
-        rules = _Rules(layout, RepairFacts(), Findings(), force_share)
+    except BaseException:
+        os.close(fd)
+        raise
+    rules = _Rules(layout, RepairFacts(), Findings(), force_share)
+    try:
         policy = (parent_policy or ParentPolicy()).with_dirs(parent_dirs)
-        try:
-            rules.run(deep=deep, policy=policy, check_parent=check_parent, progress=progress)
-        finally:
-            rules.out.summarise()
-            withdraw_unkeepable(rules.out, rules.fixes)
-        return CheckReport(spath, rules.out, layout, rules.fixes, deep)
+        rules.run(deep=deep, policy=policy, check_parent=check_parent, progress=progress)
     finally:
         os.close(fd)
+        # The report keeps the layout's facts; its readers must not read a reused descriptor.
+        layout.fd = -1
+        rules.out.summarise()
+        withdraw_unkeepable(rules.out, rules.fixes)
+    return CheckReport(spath, rules.out, layout, rules.fixes, deep)
 
 
 @dataclass
