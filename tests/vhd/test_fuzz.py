@@ -25,9 +25,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import vhd
+from tests.images import build_hyperv
 from tests.model import checksum
 from tests.strategies import hsettings, payload
-from tests.vhd.hyperv import build_hyperv
 
 KiB = 1024
 MiB = 1024 * KiB

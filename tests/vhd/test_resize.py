@@ -13,17 +13,8 @@ import pytest
 
 import vhd
 import vhd.resize as vresize
-from tests.vhd.helpers import (
-    MiB,
-    libvhdi_read,
-    make_chain,
-    qemu_info,
-    qemu_raw,
-    random_writes,
-    read_image,
-    run_cli,
-)
-from tests.vhd.hyperv import build_hyperv
+from tests.images import MiB, build_hyperv, make_chain, random_writes
+from tests.vhd.helpers import libvhdi_read, qemu_info, qemu_raw, read_image, run_cli
 from vhd.check import check
 from vhd.footer import Footer
 

@@ -15,11 +15,10 @@ import pytest
 
 import vhd
 from tests.conftest import IN_CI, need_tool
-from tests.lockhelpers import Holder, sha
-from tests.vhd.helpers import MiB, libvhdi_read, qemu_raw, random_writes, run_cli
+from tests.images import MiB, pin_parent_time, sha, vhd_image
+from tests.lockhelpers import Holder
+from tests.vhd.helpers import libvhdi_read, qemu_raw, run_cli
 from vhd.check import check
-from vhd.footer import vhd_timestamp
-from vhd.header import DynamicHeader
 from vhd.resize import resize
 
 # The temporary name of a file being written (vhd.newfile.PARTIAL; spelled out, as the README).
@@ -34,23 +33,13 @@ def clean(path: Path) -> bool:
 def make_three(tmp: Path, size: int = 8 * MiB) -> tuple[Path, Path, Path, bytes, bytes]:
     """base <- mid <- top, each with data of its own; returns the paths and what mid and top
     read.  Recorded parent timestamps are set to old, exact values, so a change shows."""
-    base, mid, top = tmp / "base.vhd", tmp / "mid.vhd", tmp / "top.vhd"
-    model = bytearray(size)
-    with vhd.create(base, size, block_size=MiB) as disk:
-        random_writes(disk, model, 12, 1)
-    with vhd.create(mid, parent=base, block_size=MiB) as disk:
-        random_writes(disk, model, 12, 2)
-    mid_model = bytes(model)
-    with vhd.create(top, parent=mid, block_size=MiB) as disk:
-        random_writes(disk, model, 12, 3)
-    for child, parent, when in ((mid, base, 1_600_000_000), (top, mid, 1_650_000_000)):
-        raw = bytearray(child.read_bytes())
-        header = DynamicHeader.parse(raw[512:1536]).replace(parent_timestamp=vhd_timestamp(when))
-        raw[512:1536] = header.build()
-        child.write_bytes(bytes(raw))
-        os.utime(parent, (when, when))
-    assert clean(mid) and clean(top)
-    return base, mid, top, mid_model, bytes(model)
+    base = vhd_image(tmp / "base.vhd", size, block_size=MiB, random_count=12, seed=1)
+    mid = vhd_image(tmp / "mid.vhd", parent=base, block_size=MiB, random_count=12, seed=2)
+    top = vhd_image(tmp / "top.vhd", parent=mid, block_size=MiB, random_count=12, seed=3)
+    pin_parent_time(mid.path, base.path, 1_600_000_000)
+    pin_parent_time(top.path, mid.path, 1_650_000_000)
+    assert clean(mid.path) and clean(top.path)
+    return base.path, mid.path, top.path, mid.content, top.content
 
 
 # -- commit ------------------------------------------------------------------------------------

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 import vhd
+from tests.images import MiB, random_writes
 from tests.vhd.crash_writer import PAGE, payload
-from tests.vhd.helpers import MiB, random_writes, read_image, run_cli
+from tests.vhd.helpers import read_image, run_cli
 from vhd.check import check
 
 ROOT = Path(__file__).resolve().parents[2]

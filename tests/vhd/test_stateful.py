@@ -24,9 +24,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 
 import vhd
+from tests.images import build_hyperv
 from tests.model import model_chain
 from tests.strategies import block_sizes, hsettings, payload, ranges
-from tests.vhd.hyperv import build_hyperv
 
 SECTOR = 512
 

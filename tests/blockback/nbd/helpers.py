@@ -14,10 +14,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import vhd
 from blockback.executor import BlockDisk
 from blockback.nbd import protocol as p
 from blockback.nbd.server import NBDServer
+from tests.images import vhd_image
 
 MiB = 1024 * 1024
 
@@ -39,9 +39,8 @@ IMAGE_SIZE = 16 * MiB
 
 
 def make_image(path: Path, *, type: str = "dynamic", size: int = IMAGE_SIZE, seed: int = 1) -> None:
-    with vhd.create(str(path), size, type=type) as disk:
-        for offset, length in DATA_RANGES:
-            disk.pwrite(pattern(offset, length, seed), offset)
+    writes = [(offset, pattern(offset, length, seed)) for offset, length in DATA_RANGES]
+    vhd_image(path, size, type=type, writes=writes)
 
 
 def expected_content(size: int = IMAGE_SIZE, seed: int = 1) -> bytes:

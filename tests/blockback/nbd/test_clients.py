@@ -32,6 +32,7 @@ from tests.blockback.nbd.helpers import (
     sha256_file,
     short_tmpdir,
 )
+from tests.images import Image, vhd_image
 
 pytestmark = pytest.mark.timeout(180)
 Need = Callable[[str], str]
@@ -62,8 +63,8 @@ def make_chain(tmp: Path) -> tuple[Path, Path]:
     """parent.vhd holds the pattern; child.vhd (differencing) overrides 1 MiB at 2 MiB."""
     parent, child = tmp / "parent.vhd", tmp / "child.vhd"
     make_image(parent)
-    with vhd.create(str(child), IMAGE_SIZE, parent=str(parent)) as disk:
-        disk.pwrite(pattern(2 * MiB, MiB, seed=2), 2 * MiB)
+    base = Image(parent, expected_content())
+    vhd_image(child, IMAGE_SIZE, parent=base, writes=[(2 * MiB, pattern(2 * MiB, MiB, seed=2))])
     return parent, child
 
 

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.lockhelpers import Holder, sha
-from tests.vhd.helpers import MiB, run_cli
+from tests.images import MiB, sha
+from tests.lockhelpers import Holder
+from tests.vhd.helpers import run_cli
 from tests.vhd.test_safety import PARTIAL, leftovers, slow_convert
 from tests.vhd.vhdx.helpers import qemu_raw
 from vhd.vhdx import create_vhdx, open_vhdx
