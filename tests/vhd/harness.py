@@ -6,6 +6,7 @@ one copy of each, parametrized by format where the behaviour is the same.
   its discard model and its file checks.
 - Crash points: :func:`record_io` logs the writes, zeroings and barriers the library issues,
   :func:`apply_ops` replays a prefix of them onto the image as it was.
+- Stopped operations: :func:`stopped_runs` stops an operation after each of its synced steps.
 - SIGKILL rounds: :func:`run_writer` starts ``tests.vhd.crash_writer`` on an image and kills it
   at a random moment; :func:`parse_log` and :func:`verify` check what survived.
 - Fuzzing: :class:`Seed`, :func:`corruptions`, :func:`corrupted_copy`, :func:`attempt` and
@@ -264,6 +265,43 @@ def assert_old_or_new(seen: bytes, old: bytes, new: bytes, k: int, total: int) -
         assert sector in (old[s * SECTOR : (s + 1) * SECTOR], new[s * SECTOR : (s + 1) * SECTOR]), (
             f"crash after write {k}/{total}: sector {s} is neither old nor new"
         )
+
+
+class Stop(Exception):
+    """Raised in place of the fsync after which an operation is stopped."""
+
+
+def stopped_runs(
+    monkeypatch: pytest.MonkeyPatch, raw: bytes, stem: Path, operation: Callable[[Path], object]
+) -> Iterator[tuple[int, Path, bool]]:
+    """Run ``operation`` on fresh copies of the image ``raw`` (``stem`` + step + ".vhd"),
+    stopped right after its 1st, 2nd, ... synced step (the data is synced, then :class:`Stop`
+    is raised in place of the fsync's return), until a run finishes.  Yields
+    ``(step, copy, finished)`` after each run, with fsync restored."""
+    real_fsync = os.fsync
+    step = 0
+    while True:
+        path = stem.with_name(f"{stem.name}{step}.vhd")
+        path.write_bytes(raw)
+        calls = [0]
+
+        def fsync(fd: int, limit: int = step, calls: list[int] = calls) -> None:
+            os.fdatasync(fd)
+            calls[0] += 1
+            if calls[0] > limit:
+                raise Stop
+
+        monkeypatch.setattr(os, "fsync", fsync)
+        try:
+            operation(path)
+            finished = True
+        except Stop:
+            finished = False
+        monkeypatch.setattr(os, "fsync", real_fsync)
+        yield step, path, finished
+        if finished:
+            return
+        step += 1
 
 
 # -- SIGKILL rounds ----------------------------------------------------------------------------
