@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import os
 import random
 import signal
@@ -18,6 +17,7 @@ import pytest
 from vhdfuse.mount import server_pid
 
 import vhd
+from tests.images import sha
 from tests.model import model_chain
 
 from .mounting import MiB, Mounts, is_mounted, run, vhd_cli, wait_until
@@ -27,10 +27,6 @@ KiB = 1024
 
 def _pattern(seed: int, length: int) -> bytes:
     return random.Random(seed).randbytes(length)
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _image(path: Path, size: int = 64 * MiB, **kwargs: object) -> Path:
@@ -175,7 +171,7 @@ def test_differencing_child_takes_the_writes(
     base = bytearray(_pattern(3, 32 * MiB))
     with vhd.open(str(parent), "r+") as disk:
         disk.pwrite(base, 0)
-    parent_hash = _sha(parent)
+    parent_hash = sha(parent)
     child = tmp_path / "child.vhd"
     vhd.create(str(child), parent=str(parent)).close()
     mnt = mounts.mount(child)
@@ -190,7 +186,7 @@ def test_differencing_child_takes_the_writes(
         os.fsync(f.fileno())
         assert os.pread(f.fileno(), 32 * MiB, 0) == model
     mounts.unmount(mnt)
-    assert _sha(parent) == parent_hash
+    assert sha(parent) == parent_hash
     with vhd.open(str(child)) as disk:
         assert disk.pread(32 * MiB, 0) == model
     assert _libvhdi_read(child, parent, 0, 32 * MiB) == model
@@ -242,7 +238,7 @@ def test_read_only_mount_refuses_writes(tmp_path: Path, mounts: Mounts, cache: s
     image = _image(tmp_path / "r,o image.vhd", 16 * MiB)
     with vhd.open(str(image), "r+") as disk:
         disk.pwrite(b"keep", 0)
-    before = _sha(image)
+    before = sha(image)
     mnt = mounts.mount(image, "--read-only", "--cache", cache, mountpoint=tmp_path / "m, n")
     assert os.stat(mnt / "disk").st_mode & 0o222 == 0
     with pytest.raises(OSError) as info:
@@ -254,7 +250,7 @@ def test_read_only_mount_refuses_writes(tmp_path: Path, mounts: Mounts, cache: s
         os.utime(mnt / "disk")
     assert info.value.errno == errno.EROFS
     mounts.unmount(mnt)
-    assert _sha(image) == before
+    assert sha(image) == before
 
 
 def _process_worker(args: tuple[str, int, int]) -> int:

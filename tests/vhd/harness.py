@@ -17,7 +17,6 @@ one copy of each, parametrized by format where the behaviour is the same.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 import signal
@@ -39,6 +38,7 @@ from hypothesis.stateful import RuleBasedStateMachine, precondition, rule
 
 import vhd
 import vhd.fileio
+from tests.images import sha
 from tests.strategies import payload
 from tests.vhd.crash_writer import PAGE
 from tests.vhd.crash_writer import payload as writer_payload
@@ -46,10 +46,6 @@ from vhd.disk import Disk
 
 ROOT = Path(__file__).resolve().parents[2]
 SECTOR = 512
-
-
-def digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 # -- the state machine -------------------------------------------------------------------------
@@ -89,14 +85,14 @@ class ImageMachine(RuleBasedStateMachine):
     def start(self) -> None:
         """After ``build``: remember the parents, check the files, open the leaf."""
         for parent in self.layers[:-1]:
-            self.frozen[parent] = digest(parent)
+            self.frozen[parent] = sha(parent)
         self.check_files()
         self.disk = vhd.open(self.layers[-1], "r+")
         assert self.disk.size == self.size
 
     def check_parents(self) -> None:
         for parent, want in self.frozen.items():
-            assert digest(parent) == want, f"{parent.name} was modified"
+            assert sha(parent) == want, f"{parent.name} was modified"
 
     # -- rules -----------------------------------------------------------------------------
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import shutil
 import socket
 import struct
@@ -185,11 +184,3 @@ class RawClient:
     def write(self, offset: int, data: bytes, handle: int = 1, flags: int = 0) -> Reply:
         self.send(p.Cmd.WRITE, offset, len(data), handle=handle, flags=flags, payload=data)
         return self.reply()
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(MiB), b""):
-            h.update(chunk)
-    return h.hexdigest()

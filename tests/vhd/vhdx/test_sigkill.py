@@ -8,13 +8,13 @@ cannot open differencing VHDX; the parent is checked to be untouched."""
 
 from __future__ import annotations
 
-import hashlib
 import random
 import shutil
 from pathlib import Path
 
 import pytest
 
+from tests.images import sha
 from tests.strategies import payload
 from tests.vhd.harness import parse_log, run_writer, verify
 from tests.vhd.vhdx.helpers import MiB, assert_qemu_clean, current_header, qemu_check, qemu_raw
@@ -68,8 +68,8 @@ def test_sigkill_differencing_vhdx(tmp_path: Path) -> None:
     content = payload(SIZE // 2, 4) + bytes(SIZE // 2)
     with create_vhdx(parent, SIZE, block_size=MiB) as disk:
         disk.pwrite(content, 0)
-    digest = hashlib.sha256(parent.read_bytes()).hexdigest()
+    digest = sha(parent)
     child = tmp_path / "child.avhdx"
     create_vhdx(child, 0, type="differencing", parent=open_vhdx(parent), block_size=MiB).close()
     _kill_rounds(child, tmp_path, content, 12, qemu=False)
-    assert hashlib.sha256(parent.read_bytes()).hexdigest() == digest
+    assert sha(parent) == digest
