@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import struct
@@ -323,6 +324,23 @@ def run_writer(fmt: str, image: Path, log: Path, seed: int, pause: float) -> Non
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
+
+
+ROUNDS = 20
+
+
+def killed_writers(
+    fmt: str, image: Path, tmp: Path, seed0: int, max_pause: float
+) -> Iterator[tuple[int, list[tuple[int, int, int, bool]], int]]:
+    """ROUNDS writer runs on ``image``, each killed after a random pause (up to ``max_pause``
+    seconds, drawn from ``seed0``); yields each round's writer seed and its parsed log."""
+    rng = random.Random(seed0)
+    for round_ in range(ROUNDS):
+        seed = seed0 * 1000 + round_
+        log = tmp / f"log{round_}"
+        run_writer(fmt, image, log, seed, rng.uniform(0.0, max_pause))
+        writes, flushed = parse_log(log.read_text())
+        yield seed, writes, flushed
 
 
 def parse_log(text: str) -> tuple[list[tuple[int, int, int, bool]], int]:

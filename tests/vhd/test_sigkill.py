@@ -6,32 +6,24 @@ touched only by unacknowledged writes holds either its old content or one of tho
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
 
 import vhd
 from tests.images import MiB, random_writes
-from tests.vhd.harness import parse_log, run_writer, verify
+from tests.vhd.harness import ROUNDS, killed_writers, verify
 from tests.vhd.helpers import read_image, run_cli
 from vhd.check import check
-
-ROUNDS = 20
 
 
 def kill_rounds(
     image: Path, tmp: Path, base: bytes, seed0: int, released: bytes | None = None
 ) -> tuple[int, int]:
     """Returns (writes acknowledged, rounds that left something to repair)."""
-    rng = random.Random(seed0)
     acknowledged = 0
     repaired = 0
-    for round_ in range(ROUNDS):
-        seed = seed0 * 1000 + round_
-        log = tmp / f"log{round_}"
-        run_writer("vhd", image, log, seed, rng.uniform(0.0, 0.08))
-        writes, flushed = parse_log(log.read_text())
+    for seed, writes, flushed in killed_writers("vhd", image, tmp, seed0, 0.08):
         acknowledged += flushed + 1
         repaired += not check(image).clean
         rc, out = run_cli("check", "--repair", str(image))

@@ -8,7 +8,6 @@ cannot open differencing VHDX; the parent is checked to be untouched."""
 
 from __future__ import annotations
 
-import random
 import shutil
 from pathlib import Path
 
@@ -16,24 +15,18 @@ import pytest
 
 from tests.images import sha
 from tests.strategies import payload
-from tests.vhd.harness import parse_log, run_writer, verify
+from tests.vhd.harness import ROUNDS, killed_writers, verify
 from tests.vhd.vhdx.helpers import MiB, assert_qemu_clean, current_header, qemu_check, qemu_raw
 from vhd.vhdx import create_vhdx, open_vhdx
 from vhd.vhdx import records as r
 
-ROUNDS = 20
 SIZE = 48 * MiB
 
 
 def _kill_rounds(image: Path, tmp: Path, base: bytes, seed0: int, *, qemu: bool) -> None:
-    rng = random.Random(seed0)
     acknowledged = 0
     live_logs = 0
-    for round_ in range(ROUNDS):
-        seed = seed0 * 1000 + round_
-        log = tmp / f"log{round_}"
-        run_writer("vhdx", image, log, seed, rng.uniform(0.0, 0.15))
-        writes, flushed = parse_log(log.read_text())
+    for seed, writes, flushed in killed_writers("vhdx", image, tmp, seed0, 0.15):
         acknowledged += flushed + 1
         live_logs += current_header(image.read_bytes())[1].log_guid != r.ZERO_GUID
         with open_vhdx(image) as disk:  # read-only: replays in memory
