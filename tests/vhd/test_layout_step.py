@@ -1,6 +1,6 @@
 """The layout step (vhd.layout.read_layout) and the severity rules of vhd check over it.
 
-Images are written from the spec's records (tests.model via tests.hostile.craft), not by the
+Images are written from the spec's records (tests.model via tests.images), not by the
 library; each damage is checked three ways: what the layout records (with no policy), the
 finding vhd check makes of it, and what vhd.open does with the same layout."""
 
@@ -16,7 +16,7 @@ import pytest
 
 import vhd
 import vhd.layout as vlayout
-from tests.hostile.craft import craft
+from tests.images import craft
 from tests.model import FIXED, build_footer, checksum, spec_chs
 from vhd.check import check
 from vhd.errors import CorruptImageError, NotAVHDError, UnsupportedFeatureError
