@@ -32,14 +32,14 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from . import lineage
 from .chain import ParentPolicy
-from .children import find_parent, open_children
+from .children import open_children
 from .disk import Disk
 from .errors import InvalidArgumentError
 from .footer import DiskType
 from .image import open as open_image
 from .newfile import naming
-from .reparent import record_parent_time, retarget
 
 CHUNK = 4 * 1024 * 1024
 
@@ -98,20 +98,21 @@ def _commit(
             copied = _copy_own_ranges(child, parent, progress)
             with naming(parent_path):
                 parent.flush()
-            parent_id = parent.footer.unique_id
+            # (A VHDX parent's identity is its DataWriteGuid, new since the copy wrote to it.)
+            parent_id = lineage.identity(parent)
             # Closed before its modification time is recorded anywhere: nothing changes it now.
             parent.close()
             if keep:
                 # The kept child records the parent's new time; that rewrite changes the
                 # child's own time, which its children record in turn.
-                record_parent_time(child, parent_path)
+                lineage.record_parent_change(child, parent_path)
                 for grandchild in grandchildren:
-                    record_parent_time(grandchild, spath)
+                    lineage.record_parent_change(grandchild, spath)
             else:
                 # Each reads the same through the parent, which now holds the child's data
                 # wherever the child had its own: relink it, and only then drop the child.
                 for grandchild in grandchildren:
-                    retarget(grandchild, parent_path, parent_id)
+                    lineage.retarget(grandchild, parent_path, parent_id)
         finally:
             parent.close()
             for grandchild in grandchildren:
@@ -127,12 +128,17 @@ def _commit(
 def _parent_path(child: Disk, policy: ParentPolicy) -> str:
     """Where the child's parent is (opened read-only and closed again: it is reopened for
     writing, which this process's own shared lock would refuse)."""
-    with find_parent(child, policy) as parent:
+    with lineage.find_parent(child, policy) as parent:
         return parent.path
 
 
 def _copy_own_ranges(child: Disk, parent: Disk, progress: Progress | None) -> int:
-    ranges = [(e.offset, e.length) for e in child.extents() if e.layer == 0]
+    # The child is open without its parent, so a range no layer holds (None) is one the child
+    # itself makes read as zeros (a VHDX ZERO block, a hole in a present block): the parent
+    # must read zeros there too.
+    extents = list(child.extents())
+    ranges = [(e.offset, e.length) for e in extents if e.layer == 0]
+    zeros = [(e.offset, e.length) for e in extents if e.layer is None and e.offset < parent.size]
     total = sum(n for _, n in ranges)
     for offset, length in ranges:
         if offset + length > parent.size:
@@ -141,6 +147,9 @@ def _copy_own_ranges(child: Disk, parent: Disk, progress: Progress | None) -> in
                 f"({parent.size} bytes); grow the parent first (vhd resize)",
                 path=child.path,
             )
+    for offset, length in zeros:
+        with naming(parent.path):
+            parent.write_zeroes(offset, min(length, parent.size - offset))
     buf = bytearray(min(CHUNK, max(total, 1)))
     view = memoryview(buf)
     done = 0
