@@ -18,7 +18,6 @@ goes through the :class:`~vhd.disk.Disk` API.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import stat
 import uuid
@@ -113,10 +112,3 @@ def record_parent_change(child: Disk, parent_path: str) -> None:
     else:
         record_parent_time(child, parent_path)
 
-
-def probe_vhdx_path(path: str) -> bool:
-    from .vhdx import probe_vhdx
-
-    with contextlib.suppress(OSError):
-        return probe_vhdx(path)
-    return False

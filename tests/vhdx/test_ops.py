@@ -136,9 +136,8 @@ def test_commit_refuses_a_vhdx_in_use(tmp_path: Path) -> None:
     model = _base(base)
     _child(child, base, model, 7)
     before = base.read_bytes()
-    with open_vhdx(base, "r+"):  # someone writes the parent
-        with pytest.raises(InUseError):
-            commit(child)
+    with open_vhdx(base, "r+"), pytest.raises(InUseError):  # someone writes the parent
+        commit(child)
     assert base.read_bytes() == before and child.exists()
 
 
@@ -146,9 +145,7 @@ def _kill_during(argv: list[str], delays: tuple[float, ...]) -> int:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     interrupted = 0
     for delay in delays:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "vhdtools.cli", *argv], cwd=ROOT, env=env
-        )
+        proc = subprocess.Popen([sys.executable, "-m", "vhdtools.cli", *argv], cwd=ROOT, env=env)
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         interrupted += proc.wait(timeout=60) != 0

@@ -278,7 +278,7 @@ def _reserved_end(disk: VHDXDisk) -> int:
 def _blocks_in_file(disk: VHDXDisk) -> list[tuple[int, int, int]]:
     """(file offset, length, BAT index) of every payload and sector bitmap block with space."""
     ratio = disk._ratio
-    count = bat_entries(disk.size, disk.block_size, disk.logical_sector_size, disk._differencing)
+    count = bat_entries(disk.size, disk._bs, disk.logical_sector_size, disk._differencing)
     out = []
     for idx in range(count):
         e = disk.bat[idx]
@@ -287,7 +287,7 @@ def _blocks_in_file(disk: VHDXDisk) -> list[tuple[int, int, int]]:
             if state == r.BitmapState.PRESENT:
                 out.append((e & r.OFFSET_MASK, r.SECTOR_BITMAP_BLOCK_SIZE, idx))
         elif state in (r.PayloadState.FULLY_PRESENT, r.PayloadState.PARTIALLY_PRESENT):
-            out.append((e & r.OFFSET_MASK, disk.block_size, idx))
+            out.append((e & r.OFFSET_MASK, disk._bs, idx))
     out.sort()
     return out
 
@@ -363,7 +363,7 @@ def compact(path: str, progress: Progress | None = None) -> tuple[int, int, int,
 
 
 def _free_empty(disk: VHDXDisk, progress: Progress | None) -> list[tuple[int, int]]:
-    bs, ratio = disk.block_size, disk._ratio
+    bs, ratio = disk._bs, disk._ratio
     blocks = -(-disk.size // bs)
     freed: list[tuple[int, int]] = []
     for b in range(blocks):
@@ -525,7 +525,7 @@ def _parent_data(disk: VHDXDisk, old: int, new: int, parent_dirs: Sequence[str])
 
 
 def _grow(disk: VHDXDisk, new: int, parent_dirs: Sequence[str]) -> None:
-    bs, ratio = disk.block_size, disk._ratio
+    bs, ratio = disk._bs, disk._ratio
     old = disk.size
     hide = _parent_data(disk, old, new, parent_dirs)
     disk._begin_session()
@@ -594,7 +594,7 @@ def _grow(disk: VHDXDisk, new: int, parent_dirs: Sequence[str]) -> None:
 
 
 def _shrink(disk: VHDXDisk, new: int, force: bool) -> int:
-    bs, ratio = disk.block_size, disk._ratio
+    bs, ratio = disk._bs, disk._ratio
     old = disk.size
     if not force:
         for ext in disk.extents(new, old - new):
