@@ -95,7 +95,12 @@ def _commit(
         grandchildren: list[Disk] = []
         try:
             grandchildren = open_children(child, parent_dirs)
-            copied = _copy_own_ranges(child, parent, progress)
+            copied = _copy_own_ranges(
+                child,
+                parent,
+                progress,
+                lambda: lineage.prepare_commit(child, parent, grandchildren),
+            )
             with naming(parent_path):
                 parent.flush()
             # (A VHDX parent's identity is its DataWriteGuid, new since the copy wrote to it.)
@@ -132,7 +137,9 @@ def _parent_path(child: Disk, policy: ParentPolicy) -> str:
         return parent.path
 
 
-def _copy_own_ranges(child: Disk, parent: Disk, progress: Progress | None) -> int:
+def _copy_own_ranges(
+    child: Disk, parent: Disk, progress: Progress | None, before_writing: Callable[[], None]
+) -> int:
     # The child is open without its parent, so a range no layer holds (None) is one the child
     # itself makes read as zeros (a VHDX ZERO block, a hole in a present block): the parent
     # must read zeros there too.
@@ -147,6 +154,9 @@ def _copy_own_ranges(child: Disk, parent: Disk, progress: Progress | None) -> in
                 f"({parent.size} bytes); grow the parent first (vhd resize)",
                 path=child.path,
             )
+    if ranges or zeros:
+        # (A VHDX parent's new identity is recorded in the child before the parent changes.)
+        before_writing()
     for offset, length in zeros:
         with naming(parent.path):
             parent.write_zeroes(offset, min(length, parent.size - offset))

@@ -112,3 +112,28 @@ def record_parent_change(child: Disk, parent_path: str) -> None:
     else:
         record_parent_time(child, parent_path)
 
+
+def prepare_commit(child: Disk, parent: Disk, child_children: list[Disk]) -> None:
+    """Before a commit first writes into ``parent`` (open ``"r+"``): a VHDX parent's
+    DataWriteGuid is about to change (2.2.2), so the new one is chosen now and the child
+    learns it first.  A VHDX child accepts both (parent_linkage2), so an interrupted commit
+    leaves a chain that opens.  A VHD child holds one id: the parent's new identity is made
+    durable first, then the child's record, leaving a window of two syncs in which a crash
+    leaves the child naming the parent's old identity over unchanged data (``vhd set-parent
+    CHILD PARENT --force`` mends that).  The child's own children record its new time."""
+    from .metadata import MetadataWriter
+    from .vhdx import VHDXDisk
+    from .vhdx.ops import accept_next_identity, data_session
+
+    if not isinstance(parent, VHDXDisk) or parent._session:
+        return
+    upcoming = uuid.uuid4()
+    if isinstance(child, VHDXDisk):
+        accept_next_identity(child, identity(parent), upcoming)
+        data_session(parent, upcoming)
+    else:
+        data_session(parent, upcoming)
+        assert child.header is not None
+        MetadataWriter(child).write_header(child.header.replace(parent_unique_id=upcoming.bytes))
+    for grandchild in child_children:
+        record_parent_change(grandchild, child.path)

@@ -53,6 +53,16 @@ def metadata_session(disk: VHDXDisk) -> None:
     disk._session = True
 
 
+def data_session(disk: VHDXDisk, data_write_guid: uuid.UUID) -> None:
+    """Begin the disk's write session (2.2.2) with the DataWriteGuid the caller chose, so that
+    a child can be told the new identity before the parent's data changes (a commit)."""
+    if disk._session:
+        return
+    disk._write_header(True, file_write_guid=uuid.uuid4(), data_write_guid=data_write_guid)
+    disk._write_header(True)
+    disk._session = True
+
+
 class Pages:
     """4 KiB pages of the file being changed for one transaction: read once, edited in memory."""
 
@@ -247,17 +257,36 @@ def retarget(child: VHDXDisk, parent_path: str, ident: uuid.UUID) -> list[str]:
     return []
 
 
+def accept_next_identity(child: VHDXDisk, current: uuid.UUID, upcoming: uuid.UUID) -> None:
+    """Before a commit writes into the child's parent: parent_linkage names the parent's
+    ``current`` DataWriteGuid and parent_linkage2 the ``upcoming`` one (2.6.2.6.3: the
+    alternate linkage), in one transaction, so the child opens with its parent whether or not
+    an interrupted commit changed the parent's identity."""
+    loc = child.metadata.parent_locator
+    assert loc is not None
+    entries = dict(loc.entries)
+    entries["parent_linkage"] = "{" + str(current).lower() + "}"
+    entries["parent_linkage2"] = "{" + str(upcoming).lower() + "}"
+    _write_locator(child, r.ParentLocator(loc.locator_type, entries))
+
+
 def record_parent_identity(child: VHDXDisk, parent_path: str) -> None:
     """After the parent changed under a child that still reads the same through it (a commit
-    into the parent with ``--keep``): record the parent's new DataWriteGuid as its linkage."""
+    into the parent with ``--keep``): parent_linkage names the parent's DataWriteGuid now, and
+    the alternate linkage a commit added is dropped."""
     from ..lineage import identity_of_file
 
     ident = identity_of_file(parent_path)
     loc = child.metadata.parent_locator
-    if ident is None or loc is None or ident in linkages(child):
+    if ident is None or loc is None:
+        return
+    linkage = "{" + str(ident).lower() + "}"
+    if loc.entries.get("parent_linkage", "").lower() == linkage and (
+        "parent_linkage2" not in loc.entries
+    ):
         return
     entries = {k: v for k, v in loc.entries.items() if k != "parent_linkage2"}
-    entries["parent_linkage"] = "{" + str(ident).lower() + "}"
+    entries["parent_linkage"] = linkage
     _write_locator(child, r.ParentLocator(loc.locator_type, entries))
 
 

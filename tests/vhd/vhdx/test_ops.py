@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ import pytest
 import vhd
 from tests.interop.oracles import libvhdi_read
 from tests.vhd.helpers import run_cli
-from tests.vhd.vhdx.helpers import MiB, assert_qemu_clean, qemu_raw, run
+from tests.vhd.vhdx.helpers import MiB, assert_qemu_clean, qemu_check, qemu_raw, run
 from vhd import InUseError, ParentMismatchError
 from vhd.commit import commit
 from vhd.reparent import set_parent
@@ -40,6 +41,18 @@ def _writes(disk: vhd.Disk, model: bytearray, count: int, seed: int, align: int 
 def _read(path: Path) -> bytes:
     with vhd.open(path) as disk:
         return disk.pread(disk.size, 0)
+
+
+def _qemu_after_crash(image: Path, model: bytes | None, tmp: Path) -> None:
+    """qemu opens what a crash left: ``qemu-img check -r all`` on a copy replays a live log
+    (qemu refuses that read-only), then the copy checks clean and reads ``model``."""
+    copy = tmp / "crash-copy.vhdx"
+    shutil.copyfile(image, copy)
+    proc = qemu_check(copy, "-r", "all")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert_qemu_clean(copy)
+    if model is not None:
+        assert qemu_raw(copy, tmp / "crash-copy.raw") == model
 
 
 def _libvhdi(chain: list[Path], tmp: Path) -> bytes:
@@ -141,20 +154,62 @@ def test_commit_refuses_a_vhdx_in_use(tmp_path: Path) -> None:
     assert base.read_bytes() == before and child.exists()
 
 
-def _kill_during(argv: list[str], delays: tuple[float, ...]) -> int:
+# Runs a command with every file write of the VHDX code counted; the process SIGKILLs itself
+# just before write number N (or prints how many writes a whole run makes).
+_KILL_AT_WRITE = r"""
+import os, signal, sys
+import vhd.vhdx.disk, vhd.vhdx.ops
+from vhdtools.cli import main
+limit, calls = int(sys.argv[1]), [0]
+real = vhd.vhdx.disk.write_all
+def counted(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == limit:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+vhd.vhdx.disk.write_all = vhd.vhdx.ops.write_all = counted
+rc = main(sys.argv[2:])
+print(calls[0])
+sys.exit(rc)
+"""
+
+
+def _kill_rounds(argv: list[str], files: list[Path], rounds: int, check: Callable[[], None]) -> int:
+    """Count the VHDX writes of one whole run of ``vhd ARGV``, then run it again from the same
+    start (``files`` restored) ``rounds`` times, killed by SIGKILL at writes spread over the
+    whole run (data copies, log entries, headers, pages in place); ``check`` judges each
+    state left.  Returns how many runs the kill cut short."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
+    saved = [(f, f.with_name(f.name + ".saved")) for f in files]
+    for f, copy in saved:
+        shutil.copyfile(f, copy)
+
+    def restore() -> None:
+        for f, copy in saved:
+            shutil.copyfile(copy, f)
+
+    def run_until(limit: int) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-c", _KILL_AT_WRITE, str(limit), *argv]
+        return subprocess.run(
+            command, cwd=ROOT, env=env, timeout=300, check=False, capture_output=True, text=True
+        )
+
+    whole = run_until(0)
+    assert whole.returncode == 0, whole.stderr
+    writes = int(whole.stdout.split()[-1])
+    check()
     interrupted = 0
-    for delay in delays:
-        proc = subprocess.Popen([sys.executable, "-m", "vhdtools.cli", *argv], cwd=ROOT, env=env)
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-        interrupted += proc.wait(timeout=60) != 0
+    for k in range(rounds):
+        restore()
+        proc = run_until(1 + (writes - 1) * k // max(1, rounds - 1))
+        interrupted += proc.returncode == -signal.SIGKILL
+        check()
     return interrupted
 
 
 def test_sigkill_during_commit_loses_nothing(tmp_path: Path) -> None:
     base, child = tmp_path / "base.vhdx", tmp_path / "child.vhdx"
-    size = 96 * MiB
+    size = 24 * MiB
     model = bytearray(size)
     with create_vhdx(base, size, block_size=MiB) as disk:
         _writes(disk, model, 40, 8)
@@ -163,11 +218,14 @@ def test_sigkill_during_commit_loses_nothing(tmp_path: Path) -> None:
             data = bytes([i // MiB % 250 + 1]) * (MiB + 4096)
             d.pwrite(data, i)
             model[i : i + len(data)] = data
-    interrupted = _kill_during(["commit", "--keep", "-q", str(child)], (0.2, 0.4, 0.6, 0.8))
-    # Whatever was cut short, the chain reads exactly as before and the parent opens clean.
-    assert _read(child) == bytes(model)
-    assert_qemu_clean(base)
-    assert interrupted
+
+    def unchanged() -> None:
+        # Whatever was cut short, the chain reads exactly as before and the parent opens clean.
+        assert _read(child) == bytes(model)
+        _qemu_after_crash(base, None, tmp_path)
+
+    argv = ["commit", "--keep", "-q", str(child)]
+    assert _kill_rounds(argv, [base, child], 8, unchanged) == 8
     rc, out = run_cli("commit", str(child))
     assert rc == 0, out
     _qemu_same(base, bytes(model), tmp_path)
@@ -238,17 +296,19 @@ def test_compact_refuses_fixed_and_in_use(tmp_path: Path) -> None:
 
 def test_sigkill_during_compact_loses_nothing(tmp_path: Path) -> None:
     image = tmp_path / "d.vhdx"
-    size = 256 * MiB
+    size = 48 * MiB
     model = bytearray(size)
     with create_vhdx(image, size, block_size=MiB) as disk:
-        for b in range(256):
+        for b in range(48):
             data = bytes([b % 250 + 1]) * 4096 if b % 3 else bytes(4096)
             disk.pwrite(data, b * MiB)
             model[b * MiB : b * MiB + 4096] = data
-    interrupted = _kill_during(["compact", "-q", str(image)], (0.3, 0.6, 0.9, 1.2))
-    assert _read(image) == bytes(model)
-    assert_qemu_clean(image)
-    assert interrupted
+
+    def unchanged() -> None:
+        assert _read(image) == bytes(model)
+        _qemu_after_crash(image, bytes(model), tmp_path)
+
+    assert _kill_rounds(["compact", "-q", str(image)], [image], 8, unchanged) == 8
     rc, out = run_cli("compact", str(image))
     assert rc == 0, out
     _qemu_same(image, bytes(model), tmp_path)
