@@ -522,12 +522,26 @@ def resize(
             )
         if new_size == old:
             return old, 0
+        _refuse_children(disk, parent_dirs)
         if new_size > old:
             _grow(disk, new_size, parent_dirs)
             return old, 0
         return old, _shrink(disk, new_size, force)
     finally:
         disk.close()
+
+
+def _refuse_children(disk: VHDXDisk, search_dirs: Sequence[str]) -> None:
+    """A resize changes the disk's DataWriteGuid (2.2.2): its children would refuse it."""
+    from ..children import find_children
+
+    children = find_children(disk, search_dirs)
+    if children:
+        raise InvalidArgumentError(
+            f"{disk.path} is the parent of {', '.join(children)}: a resize gives it a new "
+            "DataWriteGuid, which they would refuse (commit or remove them first)",
+            path=disk.path,
+        )
 
 
 def _size_page(disk: VHDXDisk, pages: Pages, size: int) -> None:

@@ -63,6 +63,8 @@ def _libvhdi(chain: list[Path], tmp: Path) -> bytes:
 
 
 def _qemu_same(image: Path, model: bytes, tmp: Path) -> None:
+    rc, out = run_cli("check", str(image))
+    assert rc == 0, out
     assert_qemu_clean(image)
     assert qemu_raw(image, tmp / "qemu.raw") == model
     raw = tmp / "model.raw"
@@ -371,6 +373,36 @@ def test_resize_grown_differencing_hides_the_parent(tmp_path: Path) -> None:
     assert _libvhdi([base, child], tmp_path) == expect
     rc, out = run_cli("check", str(child))
     assert rc == 0, out
+
+
+def test_resize_refuses_a_parent_with_children(tmp_path: Path) -> None:
+    base, child = tmp_path / "base.vhdx", tmp_path / "c.vhdx"
+    model = _base(base)
+    _child(child, base, model, 16)
+    before = base.read_bytes()
+    rc, out = run_cli("resize", str(base), "32M")
+    assert rc == 2 and "c.vhdx" in out and "DataWriteGuid" in out, out
+    assert base.read_bytes() == before
+
+
+def test_4k_native_resize_and_compact(tmp_path: Path) -> None:
+    """qemu cannot open 4K-native VHDX; libvhdi reads them."""
+    image = tmp_path / "d.vhdx"
+    size = 8 * MiB
+    model = bytearray(size)
+    with create_vhdx(image, size, block_size=MiB, logical_sector_size=4096) as disk:
+        _writes(disk, model, 20, 17)
+        disk.pwrite(bytes(MiB), 3 * MiB)
+        model[3 * MiB : 4 * MiB] = bytes(MiB)
+    rc, out = run_cli("resize", str(image), str(12 * MiB + 512))
+    assert rc == 2 and "4096-byte sector" in out
+    rc, out = run_cli("resize", str(image), str(12 * MiB + 4096))
+    assert rc == 0, out
+    model += bytes(4 * MiB + 4096)
+    rc, out = run_cli("compact", str(image))
+    assert rc == 0 and "1 blocks freed" in out, out
+    assert _read(image) == bytes(model)
+    assert _libvhdi([image], tmp_path) == bytes(model)
 
 
 # -- set-parent ----------------------------------------------------------------------------
