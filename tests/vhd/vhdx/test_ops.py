@@ -436,6 +436,31 @@ def test_set_parent_after_a_move_and_on_a_middle_disk(tmp_path: Path) -> None:
     assert _read(top) == bytes(model)
 
 
+def test_set_parent_across_formats(tmp_path: Path) -> None:
+    """A VHD child follows its moved VHDX parent, and a VHDX child its moved VHD parent."""
+    for base_name, child_name in (("b1.vhdx", "c1.vhd"), ("b2.vhd", "c2.vhdx")):
+        base, child = tmp_path / base_name, tmp_path / child_name
+        model = bytearray(8 * MiB)
+        if base_name.endswith(".vhdx"):
+            model = _base(base, 8 * MiB, 18)
+        else:
+            with vhd.create(base, 8 * MiB) as disk:
+                _writes(disk, model, 10, 18)
+        rc, out = run_cli("create", str(child), "--parent", str(base))
+        assert rc == 0, out
+        with vhd.open(child, "r+") as disk:
+            _writes(disk, model, 10, 19)
+        moved = tmp_path / "moved" / base_name
+        moved.parent.mkdir(exist_ok=True)
+        os.rename(base, moved)
+        rc, out = run_cli("set-parent", str(child), str(moved))
+        assert rc == 0, out
+        assert _read(child) == bytes(model)
+        assert _libvhdi([moved, child], tmp_path) == bytes(model)
+        rc, out = run_cli("check", str(child))
+        assert rc == 0, out
+
+
 # -- mixed chains --------------------------------------------------------------------------
 
 
