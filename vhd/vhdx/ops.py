@@ -293,15 +293,30 @@ def record_parent_identity(child: VHDXDisk, parent_path: str) -> None:
 # -- space ---------------------------------------------------------------------------------
 
 
-def _reserved_end(disk: VHDXDisk) -> int:
-    """End of the headers, log and regions: where payload and bitmap blocks may start."""
+def _reserved(disk: VHDXDisk) -> list[tuple[int, int]]:
+    """[start, end) of the headers, the log and every region (1 MiB-aligned), in file order:
+    space no block may be moved into (a BAT a resize moved to the end of the file included)."""
     h = disk.current_header
-    end = max(MiB, h.log_offset + h.log_length)
+    spans = [(0, MiB), (h.log_offset, h.log_offset + h.log_length)]
     for table in disk.layout.region_tables:
         if table is not None:
-            for reg in table.entries:
-                end = max(end, reg.file_offset + reg.length)
-    return -(-end // MiB) * MiB
+            spans += [(reg.file_offset, reg.file_offset + reg.length) for reg in table.entries]
+    return sorted((a - a % MiB, -(-z // MiB) * MiB) for a, z in spans)
+
+
+def _reserved_end(disk: VHDXDisk) -> int:
+    return max(z for _a, z in _reserved(disk))
+
+
+def _free_from(pos: int, length: int, reserved: list[tuple[int, int]]) -> int:
+    """The first offset from ``pos`` where ``length`` bytes overlap nothing reserved."""
+    moved = True
+    while moved:
+        moved = False
+        for a, z in reserved:
+            if pos < z and pos + length > a:
+                pos, moved = z, True
+    return pos
 
 
 def _blocks_in_file(disk: VHDXDisk) -> list[tuple[int, int, int]]:
@@ -435,7 +450,8 @@ def _all_zero(disk: VHDXDisk, offset: int, length: int) -> bool:
 def _pack(disk: VHDXDisk) -> int:
     """Move blocks down over free space, in file order; returns how many moved."""
     ratio = disk._ratio
-    pos = _reserved_end(disk)
+    reserved = _reserved(disk)
+    pos = 0
     pending: list[tuple[int, int, int, int]] = []  # (BAT index, src, dst, length)
     moved = 0
 
@@ -451,10 +467,10 @@ def _pack(disk: VHDXDisk) -> int:
         pending.clear()
 
     for src, length, idx in _blocks_in_file(disk):
-        if src < pos:
-            pos = max(pos, src + length)  # overlaps what is already placed: leave it
+        dst = _free_from(pos, length, reserved)
+        if src < dst:
+            pos = max(pos, src + length)  # nothing free below it: it stays
             continue
-        dst = pos
         if dst + length > src:
             pos = src + length  # no room below without overlapping itself: stays
             continue

@@ -357,6 +357,23 @@ def test_resize_relocates_a_full_bat(tmp_path: Path) -> None:
         assert disk.pread(8 * MiB, 0) == bytes(model)
         assert disk.pread(MiB, 199 * 1024 * MiB) == bytes(MiB)
     assert_qemu_clean(image)
+    # Blocks written after the BAT moved to the end, then compacted: they move below it,
+    # into the old BAT's space among others, and nothing lands inside the new one.
+    with vhd.open(image, "r+") as disk:
+        for i in range(4):
+            disk.pwrite(b"\x42" * 4096, (100 + i) * 1024 * MiB)
+        disk.pwrite(bytes(MiB), 0)
+    model[:MiB] = bytes(MiB)
+    rc, out = run_cli("compact", str(image))
+    assert rc == 0 and "1 blocks freed" in out, out
+    assert "0 moved" not in out
+    with open_vhdx(image) as disk:
+        assert disk.pread(8 * MiB, 0) == bytes(model)
+        for i in range(4):
+            assert disk.pread(4096, (100 + i) * 1024 * MiB) == b"\x42" * 4096
+    rc, out = run_cli("check", str(image))
+    assert rc == 0, out
+    assert_qemu_clean(image)
 
 
 def test_resize_grown_differencing_hides_the_parent(tmp_path: Path) -> None:
