@@ -24,6 +24,11 @@ Crash safety, and why no flushed write is lost:
   still reads through the child).
 
 Other children of the same parent see the merged data afterwards, as with every tool that merges.
+
+VHD and VHDX alike (the format-specific parts are in :mod:`vhd.lineage`): a VHDX parent gets a
+new DataWriteGuid (MS-VHDX 2.2.2), chosen before its first write and recorded in the child first
+(:func:`vhd.lineage.prepare_commit`), so an interrupted commit still leaves a chain that opens;
+its other children then refuse it, as Hyper-V's do.
 """
 
 from __future__ import annotations
