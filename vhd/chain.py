@@ -243,10 +243,18 @@ def read_candidate(
 
 
 def _footer_id(path: str, *, devices: bool) -> tuple[Ident, bytes] | None:
-    """(identity, unique id) of the VHD at ``path`` from its footer alone."""
-    return read_candidate(
-        path, devices=devices, read=lambda fd, size: locate_footer(fd, size, path).footer.unique_id
-    )
+    """(identity, unique id) of the VHD at ``path`` from its footer alone; of a VHDX, the
+    DataWriteGuid a VHD child records as its parent id (:mod:`vhd.lineage`)."""
+
+    def key(fd: int, size: int) -> bytes | None:
+        if read_upto(fd, 8, 0) == b"vhdxfile":
+            from .vhdx.ops import identity_at  # vhd.vhdx imports this module
+
+            found = identity_at(path)
+            return None if found is None else found.bytes
+        return locate_footer(fd, size, path).footer.unique_id
+
+    return read_candidate(path, devices=devices, read=key)
 
 
 @dataclass(slots=True)
@@ -396,6 +404,12 @@ def resolve_parent(
             path,
             child_path,
         )
+        if getattr(disk, "logical_sector_size", 512) != 512:
+            disk.close()
+            raise ParentMismatchError(
+                f"the parent {_show(path)} is a 4K-native VHDX: a VHD child has 512-byte sectors",
+                path=child_path,
+            )
         if found.mismatch_used:
             disk.warnings.append(
                 f"parent {path} has another unique id than the child records; used anyway"

@@ -94,9 +94,17 @@ def plan_create(
     parent_path = parent
     parent_id = bytes(16)
     if parent_path is not None:
+        from .lineage import identity
+
         with open_image(parent_path, "r") as pdisk:
             psize = pdisk.size
-            parent_id = pdisk.footer.unique_id
+            # A VHDX parent is named by its DataWriteGuid (vhd.lineage), a VHD by its unique id.
+            parent_id = identity(pdisk).bytes
+            if getattr(pdisk, "logical_sector_size", 512) != 512:
+                raise InvalidArgumentError(
+                    f"{parent_path} is a 4K-native VHDX: a VHD child has 512-byte sectors "
+                    "(make the child a VHDX)"
+                )
         if size is not None and size != psize:
             raise InvalidArgumentError(
                 f"a differencing disk has its parent's size ({psize} bytes), not {size}"

@@ -256,7 +256,9 @@ def _open_fd(
                 explicit=parent,
             )
             assert disk.parent is not None
-            if disk.parent.footer.unique_id != header.parent_unique_id:
+            from .lineage import identity  # a VHDX parent: its DataWriteGuid
+
+            if identity(disk.parent).bytes != header.parent_unique_id:
                 # A mismatch allowed by the caller is reported on the child, which is the disk
                 # the caller holds (resolve_parent can only note it on the parent).
                 warnings.append(

@@ -223,15 +223,18 @@ def describe(disk: Disk, *, chain: bool = True) -> dict[str, Any]:
         ]
         info["bat"] = block_stats(disk)
     if chain:
+        from .lineage import identity, recorded_parents
+
         info["chain"] = [
             {
                 "depth": depth,
                 "path": layer.path,
                 "type": layer.type.label,
                 "size": layer.size,
-                "unique_id": str(layer.footer.uuid),
-                "parent_unique_id": str(layer.header.parent_uuid)
-                if layer.header is not None and layer.type.label == "differencing"
+                # What a child records to name the layer (vhd.lineage: a VHDX's DataWriteGuid).
+                "unique_id": str(identity(layer)),
+                "parent_unique_id": ", ".join(sorted(str(u) for u in recorded_parents(layer)))
+                if layer.type.label == "differencing"
                 else None,
             }
             for depth, layer in enumerate(disk.chain)
