@@ -375,7 +375,24 @@ def _read_bat(
         raise CorruptImageError("the BAT overlaps the footer copy at offset 0", path=path)
     # Only the entries the disk size needs are used (as blktap does); the rest are padding.
     raw = read_exact(fd, count * 4, at, path=path)
-    return BlockAllocationTable.from_bytes(raw, count)
+    bat = BlockAllocationTable.from_bytes(raw, count)
+    # Read-only opens too: a block over metadata reads metadata as data, and a crafted table
+    # of millions of such entries (all zero: every block at offset 0) would cost per-block work
+    # in every reader.  vhd check reports them one by one and --repair unallocates them.
+    bad = bat.first_misplaced(
+        span=header.bitmap_bytes + header.block_size,
+        last_span=header.bitmap_bytes + footer.current_size - (count - 1) * header.block_size,
+        file_size=fsize,
+        regions=metadata_regions(footer.data_offset, header),
+    )
+    if bad is not None:
+        block, entry, where = bad
+        raise CorruptImageError(
+            f"block {block} (BAT entry {entry:#x}) lies {where}: the BAT is damaged "
+            "('vhd check' lists every bad entry, 'vhd check --repair' unallocates them)",
+            path=path,
+        )
+    return bat
 
 
 def _check_writable_layout(disk: SparseDisk, header: DynamicHeader) -> None:
