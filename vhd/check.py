@@ -694,6 +694,14 @@ class _Checker:
                 f"the last {size - at} bytes are missing",
             )
             m.footer_target = -1
+        elif at > size and stat.S_ISBLK(os.fstat(self.fd).st_mode):
+            # A fixed VHD on a block device (vhd create --type fixed /dev/X): the footer is in
+            # the device's last sector, where readers look; the space before it is the device's.
+            self.add(
+                INFO,
+                "fixed-gap",
+                f"{at - size} bytes of the device lie between the data and the footer",
+            )
         elif at > size:
             self.add(
                 WARNING,

@@ -265,7 +265,8 @@ def _open_fd(
                 f"{choice.offset}: the data is truncated",
                 path=path,
             )
-        if choice.offset > footer.current_size:
+        if choice.offset > footer.current_size and not stat.S_ISBLK(os.fstat(fd).st_mode):
+            # (on a block device the footer is in the last sector, however large the device)
             warnings.append(
                 f"{choice.offset - footer.current_size} unused bytes between the data and the footer"
             )

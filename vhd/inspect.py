@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import collections
 import itertools
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -197,7 +196,7 @@ def describe(disk: Disk, *, chain: bool = True) -> dict[str, Any]:
         "path": disk.path,
         "type": disk.type.label,
         "size": disk.size,
-        "file_size": os.fstat(disk.fd).st_size,
+        "file_size": disk.file_size,  # (st_size is 0 for a block device)
         "footer_offset": disk.footer_offset,
         "footer": footer_fields(disk.footer),
         "warnings": list(disk.warnings),
