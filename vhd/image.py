@@ -128,10 +128,11 @@ def open(
     if force_share and mode != "r":
         raise InvalidArgumentError("force_share is for read-only opens")
     spath = os.fspath(path)
-    # VHDX (MS-VHDX) is probed by content, its "vhdxfile" identifier at offset 0.
-    from .vhdx import open_vhdx, probe_vhdx
+    # VHDX (MS-VHDX) is probed by content, its "vhdxfile" identifier at offset 0; its package
+    # is imported only for one (a VHD command's start-up does not pay for it).
+    if _starts_with(spath, b"vhdxfile"):
+        from .vhdx import open_vhdx
 
-    if probe_vhdx(spath):
         return open_vhdx(
             spath,
             mode,
@@ -173,6 +174,22 @@ def open(
     except BaseException:
         os.close(fd)
         raise
+
+
+def _starts_with(path: str, magic: bytes) -> bool:
+    """Whether ``path``, a regular file or block device, starts with ``magic`` (as
+    :func:`vhd.vhdx.probe_vhdx`): never blocks (a FIFO is not read) and never raises."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        mode = os.fstat(fd).st_mode
+        return (stat.S_ISREG(mode) or stat.S_ISBLK(mode)) and read_upto(fd, len(magic), 0) == magic
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def open_locked(fd: int, path: str, *, parent: str | None = None) -> Disk:
