@@ -43,7 +43,7 @@ from .header import HEADER_SIZE, DynamicHeader
 from .header import VERSION as HEADER_VERSION
 from .header import checksum_ok as header_checksum_ok
 from .layout import block_size_ok, metadata_regions
-from .probe import HEAD_BYTES, ImageFormat, probe, refusal
+from .probe import HEAD_BYTES, ImageFormat, is_vhdx_file, probe, refusal
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +130,7 @@ def open(
     spath = os.fspath(path)
     # VHDX (MS-VHDX) is probed by content, its "vhdxfile" identifier at offset 0; its package
     # is imported only for one (a VHD command's start-up does not pay for it).
-    if _starts_with(spath, b"vhdxfile"):
+    if is_vhdx_file(spath):
         from .vhdx import open_vhdx
 
         return open_vhdx(
@@ -174,22 +174,6 @@ def open(
     except BaseException:
         os.close(fd)
         raise
-
-
-def _starts_with(path: str, magic: bytes) -> bool:
-    """Whether ``path``, a regular file or block device, starts with ``magic`` (as
-    :func:`vhd.vhdx.probe_vhdx`): never blocks (a FIFO is not read) and never raises."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError:
-        return False
-    try:
-        mode = os.fstat(fd).st_mode
-        return (stat.S_ISREG(mode) or stat.S_ISBLK(mode)) and read_upto(fd, len(magic), 0) == magic
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
 
 
 def open_locked(fd: int, path: str, *, parent: str | None = None) -> Disk:
