@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 
