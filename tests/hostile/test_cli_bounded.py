@@ -14,10 +14,8 @@ outside the image's own.
 
 from __future__ import annotations
 
-import functools
 import os
 import random
-import resource
 import shutil
 import signal
 import socket
@@ -50,29 +48,47 @@ class Outcome:
     cpu: float
 
 
-def _limits(cpu: int = CPU_SECONDS) -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
+# The command is forked by a small launcher, not by this (pytest) process: a forked child's
+# ru_maxrss starts at its parent's RSS at the fork, so a command forked from a test process
+# that holds a few hundred MiB would report that memory as its own.
+_LAUNCHER = """
+import os, resource, signal, sys
+limits, result, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+cpu, space = map(int, limits.split(","))
+pid = os.fork()
+if pid == 0:
+    resource.setrlimit(resource.RLIMIT_AS, (space, space))
     resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
+    os.execv(argv[0], argv)
+for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, lambda number, frame: os.kill(pid, number))
+_, status, usage = os.wait4(pid, 0)
+with open(result, "w") as f:
+    cpu_time = usage.ru_utime + usage.ru_stime
+    f.write(f"{os.waitstatus_to_exitcode(status)} {usage.ru_maxrss} {cpu_time}")
+"""
 
 
 class Bounded:
-    """One `vhd` command under the limits; its own rusage comes from wait4."""
+    """One `vhd` command under the limits (address space, CPU seconds), started by a launcher
+    that reports the command's own exit status and rusage (wait4)."""
 
     def __init__(self, tmp: Path, *args: str, cpu: int = CPU_SECONDS) -> None:
-        self.out = open(tmp / f"out-{time.monotonic_ns()}", "w+")  # noqa: SIM115
-        self.err = open(tmp / f"err-{time.monotonic_ns()}", "w+")  # noqa: SIM115
+        stamp = time.monotonic_ns()
+        self.out = open(tmp / f"out-{stamp}", "w+")  # noqa: SIM115
+        self.err = open(tmp / f"err-{stamp}", "w+")  # noqa: SIM115
+        self.result = tmp / f"rusage-{stamp}"
+        command = [sys.executable, "-m", "vhdtools.cli", *args]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vhdtools.cli", *args],
+            [sys.executable, "-c", _LAUNCHER, f"{cpu},{ADDRESS_SPACE}", str(self.result), *command],
             stdout=self.out,
             stderr=self.err,
             stdin=subprocess.DEVNULL,
-            preexec_fn=functools.partial(_limits, cpu),
+            start_new_session=True,  # a timeout kills the launcher and the command together
         )
 
     def running(self) -> bool:
-        """Without reaping it (wait4 must still see its rusage)."""
-        flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
-        return os.waitid(os.P_PID, self.proc.pid, flags) is None
+        return self.proc.poll() is None
 
     def stderr_so_far(self) -> str:
         self.err.seek(0)
@@ -83,24 +99,16 @@ class Bounded:
         return self.out.read()
 
     def wait(self, timeout: float = 2 * CPU_SECONDS) -> Outcome:
-        deadline = time.monotonic() + timeout
-        while True:
-            pid, status, usage = os.wait4(self.proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() > deadline:
-                self.proc.kill()
-                pid, status, usage = os.wait4(self.proc.pid, 0)
-                self.proc.returncode = -9
-                pytest.fail(f"still running after {timeout} s: {self.proc.args}")
-            time.sleep(0.02)
-        self.proc.returncode = os.waitstatus_to_exitcode(status)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            pytest.fail(f"still running after {timeout} s: {self.proc.args[4:]}")
+        assert self.result.exists(), f"the launcher failed:\n{self.stderr_so_far()}"
+        code, maxrss, cpu = self.result.read_text().split()
         outcome = Outcome(
-            os.waitstatus_to_exitcode(status),
-            self.stdout_so_far(),
-            self.stderr_so_far(),
-            usage.ru_maxrss * 1024,
-            usage.ru_utime + usage.ru_stime,
+            int(code), self.stdout_so_far(), self.stderr_so_far(), int(maxrss) * 1024, float(cpu)
         )
         self.out.close()
         self.err.close()
