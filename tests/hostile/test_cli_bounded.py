@@ -6,9 +6,9 @@ under 256 MiB.
 
 The crafted set: a header claiming 2^32 - 1 table entries, a 2040 GiB disk of 512-byte blocks,
 an all-zero table of 512-byte blocks (every block at offset 0, over the footer copy: refused at
-open), the same for a 2 GiB disk (4 Mi entries) and a 2 GiB disk whose 4 Mi entries all share one
-block (served; every command in a few CPU seconds), table entries pointing everywhere, 32,000 staggered overlapping blocks, a sparse 2040 GiB fixed disk,
-a parent-locator loop, and locators at /dev/tty, a socket, a FIFO, /etc/shadow and a folder
+open), the same for a 2 GiB disk (4 Mi entries) and a 2 GiB disk whose 4 Mi entries all share
+one block (served; every command in a few CPU seconds), table entries pointing everywhere,
+32,000 staggered overlapping blocks, a sparse 2040 GiB fixed disk, a parent-locator loop, and locators at /dev/tty, a socket, a FIFO, /etc/shadow and a folder
 outside the image's own.
 """
 
@@ -31,7 +31,7 @@ import pytest
 import vhd
 from tests.conftest import need_tool
 from tests.fuse.mounting import need_fuse
-from tests.hostile.craft import MACX, W2KU, W2RU, craft, craft_fixed, footer_id, new_id
+from tests.images import MACX, W2KU, W2RU, craft, craft_fixed, footer_id, new_id
 
 KiB, MiB, GiB = 1024, 1024 * 1024, 1024 * 1024 * 1024
 ADDRESS_SPACE = 2 * GiB  # virtual: Python, libfuse and thread stacks fit well within it
@@ -48,43 +48,49 @@ class Outcome:
     cpu: float
 
 
-# The command is forked by a small launcher, not by this (pytest) process: a forked child's
-# ru_maxrss starts at its parent's RSS at the fork, so a command forked from a test process
-# that holds a few hundred MiB would report that memory as its own.
-_LAUNCHER = """
+# The command runs as the child of a small launcher, not of the pytest worker: Linux starts a
+# child's ru_maxrss at its parent's RSS at fork time (the copied address space's high-water mark
+# carries over exec), so a worker grown to 300 MiB by earlier tests made every command "use"
+# 300 MiB.  The launcher applies the limits, forwards SIGTERM/SIGINT and writes the command's
+# wait status and rusage (from wait4) to REPORT.
+_LAUNCH = r"""
 import os, resource, signal, sys
-limits, result, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
-cpu, space = map(int, limits.split(","))
+address_space, cpu_seconds, report, *args = sys.argv[1:]
+resource.setrlimit(resource.RLIMIT_AS, (int(address_space), int(address_space)))
+resource.setrlimit(resource.RLIMIT_CPU, (int(cpu_seconds), int(cpu_seconds)))
 pid = os.fork()
 if pid == 0:
-    resource.setrlimit(resource.RLIMIT_AS, (space, space))
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
-    os.execv(argv[0], argv)
+    os.execv(sys.executable, [sys.executable, "-m", "vhdtools.cli", *args])
 for sig in (signal.SIGTERM, signal.SIGINT):
-    signal.signal(sig, lambda number, frame: os.kill(pid, number))
+    signal.signal(sig, lambda number, _frame: os.kill(pid, number))
 _, status, usage = os.wait4(pid, 0)
-with open(result, "w") as f:
-    cpu_time = usage.ru_utime + usage.ru_stime
-    f.write(f"{os.waitstatus_to_exitcode(status)} {usage.ru_maxrss} {cpu_time}")
+with open(report, "w") as f:
+    f.write(f"{status} {usage.ru_maxrss} {usage.ru_utime + usage.ru_stime}")
 """
 
 
 class Bounded:
-    """One `vhd` command under the limits (address space, CPU seconds), started by a launcher
-    that reports the command's own exit status and rusage (wait4)."""
+    """One `vhd` command under the limits; its own rusage comes from wait4 (in the launcher)."""
 
     def __init__(self, tmp: Path, *args: str, cpu: int = CPU_SECONDS) -> None:
         stamp = time.monotonic_ns()
         self.out = open(tmp / f"out-{stamp}", "w+")  # noqa: SIM115
         self.err = open(tmp / f"err-{stamp}", "w+")  # noqa: SIM115
-        self.result = tmp / f"rusage-{stamp}"
-        command = [sys.executable, "-m", "vhdtools.cli", *args]
+        self.report = tmp / f"rusage-{stamp}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _LAUNCHER, f"{cpu},{ADDRESS_SPACE}", str(self.result), *command],
+            [
+                sys.executable,
+                "-c",
+                _LAUNCH,
+                str(ADDRESS_SPACE),
+                str(cpu),
+                str(self.report),
+                *args,
+            ],
             stdout=self.out,
             stderr=self.err,
             stdin=subprocess.DEVNULL,
-            start_new_session=True,  # a timeout kills the launcher and the command together
+            start_new_session=True,
         )
 
     def running(self) -> bool:
@@ -105,10 +111,14 @@ class Bounded:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
             pytest.fail(f"still running after {timeout} s: {self.proc.args[4:]}")
-        assert self.result.exists(), f"the launcher failed:\n{self.stderr_so_far()}"
-        code, maxrss, cpu = self.result.read_text().split()
+        assert self.report.exists(), f"the launcher failed: {self.stderr_so_far()}"
+        status, maxrss, cpu = self.report.read_text().split()
         outcome = Outcome(
-            int(code), self.stdout_so_far(), self.stderr_so_far(), int(maxrss) * 1024, float(cpu)
+            os.waitstatus_to_exitcode(int(status)),
+            self.stdout_so_far(),
+            self.stderr_so_far(),
+            int(maxrss) * 1024,
+            float(cpu),
         )
         self.out.close()
         self.err.close()
