@@ -349,6 +349,14 @@ class _Rules:
                 f"the last {size - at} bytes are missing",
             )
             self.fixes.footer_target = -1
+        elif at > size and self.layout.block_device:
+            # A fixed VHD on a block device (vhd create --type fixed /dev/X): the footer is in
+            # the device's last sector, where readers look; the space before it is the device's.
+            self.add(
+                INFO,
+                "fixed-gap",
+                f"{at - size} bytes of the device lie between the data and the footer",
+            )
         elif at > size:
             self.add(
                 WARNING,

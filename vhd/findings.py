@@ -78,6 +78,11 @@ class Findings(list[Finding]):
             seen[1] = finding
         self.append(finding)
 
+    def count_more(self, code: str, more: int) -> None:
+        """Count ``more`` findings of ``code`` past the listed ones (after ``add`` of those)."""
+        if more > 0:
+            self._per_code[code][0] += more
+
     def has(self, code: str) -> bool:
         return code in self._per_code
 
@@ -119,11 +124,43 @@ class DropMap(MutableMapping[int, str]):
                 self._texts.append(why)
             else:
                 kind = 1
+        if block < 0:
+            return  # only the text is registered (mark_new, mark_runs)
         if block >= len(self._kind):
             self._kind.extend(bytes(block + 1 - len(self._kind)))
         if not self._kind[block]:
             self._len += 1
         self._kind[block] = kind
+
+    def mark_new(self, blocks: Iterator[int], why: str, listed: int) -> tuple[int, list[int]]:
+        """Drop each of ``blocks`` not dropped yet, for ``why``: how many were new, and the
+        first ``listed`` of them (a crafted table has millions; one tight loop, no calls)."""
+        self[-1] = why  # registers the text (block -1: see __setitem__)
+        kind, codes = self._index.get(why, 1), self._kind
+        new: list[int] = []
+        count = 0
+        for block in blocks:
+            if not codes[block]:
+                codes[block] = kind
+                count += 1
+                if len(new) < listed:
+                    new.append(block)
+        self._len += count
+        return count, new
+
+    def mark_runs(self, first: int, end: int, why: str) -> int:
+        """Drop blocks [first, end) not dropped yet, for ``why``, at C speed: how many."""
+        self[-1] = why
+        kind, codes = self._index.get(why, 1), self._kind
+        segment = bytes(codes[first:end])
+        count = segment.count(0)
+        codes[first:end] = segment.translate(bytes([kind]) + bytes(range(1, 256)))
+        self._len += count
+        return count
+
+    def flags(self) -> bytearray:
+        """One byte per block, non-zero where the block is dropped."""
+        return self._kind
 
     def __getitem__(self, block: int) -> str:
         if not 0 <= block < len(self._kind) or not self._kind[block]:

@@ -33,6 +33,7 @@ from .footer import VERSION, DiskType, Footer
 from .header import VERSION as HEADER_VERSION
 from .header import checksum_ok as header_checksum_ok
 from .layout import FooterChoice, Layout, locate_footer, read_layout
+from .probe import is_vhdx_file
 
 __all__ = ["footer_warnings", "locate_footer", "open", "open_locked"]
 
@@ -82,10 +83,11 @@ def open(
     if force_share and mode != "r":
         raise InvalidArgumentError("force_share is for read-only opens")
     spath = os.fspath(path)
-    # VHDX (MS-VHDX) is probed by content, its "vhdxfile" identifier at offset 0.
-    from .vhdx import open_vhdx, probe_vhdx
+    # VHDX (MS-VHDX) is probed by content, its "vhdxfile" identifier at offset 0; its package
+    # is imported only for one (a VHD command's start-up does not pay for it).
+    if is_vhdx_file(spath):
+        from .vhdx import open_vhdx
 
-    if probe_vhdx(spath):
         return open_vhdx(
             spath,
             mode,
@@ -215,7 +217,8 @@ def _open_fd(
                 f"{choice.offset}: the data is truncated",
                 path=path,
             )
-        if choice.offset > footer.current_size:
+        if choice.offset > footer.current_size and not layout.block_device:
+            # (on a block device the footer is in the last sector, however large the device)
             warnings.append(
                 f"{choice.offset - footer.current_size} unused bytes between the data and the footer"
             )
@@ -232,6 +235,22 @@ def _open_fd(
         stopped(layout.stop.code)
     bat = layout.bat
     assert bat is not None
+    # Read-only opens too: a block over metadata reads metadata as data, and a crafted table
+    # of millions of such entries (all zero: every block at offset 0) would cost per-block work
+    # in every reader.  vhd check reports them one by one and --repair unallocates them.
+    bad = bat.first_misplaced(
+        span=header.bitmap_bytes + header.block_size,
+        last_span=header.bitmap_bytes + footer.current_size - (len(bat) - 1) * header.block_size,
+        file_size=fsize,
+        regions=layout.regions(),
+    )
+    if bad is not None:
+        block, entry, where = bad
+        raise CorruptImageError(
+            f"block {block} (BAT entry {entry:#x}) lies {where}: the BAT is damaged "
+            "('vhd check' lists every bad entry, 'vhd check --repair' unallocates them)",
+            path=path,
+        )
     disk = SparseDisk(
         header=header,
         bat=bat,
