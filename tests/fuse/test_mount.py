@@ -18,7 +18,9 @@ import pytest
 from vhdfuse.mount import server_pid
 
 import vhd
+from tests.interop.oracles import libvhdi_read
 from tests.model import model_chain
+from vhd.vhdx import VHDXDisk, create_vhdx
 
 from .mounting import MiB, Mounts, is_mounted, run, vhd_cli, wait_until
 
@@ -33,9 +35,32 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+# The front end is format-neutral (a Disk): the tests that touch the data path run on VHD and on
+# VHDX, named by the image's suffix.
+FORMATS = ["vhd", "vhdx"]
+
+
 def _image(path: Path, size: int = 64 * MiB, **kwargs: object) -> Path:
-    vhd.create(str(path), size, **kwargs).close()  # type: ignore[arg-type]
+    """A new dynamic image; a ``.vhdx`` path makes a VHDX (Hyper-V's 32 MiB blocks unless
+    ``block_size`` says otherwise)."""
+    if path.suffix == ".vhdx":
+        create_vhdx(path, size, **kwargs).close()  # type: ignore[arg-type]
+    else:
+        vhd.create(str(path), size, **kwargs).close()  # type: ignore[arg-type]
     return path
+
+
+def _child(path: Path, parent: Path, **kwargs: object) -> Path:
+    """A differencing child of ``parent``, in the format ``path``'s suffix names."""
+    if path.suffix == ".vhdx":
+        create_vhdx(path, 0, type="differencing", parent=vhd.open(str(parent)), **kwargs).close()  # type: ignore[arg-type]
+    else:
+        vhd.create(str(path), parent=str(parent), **kwargs).close()  # type: ignore[arg-type]
+    return path
+
+
+def _qemu_format(path: Path) -> str:
+    return "vhdx" if path.suffix == ".vhdx" else "vpc"
 
 
 def _read_image(path: Path, offset: int, length: int) -> bytes:
@@ -43,9 +68,12 @@ def _read_image(path: Path, offset: int, length: int) -> bytes:
         return disk.pread(length, offset)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("cache", ["direct", "kernel"])
-def test_disk_file_reads_and_writes_the_image(tmp_path: Path, mounts: Mounts, cache: str) -> None:
-    image = _image(tmp_path / "a.vhd", 48 * MiB + 512)
+def test_disk_file_reads_and_writes_the_image(
+    tmp_path: Path, mounts: Mounts, cache: str, fmt: str
+) -> None:
+    image = _image(tmp_path / f"a.{fmt}", 48 * MiB + 512)
     data = _pattern(1, 3 * MiB)
     with vhd.open(str(image), "r+") as disk:
         disk.pwrite(data, 5 * MiB)
@@ -75,12 +103,13 @@ def test_disk_file_reads_and_writes_the_image(tmp_path: Path, mounts: Mounts, ca
     assert _read_image(image, 5 * MiB, len(data)) == data
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_mkfs_ext4_e2fsck_and_debugfs(
-    tmp_path: Path, mounts: Mounts, require_tool: Callable[[str], str]
+    tmp_path: Path, mounts: Mounts, require_tool: Callable[[str], str], fmt: str
 ) -> None:
     mkfs, e2fsck, debugfs = (require_tool(t) for t in ("mkfs.ext4", "e2fsck", "debugfs"))
     qemu_img = require_tool("qemu-img")
-    image = _image(tmp_path / "ext4.vhd", 128 * MiB)
+    image = _image(tmp_path / f"ext4.{fmt}", 128 * MiB)
     mnt = mounts.mount(image)
     disk = str(mnt / "disk")
     # mke2fs discards (fallocate PUNCH_HOLE -> Disk.discard) before writing its tables.
@@ -96,8 +125,13 @@ def test_mkfs_ext4_e2fsck_and_debugfs(
     assert result.returncode == 0, result.stderr
     mounts.unmount(mnt)
     raw = tmp_path / "ext4.raw"
-    result = run([qemu_img, "convert", "-f", "vpc", "-O", "raw", str(image), str(raw)])
+    result = run(
+        [qemu_img, "convert", "-f", _qemu_format(image), "-O", "raw", str(image), str(raw)]
+    )
     assert result.returncode == 0, result.stderr
+    if fmt == "vhdx":
+        result = run([qemu_img, "check", "-f", "vhdx", str(image)])
+        assert result.returncode == 0 and "No errors" in result.stdout, result.stdout
     assert run([e2fsck, "-fn", str(raw)]).returncode == 0
     out = tmp_path / "out.bin"
     result = run([debugfs, "-R", f"dump payload.bin {out}", str(raw)])
@@ -166,18 +200,20 @@ def _libvhdi_read(image: Path, parent: Path | None, offset: int, length: int) ->
     return result.stdout
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_differencing_child_takes_the_writes(
-    tmp_path: Path, mounts: Mounts, require_tool: Callable[[str], str]
+    tmp_path: Path, mounts: Mounts, require_tool: Callable[[str], str], fmt: str
 ) -> None:
     if not Path("/usr/bin/python3").exists():
         pytest.fail("/usr/bin/python3 with pyvhdi (python3-libvhdi) is needed")
-    parent = _image(tmp_path / "parent.vhd", 32 * MiB)
+    # VHDX: 1 MiB blocks, so the 32 MiB disk has many blocks, some partly written.
+    sizes = {"block_size": MiB} if fmt == "vhdx" else {}
+    parent = _image(tmp_path / f"parent.{fmt}", 32 * MiB, **sizes)
     base = bytearray(_pattern(3, 32 * MiB))
     with vhd.open(str(parent), "r+") as disk:
         disk.pwrite(base, 0)
     parent_hash = _sha(parent)
-    child = tmp_path / "child.vhd"
-    vhd.create(str(child), parent=str(parent)).close()
+    child = _child(tmp_path / f"child.{fmt}", parent, **sizes)
     mnt = mounts.mount(child)
     model = bytearray(base)
     rng = random.Random(4)
@@ -193,6 +229,11 @@ def test_differencing_child_takes_the_writes(
     assert _sha(parent) == parent_hash
     with vhd.open(str(child)) as disk:
         assert disk.pread(32 * MiB, 0) == model
+    if fmt == "vhdx":
+        # libvhdi reads differencing VHDX chains (qemu refuses them).
+        libvhdi_read([parent, child], tmp_path / "libvhdi.raw")
+        assert (tmp_path / "libvhdi.raw").read_bytes() == model
+        return
     assert _libvhdi_read(child, parent, 0, 32 * MiB) == model
     # The spec model (an independent reader of the spec) agrees.
     chain = model_chain([parent, child])
@@ -313,11 +354,12 @@ def test_concurrent_threads_and_processes(tmp_path: Path, mounts: Mounts, cache:
     assert _read_image(image, 0, 32 * MiB) == model
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_fallocate_punch_hole_discards(
-    tmp_path: Path, mounts: Mounts, require_tool: Callable[[str], str]
+    tmp_path: Path, mounts: Mounts, require_tool: Callable[[str], str], fmt: str
 ) -> None:
     fallocate = require_tool("fallocate")
-    image = _image(tmp_path / "punch.vhd", 16 * MiB, block_size=MiB)
+    image = _image(tmp_path / f"punch.{fmt}", 16 * MiB, block_size=MiB)
     with vhd.open(str(image), "r+") as disk:
         disk.pwrite(b"\xaa" * 16 * MiB, 0)
     mnt = mounts.mount(image)
@@ -331,19 +373,27 @@ def test_fallocate_punch_hole_discards(
         assert disk.pread(3 * MiB, 2 * MiB) == bytes(3 * MiB)
         holes = [e for e in disk.extents() if e.layer is None]
         assert sum(e.length for e in holes) == 3 * MiB  # whole blocks were given back
+    if fmt == "vhdx":
+        qemu_img = require_tool("qemu-img")
+        result = run([qemu_img, "check", "-f", "vhdx", str(image)])
+        assert result.returncode == 0 and "No errors" in result.stdout, result.stdout
+        raw = tmp_path / "punch.raw"
+        result = run([qemu_img, "convert", "-f", "vhdx", "-O", "raw", str(image), str(raw)])
+        assert result.returncode == 0, result.stderr
+        assert raw.read_bytes() == b"\xaa" * 2 * MiB + bytes(3 * MiB) + b"\xaa" * 11 * MiB
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_punch_hole_on_a_differencing_disk_reads_zeros(
-    tmp_path: Path, mounts: Mounts, require_tool: Callable[[str], str]
+    tmp_path: Path, mounts: Mounts, require_tool: Callable[[str], str], fmt: str
 ) -> None:
     """Punch-hole promises zeros: on a child it must hide the parent (Disk.write_zeroes, not the
     TRIM-like Disk.discard that lets the parent show through)."""
     fallocate = require_tool("fallocate")
-    parent = _image(tmp_path / "parent.vhd", 8 * MiB, block_size=MiB)
+    parent = _image(tmp_path / f"parent.{fmt}", 8 * MiB, block_size=MiB)
     with vhd.open(str(parent), "r+") as disk:
         disk.pwrite(b"\xaa" * 8 * MiB, 0)
-    child = tmp_path / "child.vhd"
-    vhd.create(str(child), parent=str(parent), block_size=MiB).close()
+    child = _child(tmp_path / f"child.{fmt}", parent, block_size=MiB)
     mnt = mounts.mount(child)
     result = run([fallocate, "-p", "-o", str(MiB + 512), "-l", str(MiB), str(mnt / "disk")])
     assert result.returncode == 0, result.stderr
@@ -351,20 +401,25 @@ def test_punch_hole_on_a_differencing_disk_reads_zeros(
         f.seek(MiB)
         assert f.read(2 * MiB) == b"\xaa" * 512 + bytes(MiB) + b"\xaa" * (MiB - 512)
     mounts.unmount(mnt)
-    assert model_chain([parent, child]).read(MiB + 512, MiB) == bytes(MiB)
+    want = b"\xaa" * (MiB + 512) + bytes(MiB) + b"\xaa" * (6 * MiB - 512)
+    if fmt == "vhdx":
+        libvhdi_read([parent, child], tmp_path / "libvhdi.raw")
+        assert (tmp_path / "libvhdi.raw").read_bytes() == want
+    else:
+        assert model_chain([parent, child]).read_all() == want
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("cache", ["direct", "kernel"])
 def test_du_seek_hole_and_sparse_copies(
-    tmp_path: Path, mounts: Mounts, require_tool: Callable[[str], str], cache: str
+    tmp_path: Path, mounts: Mounts, require_tool: Callable[[str], str], cache: str, fmt: str
 ) -> None:
     """Issue 9 item 13: du showed 256M for an empty disk, and SEEK_HOLE found no holes."""
     du, cp = require_tool("du"), require_tool("cp")
-    parent = _image(tmp_path / "base.vhd", 256 * MiB, block_size=MiB)
+    parent = _image(tmp_path / f"base.{fmt}", 256 * MiB, block_size=MiB)
     with vhd.open(str(parent), "r+") as disk:
         disk.pwrite(_pattern(1, MiB), 0)  # the parent holds [0, 1 MiB)
-    image = tmp_path / "child.vhd"
-    vhd.create(str(image), parent=str(parent), block_size=MiB).close()
+    image = _child(tmp_path / f"child.{fmt}", parent, block_size=MiB)
     mnt = mounts.mount(image, "--cache", cache)
     disk_file = mnt / "disk"
 
@@ -397,8 +452,9 @@ def test_du_seek_hole_and_sparse_copies(
     mounts.unmount(mnt)
 
 
-def test_sigterm_flushes_and_closes(tmp_path: Path, mounts: Mounts) -> None:
-    image = _image(tmp_path / "term.vhd", 16 * MiB)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_sigterm_flushes_and_closes(tmp_path: Path, mounts: Mounts, fmt: str) -> None:
+    image = _image(tmp_path / f"term.{fmt}", 16 * MiB)
     mnt = mounts.mount(image)
     pid = server_pid(str(mnt))
     assert pid is not None
@@ -450,8 +506,12 @@ def test_foreground_mount_stops_cleanly_on_a_signal(
     assert result.returncode == 0 and "clean" in result.stdout, result.stdout + result.stderr
 
 
-def test_crash_after_fsync_keeps_flushed_writes(tmp_path: Path, mounts: Mounts) -> None:
-    image = _image(tmp_path / "crash.vhd", 16 * MiB)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_crash_after_fsync_keeps_flushed_writes(tmp_path: Path, mounts: Mounts, fmt: str) -> None:
+    # VHDX: 1 MiB blocks, so that the unflushed write allocates a block of its own.
+    image = _image(
+        tmp_path / f"crash.{fmt}", 16 * MiB, **({"block_size": MiB} if fmt == "vhdx" else {})
+    )
     mnt = mounts.mount(image)
     pid = server_pid(str(mnt))
     assert pid is not None
@@ -481,15 +541,22 @@ def test_crash_after_fsync_keeps_flushed_writes(tmp_path: Path, mounts: Mounts) 
         assert disk.pread(len(payload), 5 * MiB + 512) == payload
 
 
-def test_corrupt_block_reads_as_eio(tmp_path: Path, mounts: Mounts) -> None:
-    image = _image(tmp_path / "bad.vhd", 8 * MiB, block_size=MiB)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_corrupt_block_reads_as_eio(tmp_path: Path, mounts: Mounts, fmt: str) -> None:
+    image = _image(tmp_path / f"bad.{fmt}", 8 * MiB, block_size=MiB)
     with vhd.open(str(image), "r+") as disk:
         disk.pwrite(b"\x11" * 8 * MiB, 0)
-        table_offset = disk.header.table_offset  # type: ignore[union-attr]
+        if isinstance(disk, VHDXDisk):
+            # Entry 3 (no sector bitmap entry before it): FULLY_PRESENT at 1 TiB.
+            where, entry = disk.layout.bat_region.file_offset + 3 * 8, (1 << 40) | 6
+            raw = entry.to_bytes(8, "little")
+        else:
+            where = disk.header.table_offset + 3 * 4  # type: ignore[union-attr]
+            raw = (0x7FFFFFF0).to_bytes(4, "big")
     # Point block 3's BAT entry far past the end of the file.
     with open(image, "r+b") as f:
-        f.seek(table_offset + 3 * 4)
-        f.write((0x7FFFFFF0).to_bytes(4, "big"))
+        f.seek(where)
+        f.write(raw)
     mnt = mounts.mount(image, "--read-only")
     with open(mnt / "disk", "rb", buffering=0) as f:
         assert os.pread(f.fileno(), 4096, 0) == b"\x11" * 4096
