@@ -18,6 +18,7 @@ import vhd
 from blockback.executor import BlockDisk
 from blockback.nbd import protocol as p
 from blockback.nbd.server import NBDServer
+from vhd.vhdx import create_vhdx
 
 MiB = 1024 * 1024
 
@@ -39,7 +40,14 @@ IMAGE_SIZE = 16 * MiB
 
 
 def make_image(path: Path, *, type: str = "dynamic", size: int = IMAGE_SIZE, seed: int = 1) -> None:
-    with vhd.create(str(path), size, type=type) as disk:
+    """The pattern at DATA_RANGES; a ``.vhdx`` path makes a VHDX with 1 MiB blocks (so the 16 MiB
+    disk has unallocated blocks between the data, as the VHD has)."""
+    disk: vhd.Disk
+    if path.suffix == ".vhdx":
+        disk = create_vhdx(path, size, type=type, block_size=MiB)
+    else:
+        disk = vhd.create(str(path), size, type=type)
+    with disk:
         for offset, length in DATA_RANGES:
             disk.pwrite(pattern(offset, length, seed), offset)
 
