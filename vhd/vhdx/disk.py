@@ -512,6 +512,13 @@ class VHDXDisk(Disk):
         self._set_bits(block, first, last)
 
     def _discard(self, offset: int, length: int) -> None:
+        self._free(offset, length, zeros=False)
+
+    def _write_zeroes(self, offset: int, length: int) -> None:
+        self._free(offset, length, zeros=True)
+
+    def _free(self, offset: int, length: int, *, zeros: bool) -> None:
+        """Discard (TRIM) or, with ``zeros``, make the range read as zeros."""
         with self._lock:
             self._begin_session()
             bs = self._bs
@@ -520,10 +527,10 @@ class VHDXDisk(Disk):
             while pos < end:
                 block, inner = divmod(pos, bs)
                 n = min(end - pos, bs - inner)
-                self._discard_block(block, inner, n)
+                self._free_block(block, inner, n, zeros)
                 pos += n
 
-    def _discard_block(self, block: int, inner: int, n: int) -> None:
+    def _free_block(self, block: int, inner: int, n: int, zeros: bool) -> None:
         index = block + block // self._ratio
         entry = self.bat[index]
         state = entry & r.STATE_MASK
@@ -542,11 +549,33 @@ class VHDXDisk(Disk):
             return
         if state == r.PayloadState.FULLY_PRESENT:
             punch_hole(self._fd, self._block_offset(block, entry) + inner, n)
-        elif self._differencing and state in (
-            r.PayloadState.NOT_PRESENT,
-            r.PayloadState.PARTIALLY_PRESENT,
-        ):
+        elif not self._differencing:
+            return
+        elif zeros and state in (r.PayloadState.NOT_PRESENT, r.PayloadState.PARTIALLY_PRESENT):
+            # Zeros must hide the parent: written, which may allocate the block.
             self._write_block(block, inner, memoryview(bytes(n)))
+        elif state == r.PayloadState.PARTIALLY_PRESENT:
+            # A TRIM never allocates (a guest's fstrim must not grow the child): the sectors it
+            # covers entirely are given back to the parent, as Disk.discard promises.
+            lss = self._lss
+            self._clear_bits(block, -(-inner // lss), (inner + n) // lss)
+
+    def _clear_bits(self, block: int, first: int, last: int) -> None:
+        """Clear the block's sector bits [first, last): those sectors read the parent again."""
+        base = self._bitmap_base(block)
+        if base is None or first >= last:
+            return
+        _, rel = self._bitmap_location(block)
+        start = base + rel
+        for sector in range(first, last):
+            byte = start + sector // 8
+            if sector % 8 == 0 and sector + 8 <= last:
+                page_off = byte - byte % LOG_SECTOR
+                self._bitmap_page(page_off)[byte % LOG_SECTOR] = 0
+            else:
+                page_off = byte - byte % LOG_SECTOR
+                self._bitmap_page(page_off)[byte % LOG_SECTOR] &= ~(1 << (sector % 8)) & 0xFF
+            self._dirty_bitmaps.add(page_off)
 
     # -- flush: the log transaction --------------------------------------------------------
 

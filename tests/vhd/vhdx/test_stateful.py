@@ -11,6 +11,7 @@ disks and mixed chains are read by libvhdi, whose reading of ZERO blocks is hand
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import shutil
 import tempfile
@@ -61,6 +62,7 @@ class VHDXMachine(RuleBasedStateMachine):
         self.layers: list[Path] = []
         self.frozen: dict[Path, str] = {}
         self.expected = bytearray()
+        self.parent_data = b""
         self.size = 0
         self.lss = 512
 
@@ -88,6 +90,7 @@ class VHDXMachine(RuleBasedStateMachine):
         self.size = sectors * 4096
         self.expected = bytearray(self.size)
         self.build(random.Random(seed))
+        self.parent_data = bytes(self.expected)  # the leaf is empty: what its parents read
         for parent in self.layers[:-1]:
             self.frozen[parent] = _digest(parent)
         self.disk = vhd.open(self.layers[-1], "r+")
@@ -123,9 +126,36 @@ class VHDXMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.disk is not None)
     @rule(data=st.data())
     def discard(self, data: st.DataObject) -> None:
+        """TRIM (Disk.discard): zeros without a parent.  On a child it never allocates, and
+        each sector reads as before, or (where the range covers it entirely) as zeros or as the
+        parent's data again; the model takes what the disk then reads."""
         assert self.disk is not None
         off, n = data.draw(_ranges(self.size))
+        if len(self.layers) == 1:
+            self.disk.discard(off, n)
+            self.expected[off : off + n] = bytes(n)
+            return
+        grown = os.path.getsize(self.layers[-1])
         self.disk.discard(off, n)
+        assert os.path.getsize(self.layers[-1]) == grown  # a TRIM never allocates
+        got = self.disk.pread(n, off)
+        lss = self.lss
+        pos = off
+        while pos < off + n:
+            end = min(off + n, (pos // lss + 1) * lss)
+            old, now = self.expected[pos:end], got[pos - off : end - off]
+            whole = pos % lss == 0 and end - pos == lss
+            allowed = [old, bytes(end - pos), self.parent_data[pos:end]] if whole else [old]
+            assert now in allowed, f"sector at {pos} after a discard of [{off}, {off + n})"
+            pos = end
+        self.expected[off : off + n] = got
+
+    @precondition(lambda self: self.disk is not None)
+    @rule(data=st.data())
+    def write_zeroes(self, data: st.DataObject) -> None:
+        assert self.disk is not None
+        off, n = data.draw(_ranges(self.size))
+        self.disk.write_zeroes(off, n)
         self.expected[off : off + n] = bytes(n)
 
     @precondition(lambda self: self.disk is not None)
