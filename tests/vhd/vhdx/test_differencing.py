@@ -64,7 +64,7 @@ def test_child_reads_and_writes_against_model_and_libvhdi(tmp_path: Path) -> Non
             off = rng.randrange(0, len(model) - 1)
             n = min(len(model) - off, rng.choice((1, 700, 4096, 5000, MiB + 17)))
             if rng.random() < 0.2:
-                disk.discard(off, n)  # partial: zeros written, bits set
+                disk.write_zeroes(off, n)  # partial: zeros written, bits set
                 model[off : off + n] = bytes(n)
             else:
                 data = rng.randbytes(n)

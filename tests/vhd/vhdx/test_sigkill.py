@@ -26,7 +26,7 @@ from tests.vhd.vhdx.helpers import MiB, assert_qemu_clean, current_header, qemu_
 from vhd.vhdx import create_vhdx, open_vhdx
 from vhd.vhdx import records as r
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 ROUNDS = 20
 SIZE = 48 * MiB
 
