@@ -23,11 +23,10 @@ import pytest
 import vhd
 from blockback.sim import SimBackend
 from tests.conftest import need_tool
-from vhd.vhdx import create_vhdx
+from tests.images import MiB, image
 
 from .cbuild import compile_c
 
-MiB = 1024 * 1024
 SIZE = 32 * MiB
 
 
@@ -53,29 +52,16 @@ class ResizedDisk:
         return getattr(self._disk, name)
 
 
-def _new(path: Path, parent: Path | None = None) -> vhd.Disk:
-    """A dynamic disk (or a child of ``parent``) in the format of ``path``'s suffix; VHDX with
-    1 MiB blocks, so that the 32 MiB disk has many blocks, as the VHD (2 MiB) has."""
-    if path.suffix == ".vhdx":
-        if parent is None:
-            return create_vhdx(path, SIZE, block_size=MiB)
-        return create_vhdx(path, 0, type="differencing", parent=vhd.open(parent), block_size=MiB)
-    return vhd.create(path, SIZE) if parent is None else vhd.create(path, parent=parent)
-
-
 def make_image(tmp: Path, kind: str, fmt: str = "vhd") -> Path:
+    """A dynamic disk or a child, VHD or VHDX (1 MiB blocks, so that the 32 MiB disk has many
+    blocks, as the VHD with 2 MiB ones has)."""
+    kw = {"block_size": MiB} if fmt == "vhdx" else {}
     if kind == "dynamic":
-        path = tmp / f"dyn.{fmt}"
-        with _new(path) as d:
-            d.pwrite(b"\xa5" * 3 * MiB, 5 * MiB)  # some allocated blocks
-        return path
-    parent = tmp / f"parent.{fmt}"
-    with _new(parent) as d:
-        for mib in range(0, 32, 3):
-            d.pwrite(bytes([mib + 1]) * MiB, mib * MiB)
-    child = tmp / f"child.{fmt}"
-    _new(child, parent).close()
-    return child
+        # Some allocated blocks.
+        return image(tmp / f"dyn.{fmt}", SIZE, writes=[(5 * MiB, b"\xa5" * 3 * MiB)], **kw).path
+    writes = [(mib * MiB, bytes([mib + 1]) * MiB) for mib in range(0, 32, 3)]
+    parent = image(tmp / f"parent.{fmt}", SIZE, writes=writes, **kw)
+    return image(tmp / f"child.{fmt}", parent=parent, **kw).path
 
 
 def convert(src: Path, dst: Path) -> bytes:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import os
 import random
 import signal
@@ -13,11 +12,13 @@ import sys
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 from vhdfuse.mount import server_pid
 
 import vhd
+from tests.images import image, sha
 from tests.interop.oracles import libvhdi_read
 from tests.model import model_chain
 from vhd.vhdx import VHDXDisk, create_vhdx
@@ -31,23 +32,15 @@ def _pattern(seed: int, length: int) -> bytes:
     return random.Random(seed).randbytes(length)
 
 
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 # The front end is format-neutral (a Disk): the tests that touch the data path run on VHD and on
 # VHDX, named by the image's suffix.
 FORMATS = ["vhd", "vhdx"]
 
 
-def _image(path: Path, size: int = 64 * MiB, **kwargs: object) -> Path:
+def _image(path: Path, size: int = 64 * MiB, **kwargs: Any) -> Path:
     """A new dynamic image; a ``.vhdx`` path makes a VHDX (Hyper-V's 32 MiB blocks unless
     ``block_size`` says otherwise)."""
-    if path.suffix == ".vhdx":
-        create_vhdx(path, size, **kwargs).close()  # type: ignore[arg-type]
-    else:
-        vhd.create(str(path), size, **kwargs).close()  # type: ignore[arg-type]
-    return path
+    return image(path, size, **kwargs).path
 
 
 def _child(path: Path, parent: Path, **kwargs: object) -> Path:
@@ -212,7 +205,7 @@ def test_differencing_child_takes_the_writes(
     base = bytearray(_pattern(3, 32 * MiB))
     with vhd.open(str(parent), "r+") as disk:
         disk.pwrite(base, 0)
-    parent_hash = _sha(parent)
+    parent_hash = sha(parent)
     child = _child(tmp_path / f"child.{fmt}", parent, **sizes)
     mnt = mounts.mount(child)
     model = bytearray(base)
@@ -226,7 +219,7 @@ def test_differencing_child_takes_the_writes(
         os.fsync(f.fileno())
         assert os.pread(f.fileno(), 32 * MiB, 0) == model
     mounts.unmount(mnt)
-    assert _sha(parent) == parent_hash
+    assert sha(parent) == parent_hash
     with vhd.open(str(child)) as disk:
         assert disk.pread(32 * MiB, 0) == model
     if fmt == "vhdx":
@@ -283,7 +276,7 @@ def test_read_only_mount_refuses_writes(tmp_path: Path, mounts: Mounts, cache: s
     image = _image(tmp_path / "r,o image.vhd", 16 * MiB)
     with vhd.open(str(image), "r+") as disk:
         disk.pwrite(b"keep", 0)
-    before = _sha(image)
+    before = sha(image)
     mnt = mounts.mount(image, "--read-only", "--cache", cache, mountpoint=tmp_path / "m, n")
     assert os.stat(mnt / "disk").st_mode & 0o222 == 0
     with pytest.raises(OSError) as info:
@@ -295,7 +288,7 @@ def test_read_only_mount_refuses_writes(tmp_path: Path, mounts: Mounts, cache: s
         os.utime(mnt / "disk")
     assert info.value.errno == errno.EROFS
     mounts.unmount(mnt)
-    assert _sha(image) == before
+    assert sha(image) == before
 
 
 def _process_worker(args: tuple[str, int, int]) -> int:

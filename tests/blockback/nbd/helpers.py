@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import shutil
 import socket
 import struct
@@ -14,11 +13,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import vhd
 from blockback.executor import BlockDisk
 from blockback.nbd import protocol as p
 from blockback.nbd.server import NBDServer
-from vhd.vhdx import create_vhdx
+from tests.images import image
 
 MiB = 1024 * 1024
 
@@ -42,14 +40,11 @@ IMAGE_SIZE = 16 * MiB
 def make_image(path: Path, *, type: str = "dynamic", size: int = IMAGE_SIZE, seed: int = 1) -> None:
     """The pattern at DATA_RANGES; a ``.vhdx`` path makes a VHDX with 1 MiB blocks (so the 16 MiB
     disk has unallocated blocks between the data, as the VHD has)."""
-    disk: vhd.Disk
+    writes = [(offset, pattern(offset, length, seed)) for offset, length in DATA_RANGES]
     if path.suffix == ".vhdx":
-        disk = create_vhdx(path, size, type=type, block_size=MiB)
+        image(path, size, type=type, block_size=MiB, writes=writes)
     else:
-        disk = vhd.create(str(path), size, type=type)
-    with disk:
-        for offset, length in DATA_RANGES:
-            disk.pwrite(pattern(offset, length, seed), offset)
+        image(path, size, type=type, writes=writes)
 
 
 def expected_content(size: int = IMAGE_SIZE, seed: int = 1) -> bytes:
@@ -194,11 +189,3 @@ class RawClient:
     def write(self, offset: int, data: bytes, handle: int = 1, flags: int = 0) -> Reply:
         self.send(p.Cmd.WRITE, offset, len(data), handle=handle, flags=flags, payload=data)
         return self.reply()
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(MiB), b""):
-            h.update(chunk)
-    return h.hexdigest()

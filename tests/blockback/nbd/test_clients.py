@@ -29,9 +29,9 @@ from tests.blockback.nbd.helpers import (
     make_image,
     pattern,
     serving,
-    sha256_file,
     short_tmpdir,
 )
+from tests.images import Image, image, sha, vhd_image
 from tests.interop.oracles import libvhdi_read
 from vhd.vhdx import create_vhdx
 
@@ -66,13 +66,12 @@ def make_chain(tmp: Path, fmt: str = "vhd") -> tuple[Path, Path]:
     """parent.FMT holds the pattern; child.FMT (differencing) overrides 1 MiB at 2 MiB."""
     parent, child = tmp / f"parent.{fmt}", tmp / f"child.{fmt}"
     make_image(parent)
-    disk: vhd.Disk
+    base = Image(parent, expected_content())
+    writes = [(2 * MiB, pattern(2 * MiB, MiB, seed=2))]
     if fmt == "vhdx":
-        disk = create_vhdx(child, 0, type="differencing", parent=vhd.open(parent), block_size=MiB)
+        image(child, parent=base, block_size=MiB, writes=writes)
     else:
-        disk = vhd.create(str(child), IMAGE_SIZE, parent=str(parent))
-    with disk:
-        disk.pwrite(pattern(2 * MiB, MiB, seed=2), 2 * MiB)
+        vhd_image(child, IMAGE_SIZE, parent=base, writes=writes)
     return parent, child
 
 
@@ -254,7 +253,7 @@ def test_qemu_img_convert_over_nbd(tmp: Path, require_tool: Need) -> None:
 def test_qemu_io_writes_land_in_the_leaf(tmp: Path, require_tool: Need, fmt: str) -> None:
     qemu_io = require_tool("qemu-io")
     parent, child = make_chain(tmp, fmt)
-    parent_hash = sha256_file(parent)
+    parent_hash = sha(parent)
     with vhd.open(str(child), "r+") as disk, serving(disk) as (_s, url, _path):
         result = run(
             qemu_io, "-f", "raw",
@@ -270,7 +269,7 @@ def test_qemu_io_writes_land_in_the_leaf(tmp: Path, require_tool: Need, fmt: str
     # qemu-io reports a failed command or pattern check on stdout but still exits 0.
     assert "fail" not in result.stdout.lower() and "error" not in result.stdout.lower()
     assert result.stdout.count("ops/sec") == 6
-    assert sha256_file(parent) == parent_hash
+    assert sha(parent) == parent_hash
     want = bytearray(chain_content())
     want[MiB : MiB + 65536] = b"\xab" * 65536
     want[9 * MiB : 9 * MiB + 4097] = b"\xcd" * 4097
@@ -510,7 +509,7 @@ def test_cli_tcp_read_only(tmp: Path, require_tool: Need) -> None:
     nbdinfo = require_tool("nbdinfo")
     qemu_io = require_tool("qemu-io")
     make_image(tmp / "d.vhd")
-    before = sha256_file(tmp / "d.vhd")
+    before = sha(tmp / "d.vhd")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -530,7 +529,7 @@ def test_cli_tcp_read_only(tmp: Path, require_tool: Need) -> None:
     finally:
         if proc.poll() is None:
             stop_cli(proc)
-    assert sha256_file(tmp / "d.vhd") == before
+    assert sha(tmp / "d.vhd") == before
 
 
 def test_cli_reports_a_missing_image(tmp: Path) -> None:
