@@ -548,7 +548,13 @@ class VHDXDisk(Disk):
                 punch_hole(self._fd, off, self._bs)
             return
         if state == r.PayloadState.FULLY_PRESENT:
-            punch_hole(self._fd, self._block_offset(block, entry) + inner, n)
+            a, z = inner, inner + n
+            if self._differencing and not zeros:
+                # A TRIM on a child leaves partly covered sectors as they were (Disk.discard).
+                lss = self._lss
+                a, z = -(-a // lss) * lss, z // lss * lss
+            if z > a:
+                punch_hole(self._fd, self._block_offset(block, entry) + a, z - a)
         elif not self._differencing:
             return
         elif zeros and state in (r.PayloadState.NOT_PRESENT, r.PayloadState.PARTIALLY_PRESENT):

@@ -5,7 +5,7 @@ chains (a VHD base under VHDX children).
 After every reopen the files are read again by a fresh read-only open and the parents are
 checked byte for byte untouched; at the end a dynamic disk is also read by qemu-img (512-byte
 sectors: qemu supports no other) and by libvhdi, and passes ``qemu-img check``; differencing
-disks and mixed chains are read by libvhdi, whose departures from MS-VHDX are handled explicitly.
+disks are read by libvhdi, whose departures from MS-VHDX are handled explicitly.
 """
 
 from __future__ import annotations
@@ -179,8 +179,8 @@ class MixedChainMachine(VHDXMachine):
         create_vhdx(leaf, 0, type="differencing", parent=vhd.open(mid), block_size=MiB).close()
         self.layers = [base, mid, leaf]
 
-    def oracles(self) -> None:
-        _libvhdi_agrees(self.layers, self.dir, self.expected)
+    # No libvhdi oracle here: the base is a VHD with 64 KiB blocks written at 512-byte offsets,
+    # which libvhdi misreads (README, known oracle limits); DifferencingMachine covers VHDX.
 
 
 TestDynamic = DynamicMachine.TestCase
