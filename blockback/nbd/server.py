@@ -273,7 +273,7 @@ class Connection:
             # The client closed its side (it may still read the replies in flight).
             hang_up = False
             log.info("%s: %s", self.peer, exc)
-        except p.ProtocolError as exc:
+        except p.RemoteProtocolError as exc:
             log.warning("%s: protocol error, hanging up: %s", self.peer, exc)
         except OSError as exc:
             log.info("%s: connection error: %s", self.peer, exc)
