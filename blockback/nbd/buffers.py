@@ -94,6 +94,12 @@ class ReceiveBuffer:
                 raise Disconnect("the client closed the connection mid-request")
             pos += got
 
+    def close(self) -> None:
+        """Drop the buffer (its memory goes back at once) and the connection's callback."""
+        self.view = memoryview(b"")
+        self.pos = self.end = 0
+        self._on_timeout = _no_timeout
+
     def skip(self, n: int) -> None:
         """Consume and drop the next ``n`` bytes (the payload of a refused write)."""
         scratch = memoryview(bytearray(min(n, DISCARD_CHUNK)))
@@ -101,6 +107,10 @@ class ReceiveBuffer:
             k = min(n, len(scratch))
             self.recv_into(scratch[:k])
             n -= k
+
+
+def _no_timeout() -> None:
+    pass
 
 
 class BufferPool:

@@ -147,6 +147,7 @@ class Connection:
             with contextlib.suppress(OSError):
                 self.sock.shutdown(socket.SHUT_RDWR)
             self.sock.close()
+            self._rbuf.close()
             if self._arena is not None:
                 self.server.arenas.give(self._arena)
                 self._arena = None
