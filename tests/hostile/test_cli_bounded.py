@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import random
-import resource
 import shutil
 import signal
 import socket
@@ -31,7 +30,7 @@ import pytest
 import vhd
 from tests.conftest import need_tool
 from tests.fuse.mounting import need_fuse
-from tests.hostile.craft import MACX, W2KU, W2RU, craft, craft_fixed, footer_id, new_id
+from tests.images import MACX, W2KU, W2RU, craft, craft_fixed, footer_id, new_id
 
 KiB, MiB, GiB = 1024, 1024 * 1024, 1024 * 1024 * 1024
 ADDRESS_SPACE = 2 * GiB  # virtual: Python, libfuse and thread stacks fit well within it
@@ -48,29 +47,53 @@ class Outcome:
     cpu: float
 
 
-def _limits() -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
-    resource.setrlimit(resource.RLIMIT_CPU, (CPU_SECONDS, CPU_SECONDS))
+# The command runs as the child of a small launcher, not of the pytest worker: Linux starts a
+# child's ru_maxrss at its parent's RSS at fork time (the copied address space's high-water mark
+# carries over exec), so a worker grown to 300 MiB by earlier tests made every command "use"
+# 300 MiB.  The launcher applies the limits, forwards SIGTERM/SIGINT and writes the command's
+# wait status and rusage (from wait4) to REPORT.
+_LAUNCH = r"""
+import os, resource, signal, sys
+address_space, cpu_seconds, report, *args = sys.argv[1:]
+resource.setrlimit(resource.RLIMIT_AS, (int(address_space), int(address_space)))
+resource.setrlimit(resource.RLIMIT_CPU, (int(cpu_seconds), int(cpu_seconds)))
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.executable, [sys.executable, "-m", "vhdtools.cli", *args])
+for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, lambda number, _frame: os.kill(pid, number))
+_, status, usage = os.wait4(pid, 0)
+with open(report, "w") as f:
+    f.write(f"{status} {usage.ru_maxrss} {usage.ru_utime + usage.ru_stime}")
+"""
 
 
 class Bounded:
-    """One `vhd` command under the limits; its own rusage comes from wait4."""
+    """One `vhd` command under the limits; its own rusage comes from wait4 (in the launcher)."""
 
     def __init__(self, tmp: Path, *args: str) -> None:
-        self.out = open(tmp / f"out-{time.monotonic_ns()}", "w+")  # noqa: SIM115
-        self.err = open(tmp / f"err-{time.monotonic_ns()}", "w+")  # noqa: SIM115
+        stamp = time.monotonic_ns()
+        self.out = open(tmp / f"out-{stamp}", "w+")  # noqa: SIM115
+        self.err = open(tmp / f"err-{stamp}", "w+")  # noqa: SIM115
+        self.report = tmp / f"rusage-{stamp}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vhdtools.cli", *args],
+            [
+                sys.executable,
+                "-c",
+                _LAUNCH,
+                str(ADDRESS_SPACE),
+                str(CPU_SECONDS),
+                str(self.report),
+                *args,
+            ],
             stdout=self.out,
             stderr=self.err,
             stdin=subprocess.DEVNULL,
-            preexec_fn=_limits,
+            start_new_session=True,
         )
 
     def running(self) -> bool:
-        """Without reaping it (wait4 must still see its rusage)."""
-        flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
-        return os.waitid(os.P_PID, self.proc.pid, flags) is None
+        return self.proc.poll() is None
 
     def stderr_so_far(self) -> str:
         self.err.seek(0)
@@ -81,24 +104,20 @@ class Bounded:
         return self.out.read()
 
     def wait(self, timeout: float = 2 * CPU_SECONDS) -> Outcome:
-        deadline = time.monotonic() + timeout
-        while True:
-            pid, status, usage = os.wait4(self.proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() > deadline:
-                self.proc.kill()
-                pid, status, usage = os.wait4(self.proc.pid, 0)
-                self.proc.returncode = -9
-                pytest.fail(f"still running after {timeout} s: {self.proc.args}")
-            time.sleep(0.02)
-        self.proc.returncode = os.waitstatus_to_exitcode(status)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            pytest.fail(f"still running after {timeout} s: {self.proc.args[4:]}")
+        assert self.report.exists(), f"the launcher failed: {self.stderr_so_far()}"
+        status, maxrss, cpu = self.report.read_text().split()
         outcome = Outcome(
-            os.waitstatus_to_exitcode(status),
+            os.waitstatus_to_exitcode(int(status)),
             self.stdout_so_far(),
             self.stderr_so_far(),
-            usage.ru_maxrss * 1024,
-            usage.ru_utime + usage.ru_stime,
+            int(maxrss) * 1024,
+            float(cpu),
         )
         self.out.close()
         self.err.close()

@@ -13,6 +13,7 @@ import pytest
 
 import vhd
 from tests.conftest import need_tool
+from tests.images import vhd_image
 from tests.model import ModelImage, model_chain
 from tests.strategies import payload
 
@@ -35,15 +36,12 @@ def cli(*args: str | Path, expect: int) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture
 def chain(tmp_path: Path) -> tuple[Path, Path, bytes]:
-    base = tmp_path / "base.vhd"
-    with vhd.create(base, 2 * MiB, block_size=64 * KiB) as disk:
-        disk.pwrite(payload(300 * KiB, 1), 0)
-    child = tmp_path / "child.vhd"
-    with vhd.create(child, parent=base, block_size=16 * KiB) as disk:
-        disk.pwrite(payload(5000, 2), 100 * KiB + 3)
-        disk.pwrite(payload(4096, 3), 2 * MiB - 4096)
-        content = disk.pread(disk.size, 0)
-    return base, child, content
+    base = vhd_image(
+        tmp_path / "base.vhd", 2 * MiB, block_size=64 * KiB, writes=[(0, payload(300 * KiB, 1))]
+    )
+    writes = [(100 * KiB + 3, payload(5000, 2)), (2 * MiB - 4096, payload(4096, 3))]
+    child = vhd_image(tmp_path / "child.vhd", parent=base, block_size=16 * KiB, writes=writes)
+    return base.path, child.path, child.content
 
 
 @pytest.mark.parametrize(

@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 
 import vhd
+from tests.images import build_hyperv, vhd_image
 from tests.model import FOOTER_FMT, checksum
 from tests.strategies import payload
-from tests.vhd.hyperv import build_hyperv
 
 KiB = 1024
 SIZE = 256 * KiB
@@ -100,18 +100,12 @@ def bat_entry(path: Path, index: int) -> int:
 
 
 def make_dynamic(tmp: Path, name: str = "d.vhd") -> Path:
-    path = tmp / name
-    with vhd.create(path, SIZE, block_size=BLOCK) as disk:
-        for i in (0, 1, 5, 40, 63):
-            disk.pwrite(payload(BLOCK, i), i * BLOCK)
-    return path
+    writes = [(i * BLOCK, payload(BLOCK, i)) for i in (0, 1, 5, 40, 63)]
+    return vhd_image(tmp / name, SIZE, block_size=BLOCK, writes=writes).path
 
 
 def make_fixed(tmp: Path) -> Path:
-    path = tmp / "f.vhd"
-    with vhd.create(path, SIZE, type="fixed") as disk:
-        disk.pwrite(payload(SIZE, 1), 0)
-    return path
+    return vhd_image(tmp / "f.vhd", SIZE, type="fixed", writes=[(0, payload(SIZE, 1))]).path
 
 
 def make_child(
