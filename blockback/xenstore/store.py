@@ -29,7 +29,7 @@ from .connection import ConnState
 from .permissions import OldPerms, access
 from .quotas import EVENT_QUEUE_BYTES, Quotas
 from .transactions import View, commit, start_transaction
-from .tree import Node, Perm, Tree, XsFail, canonical, parent_of, parse_domid
+from .tree import SPECIAL_PATHS, Node, Perm, Tree, XsFail, canonical, parent_of, parse_domid
 from .watches import Fire, add_watch, fire_all, remove_watch
 from .wire import (
     OK,
@@ -77,6 +77,11 @@ class Store:
     def nodes(self) -> dict[str, Node]:
         """The live tree's nodes by path."""
         return self.tree.nodes
+
+    @property
+    def special_perms(self) -> dict[str, tuple[Perm, ...]]:
+        """The permissions of ``@introduceDomain`` and ``@releaseDomain`` (``tree.py``)."""
+        return self.tree.special_perms
 
     @property
     def owner_count(self) -> dict[int, int]:
@@ -242,6 +247,11 @@ class Store:
 
     def _get_perms(self, conn: ConnState, view: View, msg: Message) -> bytes:
         (raw,) = self._args(msg, 1)
+        if raw in SPECIAL_PATHS:
+            perms = self.special_perms[raw]
+            if "r" not in access(conn, perms):
+                raise XsFail("EACCES")
+            return join_strings(*(str(p) for p in perms))
         node = view.get_checked(canonical(conn.home, raw), "r")
         return join_strings(*(str(p) for p in node.perms))
 
@@ -249,10 +259,20 @@ class Store:
         parts = split_strings(msg.payload)
         if len(parts) < 2:
             raise XsFail("EINVAL")
-        path = canonical(conn.home, parts[0])
+        path = canonical(conn.home, parts[0], special_ok=True)
         if not conn.privileged and len(parts) - 1 > self.quotas.perms_per_node:
             raise XsFail("ENOSPC")  # as C's do_set_perms (quota_nb_perms_per_node)
         perms = tuple(Perm.parse(p) for p in parts[1:])
+        if path in SPECIAL_PATHS:
+            # C's set_perms_special: write access and ownership (dom0, or whom it gave the
+            # path to); no node changes, so no watch fires.
+            old = self.special_perms[path]
+            if not conn.privileged and old[0].domid != conn.domid:
+                raise XsFail("EACCES")
+            if not conn.privileged and perms[0].domid != conn.domid:
+                raise XsFail("EPERM")
+            self.special_perms[path] = perms
+            return OK
         node = view.get_checked(path, "w")
         # Only the owner (or dom0) may change permissions, and only dom0 may give a node away.
         if not conn.privileged and node.owner != conn.domid:
@@ -354,6 +374,11 @@ class Store:
         if domid not in self.introduced or domid == 0:
             return False
         self.introduced.discard(domid)
+        # As C's remove_domid_from_perm on the special paths: a later domain given the same id
+        # must not inherit the dead one's access (what it owned passes to dom0).
+        for special, perms in self.special_perms.items():
+            owner = perms[0] if perms[0].domid != domid else Perm(0, perms[0].access)
+            self.special_perms[special] = (owner, *(p for p in perms[1:] if p.domid != domid))
         self._fire_all([("@releaseDomain", True, None)])
         return True
 

@@ -8,7 +8,7 @@ Behaviour follows Xen's ``docs/misc/xenstore.txt`` and the C ``xenstored`` (Xen 
   Nodes are immutable records (:class:`Node`): a change replaces the node with a new generation,
   which is what transactions (``transactions.py``) compare at commit.
 * Paths: absolute (``/local/...``), relative to the connection's home ``/local/domain/<domid>``,
-  or special (``@introduceDomain``, ``@releaseDomain``, for watches only). Only
+  or special (``@introduceDomain``, ``@releaseDomain``: for watches and their permissions). Only
   ``[A-Za-z0-9-/_@]`` are valid characters; ``XENSTORE_ABS_PATH_MAX`` and ``_REL_PATH_MAX``
   bound them (``xs_wire.h``).
 * The live tree counts the nodes each domain owns, for the node quota (``quotas.py``).
@@ -110,7 +110,8 @@ def canonical(home: str, path: str, *, special_ok: bool = False) -> str:
 
 
 class Tree:
-    """The live tree: nodes by path, how many nodes each domain owns, the generation counter."""
+    """The live tree: nodes by path, how many nodes each domain owns, the generation counter,
+    and the permissions of the special paths (which have no node)."""
 
     def __init__(self) -> None:
         self._gen = itertools.count(1)
@@ -124,6 +125,13 @@ class Tree:
                     parent, children=(*parent.children, path.rsplit("/", 1)[1])
                 )
         self.owner_count: dict[int, int] = {0: len(self.nodes)}
+        # The special watch paths carry permissions but no node (C xenstored 4.17,
+        # ``dom_introduce_perms``/``dom_release_perms``, XSA-115): owned by dom0, readable by
+        # nobody else, so only privileged connections hear of domains coming and going unless
+        # dom0 grants a domain read access (a driver domain) with SET_PERMS on the path.
+        self.special_perms: dict[str, tuple[Perm, ...]] = {
+            p: (Perm(0, "n"),) for p in SPECIAL_PATHS
+        }
 
     def next_gen(self) -> int:
         return next(self._gen)

@@ -7,7 +7,9 @@ Behaviour follows Xen's ``docs/misc/xenstore.txt`` ("WATCH") and the C ``xenstor
   relative paths. Registering a watch fires it once at once (after the ``OK`` reply).
 * A recursive removal also fires watches set *below* the removed node, with the watch's own
   path, judged by the permissions of the nearest removed node.
-* Special paths (``@introduceDomain``, ``@releaseDomain``) match only watches on that path.
+* Special paths (``@introduceDomain``, ``@releaseDomain``) match only watches on that path,
+  and only for connections their permissions let read (dom0 unless it granted others, as C
+  xenstored since XSA-115; ``tree.Tree.special_perms``).
 * An unprivileged watcher hears of a change only where ``permissions.watch_permitted`` allows.
 
 Events go to each connection's bounded queue (``connection.py``).
@@ -19,7 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .connection import ConnState
-from .permissions import OldPerms, watch_permitted
+from .permissions import OldPerms, access, watch_permitted
 from .quotas import Quotas
 from .tree import Tree, XsFail, is_child, parent_of
 
@@ -77,7 +79,8 @@ def fire(
     for conn in connections:
         for watch in conn.watches:
             if path.startswith("@") or watch.path.startswith("@"):
-                if watch.path == path:
+                # A special path fires for those its permissions let read (XSA-115).
+                if watch.path == path and "r" in access(conn, tree.special_perms[path]):
                     conn.push_event(watch, path)
                 continue
             if is_child(path, watch.path):
