@@ -49,9 +49,10 @@ XEN_CMDLINE = (
 )
 DOM0_CMDLINE = "console=hvc0 quiet mitigations=off"
 QEMU_ARGS = [
-    "-accel", "tcg,thread=multi",
+    # XEN_LAB_ACCEL / XEN_LAB_CPU replace the accelerator and CPU model (to compare platforms).
+    "-accel", os.environ.get("XEN_LAB_ACCEL", "tcg,thread=multi"),
     # SMAP/SMEP left on make dom0 fault in create_bounce_frame at once under TCG.
-    "-cpu", "max,-smap,-smep",
+    "-cpu", os.environ.get("XEN_LAB_CPU", "max,-smap,-smep"),
     "-smp", "2",
     "-m", "3072",
     "-display", "none",
