@@ -734,16 +734,22 @@ class SparseDisk(Disk):
         if not self._differencing:
             yield Extent(start, end - start, None)
             return
-        if self.parent is None:
-            # Opened without its parent: the range is the parent's, whatever it holds there.
-            yield Extent(start, end - start, 1)
-            return
-        covered = start
-        for ext in self.parent.extents(start, end - start):
-            covered = ext.end
-            yield Extent(ext.offset, ext.length, None if ext.layer is None else ext.layer + 1)
-        if covered < end:
-            yield Extent(covered, end - covered, None)
+        yield from parent_extents(self.parent, start, end)
+
+
+def parent_extents(parent: BlockDevice | None, start: int, end: int) -> Iterator[Extent]:
+    """The extents of ``[start, end)`` that a differencing disk does not hold, as its parent
+    reports them one layer further down (layer 0 is the child itself)."""
+    if parent is None:
+        # Opened without its parent: the range is the parent's, whatever it holds there.
+        yield Extent(start, end - start, 1)
+        return
+    covered = start
+    for ext in parent.extents(start, end - start):
+        covered = ext.end
+        yield Extent(ext.offset, ext.length, None if ext.layer is None else ext.layer + 1)
+    if covered < end:
+        yield Extent(covered, end - covered, None)
 
 
 def _full_bitmap(sectors: int) -> bytes:

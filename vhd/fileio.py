@@ -10,8 +10,10 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import stat
 
-from .errors import CorruptImageError
+from . import lock
+from .errors import CorruptImageError, NotAVHDError, ParentNotFoundError
 
 Buffer = bytes | bytearray | memoryview
 
@@ -97,3 +99,30 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
 
 def file_size(fd: int) -> int:
     return os.lseek(fd, 0, os.SEEK_END)
+
+
+def open_image_file(
+    path: str, *, writable: bool, force_share: bool = False, expect: tuple[int, int] | None = None
+) -> tuple[int, os.stat_result]:
+    """Open an image file (VHD or VHDX) and lock it before anything is read: shared for a
+    reader, exclusive for a writer, as flock and as QEMU's lock bytes (:mod:`vhd.lock`), unless
+    ``force_share``.  Only regular files and block devices are accepted; ``expect`` is the
+    (st_dev, st_ino) a parent search vetted, so a file swapped in since is refused.  Returns
+    the descriptor, which the caller owns, and its stat."""
+    # O_NONBLOCK: opening a FIFO (say, a shell's <(...)) would otherwise wait for a writer
+    # forever; it is refused just below, and the flag is cleared for files that are accepted.
+    fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if expect is not None and (st.st_dev, st.st_ino) != expect:
+            raise ParentNotFoundError("the parent changed while it was being opened", path=path)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise NotAVHDError("not a regular file or block device", path=path)
+        os.set_blocking(fd, True)
+        if not force_share:
+            # Before anything is read: a writer elsewhere could be halfway through a change.
+            lock.acquire(fd, path, exclusive=writable)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st

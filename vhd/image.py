@@ -19,11 +19,9 @@ from __future__ import annotations
 import functools
 import itertools
 import os
-import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from . import lock
 from .bat import MAX_ENTRIES, BlockAllocationTable
 from .chain import ParentPolicy, read_locators, resolve_parent
 from .disk import Disk, FixedDisk, SparseDisk
@@ -33,11 +31,10 @@ from .errors import (
     ForeignFormatError,
     InvalidArgumentError,
     NotAVHDError,
-    ParentNotFoundError,
     UnsupportedFeatureError,
     VHDError,
 )
-from .fileio import file_size, read_exact, read_upto
+from .fileio import file_size, open_image_file, read_exact, read_upto
 from .footer import COOKIE, FOOTER_SIZE, VERSION, DiskType, Footer, checksum_ok
 from .header import HEADER_SIZE, DynamicHeader
 from .header import VERSION as HEADER_VERSION
@@ -145,19 +142,8 @@ def open(
             force_share=force_share,
         )
     writable = mode == "r+"
-    # O_NONBLOCK: opening a FIFO (say, a shell's <(...)) would otherwise wait for a writer
-    # forever; it is refused just below, and the flag is cleared for files that are accepted.
-    fd = os.open(spath, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK)
+    fd, st = open_image_file(spath, writable=writable, force_share=force_share, expect=_expect)
     try:
-        st = os.fstat(fd)
-        if _expect is not None and (st.st_dev, st.st_ino) != _expect:
-            raise ParentNotFoundError("the parent changed while it was being opened", path=spath)
-        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-            raise NotAVHDError("not a regular file or block device", path=spath)
-        os.set_blocking(fd, True)
-        if not force_share:
-            # Before anything is read: a writer elsewhere could be halfway through a change.
-            lock.acquire(fd, spath, exclusive=writable)
         return _open_fd(
             fd,
             spath,

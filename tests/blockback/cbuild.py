@@ -13,7 +13,7 @@ HERE = Path(__file__).parent
 def compile_c(
     source: str, out: Path, *, defines: tuple[str, ...] = (), libs: tuple[str, ...] = ()
 ) -> Path:
-    """Build ``HERE/source`` into ``out`` (gcc -O2 -Wall -Werror); return ``out``."""
+    """Build ``HERE/source`` (a path below tests/blockback) into ``out`` (gcc -O2 -Wall -Werror); return ``out``."""
     gcc = need_tool("gcc")
     cmd = [gcc, "-O2", "-Wall", "-Werror", "-I", str(HERE)]
     cmd += [f"-D{d}" for d in defines]

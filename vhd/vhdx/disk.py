@@ -46,9 +46,8 @@ from array import array
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from .. import lock
 from ..chain import MAX_CHAIN_DEPTH, ParentPolicy, _inside, _show, _tried_text
-from ..disk import Disk, Extent
+from ..disk import Disk, Extent, parent_extents
 from ..errors import (
     ChainLoopError,
     CorruptImageError,
@@ -60,7 +59,15 @@ from ..errors import (
     UnsupportedFeatureError,
     VHDError,
 )
-from ..fileio import file_size, punch_hole, read_exact_into, read_upto, write_all, zero_fill
+from ..fileio import (
+    file_size,
+    open_image_file,
+    punch_hole,
+    read_exact_into,
+    read_upto,
+    write_all,
+    zero_fill,
+)
 from ..footer import DiskType
 from ..locator import windows_to_posix
 from . import log as vlog
@@ -636,15 +643,7 @@ class VHDXDisk(Disk):
             pos = hole
 
     def _parent_extents(self, start: int, end: int) -> Iterator[Extent]:
-        if self.parent is None:
-            yield Extent(start, end - start, 1)
-            return
-        covered = start
-        for ext in self.parent.extents(start, end - start):
-            covered = ext.end
-            yield Extent(ext.offset, ext.length, None if ext.layer is None else ext.layer + 1)
-        if covered < end:
-            yield Extent(covered, end - covered, None)
+        return parent_extents(self.parent, start, end)
 
     def __enter__(self) -> VHDXDisk:
         return self
@@ -697,19 +696,8 @@ def open_vhdx(
     spath = os.fspath(path)
     writable = mode == "r+"
     policy = (parent_policy or ParentPolicy()).with_dirs(parent_dirs)
-    fd = os.open(spath, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK)
+    fd, st = open_image_file(spath, writable=writable, force_share=force_share, expect=_expect)
     try:
-        st = os.fstat(fd)
-        if _expect is not None and (st.st_dev, st.st_ino) != _expect:
-            # the file a VHD child's parent search vetted was swapped before this open
-            raise ParentNotFoundError("the parent changed while it was being opened", path=spath)
-        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-            raise NotAVHDError("not a regular file or block device", path=spath)
-        os.set_blocking(fd, True)
-        if not force_share:
-            # As vhd.open does for VHD: shared for readers, exclusive for a writer, as flock
-            # and as QEMU's lock bytes (vhd.lock).
-            lock.acquire(fd, spath, exclusive=writable)
         disk = _open_fd(fd, spath, writable)
         seen = _seen | {(st.st_dev, st.st_ino)}
         if disk._differencing and (open_parent or parent is not None):

@@ -10,7 +10,7 @@ abuse limits and the blockback split landed), then failed on the final code of t
 into the guest's 8 MiB O_DIRECT dd (the guest then saw I/O errors on every request).  A second
 heap corruption ("free(): corrupted unsorted chunks") was seen once in `vhd serve --xen`.  Both
 ran in dom0 under QEMU TCG with ``-cpu max``; neither reproduces on the host (the kernel-like
-4-connection test, tests/nbd/test_kernel_like.py, passes).  Find the cause (our buffers, or TCG's
+4-connection test, tests/blockback/nbd/test_kernel_like.py, passes).  Find the cause (our buffers, or TCG's
 emulation of the CPU features ``-cpu max`` exposes to glibc's string functions) before this goes
 back into the run.
 """

@@ -1,0 +1,456 @@
+"""The NBD export against clients no one here wrote: libnbd's nbdinfo and nbdcopy, qemu-img,
+qemu-io and fio's nbd engine, plus a fuzzer running next to a well-behaved client."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import vhd
+from blockback.nbd import protocol as p
+from tests.blockback.nbd.helpers import (
+    IMAGE_SIZE,
+    MiB,
+    RawClient,
+    expected_content,
+    make_image,
+    pattern,
+    serving,
+    sha256_file,
+    short_tmpdir,
+)
+
+pytestmark = pytest.mark.timeout(180)
+Need = Callable[[str], str]
+
+
+def run(*cmd: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    assert result.returncode == 0, f"{cmd}: {result.stderr}"
+    return result
+
+
+def vhd_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return run(sys.executable, "-m", "vhdtools.cli", *args)
+
+
+@pytest.fixture
+def tmp() -> Iterator[Path]:
+    with short_tmpdir() as path:
+        yield path
+
+
+def vhd_content(path: Path) -> bytes:
+    with vhd.open(str(path)) as disk:
+        return disk.pread(disk.size, 0)
+
+
+def make_chain(tmp: Path) -> tuple[Path, Path]:
+    """parent.vhd holds the pattern; child.vhd (differencing) overrides 1 MiB at 2 MiB."""
+    parent, child = tmp / "parent.vhd", tmp / "child.vhd"
+    make_image(parent)
+    with vhd.create(str(child), IMAGE_SIZE, parent=str(parent)) as disk:
+        disk.pwrite(pattern(2 * MiB, MiB, seed=2), 2 * MiB)
+    return parent, child
+
+
+def chain_content() -> bytes:
+    data = bytearray(expected_content())
+    data[2 * MiB : 3 * MiB] = pattern(2 * MiB, MiB, seed=2)
+    return bytes(data)
+
+
+# -- nbdinfo -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+def test_nbdinfo_size_and_flags(tmp: Path, require_tool: Need, read_only: bool) -> None:
+    nbdinfo = require_tool("nbdinfo")
+    make_image(tmp / "d.vhd")
+    with (
+        vhd.open(str(tmp / "d.vhd"), "r" if read_only else "r+") as disk,
+        serving(disk, export_name="vol") as (_s, url, _path),
+    ):
+        info = json.loads(run(nbdinfo, "--json", url).stdout)
+    (export,) = info["exports"]
+    assert info["structured"] is True
+    assert export["export-name"] == "vol"
+    assert export["export-size"] == IMAGE_SIZE
+    assert export["is_read_only"] is read_only
+    assert export["contexts"] == ["base:allocation"]
+    for flag in ("can_flush", "can_multi_conn", "can_cache"):
+        assert export[flag] is True
+    for flag in ("can_trim", "can_zero", "can_fua", "can_fast_zero"):
+        assert export[flag] is (not read_only)
+    assert (
+        export["block_size_minimum"],
+        export["block_size_preferred"],
+        export["block_size_maximum"],
+    ) == (1, 4096, 32 * MiB)
+
+
+def expected_map(disk: vhd.Disk) -> list[tuple[int, int, int]]:
+    """Disk.extents() as base:allocation would show it: (offset, length, type)."""
+    out: list[tuple[int, int, int]] = []
+    for ext in disk.extents():
+        kind = 3 if ext.layer is None else 0
+        if out and out[-1][2] == kind:
+            out[-1] = (out[-1][0], out[-1][1] + ext.length, kind)
+        else:
+            out.append((ext.offset, ext.length, kind))
+    return out
+
+
+@pytest.mark.parametrize("layout", ["dynamic", "chain"])
+def test_nbdinfo_map_matches_extents(tmp: Path, require_tool: Need, layout: str) -> None:
+    nbdinfo = require_tool("nbdinfo")
+    if layout == "chain":
+        _parent, path = make_chain(tmp)
+    else:
+        path = tmp / "d.vhd"
+        make_image(path)
+    with vhd.open(str(path)) as disk, serving(disk) as (_s, url, _path):
+        want = expected_map(disk)
+        got = json.loads(run(nbdinfo, "--map", "--json", url).stdout)
+    assert [(e["offset"], e["length"], e["type"]) for e in got] == want
+    # The same map as `vhd map` prints (layers of the chain all count as data).
+    vhd_map: list[tuple[int, int, int]] = []
+    for e in json.loads(vhd_cli("map", "--json", str(path)).stdout):
+        kind = 0 if e["data"] else 3
+        if vhd_map and vhd_map[-1][2] == kind:
+            vhd_map[-1] = (vhd_map[-1][0], vhd_map[-1][1] + e["length"], kind)
+        else:
+            vhd_map.append((e["offset"], e["length"], kind))
+    assert vhd_map == want
+    assert any(kind == 3 for _, _, kind in want) and any(kind == 0 for _, _, kind in want)
+    # Holes really are zeros.
+    content = chain_content() if layout == "chain" else expected_content()
+    for offset, length, kind in want:
+        if kind == 3:
+            assert content[offset : offset + length] == bytes(length)
+
+
+# -- nbdcopy, qemu-img, qemu-io ----------------------------------------------------------------
+
+
+def qemu_vpc(tmp: Path, subformat: str) -> Path:
+    """A VHD made and filled by qemu (another implementation than ours)."""
+    path = tmp / f"qemu-{subformat}.vhd"
+    run("qemu-img", "create", "-q", "-f", "vpc", "-o", f"subformat={subformat},force_size=on",
+        str(path), str(IMAGE_SIZE))  # fmt: skip
+    run("qemu-io", "-f", "vpc", "-c", "write -P 0x11 0 1M", "-c", "write -P 0x22 5100k 100k",
+        "-c", "write -P 0x33 15M 4k", str(path))  # fmt: skip
+    return path
+
+
+@pytest.mark.parametrize("source", ["qemu-fixed", "qemu-dynamic", "vhdkit-dynamic", "chain"])
+def test_nbdcopy_read_equals_image(tmp: Path, require_tool: Need, source: str) -> None:
+    nbdcopy = require_tool("nbdcopy")
+    qemu_img = require_tool("qemu-img")
+    require_tool("qemu-io")
+    if source.startswith("qemu-"):
+        path = qemu_vpc(tmp, source.split("-")[1])
+    elif source == "chain":
+        _parent, path = make_chain(tmp)
+    else:
+        path = tmp / "d.vhd"
+        make_image(path)
+    out = tmp / "out.raw"
+    with vhd.open(str(path)) as disk, serving(disk) as (_s, url, _path):
+        run(nbdcopy, url, str(out))
+    got = out.read_bytes()
+    assert got == vhd_content(path)
+    vhd_cli("convert", "--to", "raw", str(path), str(tmp / "conv.raw"))
+    assert got == (tmp / "conv.raw").read_bytes()
+    if source == "chain":
+        # qemu reads differencing VHDs without their parent, so only the model applies here.
+        assert got == chain_content()
+    else:
+        ref = tmp / "ref.raw"
+        run(qemu_img, "convert", "-f", "vpc", "-O", "raw", str(path), str(ref))
+        assert got == ref.read_bytes()
+    if source == "vhdkit-dynamic":
+        assert got == expected_content()
+
+
+def test_nbdcopy_write_into_export(tmp: Path, require_tool: Need) -> None:
+    nbdcopy = require_tool("nbdcopy")
+    qemu_img = require_tool("qemu-img")
+    path = tmp / "d.vhd"
+    vhd.create(str(path), IMAGE_SIZE).close()
+    rng = random.Random(5)
+    source = bytearray(IMAGE_SIZE)
+    for _ in range(20):
+        offset = rng.randrange(0, IMAGE_SIZE - 300_000)
+        length = rng.randrange(1, 300_000)
+        source[offset : offset + length] = rng.randbytes(length)
+    (tmp / "src.raw").write_bytes(source)
+    with vhd.open(str(path), "r+") as disk, serving(disk) as (_s, url, _path):
+        run(nbdcopy, str(tmp / "src.raw"), url)
+    assert vhd_content(path) == source
+    run(qemu_img, "convert", "-f", "vpc", "-O", "raw", str(path), str(tmp / "ref.raw"))
+    assert (tmp / "ref.raw").read_bytes() == source
+
+
+def test_qemu_img_convert_over_nbd(tmp: Path, require_tool: Need) -> None:
+    qemu_img = require_tool("qemu-img")
+    _parent, child = make_chain(tmp)
+    with vhd.open(str(child)) as disk, serving(disk) as (_s, url, _path):
+        run(qemu_img, "convert", "-f", "raw", "-O", "raw", url, str(tmp / "out.raw"))
+        info = json.loads(run(qemu_img, "info", "--output=json", url).stdout)
+    assert info["virtual-size"] == IMAGE_SIZE
+    assert (tmp / "out.raw").read_bytes() == chain_content()
+
+
+def test_qemu_io_writes_land_in_the_leaf(tmp: Path, require_tool: Need) -> None:
+    qemu_io = require_tool("qemu-io")
+    parent, child = make_chain(tmp)
+    parent_hash = sha256_file(parent)
+    with vhd.open(str(child), "r+") as disk, serving(disk) as (_s, url, _path):
+        result = run(
+            qemu_io, "-f", "raw",
+            "-c", "write -P 0xab 1M 64k",
+            "-c", "write -P 0xcd -f 9437184 4097",   # FUA, unaligned length
+            "-c", "write -z 2M 4k",
+            "-c", "discard 3M 1M",
+            "-c", "read -P 0xab 1M 64k",
+            "-c", "read -P 0 2M 4k",
+            "-c", "flush",
+            url,
+        )  # fmt: skip
+    # qemu-io reports a failed command or pattern check on stdout but still exits 0.
+    assert "fail" not in result.stdout.lower() and "error" not in result.stdout.lower()
+    assert result.stdout.count("ops/sec") == 6
+    assert sha256_file(parent) == parent_hash
+    want = bytearray(chain_content())
+    want[MiB : MiB + 65536] = b"\xab" * 65536
+    want[9 * MiB : 9 * MiB + 4097] = b"\xcd" * 4097
+    want[2 * MiB : 2 * MiB + 4096] = bytes(4096)
+    want[3 * MiB : 4 * MiB] = bytes(MiB)
+    assert vhd_content(child) == want
+    assert vhd_content(parent) == expected_content()
+
+
+def test_fio_random_writes_match_the_model(tmp: Path, require_tool: Need) -> None:
+    fio = require_tool("fio")
+    path = tmp / "d.vhd"
+    make_image(path)
+    region = (4 * MiB, 8 * MiB)
+    with vhd.open(str(path), "r+") as disk, serving(disk, workers=4) as (_s, url, _path):
+        common = [
+            fio, "--name=t", "--ioengine=nbd", f"--uri={url}", "--bs=4k", "--iodepth=16",
+            f"--offset={region[0]}", f"--size={region[1]}", "--randseed=7",
+            "--verify_state_save=0",  # no verify-state file in the working directory
+        ]  # fmt: skip
+        # Every 4 KiB block of the region is written once, in random order, then read back
+        # and checked by fio itself.
+        run(*common, "--rw=randwrite", "--verify=pattern", "--verify_pattern=0x5aa5c33c",
+            "--do_verify=1")  # fmt: skip
+        # Mixed random reads and writes in flight together.
+        run(*common, "--rw=randrw", "--verify=crc32c", "--runtime=2", "--time_based=0")
+    # The model: outside the region the image is untouched; a fresh read of the fio region
+    # through vhd shows only whole 4 KiB blocks of fio data (no stray image bytes).
+    content = vhd_content(path)
+    base = expected_content()
+    assert content[: region[0]] == base[: region[0]]
+    assert content[region[0] + region[1] :] == base[region[0] + region[1] :]
+    fio_region = content[region[0] : region[0] + region[1]]
+    original = base[region[0] : region[0] + region[1]]
+    for block in range(0, region[1], 4096):
+        assert fio_region[block : block + 4096] != original[block : block + 4096]
+
+
+# -- hostile clients ---------------------------------------------------------------------------
+
+
+def fuzz_once(path: str, rng: random.Random) -> None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(2)
+    try:
+        sock.connect(path)
+        style = rng.randrange(5)
+        if style == 0:
+            sock.sendall(rng.randbytes(rng.randrange(0, 200)))
+        elif style == 1:
+            sock.recv(18)
+            # Truncated or wrong client flags / option headers.
+            sock.sendall(struct.pack(">I", rng.choice([0, 1, 3, 0xFFFF])))
+            sock.sendall(struct.pack(">QII", p.IHAVEOPT, rng.randrange(16), rng.randrange(64)))
+            sock.sendall(rng.randbytes(rng.randrange(0, 40)))
+        else:
+            c = RawClient.__new__(RawClient)
+            c.sock = sock
+            c.handshake(structured=rng.random() < 0.7, meta=rng.random() < 0.5)
+            for _ in range(rng.randrange(1, 30)):
+                kind = rng.choice([*range(10), 2, 0, 0, 1])
+                if kind == p.Cmd.DISC:
+                    continue
+                offset = rng.choice([0, rng.randrange(IMAGE_SIZE), IMAGE_SIZE, 2**64 - 1])
+                length = rng.choice([0, 1, 4096, rng.randrange(2**32), 33 * MiB])
+                flags = rng.randrange(1 << 16) if rng.random() < 0.3 else 0
+                header = struct.pack(
+                    ">IHHQQI", p.REQUEST_MAGIC, flags, kind, rng.getrandbits(64), offset, length
+                )
+                if kind == p.Cmd.WRITE:
+                    # Short or missing payload, then hang up: the server must not wait forever.
+                    sock.sendall(header + rng.randbytes(min(length, rng.randrange(0, 9000))))
+                    break
+                if rng.random() < 0.1:
+                    sock.sendall(header[: rng.randrange(28)])
+                    break
+                sock.sendall(header)
+                if rng.random() < 0.2:
+                    sock.sendall(rng.randbytes(28))
+    except (OSError, EOFError, AssertionError, struct.error):
+        pass
+    finally:
+        sock.close()
+
+
+def test_fuzzer_next_to_a_good_client(
+    tmp: Path, require_tool: Need, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="blockback")
+    nbdcopy = require_tool("nbdcopy")
+    nbdinfo = require_tool("nbdinfo")
+    path = tmp / "d.vhd"
+    make_image(path)
+    stop = threading.Event()
+    fuzz_count = [0]
+
+    def fuzzer(seed: int) -> None:
+        rng = random.Random(seed)
+        while not stop.is_set():
+            fuzz_once(sock_path, rng)
+            fuzz_count[0] += 1
+
+    with vhd.open(str(path)) as disk, serving(disk) as (server, url, sock_path):
+        threads = [threading.Thread(target=fuzzer, args=(s,), daemon=True) for s in range(3)]
+        for t in threads:
+            t.start()
+        try:
+            i = 0
+            deadline = time.monotonic() + 10
+            while i < 4 or (fuzz_count[0] < 300 and time.monotonic() < deadline):
+                i += 1
+                out = tmp / f"copy{i}.raw"
+                run(nbdcopy, url, str(out), timeout=60)
+                assert out.read_bytes() == expected_content()
+                out.unlink()
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(30)
+        assert fuzz_count[0] >= 300
+        run(nbdinfo, url)
+        # Every fuzzing connection has been cleaned up.
+        deadline = time.monotonic() + 10
+        while server.connections and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.connections == 0
+    # Hostile input is refused as a protocol matter, never by tripping over a bug.
+    unexpected = [r.getMessage() for r in caplog.records if "unexpected" in r.getMessage()]
+    assert not unexpected
+    assert any("protocol error" in r.getMessage() for r in caplog.records)
+
+
+# -- the CLI -----------------------------------------------------------------------------------
+
+
+def start_cli(*args: str) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vhdtools.cli", "serve", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    if not line:
+        proc.kill()
+        _out, err = proc.communicate(timeout=10)
+        pytest.fail(f"vhd serve printed no URI: {err}")
+    return proc, line
+
+
+def stop_cli(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> str:
+    proc.send_signal(sig)
+    _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_cli_serves_a_chain_until_signalled(tmp: Path, require_tool: Need, sig: int) -> None:
+    qemu_io = require_tool("qemu-io")
+    parent, child = make_chain(tmp)
+    other = tmp / "elsewhere"
+    other.mkdir()
+    moved = other / parent.name
+    os.rename(parent, moved)  # found only through --parent-dir
+    sock = tmp / "cli.sock"
+    proc, url = start_cli(str(child), "--nbd", "--socket", str(sock), "--export-name", "leaf",
+                          "--parent-dir", str(other))  # fmt: skip
+    try:
+        assert url == f"nbd+unix:///leaf?socket={sock}"
+        run(qemu_io, "-f", "raw", "-c", "write -P 0x77 6M 8k", "-c", "read -P 0 7M 4k", url)
+    except BaseException:
+        proc.kill()
+        raise
+    stop_cli(proc, sig)
+    assert not sock.exists()
+    want = bytearray(chain_content())
+    want[6 * MiB : 6 * MiB + 8192] = b"\x77" * 8192
+    with vhd.open(str(child), parent_dirs=[str(other)]) as disk:
+        assert disk.pread(IMAGE_SIZE, 0) == want
+
+
+def test_cli_tcp_read_only(tmp: Path, require_tool: Need) -> None:
+    nbdinfo = require_tool("nbdinfo")
+    qemu_io = require_tool("qemu-io")
+    make_image(tmp / "d.vhd")
+    before = sha256_file(tmp / "d.vhd")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc, url = start_cli(str(tmp / "d.vhd"), "--nbd", "--listen", f"127.0.0.1:{port}",
+                          "--read-only")  # fmt: skip
+    try:
+        assert url == f"nbd://127.0.0.1:{port}/"
+        info = json.loads(run(nbdinfo, "--json", url).stdout)
+        assert info["exports"][0]["is_read_only"] is True
+        refused = subprocess.run(
+            [qemu_io, "-f", "raw", "-c", "write 0 4k", url],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        # qemu sees the READ_ONLY flag and refuses to open it for writing at all.
+        assert refused.returncode != 0
+        assert "permission denied" in (refused.stdout + refused.stderr).lower()
+    finally:
+        if proc.poll() is None:
+            stop_cli(proc)
+    assert sha256_file(tmp / "d.vhd") == before
+
+
+def test_cli_reports_a_missing_image(tmp: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "vhdtools.cli", "serve", str(tmp / "nope.vhd"), "--nbd",
+         "--socket", str(tmp / "s")],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr and "nope.vhd" in result.stderr
