@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.hostile.craft import craft, craft_fixed
+from tests.images import craft, craft_fixed
 
 MiB = 1 << 20
 GiB = 1 << 30

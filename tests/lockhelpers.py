@@ -3,7 +3,6 @@ would), and qemu-nbd serving one."""
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import sys
 import time
@@ -25,10 +24,6 @@ for line in sys.stdin:
 disk.close()
 print("closed", flush=True)
 """
-
-
-def sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 class Holder:

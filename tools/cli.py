@@ -14,7 +14,6 @@ import errno
 import importlib
 import pkgutil
 import sys
-import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -64,7 +63,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The parser; with ``argv``, only the command it names is imported (fast start-up)."""
     parser = _Parser(prog="vhd", description="Work with Microsoft VHD disk images on Linux.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    parser.add_argument("--version", action="version", version=_version())
+    parser.add_argument("--version", action=_VersionAction, help="show the version and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_CommandParser)
     sub.required = True
     names = sorted(
@@ -73,12 +72,25 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         if not info.name.startswith("_")
     )
     wanted = _command_module(argv, names)
-    for name in [wanted] if wanted else names:
+    for name in [wanted] if wanted else [] if wanted == "" else names:
         module = importlib.import_module(f"{commands.__name__}.{name}")
         register = getattr(module, "register", None)
         if register is not None:
             register(sub)
     return parser
+
+
+class _VersionAction(argparse.Action):
+    """argparse's "version" action, with the text made only when asked for: it names the CRC
+    implementation, which imports the VHDX package (every command would pay for it)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        kwargs.setdefault("default", argparse.SUPPRESS)
+        super().__init__(option_strings, argparse.SUPPRESS, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        print(_version())
+        parser.exit()
 
 
 def _version() -> str:
@@ -94,8 +106,10 @@ def _command_module(argv: Sequence[str] | None, names: list[str]) -> str | None:
         return None
     for arg in argv:
         if arg.startswith("-"):
-            if arg in ("-h", "--help", "--version"):
+            if arg in ("-h", "--help"):
                 return None
+            if arg == "--version":
+                return ""  # printed before any command is needed: import none
             continue
         name = arg.replace("-", "_")
         return name if name in names else None
@@ -116,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     except (vhd.VHDError, OSError, ValueError) as exc:
         if args.debug:
+            import traceback
+
             traceback.print_exc()
         print(f"vhd: error: {_describe(exc, args)}", file=sys.stderr)
         return EXIT_ERROR

@@ -4,7 +4,6 @@ checksums, warnings on stderr), raw-or-VHD sources, and a progress bar for termi
 from __future__ import annotations
 
 import argparse
-import fractions
 import os
 import re
 import sys
@@ -83,6 +82,8 @@ def parse_size(text: str, current: int | None = None) -> int:
             f"invalid size {text!r} (use a number, 1.5 too, with an optional K/M/G/T suffix)"
         )
     sign, number, unit = match.groups()
+    import fractions  # (only for sizes: not at every command's start-up)
+
     exact = fractions.Fraction(number) * _UNITS[unit.upper()]  # exact: no float rounding
     if exact.denominator != 1:
         raise ValueError(f"invalid size {text!r}: {float(exact):g} is not a whole number of bytes")

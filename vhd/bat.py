@@ -9,10 +9,11 @@ write-back touches just that sector.
 
 from __future__ import annotations
 
+import itertools
 import re
 import sys
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 UNUSED = 0xFFFFFFFF
 # a byte of an entry that is not UNUSED (all ones in either byte order); entries are 4 bytes, so
@@ -25,6 +26,7 @@ ENTRIES_PER_SECTOR = 128
 # claim up to 2^32 - 1, and a 2040 GiB disk of 512-byte blocks needs a 16 GiB table: such
 # images are refused with a clear error, as qemu-img refuses "Max Table Entries too large".
 MAX_ENTRIES = 1 << 22
+_CHUNK = 1 << 20  # bytes of table per step of the whole-table scans
 _NOT_FF = re.compile(b"[^\\xff]")
 
 _NATIVE_IS_LITTLE = sys.byteorder == "little"
@@ -71,6 +73,29 @@ class BlockAllocationTable:
             pos = end
         return len(self.entries)
 
+    def run_end(self, index: int) -> int:
+        """The first block after ``index`` whose entry differs from block ``index``'s (or
+        ``len(self)``): C-speed comparisons of doubling spans, O(run length) in all."""
+        entries = self.entries
+        view = memoryview(entries).cast("B")
+        unit = array("I", [entries[index]]).tobytes()
+        pos, step, total = index + 1, 1, len(entries)
+        while pos < total:
+            n = min(step, total - pos)
+            if bytes(view[pos * 4 : (pos + n) * 4]) != unit * n:
+                # The difference is in this span: halve it down to the entry.
+                while n > 1:
+                    half = n // 2
+                    if bytes(view[pos * 4 : (pos + half) * 4]) == unit * half:
+                        pos += half
+                        n -= half
+                    else:
+                        n = half
+                return pos
+            pos += n
+            step *= 2
+        return total
+
     def __getitem__(self, index: int) -> int:
         return self.entries[index]
 
@@ -80,6 +105,53 @@ class BlockAllocationTable:
 
     def allocated_count(self) -> int:
         return len(self.entries) - self.entries.count(UNUSED)
+
+    def first_misplaced(
+        self,
+        *,
+        span: int,
+        last_span: int,
+        file_size: int,
+        regions: Sequence[tuple[int, int, str]],
+    ) -> tuple[int, int, str] | None:
+        """The lowest-numbered block whose space (``span`` bytes from its entry: bitmap plus
+        data; ``last_span`` for the last block, which the disk size may cut) runs past
+        ``file_size`` or overlaps one of the ``regions`` (start, end, label): ``(block, entry,
+        where)``, or None.
+
+        No per-entry Python work: ``min()`` and ``max()`` bound the allocated entries, and a
+        test whose bad range lies outside those bounds is skipped; the others are one ``filter``
+        over the table with ``range.__contains__`` (all C), stopping at the first hit.  A crafted
+        table of 4 Mi entries costs a few C passes, not millions of Python steps.
+        """
+        entries = self.entries
+        if not entries:
+            return None
+        lowest = min(entries)  # UNUSED is the largest value: this is the lowest allocated one
+        if lowest == UNUSED:
+            return None
+        highest = _highest_allocated(entries)
+        # Entries in these ranges (in sectors) are bad for a full block.
+        tests: list[tuple[range, tuple[int, int, str] | None]] = []
+        for start, end, label in [(file_size, UNUSED * 512, ""), *regions]:
+            bad = range(max(0, (start - span) // 512 + 1), min(UNUSED, -(-end // 512)))
+            if bad and lowest < bad.stop and highest >= bad.start:
+                tests.append((bad, None if not label else (start, end, label)))
+        last = len(entries) - 1
+        found: tuple[int, int, str] | None = None
+        stop = len(entries)  # only blocks before the one found so far can come first
+        for bad, region in tests:
+            for entry in filter(bad.__contains__, itertools.islice(entries, stop)):
+                block = entries.index(entry, 0, stop)
+                if block == last and not _clashes(entry * 512, last_span, file_size, region):
+                    break  # only the last block may be shorter; it is the last one
+                if region is None:
+                    where = f"past the end of the file ({file_size} bytes)"
+                else:
+                    where = f"over {region[2]} ({region[0]:#x}-{region[1]:#x})"
+                found, stop = (block, entry, where), block
+                break
+        return found
 
     def allocated(self) -> Iterator[tuple[int, int]]:
         """(block index, sector) of every allocated block, in block order."""
@@ -140,3 +212,31 @@ class BlockAllocationTable:
     @property
     def dirty(self) -> bool:
         return bool(self._dirty)
+
+
+def _highest_allocated(entries: array[int]) -> int:
+    """The largest entry other than UNUSED (there must be one), at C speed.
+
+    UNUSED entries are zeroed in a byte copy of the table by ``bytes.replace``.  That is exact
+    unless an allocated entry's top byte is 0xFF (a run of 0xFF bytes could then start inside
+    it): such an entry, counted in the plane of top bytes, is at 0xFF000000 sectors or more,
+    and the answer is then UNUSED - 1, which callers take as "very far".  Done in chunks, so
+    the copies stay small.
+    """
+    highest = 0
+    for pos in range(0, len(entries) * 4, _CHUNK):
+        chunk = entries[pos // 4 : (pos + _CHUNK) // 4]
+        raw = chunk.tobytes()
+        top = raw[3::4] if _NATIVE_IS_LITTLE else raw[0::4]
+        if top.count(0xFF) > chunk.count(UNUSED):
+            return UNUSED - 1
+        cleaned = array("I")
+        cleaned.frombytes(raw.replace(b"\xff\xff\xff\xff", b"\0\0\0\0"))
+        highest = max(highest, max(cleaned))
+    return highest
+
+
+def _clashes(start: int, span: int, file_size: int, region: tuple[int, int, str] | None) -> bool:
+    if region is None:
+        return start + span > file_size
+    return start < region[1] and start + span > region[0]

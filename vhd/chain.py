@@ -226,6 +226,12 @@ def _footer_id(path: str, *, devices: bool) -> tuple[tuple[int, int], bytes] | N
         if not (stat.S_ISREG(st.st_mode) or (devices and stat.S_ISBLK(st.st_mode))):
             return None
         size = st.st_size if stat.S_ISREG(st.st_mode) else os.lseek(fd, 0, os.SEEK_END)
+        if read_upto(fd, 8, 0) == b"vhdxfile":
+            # A VHDX parent of a VHD child: its identity is its DataWriteGuid (vhd.lineage).
+            from .vhdx.ops import identity_at
+
+            found = identity_at(path)
+            return None if found is None else ((st.st_dev, st.st_ino), found.bytes)
         choice = locate_footer(fd, size, path)
         return (st.st_dev, st.st_ino), choice.footer.unique_id
     except (OSError, ValueError, VHDError):
@@ -328,6 +334,12 @@ def resolve_parent(
             raise ParentNotFoundError(
                 f"the parent {_show(path)} cannot be opened ({reason})", path=child_path
             ) from None
+        if getattr(disk, "logical_sector_size", 512) != 512:
+            disk.close()  # type: ignore[attr-defined]
+            raise ParentMismatchError(
+                f"the parent {_show(path)} is a 4K-native VHDX: a VHD child has 512-byte sectors",
+                path=child_path,
+            )
         if mismatch_used:
             disk.warnings.append(  # type: ignore[attr-defined]
                 f"parent {path} has another unique id than the child records; used anyway"

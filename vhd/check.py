@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import functools
 import heapq
+import itertools
+import operator
 import os
 import re
 import stat
@@ -160,10 +162,42 @@ class DropMap(MutableMapping[int, str]):
                 self._texts.append(why)
             else:
                 kind = 1
+        if block < 0:
+            return  # only the text is registered (mark_new, mark_runs)
         self._grow(block)
         if not self._kind[block]:
             self._len += 1
         self._kind[block] = kind
+
+    def mark_new(self, blocks: Iterator[int], why: str, listed: int) -> tuple[int, list[int]]:
+        """Drop each of ``blocks`` not dropped yet, for ``why``: how many were new, and the
+        first ``listed`` of them (a crafted table has millions; one tight loop, no calls)."""
+        self[-1] = why  # registers the text (block -1: see __setitem__)
+        kind, codes = self._index.get(why, 1), self._kind
+        new: list[int] = []
+        count = 0
+        for block in blocks:
+            if not codes[block]:
+                codes[block] = kind
+                count += 1
+                if len(new) < listed:
+                    new.append(block)
+        self._len += count
+        return count, new
+
+    def mark_runs(self, first: int, end: int, why: str) -> int:
+        """Drop blocks [first, end) not dropped yet, for ``why``, at C speed: how many."""
+        self[-1] = why
+        kind, codes = self._index.get(why, 1), self._kind
+        segment = bytes(codes[first:end])
+        count = segment.count(0)
+        codes[first:end] = segment.translate(bytes([kind]) + bytes(range(1, 256)))
+        self._len += count
+        return count
+
+    def flags(self) -> bytearray:
+        """One byte per block, non-zero where the block is dropped."""
+        return self._kind
 
     def __getitem__(self, block: int) -> str:
         if not 0 <= block < len(self._kind) or not self._kind[block]:
@@ -354,6 +388,11 @@ class _Checker:
         if seen[1] is None:
             seen[1] = finding
         self.findings.append(finding)
+
+    def count_more(self, code: str, more: int) -> None:
+        """Count ``more`` findings of ``code`` past the listed ones (after ``add`` of those)."""
+        if more > 0:
+            self._per_code[code][0] += more
 
     def summarise(self) -> None:
         """One finding for the findings of each kind past the first few."""
@@ -655,6 +694,14 @@ class _Checker:
                 f"the last {size - at} bytes are missing",
             )
             m.footer_target = -1
+        elif at > size and stat.S_ISBLK(os.fstat(self.fd).st_mode):
+            # A fixed VHD on a block device (vhd create --type fixed /dev/X): the footer is in
+            # the device's last sector, where readers look; the space before it is the device's.
+            self.add(
+                INFO,
+                "fixed-gap",
+                f"{at - size} bytes of the device lie between the data and the footer",
+            )
         elif at > size:
             self.add(
                 WARNING,
@@ -841,15 +888,14 @@ class _Checker:
             limit = m.tail_offset
         # Per allocated block only two machine integers (its BAT entry is its start): a crafted
         # table allocates millions of blocks, and tuples of Python ints would cost gigabytes.
-        starts = array("Q")
-        indices = array("I")
-        misaligned = 0
-        for block, entry in table.allocated():
-            starts.append(entry * SECTOR)
-            indices.append(block)
-            if (entry * SECTOR + bmb) % PAGE:
-                misaligned += 1
+        # Built, like the rule checks below, from C-level iterators (map, filter, compress):
+        # a table of 4 Mi crafted entries costs passes of C loops, not Python steps per block.
+        entries = table.entries
+        is_allocated = bytes(map(UNUSED.__ne__, entries))
+        starts = array("Q", map(SECTOR.__mul__, itertools.compress(entries, is_allocated)))
+        indices = array("I", itertools.compress(range(count), is_allocated))
         allocated = len(indices)
+        misaligned = allocated - operator.countOf(map(PAGE.__rmod__, map(bmb.__add__, starts)), 0)
 
         def needed_end(start: int, block: int) -> int:
             return start + bmb + min(bs, size - block * bs)
@@ -859,11 +905,29 @@ class _Checker:
             return f"guest bytes {g:#x}-{g + n:#x} ({n} bytes)"
 
         drop = m.drop
-        for start, block in zip(starts, indices, strict=True):
-            nend = needed_end(start, block)
-            for rstart, rend, label in regions:
-                if start < rend and nend > rstart:
-                    drop[block] = f"overlaps {label}"
+        lowest, highest = (min(starts), max(starts)) if allocated else (0, -1)
+        span = bmb + bs
+        last = count - 1
+        # Blocks over metadata (the first region in this order names the finding), then blocks
+        # whose bitmap lies past the data area.  Each rule is a range of entries for a full
+        # block; the last block, which the size may cut, is judged exactly.
+        rules = [(rstart, rend, label, f"overlaps {label}") for rstart, rend, label in regions]
+        rules.append((limit - bmb + span, UNUSED * SECTOR, "", "past the end of the file"))
+        for rstart, rend, label, reason in rules:
+            bad = range(max(0, (rstart - span) // SECTOR + 1), min(UNUSED, -(-rend // SECTOR)))
+            if not bad or lowest >= bad.stop * SECTOR or highest < bad.start * SECTOR:
+                continue
+            # compress stops at the shorter input: the last block is left out, and judged here
+            blocks: Iterator[int] = itertools.compress(range(last), map(bad.__contains__, entries))
+            end_start = entries[last] * SECTOR
+            if end_start // SECTOR in bad and (
+                not label or (end_start < rend and needed_end(end_start, last) > rstart)
+            ):
+                blocks = itertools.chain(blocks, (last,))
+            total, first = drop.mark_new(blocks, reason, MAX_FINDINGS_PER_CODE)
+            for block in first:
+                start = entries[block] * SECTOR
+                if label:
                     self.add(
                         ERROR,
                         "bat-overlaps-metadata",
@@ -873,10 +937,7 @@ class _Checker:
                         + ")",
                         fix=True,
                     )
-                    break
-            else:
-                if start + bmb > limit:
-                    drop[block] = "past the end of the file"
+                else:
                     self.add(
                         ERROR,
                         "bat-past-eof",
@@ -885,15 +946,49 @@ class _Checker:
                         f"unallocate block {block}: {lost(block)} are lost",
                         fix=True,
                     )
-        # Overlaps between blocks: the lower block number keeps the space.  The blocks are
-        # sorted once by (start, block), packed into one integer each.
+            self.count_more(
+                "bat-overlaps-metadata" if label else "bat-past-eof", total - len(first)
+            )
+        # Overlaps between blocks: the lower block number keeps the space.  Runs of blocks
+        # sharing one entry (an all-equal crafted table is one run of millions) are settled
+        # first, run by run at C speed: each block of a run overlaps the run's first block.
+        dropped = drop.flags()
+        repeats = itertools.compress(
+            range(1, count),
+            map(operator.and_, map(operator.eq, entries, itertools.islice(entries, 1, None)),
+                itertools.islice(is_allocated, 1, None)),
+        )  # fmt: skip
+        run_end = 0
+        for block in repeats:
+            if block < run_end:
+                continue
+            run_end = table.run_end(block)
+            winner = block - 1
+            if dropped[winner]:
+                continue  # the same entry: dropped for the same metadata rule
+            new = drop.mark_runs(block, run_end, f"overlaps block {winner}")
+            for loser in range(block, min(run_end, block + MAX_FINDINGS_PER_CODE)):
+                self.add(
+                    ERROR,
+                    "bat-overlap",
+                    f"blocks {winner} and {loser} overlap in the file "
+                    f"(at {entries[winner] * SECTOR:#x} and {entries[loser] * SECTOR:#x})",
+                    f"unallocate block {loser}: {lost(loser)} are lost",
+                    fix=True,
+                )
+            self.count_more("bat-overlap", new - min(new, MAX_FINDINGS_PER_CODE))
+        # The rest are sorted once by (start, block), packed into one integer each.
         shift = max(allocated, 1).bit_length()
         mask = (1 << shift) - 1
+        keep = bytes(map(operator.not_, map(dropped.__getitem__, indices)))
         kept = sorted(
-            (start << shift) | k
-            for k, (start, block) in enumerate(zip(starts, indices, strict=True))
-            if block not in drop
-        )
+            itertools.compress(
+                map(operator.or_, map(operator.lshift, starts, itertools.repeat(shift)),
+                    range(allocated)),
+                keep,
+            )
+        )  # fmt: skip
+        del keep
         # A sweep over the blocks in file order: ``active`` is a heap (by block number) of the
         # kept blocks whose space may reach the current start.  Blocks that ended before it or
         # were dropped are removed when they come to the top; each block is pushed and popped

@@ -30,9 +30,14 @@ from .header import HEADER_SIZE, DynamicHeader
 
 
 def find_children(disk: Disk, search_dirs: Sequence[str] = ()) -> list[str]:
-    """Paths of the images whose parent is ``disk``'s file."""
+    """Paths of the images (VHD or VHDX, whatever ``disk`` is: see :mod:`vhd.lineage`) whose
+    parent is ``disk``'s file."""
+    from .lineage import identity
+    from .vhdx.ops import is_child_of
+
     me = os.stat(disk.fd)
-    want = disk.footer.unique_id
+    ident = identity(disk)
+    want = ident.bytes
     folders = [os.path.dirname(os.path.abspath(disk.path))]
     folders += [os.path.abspath(d) for d in search_dirs if os.path.abspath(d) not in folders]
     found: list[str] = []
@@ -44,11 +49,12 @@ def find_children(disk: Disk, search_dirs: Sequence[str] = ()) -> list[str]:
         for name in names:
             path = os.path.join(folder, name)
             header = _child_header(path, want, me)
-            if (
-                header is not None
-                and _resolves_to(path, header, me, search_dirs)
-                and not any(os.path.samefile(path, f) for f in found)
-            ):
+            child = (
+                _resolves_to(path, header, me, search_dirs)
+                if header is not None
+                else is_child_of(path, ident, me, search_dirs)
+            )
+            if child and not any(os.path.samefile(path, f) for f in found):
                 found.append(path)
     return found
 
@@ -157,6 +163,11 @@ def _resolves_to(
 
 
 def _unique_id(path: str) -> bytes | None:
+    from .lineage import identity_of_file
+
+    if _is_vhdx(path):
+        found = identity_of_file(path)  # a VHDX parent: its DataWriteGuid
+        return None if found is None else found.bytes
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError:
@@ -172,3 +183,9 @@ def _unique_id(path: str) -> bytes | None:
         return None
     finally:
         os.close(fd)
+
+
+def _is_vhdx(path: str) -> bool:
+    from .vhdx import probe_vhdx
+
+    return probe_vhdx(path)

@@ -24,6 +24,11 @@ Crash safety, and why no flushed write is lost:
   still reads through the child).
 
 Other children of the same parent see the merged data afterwards, as with every tool that merges.
+
+VHD and VHDX alike (the format-specific parts are in :mod:`vhd.lineage`): a VHDX parent gets a
+new DataWriteGuid (MS-VHDX 2.2.2), chosen before its first write and recorded in the child first
+(:func:`vhd.lineage.prepare_commit`), so an interrupted commit still leaves a chain that opens;
+its other children then refuse it, as Hyper-V's do.
 """
 
 from __future__ import annotations
@@ -32,14 +37,14 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from . import lineage
 from .chain import ParentPolicy
-from .children import find_parent, open_children
+from .children import open_children
 from .disk import Disk
 from .errors import InvalidArgumentError
 from .footer import DiskType
 from .image import open as open_image
 from .newfile import naming
-from .reparent import record_parent_time, retarget
 
 CHUNK = 4 * 1024 * 1024
 
@@ -95,23 +100,29 @@ def _commit(
         grandchildren: list[Disk] = []
         try:
             grandchildren = open_children(child, parent_dirs)
-            copied = _copy_own_ranges(child, parent, progress)
+            copied = _copy_own_ranges(
+                child,
+                parent,
+                progress,
+                lambda: lineage.prepare_commit(child, parent, grandchildren),
+            )
             with naming(parent_path):
                 parent.flush()
-            parent_id = parent.footer.unique_id
+            # (A VHDX parent's identity is its DataWriteGuid, new since the copy wrote to it.)
+            parent_id = lineage.identity(parent)
             # Closed before its modification time is recorded anywhere: nothing changes it now.
             parent.close()
             if keep:
                 # The kept child records the parent's new time; that rewrite changes the
                 # child's own time, which its children record in turn.
-                record_parent_time(child, parent_path)
+                lineage.record_parent_change(child, parent_path)
                 for grandchild in grandchildren:
-                    record_parent_time(grandchild, spath)
+                    lineage.record_parent_change(grandchild, spath)
             else:
                 # Each reads the same through the parent, which now holds the child's data
                 # wherever the child had its own: relink it, and only then drop the child.
                 for grandchild in grandchildren:
-                    retarget(grandchild, parent_path, parent_id)
+                    lineage.retarget(grandchild, parent_path, parent_id)
         finally:
             parent.close()
             for grandchild in grandchildren:
@@ -127,12 +138,19 @@ def _commit(
 def _parent_path(child: Disk, policy: ParentPolicy) -> str:
     """Where the child's parent is (opened read-only and closed again: it is reopened for
     writing, which this process's own shared lock would refuse)."""
-    with find_parent(child, policy) as parent:
+    with lineage.find_parent(child, policy) as parent:
         return parent.path
 
 
-def _copy_own_ranges(child: Disk, parent: Disk, progress: Progress | None) -> int:
-    ranges = [(e.offset, e.length) for e in child.extents() if e.layer == 0]
+def _copy_own_ranges(
+    child: Disk, parent: Disk, progress: Progress | None, before_writing: Callable[[], None]
+) -> int:
+    # The child is open without its parent, so a range no layer holds (None) is one the child
+    # itself makes read as zeros (a VHDX ZERO block, a hole in a present block): the parent
+    # must read zeros there too.
+    extents = list(child.extents())
+    ranges = [(e.offset, e.length) for e in extents if e.layer == 0]
+    zeros = [(e.offset, e.length) for e in extents if e.layer is None and e.offset < parent.size]
     total = sum(n for _, n in ranges)
     for offset, length in ranges:
         if offset + length > parent.size:
@@ -141,6 +159,12 @@ def _copy_own_ranges(child: Disk, parent: Disk, progress: Progress | None) -> in
                 f"({parent.size} bytes); grow the parent first (vhd resize)",
                 path=child.path,
             )
+    if ranges or zeros:
+        # (A VHDX parent's new identity is recorded in the child before the parent changes.)
+        before_writing()
+    for offset, length in zeros:
+        with naming(parent.path):
+            parent.write_zeroes(offset, min(length, parent.size - offset))
     buf = bytearray(min(CHUNK, max(total, 1)))
     view = memoryview(buf)
     done = 0

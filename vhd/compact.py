@@ -30,6 +30,7 @@ from .footer import DiskType
 from .image import open as open_image
 from .metadata import MetadataWriter, metadata_end
 from .newfile import naming
+from .vhdx import probe_vhdx
 
 SECTOR = 512
 PAGE = 4096
@@ -54,6 +55,10 @@ class CompactResult:
 def compact(path: str | os.PathLike[str], *, progress: Progress | None = None) -> CompactResult:
     spath = os.fspath(path)
     with naming(spath):
+        if probe_vhdx(spath):  # the VHDX layout is compacted by vhd.vhdx.ops
+            from .vhdx.ops import compact as compact_vhdx
+
+            return CompactResult(spath, *compact_vhdx(spath, progress))
         return _compact(spath, progress)
 
 

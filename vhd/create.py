@@ -27,9 +27,14 @@ before it gets its name.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
+import stat
+import sys
 from typing import TYPE_CHECKING
 
+from . import lock
 from .bat import MAX_ENTRIES, UNUSED
 from .errors import InvalidArgumentError
 from .fileio import write_all
@@ -46,7 +51,7 @@ from .locator import (
     posix_to_macx,
     relative_windows_path,
 )
-from .newfile import NewFile
+from .newfile import NewFile, naming
 
 if TYPE_CHECKING:
     from .disk import Disk
@@ -70,6 +75,8 @@ def create(
     spath = os.fspath(path)
     parent_path = os.fspath(parent) if parent is not None else None
     footer, parent_info = plan_create(size, type=type, block_size=block_size, parent=parent_path)
+    if _is_block_device(spath):
+        return _create_on_device(spath, footer, overwrite)
     # Written under a temporary name and renamed when complete (see vhd.newfile): an
     # interrupted create leaves nothing under the final name, and never touches what was there.
     with NewFile(spath, overwrite=overwrite) as new:
@@ -84,6 +91,66 @@ def create(
     return disk
 
 
+def _is_block_device(path: str) -> bool:
+    try:
+        return stat.S_ISBLK(os.stat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _create_on_device(path: str, footer: Footer, overwrite: bool) -> Disk:
+    """A fixed VHD written in place on a block device (``vhd create --type fixed /dev/sdX``), as
+    ``vhd convert`` writes raw output to one: no truncate (a device's size is fixed), the device
+    must hold the disk and its footer, the disk's range is zeroed (BLKZEROOUT; the device's old
+    content must not show through), and the footer goes in the device's last 512 bytes, where
+    every reader looks for it (qemu, libvhdi and vhdkit read the data from offset 0 and take the
+    size from the footer; bytes between the two are left alone).  A dynamic or differencing VHD
+    grows at its end, which a device cannot: refused."""
+    from .convert import BLKGETSIZE64, zero_range  # (vhd.convert imports this module)
+    from .image import open_locked
+
+    if footer.type != DiskType.FIXED:
+        raise InvalidArgumentError(
+            "a block device holds only a fixed VHD (a dynamic or differencing one grows at its "
+            "end, which a device cannot): use --type fixed",
+            path=path,
+        )
+    if not overwrite:
+        raise InvalidArgumentError(
+            "the block device exists: pass --force to overwrite its content", path=path
+        )
+    # O_EXCL on a block device: refuse one that is mounted or otherwise claimed (EBUSY).
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_EXCL | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            raise InvalidArgumentError(
+                "the block device is in use (mounted, or part of a RAID/LVM/dm device)", path=path
+            ) from None
+        raise
+    try:
+        # A device a VM or a server of ours is using is refused before anything is written.
+        lock.acquire(fd, path, exclusive=True)
+        buf = bytearray(8)
+        fcntl.ioctl(fd, BLKGETSIZE64, buf)
+        device_size = int.from_bytes(buf, sys.byteorder)
+        size = footer.current_size
+        if device_size < size + FOOTER_SIZE:
+            raise InvalidArgumentError(
+                f"the device holds {device_size} bytes, less than the disk's {size} and its "
+                f"{FOOTER_SIZE}-byte footer",
+                path=path,
+            )
+        with naming(path):
+            zero_range(fd, 0, size)
+            write_all(fd, footer.build(), device_size - FOOTER_SIZE)
+            os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return open_locked(fd, path)  # owns fd (and its lock) from here on
+
+
 def plan_create(
     size: int | None, *, type: str, block_size: int, parent: str | None
 ) -> tuple[Footer, tuple[bytes, int, str] | None]:
@@ -94,9 +161,17 @@ def plan_create(
     parent_path = parent
     parent_id = bytes(16)
     if parent_path is not None:
+        from .lineage import identity
+
         with open_image(parent_path, "r") as pdisk:
             psize = pdisk.size
-            parent_id = pdisk.footer.unique_id
+            # A VHDX parent is named by its DataWriteGuid (vhd.lineage), a VHD by its unique id.
+            parent_id = identity(pdisk).bytes
+            if getattr(pdisk, "logical_sector_size", 512) != 512:
+                raise InvalidArgumentError(
+                    f"{parent_path} is a 4K-native VHDX: a VHD child has 512-byte sectors "
+                    "(make the child a VHDX)"
+                )
         if size is not None and size != psize:
             raise InvalidArgumentError(
                 f"a differencing disk has its parent's size ({psize} bytes), not {size}"

@@ -320,6 +320,9 @@ class Disk:
                 footer=footer is not None, footer_offset=footer_offset is not None
             )
 
+    def _forget_bitmaps(self) -> None:
+        """Drop cached sector bitmaps (BAT entries were rewritten behind the Disk)."""
+
     def _metadata_adopted(self, *, footer: bool, footer_offset: bool) -> None:
         """What a kind of disk derives from its footer and the trailing footer's place."""
 
@@ -380,7 +383,9 @@ class SparseDisk(Disk):
         self._bitmap_bytes = header.bitmap_bytes
         self._bitmap_used = (self._spb + 7) // 8
         self._full_pattern = _full_bitmap(self._spb)
-        # FIFO of loaded bitmaps; an OrderedDict evicts its oldest entry in O(1) (a dict's
+        # FIFO of loaded bitmaps, keyed by BAT entry (the bitmap's place in the file): blocks
+        # sharing an entry (a damaged table; writers refuse those) share one read.  An
+        # OrderedDict evicts its oldest entry in O(1) (a dict's
         # next(iter()) scans the slots its evictions left empty: 50-170 us at this limit).
         self._bitmaps: OrderedDict[int, bytes | bytearray] = OrderedDict()
         # Bumped (under the lock) by every change a writer makes to a bitmap or to the cache.
@@ -398,7 +403,7 @@ class SparseDisk(Disk):
         return min(self._bs, self.size - block * self._bs)
 
     def _bitmap(self, block: int, entry: int) -> bytes | bytearray:
-        cached = self._bitmaps.get(block)
+        cached = self._bitmaps.get(entry)
         if cached is not None:
             return cached
         gen = self._bitmap_gen
@@ -411,7 +416,7 @@ class SparseDisk(Disk):
         raw = read_exact(self._fd, self._bitmap_used, start, path=self.path)
         loaded: bytes | bytearray = FULL if raw == self._full_pattern else bytearray(raw)
         with self._lock:
-            cached = self._bitmaps.get(block)
+            cached = self._bitmaps.get(entry)
             if cached is not None:
                 return cached
             if gen != self._bitmap_gen:
@@ -420,7 +425,7 @@ class SparseDisk(Disk):
                 return loaded
             if len(self._bitmaps) >= _BITMAP_CACHE_LIMIT:
                 self._bitmaps.popitem(last=False)
-            self._bitmaps[block] = loaded
+            self._bitmaps[entry] = loaded
             return loaded
 
     def _data_offset(self, entry: int) -> int:
@@ -437,7 +442,7 @@ class SparseDisk(Disk):
             block = offset // bs
             if offset >= 0 and offset + n <= self.size and n and (offset + n - 1) // bs == block:
                 entry = self.bat[block]
-                if entry != UNUSED and self._bitmaps.get(block) is FULL:
+                if entry != UNUSED and self._bitmaps.get(entry) is FULL:
                     at = entry * SECTOR + self._bitmap_bytes + offset - block * bs
                     if os.preadv(self._fd, [buffer], at) == n:
                         return n
@@ -523,7 +528,7 @@ class SparseDisk(Disk):
         """Write a block's bitmap (after its data), then publish it to readers."""
         write_all(self._fd, bits, entry * SECTOR)
         self._bitmap_gen += 1
-        self._bitmaps[block] = FULL if bytes(bits) == self._full_pattern else bits
+        self._bitmaps[entry] = FULL if bytes(bits) == self._full_pattern else bits
 
     def _write_sectors(
         self,
@@ -602,7 +607,7 @@ class SparseDisk(Disk):
         write_all(self._fd, bits, bitmap_at)
         used = bits[: self._bitmap_used]
         self._bitmap_gen += 1
-        self._bitmaps[block] = FULL if bytes(used) == self._full_pattern else used
+        self._bitmaps[entry] = FULL if bytes(used) == self._full_pattern else used
         # 3. The BAT entry: in memory now, on disk at the next flush (after the data is durable).
         self.bat[block] = entry
 
@@ -668,7 +673,7 @@ class SparseDisk(Disk):
             if self._differencing:
                 if emptied:
                     self._bitmap_gen += 1
-                    self._bitmaps.pop(block, None)
+                    self._bitmaps.pop(entry, None)
                     self.bat[block] = UNUSED
                     punch_hole(self._fd, entry * SECTOR, self._bitmap_bytes + self._bs)
                 else:
@@ -679,13 +684,18 @@ class SparseDisk(Disk):
             punch_hole(self._fd, data + first * SECTOR, (last - first) * SECTOR)
             if emptied:
                 self._bitmap_gen += 1
-                self._bitmaps.pop(block, None)
+                self._bitmaps.pop(entry, None)
                 self.bat[block] = UNUSED
                 punch_hole(self._fd, entry * SECTOR, self._bitmap_bytes + self._bs)
             else:
                 self._store_bitmap(block, entry, new)
 
     # -- metadata ------------------------------------------------------------------------
+
+    def _forget_bitmaps(self) -> None:
+        with self._lock:
+            self._bitmap_gen += 1
+            self._bitmaps.clear()
 
     def _metadata_adopted(self, *, footer: bool, footer_offset: bool) -> None:
         if footer:
@@ -715,6 +725,18 @@ class SparseDisk(Disk):
                 pos = run_end
                 continue
             bits = self._bitmap(block, entry)
+            if block + 1 < len(bat) and bat[block + 1] == entry:
+                # Blocks sharing one entry (a damaged table; an all-equal one has millions):
+                # a bitmap that is all alike covers the whole run in one extent.
+                run_end = min(bat.run_end(block) * bs, end)
+                if bits is FULL:
+                    yield Extent(pos, run_end - pos, 0)
+                    pos = run_end
+                    continue
+                if not bm.any_set(bits, self._spb):
+                    yield from self._absent_extents(pos, run_end)
+                    pos = run_end
+                    continue
             if bits is FULL:
                 yield Extent(pos, block_end - pos, 0)
             else:

@@ -1,7 +1,7 @@
 """The hard disk footer (spec: "Hard Disk Footer Format"): 512 bytes at the end of every image,
 and a copy at offset 0 of dynamic and differencing images.
 
-Declared once with ``construct`` and exposed as the immutable :class:`Footer`.  Parsing never
+Declared once as a (field, ``struct`` format) table and exposed as the immutable :class:`Footer`.  Parsing never
 rejects a record: validity (cookie, checksum, version) is for the caller to judge, so that damaged
 images can still be inspected and repaired.  Images made before Virtual PC 2004 may end in a
 511-byte footer (the last reserved byte cut off); :func:`Footer.parse` accepts 511 bytes.
@@ -10,13 +10,12 @@ images can still be inspected and repaired.  Images made before Virtual PC 2004 
 from __future__ import annotations
 
 import dataclasses
+import struct
 import time
 import uuid
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
-
-import construct as cs
 
 from .checksum import vhd_checksum
 from .geometry import Geometry
@@ -64,27 +63,30 @@ class DiskType(IntEnum):
         return format(self.label, spec)
 
 
-FOOTER_STRUCT = cs.Struct(
-    "cookie" / cs.Bytes(8),
-    "features" / cs.Int32ub,
-    "version" / cs.Int32ub,
-    "data_offset" / cs.Int64ub,
-    "timestamp" / cs.Int32ub,
-    "creator_app" / cs.Bytes(4),
-    "creator_version" / cs.Int32ub,
-    "creator_host" / cs.Bytes(4),
-    "original_size" / cs.Int64ub,
-    "current_size" / cs.Int64ub,
-    "cylinders" / cs.Int16ub,
-    "heads" / cs.Int8ub,
-    "sectors" / cs.Int8ub,
-    "disk_type" / cs.Int32ub,
-    "checksum" / cs.Int32ub,
-    "unique_id" / cs.Bytes(16),
-    "saved_state" / cs.Int8ub,
-    "reserved" / cs.Bytes(427),
+# The record, declared once: (field, ``struct`` format) in on-disk order, big-endian.  (Plain
+# ``struct``: a parser library would cost every command its import at start-up.)
+FOOTER_FIELDS = (
+    ("cookie", "8s"),
+    ("features", "I"),
+    ("version", "I"),
+    ("data_offset", "Q"),
+    ("timestamp", "I"),
+    ("creator_app", "4s"),
+    ("creator_version", "I"),
+    ("creator_host", "4s"),
+    ("original_size", "Q"),
+    ("current_size", "Q"),
+    ("cylinders", "H"),
+    ("heads", "B"),
+    ("sectors", "B"),
+    ("disk_type", "I"),
+    ("checksum", "I"),
+    ("unique_id", "16s"),
+    ("saved_state", "B"),
+    ("reserved", "427s"),
 )
-assert FOOTER_STRUCT.sizeof() == FOOTER_SIZE
+FOOTER_STRUCT = struct.Struct(">" + "".join(fmt for _, fmt in FOOTER_FIELDS))
+assert FOOTER_STRUCT.size == FOOTER_SIZE
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,15 +117,14 @@ class Footer:
             data += b"\0"
         if len(data) != FOOTER_SIZE:
             raise ValueError(f"a footer is 512 bytes, got {len(data)}")
-        fields: dict[str, Any] = dict(FOOTER_STRUCT.parse(data))
-        fields.pop("_io", None)
-        return cls(**fields)
+        values = FOOTER_STRUCT.unpack(data)
+        return cls(**{name: value for (name, _), value in zip(FOOTER_FIELDS, values, strict=True)})
 
     def build(self) -> bytes:
         """The 512 on-disk bytes, with the checksum computed afresh."""
         fields = dataclasses.asdict(self)
         fields["checksum"] = 0
-        raw = bytearray(FOOTER_STRUCT.build(fields))
+        raw = bytearray(FOOTER_STRUCT.pack(*(_exact(fields, f) for f in FOOTER_FIELDS)))
         raw[CHECKSUM_OFFSET : CHECKSUM_OFFSET + 4] = vhd_checksum(raw, CHECKSUM_OFFSET).to_bytes(
             4, "big"
         )
@@ -200,3 +201,13 @@ def new_footer(
         saved_state=0,
         reserved=bytes(427),
     )
+
+
+def _exact(fields: dict[str, Any], field: tuple[str, str]) -> Any:
+    """A field's value for packing; a byte string must have its field's length (``struct``
+    would pad or cut it silently)."""
+    name, fmt = field
+    value = fields[name]
+    if fmt.endswith("s") and len(value) != int(fmt[:-1]):
+        raise ValueError(f"{name} is {len(value)} bytes, not {fmt[:-1]}")
+    return value

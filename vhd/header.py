@@ -1,7 +1,7 @@
 """The dynamic disk header (spec: "Dynamic Disk Header Format") and its eight parent locator
 entries: 1024 bytes at the footer's data offset in dynamic and differencing images.
 
-Declared once with ``construct``; exposed as the immutable :class:`DynamicHeader` holding a tuple
+Declared once as (field, ``struct`` format) tables; exposed as the immutable :class:`DynamicHeader` holding a tuple
 of :class:`ParentLocator`.  As with the footer, parsing judges nothing: the opener and the checker
 decide what a bad cookie, checksum or field means.
 """
@@ -9,11 +9,10 @@ decide what a bad cookie, checksum or field means.
 from __future__ import annotations
 
 import dataclasses
+import struct
 import uuid
 from dataclasses import dataclass
 from typing import Any
-
-import construct as cs
 
 from .checksum import vhd_checksum
 
@@ -25,30 +24,33 @@ CHECKSUM_OFFSET = 36
 PARENT_NAME_BYTES = 512
 LOCATOR_SLOTS = 8
 
-LOCATOR_STRUCT = cs.Struct(
-    "code" / cs.Int32ub,
-    "data_space" / cs.Int32ub,
-    "data_len" / cs.Int32ub,
-    "reserved" / cs.Int32ub,
-    "data_offset" / cs.Int64ub,
+# The records, declared once: (field, ``struct`` format) in on-disk order, big-endian.  (Plain
+# ``struct``: a parser library would cost every command its import at start-up.)
+LOCATOR_FIELDS = (
+    ("code", "I"),
+    ("data_space", "I"),
+    ("data_len", "I"),
+    ("reserved", "I"),
+    ("data_offset", "Q"),
 )
-
-HEADER_STRUCT = cs.Struct(
-    "cookie" / cs.Bytes(8),
-    "data_offset" / cs.Int64ub,
-    "table_offset" / cs.Int64ub,
-    "version" / cs.Int32ub,
-    "max_table_entries" / cs.Int32ub,
-    "block_size" / cs.Int32ub,
-    "checksum" / cs.Int32ub,
-    "parent_unique_id" / cs.Bytes(16),
-    "parent_timestamp" / cs.Int32ub,
-    "reserved1" / cs.Int32ub,
-    "parent_name" / cs.Bytes(PARENT_NAME_BYTES),
-    "locators" / cs.Array(LOCATOR_SLOTS, LOCATOR_STRUCT),
-    "reserved2" / cs.Bytes(256),
+LOCATOR_STRUCT = struct.Struct(">" + "".join(fmt for _, fmt in LOCATOR_FIELDS))
+HEADER_FIELDS = (
+    ("cookie", "8s"),
+    ("data_offset", "Q"),
+    ("table_offset", "Q"),
+    ("version", "I"),
+    ("max_table_entries", "I"),
+    ("block_size", "I"),
+    ("checksum", "I"),
+    ("parent_unique_id", "16s"),
+    ("parent_timestamp", "I"),
+    ("reserved1", "I"),
+    ("parent_name_raw", f"{PARENT_NAME_BYTES}s"),
+    ("locators", f"{LOCATOR_SLOTS * LOCATOR_STRUCT.size}s"),  # LOCATOR_SLOTS x LOCATOR_STRUCT
+    ("reserved2", "256s"),
 )
-assert HEADER_STRUCT.sizeof() == HEADER_SIZE
+HEADER_STRUCT = struct.Struct(">" + "".join(fmt for _, fmt in HEADER_FIELDS))
+assert HEADER_STRUCT.size == HEADER_SIZE
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,21 +98,32 @@ class DynamicHeader:
         data = bytes(raw)
         if len(data) != HEADER_SIZE:
             raise ValueError(f"a dynamic header is 1024 bytes, got {len(data)}")
-        fields: dict[str, Any] = dict(HEADER_STRUCT.parse(data))
-        fields.pop("_io", None)
-        fields["parent_name_raw"] = fields.pop("parent_name")
+        values = HEADER_STRUCT.unpack(data)
+        fields: dict[str, Any] = {
+            name: value for (name, _), value in zip(HEADER_FIELDS, values, strict=True)
+        }
         fields["locators"] = tuple(
-            ParentLocator(**{k: v for k, v in loc.items() if k != "_io"})
-            for loc in fields["locators"]
+            ParentLocator(*values) for values in LOCATOR_STRUCT.iter_unpack(fields["locators"])
         )
         return cls(**fields)
 
     def build(self) -> bytes:
+        if len(self.locators) != LOCATOR_SLOTS:
+            raise ValueError(
+                f"a header has {LOCATOR_SLOTS} locator slots, not {len(self.locators)}"
+            )
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        fields["parent_name"] = fields.pop("parent_name_raw")
-        fields["locators"] = [dataclasses.asdict(loc) for loc in self.locators]
+        fields["locators"] = b"".join(
+            LOCATOR_STRUCT.pack(
+                loc.code, loc.data_space, loc.data_len, loc.reserved, loc.data_offset
+            )
+            for loc in self.locators
+        )
         fields["checksum"] = 0
-        raw = bytearray(HEADER_STRUCT.build(fields))
+        for name, fmt in HEADER_FIELDS:
+            if fmt.endswith("s") and len(fields[name]) != int(fmt[:-1]):
+                raise ValueError(f"{name} is {len(fields[name])} bytes, not {fmt[:-1]}")
+        raw = bytearray(HEADER_STRUCT.pack(*(fields[name] for name, _ in HEADER_FIELDS)))
         raw[CHECKSUM_OFFSET : CHECKSUM_OFFSET + 4] = vhd_checksum(raw, CHECKSUM_OFFSET).to_bytes(
             4, "big"
         )

@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -40,7 +41,7 @@ from .header import HEADER_SIZE, DynamicHeader
 from .header import VERSION as HEADER_VERSION
 from .header import checksum_ok as header_checksum_ok
 from .layout import block_size_ok, metadata_regions
-from .probe import HEAD_BYTES, ImageFormat, probe, refusal
+from .probe import HEAD_BYTES, ImageFormat, is_vhdx_file, probe, refusal
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,10 +126,11 @@ def open(
     if force_share and mode != "r":
         raise InvalidArgumentError("force_share is for read-only opens")
     spath = os.fspath(path)
-    # VHDX (MS-VHDX) is probed by content, its "vhdxfile" identifier at offset 0.
-    from .vhdx import open_vhdx, probe_vhdx
+    # VHDX (MS-VHDX) is probed by content, its "vhdxfile" identifier at offset 0; its package
+    # is imported only for one (a VHD command's start-up does not pay for it).
+    if is_vhdx_file(spath):
+        from .vhdx import open_vhdx
 
-    if probe_vhdx(spath):
         return open_vhdx(
             spath,
             mode,
@@ -251,7 +253,8 @@ def _open_fd(
                 f"{choice.offset}: the data is truncated",
                 path=path,
             )
-        if choice.offset > footer.current_size:
+        if choice.offset > footer.current_size and not stat.S_ISBLK(os.fstat(fd).st_mode):
+            # (on a block device the footer is in the last sector, however large the device)
             warnings.append(
                 f"{choice.offset - footer.current_size} unused bytes between the data and the footer"
             )
@@ -284,7 +287,9 @@ def _open_fd(
                 explicit=parent,
             )
             assert disk.parent is not None
-            if disk.parent.footer.unique_id != header.parent_unique_id:
+            from .lineage import identity  # a VHDX parent: its DataWriteGuid
+
+            if identity(disk.parent).bytes != header.parent_unique_id:
                 # A mismatch allowed by the caller is reported on the child, which is the disk
                 # the caller holds (resolve_parent can only note it on the parent).
                 warnings.append(
@@ -361,7 +366,24 @@ def _read_bat(
         raise CorruptImageError("the BAT overlaps the footer copy at offset 0", path=path)
     # Only the entries the disk size needs are used (as blktap does); the rest are padding.
     raw = read_exact(fd, count * 4, at, path=path)
-    return BlockAllocationTable.from_bytes(raw, count)
+    bat = BlockAllocationTable.from_bytes(raw, count)
+    # Read-only opens too: a block over metadata reads metadata as data, and a crafted table
+    # of millions of such entries (all zero: every block at offset 0) would cost per-block work
+    # in every reader.  vhd check reports them one by one and --repair unallocates them.
+    bad = bat.first_misplaced(
+        span=header.bitmap_bytes + header.block_size,
+        last_span=header.bitmap_bytes + footer.current_size - (count - 1) * header.block_size,
+        file_size=fsize,
+        regions=metadata_regions(footer.data_offset, header),
+    )
+    if bad is not None:
+        block, entry, where = bad
+        raise CorruptImageError(
+            f"block {block} (BAT entry {entry:#x}) lies {where}: the BAT is damaged "
+            "('vhd check' lists every bad entry, 'vhd check --repair' unallocates them)",
+            path=path,
+        )
+    return bat
 
 
 def _check_writable_layout(disk: SparseDisk, header: DynamicHeader) -> None:

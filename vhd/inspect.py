@@ -6,7 +6,8 @@ Rendering for humans lives in the CLI; this module only collects.
 
 from __future__ import annotations
 
-import os
+import collections
+import itertools
 from collections.abc import Iterator
 from typing import Any
 
@@ -129,7 +130,12 @@ def header_fields(h: DynamicHeader) -> dict[str, dict[str, Any]]:
 
 
 def block_stats(disk: SparseDisk) -> dict[str, Any]:
-    """BAT and bitmap statistics (reads one bitmap per allocated block, no data)."""
+    """BAT and bitmap statistics (reads one bitmap per allocated block, no data).
+
+    The table is walked in runs of equal entries (``itertools.groupby``, counted by a C-level
+    ``deque``): a run of blocks sharing one entry -- a damaged table; an all-equal one has
+    millions -- costs one bitmap read and one step, not one per block.
+    """
     assert disk.header is not None
     header = disk.header
     spb = header.block_size // 512
@@ -139,22 +145,27 @@ def block_stats(disk: SparseDisk) -> dict[str, Any]:
     lowest = highest = None
     order_ok = True
     previous = -1
-    for block, entry in disk.bat.allocated():
-        bits = disk._bitmap(block, entry)
+    block = 0
+    for entry, run in itertools.groupby(disk.bat.entries):
+        count = collections.deque(enumerate(run, 1), maxlen=1)[0][0]
+        first, block = block, block + count
+        if entry == UNUSED:
+            continue
+        bits = disk._bitmap(first, entry)
         if bits is FULL:
-            full += 1
-            sectors += spb
+            full += count
+            sectors += spb * count
         else:
-            count = bm.count_set(bits, spb)
-            sectors += count
-            if count == spb:
-                full += 1
-            elif count == 0:
-                empty += 1
+            present = bm.count_set(bits, spb)
+            sectors += present * count
+            if present == spb:
+                full += count
+            elif present == 0:
+                empty += count
             else:
-                partial += 1
+                partial += count
         if (entry * 512 + header.bitmap_bytes) % 4096 == 0:
-            aligned += 1
+            aligned += count
         lowest = entry if lowest is None else min(lowest, entry)
         highest = entry if highest is None else max(highest, entry)
         if entry < previous:
@@ -185,7 +196,7 @@ def describe(disk: Disk, *, chain: bool = True) -> dict[str, Any]:
         "path": disk.path,
         "type": disk.type.label,
         "size": disk.size,
-        "file_size": os.fstat(disk.fd).st_size,
+        "file_size": disk.file_size,  # (st_size is 0 for a block device)
         "footer_offset": disk.footer_offset,
         "footer": footer_fields(disk.footer),
         "warnings": list(disk.warnings),
@@ -223,15 +234,18 @@ def describe(disk: Disk, *, chain: bool = True) -> dict[str, Any]:
         ]
         info["bat"] = block_stats(disk)
     if chain:
+        from .lineage import identity, recorded_parents
+
         info["chain"] = [
             {
                 "depth": depth,
                 "path": layer.path,
                 "type": layer.type.label,
                 "size": layer.size,
-                "unique_id": str(layer.footer.uuid),
-                "parent_unique_id": str(layer.header.parent_uuid)
-                if layer.header is not None and layer.type.label == "differencing"
+                # What a child records to name the layer (vhd.lineage: a VHDX's DataWriteGuid).
+                "unique_id": str(identity(layer)),
+                "parent_unique_id": ", ".join(sorted(str(u) for u in recorded_parents(layer)))
+                if layer.type.label == "differencing"
                 else None,
             }
             for depth, layer in enumerate(disk.chain)

@@ -122,6 +122,8 @@ class MetadataWriter:
         for block, value in entries.items():
             if block < count:
                 bat.entries[block] = value
+        # The Disk caches bitmaps by entry: a moved block's old place may now hold another's.
+        self._disk._forget_bitmaps()
 
     def flush_bat(self, *, durable: bool) -> None:
         """Write the BAT sectors that the Disk changed in memory (its allocations and discards):

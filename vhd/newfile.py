@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import secrets
 import stat
 from collections.abc import Iterator
 
@@ -75,7 +74,8 @@ class NewFile:
             self._old_stat = os.fstat(self._old_fd)
         folder, name = os.path.split(self.final)
         for _ in range(100):
-            candidate = os.path.join(folder, f"{name}{PARTIAL}{secrets.token_hex(4)}")
+            # (os.urandom, not secrets: importing secrets costs every command start-up time)
+            candidate = os.path.join(folder, f"{name}{PARTIAL}{os.urandom(4).hex()}")
             try:
                 self.fd = os.open(
                     candidate, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644

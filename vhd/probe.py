@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import enum
 import os
+import stat
 import struct
 
 from .errors import InvalidArgumentError, UnsupportedFeatureError
@@ -79,6 +80,23 @@ _PREFIXES: tuple[tuple[bytes, ImageFormat], ...] = (
     (b"\xfd7zXZ\0", ImageFormat.XZ),
     (b"\x28\xb5\x2f\xfd", ImageFormat.ZSTD),
 )
+
+
+def is_vhdx_file(path: str) -> bool:
+    """Whether ``path`` is a regular file or block device starting with "vhdxfile" (as
+    :func:`vhd.vhdx.probe_vhdx`, without importing the VHDX package: every command opening a
+    VHD asks).  Never blocks (a FIFO is not read) and never raises."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        mode = os.fstat(fd).st_mode
+        return (stat.S_ISREG(mode) or stat.S_ISBLK(mode)) and os.pread(fd, 8, 0) == b"vhdxfile"
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def probe(head: bytes, tail: bytes = b"") -> ImageFormat:

@@ -76,24 +76,29 @@ def _set_parent(cpath: str, ppath: str, force: bool, search_dirs: Sequence[str])
     result = SetParentResult(cpath, ppath)
     if os.path.exists(cpath) and os.path.samefile(cpath, ppath):
         raise InvalidArgumentError("a disk cannot be its own parent")
+    from . import lineage
+
     with open_image(ppath, "r", open_parent=False) as parent:
-        parent_id = parent.footer.unique_id
+        # What the child must record (vhd.lineage): a VHD's unique id, a VHDX's DataWriteGuid.
+        parent_id = lineage.identity(parent)
         parent_size = parent.size
+        parent_lss = getattr(parent, "logical_sector_size", 512)
     child = open_image(cpath, "r+", open_parent=False)
     try:
         if child.type != DiskType.DIFFERENCING:
             raise InvalidArgumentError(
                 f"{cpath} is a {child.type.label} disk, not a differencing disk"
             )
-        header = child.header
-        assert header is not None
-        if parent_id != header.parent_unique_id:
-            import uuid
-
-            message = (
-                f"{ppath} has unique id {uuid.UUID(bytes=parent_id)}, but the child was made from "
-                f"{uuid.UUID(bytes=header.parent_unique_id)}"
+        if parent_lss != getattr(child, "logical_sector_size", 512):
+            raise ParentMismatchError(
+                f"{ppath} has {parent_lss}-byte logical sectors, the child "
+                f"{getattr(child, 'logical_sector_size', 512)}",
+                path=cpath,
             )
+        recorded = lineage.recorded_parents(child)
+        if parent_id not in recorded:
+            made_from = ", ".join(sorted(str(u) for u in recorded)) or "(none)"
+            message = f"{ppath} has unique id {parent_id}, but the child was made from {made_from}"
             if not force:
                 raise ParentMismatchError(message + "; pass --force to use it anyway", path=cpath)
             result.warnings.append(message + "; recorded the new id (--force)")
@@ -111,10 +116,10 @@ def _set_parent(cpath: str, ppath: str, force: bool, search_dirs: Sequence[str])
                 "goes stale ('vhd check --repair' on it mends that)"
             )
         try:
-            result.grew_by, lost = retarget(child, ppath, parent_id)
+            result.grew_by, lost = lineage.retarget(child, ppath, parent_id)
             result.warnings += lost
             for grandchild in grandchildren:
-                record_parent_time(grandchild, cpath)
+                lineage.record_parent_change(grandchild, cpath)
         finally:
             for grandchild in grandchildren:
                 grandchild.close()

@@ -62,6 +62,7 @@ from .image import open as open_image
 from .layout import MAX_SIZE
 from .metadata import MetadataWriter, metadata_end
 from .newfile import naming
+from .vhdx import probe_vhdx
 
 SECTOR = 512
 PAGE = 4096
@@ -94,6 +95,13 @@ def resize(
     hide it."""
     spath = os.fspath(path)
     with naming(spath):
+        if probe_vhdx(spath):  # the VHDX layout is resized by vhd.vhdx.ops
+            from .vhdx.ops import resize as resize_vhdx
+
+            old, dropped = resize_vhdx(
+                spath, new_size, shrink=shrink, force=force, parent_dirs=parent_dirs
+            )
+            return ResizeResult(spath, old, new_size, 0, dropped)
         return _resize(spath, new_size, shrink, force, progress, parent_dirs)
 
 

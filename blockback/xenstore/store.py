@@ -260,6 +260,13 @@ class Store:
         self.owner_count: dict[int, int] = {0: len(self.nodes)}
         self.connections: list[ConnState] = []
         self.introduced: set[int] = {0}
+        # The special watch paths carry permissions but no node (C xenstored 4.17,
+        # ``dom_introduce_perms``/``dom_release_perms``, XSA-115): owned by dom0, readable by
+        # nobody else, so only privileged connections hear of domains coming and going unless
+        # dom0 grants a domain read access (a driver domain) with SET_PERMS on the path.
+        self.special_perms: dict[str, tuple[Perm, ...]] = {
+            p: (Perm(0, "n"),) for p in SPECIAL_PATHS
+        }
         self._tx_ids = itertools.count(1)
         self._handlers: dict[int, Callable[[ConnState, _Ctx, Message], bytes]] = {
             XsType.READ: self._read,
@@ -472,6 +479,11 @@ class Store:
 
     def _get_perms(self, conn: ConnState, ctx: _Ctx, msg: Message) -> bytes:
         (raw,) = self._args(msg, 1)
+        if raw in SPECIAL_PATHS:
+            perms = self.special_perms[raw]
+            if "r" not in self.perms_access(conn, perms):
+                raise XsFail("EACCES")
+            return join_strings(*(str(p) for p in perms))
         node = ctx.get_checked(self.canonical(conn, raw), "r")
         return join_strings(*(str(p) for p in node.perms))
 
@@ -479,10 +491,20 @@ class Store:
         parts = split_strings(msg.payload)
         if len(parts) < 2:
             raise XsFail("EINVAL")
-        path = self.canonical(conn, parts[0])
+        path = self.canonical(conn, parts[0], special_ok=True)
         if not conn.privileged and len(parts) - 1 > self.quotas.perms_per_node:
             raise XsFail("ENOSPC")  # as C's do_set_perms (quota_nb_perms_per_node)
         perms = tuple(Perm.parse(p) for p in parts[1:])
+        if path in SPECIAL_PATHS:
+            # C's set_perms_special: write access and ownership (dom0, or whom it gave the
+            # path to); no node changes, so no watch fires.
+            old = self.special_perms[path]
+            if not conn.privileged and old[0].domid != conn.domid:
+                raise XsFail("EACCES")
+            if not conn.privileged and perms[0].domid != conn.domid:
+                raise XsFail("EPERM")
+            self.special_perms[path] = perms
+            return OK
         node = ctx.get_checked(path, "w")
         # Only the owner (or dom0) may change permissions, and only dom0 may give a node away.
         if not conn.privileged and node.owner != conn.domid:
@@ -615,6 +637,11 @@ class Store:
         if domid not in self.introduced or domid == 0:
             return False
         self.introduced.discard(domid)
+        # As C's remove_domid_from_perm on the special paths: a later domain given the same id
+        # must not inherit the dead one's access (what it owned passes to dom0).
+        for special, perms in self.special_perms.items():
+            owner = perms[0] if perms[0].domid != domid else Perm(0, perms[0].access)
+            self.special_perms[special] = (owner, *(p for p in perms[1:] if p.domid != domid))
         self._fire_all([("@releaseDomain", True, None)])
         return True
 
@@ -634,7 +661,9 @@ class Store:
         for conn in self.connections:
             for watch in conn.watches:
                 if path.startswith("@") or watch.path.startswith("@"):
-                    if watch.path == path:
+                    if watch.path == path and "r" in self.perms_access(
+                        conn, self.special_perms[path]
+                    ):
                         conn.push_event(watch, path)
                     continue
                 if is_child(path, watch.path):

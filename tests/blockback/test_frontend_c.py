@@ -21,6 +21,7 @@ import pytest
 
 import vhd
 from blockback.sim import SimBackend
+from tests.images import MiB, vhd_image
 
 from .cbuild import compile_c
 
@@ -51,17 +52,11 @@ class ResizedDisk:
 
 def make_image(tmp: Path, kind: str) -> Path:
     if kind == "dynamic":
-        path = tmp / "dyn.vhd"
-        with vhd.create(path, SIZE) as d:
-            d.pwrite(b"\xa5" * 3 * 1024 * 1024, 5 * 1024 * 1024)  # some allocated blocks
-        return path
-    parent = tmp / "parent.vhd"
-    with vhd.create(parent, SIZE) as d:
-        for mib in range(0, 32, 3):
-            d.pwrite(bytes([mib + 1]) * 1024 * 1024, mib * 1024 * 1024)
-    child = tmp / "child.vhd"
-    vhd.create(child, parent=parent).close()
-    return child
+        # Some allocated blocks.
+        return vhd_image(tmp / "dyn.vhd", SIZE, writes=[(5 * MiB, b"\xa5" * 3 * MiB)]).path
+    writes = [(mib * MiB, bytes([mib + 1]) * MiB) for mib in range(0, 32, 3)]
+    parent = vhd_image(tmp / "parent.vhd", SIZE, writes=writes)
+    return vhd_image(tmp / "child.vhd", parent=parent).path
 
 
 def convert(src: Path, dst: Path) -> bytes:

@@ -11,14 +11,13 @@ from pathlib import Path
 
 import vhd
 from tests.conftest import need_tool
+from tests.images import vhd_image
 
 from .mounting import MiB, Mounts, run, vhd_cli, wait_until
 
 
 def _image(path: Path) -> Path:
-    with vhd.create(str(path), 8 * MiB) as disk:
-        disk.pwrite(b"\x11" * MiB, 0)
-    return path
+    return vhd_image(path, 8 * MiB, writes=[(0, b"\x11" * MiB)]).path
 
 
 def _sha(path: Path) -> bytes:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import os
 import random
 import signal
@@ -18,6 +17,7 @@ import pytest
 from vhdfuse.mount import server_pid
 
 import vhd
+from tests.images import sha, vhd_image
 from tests.model import model_chain
 
 from .mounting import MiB, Mounts, is_mounted, run, vhd_cli, wait_until
@@ -29,15 +29,6 @@ def _pattern(seed: int, length: int) -> bytes:
     return random.Random(seed).randbytes(length)
 
 
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _image(path: Path, size: int = 64 * MiB, **kwargs: object) -> Path:
-    vhd.create(str(path), size, **kwargs).close()  # type: ignore[arg-type]
-    return path
-
-
 def _read_image(path: Path, offset: int, length: int) -> bytes:
     with vhd.open(str(path)) as disk:
         return disk.pread(length, offset)
@@ -45,7 +36,7 @@ def _read_image(path: Path, offset: int, length: int) -> bytes:
 
 @pytest.mark.parametrize("cache", ["direct", "kernel"])
 def test_disk_file_reads_and_writes_the_image(tmp_path: Path, mounts: Mounts, cache: str) -> None:
-    image = _image(tmp_path / "a.vhd", 48 * MiB + 512)
+    image = vhd_image(tmp_path / "a.vhd", 48 * MiB + 512).path
     data = _pattern(1, 3 * MiB)
     with vhd.open(str(image), "r+") as disk:
         disk.pwrite(data, 5 * MiB)
@@ -80,7 +71,7 @@ def test_mkfs_ext4_e2fsck_and_debugfs(
 ) -> None:
     mkfs, e2fsck, debugfs = (require_tool(t) for t in ("mkfs.ext4", "e2fsck", "debugfs"))
     qemu_img = require_tool("qemu-img")
-    image = _image(tmp_path / "ext4.vhd", 128 * MiB)
+    image = vhd_image(tmp_path / "ext4.vhd", 128 * MiB).path
     mnt = mounts.mount(image)
     disk = str(mnt / "disk")
     # mke2fs discards (fallocate PUNCH_HOLE -> Disk.discard) before writing its tables.
@@ -110,7 +101,7 @@ def test_partitions_appear_after_remount(
 ) -> None:
     sfdisk, mkfs_vfat = require_tool("sfdisk"), require_tool("mkfs.vfat")
     mcopy, mtype = require_tool("mcopy"), require_tool("mtype")
-    image = _image(tmp_path / "parts.vhd", 96 * MiB)
+    image = vhd_image(tmp_path / "parts.vhd", 96 * MiB).path
     mnt = mounts.mount(image)
     script = "label: dos\nstart=2048, size=20480, type=83\nstart=24576, size=81920, type=c\n"
     result = run([sfdisk, "-q", str(mnt / "disk")], input=script)
@@ -171,11 +162,11 @@ def test_differencing_child_takes_the_writes(
 ) -> None:
     if not Path("/usr/bin/python3").exists():
         pytest.fail("/usr/bin/python3 with pyvhdi (python3-libvhdi) is needed")
-    parent = _image(tmp_path / "parent.vhd", 32 * MiB)
+    parent = vhd_image(tmp_path / "parent.vhd", 32 * MiB).path
     base = bytearray(_pattern(3, 32 * MiB))
     with vhd.open(str(parent), "r+") as disk:
         disk.pwrite(base, 0)
-    parent_hash = _sha(parent)
+    parent_hash = sha(parent)
     child = tmp_path / "child.vhd"
     vhd.create(str(child), parent=str(parent)).close()
     mnt = mounts.mount(child)
@@ -190,7 +181,7 @@ def test_differencing_child_takes_the_writes(
         os.fsync(f.fileno())
         assert os.pread(f.fileno(), 32 * MiB, 0) == model
     mounts.unmount(mnt)
-    assert _sha(parent) == parent_hash
+    assert sha(parent) == parent_hash
     with vhd.open(str(child)) as disk:
         assert disk.pread(32 * MiB, 0) == model
     assert _libvhdi_read(child, parent, 0, 32 * MiB) == model
@@ -200,7 +191,7 @@ def test_differencing_child_takes_the_writes(
 
 
 def test_parent_dir_finds_a_moved_parent(tmp_path: Path, mounts: Mounts) -> None:
-    parent = _image(tmp_path / "base.vhd", 8 * MiB)
+    parent = vhd_image(tmp_path / "base.vhd", 8 * MiB).path
     with vhd.open(str(parent), "r+") as disk:
         disk.pwrite(b"from the parent", 4096)
     child = tmp_path / "child.vhd"
@@ -223,7 +214,7 @@ def test_plain_fusermount_unmount_closes_cleanly(
     tmp_path: Path, mounts: Mounts, require_tool: Callable[[str], str]
 ) -> None:
     fusermount = require_tool("fusermount3")
-    image = _image(tmp_path / "plain.vhd", 8 * MiB)
+    image = vhd_image(tmp_path / "plain.vhd", 8 * MiB).path
     mnt = mounts.mount(image)
     pid = server_pid(str(mnt))
     with open(mnt / "disk", "r+b", buffering=0) as f:
@@ -239,10 +230,10 @@ def test_plain_fusermount_unmount_closes_cleanly(
 @pytest.mark.parametrize("cache", ["direct", "kernel"])
 def test_read_only_mount_refuses_writes(tmp_path: Path, mounts: Mounts, cache: str) -> None:
     # Spaces and commas must survive libfuse's option parsing and /proc/self/mountinfo.
-    image = _image(tmp_path / "r,o image.vhd", 16 * MiB)
+    image = vhd_image(tmp_path / "r,o image.vhd", 16 * MiB).path
     with vhd.open(str(image), "r+") as disk:
         disk.pwrite(b"keep", 0)
-    before = _sha(image)
+    before = sha(image)
     mnt = mounts.mount(image, "--read-only", "--cache", cache, mountpoint=tmp_path / "m, n")
     assert os.stat(mnt / "disk").st_mode & 0o222 == 0
     with pytest.raises(OSError) as info:
@@ -254,7 +245,7 @@ def test_read_only_mount_refuses_writes(tmp_path: Path, mounts: Mounts, cache: s
         os.utime(mnt / "disk")
     assert info.value.errno == errno.EROFS
     mounts.unmount(mnt)
-    assert _sha(image) == before
+    assert sha(image) == before
 
 
 def _process_worker(args: tuple[str, int, int]) -> int:
@@ -276,7 +267,7 @@ def _process_worker(args: tuple[str, int, int]) -> int:
 
 @pytest.mark.parametrize("cache", ["direct", "kernel"])
 def test_concurrent_threads_and_processes(tmp_path: Path, mounts: Mounts, cache: str) -> None:
-    image = _image(tmp_path / "conc.vhd", 32 * MiB, block_size=512 * KiB)
+    image = vhd_image(tmp_path / "conc.vhd", 32 * MiB, block_size=512 * KiB).path
     mnt = mounts.mount(image, "--cache", cache)
     path = str(mnt / "disk")
     model = bytearray(32 * MiB)
@@ -317,7 +308,7 @@ def test_fallocate_punch_hole_discards(
     tmp_path: Path, mounts: Mounts, require_tool: Callable[[str], str]
 ) -> None:
     fallocate = require_tool("fallocate")
-    image = _image(tmp_path / "punch.vhd", 16 * MiB, block_size=MiB)
+    image = vhd_image(tmp_path / "punch.vhd", 16 * MiB, block_size=MiB).path
     with vhd.open(str(image), "r+") as disk:
         disk.pwrite(b"\xaa" * 16 * MiB, 0)
     mnt = mounts.mount(image)
@@ -339,7 +330,7 @@ def test_punch_hole_on_a_differencing_disk_reads_zeros(
     """Punch-hole promises zeros: on a child it must hide the parent (Disk.write_zeroes, not the
     TRIM-like Disk.discard that lets the parent show through)."""
     fallocate = require_tool("fallocate")
-    parent = _image(tmp_path / "parent.vhd", 8 * MiB, block_size=MiB)
+    parent = vhd_image(tmp_path / "parent.vhd", 8 * MiB, block_size=MiB).path
     with vhd.open(str(parent), "r+") as disk:
         disk.pwrite(b"\xaa" * 8 * MiB, 0)
     child = tmp_path / "child.vhd"
@@ -360,7 +351,7 @@ def test_du_seek_hole_and_sparse_copies(
 ) -> None:
     """Issue 9 item 13: du showed 256M for an empty disk, and SEEK_HOLE found no holes."""
     du, cp = require_tool("du"), require_tool("cp")
-    parent = _image(tmp_path / "base.vhd", 256 * MiB, block_size=MiB)
+    parent = vhd_image(tmp_path / "base.vhd", 256 * MiB, block_size=MiB).path
     with vhd.open(str(parent), "r+") as disk:
         disk.pwrite(_pattern(1, MiB), 0)  # the parent holds [0, 1 MiB)
     image = tmp_path / "child.vhd"
@@ -398,7 +389,7 @@ def test_du_seek_hole_and_sparse_copies(
 
 
 def test_sigterm_flushes_and_closes(tmp_path: Path, mounts: Mounts) -> None:
-    image = _image(tmp_path / "term.vhd", 16 * MiB)
+    image = vhd_image(tmp_path / "term.vhd", 16 * MiB).path
     mnt = mounts.mount(image)
     pid = server_pid(str(mnt))
     assert pid is not None
@@ -420,7 +411,7 @@ def test_foreground_mount_stops_cleanly_on_a_signal(
 ) -> None:
     """Issue 9 item 12: Ctrl-C or `systemctl stop` is a clean stop: exit 0, image closed clean
     (it used to exit 2 with "libfuse could not mount (status 8)")."""
-    image = _image(tmp_path / "fg.vhd", 8 * MiB)
+    image = vhd_image(tmp_path / "fg.vhd", 8 * MiB).path
     mnt = tmp_path / "fg"
     mnt.mkdir()
     process = subprocess.Popen(
@@ -451,7 +442,7 @@ def test_foreground_mount_stops_cleanly_on_a_signal(
 
 
 def test_crash_after_fsync_keeps_flushed_writes(tmp_path: Path, mounts: Mounts) -> None:
-    image = _image(tmp_path / "crash.vhd", 16 * MiB)
+    image = vhd_image(tmp_path / "crash.vhd", 16 * MiB).path
     mnt = mounts.mount(image)
     pid = server_pid(str(mnt))
     assert pid is not None
@@ -482,21 +473,22 @@ def test_crash_after_fsync_keeps_flushed_writes(tmp_path: Path, mounts: Mounts) 
 
 
 def test_corrupt_block_reads_as_eio(tmp_path: Path, mounts: Mounts) -> None:
-    image = _image(tmp_path / "bad.vhd", 8 * MiB, block_size=MiB)
+    image = vhd_image(tmp_path / "bad.vhd", 8 * MiB, block_size=MiB).path
     with vhd.open(str(image), "r+") as disk:
         disk.pwrite(b"\x11" * 8 * MiB, 0)
-        table_offset = disk.header.table_offset  # type: ignore[union-attr]
-    # Point block 3's BAT entry far past the end of the file.
-    with open(image, "r+b") as f:
-        f.seek(table_offset + 3 * 4)
-        f.write((0x7FFFFFF0).to_bytes(4, "big"))
+        # Block 4 is stored last: the file is cut into it below.
+        disk.discard(4 * MiB, MiB)
+        disk.pwrite(b"\x11" * MiB, 4 * MiB)
     mnt = mounts.mount(image, "--read-only")
     with open(mnt / "disk", "rb", buffering=0) as f:
         assert os.pread(f.fileno(), 4096, 0) == b"\x11" * 4096
+        # A table that points past the end of the file is refused at open; a file cut
+        # under a running mount is the damage that can still meet a read.
+        os.truncate(image, os.path.getsize(image) - MiB)
         with pytest.raises(OSError) as info:
-            os.pread(f.fileno(), 4096, 3 * MiB)
+            os.pread(f.fileno(), 4096, 5 * MiB - 4096)
         assert info.value.errno == errno.EIO
-        assert os.pread(f.fileno(), 4096, 4 * MiB) == b"\x11" * 4096
+        assert os.pread(f.fileno(), 4096, 3 * MiB) == b"\x11" * 4096
     mounts.unmount(mnt)
     log = mounts.log(1)
     assert "EIO" in log and "Traceback" not in log
@@ -515,7 +507,7 @@ def test_cli_errors_are_one_line(tmp_path: Path, mounts: Mounts) -> None:
     result = vhd_cli("umount", str(mnt))
     assert result.returncode == 2 and "not mounted" in result.stderr
     # A second writable mount of the same image is refused (the image is locked).
-    image = _image(tmp_path / "once.vhd", 8 * MiB)
+    image = vhd_image(tmp_path / "once.vhd", 8 * MiB).path
     mounts.mount(image)
     result = vhd_cli("mount", str(image), str(mnt))
     assert result.returncode == 2, result.stderr
@@ -523,7 +515,7 @@ def test_cli_errors_are_one_line(tmp_path: Path, mounts: Mounts) -> None:
 
 
 def test_foreground_mount_serves_until_unmounted(tmp_path: Path, mounts: Mounts) -> None:
-    image = _image(tmp_path / "fg.vhd", 8 * MiB)
+    image = vhd_image(tmp_path / "fg.vhd", 8 * MiB).path
     mnt = tmp_path / "fg"
     mnt.mkdir()
     process = subprocess.Popen(
@@ -599,7 +591,7 @@ def test_umount_refuses_a_tmpfs(tmp_path: Path, mounts: Mounts) -> None:
     finally:
         run(["umount", str(mnt)])
     # Our own mounts still unmount, and so does one whose server was killed.
-    image = _image(tmp_path / "ours.vhd", 8 * MiB)
+    image = vhd_image(tmp_path / "ours.vhd", 8 * MiB).path
     mine = mounts.mount(image)
     pid = server_pid(str(mine))
     assert pid is not None

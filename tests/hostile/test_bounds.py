@@ -15,7 +15,7 @@ import vhd
 import vhd.bat
 import vhd.check as check_module
 from tests.conftest import need_tool
-from tests.hostile.craft import craft, craft_fixed, repair
+from tests.images import craft, craft_fixed, repair
 from vhd.check import check
 from vhd.convert import convert
 from vhd.source import Source, open_source

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import vhd
-from tests.hostile.craft import MACX, W2KU, W2RU, craft, craft_fixed, footer_id, new_id
+from tests.images import MACX, W2KU, W2RU, craft, craft_fixed, footer_id, new_id
 from vhd.check import check
 
 MiB = 1024 * 1024

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import vhd
-from tests.hostile.craft import repair
+from tests.images import repair
 from tests.model import checksum
 from vhd.check import check
 

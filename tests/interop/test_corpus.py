@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import gzip
 import shutil
-import struct
 import subprocess
 import sys
 import uuid
@@ -16,10 +15,11 @@ from pathlib import Path
 import pytest
 
 import vhd
+from tests.images import craft_fixed
 from tests.interop.oracles import libvhdi_read, qemu_info, qemu_raw
 from tests.model import Footer as SpecFooter
 from tests.model import Header as SpecHeader
-from tests.model import ModelImage, checksum, model_chain
+from tests.model import ModelImage, model_chain
 from tests.strategies import payload
 from vhd.footer import Footer
 from vhd.footer import checksum_ok as footer_checksum_ok
@@ -143,28 +143,15 @@ def test_fat_differential_metadata(corpus: Path) -> None:
             disk.pread(512, absent.offset)
 
 
-def _make_stand_in_parent(path: Path, size: int, unique_id: bytes) -> bytes:
-    """A fixed parent with a known pattern and the unique id the child wants."""
-    data = payload(size, 77)
-    with vhd.create(path, size, type="fixed") as disk:
-        disk.pwrite(data, 0)
-    raw = bytearray(path.read_bytes())
-    foot = bytearray(raw[-512:])
-    foot[68:84] = unique_id
-    foot[64:68] = b"\0\0\0\0"
-    foot[64:68] = struct.pack(">I", checksum(bytes(foot), 64))
-    raw[-512:] = foot
-    path.write_bytes(bytes(raw))
-    return data
-
-
 def test_fat_differential_over_a_stand_in_parent(corpus: Path, tmp_path: Path) -> None:
     """With a parent carrying the right unique id, the Windows child reads like the model and
     like libvhdi (except inside the one partly set bitmap byte, libvhdi's known bug)."""
     child = tmp_path / "fat-differential.vhd"
     shutil.copyfile(corpus / "fat-differential.vhd", child)
     parent = tmp_path / "fat-parent.vhd"
-    _make_stand_in_parent(parent, 4 * 1024 * 1024, FAT_PARENT_ID.bytes)
+    # A fixed parent with a known pattern and the unique id the child wants.
+    size = 4 * 1024 * 1024
+    craft_fixed(parent, size, data={0: payload(size, 77)}, unique_id=FAT_PARENT_ID.bytes)
     ours = _read_all(child)  # found through the W2ru locator
     model = model_chain([parent, child])
     assert model.read_all() == ours

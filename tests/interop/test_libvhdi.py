@@ -128,8 +128,8 @@ def test_chain_written_by_the_library_reads_the_same_in_libvhdi(
 
 def test_hyperv_builder_images_read_the_same_in_libvhdi_and_qemu(tmp_path: Path) -> None:
     """The test-side Hyper-V layout builder is itself checked against two real readers."""
+    from tests.images import build_hyperv
     from tests.interop.oracles import qemu_raw
-    from tests.vhd.hyperv import build_hyperv
 
     size = 6 * MiB
     rng = random.Random(5)

@@ -13,6 +13,7 @@ import pytest
 
 import vhd
 from tests.conftest import need_tool
+from tests.images import vhd_image
 from tests.model import ModelImage, model_chain
 from tests.strategies import payload
 
@@ -35,15 +36,12 @@ def cli(*args: str | Path, expect: int) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture
 def chain(tmp_path: Path) -> tuple[Path, Path, bytes]:
-    base = tmp_path / "base.vhd"
-    with vhd.create(base, 2 * MiB, block_size=64 * KiB) as disk:
-        disk.pwrite(payload(300 * KiB, 1), 0)
-    child = tmp_path / "child.vhd"
-    with vhd.create(child, parent=base, block_size=16 * KiB) as disk:
-        disk.pwrite(payload(5000, 2), 100 * KiB + 3)
-        disk.pwrite(payload(4096, 3), 2 * MiB - 4096)
-        content = disk.pread(disk.size, 0)
-    return base, child, content
+    base = vhd_image(
+        tmp_path / "base.vhd", 2 * MiB, block_size=64 * KiB, writes=[(0, payload(300 * KiB, 1))]
+    )
+    writes = [(100 * KiB + 3, payload(5000, 2)), (2 * MiB - 4096, payload(4096, 3))]
+    child = vhd_image(tmp_path / "child.vhd", parent=base, block_size=16 * KiB, writes=writes)
+    return base.path, child.path, child.content
 
 
 @pytest.mark.parametrize(
@@ -226,3 +224,33 @@ def test_info_shows_all_8_locator_slots(chain: tuple[Path, Path, bytes]) -> None
     slots = json.loads(cli("info", "--json", child, expect=0).stdout)["locator_slots"]
     assert [s["slot"] for s in slots] == list(range(8))
     assert [s["in_use"] for s in slots].count(True) == 3
+
+
+# What a command that only reads VHDs must not import at start-up (issue 9 item 17: the
+# interpreter's start-up and imports are most of `vhd compare`'s time on sparse pairs).
+_HEAVY = ("construct", "vhd.vhdx", "concurrent.futures", "secrets", "fractions", "traceback")
+_LOADED = """
+import sys
+from vhdtools.cli import main
+code = main(sys.argv[1:])
+print(" ".join(sorted(sys.modules)), file=sys.stderr)
+"""
+
+
+def test_vhd_commands_import_only_what_they_need(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.vhd", tmp_path / "b.vhd"
+    vhd.create(a, 64 << 20).close()
+    vhd.create(b, 64 << 20).close()
+    for args in (("compare", a, b), ("info", a), ("map", a), ("check", a)):
+        run = subprocess.run(
+            [sys.executable, "-c", _LOADED, *map(str, args)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert run.returncode == 0, run.stderr
+        loaded = set(run.stderr.split())
+        assert "vhd" in loaded and "vhdtools.cli" in loaded
+        heavy = sorted(m for m in loaded if m.split(".")[0] in _HEAVY or m.startswith(_HEAVY))
+        assert not heavy, f"vhd {args[0]} imports {heavy}"

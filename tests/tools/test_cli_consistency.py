@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import vhd
+from tests.images import vhd_image
 from tests.strategies import payload
 
 VHD_CLI = str(Path(sys.executable).with_name("vhd"))
@@ -25,13 +26,11 @@ def run(*args: str | Path) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture
 def images(tmp_path: Path) -> dict[str, Path]:
-    base, child = tmp_path / "base.vhd", tmp_path / "child.vhd"
-    with vhd.create(base, 8 * MiB, block_size=512 * 1024) as disk:
-        disk.pwrite(payload(3 * MiB, 1), 0)
-        disk.pwrite(bytes(MiB), 5 * MiB)  # an all-zero block, for compact
-    with vhd.create(child, parent=base) as disk:
-        disk.pwrite(payload(MiB, 2), MiB)
-    return {"base": base, "child": child, "dir": tmp_path}
+    # An all-zero block at 5 MiB, for compact.
+    writes = [(0, payload(3 * MiB, 1)), (5 * MiB, bytes(MiB))]
+    base = vhd_image(tmp_path / "base.vhd", 8 * MiB, block_size=512 * 1024, writes=writes)
+    child = vhd_image(tmp_path / "child.vhd", parent=base, writes=[(MiB, payload(MiB, 2))])
+    return {"base": base.path, "child": child.path, "dir": tmp_path}
 
 
 def commands(images: dict[str, Path]) -> dict[str, list[str | Path]]:

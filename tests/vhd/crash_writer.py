@@ -1,10 +1,12 @@
-"""A writer process for the crash test: random allocating writes with periodic flushes, logging
-each write's intent before it starts and each completed flush after it returns.
+"""A writer process for the SIGKILL rounds (tests/vhd/test_sigkill.py and its VHDX twin): random
+allocating writes and discards with periodic flushes, logging each operation's intent before it
+starts and each completed flush after it returns.
 
-Usage: python -m tests.vhd.crash_writer IMAGE LOG SEED
+Usage: python -m tests.vhd.crash_writer FORMAT IMAGE LOG SEED   (FORMAT: vhd or vhdx)
 Log lines: ``R`` (ready), ``W seq offset length`` (about to write), ``D seq offset length`` (about
-to discard: the range then reads as zeros, or as the parent on a differencing disk), ``F seq`` (every operation up to seq is
-acknowledged by a completed flush).  The data of write ``seq`` is ``payload(seed, seq, n)``.
+to discard: the range then reads as zeros, or as the parent on a differencing VHD), ``F seq``
+(every operation up to seq is acknowledged by a completed flush).  The data of write ``seq`` is
+``payload(seed, seq, n)``.
 """
 
 from __future__ import annotations
@@ -12,10 +14,19 @@ from __future__ import annotations
 import os
 import random
 import sys
+from collections.abc import Callable
 
 import vhd
 
 PAGE = 4096
+
+# Per format: how often an operation is a discard, and how many pages it then covers (n: the
+# pages a write would): VHD discards free bitmap bits and whole 16-page blocks (FUSE hole
+# punching, Xen discard); VHDX ones reach a whole 1 MiB block.
+DISCARDS: dict[str, tuple[float, Callable[[random.Random, int], int]]] = {
+    "vhd": (0.15, lambda rng, n: n * rng.choice((1, 16))),
+    "vhdx": (0.1, lambda rng, n: n * 256),
+}
 
 
 def payload(seed: int, seq: int, length: int) -> bytes:
@@ -23,7 +34,8 @@ def payload(seed: int, seq: int, length: int) -> bytes:
 
 
 def main(argv: list[str]) -> int:
-    image, log_path, seed = argv[0], argv[1], int(argv[2])
+    fmt, image, log_path, seed = argv[0], argv[1], argv[2], int(argv[3])
+    share, pages_of = DISCARDS[fmt]
     rng = random.Random(seed)
     log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     disk = vhd.open(image, "r+")
@@ -34,10 +46,8 @@ def main(argv: list[str]) -> int:
         for _ in range(rng.randrange(1, 9)):
             n = rng.randrange(1, 9)
             first = rng.randrange(0, pages - n + 1)
-            if rng.random() < 0.15:
-                # Discards (FUSE hole punching, Xen discard) free bitmap bits and whole blocks.
-                n *= rng.choice((1, 16))
-                n = min(n, pages - first)
+            if rng.random() < share:
+                n = min(pages_of(rng, n), pages - first)
                 os.write(log, f"D {seq} {first * PAGE} {n * PAGE}\n".encode())
                 disk.discard(first * PAGE, n * PAGE)
             else:

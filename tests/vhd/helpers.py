@@ -1,14 +1,11 @@
-"""Shared helpers for the maintenance tests: images with known content, oracles (qemu-img,
-libvhdi through the system python's pyvhdi), hashes and CLI runs."""
+"""Shared helpers for the tests of vhd's operations: oracles (qemu-img, libvhdi through the
+system python's pyvhdi), reads and CLI runs.  Images come from :mod:`tests.images`."""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
-import os
-import random
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,8 +15,6 @@ from vhdtools.cli import main as cli_main
 
 import vhd
 from tests.conftest import need_tool
-
-MiB = 1024 * 1024
 
 _PYVHDI = r"""
 import sys, pyvhdi, hashlib
@@ -39,10 +34,6 @@ while pos < size:
     out.write(f.read_buffer_at_offset(n, pos))
     pos += n
 """
-
-
-def sha(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def read_image(path: str | Path, **kw: Any) -> bytes:
@@ -93,49 +84,3 @@ def run_cli(*argv: str) -> tuple[int, str]:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = cli_main(list(argv))
     return rc, out.getvalue() + err.getvalue()
-
-
-def random_writes(
-    disk: vhd.Disk,
-    model: bytearray,
-    count: int,
-    seed: int,
-    *,
-    align: int = 4096,
-    max_len: int = 3 * 4096,
-) -> None:
-    rng = random.Random(seed)
-    for _ in range(count):
-        length = rng.randrange(1, max_len // align + 1) * align
-        offset = rng.randrange(0, (disk.size - length) // align + 1) * align
-        data = rng.randbytes(length)
-        disk.pwrite(data, offset)
-        model[offset : offset + length] = data
-
-
-def make_dynamic(path: Path, size: int = 8 * MiB, *, writes: int = 20, seed: int = 1) -> bytes:
-    model = bytearray(size)
-    with vhd.create(path, size) as disk:
-        random_writes(disk, model, writes, seed)
-    return bytes(model)
-
-
-def make_chain(tmp: Path, size: int = 8 * MiB, seed: int = 2) -> tuple[Path, Path, bytes]:
-    parent, child = tmp / "parent.vhd", tmp / "child.vhd"
-    model = bytearray(size)
-    with vhd.create(parent, size) as disk:
-        random_writes(disk, model, 15, seed)
-    with vhd.create(child, parent=parent) as disk:
-        random_writes(disk, model, 15, seed + 100)
-    os.utime(parent, (1_700_000_000, 1_700_000_000))
-    # Record the parent time we just set, so the chain checks clean.
-    from vhd.footer import vhd_timestamp
-    from vhd.header import DynamicHeader
-
-    raw = bytearray(child.read_bytes())
-    header = DynamicHeader.parse(raw[512:1536]).replace(
-        parent_timestamp=vhd_timestamp(1_700_000_000)
-    )
-    raw[512:1536] = header.build()
-    child.write_bytes(bytes(raw))
-    return parent, child, bytes(model)

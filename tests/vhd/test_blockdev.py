@@ -1,6 +1,7 @@
 """``vhd convert IMAGE /dev/X``: raw output to a block device (a loop device over a file here): no
 truncate, a size check, every range without source data zeroed (the device's old bytes never
-show through), bytes past the disk untouched.  Needs root and loop devices (``losetup``); under
+show through), bytes past the disk untouched.  ``vhd create --type fixed --force /dev/X``: a
+fixed VHD in place, its footer in the device's last sector.  Needs root and loop devices (``losetup``); under
 CI=true their absence fails the run instead of skipping."""
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import pytest
 
 import vhd
 from tests.conftest import IN_CI, need_tool
-from tests.interop.oracles import qemu_raw
+from tests.interop.oracles import qemu_info, qemu_raw
+from tests.interop.test_qemu import qemu_io
 from tests.strategies import payload
 
 VHD_CLI = str(Path(sys.executable).with_name("vhd"))
@@ -95,3 +97,42 @@ def test_block_device_too_small_or_vhd(tmp_path: Path, loop_device: Callable[[in
         assert os.pread(fd, 2 * MiB, 0) == b"\xa5" * (2 * MiB)  # nothing written
     finally:
         os.close(fd)
+
+
+def test_create_a_fixed_vhd_on_a_block_device(
+    tmp_path: Path, loop_device: Callable[[int], str]
+) -> None:
+    size = 8 * MiB
+    device = loop_device(size + MiB)
+    refused = cli("create", "--type", "fixed", device, "8M")  # overwritten only with --force
+    assert refused.returncode == 2 and "--force" in refused.stderr, refused.stderr
+    dynamic = cli("create", "--force", device, "8M")  # would grow past the device's end
+    assert dynamic.returncode == 2 and "--type fixed" in dynamic.stderr, dynamic.stderr
+    small = loop_device(size)  # no room for the footer
+    too_small = cli("create", "--force", "--type", "fixed", small, "8M")
+    assert too_small.returncode == 2 and "less than" in too_small.stderr, too_small.stderr
+    for dev, length in ((device, size + MiB), (small, size)):
+        fd = os.open(dev, os.O_RDONLY)
+        try:
+            assert os.pread(fd, length, 0) == b"\xa5" * length  # nothing written yet
+        finally:
+            os.close(fd)
+
+    done = cli("create", "--force", "--type", "fixed", device, "8M")
+    assert done.returncode == 0 and not done.stderr, done.stderr
+    # qemu reads it as a fixed VHD of the size asked for, all zeros (the old bytes are gone).
+    assert qemu_info(Path(device))["virtual-size"] == size
+    assert qemu_raw(Path(device), tmp_path / "read.raw") == bytes(size)
+    fd = os.open(device, os.O_RDONLY)
+    try:
+        assert os.pread(fd, MiB - 512, size) == b"\xa5" * (MiB - 512)  # the rest: untouched
+    finally:
+        os.close(fd)
+    checked = cli("check", device)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    # Written by qemu, read by vhdkit, and the other way round.
+    qemu_io(Path(device), "write -P 0x5a 4096 8192")
+    with vhd.open(device, "r+") as disk:
+        assert disk.pread(8192, 4096) == b"\x5a" * 8192
+        disk.pwrite(payload(4096, 3), size - 4096)
+    assert qemu_raw(Path(device), tmp_path / "again.raw")[size - 4096 :] == payload(4096, 3)

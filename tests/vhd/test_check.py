@@ -14,18 +14,9 @@ import pytest
 
 import vhd
 import vhd.check as vcheck
+from tests.images import MiB, build_hyperv, make_chain, make_dynamic, sha
 from tests.model import spec_chs
-from tests.vhd.helpers import (
-    MiB,
-    make_chain,
-    make_dynamic,
-    qemu_info,
-    qemu_raw,
-    read_image,
-    run_cli,
-    sha,
-)
-from tests.vhd.hyperv import build_hyperv
+from tests.vhd.helpers import qemu_info, qemu_raw, read_image, run_cli
 from vhd.check import check
 from vhd.footer import Footer
 from vhd.header import DynamicHeader

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 import vhd
-from tests.vhd.helpers import MiB, make_chain, make_dynamic, run_cli, sha
-from tests.vhd.hyperv import build_hyperv
+from tests.images import MiB, build_hyperv, make_chain, make_dynamic, sha
+from tests.vhd.helpers import run_cli
 
 CASES = 100
 

@@ -14,16 +14,8 @@ from pathlib import Path
 import pytest
 
 import vhd
-from tests.vhd.helpers import (
-    MiB,
-    libvhdi_read,
-    make_chain,
-    qemu_raw,
-    random_writes,
-    read_image,
-    run_cli,
-)
-from tests.vhd.hyperv import build_hyperv
+from tests.images import MiB, build_hyperv, make_chain, random_writes
+from tests.vhd.helpers import libvhdi_read, qemu_raw, read_image, run_cli
 from vhd.check import check
 
 ROOT = Path(__file__).resolve().parents[2]

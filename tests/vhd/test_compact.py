@@ -4,23 +4,15 @@ is clean, and a compaction stopped after any synced step repairs clean with the 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
 import vhd
 import vhd.compact as vcompact
-from tests.vhd.helpers import (
-    MiB,
-    libvhdi_read,
-    make_chain,
-    qemu_raw,
-    random_writes,
-    read_image,
-    run_cli,
-)
-from tests.vhd.hyperv import build_hyperv
+from tests.images import MiB, build_hyperv, make_chain, random_writes
+from tests.vhd.harness import stopped_runs
+from tests.vhd.helpers import libvhdi_read, qemu_raw, read_image, run_cli
 from vhd.check import check
 from vhd.disk import SparseDisk
 
@@ -152,33 +144,9 @@ def test_crash_during_compact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     with vhd.open(base) as disk:
         model = disk.pread(disk.size, 0)
     raw = base.read_bytes()
-
-    class Stop(Exception):
-        pass
-
     step = 0
-    while True:
-        path = tmp_path / f"c{step}.vhd"
-        path.write_bytes(raw)
-        calls = [0]
-
-        def fsync(fd: int, limit: int = step, calls: list[int] = calls) -> None:
-            os.fdatasync(fd)
-            calls[0] += 1
-            if calls[0] > limit:
-                raise Stop
-
-        monkeypatch.setattr(os, "fsync", fsync)
-        try:
-            vcompact.compact(path)
-            finished = True
-        except Stop:
-            finished = False
-        monkeypatch.undo()
+    for step, path, _finished in stopped_runs(monkeypatch, raw, tmp_path / "c", vcompact.compact):
         rc, out = run_cli("check", "--repair", str(path))
         assert rc == 0, f"step {step}: {out}"
         assert read_image(path) == model, f"step {step}"
-        if finished:
-            break
-        step += 1
     assert step >= 3

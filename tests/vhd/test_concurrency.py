@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 import vhd
-from tests.vhd.helpers import MiB, random_writes, read_image
+from tests.images import MiB, random_writes
+from tests.vhd.helpers import read_image
 from vhd.check import check
 
 PAGE = 4096

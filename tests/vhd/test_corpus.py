@@ -6,7 +6,8 @@ from __future__ import annotations
 import gzip
 from pathlib import Path
 
-from tests.vhd.helpers import MiB, qemu_info, qemu_raw, read_image, run_cli
+from tests.images import MiB
+from tests.vhd.helpers import qemu_info, qemu_raw, read_image, run_cli
 from vhd.check import azure_check, check
 
 

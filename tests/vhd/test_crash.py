@@ -9,10 +9,8 @@ order they were issued between the ``fdatasync`` barriers the library places.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -22,61 +20,24 @@ import vhd.fileio
 import vhd.metadata
 from tests.model import ModelImage, model_chain
 from tests.strategies import payload
+from tests.vhd.harness import Op, apply_ops, assert_old_or_new, changed, record_io
 
 KiB = 1024
 SIZE = 256 * KiB
 BLOCK = 16 * KiB
 
-Op = tuple[
-    str, int, bytes | int
-]  # ("write", offset, data) / ("zero", offset, length) / ("sync", 0, 0)
-
 
 def _record(monkeypatch: pytest.MonkeyPatch, log: list[Op]) -> None:
     # The names vhd.disk and vhd.metadata (its BAT writes) imported from vhd.fileio are the
     # ones their code calls.
-    real_write = vhd.fileio.write_all
-    real_zeros = vhd.fileio.write_zeros
-    real_punch = vhd.fileio.punch_hole
-    real_sync = os.fdatasync
-
-    def write_all(fd: int, data: Any, offset: int) -> None:
-        log.append(("write", offset, bytes(data)))
-        real_write(fd, data, offset)
-
-    def write_zeros(fd: int, offset: int, length: int) -> None:
-        log.append(("zero", offset, length))
-        real_zeros(fd, offset, length)
-
-    def punch_hole(fd: int, offset: int, length: int) -> None:
-        log.append(("zero", offset, length))
-        real_punch(fd, offset, length)
-
-    def fdatasync(fd: int) -> None:
-        log.append(("sync", 0, 0))
-        real_sync(fd)
-
-    monkeypatch.setattr(vhd.disk, "write_all", write_all)
-    monkeypatch.setattr(vhd.disk, "write_zeros", write_zeros)
-    monkeypatch.setattr(vhd.disk, "punch_hole", punch_hole)
-    monkeypatch.setattr(vhd.metadata, "write_all", write_all)
-    monkeypatch.setattr(vhd.metadata, "write_zeros", write_zeros)
-    monkeypatch.setattr(os, "fdatasync", fdatasync)
-
-
-def _apply(image: bytearray, ops: list[Op]) -> bytes:
-    out = bytearray(image)
-    for kind, offset, value in ops:
-        if kind == "write":
-            assert isinstance(value, bytes)
-            if len(out) < offset + len(value):
-                out.extend(bytes(offset + len(value) - len(out)))
-            out[offset : offset + len(value)] = value
-        elif kind == "zero":
-            assert isinstance(value, int)
-            end = min(len(out), offset + value)  # punching keeps the file size
-            out[offset:end] = bytes(max(0, end - offset))
-    return bytes(out)
+    record_io(
+        monkeypatch,
+        log,
+        {
+            vhd.disk: ("write_all", "write_zeros", "punch_hole"),
+            vhd.metadata: ("write_all", "write_zeros"),
+        },
+    )
 
 
 def _crash_points(
@@ -93,9 +54,7 @@ def _crash_points(
     with vhd.open(leaf, "r+") as disk:
         changes = work(disk)
     monkeypatch.undo()
-    new = bytearray(old)
-    for offset, data in changes:
-        new[offset : offset + len(data)] = data
+    new = changed(old, changes)
     syncs = [i for i, op in enumerate(log) if op[0] == "sync"]
     assert syncs, "flush must sync"
     crash = tmp_path / "crash"
@@ -104,14 +63,10 @@ def _crash_points(
         (crash / parent.name).symlink_to(parent)
     copy = crash / leaf.name
     for k in range(len(log) + 1):
-        copy.write_bytes(_apply(before, log[:k]))
+        copy.write_bytes(apply_ops(before, log[:k]))
         image = model_chain([*(crash / p.name for p in layers[:-1]), copy])
         seen = image.read_all()
-        for s in range(SIZE // 512):
-            sector = seen[s * 512 : (s + 1) * 512]
-            assert sector in (old[s * 512 : (s + 1) * 512], new[s * 512 : (s + 1) * 512]), (
-                f"crash after write {k}/{len(log)}: sector {s} is neither old nor new"
-            )
+        assert_old_or_new(seen, old, new, k, len(log))
         if k > syncs[-1]:
             assert seen == bytes(new), f"crash after write {k}: flushed data is missing"
         # The library opens every crash image too, and reads what the model reads.

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 import vhd
+from tests.images import build_hyperv
 from tests.model import ModelImage, build_footer, model_chain, spec_chs
 from tests.strategies import payload
-from tests.vhd.hyperv import build_hyperv
 
 KiB = 1024
 MiB = 1024 * KiB

@@ -15,7 +15,8 @@ import pytest
 
 import vhd
 import vhd.disk
-from tests.vhd.helpers import MiB, read_image, run_cli
+from tests.images import MiB
+from tests.vhd.helpers import read_image, run_cli
 from vhd.check import check
 
 PAGE = 4096

@@ -9,15 +9,10 @@ absurd field values get past the checksum test and reach the structural checks.
 
 from __future__ import annotations
 
-import contextlib
-import shutil
 import struct
 import subprocess
 import sys
 import tempfile
-import time
-import tracemalloc
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -25,24 +20,19 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import vhd
+from tests.images import build_hyperv
 from tests.model import checksum
 from tests.strategies import hsettings, payload
-from tests.vhd.hyperv import build_hyperv
+from tests.vhd import harness
+from tests.vhd.harness import Seed, corrupted_copy, within_bounds
 
 KiB = 1024
 MiB = 1024 * KiB
 SIZE = 256 * KiB
 MAX_SECONDS = 10.0
 MAX_PEAK = 48 * MiB
+EXTENTS_WINDOW = 4 * MiB
 INTERESTING = [0, 1, 7, 511, 512, 0x600, 0x7FFFFFFF, 0x80000000, 0xFFFFFFFF, 0xFFFFFFFE]
-
-
-@dataclass(frozen=True)
-class Seed:
-    """A valid image (and the files it needs next to it) to corrupt copies of."""
-
-    files: tuple[Path, ...]  # the last one is corrupted; earlier ones are its parents
-    regions: tuple[tuple[int, int], ...]
 
 
 def _regions(path: Path) -> tuple[tuple[int, int], ...]:
@@ -104,25 +94,9 @@ def seeds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Seed]:
     return out
 
 
-@st.composite
-def corruptions(draw: st.DrawFn, regions: tuple[tuple[int, int], ...]) -> list[tuple[int, bytes]]:
-    muts: list[tuple[int, bytes]] = []
-    for _ in range(draw(st.integers(1, 6))):
-        lo, hi = draw(st.sampled_from(regions))
-        at = draw(st.integers(lo, max(lo, hi - 1)))
-        kind = draw(st.sampled_from(["byte", "u32", "u64", "zeros"]))
-        if kind == "byte":
-            data = bytes([draw(st.integers(0, 255))])
-        elif kind == "u32":
-            value = draw(st.one_of(st.sampled_from(INTERESTING), st.integers(0, 2**32 - 1)))
-            data = struct.pack(">I", value)
-        elif kind == "u64":
-            value = draw(st.one_of(st.sampled_from(INTERESTING), st.integers(0, 2**64 - 1)))
-            data = struct.pack(">Q", value)
-        else:
-            data = bytes(draw(st.integers(1, 64)))
-        muts.append((at, data))
-    return muts
+def corruptions(regions: tuple[tuple[int, int], ...]) -> st.SearchStrategy[list[tuple[int, bytes]]]:
+    """Big-endian fields, as VHD's records are."""
+    return harness.corruptions(regions, INTERESTING, ("byte", "u32", "u64", "zeros"), ">")
 
 
 def _refix(raw: bytearray) -> None:
@@ -139,38 +113,8 @@ def _refix(raw: bytearray) -> None:
             raw[base + 36 : base + 40] = struct.pack(">I", value)
 
 
-def _use(disk: vhd.Disk, offset: int, write: bool) -> None:
-    """Bounded use of an opened disk: reads at both ends and in the middle, extents, writes."""
-    size = disk.size
-    buf = bytearray(64 * KiB)
-    for at in {0, max(0, size // 2 - 1000), max(0, size - len(buf)), offset % max(1, size)}:
-        disk.preadinto(buf, at)
-    disk.pread(1000, max(0, size - 333))
-    for count, _ in enumerate(disk.extents(0, min(size, 4 * MiB))):
-        if count > 10000:
-            break
-    if write and not disk.read_only and size:
-        at = offset % size
-        n = min(3000, size - at)
-        disk.pwrite(payload(n, 1), at)
-        disk.discard(at, min(n, 1024))
-        disk.pwrite(payload(600, 2), max(0, size - 600))
-        disk.flush()
-        disk.pread(n, at)
-
-
 def _attempt(path: Path, offset: int, **kw: object) -> None:
-    try:
-        disk = vhd.open(path, **kw)  # type: ignore[arg-type]
-    except vhd.VHDError:
-        return
-    try:
-        _use(disk, offset, write=kw.get("mode") == "r+")
-    except vhd.VHDError:
-        pass
-    finally:
-        with contextlib.suppress(vhd.VHDError):
-            disk.close()
+    harness.attempt(path, offset, EXTENTS_WINDOW, **kw)
 
 
 @pytest.mark.parametrize("kind", ["dynamic", "fixed", "differencing", "hyperv-child"])
@@ -181,18 +125,8 @@ def test_random_corruption_never_crashes(seeds: dict[str, Seed], kind: str) -> N
     @hsettings(max_examples=150)
     def run(muts: list[tuple[int, bytes]], refix: bool, offset: int) -> None:
         with tempfile.TemporaryDirectory(prefix="vhd-fuzz-") as tmp:
-            for f in seed.files:
-                shutil.copyfile(f, Path(tmp) / f.name)
-            target = Path(tmp) / seed.files[-1].name
-            raw = bytearray(target.read_bytes())
-            for at, data in muts:
-                raw[at : at + len(data)] = data[: max(0, len(raw) - at)]
-            if refix:
-                _refix(raw)
-            target.write_bytes(bytes(raw))
-            tracemalloc.start()
-            start = time.perf_counter()
-            try:
+            target, _ = corrupted_copy(seed, Path(tmp), muts, _refix if refix else None)
+            with within_bounds(MAX_SECONDS, MAX_PEAK):
                 _attempt(target, offset)
                 _attempt(target, offset, strict=False)
                 before = target.read_bytes()
@@ -200,11 +134,6 @@ def test_random_corruption_never_crashes(seeds: dict[str, Seed], kind: str) -> N
                 if target.read_bytes() != before:
                     # Whatever was written must read back through a fresh open, cleanly.
                     _attempt(target, offset, strict=False)
-            finally:
-                _, peak = tracemalloc.get_traced_memory()
-                tracemalloc.stop()
-            assert time.perf_counter() - start < MAX_SECONDS
-            assert peak < MAX_PEAK
 
     run()
 
@@ -221,15 +150,7 @@ def test_random_corruption_cli(seeds: dict[str, Seed], kind: str) -> None:
     @hsettings(max_examples=8)
     def run(muts: list[tuple[int, bytes]], refix: bool) -> None:
         with tempfile.TemporaryDirectory(prefix="vhd-fuzz-cli-") as tmp:
-            for f in seed.files:
-                shutil.copyfile(f, Path(tmp) / f.name)
-            target = Path(tmp) / seed.files[-1].name
-            raw = bytearray(target.read_bytes())
-            for at, data in muts:
-                raw[at : at + len(data)] = data[: max(0, len(raw) - at)]
-            if refix:
-                _refix(raw)
-            target.write_bytes(bytes(raw))
+            target, raw = corrupted_copy(seed, Path(tmp), muts, _refix if refix else None)
             for args in (["info", "--json"], ["map"], ["check", "--deep"]):
                 proc = subprocess.run(
                     [VHD_CLI, *args, str(target)],
@@ -245,6 +166,6 @@ def test_random_corruption_cli(seeds: dict[str, Seed], kind: str) -> None:
                         ln for ln in proc.stderr.splitlines() if not ln.startswith("vhd: warning:")
                     ]
                     assert len(errors) == 1 and errors[0].startswith("vhd: error: "), proc.stderr
-            assert target.read_bytes() == bytes(raw), "read-only commands changed the file"
+            assert target.read_bytes() == raw, "read-only commands changed the file"
 
     run()

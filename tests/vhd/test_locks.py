@@ -15,7 +15,8 @@ import pytest
 
 import vhd
 from tests.conftest import need_tool
-from tests.lockhelpers import Holder, QemuNbd, sha
+from tests.images import sha, vhd_image
+from tests.lockhelpers import Holder, QemuNbd
 from vhd import lock
 from vhd.resize import resize
 
@@ -40,8 +41,7 @@ def short() -> Iterator[Path]:
 
 
 def make(path: Path, size: int = 4 * MiB, fill: int = 0x11) -> None:
-    with vhd.create(path, size) as disk:
-        disk.pwrite(bytes([fill]) * MiB, 0)
+    vhd_image(path, size, writes=[(0, bytes([fill]) * MiB)])
 
 
 # -- vhdkit against vhdkit ---------------------------------------------------------------------

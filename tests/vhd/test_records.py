@@ -386,3 +386,47 @@ def test_created_footer_is_laid_out_like_windows(sectors: int, kind: str) -> Non
     assert (f.cylinders, f.heads, f.sectors) == model.spec_chs(size)
     assert f.creator_app in (b"win ", b"qem2", b"d2v ", b"CTXS", b"tap\0")
     assert f.current_size == f.original_size == size
+
+
+_ENTRY = st.one_of(
+    st.just(UNUSED),
+    st.integers(0, 40),
+    st.integers(0, 0xFFFFFFFE),
+    st.integers(0xFF000000, 0xFFFFFFFE),
+)
+
+
+@given(
+    entries=st.lists(_ENTRY, min_size=1, max_size=60),
+    span=st.sampled_from([1024, 4608, 2 * 1024 * 1024 + 512]),
+    cut=st.integers(0, 511),
+    file_size=st.integers(0, 64 * 512),
+    regions=st.lists(st.tuples(st.integers(0, 30 * 512), st.integers(1, 4096)), max_size=4),
+)
+@hsettings(max_examples=300)
+def test_first_misplaced_matches_a_per_block_scan(
+    entries: list[int], span: int, cut: int, file_size: int, regions: list[tuple[int, int]]
+) -> None:
+    """The C-level table scan finds exactly what a per-block loop finds (the first block over
+    a region or past the end of the file, the last block possibly shorter)."""
+    table = BlockAllocationTable(array("I", entries))
+    last_span = span - cut
+    labelled = [(start, start + length, f"region {i}") for i, (start, length) in enumerate(regions)]
+    expected = None
+    for block, entry in enumerate(entries):
+        if entry == UNUSED:
+            continue
+        start, size = entry * 512, last_span if block == len(entries) - 1 else span
+        hits = [r for r in labelled if start < r[1] and start + size > r[0]]
+        if start + size > file_size or hits:
+            expected = block
+            break
+    found = table.first_misplaced(
+        span=span, last_span=last_span, file_size=file_size, regions=labelled
+    )
+    assert (found[0] if found else None) == expected
+    for block in range(len(entries)):
+        end = block + 1
+        while end < len(entries) and entries[end] == entries[block]:
+            end += 1
+        assert table.run_end(block) == end

@@ -5,7 +5,6 @@ kill at any moment leaves an image that repairs clean with the data intact."""
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
@@ -13,17 +12,9 @@ import pytest
 
 import vhd
 import vhd.resize as vresize
-from tests.vhd.helpers import (
-    MiB,
-    libvhdi_read,
-    make_chain,
-    qemu_info,
-    qemu_raw,
-    random_writes,
-    read_image,
-    run_cli,
-)
-from tests.vhd.hyperv import build_hyperv
+from tests.images import MiB, build_hyperv, make_chain, random_writes
+from tests.vhd.harness import stopped_runs
+from tests.vhd.helpers import libvhdi_read, qemu_info, qemu_raw, read_image, run_cli
 from vhd.check import check
 from vhd.footer import Footer
 
@@ -146,38 +137,15 @@ def test_crash_during_resize(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ki
     with vhd.create(base, size, type=kind, block_size=bs) as disk:
         random_writes(disk, model, 40, 4)
     raw = base.read_bytes()
-
-    class Stop(Exception):
-        pass
-
     step = 0
-    while True:
-        path = tmp_path / f"r{step}.vhd"
-        path.write_bytes(raw)
-        calls = [0]
-        real_fsync = os.fsync
-
-        def fsync(fd: int, limit: int = step, calls: list[int] = calls) -> None:
-            os.fdatasync(fd)
-            calls[0] += 1
-            if calls[0] > limit:
-                raise Stop
-
-        monkeypatch.setattr(os, "fsync", fsync)
-        try:
-            vresize.resize(path, 1000 * bs)
-            finished = True
-        except Stop:
-            finished = False
-        monkeypatch.setattr(os, "fsync", real_fsync)
+    for step, path, _finished in stopped_runs(
+        monkeypatch, raw, tmp_path / "r", lambda path: vresize.resize(path, 1000 * bs)
+    ):
         rc, out = run_cli("check", "--repair", str(path))
         assert rc == 0, f"step {step}: {out}"
         got = read_image(path)
         assert got[:size] == bytes(model), f"step {step}"
         assert not got[size:].strip(b"\0")
-        if finished:
-            break
-        step += 1
     assert step >= 3
 
 

@@ -1,6 +1,7 @@
 """Never lose a user's data (issue 9): commit refuses a child in use and keeps the chain below it
 whole; set-parent of a middle disk keeps its child checking clean; a grown disk reads zeros in
-its new range; an interrupted or failed create/convert leaves nothing under the final name."""
+its new range; an interrupted or failed create/convert leaves nothing under the final name
+(VHD, raw and VHDX outputs alike: vhd.newfile)."""
 
 from __future__ import annotations
 
@@ -8,22 +9,18 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 import vhd
 from tests.conftest import IN_CI, need_tool
-from tests.lockhelpers import Holder, sha
-from tests.vhd.helpers import MiB, libvhdi_read, qemu_raw, random_writes, run_cli
+from tests.images import MiB, pin_parent_time, sha, vhd_image, vhdx_image
+from tests.lockhelpers import Holder
+from tests.vhd.harness import PARTIAL, leftovers, slow_convert
+from tests.vhd.helpers import libvhdi_read, qemu_raw, run_cli
 from vhd.check import check
-from vhd.footer import vhd_timestamp
-from vhd.header import DynamicHeader
 from vhd.resize import resize
-
-# The temporary name of a file being written (vhd.newfile.PARTIAL; spelled out, as the README).
-PARTIAL = ".vhdkit-partial-"
 
 
 def clean(path: Path) -> bool:
@@ -34,23 +31,13 @@ def clean(path: Path) -> bool:
 def make_three(tmp: Path, size: int = 8 * MiB) -> tuple[Path, Path, Path, bytes, bytes]:
     """base <- mid <- top, each with data of its own; returns the paths and what mid and top
     read.  Recorded parent timestamps are set to old, exact values, so a change shows."""
-    base, mid, top = tmp / "base.vhd", tmp / "mid.vhd", tmp / "top.vhd"
-    model = bytearray(size)
-    with vhd.create(base, size, block_size=MiB) as disk:
-        random_writes(disk, model, 12, 1)
-    with vhd.create(mid, parent=base, block_size=MiB) as disk:
-        random_writes(disk, model, 12, 2)
-    mid_model = bytes(model)
-    with vhd.create(top, parent=mid, block_size=MiB) as disk:
-        random_writes(disk, model, 12, 3)
-    for child, parent, when in ((mid, base, 1_600_000_000), (top, mid, 1_650_000_000)):
-        raw = bytearray(child.read_bytes())
-        header = DynamicHeader.parse(raw[512:1536]).replace(parent_timestamp=vhd_timestamp(when))
-        raw[512:1536] = header.build()
-        child.write_bytes(bytes(raw))
-        os.utime(parent, (when, when))
-    assert clean(mid) and clean(top)
-    return base, mid, top, mid_model, bytes(model)
+    base = vhd_image(tmp / "base.vhd", size, block_size=MiB, random_count=12, seed=1)
+    mid = vhd_image(tmp / "mid.vhd", parent=base, block_size=MiB, random_count=12, seed=2)
+    top = vhd_image(tmp / "top.vhd", parent=mid, block_size=MiB, random_count=12, seed=3)
+    pin_parent_time(mid.path, base.path, 1_600_000_000)
+    pin_parent_time(top.path, mid.path, 1_650_000_000)
+    assert clean(mid.path) and clean(top.path)
+    return base.path, mid.path, top.path, mid.content, top.content
 
 
 # -- commit ------------------------------------------------------------------------------------
@@ -189,54 +176,9 @@ def test_grow_refuses_a_differencing_disk_without_its_parent(tmp_path: Path) -> 
 
 # -- interrupted and failed create/convert -----------------------------------------------------
 
-# Runs the CLI with a source whose reads are slow, and touches a marker once copying started.
-_SLOW_CONVERT = r"""
-import pathlib, sys, time
-import vhd.source
-real = vhd.source.Source.preadinto
-marker = pathlib.Path(sys.argv[1])
-def slow(self, buffer, offset):
-    marker.touch()
-    time.sleep(0.25)
-    return real(self, buffer, offset)
-vhd.source.Source.preadinto = slow
-from vhdtools.cli import main
-sys.exit(main(sys.argv[2:]))
-"""
-
-
-def slow_convert(tmp: Path, src: Path, dst: Path, *extra: str) -> subprocess.Popen[str]:
-    marker = tmp / "started"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _SLOW_CONVERT, str(marker), "convert", *extra, str(src), str(dst)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 60
-    while not marker.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    return proc
-
-
-@pytest.fixture
-def big_source(tmp_path: Path) -> Path:
-    src = tmp_path / "in" / "src.raw"
-    src.parent.mkdir()
-    with open(src, "wb") as f:
-        for i in range(64):
-            f.write(bytes([i + 1]) * MiB)
-    return src
-
-
-def leftovers(folder: Path) -> list[str]:
-    return sorted(p.name for p in folder.iterdir())
-
 
 @pytest.mark.parametrize(("sig", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-@pytest.mark.parametrize("out", ["out.vhd", "out.raw"])
+@pytest.mark.parametrize("out", ["out.vhd", "out.raw", "out.vhdx"])
 def test_interrupted_convert_leaves_nothing(
     tmp_path: Path, big_source: Path, sig: int, status: int, out: str
 ) -> None:
@@ -250,31 +192,37 @@ def test_interrupted_convert_leaves_nothing(
     assert leftovers(folder) == []
 
 
-def test_interrupted_convert_force_keeps_the_old_file(tmp_path: Path, big_source: Path) -> None:
+@pytest.mark.parametrize("fmt", ["vhd", "vhdx"])
+def test_interrupted_convert_force_keeps_the_old_file(
+    tmp_path: Path, big_source: Path, fmt: str
+) -> None:
     folder = tmp_path / "out"
     folder.mkdir()
-    dst = folder / "out.vhd"
-    with vhd.create(dst, MiB) as disk:
-        disk.pwrite(b"\x42" * 512, 0)
+    dst = folder / f"out.{fmt}"
+    if fmt == "vhd":
+        vhd_image(dst, MiB, writes=[(0, b"\x42" * 512)])
+    else:
+        vhdx_image(dst, 4 * MiB, block_size=MiB, writes=[(0, b"\x42" * 512)])
     before = sha(dst)
     proc = slow_convert(tmp_path, big_source, dst, "--force")
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=60)
     assert proc.returncode == 130
-    assert leftovers(folder) == ["out.vhd"] and sha(dst) == before
+    assert leftovers(folder) == [dst.name] and sha(dst) == before
 
 
-def test_killed_convert_leaves_no_final_file(tmp_path: Path, big_source: Path) -> None:
+@pytest.mark.parametrize("out", ["out.vhd", "out.vhdx"])
+def test_killed_convert_leaves_no_final_file(tmp_path: Path, big_source: Path, out: str) -> None:
     folder = tmp_path / "out"
     folder.mkdir()
-    proc = slow_convert(tmp_path, big_source, folder / "out.vhd")
+    proc = slow_convert(tmp_path, big_source, folder / out)
     proc.kill()
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     left = leftovers(folder)
-    assert "out.vhd" not in left
+    assert out not in left
     # What a SIGKILL can leave is recognisable by its name (README: delete it).
-    assert all(name.startswith("out.vhd" + PARTIAL) for name in left), left
+    assert all(name.startswith(out + PARTIAL) for name in left), left
 
 
 def test_failed_create_names_the_path_and_leaves_nothing(tmp_path: Path) -> None:

@@ -10,9 +10,9 @@ import uuid
 from pathlib import Path
 
 import vhd
+from tests.images import MiB, build_hyperv, make_chain
 from tests.model import model_chain
-from tests.vhd.helpers import MiB, libvhdi_read, make_chain, read_image, run_cli
-from tests.vhd.hyperv import build_hyperv
+from tests.vhd.helpers import libvhdi_read, read_image, run_cli
 from vhd.chain import read_locators
 from vhd.check import check
 from vhd.footer import Footer

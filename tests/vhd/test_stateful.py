@@ -13,26 +13,20 @@ a chain are checked to be byte-for-byte untouched.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
+from hypothesis.stateful import initialize, precondition, rule
 
 import vhd
+from tests.images import build_hyperv
 from tests.model import model_chain
-from tests.strategies import block_sizes, hsettings, payload, ranges
-from tests.vhd.hyperv import build_hyperv
+from tests.strategies import block_sizes, hsettings, ranges
+from tests.vhd.harness import ImageMachine
 
 SECTOR = 512
-
-
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _random_content(size: int, rng: random.Random, density: float = 0.3) -> bytearray:
@@ -44,19 +38,15 @@ def _random_content(size: int, rng: random.Random, density: float = 0.3) -> byte
     return out
 
 
-class DiskMachine(RuleBasedStateMachine):
-    """Drive one writable disk; ``build`` makes the layers (base first, leaf last)."""
+class DiskMachine(ImageMachine):
+    """The VHD machine: fixed and dynamic disks and chains; discard modelled exactly, plus
+    write_zeroes; the spec model reads the files."""
 
     kind = "dynamic"
+    prefix = "vhd-sm-"
 
     def __init__(self) -> None:
         super().__init__()
-        self.dir = Path(tempfile.mkdtemp(prefix="vhd-sm-"))
-        self.disk: vhd.Disk | None = None
-        self.layers: list[Path] = []
-        self.frozen: dict[Path, str] = {}
-        self.expected = bytearray()
-        self.size = 0
         # What the leaf's parent chain reads (None: no parent); discarded sectors show it.
         self.released: bytes | None = None
 
@@ -90,49 +80,15 @@ class DiskMachine(RuleBasedStateMachine):
         self.expected = bytearray(self.size)
         self.build(self.size, block, random.Random(seed))
         self.released = bytes(self.expected) if len(self.layers) > 1 else None
-        for parent in self.layers[:-1]:
-            self.frozen[parent] = _digest(parent)
-        self._check_files()
-        self.disk = vhd.open(self.layers[-1], "r+")
-        assert self.disk.size == self.size
+        self.start()
+
+    def ranges(self, size: int) -> st.SearchStrategy[tuple[int, int]]:
+        return ranges(size)
 
     # -- rules -----------------------------------------------------------------------------
 
-    @precondition(lambda self: self.disk is not None)
-    @rule(data=st.data(), seed=st.integers(0, 255))
-    def write(self, data: st.DataObject, seed: int) -> None:
+    def discard_range(self, off: int, n: int) -> None:
         assert self.disk is not None
-        off, n = data.draw(ranges(self.size))
-        buf = payload(n, seed)
-        assert self.disk.pwrite(buf, off) == n
-        self.expected[off : off + n] = buf
-
-    @precondition(lambda self: self.disk is not None)
-    @rule(data=st.data())
-    def read(self, data: st.DataObject) -> None:
-        assert self.disk is not None
-        off, n = data.draw(ranges(self.size))
-        assert self.disk.pread(n, off) == bytes(self.expected[off : off + n])
-
-    @precondition(lambda self: self.disk is not None)
-    @rule(data=st.data(), extra=st.integers(0, 3000))
-    def read_into_past_end(self, data: st.DataObject, extra: int) -> None:
-        """preadinto a memoryview slice; reads past the end are clipped."""
-        assert self.disk is not None
-        off, n = data.draw(ranges(self.size))
-        backing = bytearray(b"\xaa" * (n + extra + 7))
-        view = memoryview(backing)[7:]
-        got = self.disk.preadinto(view, off)
-        want = min(n + extra, self.size - off)
-        assert got == want
-        assert backing[7 : 7 + got] == self.expected[off : off + got]
-        assert backing[7 + got :] == b"\xaa" * (n + extra - got)
-
-    @precondition(lambda self: self.disk is not None)
-    @rule(data=st.data())
-    def discard(self, data: st.DataObject) -> None:
-        assert self.disk is not None
-        off, n = data.draw(ranges(self.size))
         before = os.fstat(self.disk.fd)
         self.disk.discard(off, n)
         after = os.fstat(self.disk.fd)
@@ -155,40 +111,9 @@ class DiskMachine(RuleBasedStateMachine):
         self.disk.write_zeroes(off, n)
         self.expected[off : off + n] = bytes(n)
 
-    @precondition(lambda self: self.disk is not None)
-    @rule()
-    def flush(self) -> None:
-        assert self.disk is not None
-        self.disk.flush()
-
-    @precondition(lambda self: self.disk is not None)
-    @rule()
-    def reopen(self) -> None:
-        assert self.disk is not None
-        self.disk.close()
-        self.disk = None
-        self._check_files()
-        self.disk = vhd.open(self.layers[-1], "r+")
-
-    @precondition(lambda self: self.disk is not None)
-    @rule(data=st.data())
-    def extents(self, data: st.DataObject) -> None:
-        """Extents tile the range; zero-layer runs read as zeros; layers exist in the chain."""
-        assert self.disk is not None
-        off, n = data.draw(ranges(self.size))
-        pos = off
-        for ext in self.disk.extents(off, n):
-            assert ext.offset == pos and ext.length > 0
-            if ext.layer is None:
-                assert self.expected[ext.offset : ext.end] == bytes(ext.length)
-            else:
-                assert 0 <= ext.layer < len(self.layers)
-            pos = ext.end
-        assert pos == off + n
-
     # -- checks ----------------------------------------------------------------------------
 
-    def _check_files(self) -> None:
+    def check_files(self) -> None:
         """The files on disk, read by the spec model, hold exactly the expected bytes."""
         image = model_chain(list(self.layers))
         assert image.size == self.size
@@ -198,17 +123,7 @@ class DiskMachine(RuleBasedStateMachine):
             for ext in disk.extents():
                 for s in range(ext.offset // SECTOR, ext.end // SECTOR):
                     assert image.layer(s) == ext.layer, (s, ext)
-        for parent, digest in self.frozen.items():
-            assert _digest(parent) == digest, f"{parent.name} was modified"
-
-    def teardown(self) -> None:
-        try:
-            if self.disk is not None:
-                self.disk.close()
-                self.disk = None
-                self._check_files()
-        finally:
-            shutil.rmtree(self.dir, ignore_errors=True)
+        self.check_parents()
 
 
 class FixedMachine(DiskMachine):

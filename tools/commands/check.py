@@ -62,9 +62,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--dry-run goes with --repair")
     if args.force_share and args.repair and not args.dry_run:
         raise ValueError("-U/--force-share is for inspection: not with --repair")
-    from vhd.vhdx import probe_vhdx
+    from vhd.probe import is_vhdx_file
 
-    if probe_vhdx(args.image):
+    if is_vhdx_file(args.image):
         from ._vhdx_check import run_vhdx_check
 
         return run_vhdx_check(args)

@@ -12,16 +12,19 @@ from __future__ import annotations
 
 import argparse
 import collections
-import concurrent.futures
+import itertools
 import queue
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vhd.disk import Extent
 from vhd.source import Source, open_source
 
 from ..common import LOCAL_PARENTS, Progress, add_progress_options, progress_wanted, warn
 from ..locking import add_force_share_option
+
+if TYPE_CHECKING:
+    import concurrent.futures
 
 CHUNK = 512 * 1024
 _ZEROS = bytes(CHUNK)
@@ -136,6 +139,12 @@ def first_difference(a: Source, b: Source, progress: Progress | None = None) -> 
     flight; results are taken in offset order, so the first difference is the lowest one.
     """
     total = max(a.size, b.size)
+    chunks = _chunks(a, b, total)
+    first = next(chunks, None)
+    if first is None:
+        return None  # neither side holds data anywhere: no reader threads needed
+    import concurrent.futures  # (here: a sparse pair's compare does not pay for its import)
+
     buffers: queue.SimpleQueue[tuple[bytearray, bytearray]] = queue.SimpleQueue()
     for _ in range(_WINDOW):
         buffers.put((bytearray(CHUNK), bytearray(CHUNK)))
@@ -154,7 +163,7 @@ def first_difference(a: Source, b: Source, progress: Progress | None = None) -> 
     pending = collections.deque()
     with concurrent.futures.ThreadPoolExecutor(_WORKERS, "vhd-compare") as pool:
         try:
-            for pos, n, data_a, data_b in _chunks(a, b, total):
+            for pos, n, data_a, data_b in itertools.chain((first,), chunks):
                 if len(pending) >= _WINDOW:
                     future, reached = pending.popleft()
                     found = future.result()

@@ -42,15 +42,30 @@ def run(args: argparse.Namespace) -> int:
         if parent_problem:
             info["parent_error"] = parent_problem
         if args.chain:
-            info["layers"] = [describe(layer, chain=False) for layer in disk.chain[1:]]
+            info["layers"] = [_describe_layer(layer) for layer in disk.chain[1:]]
         if args.json:
             print(json.dumps(info, indent=2))
         else:
             _render(info)
             for layer in info.get("layers", []):
                 print()
-                _render(layer)
+                if layer.get("format") == "vhdx":
+                    from ._vhdx_info import render_vhdx
+
+                    render_vhdx(layer)
+                else:
+                    _render(layer)
     return 0
+
+
+def _describe_layer(layer: vhd.Disk) -> dict[str, Any]:
+    """A parent in the chain, VHD or VHDX (a mixed chain)."""
+    from vhd.vhdx import VHDXDisk
+    from vhd.vhdx.inspect import describe_vhdx
+
+    if isinstance(layer, VHDXDisk):
+        return describe_vhdx(layer, chain=False)
+    return describe(layer, chain=False)
 
 
 def _render(info: dict[str, Any]) -> None:

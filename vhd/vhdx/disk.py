@@ -1152,7 +1152,8 @@ def _open_parent(
             )
         if opened.size < disk.size:
             disk.warnings.append(f"the parent is smaller ({opened.size} bytes) than the child")
-        if isinstance(opened, VHDXDisk) and opened.logical_sector_size != disk.logical_sector_size:
+        # (A VHD parent has 512-byte sectors.)
+        if getattr(opened, "logical_sector_size", 512) != disk.logical_sector_size:
             raise ParentMismatchError(
                 "parent and child have different logical sector sizes", path=disk.path
             )

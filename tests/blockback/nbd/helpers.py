@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import shutil
 import socket
 import struct
@@ -14,10 +13,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import vhd
 from blockback.executor import BlockDisk
 from blockback.nbd import protocol as p
 from blockback.nbd.server import NBDServer
+from tests.images import vhd_image
 
 MiB = 1024 * 1024
 
@@ -39,9 +38,8 @@ IMAGE_SIZE = 16 * MiB
 
 
 def make_image(path: Path, *, type: str = "dynamic", size: int = IMAGE_SIZE, seed: int = 1) -> None:
-    with vhd.create(str(path), size, type=type) as disk:
-        for offset, length in DATA_RANGES:
-            disk.pwrite(pattern(offset, length, seed), offset)
+    writes = [(offset, pattern(offset, length, seed)) for offset, length in DATA_RANGES]
+    vhd_image(path, size, type=type, writes=writes)
 
 
 def expected_content(size: int = IMAGE_SIZE, seed: int = 1) -> bytes:
@@ -186,11 +184,3 @@ class RawClient:
     def write(self, offset: int, data: bytes, handle: int = 1, flags: int = 0) -> Reply:
         self.send(p.Cmd.WRITE, offset, len(data), handle=handle, flags=flags, payload=data)
         return self.reply()
-
-
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(MiB), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -29,9 +29,9 @@ from tests.blockback.nbd.helpers import (
     make_image,
     pattern,
     serving,
-    sha256_file,
     short_tmpdir,
 )
+from tests.images import Image, sha, vhd_image
 
 pytestmark = pytest.mark.timeout(180)
 Need = Callable[[str], str]
@@ -62,8 +62,8 @@ def make_chain(tmp: Path) -> tuple[Path, Path]:
     """parent.vhd holds the pattern; child.vhd (differencing) overrides 1 MiB at 2 MiB."""
     parent, child = tmp / "parent.vhd", tmp / "child.vhd"
     make_image(parent)
-    with vhd.create(str(child), IMAGE_SIZE, parent=str(parent)) as disk:
-        disk.pwrite(pattern(2 * MiB, MiB, seed=2), 2 * MiB)
+    base = Image(parent, expected_content())
+    vhd_image(child, IMAGE_SIZE, parent=base, writes=[(2 * MiB, pattern(2 * MiB, MiB, seed=2))])
     return parent, child
 
 
@@ -218,7 +218,7 @@ def test_qemu_img_convert_over_nbd(tmp: Path, require_tool: Need) -> None:
 def test_qemu_io_writes_land_in_the_leaf(tmp: Path, require_tool: Need) -> None:
     qemu_io = require_tool("qemu-io")
     parent, child = make_chain(tmp)
-    parent_hash = sha256_file(parent)
+    parent_hash = sha(parent)
     with vhd.open(str(child), "r+") as disk, serving(disk) as (_s, url, _path):
         result = run(
             qemu_io, "-f", "raw",
@@ -234,7 +234,7 @@ def test_qemu_io_writes_land_in_the_leaf(tmp: Path, require_tool: Need) -> None:
     # qemu-io reports a failed command or pattern check on stdout but still exits 0.
     assert "fail" not in result.stdout.lower() and "error" not in result.stdout.lower()
     assert result.stdout.count("ops/sec") == 6
-    assert sha256_file(parent) == parent_hash
+    assert sha(parent) == parent_hash
     want = bytearray(chain_content())
     want[MiB : MiB + 65536] = b"\xab" * 65536
     want[9 * MiB : 9 * MiB + 4097] = b"\xcd" * 4097
@@ -423,7 +423,7 @@ def test_cli_tcp_read_only(tmp: Path, require_tool: Need) -> None:
     nbdinfo = require_tool("nbdinfo")
     qemu_io = require_tool("qemu-io")
     make_image(tmp / "d.vhd")
-    before = sha256_file(tmp / "d.vhd")
+    before = sha(tmp / "d.vhd")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -443,7 +443,7 @@ def test_cli_tcp_read_only(tmp: Path, require_tool: Need) -> None:
     finally:
         if proc.poll() is None:
             stop_cli(proc)
-    assert sha256_file(tmp / "d.vhd") == before
+    assert sha(tmp / "d.vhd") == before
 
 
 def test_cli_reports_a_missing_image(tmp: Path) -> None:

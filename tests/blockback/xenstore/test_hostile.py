@@ -318,3 +318,42 @@ def test_unprivileged_quotas(server: XenStoreServer, tmp_path: Path) -> None:
 def test_header_struct_is_native_16_bytes() -> None:
     assert HEADER.size == 16
     assert struct.calcsize("=IIII") == 16
+
+
+def test_special_watches_reach_only_whom_their_permissions_allow(
+    server: XenStoreServer, tmp_path: Path
+) -> None:
+    """As C xenstored since XSA-115: @introduceDomain and @releaseDomain events go to
+    privileged connections, and to a domain only when dom0 gave it read access with SET_PERMS
+    on the special path (a driver domain); a guest must not learn of other guests' lives."""
+    dom5 = str(tmp_path / "dom5.sock")
+    with XenStoreClient(server.path) as dom0, XenStoreClient(dom5) as guest:
+        for client in (dom0, guest):
+            for special in ("@introduceDomain", "@releaseDomain"):
+                client.watch(special, "t")
+                assert client.read_watch(5) == WatchEvent(special, "t")  # the initial fire
+        server.introduce_domain(7)
+        assert dom0.read_watch(5) == WatchEvent("@introduceDomain", "t")
+        server.release_domain(7)
+        assert dom0.read_watch(5) == WatchEvent("@releaseDomain", "t")
+        assert guest.read_watch(0.3) is None
+        for action in (
+            lambda: guest.get_perms("@releaseDomain"),
+            lambda: guest.set_perms("@releaseDomain", ["n5"]),
+        ):
+            with pytest.raises(XenStoreError) as info:
+                action()
+            assert info.value.errno == errno.EACCES
+        # dom0 lets domain 5 hear of releases (not of introductions).
+        dom0.set_perms("@releaseDomain", ["n0", "r5"])
+        assert guest.get_perms("@releaseDomain") == ["n0", "r5"]
+        server.introduce_domain(8)
+        server.release_domain(8)
+        assert guest.read_watch(5) == WatchEvent("@releaseDomain", "t")
+        assert guest.read_watch(0.3) is None
+        assert dom0.read_watch(5) == WatchEvent("@introduceDomain", "t")
+        assert dom0.read_watch(5) == WatchEvent("@releaseDomain", "t")
+        # A released domain's access goes with it (a new domain 5 does not inherit it).
+        server.call(lambda s: s.introduced.add(5))
+        server.release_domain(5)
+        assert dom0.get_perms("@releaseDomain") == ["n0"]

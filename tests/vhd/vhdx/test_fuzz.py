@@ -8,21 +8,17 @@ checks."""
 
 from __future__ import annotations
 
-import contextlib
 import shutil
-import struct
 import tempfile
-import time
-import tracemalloc
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import vhd
 from tests.strategies import hsettings, payload
+from tests.vhd import harness
+from tests.vhd.harness import Seed, corrupted_copy, within_bounds
 from tests.vhd.vhdx.helpers import current_header
 from vhd.vhdx import create_vhdx, open_vhdx
 from vhd.vhdx import records as r
@@ -31,13 +27,8 @@ from vhd.vhdx.crc import crc32c_with_zeroed_field
 MiB = 1024 * 1024
 MAX_SECONDS = 10.0
 MAX_PEAK = 48 * MiB
+EXTENTS_WINDOW = 64 * MiB
 INTERESTING = [0, 1, 6, 7, 511, 512, 4096, MiB, 0x7FFFFFFF, 0xFFFFFFFF, 2**63, 2**64 - 1]
-
-
-@dataclass(frozen=True)
-class Seed:
-    files: tuple[Path, ...]  # the last one is corrupted; earlier ones are its parents
-    regions: tuple[tuple[int, int], ...]
 
 
 def _regions(path: Path) -> tuple[tuple[int, int], ...]:
@@ -112,27 +103,9 @@ def seeds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Seed]:
     return out
 
 
-@st.composite
-def corruptions(draw: st.DrawFn, regions: tuple[tuple[int, int], ...]) -> list[tuple[int, bytes]]:
-    muts: list[tuple[int, bytes]] = []
-    for _ in range(draw(st.integers(1, 6))):
-        lo, hi = draw(st.sampled_from(regions))
-        at = draw(st.integers(lo, max(lo, hi - 1)))
-        kind = draw(st.sampled_from(["byte", "u16", "u32", "u64", "zeros"]))
-        if kind == "byte":
-            data = bytes([draw(st.integers(0, 255))])
-        elif kind == "u16":
-            data = struct.pack("<H", draw(st.integers(0, 0xFFFF)))
-        elif kind == "u32":
-            value = draw(st.one_of(st.sampled_from(INTERESTING), st.integers(0, 2**32 - 1)))
-            data = struct.pack("<I", value & 0xFFFFFFFF)
-        elif kind == "u64":
-            value = draw(st.one_of(st.sampled_from(INTERESTING), st.integers(0, 2**64 - 1)))
-            data = struct.pack("<Q", value)
-        else:
-            data = bytes(draw(st.integers(1, 64)))
-        muts.append((at, data))
-    return muts
+def corruptions(regions: tuple[tuple[int, int], ...]) -> st.SearchStrategy[list[tuple[int, bytes]]]:
+    """Little-endian fields, as VHDX's records are."""
+    return harness.corruptions(regions, INTERESTING, ("byte", "u16", "u32", "u64", "zeros"), "<")
 
 
 def _refix(raw: bytearray) -> None:
@@ -155,37 +128,8 @@ def _refix(raw: bytearray) -> None:
                 raw[log + 4 : log + 8] = crc.to_bytes(4, "little")
 
 
-def _use(disk: vhd.Disk, offset: int, write: bool) -> None:
-    size = disk.size
-    buf = bytearray(64 * 1024)
-    for at in {0, max(0, size // 2 - 1000), max(0, size - len(buf)), offset % max(1, size)}:
-        disk.preadinto(buf, at)
-    disk.pread(1000, max(0, size - 333))
-    for count, _ in enumerate(disk.extents(0, min(size, 64 * MiB))):
-        if count > 10000:
-            break
-    if write and not disk.read_only and size:
-        at = offset % size
-        n = min(3000, size - at)
-        disk.pwrite(payload(n, 1), at)
-        disk.discard(at, min(n, 1024))
-        disk.pwrite(payload(600, 2), max(0, size - 600))
-        disk.flush()
-        disk.pread(n, at)
-
-
 def _attempt(path: Path, offset: int, mode: str = "r") -> None:
-    try:
-        disk = vhd.open(path, mode)
-    except vhd.VHDError:
-        return
-    try:
-        _use(disk, offset, write=mode == "r+")
-    except vhd.VHDError:
-        pass
-    finally:
-        with contextlib.suppress(vhd.VHDError):
-            disk.close()
+    harness.attempt(path, offset, EXTENTS_WINDOW, mode=mode)
 
 
 @pytest.mark.parametrize("kind", ["dynamic", "fixed", "differencing", "live-log"])
@@ -196,27 +140,12 @@ def test_random_corruption_never_crashes(seeds: dict[str, Seed], kind: str) -> N
     @hsettings(max_examples=80, deadline=None)
     def run(muts: list[tuple[int, bytes]], refix: bool, offset: int) -> None:
         with tempfile.TemporaryDirectory(prefix="vhdx-fuzz-") as tmp:
-            for f in seed.files:
-                shutil.copyfile(f, Path(tmp) / f.name)
-            target = Path(tmp) / seed.files[-1].name
-            raw = bytearray(target.read_bytes())
-            for at, data in muts:
-                raw[at : at + len(data)] = data[: max(0, len(raw) - at)]
-            if refix:
-                _refix(raw)
-            target.write_bytes(bytes(raw))
-            tracemalloc.start()
-            start = time.perf_counter()
-            try:
+            target, _ = corrupted_copy(seed, Path(tmp), muts, _refix if refix else None)
+            with within_bounds(MAX_SECONDS, MAX_PEAK):
                 before = target.read_bytes()
                 _attempt(target, offset)
                 assert target.read_bytes() == before, "a read-only open wrote to the file"
                 _attempt(target, offset, mode="r+")
                 _attempt(target, offset)
-            finally:
-                _, peak = tracemalloc.get_traced_memory()
-                tracemalloc.stop()
-            assert time.perf_counter() - start < MAX_SECONDS
-            assert peak < MAX_PEAK, f"peak memory {peak} bytes"
 
     run()

@@ -8,54 +8,25 @@ cannot open differencing VHDX; the parent is checked to be untouched."""
 
 from __future__ import annotations
 
-import hashlib
-import os
-import random
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from tests.images import sha
 from tests.strategies import payload
-from tests.vhd.test_sigkill import parse_log, verify
+from tests.vhd.harness import ROUNDS, killed_writers, verify
 from tests.vhd.vhdx.helpers import MiB, assert_qemu_clean, current_header, qemu_check, qemu_raw
 from vhd.vhdx import create_vhdx, open_vhdx
 from vhd.vhdx import records as r
 
-ROOT = Path(__file__).resolve().parents[2]
-ROUNDS = 20
 SIZE = 48 * MiB
 
 
 def _kill_rounds(image: Path, tmp: Path, base: bytes, seed0: int, *, qemu: bool) -> None:
-    rng = random.Random(seed0)
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
     acknowledged = 0
     live_logs = 0
-    for round_ in range(ROUNDS):
-        seed = seed0 * 1000 + round_
-        log = tmp / f"log{round_}"
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.vhd.vhdx.crash_writer", str(image), str(log), str(seed)],
-            cwd=ROOT,
-            env=env,
-            stderr=subprocess.PIPE,
-        )
-        try:
-            deadline = time.monotonic() + 30
-            while not (log.exists() and log.read_bytes().startswith(b"R")):
-                assert proc.poll() is None, proc.stderr.read() if proc.stderr else b""
-                assert time.monotonic() < deadline
-                time.sleep(0.005)
-            time.sleep(rng.uniform(0.0, 0.15))
-        finally:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=30)
-        writes, flushed = parse_log(log.read_text())
+    for seed, writes, flushed in killed_writers("vhdx", image, tmp, seed0, 0.15):
         acknowledged += flushed + 1
         live_logs += current_header(image.read_bytes())[1].log_guid != r.ZERO_GUID
         with open_vhdx(image) as disk:  # read-only: replays in memory
@@ -90,8 +61,8 @@ def test_sigkill_differencing_vhdx(tmp_path: Path) -> None:
     content = payload(SIZE // 2, 4) + bytes(SIZE // 2)
     with create_vhdx(parent, SIZE, block_size=MiB) as disk:
         disk.pwrite(content, 0)
-    digest = hashlib.sha256(parent.read_bytes()).hexdigest()
+    digest = sha(parent)
     child = tmp_path / "child.avhdx"
     create_vhdx(child, 0, type="differencing", parent=open_vhdx(parent), block_size=MiB).close()
     _kill_rounds(child, tmp_path, content, 12, qemu=False)
-    assert hashlib.sha256(parent.read_bytes()).hexdigest() == digest
+    assert sha(parent) == digest

@@ -9,27 +9,20 @@ sectors: qemu supports no other) and by libvhdi, and passes ``qemu-img check``.
 
 from __future__ import annotations
 
-import hashlib
 import random
-import shutil
-import tempfile
-from pathlib import Path
 
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
+from hypothesis.stateful import initialize
 
 import vhd
 from tests.interop.oracles import libvhdi_read
-from tests.strategies import hsettings, payload
+from tests.strategies import hsettings
+from tests.vhd.harness import ImageMachine
 from tests.vhd.vhdx.helpers import assert_qemu_clean, qemu_raw
 from vhd.disk import Disk
 from vhd.vhdx import create_vhdx, open_vhdx
 
 MiB = 1024 * 1024
-
-
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @st.composite
@@ -50,17 +43,14 @@ def _ranges(draw: st.DrawFn, size: int) -> tuple[int, int]:
     return offset, length
 
 
-class VHDXMachine(RuleBasedStateMachine):
-    """Drive one writable VHDX; ``build`` makes the layers (base first, leaf last)."""
+class VHDXMachine(ImageMachine):
+    """The VHDX machine: 512- and 4096-byte logical sectors, 1 MiB blocks; a discard reads as
+    zeros; the library (a fresh read-only open) reads the files back."""
+
+    prefix = "vhdx-sm-"
 
     def __init__(self) -> None:
         super().__init__()
-        self.dir = Path(tempfile.mkdtemp(prefix="vhdx-sm-"))
-        self.disk: Disk | None = None
-        self.layers: list[Path] = []
-        self.frozen: dict[Path, str] = {}
-        self.expected = bytearray()
-        self.size = 0
         self.lss = 512
 
     def build(self, rng: random.Random) -> None:
@@ -87,98 +77,24 @@ class VHDXMachine(RuleBasedStateMachine):
         self.size = sectors * 4096
         self.expected = bytearray(self.size)
         self.build(random.Random(seed))
-        for parent in self.layers[:-1]:
-            self.frozen[parent] = _digest(parent)
-        self.disk = vhd.open(self.layers[-1], "r+")
-        assert self.disk.size == self.size
+        self.start()
 
-    @precondition(lambda self: self.disk is not None)
-    @rule(data=st.data(), seed=st.integers(0, 255))
-    def write(self, data: st.DataObject, seed: int) -> None:
-        assert self.disk is not None
-        off, n = data.draw(_ranges(self.size))
-        buf = payload(n, seed)
-        assert self.disk.pwrite(buf, off) == n
-        self.expected[off : off + n] = buf
+    def ranges(self, size: int) -> st.SearchStrategy[tuple[int, int]]:
+        return _ranges(size)
 
-    @precondition(lambda self: self.disk is not None)
-    @rule(data=st.data())
-    def read(self, data: st.DataObject) -> None:
+    def discard_range(self, off: int, n: int) -> None:
         assert self.disk is not None
-        off, n = data.draw(_ranges(self.size))
-        assert self.disk.pread(n, off) == bytes(self.expected[off : off + n])
-
-    @precondition(lambda self: self.disk is not None)
-    @rule(data=st.data(), extra=st.integers(0, 3000))
-    def read_into_past_end(self, data: st.DataObject, extra: int) -> None:
-        assert self.disk is not None
-        off, n = data.draw(_ranges(self.size))
-        backing = bytearray(b"\xaa" * (n + extra + 7))
-        got = self.disk.preadinto(memoryview(backing)[7:], off)
-        assert got == min(n + extra, self.size - off)
-        assert backing[7 : 7 + got] == self.expected[off : off + got]
-        assert backing[7 + got :] == b"\xaa" * (n + extra - got)
-
-    @precondition(lambda self: self.disk is not None)
-    @rule(data=st.data())
-    def discard(self, data: st.DataObject) -> None:
-        assert self.disk is not None
-        off, n = data.draw(_ranges(self.size))
         self.disk.discard(off, n)
         self.expected[off : off + n] = bytes(n)
 
-    @precondition(lambda self: self.disk is not None)
-    @rule()
-    def flush(self) -> None:
-        assert self.disk is not None
-        self.disk.flush()
-
-    @precondition(lambda self: self.disk is not None)
-    @rule()
-    def reopen(self) -> None:
-        assert self.disk is not None
-        self.disk.close()
-        self.disk = None
-        self._check_files()
-        self.disk = vhd.open(self.layers[-1], "r+")
-
-    @precondition(lambda self: self.disk is not None)
-    @rule(data=st.data())
-    def extents(self, data: st.DataObject) -> None:
-        assert self.disk is not None
-        off, n = data.draw(_ranges(self.size))
-        pos = off
-        for ext in self.disk.extents(off, n):
-            assert ext.offset == pos and ext.length > 0
-            if ext.layer is None:
-                assert self.expected[ext.offset : ext.end] == bytes(ext.length)
-            else:
-                assert 0 <= ext.layer < len(self.layers)
-            pos = ext.end
-        assert pos == off + n
-
-    def _check_files(self) -> None:
+    def check_files(self) -> None:
         with vhd.open(self.layers[-1]) as disk:
             assert disk.pread(self.size, 0) == bytes(self.expected)
-        for parent, digest in self.frozen.items():
-            assert _digest(parent) == digest, f"{parent.name} was modified"
-
-    def _oracles(self) -> None:
-        """Independent readers, where they can read the disk."""
-
-    def teardown(self) -> None:
-        try:
-            if self.disk is not None:
-                self.disk.close()
-                self.disk = None
-                self._check_files()
-                self._oracles()
-        finally:
-            shutil.rmtree(self.dir, ignore_errors=True)
+        self.check_parents()
 
 
 class DynamicMachine(VHDXMachine):
-    def _oracles(self) -> None:
+    def oracles(self) -> None:
         leaf = self.layers[-1]
         if self.lss == 512:
             assert_qemu_clean(leaf)
@@ -213,9 +129,43 @@ class MixedChainMachine(VHDXMachine):
         self.layers = [base, mid, leaf]
 
 
+class VHDBetweenVHDXMachine(VHDXMachine):
+    """The other mix: a dynamic VHDX base, a VHD child of it filled with data (recording the
+    base's DataWriteGuid), a VHDX grandchild written to; libvhdi reads the VHD child."""
+
+    def build(self, rng: random.Random) -> None:
+        self.lss = 512
+        base = self.dir / "base.vhdx"
+        with create_vhdx(base, self.size, block_size=MiB) as disk:
+            self._fill(disk, rng)
+        mid = self.dir / "mid.vhd"
+        with vhd.create(mid, parent=base, block_size=64 * 1024) as d:
+            # Whole 64 KiB blocks: libvhdi 20210425 misreads VHD sector bitmaps inside a byte
+            # with a set bit, and some partly present blocks (a VHD parent does the same).
+            for _ in range(rng.randrange(1, 6)):
+                off = rng.randrange(0, -(-self.size // 65536)) * 65536
+                n = min(self.size - off, rng.randrange(1, 48) * 65536)
+                data = rng.randbytes(n)
+                d.pwrite(data, off)
+                self.expected[off : off + n] = data
+        leaf = self.dir / "leaf.avhdx"
+        create_vhdx(leaf, 0, type="differencing", parent=vhd.open(mid), block_size=MiB).close()
+        self.layers = [base, mid, leaf]
+        self.mid_expected = bytes(self.expected)
+
+    def _oracles(self) -> None:
+        # libvhdi reads the VHD child of the VHDX (its parent identity checked); not the leaf:
+        # libvhdi 20210425 misreads a differencing VHDX chunk with no sector bitmap block yet
+        # (an empty leaf) and reads whole-block discards (ZERO) from the parent.
+        libvhdi_read(self.layers[:2], self.dir / "l.raw")
+        assert (self.dir / "l.raw").read_bytes() == self.mid_expected
+
+
 TestDynamic = DynamicMachine.TestCase
 TestDynamic.settings = hsettings(max_examples=25, stateful_step_count=25, deadline=None)
 TestDifferencing = DifferencingMachine.TestCase
 TestDifferencing.settings = hsettings(max_examples=25, stateful_step_count=25, deadline=None)
 TestMixedChain = MixedChainMachine.TestCase
 TestMixedChain.settings = hsettings(max_examples=20, stateful_step_count=25, deadline=None)
+TestVHDBetweenVHDX = VHDBetweenVHDXMachine.TestCase
+TestVHDBetweenVHDX.settings = hsettings(max_examples=20, stateful_step_count=25, deadline=None)

@@ -14,11 +14,10 @@ import random
 import uuid
 from pathlib import Path
 
+from tests.images.crafted import W2KU, W2RU
 from tests.model import DIFFERENCING, DYNAMIC, SECTOR, bitmap_bytes, build_footer, build_header
 
 PAGE = 4096
-W2KU = 0x57326B75
-W2RU = 0x57327275
 
 
 def _align(value: int, to: int = PAGE) -> int:

@@ -1,0 +1,139 @@
+"""Who is whose parent, whatever the format: the per-format seam of the chain operations
+(``vhd commit``, ``vhd set-parent``, finding children).
+
+A child names its parent by an identity (spec: VHD "Dynamic Disk Header Format", Parent Unique
+ID; MS-VHDX 2.6.2.6.3, parent_linkage):
+
+* a VHD parent's identity is its footer's unique id, which never changes;
+* a VHDX parent's identity is its header's DataWriteGuid, which changes whenever its data
+  changes (2.2.2), so writing into a parent (a commit) orphans its other children, as in
+  Hyper-V.
+
+Mixed chains (a VHDX child of a VHD parent, a VHD child of a VHDX parent) record the same
+identities: a VHDX child's parent_linkage holds the VHD's unique id, a VHD child's parent unique
+id holds the VHDX's DataWriteGuid (what libvhdi calls each file's identifier, and compares).
+The operations below dispatch on the child's format; everything else in the chain operations
+goes through the :class:`~vhd.disk.Disk` API.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import uuid
+
+from .chain import ParentPolicy
+from .disk import Disk
+from .errors import VHDError
+from .fileio import read_upto
+from .footer import COOKIE, FOOTER_SIZE, Footer
+
+
+def identity(disk: Disk) -> uuid.UUID:
+    """What a child of ``disk`` records to name it."""
+    from .vhdx import VHDXDisk
+
+    if isinstance(disk, VHDXDisk):
+        return disk.current_header.data_write_guid
+    return uuid.UUID(bytes=disk.footer.unique_id)
+
+
+def identity_of_file(path: str) -> uuid.UUID | None:
+    """:func:`identity` of the image at ``path`` from its headers or footer alone (None: not a
+    readable VHD or VHDX regular file)."""
+    from .vhdx.ops import identity_at
+
+    found = identity_at(path)
+    if found is not None:
+        return found
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    except (OSError, ValueError):
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size < FOOTER_SIZE:
+            return None
+        for at in (st.st_size - FOOTER_SIZE, 0):
+            raw = read_upto(fd, FOOTER_SIZE, at)
+            if raw[:8] == COOKIE:
+                return uuid.UUID(bytes=Footer.parse(raw).unique_id)
+        return None
+    except (OSError, ValueError, VHDError):
+        return None
+    finally:
+        os.close(fd)
+
+
+def recorded_parents(child: Disk) -> set[uuid.UUID]:
+    """The identities a differencing ``child`` names its parent by."""
+    from .vhdx import VHDXDisk
+    from .vhdx.ops import linkages
+
+    if isinstance(child, VHDXDisk):
+        return linkages(child)
+    assert child.header is not None
+    return {uuid.UUID(bytes=child.header.parent_unique_id)}
+
+
+def find_parent(child: Disk, policy: ParentPolicy | None = None) -> Disk:
+    """The parent of ``child`` (opened with ``open_parent=False``, perhaps locked exclusively
+    by the caller), opened read-only as :func:`vhd.open` would find it."""
+    from .children import find_parent as find_vhd_parent
+    from .vhdx import VHDXDisk
+    from .vhdx.ops import find_parent as find_vhdx_parent
+
+    if isinstance(child, VHDXDisk):
+        return find_vhdx_parent(child, policy or ParentPolicy())
+    return find_vhd_parent(child, policy)
+
+
+def retarget(child: Disk, parent_path: str, parent_id: uuid.UUID) -> tuple[int, list[str]]:
+    """Point ``child`` (open ``"r+"``) at ``parent_path`` of identity ``parent_id``; returns
+    (bytes the file grew by, warnings)."""
+    from .reparent import retarget as retarget_vhd
+    from .vhdx import VHDXDisk
+    from .vhdx.ops import retarget as retarget_vhdx
+
+    if isinstance(child, VHDXDisk):
+        return 0, retarget_vhdx(child, parent_path, parent_id)
+    return retarget_vhd(child, parent_path, parent_id.bytes)
+
+
+def record_parent_change(child: Disk, parent_path: str) -> None:
+    """The parent at ``parent_path`` changed but ``child`` reads the same through it: a VHD
+    child records its new modification time, a VHDX child its new DataWriteGuid."""
+    from .reparent import record_parent_time
+    from .vhdx import VHDXDisk
+    from .vhdx.ops import record_parent_identity
+
+    if isinstance(child, VHDXDisk):
+        record_parent_identity(child, parent_path)
+    else:
+        record_parent_time(child, parent_path)
+
+
+def prepare_commit(child: Disk, parent: Disk, child_children: list[Disk]) -> None:
+    """Before a commit first writes into ``parent`` (open ``"r+"``): a VHDX parent's
+    DataWriteGuid is about to change (2.2.2), so the new one is chosen now and the child
+    learns it first.  A VHDX child accepts both (parent_linkage2), so an interrupted commit
+    leaves a chain that opens.  A VHD child holds one id: the parent's new identity is made
+    durable first, then the child's record, leaving a window of two syncs in which a crash
+    leaves the child naming the parent's old identity over unchanged data (``vhd set-parent
+    CHILD PARENT --force`` mends that).  The child's own children record its new time."""
+    from .metadata import MetadataWriter
+    from .vhdx import VHDXDisk
+    from .vhdx.ops import accept_next_identity, data_session
+
+    if not isinstance(parent, VHDXDisk) or parent._session:
+        return
+    upcoming = uuid.uuid4()
+    if isinstance(child, VHDXDisk):
+        accept_next_identity(child, identity(parent), upcoming)
+        data_session(parent, upcoming)
+    else:
+        data_session(parent, upcoming)
+        assert child.header is not None
+        MetadataWriter(child).write_header(child.header.replace(parent_unique_id=upcoming.bytes))
+    for grandchild in child_children:
+        record_parent_change(grandchild, child.path)
