@@ -15,8 +15,9 @@ not yet seen passing on the lab (issue 13).  What was seen:
 - 2026-11-30 18:00 (the lab's CPU model, two labs at once on a machine at load 13-15):
   test_toolstack_lifecycle failed at once: g1 connected, but g2's ``xl create`` failed -- the
   backend published InitWait for it (serve.log) and then libxl removed the device directory
-  (xl's 10 s wait for a backend, under that load?); the SIGTERM scenario's guest had printed
-  nothing after 8 minutes when the session's time ran out.
+  (xl's 10 s wait for a backend, under that load?); the SIGTERM scenario's guest had no console
+  yet 18 minutes later, when that run was stopped for time (no xl error seen: dom0's pytest had
+  not reported).
 Rename it to test_lifecycle.py once it passes twice.
 """
 
