@@ -9,12 +9,22 @@ On the 1 GiB half-data, half-zeros raw disk of :mod:`benchmarks.core` (in page c
   (``-O vpc -o subformat=fixed,force_size``: it cannot round the size itself, so a 1 GiB
   disk needs none; the same output both ways).
 
+and the front ends' read path, VHDX against the same disk as VHD (target: within 10 %), on a
+1 GiB image whose every other 2 MiB block holds random data (both formats with 2 MiB blocks, so
+the layouts match and only the format's data path differs):
+
+* ``cat`` of a ``vhd mount`` (read-only) and ``fio`` 4 KiB random reads (psync) on it;
+* ``nbdcopy`` of ``vhd serve --nbd --read-only`` to ``null:`` and ``fio``'s nbd engine, 4 KiB
+  random reads at queue depth 1.
+
 Times are medians of alternating runs.  ``python -m benchmarks.vhdx [DIR]`` runs it alone.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -137,6 +147,101 @@ def run(workdir: Path) -> list[dict[str, Any]]:
     finally:
         for p in (src, ours, theirs, out_ours, out_q, azure_ours, azure_q):
             p.unlink(missing_ok=True)
+    rows += front_end_rows(workdir)
+    return rows
+
+
+FRONT_ROUNDS = 3
+FIO_SECONDS = 3
+
+
+def _same_disk(vhd_path: Path, vhdx_path: Path) -> None:
+    """The half-data 1 GiB disk as a dynamic VHD and as a dynamic VHDX, 2 MiB blocks both."""
+    import vhd
+    from vhd.vhdx import create_vhdx
+
+    block = 2 * MiB
+    chunk = os.urandom(block)
+    for disk in (
+        vhd.create(str(vhd_path), 1024 * MiB, block_size=block),
+        create_vhdx(vhdx_path, 1024 * MiB, block_size=block),
+    ):
+        with disk:
+            for index in range(1, 1024 * MiB // block, 2):
+                disk.pwrite(chunk, index * block)
+    for path in (vhd_path, vhdx_path):
+        core._warm(path)
+
+
+def _ratio_row(name: str, x: list[float], v: list[float], unit: str, note: str) -> dict[str, Any]:
+    return core._row(name, statistics.median(x), statistics.median(v), unit, note)
+
+
+def front_end_rows(workdir: Path) -> list[dict[str, Any]]:
+    """FUSE and NBD reads of the VHDX against the same disk as VHD, alternating, medians."""
+    from benchmarks import fuse, nbd
+
+    images = {"vhdx": workdir / "front.vhdx", "vhd": workdir / "front.vhd"}
+    _same_disk(images["vhd"], images["vhdx"])
+    rows: list[dict[str, Any]] = []
+    try:
+        cat: dict[str, list[float]] = {"vhdx": [], "vhd": []}
+        rand: dict[str, list[float]] = {"vhdx": [], "vhd": []}
+        if shutil.which("fio") and os.path.exists("/dev/fuse"):
+            for _ in range(FRONT_ROUNDS):
+                for fmt, image in images.items():
+                    with fuse.ours(image, workdir / f"mnt-{fmt}", read_only=True) as disk:
+                        cat[fmt].append(fuse.time_cat(disk))
+                        rand[fmt].append(fuse.fio_iops(disk, "randread", seconds=FIO_SECONDS))
+            note = f"same disk as VHD (2 MiB blocks); median of {FRONT_ROUNDS}; target within 10%"
+            rows.append(
+                _ratio_row(
+                    "FUSE cat 1 GiB half-data, VHDX vs VHD", cat["vhdx"], cat["vhd"], "s", note
+                )
+            )
+            rows.append(
+                _ratio_row(
+                    "FUSE fio randread 4k psync, VHDX vs VHD",
+                    rand["vhdx"],
+                    rand["vhd"],
+                    "IOPS",
+                    note,
+                )
+            )
+        if shutil.which("nbdcopy") and shutil.which("fio"):
+            copy: dict[str, list[float]] = {"vhdx": [], "vhd": []}
+            qd1: dict[str, list[float]] = {"vhdx": [], "vhd": []}
+            sockdir = Path(tempfile.mkdtemp(prefix="nbdx-", dir="/tmp"))
+            try:
+                with (
+                    nbd._ours(images["vhdx"], sockdir / "x", "--read-only") as url_x,
+                    nbd._ours(images["vhd"], sockdir / "v", "--read-only") as url_v,
+                ):
+                    urls = {"vhdx": url_x, "vhd": url_v}
+                    for _ in range(FRONT_ROUNDS):
+                        for fmt, url in urls.items():
+                            copy[fmt].append(nbd._timed("nbdcopy", url, "null:"))
+                            qd1[fmt].append(nbd._fio_iops(url, 1))
+            finally:
+                shutil.rmtree(sockdir, ignore_errors=True)
+            note = f"same disk as VHD (2 MiB blocks); median of {FRONT_ROUNDS}; target within 10%"
+            rows.append(
+                _ratio_row(
+                    "NBD nbdcopy to null: 1 GiB half-data, VHDX vs VHD",
+                    copy["vhdx"],
+                    copy["vhd"],
+                    "s",
+                    note,
+                )
+            )
+            rows.append(
+                _ratio_row(
+                    "NBD fio randread 4k QD 1, VHDX vs VHD", qd1["vhdx"], qd1["vhd"], "IOPS", note
+                )
+            )
+    finally:
+        for image in images.values():
+            image.unlink(missing_ok=True)
     return rows
 
 

@@ -1,7 +1,8 @@
 """The ``vhd`` command: argument parsing and the one place where errors become exit codes.
 
 Exit codes (shared by every sub-command): 0 success, 1 "checked and found a problem / differs",
-2 error (one line on stderr, no traceback unless ``--debug``).  Each sub-command lives in its own
+2 error (one line on stderr, no traceback unless ``--debug``: a ``vhd.VHDError``, a blockback
+``ProtocolError``, an ``OSError`` or a ``ValueError``).  Each sub-command lives in its own
 module under :mod:`vhdtools.commands` and is discovered here, so commands can be added without
 touching this file: a command module defines ``register(subparsers)`` which adds its parser and
 sets ``func`` to a ``run(args) -> int``.
@@ -18,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import vhd
+from blockback.errors import ProtocolError
 
 from . import commands
 
@@ -128,7 +130,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 128 + getattr(exc, "signum", 2)  # SIGINT, or the SIGTERM/SIGHUP it stands for
     except BrokenPipeError:
         return EXIT_OK
-    except (vhd.VHDError, OSError, ValueError) as exc:
+    # A blockback ProtocolError (xenstored refused or went away, ...) is reported like an image
+    # error: it is not one (it is about a peer), but the user needs the same one line.
+    except (vhd.VHDError, ProtocolError, OSError, ValueError) as exc:
         if args.debug:
             import traceback
 

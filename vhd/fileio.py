@@ -28,6 +28,7 @@ _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int6
 _fallocate.restype = ctypes.c_int
 
 _ZEROS = bytes(1 << 20)
+_ZERO_VIEW = memoryview(_ZEROS)
 
 
 def read_exact_into(fd: int, dest: memoryview, offset: int, *, path: str | None = None) -> None:
@@ -78,7 +79,7 @@ def zero_fill(dest: memoryview) -> None:
     total = len(dest)
     while pos < total:
         n = min(total - pos, len(_ZEROS))
-        dest[pos : pos + n] = _ZEROS[:n]
+        dest[pos : pos + n] = _ZERO_VIEW[:n]  # a view: no copy of the zeros first
         pos += n
 
 

@@ -21,19 +21,28 @@ from __future__ import annotations
 import os
 import stat
 import uuid
+from typing import TYPE_CHECKING, TypeGuard
 
 from .chain import ParentPolicy
 from .disk import Disk
 from .errors import VHDError
 from .fileio import read_upto
 from .footer import COOKIE, FOOTER_SIZE, Footer
+from .probe import is_vhdx_file
+
+if TYPE_CHECKING:
+    from .vhdx import VHDXDisk
+
+
+def _is_vhdx(disk: Disk) -> TypeGuard[VHDXDisk]:
+    # By the class attribute, not isinstance: importing vhd.vhdx (and construct) for the
+    # check would cost every VHD command its start-up (tests/tools/test_cli.py).
+    return getattr(disk, "format", "vhd") == "vhdx"
 
 
 def identity(disk: Disk) -> uuid.UUID:
     """What a child of ``disk`` records to name it."""
-    from .vhdx import VHDXDisk
-
-    if isinstance(disk, VHDXDisk):
+    if _is_vhdx(disk):
         return disk.current_header.data_write_guid
     return uuid.UUID(bytes=disk.footer.unique_id)
 
@@ -41,11 +50,10 @@ def identity(disk: Disk) -> uuid.UUID:
 def identity_of_file(path: str) -> uuid.UUID | None:
     """:func:`identity` of the image at ``path`` from its headers or footer alone (None: not a
     readable VHD or VHDX regular file)."""
-    from .vhdx.ops import identity_at
+    if is_vhdx_file(path):
+        from .vhdx.ops import identity_at
 
-    found = identity_at(path)
-    if found is not None:
-        return found
+        return identity_at(path)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
     except (OSError, ValueError):
@@ -67,10 +75,9 @@ def identity_of_file(path: str) -> uuid.UUID | None:
 
 def recorded_parents(child: Disk) -> set[uuid.UUID]:
     """The identities a differencing ``child`` names its parent by."""
-    from .vhdx import VHDXDisk
-    from .vhdx.ops import linkages
+    if _is_vhdx(child):
+        from .vhdx.ops import linkages
 
-    if isinstance(child, VHDXDisk):
         return linkages(child)
     assert child.header is not None
     return {uuid.UUID(bytes=child.header.parent_unique_id)}
@@ -79,12 +86,12 @@ def recorded_parents(child: Disk) -> set[uuid.UUID]:
 def find_parent(child: Disk, policy: ParentPolicy | None = None) -> Disk:
     """The parent of ``child`` (opened with ``open_parent=False``, perhaps locked exclusively
     by the caller), opened read-only as :func:`vhd.open` would find it."""
-    from .children import find_parent as find_vhd_parent
-    from .vhdx import VHDXDisk
-    from .vhdx.ops import find_parent as find_vhdx_parent
+    if _is_vhdx(child):
+        from .vhdx.ops import find_parent as find_vhdx_parent
 
-    if isinstance(child, VHDXDisk):
         return find_vhdx_parent(child, policy or ParentPolicy())
+    from .children import find_parent as find_vhd_parent
+
     return find_vhd_parent(child, policy)
 
 
@@ -92,10 +99,10 @@ def retarget(child: Disk, parent_path: str, parent_id: uuid.UUID) -> tuple[int, 
     """Point ``child`` (open ``"r+"``) at ``parent_path`` of identity ``parent_id``; returns
     (bytes the file grew by, warnings)."""
     from .reparent import retarget as retarget_vhd
-    from .vhdx import VHDXDisk
-    from .vhdx.ops import retarget as retarget_vhdx
 
-    if isinstance(child, VHDXDisk):
+    if _is_vhdx(child):
+        from .vhdx.ops import retarget as retarget_vhdx
+
         return 0, retarget_vhdx(child, parent_path, parent_id)
     return retarget_vhd(child, parent_path, parent_id.bytes)
 
@@ -104,10 +111,10 @@ def record_parent_change(child: Disk, parent_path: str) -> None:
     """The parent at ``parent_path`` changed but ``child`` reads the same through it: a VHD
     child records its new modification time, a VHDX child its new DataWriteGuid."""
     from .reparent import record_parent_time
-    from .vhdx import VHDXDisk
-    from .vhdx.ops import record_parent_identity
 
-    if isinstance(child, VHDXDisk):
+    if _is_vhdx(child):
+        from .vhdx.ops import record_parent_identity
+
         record_parent_identity(child, parent_path)
     else:
         record_parent_time(child, parent_path)
@@ -122,13 +129,13 @@ def prepare_commit(child: Disk, parent: Disk, child_children: list[Disk]) -> Non
     leaves the child naming the parent's old identity over unchanged data (``vhd set-parent
     CHILD PARENT --force`` mends that).  The child's own children record its new time."""
     from .metadata import MetadataWriter
-    from .vhdx import VHDXDisk
+
+    if not _is_vhdx(parent) or parent._session:
+        return
     from .vhdx.ops import accept_next_identity, data_session
 
-    if not isinstance(parent, VHDXDisk) or parent._session:
-        return
     upcoming = uuid.uuid4()
-    if isinstance(child, VHDXDisk):
+    if _is_vhdx(child):
         accept_next_identity(child, identity(parent), upcoming)
         data_session(parent, upcoming)
     else:

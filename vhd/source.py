@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 
 from . import lock
 from .chain import ParentPolicy
-from .disk import Disk, Extent
+from .disk import Disk, Extent, FixedDisk
 from .errors import ForeignFormatError, InvalidArgumentError, NotAVHDError
 from .fileio import read_exact_into
-from .footer import DiskType
 from .image import open as open_image
 
 
@@ -44,9 +43,10 @@ class Source:
         return n
 
     def extents(self) -> Iterator[Extent]:
-        if self.disk is not None and self.disk.type == DiskType.FIXED:
+        if isinstance(self.disk, FixedDisk):
             # A fixed VHD is raw data before its footer: its file's holes are zero ranges, so
-            # a sparse 2040 GiB disk is copied by reading its data only.
+            # a sparse 2040 GiB disk is copied by reading its data only.  (Not a fixed VHDX:
+            # its data sits in blocks after the headers, log, metadata and BAT.)
             yield from _raw_extents(self.disk.fd, self.size)
             return
         if self.disk is not None:

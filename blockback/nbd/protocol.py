@@ -85,11 +85,6 @@ from .values import (
     wire_errno,
 )
 
-# The client broke the protocol in a way that leaves no choice but to hang up: the one
-# remote-protocol error of the package, under the name the NBD code has always used.
-ProtocolError = RemoteProtocolError
-
-
 # -- transmission phase ------------------------------------------------------------------------
 
 
@@ -112,7 +107,7 @@ def decode_request(header: bytes | bytearray | memoryview) -> Request:
     """Parse a 28-byte request header; a wrong magic number means the stream is lost."""
     magic, flags, kind, handle, offset, length = REQUEST.unpack(header)
     if magic != REQUEST_MAGIC:
-        raise ProtocolError(f"bad request magic {magic:#x}")
+        raise RemoteProtocolError(f"bad request magic {magic:#x}")
     return Request(flags, kind, handle, offset, length)
 
 
@@ -338,7 +333,7 @@ __all__ = [
     "Info",
     "NegotiationState",
     "Opt",
-    "ProtocolError",
+    "RemoteProtocolError",
     "Rep",
     "ReplyType",
     "Request",

@@ -11,14 +11,11 @@ or pass ``on_watch=`` to have a dispatcher thread call it (never the reader thre
 callback may itself call the client).
 
 Watch events, XSA-349: a frontend rewriting nodes under a watched path at high rate must not
-grow our memory. An event identical to one already queued is dropped (coalesced); when the queue
-still overflows, it is replaced by one event per registered watch, at the watch's own path,
-meaning "something below here changed: rescan".
+grow our memory; events wait in a bounded, coalescing queue (``events.py``).
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import errno
 import itertools
@@ -26,11 +23,11 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from types import TracebackType
 from typing import TypeVar
 
 from .channel import DEFAULT_SOCKET, Channel, default_socket_path, find_xenstore
+from .events import WatchEvent, WatchQueue
 from .wire import (
     HEADER,
     HEADER_SIZE,
@@ -46,12 +43,6 @@ from .wire import (
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-@dataclass(frozen=True, slots=True)
-class WatchEvent:
-    path: str
-    token: str
 
 
 class _Pending:
@@ -93,17 +84,9 @@ class XenStoreClient:
         self._pending: dict[int, _Pending] = {}
         self._closed = False
         self._close_reason = "connection closed"
-        # Watch events: a coalescing bounded queue plus a pipe readable while it is non-empty.
-        self._events: collections.deque[WatchEvent] = collections.deque()
-        self._event_keys: set[WatchEvent] = set()
-        self._max_events = max(1, max_events)
-        self._events_cv = threading.Condition()
+        # Watch events wait in a bounded queue; our watches are its "rescan" events.
+        self._events = WatchQueue(max_events)
         self._watches: dict[tuple[str, str], None] = {}
-        self.events_coalesced = 0
-        self.events_collapsed = 0
-        self._pipe_r, self._pipe_w = os.pipe()
-        os.set_blocking(self._pipe_r, False)
-        os.set_blocking(self._pipe_w, False)
         self._reader = threading.Thread(target=self._read_loop, name="xenstore-reader", daemon=True)
         self._reader.start()
         self._dispatcher: threading.Thread | None = None
@@ -125,13 +108,10 @@ class XenStoreClient:
             self._reader.join(5)
             self._chan.release()
         self._fail_all("connection closed")
-        with self._events_cv:
-            self._events_cv.notify_all()
+        self._events.close(self._close_reason)
         if self._dispatcher is not None and self._dispatcher is not threading.current_thread():
             self._dispatcher.join(5)
-        for fd in (self._pipe_r, self._pipe_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        self._events.release()
 
     def __enter__(self) -> XenStoreClient:
         return self
@@ -317,55 +297,24 @@ class XenStoreClient:
 
     def read_watch(self, timeout: float | None = None) -> WatchEvent | None:
         """The next watch event; None after ``timeout`` seconds (None = wait for ever)."""
-        with self._events_cv:
-            if not self._events_cv.wait_for(lambda: self._events or self._closed, timeout):
-                return None
-            if not self._events:
-                raise XenStoreError("EIO", self._close_reason)
-            event = self._events.popleft()
-            self._event_keys.discard(event)
-            if not self._events:
-                self._drain_pipe()
-            return event
+        return self._events.get(timeout)
 
     def pending_events(self) -> int:
-        with self._events_cv:
-            return len(self._events)
+        return len(self._events)
 
     def event_fileno(self) -> int:
         """A descriptor that polls readable while watch events are queued."""
-        return self._pipe_r
+        return self._events.fileno()
 
-    def _drain_pipe(self) -> None:
-        with contextlib.suppress(BlockingIOError, OSError):
-            while os.read(self._pipe_r, 4096):
-                pass
+    @property
+    def events_coalesced(self) -> int:
+        """Events dropped because the same one was still queued."""
+        return self._events.coalesced
 
-    def _push_event(self, event: WatchEvent) -> None:
-        with self._events_cv:
-            if event in self._event_keys:
-                self.events_coalesced += 1
-                return
-            was_empty = not self._events
-            if len(self._events) >= self._max_events:
-                # Collapse: one "rescan" event per watch instead of the flood.
-                self.events_collapsed += 1
-                self._events.clear()
-                self._event_keys.clear()
-                for path, token in list(self._watches)[: self._max_events]:
-                    rescan = WatchEvent(path, token)
-                    self._events.append(rescan)
-                    self._event_keys.add(rescan)
-                if event not in self._event_keys and len(self._events) < self._max_events:
-                    self._events.append(event)
-                    self._event_keys.add(event)
-            else:
-                self._events.append(event)
-                self._event_keys.add(event)
-            if was_empty:
-                with contextlib.suppress(BlockingIOError, OSError):
-                    os.write(self._pipe_w, b"x")
-            self._events_cv.notify_all()
+    @property
+    def events_collapsed(self) -> int:
+        """Times the queue overflowed and became one rescan event per watch."""
+        return self._events.collapsed
 
     def _dispatch_loop(self, callback: Callable[[WatchEvent], None]) -> None:
         while True:
@@ -398,7 +347,7 @@ class XenStoreClient:
                     if msg.type == XsType.WATCH_EVENT:
                         parts = split_strings(msg.payload)
                         if len(parts) >= 2:
-                            self._push_event(WatchEvent(parts[0], parts[1]))
+                            self._events.push(WatchEvent(parts[0], parts[1]), self._watches)
                         continue
                     with self._state_lock:
                         pending = self._pending.pop(msg.req_id, None)
@@ -413,8 +362,7 @@ class XenStoreClient:
             self._closed = True
             self._close_reason = reason
         self._fail_all(reason)
-        with self._events_cv:
-            self._events_cv.notify_all()
+        self._events.close(reason)
 
     def _fail_all(self, reason: str) -> None:
         with self._state_lock:

@@ -16,23 +16,22 @@ Robustness against hostile clients:
 * exceptions while serving one connection close that connection only;
 * unprivileged domains have C xenstored's quotas (``store.Quotas``; ``--quota-*`` options).
 
-Run it standalone with ``python -m blockback.xenstore.server SOCKETPATH`` (see :func:`main`).
+Run it standalone with ``python -m blockback.xenstore.server SOCKETPATH`` (:func:`serve`; the
+command line is ``vhdtools.xenstored``).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import itertools
 import os
 import selectors
-import signal
 import socket
 import stat
 import sys
 import threading
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TypeVar
 
@@ -315,85 +314,36 @@ class XenStoreServer:
             self._sel.close()
 
 
-def serve(
-    path: str | os.PathLike[str],
-    domains: dict[int, str] | None = None,
-    quotas: Quotas | None = None,
-) -> None:
-    """Serve xenstore on ``path`` until SIGINT or SIGTERM; ``domains`` adds domU sockets."""
-    server = XenStoreServer(path, quotas=quotas)
-    for domid, dpath in (domains or {}).items():
-        server.listen(dpath, domid)
-    previous = signal.getsignal(signal.SIGTERM)
+@dataclass(frozen=True)
+class XenStoredOptions:
+    """What the standalone daemon is told: its dom0 socket, the unprivileged domains' sockets
+    (domid -> path) and the quotas of unprivileged domains."""
 
-    def _term(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
+    path: str
+    domains: Mapping[int, str] = field(default_factory=dict)
+    quotas: Quotas = field(default_factory=Quotas)
 
-    signal.signal(signal.SIGTERM, _term)
+
+def serve(options: XenStoredOptions, stop: threading.Event) -> None:
+    """Serve xenstore until ``stop`` is set; every socket is removed afterwards.
+
+    Raises ``OSError`` if a socket cannot be made.  Signals are the caller's business (the
+    ``xenstored`` command in ``vhdtools`` sets ``stop`` on SIGTERM/SIGINT).
+    """
+    server = XenStoreServer(options.path, quotas=options.quotas)
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        for domid, dpath in options.domains.items():
+            server.listen(dpath, domid)
+        server.start()
+        while not stop.wait(3600):
+            pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
         server.stop()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m blockback.xenstore.server",
-        description="A small xenstored on a unix socket (point XENSTORED_PATH at it).",
-    )
-    parser.add_argument("socket", help="path of the privileged (dom0) socket")
-    parser.add_argument(
-        "--domain",
-        action="append",
-        default=[],
-        metavar="DOMID:PATH",
-        help="also accept connections on PATH as unprivileged domain DOMID",
-    )
-    defaults = Quotas()
-    for option, field, what in (
-        ("--quota-nodes", "nodes_per_domain", "nodes a domain may own"),
-        ("--quota-entry-size", "entry_size", "bytes in one value"),
-        ("--quota-watches", "watches", "watches per connection"),
-        ("--quota-transactions", "transactions", "open transactions per connection"),
-        ("--quota-perms", "perms_per_node", "entries in one permission list"),
-    ):
-        parser.add_argument(
-            option,
-            dest=field,
-            type=int,
-            metavar="N",
-            default=getattr(defaults, field),
-            help=f"unprivileged domains: at most N {what} (default {getattr(defaults, field)})",
-        )
-    args = parser.parse_args(argv)
-    quotas = replace(
-        defaults,
-        nodes_per_domain=args.nodes_per_domain,
-        entry_size=args.entry_size,
-        watches=args.watches,
-        transactions=args.transactions,
-        perms_per_node=args.perms_per_node,
-    )
-    if min(quotas.nodes_per_domain, quotas.entry_size, quotas.watches, quotas.perms_per_node) < 1:
-        parser.error("quotas must be at least 1 (transactions at least 0)")
-    if quotas.transactions < 0:
-        parser.error("quotas must be at least 1 (transactions at least 0)")
-    domains: dict[int, str] = {}
-    for item in args.domain:
-        domid, sep, dpath = item.partition(":")
-        if not sep or not domid.isdigit():
-            parser.error(f"--domain wants DOMID:PATH, not {item!r}")
-        domains[int(domid)] = dpath
-    try:
-        serve(args.socket, domains, quotas)
-    except OSError as exc:
-        print(f"xenstored: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    # The command line lives in vhdtools (blockback parses no arguments); this keeps the
+    # documented ``python -m blockback.xenstore.server`` working.
+    from vhdtools.xenstored import main
+
+    sys.exit(main(prog="python -m blockback.xenstore.server"))

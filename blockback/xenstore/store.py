@@ -1,38 +1,19 @@
-"""The XenStore database engine: nodes, permissions, transactions, watches (pure, no I/O).
+"""The XenStore database engine: the request dispatcher and the operations (pure, no I/O).
 
 Behaviour follows Xen's ``docs/misc/xenstore.txt`` and the C ``xenstored`` (Xen 4.17
-``tools/xenstore/xenstored_core.c``, ``_transaction.c``, ``_watch.c``):
+``tools/xenstore/xenstored_core.c``, ``xenstored_domain.c``); each request type of ``xs_wire.h``
+(``wire.py``) is one method here. What the operations are made of lives in its own module:
 
-* The tree: every node has a value (bytes), a permission list and ordered children. Writing a
-  node creates missing ancestors; a new node copies its parent's permissions, and an
-  unprivileged creator becomes its owner (a privileged one keeps the parent's owner, so what
-  dom0 writes into a guest's home stays the guest's: ``construct_node``). ``RM`` is recursive
-  and succeeds when only the node is missing. ``MKDIR`` of an existing node needs write access
-  to it, like ``WRITE``.
-* Permissions: the first entry names the owner and the access of every domain not listed
-  (``n`` none, ``r`` read, ``w`` write, ``b`` both). The owner and dom0 (privileged) have full
-  access. Unprivileged connections get node, value size, watch, transaction and
-  permission-list quotas (:class:`Quotas`, C's defaults).
-* Paths: absolute (``/local/...``), relative to the connection's home ``/local/domain/<domid>``,
-  or special (``@introduceDomain``, ``@releaseDomain``, for watches only). Only
-  ``[A-Za-z0-9-/_@]`` are valid characters.
-* Transactions are copy-on-write, as in C xenstored since 4.9 (``xenstored_transaction.c``):
-  a transaction holds only the nodes it touched. The first time it reads or writes a node it
-  takes the live node and records its generation; later reads see its own copy. At commit, if
-  any touched node has a different generation in the live tree (or appeared or vanished), the
-  commit fails with ``EAGAIN``; otherwise the written nodes are copied over and the watches
-  fire. An open transaction costs memory in proportion to what it touched, not to the tree.
-* Watches match the node and everything below it. Registering a watch fires it once at once
-  (after the ``OK`` reply). A recursive removal also fires watches set *below* the removed node,
-  with the watch's own path.
-* An unprivileged watcher hears of a node only if it may read the node or the node's parent
-  (``watch_permitted``): by the permissions the node has after a change, or had before it (a
-  removal, or a ``SET_PERMS`` that took its access away).
-* Outgoing queues are bounded (XSA-349: a guest churning watched nodes must not grow dom0's
-  memory without bound): an event identical to one still queued is coalesced; once a
-  connection's queue passes its limit further events are not queued but remembered per watch
-  (bounded by the watch quota), and a single event for the watch's own path is sent when the
-  queue drains, so a watcher never misses that *something* changed.
+* ``tree.py``: nodes, paths, the live tree (writing a node creates missing ancestors; ``RM`` is
+  recursive and succeeds when only the node is missing; ``MKDIR`` of an existing node needs
+  write access to it, like ``WRITE``);
+* ``permissions.py``: who may read or write a node, and who may hear of a change (nodes dom0
+  creates keep their parent's owner, so what dom0 writes into a guest's home stays the guest's;
+  an unprivileged creator becomes the owner: ``transactions.View.create``);
+* ``transactions.py``: copy-on-write transactions, and the view every request works through;
+* ``watches.py``: registering and firing watches; ``connection.py``: one connection's watches,
+  transactions and bounded outgoing queue (XSA-349);
+* ``quotas.py``: C xenstored's limits for unprivileged domains.
 
 The I/O layer (``server.py``) owns sockets; this module only turns a request into messages for
 connections.
@@ -41,205 +22,28 @@ connections.
 from __future__ import annotations
 
 import itertools
-import re
-from collections import deque
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import replace
 
+from .connection import ConnState
+from .permissions import OldPerms, access
+from .quotas import EVENT_QUEUE_BYTES, Quotas
+from .transactions import View, commit, start_transaction
+from .tree import SPECIAL_PATHS, Node, Perm, Tree, XsFail, canonical, parent_of, parse_domid
+from .watches import Fire, add_watch, fire_all, remove_watch
 from .wire import (
-    ABS_PATH_MAX,
     OK,
     PAYLOAD_MAX,
-    REL_PATH_MAX,
     Message,
     WireProtocolError,
     XsType,
     error_message,
     join_strings,
     split_strings,
-    watch_event,
 )
 
-SPECIAL_PATHS = ("@introduceDomain", "@releaseDomain")
-_VALID_PATH = re.compile(r"[A-Za-z0-9\-/_@]+")
-
-# Quotas for unprivileged connections (C xenstored defaults) and for everyone.
-QUOTA_NODES_PER_DOMAIN = 1000
-QUOTA_ENTRY_SIZE = 2048
-QUOTA_WATCHES = 128
-QUOTA_TRANSACTIONS = 10
-QUOTA_PERMS_PER_NODE = 5
-PRIV_QUOTA_WATCHES = 4096
-PRIV_QUOTA_TRANSACTIONS = 256
-EVENT_QUEUE_BYTES = 256 * 1024  # beyond this, events are remembered per watch instead
-
-
-class XsFail(Exception):
-    """An operation fails with an xenstore error name; becomes an ERROR reply."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        super().__init__(name)
-
-
-@dataclass(frozen=True, slots=True)
-class Quotas:
-    """Limits for unprivileged domains (C xenstored's ``-E -S -W -t -A`` options and defaults),
-    and the watch and transaction limits that also bound dom0's connections."""
-
-    nodes_per_domain: int = QUOTA_NODES_PER_DOMAIN
-    entry_size: int = QUOTA_ENTRY_SIZE
-    watches: int = QUOTA_WATCHES
-    transactions: int = QUOTA_TRANSACTIONS  # open at once, per connection
-    perms_per_node: int = QUOTA_PERMS_PER_NODE
-    privileged_watches: int = PRIV_QUOTA_WATCHES
-    privileged_transactions: int = PRIV_QUOTA_TRANSACTIONS
-
-
-@dataclass(frozen=True, slots=True)
-class Perm:
-    domid: int
-    access: str  # "n", "r", "w" or "b"
-
-    def __str__(self) -> str:
-        return f"{self.access}{self.domid}"
-
-    @classmethod
-    def parse(cls, text: str) -> Perm:
-        if len(text) < 2 or text[0] not in "nrwb" or not text[1:].isdigit():
-            raise XsFail("EINVAL")
-        domid = int(text[1:])
-        if domid > 0xFFFF:
-            raise XsFail("EINVAL")
-        return cls(domid, text[0])
-
-
-@dataclass(frozen=True, slots=True)
-class Node:
-    """One node; immutable so a transaction snapshot is a cheap dict copy."""
-
-    value: bytes
-    perms: tuple[Perm, ...]
-    children: tuple[str, ...]
-    gen: int
-
-    @property
-    def owner(self) -> int:
-        return self.perms[0].domid
-
-
-@dataclass(eq=False)
-class Watch:
-    path: str  # absolute, or special
-    token: str
-    relative_prefix: str  # removed from event paths when the watch was set relative ("" if not)
-
-    def reported(self, path: str) -> str:
-        if self.relative_prefix and path.startswith(self.relative_prefix):
-            return path[len(self.relative_prefix) :]
-        return path
-
-
-# Permissions a node had before a change, by path: a removal (the removed nodes) or SET_PERMS.
-OldPerms = dict[str, tuple[Perm, ...]]
-# A watch event to fire: the path, whether only watches at or above it match (a write) or also
-# those below it (a removal), and the permissions it had before (None if it had none to lose).
-Fire = tuple[str, bool, OldPerms | None]
-
-
-@dataclass(eq=False)
-class Transaction:
-    """An open transaction: only the nodes it touched (copy-on-write), never the whole tree."""
-
-    id: int
-    view: dict[str, Node | None] = field(default_factory=dict)  # touched nodes as it sees them
-    accessed: dict[str, int | None] = field(default_factory=dict)  # path -> live gen when touched
-    written: dict[str, None] = field(default_factory=dict)  # ordered set
-    fires: list[Fire] = field(default_factory=list)
-    created: int = 0
-
-
-@dataclass(eq=False)
-class ConnState:
-    """What the store knows about one client connection, including its outgoing queue."""
-
-    domid: int = 0
-    privileged: bool = True
-    event_limit: int = EVENT_QUEUE_BYTES
-    watches: list[Watch] = field(default_factory=list)
-    transactions: dict[int, Transaction] = field(default_factory=dict)
-    out: deque[tuple[bytes, tuple[str, str] | None]] = field(default_factory=deque)
-    out_bytes: int = 0
-    queued_events: set[tuple[str, str]] = field(default_factory=set)
-    overflowed: dict[tuple[str, str], None] = field(default_factory=dict)  # (watch path, token)
-    events_dropped: int = 0
-    events_coalesced: int = 0
-
-    @property
-    def home(self) -> str:
-        return f"/local/domain/{self.domid}"
-
-    def push_reply(self, msg: Message) -> None:
-        data = msg.encode()
-        self.out.append((data, None))
-        self.out_bytes += len(data)
-
-    def push_event(self, watch: Watch, path: str) -> None:
-        key = (watch.reported(path), watch.token)
-        if key in self.queued_events:
-            self.events_coalesced += 1
-            return
-        if self.out_bytes >= self.event_limit:
-            self.events_dropped += 1
-            self.overflowed[(watch.reported(watch.path), watch.token)] = None
-            return
-        data = watch_event(*key).encode()
-        self.out.append((data, key))
-        self.out_bytes += len(data)
-        self.queued_events.add(key)
-
-    def pop_out(self) -> bytes | None:
-        """The next queued message to send (the I/O layer sends it whole or puts it back)."""
-        if not self.out:
-            self._refill_overflowed()
-            if not self.out:
-                return None
-        data, key = self.out.popleft()
-        self.out_bytes -= len(data)
-        if key is not None:
-            self.queued_events.discard(key)
-        return data
-
-    def unpop_out(self, data: bytes) -> None:
-        """Put back the unsent tail of a message (a short socket write)."""
-        self.out.appendleft((data, None))
-        self.out_bytes += len(data)
-
-    def _refill_overflowed(self) -> None:
-        while self.overflowed and self.out_bytes < self.event_limit:
-            (path, token), _ = self.overflowed.popitem()
-            data = watch_event(path, token).encode()
-            self.out.append((data, (path, token)))
-            self.out_bytes += len(data)
-            self.queued_events.add((path, token))
-
-
-def is_child(child: str, parent: str) -> bool:
-    """True if ``child`` is ``parent`` or below it."""
-    if parent == "/":
-        return child.startswith("/")
-    return child == parent or child.startswith(parent + "/")
-
-
-def parent_of(path: str) -> str:
-    head = path.rsplit("/", 1)[0]
-    return head or "/"
-
-
-def _parse_domid(text: str) -> int:
-    if not text.isdigit() or int(text) > 0xFFFF:
-        raise XsFail("EINVAL")
-    return int(text)
+# Where the store's parts used to be imported from (tests, the server, benchmarks).
+__all__ = ["EVENT_QUEUE_BYTES", "ConnState", "Quotas", "Store", "XsFail"]
 
 
 class Store:
@@ -247,28 +51,11 @@ class Store:
 
     def __init__(self, quotas: Quotas | None = None) -> None:
         self.quotas = quotas or Quotas()
-        self._gen = itertools.count(1)
-        root_perms = (Perm(0, "n"),)
-        self.nodes: dict[str, Node] = {}
-        for path in ("/", "/local", "/local/domain", "/local/domain/0", "/tool"):
-            self.nodes[path] = Node(b"", root_perms, (), next(self._gen))
-            if path != "/":
-                parent = self.nodes[parent_of(path)]
-                self.nodes[parent_of(path)] = replace(
-                    parent, children=(*parent.children, path.rsplit("/", 1)[1])
-                )
-        self.owner_count: dict[int, int] = {0: len(self.nodes)}
+        self.tree = Tree()
         self.connections: list[ConnState] = []
         self.introduced: set[int] = {0}
-        # The special watch paths carry permissions but no node (C xenstored 4.17,
-        # ``dom_introduce_perms``/``dom_release_perms``, XSA-115): owned by dom0, readable by
-        # nobody else, so only privileged connections hear of domains coming and going unless
-        # dom0 grants a domain read access (a driver domain) with SET_PERMS on the path.
-        self.special_perms: dict[str, tuple[Perm, ...]] = {
-            p: (Perm(0, "n"),) for p in SPECIAL_PATHS
-        }
         self._tx_ids = itertools.count(1)
-        self._handlers: dict[int, Callable[[ConnState, _Ctx, Message], bytes]] = {
+        self._handlers: dict[int, Callable[[ConnState, View, Message], bytes]] = {
             XsType.READ: self._read,
             XsType.WRITE: self._write,
             XsType.MKDIR: self._mkdir,
@@ -285,6 +72,21 @@ class Store:
             XsType.SET_TARGET: self._set_target,
             XsType.RESET_WATCHES: self._reset_watches,
         }
+
+    @property
+    def nodes(self) -> dict[str, Node]:
+        """The live tree's nodes by path."""
+        return self.tree.nodes
+
+    @property
+    def special_perms(self) -> dict[str, tuple[Perm, ...]]:
+        """The permissions of ``@introduceDomain`` and ``@releaseDomain`` (``tree.py``)."""
+        return self.tree.special_perms
+
+    @property
+    def owner_count(self) -> dict[int, int]:
+        """How many nodes each domain owns (the node quota)."""
+        return self.tree.owner_count
 
     # -- connections ---------------------------------------------------------------------------
 
@@ -317,10 +119,10 @@ class Store:
                 handler = self._handlers.get(msg.type)
                 if handler is None:
                     raise XsFail("EINVAL")
-                ctx = self._ctx(conn, msg.tx_id)
-                reply = handler(conn, ctx, msg)
-                if ctx.tx is None:
-                    self._fire_all(ctx.fires)
+                view = self._view(conn, msg.tx_id)
+                reply = handler(conn, view, msg)
+                if view.tx is None:
+                    self._fire_all(view.fires)
         except XsFail as exc:
             conn.push_reply(error_message(exc.name, msg.req_id, msg.tx_id))
             return
@@ -332,47 +134,13 @@ class Store:
             return
         conn.push_reply(Message(msg.type, msg.req_id, msg.tx_id, reply))
 
-    def _ctx(self, conn: ConnState, tx_id: int) -> _Ctx:
+    def _view(self, conn: ConnState, tx_id: int) -> View:
         if tx_id == 0:
-            return _Ctx(self, conn, None)
+            return View(self.tree, self.quotas, conn, None)
         tx = conn.transactions.get(tx_id)
         if tx is None:
             raise XsFail("ENOENT")
-        return _Ctx(self, conn, tx)
-
-    # -- paths and permissions -----------------------------------------------------------------
-
-    def canonical(self, conn: ConnState, path: str, *, special_ok: bool = False) -> str:
-        if path.startswith("@"):
-            if special_ok and path in SPECIAL_PATHS:
-                return path
-            raise XsFail("EINVAL")
-        if not path.startswith("/"):
-            if not path or len(path) > REL_PATH_MAX:
-                raise XsFail("EINVAL")
-            path = f"{conn.home}/{path}"
-        if len(path) > ABS_PATH_MAX or not _VALID_PATH.fullmatch(path):
-            raise XsFail("EINVAL")
-        if path != "/" and (path.endswith("/") or "//" in path):
-            raise XsFail("EINVAL")
-        return path
-
-    @staticmethod
-    def access(conn: ConnState, node: Node) -> str:
-        """The letters ("r", "w") ``conn`` may do on ``node``."""
-        return Store.perms_access(conn, node.perms)
-
-    @staticmethod
-    def perms_access(conn: ConnState, perms: tuple[Perm, ...]) -> str:
-        """The letters ("r", "w") ``conn`` may do on a node with ``perms``."""
-        if conn.privileged or perms[0].domid == conn.domid:
-            return "rw"
-        letter = perms[0].access
-        for perm in perms[1:]:
-            if perm.domid == conn.domid:
-                letter = perm.access
-                break
-        return {"n": "", "r": "r", "w": "w", "b": "rw"}[letter]
+        return View(self.tree, self.quotas, conn, tx)
 
     def _args(self, msg: Message, count: int) -> list[str]:
         parts = split_strings(msg.payload)
@@ -382,82 +150,82 @@ class Store:
 
     # -- operations ----------------------------------------------------------------------------
 
-    def _read(self, conn: ConnState, ctx: _Ctx, msg: Message) -> bytes:
+    def _read(self, conn: ConnState, view: View, msg: Message) -> bytes:
         (path,) = self._args(msg, 1)
-        return ctx.get_checked(self.canonical(conn, path), "r").value
+        return view.get_checked(canonical(conn.home, path), "r").value
 
-    def _write(self, conn: ConnState, ctx: _Ctx, msg: Message) -> bytes:
+    def _write(self, conn: ConnState, view: View, msg: Message) -> bytes:
         raw_path, sep, value = msg.payload.partition(b"\0")
         if not sep:
             raise XsFail("EINVAL")
         try:
-            path = self.canonical(conn, raw_path.decode("utf-8"))
+            path = canonical(conn.home, raw_path.decode("utf-8"))
         except UnicodeDecodeError:
             raise XsFail("EINVAL") from None
         if not conn.privileged and len(value) > self.quotas.entry_size:
             raise XsFail("ENOSPC")
-        node = ctx.get(path)
+        node = view.get(path)
         if node is None:
-            ctx.create(path, value)
+            view.create(path, value)
         else:
-            if "w" not in self.access(conn, node):
+            if "w" not in access(conn, node.perms):
                 raise XsFail("EACCES")
-            ctx.put(path, replace(node, value=value, gen=self.next_gen()))
-        ctx.fires.append((path, True, None))
+            view.put(path, replace(node, value=value, gen=self.next_gen()))
+        view.fires.append((path, True, None))
         return OK
 
-    def _mkdir(self, conn: ConnState, ctx: _Ctx, msg: Message) -> bytes:
+    def _mkdir(self, conn: ConnState, view: View, msg: Message) -> bytes:
         (raw,) = self._args(msg, 1)
-        path = self.canonical(conn, raw)
-        node = ctx.get(path)
+        path = canonical(conn.home, raw)
+        node = view.get(path)
         if node is None:
-            ctx.create(path, b"")
-            ctx.fires.append((path, True, None))
-        elif "w" not in self.access(conn, node):
+            view.create(path, b"")
+            view.fires.append((path, True, None))
+        elif "w" not in access(conn, node.perms):
             # C xenstored looks the node up for writing: an existing node the caller may not
             # write is EACCES, so MKDIR does not tell an unprivileged caller that it exists.
             raise XsFail("EACCES")
         return OK
 
-    def _rm(self, conn: ConnState, ctx: _Ctx, msg: Message) -> bytes:
+    def _rm(self, conn: ConnState, view: View, msg: Message) -> bytes:
         (raw,) = self._args(msg, 1)
-        path = self.canonical(conn, raw)
+        path = canonical(conn.home, raw)
         if path == "/":
             raise XsFail("EINVAL")
-        node = ctx.get(path)
+        node = view.get(path)
         if node is None:
             # Like C xenstored: removing a missing node is fine if its parent exists.
-            if ctx.get(parent_of(path)) is None:
+            if view.get(parent_of(path)) is None:
                 raise XsFail("ENOENT")
             return OK
-        if "w" not in self.access(conn, node):
+        if "w" not in access(conn, node.perms):
             raise XsFail("EACCES")
         parent_path = parent_of(path)
-        parent = ctx.get(parent_path)
+        parent = view.get(parent_path)
         assert parent is not None
         name = path.rsplit("/", 1)[1]
-        ctx.put(
+        view.put(
             parent_path,
             replace(
                 parent, children=tuple(c for c in parent.children if c != name), gen=self.next_gen()
             ),
         )
         removed: OldPerms = {}
-        for sub in list(ctx.walk(path)):
-            old = ctx.delete(sub)
+        for sub in list(view.walk(path)):
+            old = view.delete(sub)
             if old is not None:
                 removed[sub] = old.perms
-        ctx.fires.append((path, False, removed))
+        view.fires.append((path, False, removed))
         return OK
 
-    def _directory(self, conn: ConnState, ctx: _Ctx, msg: Message) -> bytes:
+    def _directory(self, conn: ConnState, view: View, msg: Message) -> bytes:
         (raw,) = self._args(msg, 1)
-        node = ctx.get_checked(self.canonical(conn, raw), "r")
+        node = view.get_checked(canonical(conn.home, raw), "r")
         return join_strings(*node.children)
 
-    def _directory_part(self, conn: ConnState, ctx: _Ctx, msg: Message) -> bytes:
+    def _directory_part(self, conn: ConnState, view: View, msg: Message) -> bytes:
         raw, offset_text = self._args(msg, 2)
-        node = ctx.get_checked(self.canonical(conn, raw), "r")
+        node = view.get_checked(canonical(conn.home, raw), "r")
         if not offset_text.isdigit():
             raise XsFail("EINVAL")
         offset = int(offset_text)
@@ -477,21 +245,21 @@ class Store:
             body += b"\0"
         return body
 
-    def _get_perms(self, conn: ConnState, ctx: _Ctx, msg: Message) -> bytes:
+    def _get_perms(self, conn: ConnState, view: View, msg: Message) -> bytes:
         (raw,) = self._args(msg, 1)
         if raw in SPECIAL_PATHS:
             perms = self.special_perms[raw]
-            if "r" not in self.perms_access(conn, perms):
+            if "r" not in access(conn, perms):
                 raise XsFail("EACCES")
             return join_strings(*(str(p) for p in perms))
-        node = ctx.get_checked(self.canonical(conn, raw), "r")
+        node = view.get_checked(canonical(conn.home, raw), "r")
         return join_strings(*(str(p) for p in node.perms))
 
-    def _set_perms(self, conn: ConnState, ctx: _Ctx, msg: Message) -> bytes:
+    def _set_perms(self, conn: ConnState, view: View, msg: Message) -> bytes:
         parts = split_strings(msg.payload)
         if len(parts) < 2:
             raise XsFail("EINVAL")
-        path = self.canonical(conn, parts[0], special_ok=True)
+        path = canonical(conn.home, parts[0], special_ok=True)
         if not conn.privileged and len(parts) - 1 > self.quotas.perms_per_node:
             raise XsFail("ENOSPC")  # as C's do_set_perms (quota_nb_perms_per_node)
         perms = tuple(Perm.parse(p) for p in parts[1:])
@@ -505,52 +273,36 @@ class Store:
                 raise XsFail("EPERM")
             self.special_perms[path] = perms
             return OK
-        node = ctx.get_checked(path, "w")
+        node = view.get_checked(path, "w")
         # Only the owner (or dom0) may change permissions, and only dom0 may give a node away.
         if not conn.privileged and node.owner != conn.domid:
             raise XsFail("EACCES")
         if not conn.privileged and perms[0].domid != node.owner:
             raise XsFail("EPERM")
-        ctx.put(path, replace(node, perms=perms, gen=self.next_gen()))
+        view.put(path, replace(node, perms=perms, gen=self.next_gen()))
         # A watcher that loses read access still hears of the change (C passes old_perms).
-        ctx.fires.append((path, True, {path: node.perms}))
+        view.fires.append((path, True, {path: node.perms}))
         return OK
 
     def _watch(self, conn: ConnState, msg: Message) -> None:
         raw, token = self._args(msg, 2)
-        path = self.canonical(conn, raw, special_ok=True)
-        quota = self.quotas.privileged_watches if conn.privileged else self.quotas.watches
-        if any(w.path == path and w.token == token for w in conn.watches):
-            raise XsFail("EEXIST")
-        if len(conn.watches) >= quota:
-            raise XsFail("E2BIG")
-        prefix = "" if raw.startswith(("/", "@")) else conn.home + "/"
-        watch = Watch(path, token, prefix)
-        conn.watches.append(watch)
+        path = canonical(conn.home, raw, special_ok=True)
+        watch = add_watch(conn, self.quotas, raw, path, token)
         conn.push_reply(Message(msg.type, msg.req_id, msg.tx_id, OK))
         conn.push_event(watch, path)  # the initial fire, after the reply (as xenstored does)
 
     def _unwatch(self, conn: ConnState, msg: Message) -> bytes:
         raw, token = self._args(msg, 2)
-        path = self.canonical(conn, raw, special_ok=True)
-        for watch in conn.watches:
-            if watch.path == path and watch.token == token:
-                conn.watches.remove(watch)
-                conn.overflowed.pop((watch.reported(path), token), None)
-                return OK
-        raise XsFail("ENOENT")
+        remove_watch(conn, canonical(conn.home, raw, special_ok=True), token)
+        return OK
 
     def _transaction_start(self, conn: ConnState, msg: Message) -> bytes:
         if msg.tx_id != 0:
             raise XsFail("EBUSY")
         if msg.payload not in (b"", b"\0"):
             raise XsFail("EINVAL")
-        quota = self.quotas.privileged_transactions if conn.privileged else self.quotas.transactions
-        if len(conn.transactions) >= quota:
-            raise XsFail("ENOSPC")
-        tx_id = next(self._tx_ids)
-        conn.transactions[tx_id] = Transaction(tx_id)
-        return join_strings(str(tx_id))
+        tx = start_transaction(conn, self.quotas, self._tx_ids)
+        return join_strings(str(tx.id))
 
     def _transaction_end(self, conn: ConnState, msg: Message) -> bytes:
         tx = conn.transactions.get(msg.tx_id)
@@ -559,69 +311,54 @@ class Store:
         (flag,) = self._args(msg, 1)
         if flag not in ("T", "F"):
             raise XsFail("EINVAL")
-        del conn.transactions[msg.tx_id]
-        if flag == "F":
-            return OK
-        for path, base_gen in tx.accessed.items():
-            current = self.nodes.get(path)
-            if (current.gen if current else None) != base_gen:
-                raise XsFail("EAGAIN")
-        for path in tx.written:
-            node = tx.view.get(path)
-            old = self.nodes.get(path)
-            if old is not None:
-                self._count(old.owner, -1)
-            if node is None:
-                self.nodes.pop(path, None)
-            else:
-                self.nodes[path] = node
-                self._count(node.owner, +1)
-        self._fire_all(tx.fires)
+        del conn.transactions[msg.tx_id]  # gone whether it commits, aborts or conflicts
+        if flag == "T":
+            self._fire_all(commit(self.tree, tx))
         return OK
 
-    def _get_domain_path(self, conn: ConnState, ctx: _Ctx, msg: Message) -> bytes:
+    def _get_domain_path(self, conn: ConnState, view: View, msg: Message) -> bytes:
         (domid,) = self._args(msg, 1)
-        return join_strings(f"/local/domain/{_parse_domid(domid)}")
+        return join_strings(f"/local/domain/{parse_domid(domid)}")
 
     def _need_priv(self, conn: ConnState) -> None:
         if not conn.privileged:
             raise XsFail("EACCES")
 
-    def _introduce(self, conn: ConnState, ctx: _Ctx, msg: Message) -> bytes:
+    def _introduce(self, conn: ConnState, view: View, msg: Message) -> bytes:
         self._need_priv(conn)
         domid, mfn, port = self._args(msg, 3)
         if not mfn.isdigit() or not port.isdigit():
             raise XsFail("EINVAL")
-        self.introduce_domain(_parse_domid(domid))
+        self.introduce_domain(parse_domid(domid))
         return OK
 
-    def _release(self, conn: ConnState, ctx: _Ctx, msg: Message) -> bytes:
+    def _release(self, conn: ConnState, view: View, msg: Message) -> bytes:
         self._need_priv(conn)
         (domid,) = self._args(msg, 1)
-        if not self.release_domain(_parse_domid(domid)):
+        if not self.release_domain(parse_domid(domid)):
             raise XsFail("ENOENT")
         return OK
 
-    def _is_introduced(self, conn: ConnState, ctx: _Ctx, msg: Message) -> bytes:
+    def _is_introduced(self, conn: ConnState, view: View, msg: Message) -> bytes:
         self._need_priv(conn)
         (domid,) = self._args(msg, 1)
-        return join_strings("T" if _parse_domid(domid) in self.introduced else "F")
+        return join_strings("T" if parse_domid(domid) in self.introduced else "F")
 
-    def _resume(self, conn: ConnState, ctx: _Ctx, msg: Message) -> bytes:
+    def _resume(self, conn: ConnState, view: View, msg: Message) -> bytes:
         self._need_priv(conn)
         (domid,) = self._args(msg, 1)
-        if _parse_domid(domid) not in self.introduced:
+        if parse_domid(domid) not in self.introduced:
             raise XsFail("ENOENT")
         return OK
 
-    def _set_target(self, conn: ConnState, ctx: _Ctx, msg: Message) -> bytes:
+    def _set_target(self, conn: ConnState, view: View, msg: Message) -> bytes:
         self._need_priv(conn)
         domid, target = self._args(msg, 2)
-        _parse_domid(domid)
-        _parse_domid(target)
+        parse_domid(domid)
+        parse_domid(target)
         return OK
 
-    def _reset_watches(self, conn: ConnState, ctx: _Ctx, msg: Message) -> bytes:
+    def _reset_watches(self, conn: ConnState, view: View, msg: Message) -> bytes:
         conn.watches.clear()
         conn.overflowed.clear()
         conn.transactions.clear()
@@ -648,161 +385,7 @@ class Store:
     # -- internals -----------------------------------------------------------------------------
 
     def next_gen(self) -> int:
-        return next(self._gen)
-
-    def _count(self, domid: int, delta: int) -> None:
-        self.owner_count[domid] = self.owner_count.get(domid, 0) + delta
+        return self.tree.next_gen()
 
     def _fire_all(self, fires: list[Fire]) -> None:
-        for path, exact, old in fires:
-            self._fire(path, exact, old)
-
-    def _fire(self, path: str, exact: bool, old: OldPerms | None) -> None:
-        for conn in self.connections:
-            for watch in conn.watches:
-                if path.startswith("@") or watch.path.startswith("@"):
-                    if watch.path == path and "r" in self.perms_access(
-                        conn, self.special_perms[path]
-                    ):
-                        conn.push_event(watch, path)
-                    continue
-                if is_child(path, watch.path):
-                    if self._permitted(conn, path, old):
-                        conn.push_event(watch, path)
-                elif not exact and is_child(watch.path, path):
-                    # A watch below a removed node: judged by the nearest removed node.
-                    judged = watch.path
-                    while old is not None and judged not in old and judged != path:
-                        judged = parent_of(judged)
-                    if self._permitted(conn, judged, old):
-                        conn.push_event(watch, watch.path)
-
-    def _permitted(self, conn: ConnState, path: str, old: OldPerms | None) -> bool:
-        """May ``conn`` hear of a change at ``path``? (C xenstored's ``watch_permitted``.)
-
-        Yes if it may read the node as it was before the change (``old``) or as it is now, or
-        the node's parent; a node that is gone and left no permissions behind tells nothing.
-        """
-        if conn.privileged:
-            return True
-        before = old.get(path) if old is not None else None
-        if before is not None and "r" in self.perms_access(conn, before):
-            return True
-        node = self.nodes.get(path)
-        if node is not None and "r" in self.access(conn, node):
-            return True
-        if node is None and before is None:
-            return False
-        if path == "/":
-            return False
-        up = parent_of(path)
-        parent_perms = old.get(up) if old is not None else None
-        if parent_perms is None:
-            parent = self.nodes.get(up)
-            if parent is None:
-                return False
-            parent_perms = parent.perms
-        return "r" in self.perms_access(conn, parent_perms)
-
-
-class _Ctx:
-    """The tree as one request sees it: the live tree, or the live tree overlaid with what a
-    transaction touched (its first look at a node records the node's generation)."""
-
-    def __init__(self, store: Store, conn: ConnState, tx: Transaction | None) -> None:
-        self.store = store
-        self.conn = conn
-        self.tx = tx
-        self.fires: list[Fire] = tx.fires if tx is not None else []
-
-    def get(self, path: str) -> Node | None:
-        tx = self.tx
-        if tx is None:
-            return self.store.nodes.get(path)
-        if path in tx.view:
-            return tx.view[path]
-        node = self.store.nodes.get(path)
-        tx.view[path] = node
-        tx.accessed[path] = node.gen if node is not None else None
-        return node
-
-    def get_checked(self, path: str, letter: str) -> Node:
-        node = self.get(path)
-        if node is None:
-            raise XsFail("ENOENT")
-        if letter not in self.store.access(self.conn, node):
-            raise XsFail("EACCES")
-        return node
-
-    def put(self, path: str, node: Node) -> None:
-        old = self.get(path)
-        if self.tx is not None:
-            self.tx.view[path] = node
-            self.tx.written[path] = None
-        else:
-            self.store.nodes[path] = node
-            if old is not None:
-                self.store._count(old.owner, -1)
-            self.store._count(node.owner, +1)
-
-    def delete(self, path: str) -> Node | None:
-        """Remove ``path``; return the node as it was."""
-        old = self.get(path)
-        if self.tx is not None:
-            self.tx.view[path] = None
-            self.tx.written[path] = None
-        else:
-            self.store.nodes.pop(path, None)
-            if old is not None:
-                self.store._count(old.owner, -1)
-        return old
-
-    def walk(self, path: str) -> Iterator[str]:
-        """``path`` and every node below it, parents first."""
-        stack = [path]
-        while stack:
-            current = stack.pop()
-            node = self.get(current)
-            if node is None:
-                continue
-            yield current
-            base = current.rstrip("/")
-            stack.extend(f"{base}/{c}" for c in node.children)
-
-    def create(self, path: str, value: bytes) -> None:
-        """Create ``path`` (and missing ancestors) with the parent's permissions; an unprivileged
-        creator becomes the owner, a privileged one leaves the parent's owner in place."""
-        conn = self.conn
-        missing: list[str] = []
-        current = path
-        parent = None
-        while True:
-            missing.append(current)
-            up = parent_of(current)
-            parent = self.get(up)
-            if parent is not None:
-                break
-            current = up
-        if "w" not in self.store.access(conn, parent):
-            raise XsFail("EACCES")
-        if not conn.privileged:
-            used = self.store.owner_count.get(conn.domid, 0)
-            if self.tx is not None:
-                used += self.tx.created
-            if used + len(missing) > self.store.quotas.nodes_per_domain:
-                raise XsFail("ENOSPC")
-        for sub in reversed(missing):
-            up = parent_of(sub)
-            parent = self.get(up)
-            assert parent is not None
-            name = sub.rsplit("/", 1)[1]
-            self.put(
-                up, replace(parent, children=(*parent.children, name), gen=self.store.next_gen())
-            )
-            if conn.privileged:
-                perms = parent.perms
-            else:
-                perms = (Perm(conn.domid, parent.perms[0].access), *parent.perms[1:])
-            self.put(sub, Node(value if sub == path else b"", perms, (), self.store.next_gen()))
-            if self.tx is not None:
-                self.tx.created += 1
+        fire_all(self.connections, self.tree, fires)

@@ -20,7 +20,7 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
-from vhd.errors import VHDError
+from blockback.errors import ProtocolError
 
 HEADER = struct.Struct("=IIII")
 HEADER_SIZE = HEADER.size  # 16
@@ -128,10 +128,11 @@ def xs_error_name(code: int) -> str:
     return name if name in XSD_ERRORS else "EINVAL"
 
 
-class XenStoreError(VHDError):
+class XenStoreError(ProtocolError):
     """An xenstore operation failed: the daemon answered ERROR, or the connection broke.
 
-    ``errno`` is the local errno value, ``name`` the wire name (``"ENOENT"``).
+    ``errno`` is the local errno value, ``name`` the wire name (``"ENOENT"``).  A protocol error
+    (``blockback.errors``), not a ``vhd.VHDError``: it is about xenstored, not an image.
     """
 
     def __init__(self, name: str, message: str = "") -> None:

@@ -16,6 +16,7 @@ import vhd
 from blockback.executor import RequestExecutor
 from blockback.request import BlockOp, BlockRequest
 from tests.fakedisk import FakeDisk
+from vhd.vhdx import create_vhdx
 
 SIZE = 1024 * 1024
 MIB = 1024 * 1024
@@ -152,6 +153,36 @@ def test_trim_on_a_differencing_disk_never_grows_it(tmp_path: Path) -> None:
         assert read(ex, 0, 4 * MIB) == (0, b"\x5a" * 4 * MIB)
         assert ex.execute(BlockRequest(BlockOp.WRITE_ZEROES, 100, 5000)) == 0
         assert read(ex, 0, 5200) == (0, b"\x5a" * 100 + bytes(5000) + b"\x5a" * 100)
+
+
+def test_trim_on_a_differencing_vhdx_never_grows_it(tmp_path: Path) -> None:
+    """The same promise on a VHDX child (a guest's fstrim through NBD or blkif): TRIMs that
+    cover blocks partly used to write zeros there, allocating blocks; now the sectors they
+    cover entirely read the parent again, whole blocks read as zeros (ZERO: MS-VHDX 2.5.1.1),
+    and WRITE_ZEROES still reads back zeros."""
+    parent, child = tmp_path / "p.vhdx", tmp_path / "c.vhdx"
+    with create_vhdx(parent, 8 * MIB, block_size=MIB) as disk:
+        disk.pwrite(b"\x5a" * 8 * MIB, 0)
+    create_vhdx(child, 0, type="differencing", parent=vhd.open(parent), block_size=MIB).close()
+    with vhd.open(child, "r+") as disk:
+        ex = RequestExecutor(disk)
+        assert write(ex, MIB - 4096, b"\x01" * (MIB + 8192)) == 0
+        disk.flush()
+        grown = child.stat().st_size
+        # Partial over blocks 0 and 2 (sectors the child holds and sectors it does not), whole
+        # over block 1.
+        assert ex.execute(BlockRequest(BlockOp.DISCARD, 100, 2 * MIB + 2048 - 100)) == 0
+        disk.flush()
+        assert child.stat().st_size == grown
+        got = read(ex, 0, 3 * MIB)[1]
+        assert got[: MIB - 4096] == b"\x5a" * (MIB - 4096)  # never held by the child
+        assert got[MIB - 4096 : MIB] == b"\x5a" * 4096  # given back to the parent
+        assert got[MIB : 2 * MIB] == bytes(MIB)  # a whole block: ZERO
+        assert got[2 * MIB : 2 * MIB + 2048] == b"\x5a" * 2048  # given back
+        assert got[2 * MIB + 2048 : 2 * MIB + 4096] == b"\x01" * 2048  # not covered: kept
+        assert ex.execute(BlockRequest(BlockOp.WRITE_ZEROES, 3 * MIB + 100, 5000)) == 0
+        want = b"\x5a" * 100 + bytes(5000) + b"\x5a" * 100
+        assert read(ex, 3 * MIB, 5200) == (0, want)
 
 
 def test_write_zeroes_may_punch_a_hole() -> None:

@@ -9,15 +9,23 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import vhd
+from tests.conftest import need_tool
+from vhd.vhdx import create_vhdx
 
 from .cbuild import compile_c
 
 
-def test_vhd_serve_sim_cli(tmp_path: Path) -> None:
+@pytest.mark.parametrize("fmt", ["vhd", "vhdx"])
+def test_vhd_serve_sim_cli(tmp_path: Path, fmt: str) -> None:
     exe = compile_c("frontend.c", tmp_path / "frontend", libs=("xenstore",))
-    image = tmp_path / "d.vhd"
-    vhd.create(image, 16 * 1024 * 1024).close()
+    image = tmp_path / f"d.{fmt}"
+    if fmt == "vhdx":
+        create_vhdx(image, 16 * 1024 * 1024, block_size=1024 * 1024).close()
+    else:
+        vhd.create(image, 16 * 1024 * 1024).close()
     sim = tmp_path / "sim"
     proc = subprocess.Popen(
         [sys.executable, "-m", "vhdtools.cli", "serve", str(image), "--sim", str(sim)],
@@ -63,3 +71,10 @@ def test_vhd_serve_sim_cli(tmp_path: Path) -> None:
     assert rc == 0
     with vhd.open(image) as disk:  # the writes landed and the image is consistent
         assert disk.pread(4096, 0) != bytes(4096)
+    if fmt == "vhdx":
+        result = subprocess.run(
+            [need_tool("qemu-img"), "check", "-f", "vhdx", str(image)],
+            capture_output=True,
+            text=True,
+        )
+        assert "No errors" in result.stdout, result.stdout + result.stderr

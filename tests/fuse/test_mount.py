@@ -12,13 +12,16 @@ import sys
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 from vhdfuse.mount import server_pid
 
 import vhd
-from tests.images import sha, vhd_image
+from tests.images import image, sha
+from tests.interop.oracles import libvhdi_read
 from tests.model import model_chain
+from vhd.vhdx import create_vhdx
 
 from .mounting import MiB, Mounts, is_mounted, run, vhd_cli, wait_until
 
@@ -29,14 +32,41 @@ def _pattern(seed: int, length: int) -> bytes:
     return random.Random(seed).randbytes(length)
 
 
+# The front end is format-neutral (a Disk): the tests that touch the data path run on VHD and on
+# VHDX, named by the image's suffix.
+FORMATS = ["vhd", "vhdx"]
+
+
+def _image(path: Path, size: int = 64 * MiB, **kwargs: Any) -> Path:
+    """A new dynamic image; a ``.vhdx`` path makes a VHDX (Hyper-V's 32 MiB blocks unless
+    ``block_size`` says otherwise)."""
+    return image(path, size, **kwargs).path
+
+
+def _child(path: Path, parent: Path, **kwargs: object) -> Path:
+    """A differencing child of ``parent``, in the format ``path``'s suffix names."""
+    if path.suffix == ".vhdx":
+        create_vhdx(path, 0, type="differencing", parent=vhd.open(str(parent)), **kwargs).close()  # type: ignore[arg-type]
+    else:
+        vhd.create(str(path), parent=str(parent), **kwargs).close()  # type: ignore[arg-type]
+    return path
+
+
+def _qemu_format(path: Path) -> str:
+    return "vhdx" if path.suffix == ".vhdx" else "vpc"
+
+
 def _read_image(path: Path, offset: int, length: int) -> bytes:
     with vhd.open(str(path)) as disk:
         return disk.pread(length, offset)
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("cache", ["direct", "kernel"])
-def test_disk_file_reads_and_writes_the_image(tmp_path: Path, mounts: Mounts, cache: str) -> None:
-    image = vhd_image(tmp_path / "a.vhd", 48 * MiB + 512).path
+def test_disk_file_reads_and_writes_the_image(
+    tmp_path: Path, mounts: Mounts, cache: str, fmt: str
+) -> None:
+    image = _image(tmp_path / f"a.{fmt}", 48 * MiB + 512)
     data = _pattern(1, 3 * MiB)
     with vhd.open(str(image), "r+") as disk:
         disk.pwrite(data, 5 * MiB)
@@ -66,12 +96,13 @@ def test_disk_file_reads_and_writes_the_image(tmp_path: Path, mounts: Mounts, ca
     assert _read_image(image, 5 * MiB, len(data)) == data
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_mkfs_ext4_e2fsck_and_debugfs(
-    tmp_path: Path, mounts: Mounts, require_tool: Callable[[str], str]
+    tmp_path: Path, mounts: Mounts, require_tool: Callable[[str], str], fmt: str
 ) -> None:
     mkfs, e2fsck, debugfs = (require_tool(t) for t in ("mkfs.ext4", "e2fsck", "debugfs"))
     qemu_img = require_tool("qemu-img")
-    image = vhd_image(tmp_path / "ext4.vhd", 128 * MiB).path
+    image = _image(tmp_path / f"ext4.{fmt}", 128 * MiB)
     mnt = mounts.mount(image)
     disk = str(mnt / "disk")
     # mke2fs discards (fallocate PUNCH_HOLE -> Disk.discard) before writing its tables.
@@ -87,8 +118,13 @@ def test_mkfs_ext4_e2fsck_and_debugfs(
     assert result.returncode == 0, result.stderr
     mounts.unmount(mnt)
     raw = tmp_path / "ext4.raw"
-    result = run([qemu_img, "convert", "-f", "vpc", "-O", "raw", str(image), str(raw)])
+    result = run(
+        [qemu_img, "convert", "-f", _qemu_format(image), "-O", "raw", str(image), str(raw)]
+    )
     assert result.returncode == 0, result.stderr
+    if fmt == "vhdx":
+        result = run([qemu_img, "check", "-f", "vhdx", str(image)])
+        assert result.returncode == 0 and "No errors" in result.stdout, result.stdout
     assert run([e2fsck, "-fn", str(raw)]).returncode == 0
     out = tmp_path / "out.bin"
     result = run([debugfs, "-R", f"dump payload.bin {out}", str(raw)])
@@ -101,7 +137,7 @@ def test_partitions_appear_after_remount(
 ) -> None:
     sfdisk, mkfs_vfat = require_tool("sfdisk"), require_tool("mkfs.vfat")
     mcopy, mtype = require_tool("mcopy"), require_tool("mtype")
-    image = vhd_image(tmp_path / "parts.vhd", 96 * MiB).path
+    image = _image(tmp_path / "parts.vhd", 96 * MiB)
     mnt = mounts.mount(image)
     script = "label: dos\nstart=2048, size=20480, type=83\nstart=24576, size=81920, type=c\n"
     result = run([sfdisk, "-q", str(mnt / "disk")], input=script)
@@ -157,18 +193,20 @@ def _libvhdi_read(image: Path, parent: Path | None, offset: int, length: int) ->
     return result.stdout
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_differencing_child_takes_the_writes(
-    tmp_path: Path, mounts: Mounts, require_tool: Callable[[str], str]
+    tmp_path: Path, mounts: Mounts, require_tool: Callable[[str], str], fmt: str
 ) -> None:
     if not Path("/usr/bin/python3").exists():
         pytest.fail("/usr/bin/python3 with pyvhdi (python3-libvhdi) is needed")
-    parent = vhd_image(tmp_path / "parent.vhd", 32 * MiB).path
+    # VHDX: 1 MiB blocks, so the 32 MiB disk has many blocks, some partly written.
+    sizes = {"block_size": MiB} if fmt == "vhdx" else {}
+    parent = _image(tmp_path / f"parent.{fmt}", 32 * MiB, **sizes)
     base = bytearray(_pattern(3, 32 * MiB))
     with vhd.open(str(parent), "r+") as disk:
         disk.pwrite(base, 0)
     parent_hash = sha(parent)
-    child = tmp_path / "child.vhd"
-    vhd.create(str(child), parent=str(parent)).close()
+    child = _child(tmp_path / f"child.{fmt}", parent, **sizes)
     mnt = mounts.mount(child)
     model = bytearray(base)
     rng = random.Random(4)
@@ -184,6 +222,11 @@ def test_differencing_child_takes_the_writes(
     assert sha(parent) == parent_hash
     with vhd.open(str(child)) as disk:
         assert disk.pread(32 * MiB, 0) == model
+    if fmt == "vhdx":
+        # libvhdi reads differencing VHDX chains (qemu refuses them).
+        libvhdi_read([parent, child], tmp_path / "libvhdi.raw")
+        assert (tmp_path / "libvhdi.raw").read_bytes() == model
+        return
     assert _libvhdi_read(child, parent, 0, 32 * MiB) == model
     # The spec model (an independent reader of the spec) agrees.
     chain = model_chain([parent, child])
@@ -191,7 +234,7 @@ def test_differencing_child_takes_the_writes(
 
 
 def test_parent_dir_finds_a_moved_parent(tmp_path: Path, mounts: Mounts) -> None:
-    parent = vhd_image(tmp_path / "base.vhd", 8 * MiB).path
+    parent = _image(tmp_path / "base.vhd", 8 * MiB)
     with vhd.open(str(parent), "r+") as disk:
         disk.pwrite(b"from the parent", 4096)
     child = tmp_path / "child.vhd"
@@ -214,7 +257,7 @@ def test_plain_fusermount_unmount_closes_cleanly(
     tmp_path: Path, mounts: Mounts, require_tool: Callable[[str], str]
 ) -> None:
     fusermount = require_tool("fusermount3")
-    image = vhd_image(tmp_path / "plain.vhd", 8 * MiB).path
+    image = _image(tmp_path / "plain.vhd", 8 * MiB)
     mnt = mounts.mount(image)
     pid = server_pid(str(mnt))
     with open(mnt / "disk", "r+b", buffering=0) as f:
@@ -230,7 +273,7 @@ def test_plain_fusermount_unmount_closes_cleanly(
 @pytest.mark.parametrize("cache", ["direct", "kernel"])
 def test_read_only_mount_refuses_writes(tmp_path: Path, mounts: Mounts, cache: str) -> None:
     # Spaces and commas must survive libfuse's option parsing and /proc/self/mountinfo.
-    image = vhd_image(tmp_path / "r,o image.vhd", 16 * MiB).path
+    image = _image(tmp_path / "r,o image.vhd", 16 * MiB)
     with vhd.open(str(image), "r+") as disk:
         disk.pwrite(b"keep", 0)
     before = sha(image)
@@ -267,7 +310,7 @@ def _process_worker(args: tuple[str, int, int]) -> int:
 
 @pytest.mark.parametrize("cache", ["direct", "kernel"])
 def test_concurrent_threads_and_processes(tmp_path: Path, mounts: Mounts, cache: str) -> None:
-    image = vhd_image(tmp_path / "conc.vhd", 32 * MiB, block_size=512 * KiB).path
+    image = _image(tmp_path / "conc.vhd", 32 * MiB, block_size=512 * KiB)
     mnt = mounts.mount(image, "--cache", cache)
     path = str(mnt / "disk")
     model = bytearray(32 * MiB)
@@ -304,11 +347,12 @@ def test_concurrent_threads_and_processes(tmp_path: Path, mounts: Mounts, cache:
     assert _read_image(image, 0, 32 * MiB) == model
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_fallocate_punch_hole_discards(
-    tmp_path: Path, mounts: Mounts, require_tool: Callable[[str], str]
+    tmp_path: Path, mounts: Mounts, require_tool: Callable[[str], str], fmt: str
 ) -> None:
     fallocate = require_tool("fallocate")
-    image = vhd_image(tmp_path / "punch.vhd", 16 * MiB, block_size=MiB).path
+    image = _image(tmp_path / f"punch.{fmt}", 16 * MiB, block_size=MiB)
     with vhd.open(str(image), "r+") as disk:
         disk.pwrite(b"\xaa" * 16 * MiB, 0)
     mnt = mounts.mount(image)
@@ -322,19 +366,27 @@ def test_fallocate_punch_hole_discards(
         assert disk.pread(3 * MiB, 2 * MiB) == bytes(3 * MiB)
         holes = [e for e in disk.extents() if e.layer is None]
         assert sum(e.length for e in holes) == 3 * MiB  # whole blocks were given back
+    if fmt == "vhdx":
+        qemu_img = require_tool("qemu-img")
+        result = run([qemu_img, "check", "-f", "vhdx", str(image)])
+        assert result.returncode == 0 and "No errors" in result.stdout, result.stdout
+        raw = tmp_path / "punch.raw"
+        result = run([qemu_img, "convert", "-f", "vhdx", "-O", "raw", str(image), str(raw)])
+        assert result.returncode == 0, result.stderr
+        assert raw.read_bytes() == b"\xaa" * 2 * MiB + bytes(3 * MiB) + b"\xaa" * 11 * MiB
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_punch_hole_on_a_differencing_disk_reads_zeros(
-    tmp_path: Path, mounts: Mounts, require_tool: Callable[[str], str]
+    tmp_path: Path, mounts: Mounts, require_tool: Callable[[str], str], fmt: str
 ) -> None:
     """Punch-hole promises zeros: on a child it must hide the parent (Disk.write_zeroes, not the
     TRIM-like Disk.discard that lets the parent show through)."""
     fallocate = require_tool("fallocate")
-    parent = vhd_image(tmp_path / "parent.vhd", 8 * MiB, block_size=MiB).path
+    parent = _image(tmp_path / f"parent.{fmt}", 8 * MiB, block_size=MiB)
     with vhd.open(str(parent), "r+") as disk:
         disk.pwrite(b"\xaa" * 8 * MiB, 0)
-    child = tmp_path / "child.vhd"
-    vhd.create(str(child), parent=str(parent), block_size=MiB).close()
+    child = _child(tmp_path / f"child.{fmt}", parent, block_size=MiB)
     mnt = mounts.mount(child)
     result = run([fallocate, "-p", "-o", str(MiB + 512), "-l", str(MiB), str(mnt / "disk")])
     assert result.returncode == 0, result.stderr
@@ -342,20 +394,25 @@ def test_punch_hole_on_a_differencing_disk_reads_zeros(
         f.seek(MiB)
         assert f.read(2 * MiB) == b"\xaa" * 512 + bytes(MiB) + b"\xaa" * (MiB - 512)
     mounts.unmount(mnt)
-    assert model_chain([parent, child]).read(MiB + 512, MiB) == bytes(MiB)
+    want = b"\xaa" * (MiB + 512) + bytes(MiB) + b"\xaa" * (6 * MiB - 512)
+    if fmt == "vhdx":
+        libvhdi_read([parent, child], tmp_path / "libvhdi.raw")
+        assert (tmp_path / "libvhdi.raw").read_bytes() == want
+    else:
+        assert model_chain([parent, child]).read_all() == want
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("cache", ["direct", "kernel"])
 def test_du_seek_hole_and_sparse_copies(
-    tmp_path: Path, mounts: Mounts, require_tool: Callable[[str], str], cache: str
+    tmp_path: Path, mounts: Mounts, require_tool: Callable[[str], str], cache: str, fmt: str
 ) -> None:
     """Issue 9 item 13: du showed 256M for an empty disk, and SEEK_HOLE found no holes."""
     du, cp = require_tool("du"), require_tool("cp")
-    parent = vhd_image(tmp_path / "base.vhd", 256 * MiB, block_size=MiB).path
+    parent = _image(tmp_path / f"base.{fmt}", 256 * MiB, block_size=MiB)
     with vhd.open(str(parent), "r+") as disk:
         disk.pwrite(_pattern(1, MiB), 0)  # the parent holds [0, 1 MiB)
-    image = tmp_path / "child.vhd"
-    vhd.create(str(image), parent=str(parent), block_size=MiB).close()
+    image = _child(tmp_path / f"child.{fmt}", parent, block_size=MiB)
     mnt = mounts.mount(image, "--cache", cache)
     disk_file = mnt / "disk"
 
@@ -388,8 +445,9 @@ def test_du_seek_hole_and_sparse_copies(
     mounts.unmount(mnt)
 
 
-def test_sigterm_flushes_and_closes(tmp_path: Path, mounts: Mounts) -> None:
-    image = vhd_image(tmp_path / "term.vhd", 16 * MiB).path
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_sigterm_flushes_and_closes(tmp_path: Path, mounts: Mounts, fmt: str) -> None:
+    image = _image(tmp_path / f"term.{fmt}", 16 * MiB)
     mnt = mounts.mount(image)
     pid = server_pid(str(mnt))
     assert pid is not None
@@ -411,7 +469,7 @@ def test_foreground_mount_stops_cleanly_on_a_signal(
 ) -> None:
     """Issue 9 item 12: Ctrl-C or `systemctl stop` is a clean stop: exit 0, image closed clean
     (it used to exit 2 with "libfuse could not mount (status 8)")."""
-    image = vhd_image(tmp_path / "fg.vhd", 8 * MiB).path
+    image = _image(tmp_path / "fg.vhd", 8 * MiB)
     mnt = tmp_path / "fg"
     mnt.mkdir()
     process = subprocess.Popen(
@@ -441,8 +499,12 @@ def test_foreground_mount_stops_cleanly_on_a_signal(
     assert result.returncode == 0 and "clean" in result.stdout, result.stdout + result.stderr
 
 
-def test_crash_after_fsync_keeps_flushed_writes(tmp_path: Path, mounts: Mounts) -> None:
-    image = vhd_image(tmp_path / "crash.vhd", 16 * MiB).path
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_crash_after_fsync_keeps_flushed_writes(tmp_path: Path, mounts: Mounts, fmt: str) -> None:
+    # VHDX: 1 MiB blocks, so that the unflushed write allocates a block of its own.
+    image = _image(
+        tmp_path / f"crash.{fmt}", 16 * MiB, **({"block_size": MiB} if fmt == "vhdx" else {})
+    )
     mnt = mounts.mount(image)
     pid = server_pid(str(mnt))
     assert pid is not None
@@ -472,8 +534,9 @@ def test_crash_after_fsync_keeps_flushed_writes(tmp_path: Path, mounts: Mounts) 
         assert disk.pread(len(payload), 5 * MiB + 512) == payload
 
 
-def test_corrupt_block_reads_as_eio(tmp_path: Path, mounts: Mounts) -> None:
-    image = vhd_image(tmp_path / "bad.vhd", 8 * MiB, block_size=MiB).path
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_corrupt_block_reads_as_eio(tmp_path: Path, mounts: Mounts, fmt: str) -> None:
+    image = _image(tmp_path / f"bad.{fmt}", 8 * MiB, block_size=MiB)
     with vhd.open(str(image), "r+") as disk:
         disk.pwrite(b"\x11" * 8 * MiB, 0)
         # Block 4 is stored last: the file is cut into it below.
@@ -507,7 +570,7 @@ def test_cli_errors_are_one_line(tmp_path: Path, mounts: Mounts) -> None:
     result = vhd_cli("umount", str(mnt))
     assert result.returncode == 2 and "not mounted" in result.stderr
     # A second writable mount of the same image is refused (the image is locked).
-    image = vhd_image(tmp_path / "once.vhd", 8 * MiB).path
+    image = _image(tmp_path / "once.vhd", 8 * MiB)
     mounts.mount(image)
     result = vhd_cli("mount", str(image), str(mnt))
     assert result.returncode == 2, result.stderr
@@ -515,7 +578,7 @@ def test_cli_errors_are_one_line(tmp_path: Path, mounts: Mounts) -> None:
 
 
 def test_foreground_mount_serves_until_unmounted(tmp_path: Path, mounts: Mounts) -> None:
-    image = vhd_image(tmp_path / "fg.vhd", 8 * MiB).path
+    image = _image(tmp_path / "fg.vhd", 8 * MiB)
     mnt = tmp_path / "fg"
     mnt.mkdir()
     process = subprocess.Popen(
@@ -591,7 +654,7 @@ def test_umount_refuses_a_tmpfs(tmp_path: Path, mounts: Mounts) -> None:
     finally:
         run(["umount", str(mnt)])
     # Our own mounts still unmount, and so does one whose server was killed.
-    image = vhd_image(tmp_path / "ours.vhd", 8 * MiB).path
+    image = _image(tmp_path / "ours.vhd", 8 * MiB)
     mine = mounts.mount(image)
     pid = server_pid(str(mine))
     assert pid is not None

@@ -21,6 +21,7 @@ import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import vhd
 from tests.images.crafted import MACX, W2KU, W2RU, craft, craft_fixed, footer_id, new_id, repair
@@ -39,6 +40,7 @@ __all__ = [
     "craft",
     "craft_fixed",
     "footer_id",
+    "image",
     "make_chain",
     "make_dynamic",
     "new_id",
@@ -146,26 +148,43 @@ def vhd_image(
 
 def vhdx_image(
     path: str | Path,
-    size: int,
+    size: int = 0,
     *,
     type: str = "dynamic",
     block_size: int | None = None,
     logical_sector_size: int = 512,
+    parent: Image | None = None,
     writes: Iterable[Write] = (),
     random_count: int = 0,
     seed: int = 1,
     align: int = 4096,
     max_len: int = 3 * 4096,
 ) -> Image:
-    """A VHDX made by ``create_vhdx`` (fixed or dynamic), written as :func:`vhd_image` does."""
+    """A VHDX made by ``create_vhdx``: fixed or dynamic, or differencing on ``parent`` (a VHD
+    or VHDX; its size and sector size), written as :func:`vhd_image` does."""
     from vhd.vhdx import create_vhdx
 
     path = Path(path)
     kw: dict[str, int] = {} if block_size is None else {"block_size": block_size}
-    model = bytearray(size)
-    with create_vhdx(path, size, type=type, logical_sector_size=logical_sector_size, **kw) as disk:
+    if parent is not None:
+        model = bytearray(parent.content)
+        disk = create_vhdx(path, size, type="differencing", parent=vhd.open(parent.path), **kw)
+    else:
+        model = bytearray(size)
+        disk = create_vhdx(path, size, type=type, logical_sector_size=logical_sector_size, **kw)
+    with disk:
+        if len(model) < disk.size:
+            model += bytes(disk.size - len(model))
         content = _fill(disk, model, writes, random_count, seed, align, max_len)
     return Image(path, content)
+
+
+def image(path: str | Path, size: int | None = None, **kwargs: Any) -> Image:
+    """:func:`vhdx_image` for a ``.vhdx``/``.avhdx`` path, else :func:`vhd_image`: for tests
+    that run on both formats (front ends over a format-neutral ``Disk``)."""
+    if Path(path).suffix in (".vhdx", ".avhdx"):
+        return vhdx_image(path, size or 0, **kwargs)
+    return vhd_image(path, size, **kwargs)
 
 
 def pin_parent_time(child: Path, parent: Path, when: int) -> None:

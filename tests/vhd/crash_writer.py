@@ -49,7 +49,13 @@ def main(argv: list[str]) -> int:
             if rng.random() < share:
                 n = min(pages_of(rng, n), pages - first)
                 os.write(log, f"D {seq} {first * PAGE} {n * PAGE}\n".encode())
-                disk.discard(first * PAGE, n * PAGE)
+                if fmt == "vhdx":
+                    # Zeros on either kind of VHDX: a TRIM on a VHDX child may give sectors
+                    # back to the parent or read as zeros, block by block, which "D reads as
+                    # zeros" (the checker's model without ``released``) cannot say.
+                    disk.write_zeroes(first * PAGE, n * PAGE)
+                else:
+                    disk.discard(first * PAGE, n * PAGE)
             else:
                 os.write(log, f"W {seq} {first * PAGE} {n * PAGE}\n".encode())
                 disk.pwrite(payload(seed, seq, n * PAGE), first * PAGE)

@@ -31,6 +31,14 @@ xen-init-dom0
 mkdir -p /vhdlab/console
 xenconsoled --pid-file=/run/xenconsoled.pid --log=guest --log-dir=/vhdlab/console
 xl info | head -20
+# The CPU dom0's programs see (QEMU's model, filtered by Xen) and what glibc picked from it: the
+# first things to compare when a process in dom0 dies in a way the host never shows.
+grep -m1 '^flags' /proc/cpuinfo
+/lib64/ld-linux-x86-64.so.2 --list-diagnostics >/vhdlab/ld-diagnostics.txt 2>&1
+# A process that crashes leaves its core with the results (gdb on the host reads it: dom0 runs
+# the host's own binaries).
+ulimit -c unlimited
+echo '/vhdlab/core.%e.%p' >/proc/sys/kernel/core_pattern
 echo "vhdlab: dom0 ready at $(cut -d' ' -f1 /proc/uptime) s"
 cd "$REPO"
 export CI VHD_CORPUS LAB_KERNEL LAB_GUEST_INITRD VHD_XEN_DOM0=1 HOME=/root PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1

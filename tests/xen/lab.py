@@ -41,6 +41,10 @@ DOM0_MODULES = ["virtio_pci", "9pnet_virtio", "9p", "overlay"]
 # The guest: the PV block frontend and ext4 (crc32c is only a soft dependency of ext4).
 GUEST_MODULES = ["xen-blkfront", "crc32c_generic", "ext4"]
 GUEST_BINARIES = ["/usr/sbin/mke2fs", "/usr/sbin/e2fsck"]
+# Host files dom0 reads over 9p (besides the guest kernel and initrd): the toolstack's library
+# and the C library.  Their SHA-256 as the host sees them goes to dom0, which compares its own
+# reads after every scenario -- a platform that corrupts dom0's memory shows there by name.
+CANARY_FILES = ["/lib/x86_64-linux-gnu/libxenlight.so.4.17", "/lib/x86_64-linux-gnu/libc.so.6"]
 
 # xpti/spec-ctrl/mitigations off: a throw-away lab under TCG, where each of them costs minutes.
 XEN_CMDLINE = (
@@ -49,9 +53,15 @@ XEN_CMDLINE = (
 )
 DOM0_CMDLINE = "console=hvc0 quiet mitigations=off"
 QEMU_ARGS = [
-    "-accel", "tcg,thread=multi",
-    # SMAP/SMEP left on make dom0 fault in create_bounce_frame at once under TCG.
-    "-cpu", "max,-smap,-smep",
+    # XEN_LAB_ACCEL / XEN_LAB_CPU replace the accelerator and CPU model (to compare platforms).
+    "-accel", os.environ.get("XEN_LAB_ACCEL", "tcg,thread=multi"),
+    # Not "max": with it (SMAP/SMEP off, which otherwise fault dom0 in create_bounce_frame at
+    # once) processes in dom0 and the guests died at random of corrupted memory -- heap aborts in
+    # vhd serve and xl, ld.so and busybox segfaults, the guest kernel read back corrupted -- with
+    # MTTCG or thread=single, with or without SVM.  A plain x86-64 with SSE4.2 runs clean (Debian
+    # needs no more); SVM off so Xen never takes its VMLOAD path for PV context switches.
+    # tests/xen/dom0/test_boot.py checks the platform on every run.
+    "-cpu", os.environ.get("XEN_LAB_CPU", "qemu64,+ssse3,+sse4.1,+sse4.2,+popcnt,-svm"),
     "-smp", "2",
     "-m", "3072",
     "-display", "none",
@@ -266,6 +276,11 @@ def boot(tests: list[str], timeout: float) -> int:
         "VHD_CORPUS": os.environ.get("VHD_CORPUS", ""),
     }
     (RUN / "lab.env").write_text("".join(f"{k}={shlex.quote(v)}\n" for k, v in env.items()))
+    # What dom0 must read over 9p, byte for byte: it checks its copies after every scenario.
+    canaries = [paths["kernel"], paths["guest_initrd"], *(Path(p) for p in CANARY_FILES)]
+    (RUN / "canaries.sha256").write_text(
+        "".join(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  {p}\n" for p in canaries)
+    )
     argv = [
         "qemu-system-x86_64", *QEMU_ARGS,
         "-cdrom", str(paths["iso"]), "-boot", "d",

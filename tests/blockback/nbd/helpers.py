@@ -16,7 +16,7 @@ from pathlib import Path
 from blockback.executor import BlockDisk
 from blockback.nbd import protocol as p
 from blockback.nbd.server import NBDServer
-from tests.images import vhd_image
+from tests.images import image
 
 MiB = 1024 * 1024
 
@@ -38,8 +38,13 @@ IMAGE_SIZE = 16 * MiB
 
 
 def make_image(path: Path, *, type: str = "dynamic", size: int = IMAGE_SIZE, seed: int = 1) -> None:
+    """The pattern at DATA_RANGES; a ``.vhdx`` path makes a VHDX with 1 MiB blocks (so the 16 MiB
+    disk has unallocated blocks between the data, as the VHD has)."""
     writes = [(offset, pattern(offset, length, seed)) for offset, length in DATA_RANGES]
-    vhd_image(path, size, type=type, writes=writes)
+    if path.suffix == ".vhdx":
+        image(path, size, type=type, block_size=MiB, writes=writes)
+    else:
+        image(path, size, type=type, writes=writes)
 
 
 def expected_content(size: int = IMAGE_SIZE, seed: int = 1) -> bytes:

@@ -31,10 +31,14 @@ from tests.blockback.nbd.helpers import (
     serving,
     short_tmpdir,
 )
-from tests.images import Image, sha, vhd_image
+from tests.images import Image, image, sha, vhd_image
+from tests.interop.oracles import libvhdi_read
+from vhd.vhdx import create_vhdx
 
 pytestmark = pytest.mark.timeout(180)
 Need = Callable[[str], str]
+# The export is format-neutral (a Disk): the data-path tests run on VHD and on VHDX.
+FORMATS = ["vhd", "vhdx"]
 
 
 def run(*cmd: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -58,13 +62,27 @@ def vhd_content(path: Path) -> bytes:
         return disk.pread(disk.size, 0)
 
 
-def make_chain(tmp: Path) -> tuple[Path, Path]:
-    """parent.vhd holds the pattern; child.vhd (differencing) overrides 1 MiB at 2 MiB."""
-    parent, child = tmp / "parent.vhd", tmp / "child.vhd"
+def make_chain(tmp: Path, fmt: str = "vhd") -> tuple[Path, Path]:
+    """parent.FMT holds the pattern; child.FMT (differencing) overrides 1 MiB at 2 MiB."""
+    parent, child = tmp / f"parent.{fmt}", tmp / f"child.{fmt}"
     make_image(parent)
     base = Image(parent, expected_content())
-    vhd_image(child, IMAGE_SIZE, parent=base, writes=[(2 * MiB, pattern(2 * MiB, MiB, seed=2))])
+    writes = [(2 * MiB, pattern(2 * MiB, MiB, seed=2))]
+    if fmt == "vhdx":
+        image(child, parent=base, block_size=MiB, writes=writes)
+    else:
+        vhd_image(child, IMAGE_SIZE, parent=base, writes=writes)
     return parent, child
+
+
+def qemu_format(path: Path) -> str:
+    return "vhdx" if path.suffix == ".vhdx" else "vpc"
+
+
+def assert_qemu_check_clean(path: Path) -> None:
+    """``qemu-img check`` (VHDX only: qemu has no checker for VHD)."""
+    result = run("qemu-img", "check", "-f", "vhdx", str(path))
+    assert "No errors" in result.stdout, result.stdout
 
 
 def chain_content() -> bytes:
@@ -114,13 +132,14 @@ def expected_map(disk: vhd.Disk) -> list[tuple[int, int, int]]:
     return out
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("layout", ["dynamic", "chain"])
-def test_nbdinfo_map_matches_extents(tmp: Path, require_tool: Need, layout: str) -> None:
+def test_nbdinfo_map_matches_extents(tmp: Path, require_tool: Need, layout: str, fmt: str) -> None:
     nbdinfo = require_tool("nbdinfo")
     if layout == "chain":
-        _parent, path = make_chain(tmp)
+        _parent, path = make_chain(tmp, fmt)
     else:
-        path = tmp / "d.vhd"
+        path = tmp / f"d.{fmt}"
         make_image(path)
     with vhd.open(str(path)) as disk, serving(disk) as (_s, url, _path):
         want = expected_map(disk)
@@ -146,27 +165,32 @@ def test_nbdinfo_map_matches_extents(tmp: Path, require_tool: Need, layout: str)
 # -- nbdcopy, qemu-img, qemu-io ----------------------------------------------------------------
 
 
-def qemu_vpc(tmp: Path, subformat: str) -> Path:
-    """A VHD made and filled by qemu (another implementation than ours)."""
-    path = tmp / f"qemu-{subformat}.vhd"
-    run("qemu-img", "create", "-q", "-f", "vpc", "-o", f"subformat={subformat},force_size=on",
-        str(path), str(IMAGE_SIZE))  # fmt: skip
-    run("qemu-io", "-f", "vpc", "-c", "write -P 0x11 0 1M", "-c", "write -P 0x22 5100k 100k",
+def qemu_vpc(tmp: Path, subformat: str, fmt: str = "vhd") -> Path:
+    """A VHD (or VHDX) made and filled by qemu (another implementation than ours)."""
+    path = tmp / f"qemu-{subformat}.{fmt}"
+    if fmt == "vhdx":
+        opts = f"subformat={subformat},block_size=1M"
+    else:
+        opts = f"subformat={subformat},force_size=on"
+    qfmt = qemu_format(path)
+    run("qemu-img", "create", "-q", "-f", qfmt, "-o", opts, str(path), str(IMAGE_SIZE))
+    run("qemu-io", "-f", qfmt, "-c", "write -P 0x11 0 1M", "-c", "write -P 0x22 5100k 100k",
         "-c", "write -P 0x33 15M 4k", str(path))  # fmt: skip
     return path
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("source", ["qemu-fixed", "qemu-dynamic", "vhdkit-dynamic", "chain"])
-def test_nbdcopy_read_equals_image(tmp: Path, require_tool: Need, source: str) -> None:
+def test_nbdcopy_read_equals_image(tmp: Path, require_tool: Need, source: str, fmt: str) -> None:
     nbdcopy = require_tool("nbdcopy")
     qemu_img = require_tool("qemu-img")
     require_tool("qemu-io")
     if source.startswith("qemu-"):
-        path = qemu_vpc(tmp, source.split("-")[1])
+        path = qemu_vpc(tmp, source.split("-")[1], fmt)
     elif source == "chain":
-        _parent, path = make_chain(tmp)
+        _parent, path = make_chain(tmp, fmt)
     else:
-        path = tmp / "d.vhd"
+        path = tmp / f"d.{fmt}"
         make_image(path)
     out = tmp / "out.raw"
     with vhd.open(str(path)) as disk, serving(disk) as (_s, url, _path):
@@ -176,21 +200,29 @@ def test_nbdcopy_read_equals_image(tmp: Path, require_tool: Need, source: str) -
     vhd_cli("convert", "--to", "raw", str(path), str(tmp / "conv.raw"))
     assert got == (tmp / "conv.raw").read_bytes()
     if source == "chain":
-        # qemu reads differencing VHDs without their parent, so only the model applies here.
+        # qemu reads differencing VHDs without their parent (and refuses differencing VHDX), so
+        # the model applies here, and libvhdi for VHDX.
         assert got == chain_content()
+        if fmt == "vhdx":
+            libvhdi_read([_parent, path], tmp / "libvhdi.raw")
+            assert got == (tmp / "libvhdi.raw").read_bytes()
     else:
         ref = tmp / "ref.raw"
-        run(qemu_img, "convert", "-f", "vpc", "-O", "raw", str(path), str(ref))
+        run(qemu_img, "convert", "-f", qemu_format(path), "-O", "raw", str(path), str(ref))
         assert got == ref.read_bytes()
     if source == "vhdkit-dynamic":
         assert got == expected_content()
 
 
-def test_nbdcopy_write_into_export(tmp: Path, require_tool: Need) -> None:
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_nbdcopy_write_into_export(tmp: Path, require_tool: Need, fmt: str) -> None:
     nbdcopy = require_tool("nbdcopy")
     qemu_img = require_tool("qemu-img")
-    path = tmp / "d.vhd"
-    vhd.create(str(path), IMAGE_SIZE).close()
+    path = tmp / f"d.{fmt}"
+    if fmt == "vhdx":
+        create_vhdx(path, IMAGE_SIZE, block_size=MiB).close()
+    else:
+        vhd.create(str(path), IMAGE_SIZE).close()
     rng = random.Random(5)
     source = bytearray(IMAGE_SIZE)
     for _ in range(20):
@@ -201,8 +233,10 @@ def test_nbdcopy_write_into_export(tmp: Path, require_tool: Need) -> None:
     with vhd.open(str(path), "r+") as disk, serving(disk) as (_s, url, _path):
         run(nbdcopy, str(tmp / "src.raw"), url)
     assert vhd_content(path) == source
-    run(qemu_img, "convert", "-f", "vpc", "-O", "raw", str(path), str(tmp / "ref.raw"))
+    run(qemu_img, "convert", "-f", qemu_format(path), "-O", "raw", str(path), str(tmp / "ref.raw"))
     assert (tmp / "ref.raw").read_bytes() == source
+    if fmt == "vhdx":
+        assert_qemu_check_clean(path)
 
 
 def test_qemu_img_convert_over_nbd(tmp: Path, require_tool: Need) -> None:
@@ -215,9 +249,10 @@ def test_qemu_img_convert_over_nbd(tmp: Path, require_tool: Need) -> None:
     assert (tmp / "out.raw").read_bytes() == chain_content()
 
 
-def test_qemu_io_writes_land_in_the_leaf(tmp: Path, require_tool: Need) -> None:
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_qemu_io_writes_land_in_the_leaf(tmp: Path, require_tool: Need, fmt: str) -> None:
     qemu_io = require_tool("qemu-io")
-    parent, child = make_chain(tmp)
+    parent, child = make_chain(tmp, fmt)
     parent_hash = sha(parent)
     with vhd.open(str(child), "r+") as disk, serving(disk) as (_s, url, _path):
         result = run(
@@ -242,11 +277,15 @@ def test_qemu_io_writes_land_in_the_leaf(tmp: Path, require_tool: Need) -> None:
     want[3 * MiB : 4 * MiB] = bytes(MiB)
     assert vhd_content(child) == want
     assert vhd_content(parent) == expected_content()
+    if fmt == "vhdx":
+        libvhdi_read([parent, child], tmp / "libvhdi.raw")
+        assert (tmp / "libvhdi.raw").read_bytes() == want
 
 
-def test_fio_random_writes_match_the_model(tmp: Path, require_tool: Need) -> None:
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_fio_random_writes_match_the_model(tmp: Path, require_tool: Need, fmt: str) -> None:
     fio = require_tool("fio")
-    path = tmp / "d.vhd"
+    path = tmp / f"d.{fmt}"
     make_image(path)
     region = (4 * MiB, 8 * MiB)
     with vhd.open(str(path), "r+") as disk, serving(disk, workers=4) as (_s, url, _path):
@@ -271,6 +310,10 @@ def test_fio_random_writes_match_the_model(tmp: Path, require_tool: Need) -> Non
     original = base[region[0] : region[0] + region[1]]
     for block in range(0, region[1], 4096):
         assert fio_region[block : block + 4096] != original[block : block + 4096]
+    if fmt == "vhdx":
+        assert_qemu_check_clean(path)
+        run("qemu-img", "convert", "-f", "vhdx", "-O", "raw", str(path), str(tmp / "ref.raw"))
+        assert (tmp / "ref.raw").read_bytes() == content
 
 
 # -- hostile clients ---------------------------------------------------------------------------
@@ -394,10 +437,13 @@ def stop_cli(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> str:
     return err
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_cli_serves_a_chain_until_signalled(tmp: Path, require_tool: Need, sig: int) -> None:
+def test_cli_serves_a_chain_until_signalled(
+    tmp: Path, require_tool: Need, sig: int, fmt: str
+) -> None:
     qemu_io = require_tool("qemu-io")
-    parent, child = make_chain(tmp)
+    parent, child = make_chain(tmp, fmt)
     other = tmp / "elsewhere"
     other.mkdir()
     moved = other / parent.name
@@ -417,6 +463,46 @@ def test_cli_serves_a_chain_until_signalled(tmp: Path, require_tool: Need, sig: 
     want[6 * MiB : 6 * MiB + 8192] = b"\x77" * 8192
     with vhd.open(str(child), parent_dirs=[str(other)]) as disk:
         assert disk.pread(IMAGE_SIZE, 0) == want
+
+
+def test_cli_serves_a_vhdx_that_qemu_then_checks(tmp: Path, require_tool: Need) -> None:
+    """Read, write, FUA, flush, trim, write-zeroes and block status on a dynamic VHDX through
+    `vhd serve --nbd`; afterwards qemu-img finds the image clean and equal to the model."""
+    qemu_io, nbdinfo = require_tool("qemu-io"), require_tool("nbdinfo")
+    qemu_img = require_tool("qemu-img")
+    path = tmp / "d.vhdx"
+    make_image(path)
+    sock = tmp / "x.sock"
+    proc, url = start_cli(str(path), "--nbd", "--socket", str(sock))
+    try:
+        result = run(
+            qemu_io, "-f", "raw",
+            "-c", "read -P 0 12M 1M",
+            "-c", "write -P 0x5a 12M 1536k",     # allocates a block and a half
+            "-c", "write -P 0x6b -f 3M 4096",    # FUA
+            "-c", "write -z 12M 4k",             # write zeroes inside data
+            "-c", "discard 0 2M",                # two whole 1 MiB blocks: given back
+            "-c", "flush",
+            "-c", f"read -P 0x5a {12 * MiB + 4096} 1532k",
+            url,
+        )  # fmt: skip
+        assert "fail" not in result.stdout.lower() and "error" not in result.stdout.lower()
+        extents = json.loads(run(nbdinfo, "--map", "--json", url).stdout)
+    finally:
+        if proc.poll() is None:
+            stop_cli(proc)
+    want = bytearray(expected_content())
+    want[12 * MiB : 12 * MiB + 1536 * 1024] = b"\x5a" * 1536 * 1024
+    want[3 * MiB : 3 * MiB + 4096] = b"\x6b" * 4096
+    want[12 * MiB : 12 * MiB + 4096] = bytes(4096)
+    want[: 2 * MiB] = bytes(2 * MiB)
+    holes = [(e["offset"], e["offset"] + e["length"]) for e in extents if e["type"] & 1]
+    assert any(a <= 0 and 2 * MiB <= b for a, b in holes), holes  # the discarded blocks
+    assert vhd_content(path) == want
+    assert_qemu_check_clean(path)
+    (tmp / "want.raw").write_bytes(want)
+    result = run(qemu_img, "compare", "-f", "vhdx", "-F", "raw", str(path), str(tmp / "want.raw"))
+    assert "identical" in result.stdout.lower(), result.stdout
 
 
 def test_cli_tcp_read_only(tmp: Path, require_tool: Need) -> None:

@@ -332,7 +332,7 @@ def test_decode_request() -> None:
     assert req == p.Request(p.CmdFlag.FUA, p.Cmd.WRITE, 0xDEADBEEF00, 4096, 512)
     assert req.payload_length == 512
     assert request(p.Cmd.READ, 0, 512).payload_length == 0
-    with pytest.raises(p.ProtocolError):
+    with pytest.raises(p.RemoteProtocolError):
         p.decode_request(struct.pack(">IHHQQI", 0x12345678, 0, 0, 0, 0, 0))
 
 

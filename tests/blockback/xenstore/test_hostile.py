@@ -285,20 +285,20 @@ def test_unprivileged_domain_connection(server: XenStoreServer, tmp_path: Path) 
 
 
 def test_unprivileged_quotas(server: XenStoreServer, tmp_path: Path) -> None:
-    from blockback.xenstore import store
+    from blockback.xenstore import quotas
 
     with XenStoreClient(server.path) as dom0, XenStoreClient(tmp_path / "dom5.sock") as guest:
         dom0.mkdir("/local/domain/5")
         dom0.set_perms("/local/domain/5", ["n5"])
         with pytest.raises(XenStoreError) as info:
-            guest.write("big", b"x" * (store.QUOTA_ENTRY_SIZE + 1))
+            guest.write("big", b"x" * (quotas.QUOTA_ENTRY_SIZE + 1))
         assert info.value.errno == errno.ENOSPC
-        for i in range(store.QUOTA_WATCHES):
+        for i in range(quotas.QUOTA_WATCHES):
             guest.watch(f"w{i}", "t")
         with pytest.raises(XenStoreError) as info:
             guest.watch("one-too-many", "t")
         assert info.value.errno == errno.E2BIG
-        txs = [guest.transaction_start() for _ in range(store.QUOTA_TRANSACTIONS)]
+        txs = [guest.transaction_start() for _ in range(quotas.QUOTA_TRANSACTIONS)]
         with pytest.raises(XenStoreError) as info:
             guest.transaction_start()
         assert info.value.errno == errno.ENOSPC
@@ -307,7 +307,7 @@ def test_unprivileged_quotas(server: XenStoreServer, tmp_path: Path) -> None:
 
         def fill() -> None:
             tx = guest.transaction_start()
-            for i in range(store.QUOTA_NODES_PER_DOMAIN + 1):
+            for i in range(quotas.QUOTA_NODES_PER_DOMAIN + 1):
                 guest.write(f"n/{i}", "", tx)
 
         with pytest.raises(XenStoreError) as info:

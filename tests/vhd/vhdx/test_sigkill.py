@@ -26,7 +26,8 @@ SIZE = 48 * MiB
 def _kill_rounds(image: Path, tmp: Path, base: bytes, seed0: int, *, qemu: bool) -> None:
     acknowledged = 0
     live_logs = 0
-    for seed, writes, flushed in killed_writers("vhdx", image, tmp, seed0, 0.15):
+    rounds = killed_writers("vhdx", image, tmp, seed0, 0.15, more=lambda: live_logs == 0)
+    for seed, writes, flushed in rounds:
         acknowledged += flushed + 1
         live_logs += current_header(image.read_bytes())[1].log_guid != r.ZERO_GUID
         with open_vhdx(image) as disk:  # read-only: replays in memory
@@ -48,14 +49,14 @@ def _kill_rounds(image: Path, tmp: Path, base: bytes, seed0: int, *, qemu: bool)
     assert acknowledged > ROUNDS and live_logs > 0
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_sigkill_dynamic_vhdx(tmp_path: Path) -> None:
     image = tmp_path / "dyn.vhdx"
     create_vhdx(image, SIZE, block_size=MiB).close()
     _kill_rounds(image, tmp_path, bytes(SIZE), 11, qemu=True)
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_sigkill_differencing_vhdx(tmp_path: Path) -> None:
     parent = tmp_path / "base.vhdx"
     content = payload(SIZE // 2, 4) + bytes(SIZE // 2)

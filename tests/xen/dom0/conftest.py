@@ -2,12 +2,16 @@
 
 After every test, whatever it did not clean up itself (it failed midway) is torn down so the next
 scenario does not inherit guests, backends or xenstore nodes, and every guest console is copied to
-/vhdlab/<test>/ for the report.
+/vhdlab/<test>/ for the report.  Then dom0's copies of a few host files (the guest kernel, the
+toolstack's library, libc: /vhdlab/canaries.sha256, written by tests/xen/lab.py) must still read
+as the host has them: if not, the platform corrupted dom0's memory during that test, and the test
+errors saying so rather than leaving a mystery crash to the next one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import shutil
 import signal
 from collections.abc import Iterator
@@ -15,6 +19,18 @@ from collections.abc import Iterator
 import pytest
 
 from .xenlab import CONSOLE, RESULTS, Backend, run
+
+
+def corrupted_canaries() -> list[str]:
+    """Files whose bytes in dom0 differ from the host's (page cache or 9p corruption)."""
+    listing = RESULTS / "canaries.sha256"
+    bad = []
+    for line in listing.read_text().splitlines() if listing.exists() else []:
+        want, _, path = line.partition("  ")
+        with open(path, "rb") as f:
+            if hashlib.file_digest(f, "sha256").hexdigest() != want:
+                bad.append(path)
+    return bad
 
 
 @pytest.fixture(autouse=True)
@@ -40,3 +56,9 @@ def clean_lab(request: pytest.FixtureRequest) -> Iterator[None]:
             backend.stop(signal.SIGABRT, timeout=30)
     for kind in ("vbd", "qdisk"):
         run("xenstore-rm", f"/local/domain/0/backend/{kind}", check=False)
+    bad = corrupted_canaries()
+    if bad:
+        pytest.fail(
+            f"dom0 now reads {bad} differently from the host: the platform (QEMU/Xen) corrupted "
+            "dom0's memory during this test; its crashes are not vhdkit's"
+        )

@@ -4,10 +4,21 @@ SIGTERM, two guests on one backend process, and kill -9 while a guest writes.
 Runs inside the lab's dom0; the guests run tests/xen/guest/idle.sh and writer.sh.
 
 NOT YET IN THE RUN (named pending_*, so neither pytest nor tests/xen/test_lab.py collects it):
-written but not yet seen passing on the lab (issue 13).  Its first run met issue 13's bug 3
-(a removed device re-published, its backend nodes left at state 6: branch xen-fixes) and a
-``vhd serve --xen`` that died at start with "free(): corrupted unsorted chunks" while another
-backend still served a guest.  Rename it to test_lifecycle.py once it passes.
+not yet seen passing on the lab (issue 13).  What was seen:
+- first run: issue 13's bug 3 (a removed device re-published, its backend nodes left at state 6:
+  fixed on branch xen-fixes) and a ``vhd serve --xen`` that died at start with "free(): corrupted
+  unsorted chunks" -- the ``-cpu max`` platform's memory corruption (tests/xen/dom0/test_boot.py);
+- 2026-11-30 17:05 (``-cpu max,-svm``, after the NBD route in the same boot): every vbd was
+  claimed by the kernel's xen-blkback the NBD route had loaded (guests stuck at InitWait, so
+  test_sigterm timed out waiting for READY; the NBD route now unloads it), and ``xl create`` of
+  the second guest read a corrupted guest kernel and aborted (that platform again);
+- 2026-11-30 18:00 (the lab's CPU model, two labs at once on a machine at load 13-15):
+  test_toolstack_lifecycle failed at once: g1 connected, but g2's ``xl create`` failed -- the
+  backend published InitWait for it (serve.log) and then libxl removed the device directory
+  (xl's 10 s wait for a backend, under that load?); the SIGTERM scenario's guest had no console
+  yet 18 minutes later, when that run was stopped for time (no xl error seen: dom0's pytest had
+  not reported).
+Rename it to test_lifecycle.py once it passes twice.
 """
 
 from __future__ import annotations
