@@ -33,7 +33,8 @@ import posixpath
 import stat
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
 
 from .errors import (
     ChainLoopError,
@@ -43,6 +44,7 @@ from .errors import (
 )
 from .fileio import read_upto
 from .header import DynamicHeader
+from .layout import locate_footer
 from .locator import (
     CODE_MACX,
     CODE_W2KU,
@@ -211,11 +213,17 @@ def _tried_text(tried: Sequence[str]) -> str:
     return shown
 
 
-def _footer_id(path: str, *, devices: bool) -> tuple[tuple[int, int], bytes] | None:
-    """(identity, unique id) of the VHD at ``path`` from its footer alone; None when it is not
-    a readable VHD (a regular file, or a block device when ``devices``)."""
-    from .image import locate_footer  # image imports this module
+Ident = tuple[int, int]  # (st_dev, st_ino) of a file
+Key = TypeVar("Key")
+Opened = TypeVar("Opened")
 
+
+def read_candidate(
+    path: str, *, devices: bool, read: Callable[[int, int], Key | None]
+) -> tuple[Ident, Key] | None:
+    """(file identity, ``read(fd, size)``) of the candidate parent at ``path``, for any format;
+    None when it is not a regular file (or a block device when ``devices``), cannot be read, or
+    ``read`` finds no key (or raises a VHDError) in it."""
     try:
         # O_NONBLOCK: a FIFO would otherwise block the open until a writer comes.
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
@@ -226,18 +234,123 @@ def _footer_id(path: str, *, devices: bool) -> tuple[tuple[int, int], bytes] | N
         if not (stat.S_ISREG(st.st_mode) or (devices and stat.S_ISBLK(st.st_mode))):
             return None
         size = st.st_size if stat.S_ISREG(st.st_mode) else os.lseek(fd, 0, os.SEEK_END)
-        if read_upto(fd, 8, 0) == b"vhdxfile":
-            # A VHDX parent of a VHD child: its identity is its DataWriteGuid (vhd.lineage).
-            from .vhdx.ops import identity_at
-
-            found = identity_at(path)
-            return None if found is None else ((st.st_dev, st.st_ino), found.bytes)
-        choice = locate_footer(fd, size, path)
-        return (st.st_dev, st.st_ino), choice.footer.unique_id
+        key = read(fd, size)
+        return None if key is None else ((st.st_dev, st.st_ino), key)
     except (OSError, ValueError, VHDError):
         return None
     finally:
         os.close(fd)
+
+
+def _footer_id(path: str, *, devices: bool) -> tuple[Ident, bytes] | None:
+    """(identity, unique id) of the VHD at ``path`` from its footer alone; of a VHDX, the
+    DataWriteGuid a VHD child records as its parent id (:mod:`vhd.lineage`)."""
+
+    def key(fd: int, size: int) -> bytes | None:
+        if read_upto(fd, 8, 0) == b"vhdxfile":
+            from .vhdx.ops import identity_at  # vhd.vhdx imports this module
+
+            found = identity_at(path)
+            return None if found is None else found.bytes
+        return locate_footer(fd, size, path).footer.unique_id
+
+    return read_candidate(path, devices=devices, read=key)
+
+
+@dataclass(slots=True)
+class CandidateSearch:
+    """What a walk over parent candidates found: the file ``chosen`` (normalised path and
+    identity), whether it was taken despite another identity (``mismatch_used``), the first file
+    of another identity (``first_other``), and the lines of what was tried for an error."""
+
+    chosen: tuple[str, Ident] | None = None
+    mismatch_used: bool = False
+    first_other: tuple[str, Ident] | None = None
+    tried: list[str] = field(default_factory=list)
+    refused: bool = False  # a candidate was outside the allowed folders
+
+    @property
+    def hint(self) -> str:
+        hint = "Pass the directory that holds it with --parent-dir"
+        if self.refused:
+            hint += " (or trust the image's locators with --allow-absolute-parents)"
+        return hint
+
+
+def search_candidates(
+    child_path: str,
+    candidates: Sequence[tuple[str, str]],
+    *,
+    policy: ParentPolicy,
+    explicit: bool,
+    allow_mismatch: bool,
+    seen: frozenset[Ident],
+    identify: Callable[..., tuple[Ident, Key] | None],
+    matches: Callable[[Key], bool],
+    missing: str,
+) -> CandidateSearch:
+    """Walk ``candidates`` (``(how found, path)``, in order) under ``policy`` for any format:
+    ``identify(path, devices=...)`` reads a candidate's identity and the key a child's record
+    names (a VHD unique id, a VHDX linkage) from its headers alone, ``matches(key)`` says
+    whether it is this child's parent.  Paths outside the child's folder and the policy's are
+    refused unless ``explicit`` or the policy allows absolute parents; a loop back into
+    ``seen`` raises :class:`~vhd.errors.ChainLoopError`."""
+    out = CandidateSearch()
+    child_dir = os.path.dirname(os.path.abspath(child_path))
+    roots = [child_dir] + [os.path.normpath(os.path.abspath(d)) for d in policy.dirs]
+    if len(candidates) > policy.max_candidates:
+        out.tried.append(f"{len(candidates) - policy.max_candidates} candidates over the limit")
+        candidates = candidates[: policy.max_candidates]
+    looked_at: set[str] = set()
+    for _source, path in candidates:
+        shown = _show(path)
+        if "\0" in path:
+            out.tried.append(f"{shown} (not a valid path)")
+            continue
+        norm = os.path.normpath(os.path.abspath(path))
+        if norm in looked_at:  # the same file spelt another way (``.\\x``, ``a\\..\\x``)
+            continue
+        looked_at.add(norm)
+        inside = _inside(norm, roots)
+        # Checked on the path as written, so that a refused path is not even looked up.  A
+        # symbolic link inside an allowed folder is followed: whoever can place one there can
+        # as well replace the image itself.
+        if not inside and not explicit and not policy.allow_absolute:
+            out.tried.append(f"{shown} (outside the allowed folders)")
+            out.refused = True
+            continue
+        found = identify(norm, devices=explicit)
+        if found is None:
+            # Outside the allowed folders (where the caller opted in) every failure reads the
+            # same: whether a file exists there, or what it is, is not the image's business.
+            out.tried.append(f"{shown} ({missing if inside or explicit else 'no parent there'})")
+            continue
+        ident, key = found
+        if matches(key) or (explicit and allow_mismatch):
+            if ident in seen:
+                raise ChainLoopError(f"the parent chain loops back to {shown}", path=child_path)
+            out.chosen = (norm, ident)
+            return out
+        out.tried.append(f"{shown} (not this child's parent)")
+        if out.first_other is None and ident not in seen:
+            out.first_other = (norm, ident)
+    if allow_mismatch and out.first_other is not None:
+        out.chosen, out.mismatch_used = out.first_other, True
+    return out
+
+
+def open_chosen(open_it: Callable[[], Opened], path: str, child_path: str) -> Opened:
+    """``open_it()`` for the chosen parent at ``path``; an OS-level failure becomes a
+    :class:`~vhd.errors.ParentNotFoundError` of the child (a VHDError passes as it is)."""
+    try:
+        return open_it()
+    except VHDError:
+        raise
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not valid"
+        raise ParentNotFoundError(
+            f"the parent {_show(path)} cannot be opened ({reason})", path=child_path
+        ) from None
 
 
 OpenFn = Callable[..., object]
@@ -259,66 +372,27 @@ def resolve_parent(
     if len(seen) >= MAX_CHAIN_DEPTH:
         raise ChainLoopError(f"the chain is deeper than {MAX_CHAIN_DEPTH} disks", path=child_path)
     want = header.parent_unique_id
-    child_dir = os.path.dirname(os.path.abspath(child_path))
-    roots = [child_dir] + [os.path.normpath(os.path.abspath(d)) for d in policy.dirs]
     if explicit:
         candidates = [("explicit parent", explicit)]
     else:
         candidates = parent_candidates(child_path, header, locators, policy.dirs)
-    tried: list[str] = []
-    refused = False
-    if len(candidates) > policy.max_candidates:
-        tried.append(f"{len(candidates) - policy.max_candidates} candidates over the limit")
-        candidates = candidates[: policy.max_candidates]
-    looked_at: set[str] = set()
-    chosen: tuple[str, tuple[int, int]] | None = None
-    first_other: tuple[str, tuple[int, int]] | None = None
-    for _source, path in candidates:
-        shown = _show(path)
-        if "\0" in path:
-            tried.append(f"{shown} (not a valid path)")
-            continue
-        norm = os.path.normpath(os.path.abspath(path))
-        if norm in looked_at:  # the same file spelt another way (``.\\x``, ``a\\..\\x``)
-            continue
-        looked_at.add(norm)
-        inside = _inside(norm, roots)
-        # Checked on the path as written, so that a refused path is not even looked up.  A
-        # symbolic link inside an allowed folder is followed: whoever can place one there can
-        # as well replace the image itself.
-        if not inside and explicit is None and not policy.allow_absolute:
-            tried.append(f"{shown} (outside the allowed folders)")
-            refused = True
-            continue
-        found = _footer_id(norm, devices=explicit is not None)
-        if found is None:
-            # Outside the allowed folders (where the caller opted in) every failure reads the
-            # same: whether a file exists there, or what it is, is not the image's business.
-            tried.append(
-                f"{shown} ("
-                + ("not found or not a VHD" if inside or explicit else "no parent there")
-                + ")"
-            )
-            continue
-        ident, unique_id = found
-        if unique_id == want or (explicit and allow_mismatch):
-            if ident in seen:
-                raise ChainLoopError(f"the parent chain loops back to {shown}", path=child_path)
-            chosen = (norm, ident)
-            break
-        tried.append(f"{shown} (not this child's parent)")
-        if first_other is None and ident not in seen:
-            first_other = (norm, ident)
-    mismatch_used = False
-    if chosen is None and allow_mismatch and first_other is not None:
-        chosen = first_other
-        mismatch_used = True
-    if chosen is not None:
-        path, ident = chosen
-        try:
-            # The file must still be the one whose footer was read (not swapped for a link to
-            # something else in between).
-            disk = opener(
+    found = search_candidates(
+        child_path,
+        candidates,
+        policy=policy,
+        explicit=explicit is not None,
+        allow_mismatch=allow_mismatch,
+        seen=seen,
+        identify=_footer_id,
+        matches=lambda unique_id: unique_id == want,
+        missing="not found or not a VHD",
+    )
+    if found.chosen is not None:
+        path, ident = found.chosen
+        # The file must still be the one whose footer was read (not swapped for a link to
+        # something else in between).
+        disk: Any = open_chosen(
+            lambda: opener(
                 path,
                 "r",
                 strict=strict,
@@ -326,31 +400,24 @@ def resolve_parent(
                 allow_parent_mismatch=allow_mismatch,
                 _seen=seen | {ident},
                 _expect=ident,
-            )
-        except VHDError:
-            raise
-        except (OSError, ValueError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not valid"
-            raise ParentNotFoundError(
-                f"the parent {_show(path)} cannot be opened ({reason})", path=child_path
-            ) from None
+            ),
+            path,
+            child_path,
+        )
         if getattr(disk, "logical_sector_size", 512) != 512:
-            disk.close()  # type: ignore[attr-defined]
+            disk.close()
             raise ParentMismatchError(
                 f"the parent {_show(path)} is a 4K-native VHDX: a VHD child has 512-byte sectors",
                 path=child_path,
             )
-        if mismatch_used:
-            disk.warnings.append(  # type: ignore[attr-defined]
+        if found.mismatch_used:
+            disk.warnings.append(
                 f"parent {path} has another unique id than the child records; used anyway"
             )
         return disk
     label = _show(header.parent_name) if header.parent_name else "(no name)"
-    where = _tried_text(tried)
-    hint = "Pass the directory that holds it with --parent-dir"
-    if refused:
-        hint += " (or trust the image's locators with --allow-absolute-parents)"
-    if first_other is not None:
+    where = _tried_text(found.tried)
+    if found.first_other is not None:
         raise ParentMismatchError(
             f"parent {label!r} (unique id {uuid.UUID(bytes=want)}) was not found: the files "
             f"found are not this child's parent ({where}); if one is the right parent, record its "
@@ -359,6 +426,6 @@ def resolve_parent(
         )
     raise ParentNotFoundError(
         f"parent image {label!r} (unique id {uuid.UUID(bytes=want)}) not found; "
-        f"tried: {where}. {hint}",
+        f"tried: {where}. {found.hint}",
         path=child_path,
     )

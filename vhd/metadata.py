@@ -81,17 +81,26 @@ class MetadataWriter:
     """Metadata writes to the file of an open :class:`~vhd.disk.Disk`, each keeping the Disk's
     in-memory footer, header and BAT equal to what is on disk."""
 
-    __slots__ = ("_disk",)
+    __slots__ = ("_disk", "_fd")
 
     def __init__(self, disk: Disk) -> None:
         self._disk = disk
+        self._fd = disk.fd
+
+    @classmethod
+    def for_repair(cls, fd: int) -> MetadataWriter:
+        """A writer on a file no :class:`Disk` can open yet (``vhd check --repair`` mends it so
+        that one can): only the positioned writes, syncs and cuts, in the same rules."""
+        writer = cls.__new__(cls)
+        writer._fd = fd
+        return writer
 
     @property
     def fd(self) -> int:
-        return self._disk.fd
+        return self._fd
 
     def _sync(self) -> None:
-        os.fsync(self._disk.fd)
+        os.fsync(self._fd)
 
     def _bat(self) -> BlockAllocationTable:
         from .disk import SparseDisk  # (vhd.disk imports this module)
@@ -206,8 +215,15 @@ class MetadataWriter:
             pos += n
 
     def write_raw(self, writes: Iterable[tuple[int, bytes]], *, sync: bool = True) -> None:
-        """Positioned writes of metadata payloads (locator data, bitmaps), then a sync."""
+        """Positioned writes of metadata payloads (locator data, bitmaps, and the records of a
+        repair plan), then a sync."""
         for at, data in writes:
-            write_all(self._disk.fd, data, at)
+            write_all(self._fd, data, at)
         if sync:
             self._sync()
+
+    def truncate(self, end: int) -> None:
+        """Cut the file at ``end`` and sync; the caller has written the footer that ends it
+        there and synced it first (rule 3: :meth:`cut` does both for an open Disk)."""
+        os.ftruncate(self._fd, end)
+        self._sync()

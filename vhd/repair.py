@@ -1,8 +1,9 @@
 """Repair of what crashes and bad copies leave in a VHD (``vhd check --repair``).
 
-The plan is built from a :class:`~vhd.check.CheckReport` and is a list of :class:`Step`\\ s, each a
-few positioned writes (or a cut of the file) followed by an ``fsync``.  ``--dry-run`` prints the
-plan; :func:`apply_plan` executes it.  What it mends:
+The plan is built from a :class:`~vhd.findings.CheckReport` (the image's layout and what the
+rules decided) and is a list of :class:`Step`\\ s, each a few positioned writes (or a cut of the
+file) followed by an ``fsync``, executed through :class:`~vhd.metadata.MetadataWriter`.
+``--dry-run`` prints the plan; :func:`apply_plan` executes it.  What it mends:
 
 * the trailing footer zeroed, damaged or cut off (restored from the copy at offset 0, placed after
   the last block) and the copy at offset 0 (restored from the trailing footer); bad footer
@@ -28,17 +29,27 @@ from __future__ import annotations
 
 import itertools
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from . import lock
 from .bat import UNUSED
-from .check import ERROR, WARNING, CheckReport, Finding
-from .fileio import write_all
+from .findings import ERROR, WARNING, CheckReport, Finding, Findings, RepairFacts
 from .footer import FOOTER_SIZE, DiskType
-from .metadata import bat_sector_writes
+from .metadata import MetadataWriter, bat_sector_writes
 
 SECTOR = 512
+# Offers that write the trailing footer at its place, and ones that rewrite the header.
+_NEEDS_FOOTER_TARGET = frozenset(
+    (
+        "footer-tail-missing",
+        "footer-checksum",
+        "footer-511",
+        "footer-features",
+        "footer-data-offset",
+    )
+)
+_NEEDS_HEADER = frozenset(("header-checksum", "header-data-offset"))
 # Descriptions list this many blocks or ranges and count the rest.
 _LISTED = 50
 
@@ -89,57 +100,74 @@ class RepairPlan:
         }
 
 
+def withdraw_unkeepable(findings: Findings, fixes: RepairFacts) -> None:
+    """Withdraw the offers a repair cannot keep: when the check stopped before it learnt where
+    the trailing footer belongs (a damaged header or BAT), the footer cannot be rewritten;
+    without a usable header, neither can the header."""
+    for i, f in enumerate(findings):
+        if f.repairable and (
+            (f.code in _NEEDS_FOOTER_TARGET and fixes.footer_target < 0)
+            or (f.code in _NEEDS_HEADER and fixes.header_fixed is None)
+        ):
+            findings[i] = replace(
+                f,
+                message=f"{f.message} (--repair cannot mend it while the errors above last)",
+                repair=None,
+            )
+
+
 def plan_repair(report: CheckReport) -> RepairPlan:
     """What :func:`apply_plan` would do to mend the repairable findings of ``report``."""
-    m = report.model
+    m, fx = report.layout, report.fixes
+    c = m.choice
     steps: list[Step] = []
     lost: list[tuple[int, int, str]] = []
     unrepairable = [
         f for f in report.findings if f.severity in (ERROR, WARNING) and not f.repairable
     ]
     codes = {f.code for f in report.findings if f.repairable}
-    if not codes or m.footer_fixed is None:
+    if not codes or fx.footer_fixed is None:
         return RepairPlan(report.path, [], [], unrepairable)
     fd = os.open(report.path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        if m.sparse and m.drop and m.header is not None:
-            for block in m.drop:  # ascending
+        if m.sparse and fx.drop and m.header is not None:
+            for block in fx.drop:  # ascending
                 offset, length = m.block_extent(block)
-                why = m.drop[block]
+                why = fx.drop[block]
                 # Neighbouring blocks dropped for the same reason make one lost range (a
                 # crafted table can drop millions).
                 if lost and lost[-1][0] + lost[-1][1] == offset and lost[-1][2] == why:
                     lost[-1] = (lost[-1][0], lost[-1][1] + length, why)
                 else:
                     lost.append((offset, length, why))
-            dropped = list(itertools.islice(m.drop, _LISTED))
+            dropped = list(itertools.islice(fx.drop, _LISTED))
             steps.append(
                 Step(
                     "unallocate blocks "
-                    + _listing([f"{b} ({m.drop[b]})" for b in dropped], len(m.drop))
+                    + _listing([f"{b} ({fx.drop[b]})" for b in dropped], len(fx.drop))
                     + "; lost guest ranges: "
                     + _listing([f"{o:#x}+{n:#x}" for o, n, _ in lost[:_LISTED]], len(lost)),
                     bat_sector_writes(
                         lambda at: os.pread(fd, SECTOR, at),
                         m.header.table_offset,
-                        dict.fromkeys(m.drop, UNUSED),
+                        dict.fromkeys(fx.drop, UNUSED),
                     ),
                 )
             )
-        if m.bitmap_fixes and m.bat is not None:
+        if fx.bitmap_fixes and m.bat is not None:
             steps.append(
                 Step(
                     "clear bitmap bits past the end of the disk in blocks "
-                    + ", ".join(str(b) for b in sorted(m.bitmap_fixes)),
+                    + ", ".join(str(b) for b in sorted(fx.bitmap_fixes)),
                     [
                         (m.bat[b] * SECTOR, raw)
-                        for b, raw in sorted(m.bitmap_fixes.items())
-                        if b not in m.drop
+                        for b, raw in sorted(fx.bitmap_fixes.items())
+                        if b not in fx.drop
                     ],
                 )
             )
-        if m.sparse and m.header is not None and m.header_fixed is not None:
-            new_header = m.header_fixed.build()
+        if m.sparse and m.header is not None and fx.header_fixed is not None:
+            new_header = fx.header_fixed.build()
             if new_header != m.header_raw:
                 steps.append(
                     Step(
@@ -147,16 +175,16 @@ def plan_repair(report: CheckReport) -> RepairPlan:
                         [(m.header_offset, new_header)],
                     )
                 )
-        new_footer = m.footer_fixed.build()
-        target = m.footer_target
+        new_footer = fx.footer_fixed.build()
+        target = fx.footer_target
         if target >= 0:
-            tail_right = m.tail_ok and m.tail_offset == target and m.tail_raw == new_footer
+            tail_right = c.tail_ok and c.tail_offset == target and c.tail_raw == new_footer
             if not tail_right:
-                where = "restore" if not m.tail_ok else "rewrite"
+                where = "restore" if not c.tail_ok else "rewrite"
                 steps.append(
                     Step(
                         f"{where} the trailing footer at {target:#x}"
-                        + (" (from the copy at offset 0)" if not m.tail_ok and m.head_ok else ""),
+                        + (" (from the copy at offset 0)" if not c.tail_ok and c.head_ok else ""),
                         [(target, new_footer)],
                     )
                 )
@@ -168,7 +196,7 @@ def plan_repair(report: CheckReport) -> RepairPlan:
                         truncate=target + FOOTER_SIZE,
                     )
                 )
-        if m.disk_type in (DiskType.DYNAMIC, DiskType.DIFFERENCING) and m.head_raw != new_footer:
+        if m.disk_type in (DiskType.DYNAMIC, DiskType.DIFFERENCING) and c.head_raw != new_footer:
             steps.append(Step("write the footer copy at offset 0", [(0, new_footer)]))
     finally:
         os.close(fd)
@@ -182,11 +210,11 @@ def apply_plan(plan: RepairPlan) -> None:
     fd = os.open(plan.path, os.O_RDWR | os.O_CLOEXEC)
     try:
         lock.acquire(fd, plan.path, exclusive=True)
+        # The plan's steps are already in the metadata writer's crash order (see above).
+        writer = MetadataWriter.for_repair(fd)
         for step in plan.steps:
-            for at, data in step.writes:
-                write_all(fd, data, at)
+            writer.write_raw(step.writes, sync=step.truncate is None)
             if step.truncate is not None:
-                os.ftruncate(fd, step.truncate)
-            os.fsync(fd)
+                writer.truncate(step.truncate)
     finally:
         os.close(fd)

@@ -14,6 +14,7 @@ import pytest
 import vhd
 import vhd.bat
 import vhd.check as check_module
+import vhd.layout as layout_module
 from tests.conftest import need_tool
 from tests.images import craft, craft_fixed, repair
 from vhd.check import check
@@ -47,7 +48,7 @@ def test_check_streams_a_huge_claimed_table(
     """A 16 MiB disk whose header claims 2^32 - 1 entries (a sparse 16 GiB file)."""
     path = craft(tmp_path / "claims.vhd", size=16 * MiB, entries=2**32 - 1)
     largest = 0
-    real = check_module.read_hook
+    real = layout_module.read_hook
 
     def bounded(fd: int, length: int, offset: int) -> bytes:
         nonlocal largest
@@ -55,7 +56,7 @@ def test_check_streams_a_huge_claimed_table(
         assert length <= 64 * MiB, f"check asked for {length} bytes in one read"
         return real(fd, length, offset)
 
-    monkeypatch.setattr(check_module, "read_hook", bounded)
+    monkeypatch.setattr(layout_module, "read_hook", bounded)
     report = check(path)
     assert "bat-entries-past-size" in {f.code for f in report.findings}
     with vhd.open(path) as disk:  # only the entries the size needs are read
@@ -84,14 +85,14 @@ def test_after_the_overlap_drops_no_blocks_overlap(tmp_path: Path, seed: int) ->
     path = tmp_path / "s.vhd"
     _staggered(path, 300, seed)
     report = check(path)
-    m = report.model
+    m = report.layout
     assert m.bat is not None
     span = 512 + 4096
     survivors = [(m.bat[b] * 512, b) for b in range(m.bat_count) if m.bat[b] != 0xFFFFFFFF]
-    survivors = [(s, b) for s, b in survivors if b not in m.drop]
+    survivors = [(s, b) for s, b in survivors if b not in report.fixes.drop]
     for (s1, b1), (s2, b2) in itertools.combinations(survivors, 2):
         assert s1 + span <= s2 or s2 + span <= s1, f"blocks {b1} and {b2} still overlap"
-    assert len(m.drop) > 0
+    assert len(report.fixes.drop) > 0
     _plan, after = repair(path)
     assert not [f for f in after.findings if f.code.startswith("bat-overlap")]
 
@@ -105,7 +106,7 @@ def test_findings_of_one_kind_are_listed_once_and_counted(tmp_path: Path) -> Non
     assert "more like the above" in report.findings[-1].message or any(
         "more like the above" in f.message for f in report.findings
     )
-    assert len(report.model.drop) == 64 * MiB // 4096
+    assert len(report.fixes.drop) == 64 * MiB // 4096
 
 
 def test_convert_of_a_sparse_fixed_vhd_reads_only_its_data(

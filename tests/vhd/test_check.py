@@ -7,13 +7,15 @@ from __future__ import annotations
 import json
 import os
 import struct
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 import vhd
-import vhd.check as vcheck
+import vhd.layout as vlayout
 from tests.images import MiB, build_hyperv, make_chain, make_dynamic, sha
 from tests.model import spec_chs
 from tests.vhd.helpers import qemu_info, qemu_raw, read_image, run_cli
@@ -231,7 +233,7 @@ def test_bat_overlapping_metadata_and_each_other(tmp_path: Path, require_tool: o
     found = codes(path)
     assert {"bat-overlaps-metadata", "bat-overlap"} <= found
     report = check(path)
-    assert set(report.model.drop) == {used[0], used[2]}
+    assert set(report.fixes.drop) == {used[0], used[2]}
     repair_ok(path, model, tmp_path, lost=[used[0], used[2]])
 
 
@@ -325,13 +327,13 @@ def test_deep_bitmap_past_end(tmp_path: Path) -> None:
 def test_metadata_check_reads_no_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     parent, child, _ = make_chain(tmp_path)
     reads: list[tuple[int, int]] = []
-    real = vcheck.read_hook
+    real = vlayout.read_hook
 
     def spy(fd: int, n: int, off: int) -> bytes:
         reads.append((off, n))
         return real(fd, n, off)
 
-    monkeypatch.setattr(vcheck, "read_hook", spy)
+    monkeypatch.setattr(vlayout, "read_hook", spy)
     for path in (parent, child):
         reads.clear()
         entries = [e for e in bat_entries(path) if e != 0xFFFFFFFF]
@@ -434,3 +436,17 @@ def test_geometry_larger_than_chs_is_found_and_mended(tmp_path: Path, kind: str)
     footer = Footer.parse(path.read_bytes()[-512:])
     assert tuple(footer.geometry) == spec_chs(size)
     assert qemu_info(path)["virtual-size"] == size
+
+
+def test_check_refuses_a_fifo_without_waiting_for_a_writer(tmp_path: Path) -> None:
+    """A named pipe nobody writes to: exit 2 at once, as vhd.open does (check's own open used
+    to block until a writer came)."""
+    fifo = tmp_path / "pipe.vhd"
+    os.mkfifo(fifo)
+    res = subprocess.run(
+        [sys.executable, "-m", "vhdtools.cli", "check", str(fifo)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 2 and "not a regular file" in res.stderr, res.stderr

@@ -45,9 +45,9 @@ def register(sub: Any) -> None:
 
 
 def _print_report(report: CheckReport) -> None:
-    m = report.model
-    kind = m.disk_type.label if m.disk_type is not None else "?"
-    size = m.footer.current_size if m.footer is not None else 0
+    layout = report.layout
+    kind = layout.disk_type.label if layout.disk_type is not None else "?"
+    size = layout.footer.current_size
     state = "clean" if report.clean else f"{len(report.problems)} problem(s)"
     print(f"{report.path}: {kind}, {size} bytes: {state}")
     for f in report.findings:

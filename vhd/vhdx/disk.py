@@ -46,7 +46,15 @@ from array import array
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from ..chain import MAX_CHAIN_DEPTH, ParentPolicy, _inside, _show, _tried_text
+from ..chain import (
+    MAX_CHAIN_DEPTH,
+    ParentPolicy,
+    _show,
+    _tried_text,
+    open_chosen,
+    read_candidate,
+    search_candidates,
+)
 from ..disk import _BYTE_FORMATS, Buffer, Disk, Extent, parent_extents
 from ..errors import (
     ChainLoopError,
@@ -1153,21 +1161,10 @@ def parent_identity(parent: Disk) -> str | None:
 
 def _identity_at(path: str, *, devices: bool) -> tuple[tuple[int, int], str] | None:
     """(file identity, what a parent_linkage would name) of the image at ``path``, from its
-    headers or footer alone (not its chain); None when it is not a readable VHDX or VHD (a
-    regular file, or a block device when ``devices``)."""
+    headers or footer alone (not its chain); None when it is not a readable VHDX or VHD."""
     from ..image import locate_footer
 
-    try:
-        # O_NONBLOCK: a FIFO would otherwise block the open until a writer comes.
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
-    except (OSError, ValueError):
-        return None
-    try:
-        st = os.fstat(fd)
-        if not (stat.S_ISREG(st.st_mode) or (devices and stat.S_ISBLK(st.st_mode))):
-            return None
-        size = st.st_size if stat.S_ISREG(st.st_mode) else os.lseek(fd, 0, os.SEEK_END)
-        ident = (st.st_dev, st.st_ino)
+    def key(fd: int, size: int) -> str | None:
         if read_upto(fd, 8, 0) == r.SIGNATURE:
             heads = []
             for off in r.HEADER_OFFSETS:
@@ -1176,13 +1173,10 @@ def _identity_at(path: str, *, devices: bool) -> tuple[tuple[int, int], str] | N
             if not heads:
                 return None
             # the current header, as _read_layout picks it (equal numbers: the first copy)
-            head = max(heads, key=lambda h: h.sequence_number)
-            return ident, str(head.data_write_guid)
-        return ident, str(locate_footer(fd, size, path).footer.uuid)
-    except (OSError, ValueError, VHDError):
-        return None
-    finally:
-        os.close(fd)
+            return str(max(heads, key=lambda h: h.sequence_number).data_write_guid)
+        return str(locate_footer(fd, size, path).footer.uuid)
+
+    return read_candidate(path, devices=devices, read=key)
 
 
 def _open_parent(
@@ -1242,88 +1236,48 @@ def _search_parent(
     from ..image import open as open_image
 
     explicit = parent is not None
-    here = os.path.dirname(os.path.abspath(disk.path))
-    roots = [here] + [os.path.normpath(os.path.abspath(d)) for d in policy.dirs]
     if parent is not None:
         candidates = [("explicit parent", os.fspath(parent))]
     else:
         candidates = parent_candidates(disk, policy.dirs)
-    tried: list[str] = []
-    refused = False
-    if len(candidates) > policy.max_candidates:
-        tried.append(f"{len(candidates) - policy.max_candidates} candidates over the limit")
-        candidates = candidates[: policy.max_candidates]
-    looked_at: set[str] = set()
-    chosen: tuple[str, tuple[int, int]] | None = None
-    first_other: tuple[str, tuple[int, int]] | None = None
-    for _key, path in candidates:
-        shown = _show(path)
-        if "\0" in path:
-            tried.append(f"{shown} (not a valid path)")
-            continue
-        norm = os.path.normpath(os.path.abspath(path))
-        if norm in looked_at:
-            continue
-        looked_at.add(norm)
-        inside = _inside(norm, roots)
-        # Judged on the path as written, so that a refused path is not even looked up.
-        if not inside and not explicit and not policy.allow_absolute:
-            tried.append(f"{shown} (outside the allowed folders)")
-            refused = True
-            continue
-        found = _identity_at(norm, devices=explicit)
-        if found is None:
-            # Outside the allowed folders every failure reads the same: whether a file exists
-            # there, or what it is, is not the image's business.
-            what = "not found or not a VHDX or VHD" if inside or explicit else "no parent there"
-            tried.append(f"{shown} ({what})")
-            continue
-        ident, linkage = found
-        if linkage in want or (explicit and allow_mismatch):
-            if ident in seen:
-                raise ChainLoopError(f"the parent chain loops back to {shown}", path=disk.path)
-            chosen = (norm, ident)
-            break
-        tried.append(f"{shown} (not this child's parent)")
-        if first_other is None and ident not in seen:
-            first_other = (norm, ident)
-    mismatch_used = False
-    if chosen is None and allow_mismatch and first_other is not None:
-        chosen, mismatch_used = first_other, True
-    if chosen is None:
+    found = search_candidates(
+        disk.path,
+        candidates,
+        policy=policy,
+        explicit=explicit,
+        allow_mismatch=allow_mismatch,
+        seen=seen,
+        identify=_identity_at,
+        matches=lambda linkage: linkage in want,
+        missing="not found or not a VHDX or VHD",
+    )
+    if found.chosen is None:
         linkage_text = disk.metadata.parent_locator.entries.get("parent_linkage", "")  # type: ignore[union-attr]
-        where = _tried_text(tried)
-        if first_other is not None:
+        where = _tried_text(found.tried)
+        if found.first_other is not None:
             raise ParentMismatchError(
                 f"parent {_show(linkage_text)} was not found: the files found are not this "
                 f"child's parent ({where})",
                 path=disk.path,
             )
-        hint = "Pass the directory that holds it with --parent-dir"
-        if refused:
-            hint += " (or trust the image's locators with --allow-absolute-parents)"
         raise ParentNotFoundError(
-            f"parent image {_show(linkage_text)} not found; tried: {where}. {hint}",
+            f"parent image {_show(linkage_text)} not found; tried: {where}. {found.hint}",
             path=disk.path,
         )
-    path, ident = chosen
-    try:
-        # _expect: the file must still be the one whose headers were read.
-        opened = open_image(
+    path, ident = found.chosen
+    # _expect: the file must still be the one whose headers were read.
+    opened = open_chosen(
+        lambda: open_image(
             path,
             "r",
             parent_policy=policy,
             allow_parent_mismatch=allow_mismatch,
             _seen=seen,
             _expect=ident,
-        )
-    except VHDError:
-        raise
-    except (OSError, ValueError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not valid"
-        raise ParentNotFoundError(
-            f"the parent {_show(path)} cannot be opened ({reason})", path=disk.path
-        ) from None
-    if mismatch_used:
+        ),
+        path,
+        disk.path,
+    )
+    if found.mismatch_used:
         disk.warnings.append(f"parent {path} is not the one the child records; used anyway")
     return opened
