@@ -19,16 +19,14 @@ import os
 import queue
 import stat
 import struct
-import sys
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from . import lock
 from .create import DEFAULT_BLOCK_SIZE, open_new, plan_create, write_layout
 from .disk import Disk
 from .errors import InvalidArgumentError
-from .fileio import write_all, write_zeros
+from .fileio import open_block_device, write_all, write_zeros
 from .newfile import NewFile, named, naming
 from .source import Source
 
@@ -141,9 +139,8 @@ def _convert_vhdx(
 
 
 # <linux/fs.h>: _IO(0x12, 127) zero a byte range of a block device (WRITE_ZEROES or written
-# zeros, the kernel's choice); _IOR(0x12, 114, u64) the device size in bytes.
+# zeros, the kernel's choice).
 BLKZEROOUT = 0x127F
-BLKGETSIZE64 = 0x80081272
 
 
 def _refuse_unseekable(dst: str) -> None:
@@ -181,26 +178,8 @@ def _convert_to_block_device(
     holds no data in is zeroed (BLKZEROOUT, falling back to writing zeros: the device's old
     content must not show through), bytes past the disk are left alone, and the device is synced
     before returning."""
-    if not overwrite:
-        raise InvalidArgumentError(
-            "the block device exists: pass --force to overwrite its content", path=dst
-        )
-    # O_EXCL on a block device: refuse one that is mounted or otherwise claimed (EBUSY).
-    # Read-write, not write-only: QEMU's lock bytes are read locks, which need read access.
+    fd, device_size = open_block_device(dst, overwrite=overwrite)
     try:
-        fd = os.open(dst, os.O_RDWR | os.O_EXCL | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno == errno.EBUSY:
-            raise InvalidArgumentError(
-                "the block device is in use (mounted, or part of a RAID/LVM/dm device)", path=dst
-            ) from None
-        raise
-    try:
-        # A device a VM or a server of ours is using is refused before anything is written.
-        lock.acquire(fd, dst, exclusive=True)
-        buf = bytearray(8)
-        fcntl.ioctl(fd, BLKGETSIZE64, buf)
-        device_size = int.from_bytes(buf, sys.byteorder)
         if device_size < out_size:
             raise InvalidArgumentError(
                 f"the device holds {device_size} bytes, less than the disk's {out_size}",

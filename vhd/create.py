@@ -27,17 +27,13 @@ before it gets its name.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
 import stat
-import sys
 from typing import TYPE_CHECKING
 
-from . import lock
 from .bat import MAX_ENTRIES, UNUSED
 from .errors import InvalidArgumentError
-from .fileio import write_all
+from .fileio import open_block_device, write_all
 from .footer import FOOTER_SIZE, DiskType, Footer, new_footer, vhd_timestamp
 from .geometry import geometry_for_create
 from .header import HEADER_SIZE, ParentLocator, new_header
@@ -106,7 +102,7 @@ def _create_on_device(path: str, footer: Footer, overwrite: bool) -> Disk:
     every reader looks for it (qemu, libvhdi and vhdkit read the data from offset 0 and take the
     size from the footer; bytes between the two are left alone).  A dynamic or differencing VHD
     grows at its end, which a device cannot: refused."""
-    from .convert import BLKGETSIZE64, zero_range  # (vhd.convert imports this module)
+    from .convert import zero_range  # (vhd.convert imports this module)
     from .image import open_locked
 
     if footer.type != DiskType.FIXED:
@@ -115,25 +111,8 @@ def _create_on_device(path: str, footer: Footer, overwrite: bool) -> Disk:
             "end, which a device cannot): use --type fixed",
             path=path,
         )
-    if not overwrite:
-        raise InvalidArgumentError(
-            "the block device exists: pass --force to overwrite its content", path=path
-        )
-    # O_EXCL on a block device: refuse one that is mounted or otherwise claimed (EBUSY).
+    fd, device_size = open_block_device(path, overwrite=overwrite)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_EXCL | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno == errno.EBUSY:
-            raise InvalidArgumentError(
-                "the block device is in use (mounted, or part of a RAID/LVM/dm device)", path=path
-            ) from None
-        raise
-    try:
-        # A device a VM or a server of ours is using is refused before anything is written.
-        lock.acquire(fd, path, exclusive=True)
-        buf = bytearray(8)
-        fcntl.ioctl(fd, BLKGETSIZE64, buf)
-        device_size = int.from_bytes(buf, sys.byteorder)
         size = footer.current_size
         if device_size < size + FOOTER_SIZE:
             raise InvalidArgumentError(

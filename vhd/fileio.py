@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import os
 import stat
+import sys
 
 from . import lock
-from .errors import CorruptImageError, NotAVHDError, ParentNotFoundError
+from .errors import CorruptImageError, InvalidArgumentError, NotAVHDError, ParentNotFoundError
 
 Buffer = bytes | bytearray | memoryview
 
@@ -127,3 +129,36 @@ def open_image_file(
         os.close(fd)
         raise
     return fd, st
+
+
+BLKGETSIZE64 = 0x80081272  # <linux/fs.h>: _IOR(0x12, 114, size_t)
+
+
+def open_block_device(path: str, *, overwrite: bool) -> tuple[int, int]:
+    """Open a block device to overwrite it (``vhd create``/``vhd convert`` onto ``/dev/X``):
+    refused without ``overwrite`` (--force), when mounted or otherwise claimed, or when a VM or
+    a server of ours has it open.  Returns the descriptor, which the caller owns, locked
+    exclusively, and the device's size in bytes."""
+    if not overwrite:
+        raise InvalidArgumentError(
+            "the block device exists: pass --force to overwrite its content", path=path
+        )
+    # O_EXCL on a block device: refuse one that is mounted or otherwise claimed (EBUSY).
+    # Read-write, not write-only: QEMU's lock bytes are read locks, which need read access.
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_EXCL | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.EBUSY:
+            raise InvalidArgumentError(
+                "the block device is in use (mounted, or part of a RAID/LVM/dm device)", path=path
+            ) from None
+        raise
+    try:
+        # A device a VM or a server of ours is using is refused before anything is written.
+        lock.acquire(fd, path, exclusive=True)
+        buf = bytearray(8)
+        fcntl.ioctl(fd, BLKGETSIZE64, buf)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, int.from_bytes(buf, sys.byteorder)
