@@ -242,7 +242,7 @@ def read_candidate(
         os.close(fd)
 
 
-def _footer_id(path: str, *, devices: bool) -> tuple[Ident, bytes] | None:
+def footer_identity(path: str, *, devices: bool) -> tuple[Ident, bytes] | None:
     """(identity, unique id) of the VHD at ``path`` from its footer alone; of a VHDX, the
     DataWriteGuid a VHD child records as its parent id (:mod:`vhd.lineage`)."""
 
@@ -383,7 +383,7 @@ def resolve_parent(
         explicit=explicit is not None,
         allow_mismatch=allow_mismatch,
         seen=seen,
-        identify=_footer_id,
+        identify=footer_identity,
         matches=lambda unique_id: unique_id == want,
         missing="not found or not a VHD",
     )

@@ -18,17 +18,11 @@ goes through the :class:`~vhd.disk.Disk` API.
 
 from __future__ import annotations
 
-import os
-import stat
 import uuid
 from typing import TYPE_CHECKING, TypeGuard
 
-from .chain import ParentPolicy
+from .chain import ParentPolicy, footer_identity
 from .disk import Disk
-from .errors import VHDError
-from .fileio import read_upto
-from .footer import COOKIE, FOOTER_SIZE, Footer
-from .probe import is_vhdx_file
 
 if TYPE_CHECKING:
     from .vhdx import VHDXDisk
@@ -50,27 +44,8 @@ def identity(disk: Disk) -> uuid.UUID:
 def identity_of_file(path: str) -> uuid.UUID | None:
     """:func:`identity` of the image at ``path`` from its headers or footer alone (None: not a
     readable VHD or VHDX regular file)."""
-    if is_vhdx_file(path):
-        from .vhdx.ops import identity_at
-
-        return identity_at(path)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
-    except (OSError, ValueError):
-        return None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size < FOOTER_SIZE:
-            return None
-        for at in (st.st_size - FOOTER_SIZE, 0):
-            raw = read_upto(fd, FOOTER_SIZE, at)
-            if raw[:8] == COOKIE:
-                return uuid.UUID(bytes=Footer.parse(raw).unique_id)
-        return None
-    except (OSError, ValueError, VHDError):
-        return None
-    finally:
-        os.close(fd)
+    found = footer_identity(path, devices=False)
+    return None if found is None else uuid.UUID(bytes=found[1])
 
 
 def recorded_parents(child: Disk) -> set[uuid.UUID]:
