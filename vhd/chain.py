@@ -248,9 +248,9 @@ def footer_identity(path: str, *, devices: bool) -> tuple[Ident, bytes] | None:
 
     def key(fd: int, size: int) -> bytes | None:
         if read_upto(fd, 8, 0) == b"vhdxfile":
-            from .vhdx.ops import identity_at  # vhd.vhdx imports this module
+            from .vhdx.disk import data_write_guid_at  # vhd.vhdx imports this module
 
-            found = identity_at(path)
+            found = data_write_guid_at(fd)
             return None if found is None else found.bytes
         return locate_footer(fd, size, path).footer.unique_id
 

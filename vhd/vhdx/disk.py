@@ -1166,17 +1166,24 @@ def _identity_at(path: str, *, devices: bool) -> tuple[tuple[int, int], str] | N
 
     def key(fd: int, size: int) -> str | None:
         if read_upto(fd, 8, 0) == r.SIGNATURE:
-            heads = []
-            for off in r.HEADER_OFFSETS:
-                with contextlib.suppress(VHDError):
-                    heads.append(r.Header.parse(read_upto(fd, r.HEADER_SIZE, off)))
-            if not heads:
-                return None
-            # the current header, as _read_layout picks it (equal numbers: the first copy)
-            return str(max(heads, key=lambda h: h.sequence_number).data_write_guid)
+            guid = data_write_guid_at(fd)
+            return None if guid is None else str(guid)
         return str(locate_footer(fd, size, path).footer.uuid)
 
     return read_candidate(path, devices=devices, read=key)
+
+
+def data_write_guid_at(fd: int) -> uuid.UUID | None:
+    """The DataWriteGuid of the VHDX open on ``fd`` (what a child's parent_linkage names), from
+    its current header alone; None when neither header is valid."""
+    heads = []
+    for off in r.HEADER_OFFSETS:
+        with contextlib.suppress(VHDError):
+            heads.append(r.Header.parse(read_upto(fd, r.HEADER_SIZE, off)))
+    if not heads:
+        return None
+    # the current header, as _read_layout picks it (equal numbers: the first copy)
+    return max(heads, key=lambda h: h.sequence_number).data_write_guid
 
 
 def _open_parent(

@@ -124,29 +124,6 @@ def _metadata_entry(disk: VHDXDisk, item: uuid.UUID) -> r.MetadataEntry:
 # -- parents and children ------------------------------------------------------------------
 
 
-def identity_at(path: str) -> uuid.UUID | None:
-    """What a child's parent_linkage names for the VHDX at ``path`` (its DataWriteGuid, from
-    the current header alone), or None when it is no readable VHDX."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
-    except (OSError, ValueError):
-        return None
-    try:
-        if read_upto(fd, 8, 0) != r.SIGNATURE:
-            return None
-        heads = []
-        for off in r.HEADER_OFFSETS:
-            with contextlib.suppress(VHDError):
-                heads.append(r.Header.parse(read_upto(fd, r.HEADER_SIZE, off)))
-        if not heads:
-            return None
-        return max(heads, key=lambda h: h.sequence_number).data_write_guid
-    except (OSError, ValueError, VHDError):
-        return None
-    finally:
-        os.close(fd)
-
-
 def linkages(disk: VHDXDisk) -> set[uuid.UUID]:
     out: set[uuid.UUID] = set()
     for text in parent_linkages(disk):
