@@ -12,8 +12,19 @@ import vhd
 from vhd.vhdx import create_vhdx
 
 # construct was VHDX's record parser (with pdb, pickle and hashlib behind it); vhd.check and
-# vhd.azure are only for --azure; fractions only for fractional sizes (parse_size).
-_HEAVY = ("construct", "pdb", "pickle", "hashlib", "vhd.check", "vhd.azure", "fractions")
+# vhd.azure are only for --azure; fractions only for fractional sizes (parse_size); convert's
+# workers are plain threads (concurrent.futures brings logging).
+_HEAVY = (
+    "construct",
+    "pdb",
+    "pickle",
+    "hashlib",
+    "vhd.check",
+    "vhd.azure",
+    "fractions",
+    "concurrent.futures",
+    "logging",
+)
 _LOADED = """
 import sys
 from vhdtools.cli import main
