@@ -160,7 +160,10 @@ def _write_new(
             end = data_offset + blocks * block_size
         os.ftruncate(fd, end)
     # The disk shares new's lock (a dup of its descriptor) and goes by the final name.
-    return open_vhdx_locked(os.dup(fd), new.final, parent=parent)
+    disk = open_vhdx_locked(os.dup(fd), new.final, parent=parent)
+    if not new.in_place:
+        disk.unpublished = new  # (see VHDXDisk._begin_session)
+    return disk
 
 
 def _locator(child: str, parent: Disk) -> r.ParentLocator:

@@ -78,6 +78,7 @@ from ..fileio import (
 )
 from ..footer import DiskType
 from ..locator import windows_to_posix
+from ..newfile import NewFile
 from . import log as vlog
 from . import records as r
 
@@ -197,6 +198,8 @@ class VHDXDisk(Disk):
         self._dirty_bitmaps: set[int] = set()
         self._session = False
         self._eof = -(-fsize // MiB) * MiB
+        # Set by create_vhdx while the file is still under its temporary name (vhd.newfile).
+        self.unpublished: NewFile | None = None
 
     # -- headers ---------------------------------------------------------------------------
 
@@ -222,8 +225,12 @@ class VHDXDisk(Disk):
         if self._session:
             return
         changes = {"file_write_guid": uuid.uuid4(), "data_write_guid": uuid.uuid4()}
-        self._write_header(True, **changes)
-        self._write_header(True)
+        # A file not yet published under its name (vhd convert's output) is opened by no one
+        # and a crash leaves only the partial file, so syncing these updates would buy nothing:
+        # the flush before publishing (durable when the caller asks) orders what gets a name.
+        durable = self.unpublished is None or self.unpublished.published
+        self._write_header(durable, **changes)
+        self._write_header(durable)
         self._session = True
 
     # -- reads -----------------------------------------------------------------------------
