@@ -37,7 +37,8 @@ from typing import TYPE_CHECKING
 from .bat import ENTRIES_PER_SECTOR
 from .fileio import read_exact, write_all, write_zeros
 from .footer import FOOTER_SIZE, Footer
-from .header import HEADER_SIZE, DynamicHeader
+from .header import DynamicHeader
+from .layout import metadata_regions
 
 if TYPE_CHECKING:
     from .bat import BlockAllocationTable
@@ -66,14 +67,12 @@ def bat_sector_writes(
 
 
 def metadata_end(footer: Footer, header: DynamicHeader, *, table_entries: int | None = None) -> int:
-    """The sector-rounded end of the dynamic header, the BAT (``table_entries`` of them, sector
-    padded; the header's count by default) and the locator payloads: where blocks may start."""
-    count = header.max_table_entries if table_entries is None else table_entries
-    end = max(FOOTER_SIZE, footer.data_offset + HEADER_SIZE)
-    end = max(end, header.table_offset + -(-count * 4 // SECTOR) * SECTOR)
-    for loc in header.locators:
-        if loc.in_use:
-            end = max(end, loc.data_offset + max(loc.data_len, loc.space_bytes))
+    """Where blocks may start: the sector-rounded end of the metadata regions
+    (:func:`vhd.layout.metadata_regions`, the rule ``vhd check`` and :func:`vhd.open` apply), with
+    a BAT of ``table_entries`` entries (the header's count by default)."""
+    if table_entries is not None:
+        header = header.replace(max_table_entries=table_entries)
+    end = max(stop for _start, stop, _label in metadata_regions(footer.data_offset, header))
     return -(-end // SECTOR) * SECTOR
 
 

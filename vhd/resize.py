@@ -59,7 +59,7 @@ from .footer import (
 from .geometry import geometry_for_create
 from .header import HEADER_SIZE
 from .image import open as open_image
-from .layout import MAX_SIZE
+from .layout import MAX_SIZE, locator_extent
 from .metadata import MetadataWriter, metadata_end
 from .newfile import naming
 from .vhdx import probe_vhdx
@@ -248,12 +248,13 @@ def _grow_sparse(
         for block, entry in disk.bat.allocated()
         if entry * SECTOR < need_end and entry * SECTOR + bmb + bs > table
     ]
+    # (A locator's payload is the region vhd check and compact see: locator_extent.)
     locators = [
-        (slot, loc)
+        (slot, loc, extent)
         for slot, loc in enumerate(header.locators)
-        if loc.in_use
+        if (extent := locator_extent(loc))
         and loc.data_offset < need_end
-        and loc.data_offset + max(loc.data_len, loc.space_bytes) > table
+        and loc.data_offset + extent > table
     ]
     if blocks or locators:
         align = PAGE if bs >= PAGE else SECTOR
@@ -264,9 +265,9 @@ def _grow_sparse(
             plan_blocks.append((block, entry * SECTOR, data - bmb))
             pos = data + bs
         plan_locs: list[tuple[int, int]] = []  # (slot, new offset)
-        for slot, loc in locators:
+        for slot, _loc, extent in locators:
             plan_locs.append((slot, pos))
-            pos += -(-max(loc.data_len, loc.space_bytes, 1) // SECTOR) * SECTOR
+            pos += -(-extent // SECTOR) * SECTOR
         # 1. The trailing footer (old size still) moves to the new end first; the old one, now
         # inside the relocated area, is zeroed so no scan mistakes it.
         writer.move_footer(pos)
