@@ -320,6 +320,11 @@ class Disk:
                 footer=footer is not None, footer_offset=footer_offset is not None
             )
 
+    def _disown_fd(self) -> None:
+        """Give up the descriptor without closing it: a Disk whose building failed, when the
+        opener that made the descriptor closes it (closing this Disk then does nothing)."""
+        self._closed = True
+
     def _forget_bitmaps(self) -> None:
         """Drop cached sector bitmaps (BAT entries were rewritten behind the Disk)."""
 

@@ -291,7 +291,7 @@ def _open_fd(
                 )
     except BaseException:
         # The caller closes fd; don't let the half-built disk close it a second time.
-        disk._closed = True
+        disk._disown_fd()
         raise
     return disk
 

@@ -45,13 +45,12 @@ from . import bitmap as bm
 from .bat import MAX_ENTRIES, UNUSED
 from .chain import ParentPolicy
 from .children import find_parent
-from .disk import SparseDisk
+from .disk import FixedDisk, SparseDisk
 from .errors import CorruptImageError, InvalidArgumentError, UnsupportedFeatureError
-from .fileio import punch_hole, read_exact, write_all, write_zeros
+from .fileio import punch_hole, read_exact
 from .footer import (
     CREATOR_APP,
     CREATOR_VERSION,
-    FOOTER_SIZE,
     QEMU_CURRENT_SIZE_CREATORS,
     DiskType,
     Footer,
@@ -133,8 +132,8 @@ def _resize(
             # qemu would size this creator's disk by the new C*H*S, a little short of new_size:
             # the resized disk gets vhdkit's creator, which qemu sizes by the current size.
             footer = footer.replace(creator_app=CREATOR_APP, creator_version=CREATOR_VERSION)
-        if disk.type == DiskType.FIXED:
-            _resize_fixed(disk.fd, spath, old, new_size, footer, force)
+        if isinstance(disk, FixedDisk):
+            _resize_fixed(disk, spath, old, new_size, footer, force)
             return ResizeResult(spath, old, new_size, 0, 0)
         assert isinstance(disk, SparseDisk)
         assert disk.header is not None
@@ -159,38 +158,29 @@ def _resize(
 # -- fixed ---------------------------------------------------------------------------------
 
 
-def _resize_fixed(fd: int, path: str, old: int, new: int, footer: Footer, force: bool) -> None:
-    raw = footer.build()
+def _resize_fixed(
+    disk: FixedDisk, path: str, old: int, new: int, footer: Footer, force: bool
+) -> None:
+    writer = MetadataWriter(disk)
     if new > old:
         # 1. A footer still saying the old size goes to the new end: the bytes between are not
         # guest data yet, so the old footer there can be zeroed (2) before the size changes (3).
         geo = geometry_for_create(old)  # a geometry within the old size, as check wants it
-        with_old_size = (
-            Footer.parse(raw)
-            .replace(
-                current_size=old, cylinders=geo.cylinders, heads=geo.heads, sectors=geo.sectors
-            )
-            .build()
+        with_old_size = footer.replace(
+            current_size=old, cylinders=geo.cylinders, heads=geo.heads, sectors=geo.sectors
         )
-        write_all(fd, with_old_size, new)
-        os.fsync(fd)
-        write_zeros(fd, old, FOOTER_SIZE)
-        os.fsync(fd)
-        write_all(fd, raw, new)
-        os.fsync(fd)
+        writer.move_footer(new, footer=with_old_size)
+        writer.write_footers(footer, new)  # (a fixed disk: the trailing footer only)
         return
     if not force:
-        at = _first_nonzero(fd, new, old)
+        at = _first_nonzero(disk.fd, new, old)
         if at is not None:
             raise InvalidArgumentError(
                 f"data lies past the new end (first non-zero byte at {at:#x}); pass --force to "
                 "drop it",
                 path=path,
             )
-    write_all(fd, raw, new)
-    os.fsync(fd)
-    os.ftruncate(fd, new + FOOTER_SIZE)
-    os.fsync(fd)
+    writer.cut(new, footer)
 
 
 def _first_nonzero(fd: int, start: int, end: int) -> int | None:
@@ -303,7 +293,7 @@ def _grow_sparse(
         footer_at = need_end
     _check_room(disk, table, need_end)
     # 4. New entries, unallocated.
-    writer.write_raw([(table + old_count * 4, b"\xff" * (need_end - table - old_count * 4))])
+    writer.unallocate_entries(old_count, need_end)
     # 4b. The new range must read as zeros (below).  Still at the old size: nothing shows yet.
     footer_at = _zero_new_range(disk, disk.size, new_size, hide, footer_at)
     # 5. Header, 6-7. footers.
@@ -383,10 +373,12 @@ def _zero_new_range(
         return footer_at
     existing = {b: r for b, r in marks.items() if b < len(disk.bat) and disk.bat[b] != UNUSED}
     fresh = sorted(b for b in marks if b not in existing)
+    bitmaps: list[tuple[int, bytes]] = []
     for block, (lo, hi) in existing.items():
         raw = bytearray(read_exact(disk.fd, bmb, disk.bat[block] * SECTOR))
         bm.set_range(raw, lo, hi)
-        write_all(disk.fd, raw, disk.bat[block] * SECTOR)
+        bitmaps.append((disk.bat[block] * SECTOR, bytes(raw)))
+    writer.write_bitmaps(bitmaps, sync=False)
     # New blocks after the trailing footer, data aligned as the core aligns it.
     align = PAGE if bs >= PAGE else SECTOR
     pos = -(-footer_at // SECTOR) * SECTOR
@@ -397,10 +389,12 @@ def _zero_new_range(
         pos = data + bs
     if placed:
         writer.move_footer(pos)  # the file always ends in a footer
+        fresh_bits: list[tuple[int, bytes]] = []
         for block, at in placed.items():
             bits = bytearray(bmb)
             bm.set_range(bits, *marks[block])
-            write_all(disk.fd, bits, at)
+            fresh_bits.append((at, bytes(bits)))
+        writer.write_bitmaps(fresh_bits, sync=False)
     os.fsync(disk.fd)
     if placed:
         writer.set_bat_entries({b: at // SECTOR for b, at in placed.items()})
@@ -454,7 +448,7 @@ def _shrink_sparse(disk: SparseDisk, new_size: int, footer: Footer, force: bool)
     if entry != UNUSED and keep < spb:
         raw = bytearray(read_exact(disk.fd, bmb, entry * SECTOR))
         if bm.set_range(raw, keep, spb, False):
-            writer.write_raw([(entry * SECTOR, bytes(raw))])
+            writer.write_bitmaps([(entry * SECTOR, bytes(raw))])
     # 5. Cut unreferenced space at the end.
     end = metadata_end(disk.footer, header, table_entries=new_count)
     for block, entry in disk.bat.allocated():

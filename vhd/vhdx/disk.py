@@ -217,11 +217,18 @@ class VHDXDisk(Disk):
         self.layout.headers[slot] = new
         self.layout.current = slot
 
-    def _begin_session(self) -> None:
-        """Before the first modification: new FileWriteGuid and DataWriteGuid, both copies."""
+    def _begin_session(
+        self, data_write_guid: uuid.UUID | None = None, *, keep_data: bool = False
+    ) -> None:
+        """Before the first modification (2.2.2): a new FileWriteGuid in both header copies, and
+        a new DataWriteGuid (``data_write_guid`` when the caller chose it, so a child can be told
+        the new identity before the data changes), or the old one when ``keep_data`` (a change
+        that keeps the guest-visible data, so the disk's children still accept it)."""
         if self._session:
             return
-        changes = {"file_write_guid": uuid.uuid4(), "data_write_guid": uuid.uuid4()}
+        changes = {"file_write_guid": uuid.uuid4()}
+        if not keep_data:
+            changes["data_write_guid"] = data_write_guid or uuid.uuid4()
         self._write_header(True, **changes)
         self._write_header(True)
         self._session = True
@@ -443,6 +450,50 @@ class VHDXDisk(Disk):
         os.ftruncate(self._fd, self._eof)
         self.file_size = self._eof
         return off
+
+    def _truncate(self, end: int) -> None:
+        """Cut the file at ``end`` (1 MiB-aligned; nothing durable names the space past it),
+        synced; new blocks go there."""
+        os.ftruncate(self._fd, end)
+        os.fsync(self._fd)
+        self.file_size = self._eof = end
+
+    def _relocate_bat(self, at: int, length: int) -> None:
+        """Write the whole in-memory BAT (``length`` bytes of room) at ``at``, synced, and use it
+        from here on: the caller then names it in the region tables, through the log."""
+        table = memoryview(self.bat).cast("B")
+        write_all(self._fd, bytes(table[: min(len(table), length)]), at)
+        os.fdatasync(self._fd)
+        self._dirty_bat.clear()
+        self._bat_offset = at
+
+    def _write_region_table(self, slot: int, table: r.RegionTable) -> None:
+        """Region table copy ``slot`` (2.2.3) rewritten in place, synced (a damaged copy mended
+        from its twin)."""
+        write_all(self._fd, table.build(), r.REGION_TABLE_OFFSETS[slot])
+        os.fsync(self._fd)
+        self.layout.region_tables[slot] = table
+
+    # What vhd.vhdx.ops has just written through the log, taken in so this Disk describes the
+    # file as it now is (no operation assigns to a Disk's state itself).
+
+    def _adopt_size(self, size: int) -> None:
+        """The virtual disk size item (2.6.2.2)."""
+        self.size = self.metadata.virtual_size = size
+        self.metadata.raw_items[r.VIRTUAL_DISK_SIZE] = size.to_bytes(8, "little")
+
+    def _adopt_parent_locator(
+        self, entries: tuple[r.MetadataEntry, ...], locator: r.ParentLocator, blob: bytes
+    ) -> None:
+        """The parent locator item (2.6.2.6) and the metadata table that places it."""
+        self.metadata.entries = entries
+        self.metadata.parent_locator = locator
+        self.metadata.raw_items[r.PARENT_LOCATOR] = blob
+
+    def _adopt_region_table(self, table: r.RegionTable) -> None:
+        """Both region table copies (2.2.3), and the BAT region they name."""
+        self.layout.region_tables = [table, table]
+        self.layout.bat_region = next(g for g in table.entries if g.guid == r.BAT_REGION)
 
     def _set_entry(self, index: int, value: int) -> None:
         self.bat[index] = value
@@ -776,11 +827,7 @@ def open_vhdx(
         disk = _open_fd(fd, spath, writable)
         seen = _seen | {(st.st_dev, st.st_ino)}
         if disk._differencing and (open_parent or parent is not None):
-            try:
-                disk.parent = _open_parent(disk, parent, policy, allow_parent_mismatch, seen)
-            except BaseException:
-                disk._closed = True
-                raise
+            _attach_parent(disk, parent, policy, allow_parent_mismatch, seen)
         return disk
     except BaseException:
         os.close(fd)
@@ -798,17 +845,8 @@ def open_vhdx_locked(
         st = os.fstat(fd)
         disk = _open_fd(fd, path, True)
         if disk._differencing and parent is not None:
-            try:
-                disk.parent = _open_parent(
-                    disk,
-                    parent,
-                    ParentPolicy(),
-                    allow_parent_mismatch,
-                    frozenset({(st.st_dev, st.st_ino)}),
-                )
-            except BaseException:
-                disk._closed = True
-                raise
+            seen = frozenset({(st.st_dev, st.st_ino)})
+            _attach_parent(disk, parent, ParentPolicy(), allow_parent_mismatch, seen)
         return disk
     except BaseException:
         os.close(fd)
@@ -1184,6 +1222,22 @@ def data_write_guid_at(fd: int) -> uuid.UUID | None:
         return None
     # the current header, as _read_layout picks it (equal numbers: the first copy)
     return max(heads, key=lambda h: h.sequence_number).data_write_guid
+
+
+def _attach_parent(
+    disk: VHDXDisk,
+    parent: Disk | str | os.PathLike[str] | None,
+    policy: ParentPolicy,
+    allow_mismatch: bool,
+    seen: frozenset[tuple[int, int]],
+) -> None:
+    """Open ``disk``'s parent (:func:`_open_parent`) and attach it; on failure the half-built
+    disk gives up its descriptor, which the opener closes."""
+    try:
+        disk.parent = _open_parent(disk, parent, policy, allow_mismatch, seen)
+    except BaseException:
+        disk._disown_fd()
+        raise
 
 
 def _open_parent(

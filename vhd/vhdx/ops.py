@@ -46,21 +46,13 @@ Progress = Callable[[int, int], None]
 def metadata_session(disk: VHDXDisk) -> None:
     """Before a change that keeps the guest-visible data (2.2.2): a new FileWriteGuid in both
     header copies, the DataWriteGuid kept, so the disk's children still accept it."""
-    if disk._session:
-        return
-    disk._write_header(True, file_write_guid=uuid.uuid4())
-    disk._write_header(True)
-    disk._session = True
+    disk._begin_session(keep_data=True)
 
 
 def data_session(disk: VHDXDisk, data_write_guid: uuid.UUID) -> None:
     """Begin the disk's write session (2.2.2) with the DataWriteGuid the caller chose, so that
     a child can be told the new identity before the parent's data changes (a commit)."""
-    if disk._session:
-        return
-    disk._write_header(True, file_write_guid=uuid.uuid4(), data_write_guid=data_write_guid)
-    disk._write_header(True)
-    disk._session = True
+    disk._begin_session(data_write_guid)
 
 
 class Pages:
@@ -213,9 +205,7 @@ def _write_locator(child: VHDXDisk, locator: r.ParentLocator) -> None:
     pages.put(region.file_offset, r.build_metadata_table(entries))
     metadata_session(child)
     log_pages(child, pages.changed())
-    md.entries = tuple(entries)
-    md.parent_locator = locator
-    md.raw_items[r.PARENT_LOCATOR] = blob
+    child._adopt_parent_locator(tuple(entries), locator, blob)
 
 
 def retarget(child: VHDXDisk, parent_path: str, ident: uuid.UUID) -> list[str]:
@@ -321,10 +311,7 @@ def _cut(disk: VHDXDisk) -> None:
         end = max(end, off + length)
     end = -(-end // MiB) * MiB
     if end < os.fstat(disk.fd).st_size:
-        os.ftruncate(disk.fd, end)
-        os.fsync(disk.fd)
-        disk.file_size = end
-        disk._eof = end
+        disk._truncate(end)
 
 
 def _copy(fd: int, src: int, dst: int, length: int) -> None:
@@ -526,12 +513,6 @@ def _size_page(disk: VHDXDisk, pages: Pages, size: int) -> None:
     pages.put(disk.layout.metadata_region.file_offset + entry.offset, size.to_bytes(8, "little"))
 
 
-def _set_size(disk: VHDXDisk, size: int) -> None:
-    disk.size = size
-    disk.metadata.virtual_size = size
-    disk.metadata.raw_items[r.VIRTUAL_DISK_SIZE] = size.to_bytes(8, "little")
-
-
 def _parent_data(disk: VHDXDisk, old: int, new: int, parent_dirs: Sequence[str]) -> list[range]:
     if not disk._differencing:
         return []
@@ -594,11 +575,7 @@ def _grow(disk: VHDXDisk, new: int, parent_dirs: Sequence[str]) -> None:
     if count * 8 > region.length:
         length = -(-count * 8 // MiB) * MiB
         at = disk._grow(length)
-        table = memoryview(disk.bat).cast("B")
-        write_all(disk.fd, bytes(table[: min(len(table), length)]), at)
-        os.fdatasync(disk.fd)
-        disk._dirty_bat.clear()
-        disk._bat_offset = at
+        disk._relocate_bat(at, length)
         new_region = r.Region(region.guid, at, length, region.required)
         current = next(t for t in disk.layout.region_tables if t is not None)
         table_new = r.RegionTable(
@@ -606,11 +583,10 @@ def _grow(disk: VHDXDisk, new: int, parent_dirs: Sequence[str]) -> None:
         )
         for off in r.REGION_TABLE_OFFSETS:
             pages.put(off, table_new.build())
-        disk.layout.region_tables = [table_new, table_new]
-        disk.layout.bat_region = new_region
+        disk._adopt_region_table(table_new)
     _size_page(disk, pages, new)
     log_pages(disk, pages.changed())
-    _set_size(disk, new)
+    disk._adopt_size(new)
 
 
 def _shrink(disk: VHDXDisk, new: int, force: bool) -> int:
@@ -658,7 +634,7 @@ def _shrink(disk: VHDXDisk, new: int, force: bool) -> int:
     pages = Pages(disk)
     _size_page(disk, pages, new)
     log_pages(disk, pages.changed())
-    _set_size(disk, new)
+    disk._adopt_size(new)
     for off, length in dropped:
         punch_hole(disk.fd, off, length)
     _cut(disk)
