@@ -35,6 +35,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
 from . import bitmap as bm
@@ -101,6 +102,20 @@ class Extent(NamedTuple):
         return self.offset + self.length
 
 
+@dataclass(frozen=True, slots=True)
+class FoundImage:
+    """A VHD file as :func:`vhd.open` found it: what every kind of VHD :class:`Disk` starts from
+    (the footer in use, where it lies, the file's size and the warnings of the open)."""
+
+    path: str
+    fd: int
+    writable: bool
+    footer: Footer
+    footer_offset: int
+    file_size: int
+    warnings: list[str]
+
+
 class Disk:
     """A VHD opened for positional I/O.  Use :func:`vhd.open` or :func:`vhd.create`."""
 
@@ -108,29 +123,25 @@ class Disk:
     header: DynamicHeader | None = None
     block_size: int | None = None
 
-    def __init__(
-        self,
-        *,
-        path: str,
-        fd: int,
-        writable: bool,
-        footer: Footer,
-        footer_offset: int,
-        file_size: int,
-        warnings: list[str],
+    def __init__(self, found: FoundImage) -> None:
+        self._init_file(found.path, found.fd, found.writable, found.file_size, found.warnings)
+        self.footer = found.footer
+        self.footer_offset = found.footer_offset
+        self.size = found.footer.current_size
+        self._footer_bytes = found.footer.build()
+
+    def _init_file(
+        self, path: str, fd: int, writable: bool, file_size: int, warnings: list[str]
     ) -> None:
+        """What every kind of disk (VHD or VHDX) holds of its open file, set one way."""
         self.path = path
         self._fd = fd
         self.read_only = not writable
-        self.footer = footer
-        self.footer_offset = footer_offset
         self.file_size = file_size
-        self.size = footer.current_size
         self.warnings = warnings
         self.parent: Disk | None = None
         self._lock = threading.RLock()
         self._closed = False
-        self._footer_bytes = footer.build()
 
     # -- public API ------------------------------------------------------------------------
 
@@ -356,28 +367,14 @@ class SparseDisk(Disk):
 
     def __init__(
         self,
+        found: FoundImage,
         *,
         header: DynamicHeader,
         bat: BlockAllocationTable,
         parent: Disk | None,
         differencing: bool,
-        path: str,
-        fd: int,
-        writable: bool,
-        footer: Footer,
-        footer_offset: int,
-        file_size: int,
-        warnings: list[str],
     ) -> None:
-        super().__init__(
-            path=path,
-            fd=fd,
-            writable=writable,
-            footer=footer,
-            footer_offset=footer_offset,
-            file_size=file_size,
-            warnings=warnings,
-        )
+        super().__init__(found)
         self.type = DiskType.DIFFERENCING if differencing else DiskType.DYNAMIC
         self.header = header
         self.bat = bat
@@ -399,7 +396,7 @@ class SparseDisk(Disk):
         self._bitmap_gen = 0
         self._differencing = differencing
         # Where the next block goes: the trailing footer's place (see the module docstring).
-        self._next_free = -(-footer_offset // SECTOR) * SECTOR
+        self._next_free = -(-found.footer_offset // SECTOR) * SECTOR
 
     # -- lookups -------------------------------------------------------------------------
 

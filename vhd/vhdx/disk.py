@@ -40,7 +40,6 @@ import os
 import re
 import stat
 import sys
-import threading
 import uuid
 from array import array
 from collections.abc import Callable, Iterator, Sequence
@@ -163,14 +162,7 @@ class VHDXDisk(Disk):
         warnings: list[str],
     ) -> None:
         # Disk.__init__ is VHD-specific (footer); the attributes the shared API uses are set here.
-        self.path = path
-        self._fd = fd
-        self.read_only = not writable
-        self.file_size = fsize
-        self.warnings = warnings
-        self.parent: Disk | None = None
-        self._lock = threading.RLock()
-        self._closed = False
+        self._init_file(path, fd, writable, fsize, warnings)
         self.layout = layout
         md = layout.metadata
         self.metadata = md
