@@ -336,6 +336,17 @@ class Disk:
         opener that made the descriptor closes it (closing this Disk then does nothing)."""
         self._closed = True
 
+    def _read_parent(self, dest: memoryview, guest: int) -> None:
+        """What a differencing disk (VHD or VHDX) shows where it holds nothing: the parent's
+        data at ``guest``, zeros past the parent's end."""
+        if self.parent is None:
+            raise ParentError(
+                "the parent image is not open, so its data cannot be read", path=self.path
+            )
+        got = self.parent.preadinto(dest, guest)
+        if got < len(dest):
+            zero_fill(dest[got:])
+
     def _forget_bitmaps(self) -> None:
         """Drop cached sector bitmaps (BAT entries were rewritten behind the Disk)."""
 
@@ -490,13 +501,7 @@ class SparseDisk(Disk):
         if not self._differencing:
             zero_fill(dest)
             return
-        if self.parent is None:
-            raise ParentError(
-                "the parent image is not open, so its data cannot be read", path=self.path
-            )
-        got = self.parent.preadinto(dest, guest)
-        if got < len(dest):
-            zero_fill(dest[got:])
+        self._read_parent(dest, guest)
 
     # -- writes --------------------------------------------------------------------------
 
@@ -672,18 +677,9 @@ class SparseDisk(Disk):
                 return
             bm.set_range(new, first, last, False)
             emptied = not bm.any_set(new, -(-self._needed(block) // SECTOR))
-            if self._differencing:
-                if emptied:
-                    self._bitmap_gen += 1
-                    self._bitmaps.pop(entry, None)
-                    self.bat[block] = UNUSED
-                    punch_hole(self._fd, entry * SECTOR, self._bitmap_bytes + self._bs)
-                else:
-                    self._store_bitmap(block, entry, new)
-                    punch_hole(self._fd, data + first * SECTOR, (last - first) * SECTOR)
-                return
-            # Punch the data too: readers that ignore bitmaps (qemu) then also see zeros.
-            punch_hole(self._fd, data + first * SECTOR, (last - first) * SECTOR)
+            if not self._differencing:
+                # Punch the data first: readers that ignore bitmaps (qemu) then also see zeros.
+                punch_hole(self._fd, data + first * SECTOR, (last - first) * SECTOR)
             if emptied:
                 self._bitmap_gen += 1
                 self._bitmaps.pop(entry, None)
@@ -691,6 +687,9 @@ class SparseDisk(Disk):
                 punch_hole(self._fd, entry * SECTOR, self._bitmap_bytes + self._bs)
             else:
                 self._store_bitmap(block, entry, new)
+                if self._differencing:
+                    # The bits are clear (the parent shows) before the data goes.
+                    punch_hole(self._fd, data + first * SECTOR, (last - first) * SECTOR)
 
     # -- metadata ------------------------------------------------------------------------
 

@@ -60,7 +60,6 @@ from ..errors import (
     CorruptImageError,
     InvalidArgumentError,
     NotAVHDError,
-    ParentError,
     ParentMismatchError,
     ParentNotFoundError,
     UnsupportedFeatureError,
@@ -338,15 +337,6 @@ class VHDXDisk(Disk):
             raise CorruptImageError(
                 f"payload block {block} has the reserved state {state}", path=self.path
             )
-
-    def _read_parent(self, dest: memoryview, guest: int) -> None:
-        if self.parent is None:
-            raise ParentError(
-                "the parent image is not open, so its data cannot be read", path=self.path
-            )
-        got = self.parent.preadinto(dest, guest)
-        if got < len(dest):
-            zero_fill(dest[got:])
 
     # -- sector bitmaps (differencing) -----------------------------------------------------
 
@@ -814,16 +804,11 @@ def open_vhdx(
     spath = os.fspath(path)
     writable = mode == "r+"
     policy = (parent_policy or ParentPolicy()).with_dirs(parent_dirs)
-    fd, st = open_image_file(spath, writable=writable, force_share=force_share, expect=_expect)
-    try:
-        disk = _open_fd(fd, spath, writable)
-        seen = _seen | {(st.st_dev, st.st_ino)}
-        if disk._differencing and (open_parent or parent is not None):
-            _attach_parent(disk, parent, policy, allow_parent_mismatch, seen)
-        return disk
-    except BaseException:
-        os.close(fd)
-        raise
+    fd, _st = open_image_file(spath, writable=writable, force_share=force_share, expect=_expect)
+    want_parent = open_parent or parent is not None
+    return _open_chain(
+        fd, spath, writable, parent, policy, allow_parent_mismatch, _seen, want_parent
+    )
 
 
 def open_vhdx_locked(
@@ -833,12 +818,41 @@ def open_vhdx_locked(
     exclusively (:mod:`vhd.newfile`: an image being written under its temporary name), with the
     open ``parent`` the caller gives for a differencing disk; the disk owns ``fd`` from here on,
     even on failure."""
+    return _open_chain(
+        fd,
+        path,
+        True,
+        parent,
+        ParentPolicy(),
+        allow_parent_mismatch,
+        frozenset(),
+        parent is not None,
+    )
+
+
+def _open_chain(
+    fd: int,
+    path: str,
+    writable: bool,
+    parent: Disk | str | os.PathLike[str] | None,
+    policy: ParentPolicy,
+    allow_mismatch: bool,
+    seen: frozenset[tuple[int, int]],
+    want_parent: bool,
+) -> VHDXDisk:
+    """The disk on ``fd`` and, for a differencing disk when ``want_parent``, its parent
+    (:func:`_open_parent`; ``seen`` the files of the chain below, this one added).  ``fd`` is
+    closed on failure, once: a half-built disk gives it up first."""
     try:
         st = os.fstat(fd)
-        disk = _open_fd(fd, path, True)
-        if disk._differencing and parent is not None:
-            seen = frozenset({(st.st_dev, st.st_ino)})
-            _attach_parent(disk, parent, ParentPolicy(), allow_parent_mismatch, seen)
+        disk = _open_fd(fd, path, writable)
+        if disk._differencing and want_parent:
+            try:
+                seen = seen | {(st.st_dev, st.st_ino)}
+                disk.parent = _open_parent(disk, parent, policy, allow_mismatch, seen)
+            except BaseException:
+                disk._disown_fd()
+                raise
         return disk
     except BaseException:
         os.close(fd)
@@ -1214,22 +1228,6 @@ def data_write_guid_at(fd: int) -> uuid.UUID | None:
         return None
     # the current header, as _read_layout picks it (equal numbers: the first copy)
     return max(heads, key=lambda h: h.sequence_number).data_write_guid
-
-
-def _attach_parent(
-    disk: VHDXDisk,
-    parent: Disk | str | os.PathLike[str] | None,
-    policy: ParentPolicy,
-    allow_mismatch: bool,
-    seen: frozenset[tuple[int, int]],
-) -> None:
-    """Open ``disk``'s parent (:func:`_open_parent`) and attach it; on failure the half-built
-    disk gives up its descriptor, which the opener closes."""
-    try:
-        disk.parent = _open_parent(disk, parent, policy, allow_mismatch, seen)
-    except BaseException:
-        disk._disown_fd()
-        raise
 
 
 def _open_parent(
