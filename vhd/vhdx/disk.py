@@ -38,7 +38,6 @@ import errno
 import itertools
 import os
 import re
-import stat
 import sys
 import uuid
 from array import array
@@ -76,6 +75,7 @@ from ..fileio import (
 )
 from ..footer import DiskType
 from ..locator import windows_to_posix
+from ..probe import is_vhdx_file
 from . import log as vlog
 from . import records as r
 
@@ -768,19 +768,9 @@ def is_vhdx(fd: int) -> bool:
 
 
 def probe_vhdx(path: str) -> bool:
-    """True when ``path`` is a regular file or block device starting with "vhdxfile".  Never
-    blocks (a FIFO is not opened for reading) and never raises: the caller reports errors."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError:
-        return False
-    try:
-        mode = os.fstat(fd).st_mode
-        return (stat.S_ISREG(mode) or stat.S_ISBLK(mode)) and is_vhdx(fd)
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
+    """True when ``path`` is a regular file or block device starting with "vhdxfile": the one
+    probe, :func:`vhd.probe.is_vhdx_file` (never blocks, never raises)."""
+    return is_vhdx_file(path)
 
 
 def open_vhdx(
