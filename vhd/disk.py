@@ -34,7 +34,7 @@ import io
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -744,13 +744,8 @@ class SparseDisk(Disk):
                 base = block * bs
                 first = (pos - base) // SECTOR
                 last = (block_end - base + SECTOR - 1) // SECTOR
-                for run_start, run_end_s, present in bm.runs(bits, first, last):
-                    a = max(base + run_start * SECTOR, pos)
-                    z = min(base + run_end_s * SECTOR, block_end)
-                    if present:
-                        yield Extent(a, z - a, 0)
-                    else:
-                        yield from self._absent_extents(a, z)
+                runs = bm.runs(bits, first, last)
+                yield from bitmap_extents(runs, base, SECTOR, pos, block_end, self._absent_extents)
             pos = block_end
 
     def _absent_extents(self, start: int, end: int) -> Iterator[Extent]:
@@ -758,6 +753,26 @@ class SparseDisk(Disk):
             yield Extent(start, end - start, None)
             return
         yield from parent_extents(self.parent, start, end)
+
+
+def bitmap_extents(
+    runs: Iterable[tuple[int, int, bool]],
+    base: int,
+    unit: int,
+    start: int,
+    end: int,
+    absent: Callable[[int, int], Iterator[Extent]],
+) -> Iterator[Extent]:
+    """The extents of a block from its bitmap's ``runs`` (``(first, end, set)`` in bits of
+    ``unit`` bytes, the block at guest offset ``base``; VHD and VHDX alike), cut to
+    ``[start, end)``: set bits are this file's (layer 0), clear ones what ``absent`` says."""
+    for run_start, run_end, present in runs:
+        a = max(base + run_start * unit, start)
+        z = min(base + run_end * unit, end)
+        if present:
+            yield Extent(a, z - a, 0)
+        else:
+            yield from absent(a, z)
 
 
 def parent_extents(parent: BlockDevice | None, start: int, end: int) -> Iterator[Extent]:

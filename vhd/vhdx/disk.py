@@ -53,7 +53,7 @@ from ..chain import (
     read_candidate,
     search_candidates,
 )
-from ..disk import _BYTE_FORMATS, Buffer, Disk, Extent, parent_extents
+from ..disk import _BYTE_FORMATS, Buffer, Disk, Extent, bitmap_extents, parent_extents
 from ..errors import (
     ChainLoopError,
     CorruptImageError,
@@ -709,13 +709,8 @@ class VHDXDisk(Disk):
                 bits = self._block_bits(block)
                 first = (pos - base) // lss
                 last = (block_end - base + lss - 1) // lss
-                for a_s, z_s, present in _bits_runs(bits, first, last):
-                    a = max(base + a_s * lss, pos)
-                    z = min(base + z_s * lss, block_end)
-                    if present:
-                        yield Extent(a, z - a, 0)
-                    else:
-                        yield from self._parent_extents(a, z)
+                runs = _bits_runs(bits, first, last)
+                yield from bitmap_extents(runs, base, lss, pos, block_end, self._parent_extents)
             elif state == r.PayloadState.NOT_PRESENT and self._differencing:
                 yield from self._parent_extents(pos, block_end)
             elif state in (1, 2, 3) or state == r.PayloadState.NOT_PRESENT:
