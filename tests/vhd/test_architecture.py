@@ -1,5 +1,6 @@
-"""Where metadata may be written (issue 10): no operation assigns to a Disk's private state or
-its footer, header, BAT or placement, and one module encodes BAT sectors.
+"""Where metadata may be written (issue 10): no operation assigns to (or changes in place) a
+Disk's private state or its footer, header, BAT or placement, and one module encodes BAT
+sectors.
 
 The Disk modules (``vhd/disk.py``, ``vhd/vhdx/disk.py``) and the one VHD metadata writer
 (``vhd/metadata.py``, with the table it writes, ``vhd/bat.py``) own that state; every other
@@ -29,6 +30,8 @@ DISK_STATE = {
     "bat_region",
 }  # fmt: skip
 DISK_NAMES = {"disk", "child", "parent", "base", "top", "md"}
+# Methods that change a container in place (a Disk's table, caches or dirty sets).
+MUTATORS = {"add", "append", "clear", "discard", "extend", "insert", "pop", "remove", "update"}
 # The BAT-sector encoders and the dirty-sector bookkeeping of the in-memory table.
 BAT_ENCODERS = {"bat_sector_writes", "sector_bytes", "take_dirty", "mark_dirty"}
 # vhd check --repair plans its BAT writes with the writer module's encoder (a plan is printed
@@ -85,11 +88,18 @@ def _violations() -> list[str]:
                             found.append((name, node.lineno, f"assigns {ast.unparse(target)}"))
                         break
                     target = _owner(target.value)
-            if isinstance(node, ast.Call) and name not in ENCODER_USERS:
-                func = node.func
-                called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
-                if called in BAT_ENCODERS:
-                    found.append((name, node.lineno, f"calls {called}"))
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            if called in BAT_ENCODERS and name not in ENCODER_USERS:
+                found.append((name, node.lineno, f"calls {called}"))
+            if called in MUTATORS and isinstance(func, ast.Attribute) and name not in OWNERS:
+                held = _owner(func.value)
+                if isinstance(held, ast.Attribute) and not _is_self(_owner(held.value)):
+                    private = held.attr.startswith("_")
+                    if private or (held.attr in DISK_STATE and _root(held) in DISK_NAMES):
+                        found.append((name, node.lineno, f"changes {ast.unparse(held)}"))
     return [f"{name}:{line} {what}" for name, line, what in sorted(found)]
 
 
@@ -113,6 +123,10 @@ def test_the_rule_sees_what_it_forbids(tmp_path: Path, monkeypatch: pytest.Monke
         "    report.size = 1\n"
         "    disk.metadata.raw_items[5] = b''\n"
         "    md.entries = ()\n"
+        "    disk._dirty_bat.add(3)\n"
+        "    disk.bat.extend([0])\n"
+        "    self._pages.pop(1)\n"
+        "    pending.pop()\n"
     )
     (planted / "vhdx" / "disk.py").write_text("def g(disk):\n    disk._eof = 1\n")
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", planted)
@@ -124,4 +138,6 @@ def test_the_rule_sees_what_it_forbids(tmp_path: Path, monkeypatch: pytest.Monke
         "op.py:6 calls take_dirty",
         "op.py:9 assigns disk.metadata.raw_items",
         "op.py:10 assigns md.entries",
+        "op.py:11 changes disk._dirty_bat",
+        "op.py:12 changes disk.bat",
     ]

@@ -624,6 +624,48 @@ class VHDXDisk(Disk):
                 self._bitmap_page(page_off)[byte % LOG_SECTOR] &= ~(1 << (sector % 8)) & 0xFF
             self._dirty_bitmaps.add(page_off)
 
+    # -- metadata changes of vhd.vhdx.ops, through the log ---------------------------------
+
+    def _grow_table(self, old_count: int, count: int) -> None:
+        """Room in the in-memory BAT for ``count`` entries (whole 4 KiB pages); the pages of
+        entries [old_count, count) are dirty: whatever the file held there is overwritten."""
+        want = -(-count * 8 // LOG_SECTOR) * LOG_SECTOR // 8
+        if len(self.bat) < want:
+            self.bat.extend([0] * (want - len(self.bat)))
+        self._dirty_bat.update(idx * 8 // LOG_SECTOR for idx in range(old_count, count))
+
+    def _forget_bitmap_block(self, offset: int) -> None:
+        """Drop the cached (and unlogged) pages of the sector bitmap block at ``offset``: its
+        entry no longer names it."""
+        for page in range(offset, offset + r.SECTOR_BITMAP_BLOCK_SIZE, LOG_SECTOR):
+            self._bitmap_pages.pop(page, None)
+            self._dirty_bitmaps.discard(page)
+
+    def _log_pages(self, extra: Sequence[tuple[int, bytes]] = ()) -> None:
+        """Write the dirty BAT and bitmap pages and the ``extra`` pages through the log.
+
+        The ``extra`` pages (size, locator, region tables: what a reader sees) go in the last
+        transaction; when the log cannot take everything at once, the earlier transactions carry
+        only BAT and bitmap pages, each a consistent state on its own (entries the old size does
+        not reach, or moves of blocks that are copied already)."""
+        with self._lock:
+            dirty = self._dirty_pages()
+            per_entry = r.DESCRIPTORS_IN_FIRST_SECTOR
+            log_pages = self.current_header.log_length // LOG_SECTOR
+            per_txn = max(1, log_pages // (1 + per_entry)) * per_entry
+            if len(extra) > per_txn:
+                raise InvalidArgumentError("the change does not fit one log transaction")
+            if len(dirty) + len(extra) <= per_txn:
+                if dirty or extra:
+                    self._transaction([*dirty, *extra], True)
+            else:
+                for i in range(0, len(dirty), per_txn):
+                    self._transaction(dirty[i : i + per_txn], True)
+                if extra:
+                    self._transaction(list(extra), True)
+            self._dirty_bat.clear()
+            self._dirty_bitmaps.clear()
+
     # -- flush: the log transaction --------------------------------------------------------
 
     def _dirty_pages(self) -> list[tuple[int, bytes]]:

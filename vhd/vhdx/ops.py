@@ -5,9 +5,10 @@ locator.
 
 Every metadata change (BAT entries, sector bitmaps, the virtual disk size, the parent locator and
 the metadata table, the region tables) goes through the log as one transaction of 4 KiB pages
-(:func:`log_pages`, the same steps as :meth:`VHDXDisk.flush`: data synced, entries written and
-synced, header names the log, pages written in place and synced, log cleared), so a crash at any
-point leaves either the old or the new metadata.  Data that a transaction will name (a moved block,
+(:meth:`VHDXDisk._log_pages`, the same steps as :meth:`VHDXDisk.flush`: data synced, entries
+written and synced, header names the log, pages written in place and synced, log cleared), so a
+crash at any point leaves either the old or the new metadata.  The open disk takes each change
+in through its own methods (this module assigns none of its state).  Data that a transaction will name (a moved block,
 a relocated BAT) is written to space no on-disk entry names and synced before the transaction.
 
 GUIDs: an operation that leaves the guest-visible data as it was (a compaction, a retarget)
@@ -79,31 +80,6 @@ class Pages:
 
     def changed(self) -> list[tuple[int, bytes]]:
         return [(o, bytes(p)) for o, p in sorted(self._pages.items()) if p != self._old[o]]
-
-
-def log_pages(disk: VHDXDisk, extra: Sequence[tuple[int, bytes]] = ()) -> None:
-    """Write the disk's dirty BAT and bitmap pages and the ``extra`` pages through the log.
-
-    The ``extra`` pages (size, locator, region tables: what a reader sees) go in the last
-    transaction; when the log cannot take everything at once, the earlier transactions carry
-    only BAT and bitmap pages, each a consistent state on its own (entries the old size does
-    not reach, or moves of blocks that are copied already)."""
-    with disk._lock:
-        dirty = disk._dirty_pages()
-        per_entry = r.DESCRIPTORS_IN_FIRST_SECTOR
-        per_txn = max(1, disk.current_header.log_length // PAGE // (1 + per_entry)) * per_entry
-        if len(extra) > per_txn:
-            raise InvalidArgumentError("the change does not fit one log transaction")
-        if len(dirty) + len(extra) <= per_txn:
-            if dirty or extra:
-                disk._transaction([*dirty, *extra], True)
-        else:
-            for i in range(0, len(dirty), per_txn):
-                disk._transaction(dirty[i : i + per_txn], True)
-            if extra:
-                disk._transaction(list(extra), True)
-        disk._dirty_bat.clear()
-        disk._dirty_bitmaps.clear()
 
 
 def _metadata_entry(disk: VHDXDisk, item: uuid.UUID) -> r.MetadataEntry:
@@ -204,7 +180,7 @@ def _write_locator(child: VHDXDisk, locator: r.ParentLocator) -> None:
     pages.put(region.file_offset + at, blob)
     pages.put(region.file_offset, r.build_metadata_table(entries))
     metadata_session(child)
-    log_pages(child, pages.changed())
+    child._log_pages(pages.changed())
     child._adopt_parent_locator(tuple(entries), locator, blob)
 
 
@@ -359,7 +335,7 @@ def compact(path: str, progress: Progress | None = None) -> tuple[int, int, int,
         before = os.fstat(disk.fd).st_size
         metadata_session(disk)
         freed_space = _free_empty(disk, progress)
-        log_pages(disk)
+        disk._log_pages()
         for off, length in freed_space:  # their entries are durable: give the space back
             punch_hole(disk.fd, off, length)
         moved = _pack(disk)
@@ -392,12 +368,6 @@ def _free_empty(disk: VHDXDisk, progress: Progress | None) -> list[tuple[int, in
     return freed
 
 
-def _forget_bitmap(disk: VHDXDisk, off: int) -> None:
-    for page in range(off, off + r.SECTOR_BITMAP_BLOCK_SIZE, PAGE):
-        disk._bitmap_pages.pop(page, None)
-        disk._dirty_bitmaps.discard(page)
-
-
 def _all_zero(disk: VHDXDisk, offset: int, length: int) -> bool:
     for ext in disk.extents(offset, length):
         if ext.layer != 0:
@@ -426,8 +396,8 @@ def _pack(disk: VHDXDisk) -> int:
             e = disk.bat[idx]
             disk._set_entry(idx, dst | (e & ~r.OFFSET_MASK & 0xFFFFFFFFFFFFFFFF))
             if idx % (ratio + 1) == ratio:
-                _forget_bitmap(disk, src)
-        log_pages(disk)  # syncs the copies first, then points the entries at them
+                disk._forget_bitmap_block(src)
+        disk._log_pages()  # syncs the copies first, then points the entries at them
         pending.clear()
 
     for src, length, idx in _blocks_in_file(disk):
@@ -552,9 +522,7 @@ def _grow(disk: VHDXDisk, new: int, parent_dirs: Sequence[str]) -> None:
     # 2. The new entries.
     count = bat_entries(new, bs, disk.logical_sector_size, disk._differencing)
     old_count = bat_entries(old, bs, disk.logical_sector_size, disk._differencing)
-    want = -(-count * 8 // PAGE) * PAGE // 8
-    if len(disk.bat) < want:
-        disk.bat.extend([0] * (want - len(disk.bat)))
+    disk._grow_table(old_count, count)
     nb_new = -(-new // bs)
     fixed = disk.type == DiskType.FIXED
     for b in range(nb_old, nb_new):
@@ -566,8 +534,6 @@ def _grow(disk: VHDXDisk, new: int, parent_dirs: Sequence[str]) -> None:
         idx = chunk * (ratio + 1) + ratio
         if idx < count:
             disk._set_entry(idx, 0)
-    for idx in range(old_count, count):
-        disk._dirty_bat.add(idx * 8 // PAGE)  # whatever the file held there is overwritten
     pages = Pages(disk)
     # 3. A BAT region too small for the new entries: a new one at the end, written whole and
     # synced before the region tables name it (in the transaction below).
@@ -585,7 +551,7 @@ def _grow(disk: VHDXDisk, new: int, parent_dirs: Sequence[str]) -> None:
             pages.put(off, table_new.build())
         disk._adopt_region_table(table_new)
     _size_page(disk, pages, new)
-    log_pages(disk, pages.changed())
+    disk._log_pages(pages.changed())
     disk._adopt_size(new)
 
 
@@ -623,7 +589,7 @@ def _shrink(disk: VHDXDisk, new: int, force: bool) -> int:
         state = e & r.STATE_MASK
         if is_bitmap and state == r.BitmapState.PRESENT:
             dropped.append((e & r.OFFSET_MASK, r.SECTOR_BITMAP_BLOCK_SIZE))
-            _forget_bitmap(disk, e & r.OFFSET_MASK)
+            disk._forget_bitmap_block(e & r.OFFSET_MASK)
         elif not is_bitmap and state in (
             r.PayloadState.FULLY_PRESENT,
             r.PayloadState.PARTIALLY_PRESENT,
@@ -633,7 +599,7 @@ def _shrink(disk: VHDXDisk, new: int, force: bool) -> int:
             disk._set_entry(idx, 0)
     pages = Pages(disk)
     _size_page(disk, pages, new)
-    log_pages(disk, pages.changed())
+    disk._log_pages(pages.changed())
     disk._adopt_size(new)
     for off, length in dropped:
         punch_hole(disk.fd, off, length)
