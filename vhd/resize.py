@@ -58,7 +58,7 @@ from .footer import (
 from .geometry import geometry_for_create
 from .header import HEADER_SIZE
 from .image import open as open_image
-from .layout import MAX_SIZE, locator_extent
+from .layout import MAX_SIZE, locator_extent, table_end
 from .metadata import MetadataWriter, metadata_end
 from .newfile import naming
 from .vhdx import probe_vhdx
@@ -228,7 +228,7 @@ def _grow_sparse(
         raise UnsupportedFeatureError(
             "the dynamic header lies after the BAT; vhdkit cannot grow this layout", path=disk.path
         )
-    need_end = table + -(-new_count * 4 // SECTOR) * SECTOR
+    need_end = table_end(header.replace(max_table_entries=new_count))
     moved = 0
     writer = MetadataWriter(disk)
     footer_at = disk.footer_offset
