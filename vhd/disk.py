@@ -775,6 +775,28 @@ def bitmap_extents(
             yield from absent(a, z)
 
 
+# Scans of guest data go in pieces of this size: memory stays bounded whatever the range.
+_SCAN_CHUNK = 4 * 1024 * 1024
+
+
+def first_data_byte(disk: Disk, start: int, end: int) -> int | None:
+    """The guest offset of the first non-zero byte in ``[start, end)`` that ``disk`` itself
+    holds (its layer-0 extents, not a parent's), or None: what compact asks of a block and a
+    shrink of the range it drops, VHD and VHDX alike."""
+    for ext in disk.extents(start, end - start):
+        if ext.layer != 0:
+            continue
+        pos = ext.offset
+        while pos < ext.end:
+            n = min(_SCAN_CHUNK, ext.end - pos)
+            chunk = disk.pread(n, pos)
+            stripped = chunk.lstrip(b"\0")
+            if stripped:
+                return pos + len(chunk) - len(stripped)
+            pos += n
+    return None
+
+
 def parent_extents(parent: BlockDevice | None, start: int, end: int) -> Iterator[Extent]:
     """The extents of ``[start, end)`` that a differencing disk does not hold, as its parent
     reports them one layer further down (layer 0 is the child itself)."""

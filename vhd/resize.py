@@ -45,7 +45,7 @@ from . import bitmap as bm
 from .bat import MAX_ENTRIES, UNUSED
 from .chain import ParentPolicy
 from .children import find_parent
-from .disk import FixedDisk, SparseDisk
+from .disk import Disk, FixedDisk, SparseDisk, first_data_byte
 from .errors import CorruptImageError, InvalidArgumentError, UnsupportedFeatureError
 from .fileio import punch_hole, read_exact
 from .footer import (
@@ -423,15 +423,7 @@ def _shrink_sparse(disk: SparseDisk, new_size: int, footer: Footer, force: bool)
     bmb = header.bitmap_bytes
     new_count = -(-new_size // bs)
     if not force:
-        for ext in disk.extents(new_size):
-            if ext.layer == 0:
-                at = _first_nonzero_guest(disk, ext.offset, ext.end)
-                if at is not None:
-                    raise InvalidArgumentError(
-                        f"data lies past the new end (non-zero data at guest offset {at:#x}); "
-                        "pass --force to drop it",
-                        path=disk.path,
-                    )
+        refuse_data_past(disk, new_size)
     writer = MetadataWriter(disk)
     dropped = {b: UNUSED for b, _ in disk.bat.allocated() if b >= new_count}
     # 1. Both footers get the new size.
@@ -460,13 +452,13 @@ def _shrink_sparse(disk: SparseDisk, new_size: int, footer: Footer, force: bool)
     return len(dropped)
 
 
-def _first_nonzero_guest(disk: SparseDisk, start: int, end: int) -> int | None:
-    pos = start
-    while pos < end:
-        n = min(_COPY_CHUNK, end - pos)
-        chunk = disk.pread(n, pos)
-        stripped = chunk.lstrip(b"\0")
-        if stripped:
-            return pos + len(chunk) - len(stripped)
-        pos += n
-    return None
+def refuse_data_past(disk: Disk, new_size: int) -> None:
+    """Refuse a shrink (without ``force``) that would drop data the disk itself holds past
+    ``new_size`` (VHD and VHDX)."""
+    at = first_data_byte(disk, new_size, disk.size)
+    if at is not None:
+        raise InvalidArgumentError(
+            f"data lies past the new end (non-zero data at guest offset {at:#x}); "
+            "pass --force to drop it",
+            path=disk.path,
+        )

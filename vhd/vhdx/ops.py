@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Callable, Sequence
 
 from ..chain import ParentPolicy
-from ..disk import Disk
+from ..disk import Disk, first_data_byte
 from ..errors import CorruptImageError, InvalidArgumentError, VHDError
 from ..fileio import punch_hole, read_upto, write_all
 from ..footer import DiskType
@@ -357,7 +357,10 @@ def _free_empty(disk: VHDXDisk, progress: Progress | None) -> list[tuple[int, in
         if disk._differencing:
             empty = state == r.PayloadState.PARTIALLY_PRESENT and disk._block_bits(b) == 0
         else:
-            empty = state == r.PayloadState.FULLY_PRESENT and _all_zero(disk, b * bs, n)
+            empty = (
+                state == r.PayloadState.FULLY_PRESENT
+                and first_data_byte(disk, b * bs, b * bs + n) is None
+            )
         if empty:
             freed.append((e & r.OFFSET_MASK, bs))
             disk._set_entry(idx, int(r.PayloadState.NOT_PRESENT))
@@ -366,19 +369,6 @@ def _free_empty(disk: VHDXDisk, progress: Progress | None) -> list[tuple[int, in
     # Sector bitmap blocks stay, even for chunks left with no present block: libvhdi
     # (20210425) reads garbage for a differencing chunk whose bitmap block is NOT_PRESENT.
     return freed
-
-
-def _all_zero(disk: VHDXDisk, offset: int, length: int) -> bool:
-    for ext in disk.extents(offset, length):
-        if ext.layer != 0:
-            continue
-        pos = ext.offset
-        while pos < ext.end:
-            n = min(_CHUNK, ext.end - pos)
-            if disk.pread(n, pos).strip(b"\0"):
-                return False
-            pos += n
-    return True
 
 
 def _pack(disk: VHDXDisk) -> int:
@@ -559,22 +549,9 @@ def _shrink(disk: VHDXDisk, new: int, force: bool) -> int:
     bs, ratio = disk._bs, disk._ratio
     old = disk.size
     if not force:
-        for ext in disk.extents(new, old - new):
-            if ext.layer != 0:
-                continue
-            pos = ext.offset
-            while pos < ext.end:
-                n = min(_CHUNK, ext.end - pos)
-                chunk = disk.pread(n, pos)
-                stripped = chunk.lstrip(b"\0")
-                if stripped:
-                    at = pos + len(chunk) - len(stripped)
-                    raise InvalidArgumentError(
-                        f"data lies past the new end (non-zero data at guest offset {at:#x}); "
-                        "pass --force to drop it",
-                        path=disk.path,
-                    )
-                pos += n
+        from ..resize import refuse_data_past  # (vhd.resize imports this package)
+
+        refuse_data_past(disk, new)
     disk._begin_session()
     count = bat_entries(new, bs, disk.logical_sector_size, disk._differencing)
     old_count = bat_entries(old, bs, disk.logical_sector_size, disk._differencing)
