@@ -906,13 +906,18 @@ def open_vhdx(
 
 
 def open_vhdx_locked(
-    fd: int, path: str, *, parent: Disk | None = None, allow_parent_mismatch: bool = False
+    fd: int,
+    path: str,
+    *,
+    parent: Disk | None = None,
+    allow_parent_mismatch: bool = False,
+    unpublished: NewFile | None = None,
 ) -> VHDXDisk:
     """A writable :class:`VHDXDisk` on ``fd``, which the caller opened read-write and locked
-    exclusively (:mod:`vhd.newfile`: an image being written under its temporary name), with the
-    open ``parent`` the caller gives for a differencing disk; the disk owns ``fd`` from here on,
-    even on failure."""
-    return _open_chain(
+    exclusively (:mod:`vhd.newfile`: an image being written under its temporary name, then
+    ``unpublished``, see :meth:`VHDXDisk._begin_session`), with the open ``parent`` the caller
+    gives for a differencing disk; the disk owns ``fd`` from here on, even on failure."""
+    disk = _open_chain(
         fd,
         path,
         True,
@@ -922,6 +927,8 @@ def open_vhdx_locked(
         frozenset(),
         parent is not None,
     )
+    disk.unpublished = unpublished
+    return disk
 
 
 def _open_chain(
