@@ -2,6 +2,12 @@
 hot-plug): it watches the backend directory for the vbds the toolstack creates, serves each with a
 :class:`~blockback.vbd.VbdDriver` over the real Xen transport, and tears them down on
 Closing/Closed, ``online=0``, the frontend's or the backend directory's removal, or shutdown.
+
+Devices ``vhd xen attach`` made (:mod:`blockback.attach`, marked ``toolstack=vhdkit``) have no
+toolstack to remove their backend directory when the guest goes away (``xl destroy`` removes
+the guest's own directory, not ours): once such a device's frontend directory is gone, the daemon
+removes the backend directory, and the ``<fe domid>`` directory once empty.  It looks on every
+device it lets go and on ``@releaseDomain``.  Directories libxl made stay libxl's to remove.
 """
 
 from __future__ import annotations
@@ -15,10 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import vhd
+from blockback.attach import MARKER, MARKER_KEY, remove_device
 from blockback.errors import LocalProtocolError
 from blockback.transport import Transport
 from blockback.vbd import BackendOptions, VbdDriver
-from blockback.xenstore import XenStoreClient, XenStoreError
+from blockback.xenstore import Transaction, XenStoreClient, XenStoreError
 
 log = logging.getLogger("blockback")
 
@@ -58,8 +65,13 @@ class XenDaemon:
 
     def start(self) -> None:
         self.xs.watch(self.root, "root")
+        # A guest that died: its frontend directories are gone, clean up what vhdkit attached.
+        self.xs.watch("@releaseDomain", "release")
 
     def handle(self, path: str, token: str) -> None:
+        if token == "release":
+            self.sweep()
+            return
         if token != "root":
             for driver in list(self.drivers.values()):
                 if token in driver.tokens:
@@ -103,6 +115,8 @@ class XenDaemon:
         self._reap()
 
     def _attach(self, device: str) -> None:
+        if self.remove_orphan(device):
+            return  # vhdkit's device of a guest that is gone (e.g. while we were not running)
         params = self.xs.try_read(f"{device}/params")
         if params is None or self.xs.try_read(f"{device}/state") is None:
             return  # the toolstack is still writing the nodes: a later event brings us back
@@ -152,6 +166,48 @@ class XenDaemon:
         for device in [d for d, drv in self.drivers.items() if drv.removed]:
             if not self.drivers.pop(device).gone:
                 self.finished.add(device)
+                self.remove_orphan(device)
+
+    def sweep(self) -> None:
+        """Remove the backend directories of vhdkit's devices whose guest is gone."""
+        for device in list(self.finished | self.failed):
+            self.remove_orphan(device)
+        with contextlib.suppress(XenStoreError):
+            for fdom in self.xs.directory(self.root):
+                with contextlib.suppress(XenStoreError):
+                    for devid in self.xs.directory(f"{self.root}/{fdom}"):
+                        device = f"{self.root}/{fdom}/{devid}"
+                        if device not in self.drivers:
+                            self.remove_orphan(device)
+
+    def remove_orphan(self, device: str) -> bool:
+        """If ``device`` carries vhdkit's marker and its frontend directory is gone, remove it
+        (and its ``<fe domid>`` directory once empty), in one transaction; True if removed.
+
+        Only such devices: libxl removes its own, and a device whose frontend still exists is
+        detached by ``vhd xen detach``, never behind the guest's back."""
+        if device in self.drivers:
+            return False
+
+        def body(tx: Transaction) -> bool:
+            if tx.try_read(f"{device}/{MARKER_KEY}") != MARKER.encode():
+                return False
+            frontend = (tx.try_read(f"{device}/frontend") or b"").decode(errors="replace")
+            if frontend.startswith("/") and tx.exists(frontend):
+                return False
+            remove_device(tx, device, None)
+            return True
+
+        try:
+            removed = self.xs.run_transaction(body)
+        except XenStoreError as exc:
+            log.error("%s: cannot remove: %s", device, exc)
+            return False
+        if removed:
+            log.info("%s: frontend gone, backend directory removed", device)
+            self.finished.discard(device)
+            self.failed.discard(device)
+        return removed
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -174,6 +230,7 @@ class XenDaemon:
         self._reap()
         with contextlib.suppress(XenStoreError):
             self.xs.unwatch(self.root, "root")
+            self.xs.unwatch("@releaseDomain", "release")
 
 
 # libxl writes a qdisk's ``params`` as "<format>:<path>" (e.g. "vhd:/srv/g.vhd"), and blktap's
