@@ -56,6 +56,28 @@ class AttachOptions:
 
 
 @dataclass(frozen=True)
+class StandingAttach:
+    """``vhd serve --xen --attach NAME:IMAGE:VDEV[:ro]``: the daemon attaches IMAGE to every
+    domain named NAME that has no VDEV (a reboot is a new domain, with a new domid)."""
+
+    name: str
+    image: str
+    vdev: str
+    read_only: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> StandingAttach:
+        """``NAME:IMAGE:VDEV[:ro]``; ValueError if it is not that (the image may contain ':')."""
+        body, ro = (text[:-3], True) if text.endswith(":ro") else (text, False)
+        name, _, rest = body.partition(":")
+        image, _, vdev = rest.rpartition(":")
+        if not name or not image or not vdev:
+            raise ValueError(f"--attach wants NAME:IMAGE:VDEV[:ro], not {text!r}")
+        vdev_devid(vdev)  # a bad vdev is refused at start, not at the first domain
+        return cls(name, image, vdev, ro)
+
+
+@dataclass(frozen=True)
 class DetachOptions:
     """``vhd xen detach DOMAIN VDEV``."""
 

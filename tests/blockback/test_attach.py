@@ -21,6 +21,7 @@ from blockback.abi import X86_64, Op, Status
 from blockback.attach import (
     AttachOptions,
     DetachOptions,
+    StandingAttach,
     attach,
     detach,
     list_devices,
@@ -66,7 +67,9 @@ class Lab:
     """Our xenstored with dom0's and guest 1's sockets, guest 1 created as libxl creates a
     domain's directory, and (optionally) the daemon watching vhdkit's backend path."""
 
-    def __init__(self, tmp: Path, *, daemon: bool = True) -> None:
+    def __init__(
+        self, tmp: Path, *, daemon: bool = True, standing: tuple[StandingAttach, ...] = ()
+    ) -> None:
         self.tmp = tmp
         self.sock = tmp / "xs.sock"
         self.guest_sock = tmp / "xs1.sock"
@@ -88,7 +91,7 @@ class Lab:
                 return disk
 
             self.daemon_xs = XenStoreClient(self.sock)
-            self.daemon = XenDaemon(self.daemon_xs, self.xen, ROOT, open_disk)
+            self.daemon = XenDaemon(self.daemon_xs, self.xen, ROOT, open_disk, standing=standing)
             self.daemon.start()
             self.thread = threading.Thread(target=self.daemon.run, args=(self.stop,), daemon=True)
             self.thread.start()
@@ -405,3 +408,46 @@ def test_c_frontend_against_an_attached_device(lab: Lab, tmp_path: Path) -> None
     assert lab.xen.grants.mapped == 0 and lab.xen.events.unbound == 0
     with vhd.open(image) as disk:
         assert disk.pread(disk.size, 0) == shadow.read_bytes()
+
+
+def test_standing_attach_parses() -> None:
+    assert StandingAttach.parse("web:/srv/a:b.vhd:xvdb") == StandingAttach(
+        "web", "/srv/a:b.vhd", "xvdb"
+    )
+    assert StandingAttach.parse("web:/srv/a.vhd:xvdc:ro").read_only
+    for bad in ("web", "web:/srv/a.vhd", ":/srv/a.vhd:xvdb", "web:/srv/a.vhd:vdb"):
+        with pytest.raises(ValueError):
+            StandingAttach.parse(bad)
+    out = subprocess.run(
+        [sys.executable, "-m", "vhdtools.cli", "serve", "--xen", "--attach", "web:x.vhd"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2 and out.stderr.startswith("vhd: error: --attach wants"), out.stderr
+
+
+def test_standing_attach_follows_the_domain_by_name(tmp_path: Path) -> None:
+    """``serve --xen --attach guest1:IMAGE:xvdb``: attached to the running guest1 at start;
+    a detach is not undone; guest1 destroyed, its nodes go; a new guest1 (a reboot: new domid)
+    gets the disk again on @introduceDomain; other domains never do."""
+    image = new_image(tmp_path)
+    lab = Lab(tmp_path, standing=(StandingAttach("guest1", str(image), "xvdb"),))
+    try:
+        be1 = f"{ROOT}/1/{XVDB}"
+        wait_for(lambda: lab.state(be1) == "2")
+        assert lab.xs.read(f"/local/domain/1/device/vbd/{XVDB}/backend") == be1.encode()
+        detach(lab.xs, DetachOptions("guest1", "xvdb", timeout=30))
+        lab.make_domain(2, "other")  # @introduceDomain: guest1 is not re-attached, other never
+        wait_for(lambda: not lab.daemon.drivers)  # type: ignore[union-attr]
+        assert tree(lab.xs, ROOT) == []
+        lab.destroy_domain(1)
+        lab.make_domain(3, "guest1")
+        be3 = f"{ROOT}/3/{XVDB}"
+        wait_for(lambda: lab.state(be3) == "2")
+        lab.destroy_domain(3)
+        wait_for(lambda: tree(lab.xs, ROOT) == [])
+        assert lab.xs.try_read(f"/local/domain/2/device/vbd/{XVDB}") is None
+        wait_for(lambda: len(lab.opened) == 2 and all(d.closed for d in lab.opened))
+    finally:
+        lab.close()

@@ -2,7 +2,8 @@
 (the NBD route, backend/vbd) while ``vhd serve --xen --backend-dir .../backend/vhd`` serves a VHD
 attached with ``vhd xen attach`` (vhdkit's own backend path, blockback/attach.py) -- to one guest.
 
-Runs inside the lab's dom0; the guest runs tests/xen/guest/both.sh.  The guest is created paused
+Runs inside the lab's dom0; the guest runs tests/xen/guest/both.sh (and idle.sh for the
+``--attach NAME:IMAGE:VDEV`` scenario: the disk follows a guest re-created with a new domid).  The guest is created paused
 (``xl create -p``), given its vhdkit disk, then unpaused (README "Xen: serving guests from
 dom0"); later its vhdkit disk is detached while it runs and another is hot-plugged.  Checked
 afterwards: what the guest wrote is in both images (md5 through our library), ``vhd check`` and
@@ -24,6 +25,7 @@ from .xenlab import (
     Console,
     Disk,
     backend_nodes,
+    console_log,
     domid,
     guest_config,
     md5_of,
@@ -34,6 +36,7 @@ from .xenlab import (
     wait_for,
     wait_gone,
     xl,
+    xl_create,
     xs_read,
 )
 
@@ -135,3 +138,33 @@ def test_both_routes_to_one_guest() -> None:
     run(*VHD, "convert", "--to", "raw", images["own"], raw)
     fsck = run("e2fsck", "-fn", raw, check=False)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+
+
+def test_attach_by_name_follows_a_recreated_guest() -> None:
+    """``vhd serve --xen --attach gre:IMAGE:xvda``: the guest (no disk in its xl.cfg) gets xvda
+    when it is created, ``xl destroy`` of it running leaves no node under backend/vhd, and the
+    same guest created again (a new domid, as after a reboot) gets the disk again."""
+    out = RESULTS / "test_attach_by_name_follows_a_recreated_guest"
+    image = Path("/tmp/gre.vhd")
+    vhd.create(str(image), 32 * MiB).close()
+    xen = Backend(out, "--xen", "--backend-dir", OWN, "--attach", f"gre:{image}:xvda")
+    md5s, domids = [], []
+    for boot in (1, 2):
+        xl_create(guest_config("gre", "idle", []))
+        fe = domid("gre")
+        text = wait_console("gre", "VHDTEST READY")
+        (out / f"console-{boot}.log").write_text(text)
+        Console.parse(text).assert_clean("xvda present", "odd io xvda 7+13")
+        md5s.append(Console.parse(text).info["md5_xvda_7_13"])
+        domids.append(fe)
+        assert xs_read(f"{OWN}/{fe}/51712/state") == "4"
+        xl("destroy", "gre")
+        wait_gone("gre")
+        console_log("gre").unlink()  # the next domain named gre logs to the same file
+        wait_for("vhdkit's nodes removed", lambda fe=fe: backend_nodes(fe, "vhd") == [], 300)
+        wait_for("gre.vhd closed", lambda: str(image) not in open_files(xen.proc.pid))
+    assert domids[0] != domids[1]
+    assert xen.stop() == 0 and "Traceback" not in xen.text(), xen.text()
+    assert xen.text().count(f"attached {image} to xvda") == 2, xen.text()
+    vhd_check(image)
+    assert md5_of(image, 7 * 512, 13 * 512) == md5s[1]
