@@ -33,15 +33,16 @@ __all__ = [
 LOCAL_PARENTS = vhd.ParentPolicy.trusting()
 
 
+def add_parent_dir_option(
+    p: argparse.ArgumentParser, help: str | None = "also look for parent images in DIR (repeatable)"
+) -> None:
+    """``--parent-dir DIR`` (repeatable): folders where parents are also looked for."""
+    p.add_argument("--parent-dir", metavar="DIR", action="append", default=[], help=help)
+
+
 def add_parent_options(p: argparse.ArgumentParser, *, serving: bool) -> None:
     """``--parent-dir`` and the parent policy switch of a command."""
-    p.add_argument(
-        "--parent-dir",
-        metavar="DIR",
-        action="append",
-        default=[],
-        help="also look for parent images in DIR (repeatable)",
-    )
+    add_parent_dir_option(p)
     if serving:
         p.add_argument(
             "--allow-absolute-parents",

@@ -9,7 +9,9 @@ write-back touches just that sector.
 
 from __future__ import annotations
 
+import functools
 import itertools
+import operator
 import re
 import sys
 from array import array
@@ -28,6 +30,7 @@ ENTRIES_PER_SECTOR = 128
 MAX_ENTRIES = 1 << 22
 _CHUNK = 1 << 20  # bytes of table per step of the whole-table scans
 _NOT_FF = re.compile(b"[^\\xff]")
+_FF_IS_ZERO = bytes([1] * 255 + [0])  # bytes.translate table: 0xFF -> 0, any other byte -> 1
 
 _NATIVE_IS_LITTLE = sys.byteorder == "little"
 if array("I").itemsize != 4:  # pragma: no cover - every Linux ABI has 4-byte unsigned int
@@ -152,6 +155,33 @@ class BlockAllocationTable:
                 found, stop = (block, entry, where), block
                 break
         return found
+
+    def allocated_indices(self) -> array[int]:
+        """The numbers of the allocated blocks, ascending, in an ``array('I')``: C-level passes
+        over the table's bytes, then one step per *run* of allocated blocks where runs are few
+        (a sparse 2040 GiB table: a few ms) and a C-level ``compress`` where they are many (a
+        crafted table alternating allocated and unallocated entries)."""
+        entries = self.entries
+        count = len(entries)
+        blocks = array("I")
+        if entries.count(UNUSED) == count:
+            return blocks
+        # 1 for each byte other than 0xFF; an entry is allocated when any of its four bytes is
+        # (UNUSED is all ones in either byte order), so the four lanes are ORed as big integers.
+        marks = memoryview(entries).cast("B").tobytes().translate(_FF_IS_ZERO)
+        lanes = (int.from_bytes(marks[lane::4], "little") for lane in range(4))
+        flags = functools.reduce(operator.or_, lanes).to_bytes(count, "little")
+        runs = flags.count(b"\x00\x01") + (flags[0] == 1)
+        if runs * 16 > count:
+            blocks.extend(itertools.compress(range(count), flags))
+            return blocks
+        pos = flags.find(1)
+        while pos >= 0:
+            end = flags.find(0, pos)
+            end = count if end < 0 else end
+            blocks.extend(range(pos, end))
+            pos = flags.find(1, end)
+        return blocks
 
     def allocated(self) -> Iterator[tuple[int, int]]:
         """(block index, sector) of every allocated block, in block order."""

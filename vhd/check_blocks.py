@@ -46,7 +46,6 @@ def bat_rules(layout: Layout, fixes: RepairFacts, out: Findings) -> None:
     # Built, like the rule checks below, from C-level iterators (map, filter, compress): a table
     # of 4 Mi crafted entries costs passes of C loops, not Python steps per block.
     entries = bat.entries
-    is_allocated = bytes(map(UNUSED.__ne__, entries))
     starts, indices = layout.spans()
     allocated = len(indices)
     misaligned = allocated - operator.countOf(map(PAGE.__rmod__, map(bmb.__add__, starts)), 0)
@@ -100,10 +99,12 @@ def bat_rules(layout: Layout, fixes: RepairFacts, out: Findings) -> None:
     # one entry (an all-equal crafted table is one run of millions) are settled first, run by
     # run at C speed: each block of a run overlaps the run's first block.
     dropped = drop.flags()
+    # A repeat: an allocated block whose entry equals the previous block's (that one allocated
+    # too), found over the allocated blocks only (a sparse table costs nothing here).
     repeats = itertools.compress(
-        range(1, count),
-        map(operator.and_, map(operator.eq, entries, itertools.islice(entries, 1, None)),
-            itertools.islice(is_allocated, 1, None)),
+        itertools.islice(indices, 1, None),
+        map(operator.and_, map(operator.eq, starts, itertools.islice(starts, 1, None)),
+            map(operator.eq, map((1).__add__, indices), itertools.islice(indices, 1, None))),
     )  # fmt: skip
     run_end = 0
     for block in repeats:

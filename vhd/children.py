@@ -16,15 +16,22 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import stat
 from collections.abc import Sequence
 
-from .chain import ParentPolicy, parent_candidates, read_locators, resolve_parent
+from .chain import (
+    ParentPolicy,
+    footer_identity,
+    parent_candidates,
+    read_candidate,
+    read_locators,
+    resolve_parent,
+)
 from .disk import Disk
 from .errors import VHDError
 from .fileio import read_upto
-from .footer import COOKIE, FOOTER_SIZE, DiskType, Footer
+from .footer import FOOTER_SIZE, DiskType
 from .header import HEADER_SIZE, DynamicHeader
+from .layout import locate_footer
 
 # Files read per folder are bounded by the folder; each costs two small reads.
 
@@ -107,23 +114,14 @@ def open_children(
 
 
 def _child_header(path: str, want: bytes, me: os.stat_result) -> DynamicHeader | None:
-    """The dynamic header of ``path`` if it is a differencing disk recording ``want``."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError:
-        return None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) == (me.st_dev, me.st_ino):
+    """The dynamic header of ``path`` if it is a differencing disk recording ``want``, read as
+    the parent search reads a candidate (:func:`vhd.chain.read_candidate`; the footer chosen by
+    :func:`vhd.layout.locate_footer`); None for ``me`` itself."""
+
+    def header_of(fd: int, size: int) -> DynamicHeader | None:
+        if size < FOOTER_SIZE + HEADER_SIZE:
             return None
-        if st.st_size < FOOTER_SIZE + HEADER_SIZE:
-            return None
-        raw = read_upto(fd, FOOTER_SIZE, st.st_size - FOOTER_SIZE)
-        if raw[:8] != COOKIE:
-            raw = read_upto(fd, FOOTER_SIZE, 0)  # a damaged tail: the copy at offset 0
-            if raw[:8] != COOKIE:
-                return None
-        footer = Footer.parse(raw)
+        footer = locate_footer(fd, size, path).footer
         if footer.disk_type != DiskType.DIFFERENCING:
             return None
         raw = read_upto(fd, HEADER_SIZE, footer.data_offset)
@@ -131,10 +129,11 @@ def _child_header(path: str, want: bytes, me: os.stat_result) -> DynamicHeader |
             return None
         header = DynamicHeader.parse(raw)
         return header if header.cookie_ok and header.parent_unique_id == want else None
-    except (OSError, ValueError, VHDError):
+
+    found = read_candidate(path, devices=False, read=header_of)
+    if found is None or found[0] == (me.st_dev, me.st_ino):
         return None
-    finally:
-        os.close(fd)
+    return found[1]
 
 
 def _resolves_to(
@@ -157,35 +156,7 @@ def _resolves_to(
             st = os.stat(candidate)
             if (st.st_dev, st.st_ino) == (me.st_dev, me.st_ino):
                 return True
-            if _unique_id(candidate) == header.parent_unique_id:
+            found = footer_identity(candidate, devices=False)  # (a VHDX: its DataWriteGuid)
+            if found is not None and found[1] == header.parent_unique_id:
                 return False  # another file with the parent's id comes first
     return False
-
-
-def _unique_id(path: str) -> bytes | None:
-    from .lineage import identity_of_file
-
-    if _is_vhdx(path):
-        found = identity_of_file(path)  # a VHDX parent: its DataWriteGuid
-        return None if found is None else found.bytes
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError:
-        return None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size < FOOTER_SIZE:
-            return None
-        for at in (st.st_size - FOOTER_SIZE, 0):
-            raw = read_upto(fd, FOOTER_SIZE, at)
-            if raw[:8] == COOKIE:
-                return Footer.parse(raw).unique_id
-        return None
-    finally:
-        os.close(fd)
-
-
-def _is_vhdx(path: str) -> bool:
-    from .vhdx import probe_vhdx
-
-    return probe_vhdx(path)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from . import bitmap as bm
 from .bat import UNUSED
-from .disk import SparseDisk
+from .disk import SparseDisk, first_data_byte
 from .errors import CorruptImageError, InvalidArgumentError
 from .fileio import read_exact
 from .footer import DiskType
@@ -34,7 +34,6 @@ from .vhdx import probe_vhdx
 
 SECTOR = 512
 PAGE = 4096
-_CHUNK = 4 * 1024 * 1024
 
 Progress = Callable[[int, int], None]
 
@@ -94,23 +93,14 @@ def _free_empty_blocks(disk: SparseDisk, progress: Progress | None) -> int:
         bits = read_exact(disk.fd, used_bytes, entry * SECTOR, path=disk.path)
         sectors = -(-needed // SECTOR)
         nothing = not bm.any_set(bits, sectors)
-        if nothing or (not differencing and _all_zero(disk, block * bs, needed)):
+        if nothing or (
+            not differencing and first_data_byte(disk, block * bs, block * bs + needed) is None
+        ):
             empty[block] = UNUSED
         if progress is not None:
             progress(n + 1, len(allocated))
     MetadataWriter(disk).set_bat_entries(empty)
     return len(empty)
-
-
-def _all_zero(disk: SparseDisk, offset: int, length: int) -> bool:
-    pos = offset
-    end = offset + length
-    while pos < end:
-        n = min(_CHUNK, end - pos)
-        if disk.pread(n, pos).strip(b"\0"):
-            return False
-        pos += n
-    return True
 
 
 def _pack(disk: SparseDisk) -> tuple[int, int]:

@@ -95,15 +95,8 @@ def convert(
             return ConvertResult(out_size, written)
         footer, _ = plan_create(out_size, type=type, block_size=block_size, parent=None)
         write_layout(new.fd, new.final, footer, block_size, None)
-        disk: Disk = open_new(new)
-        try:
-            chunk = block_size if type == "dynamic" else CHUNK
-            written = _copy(src, disk.pwrite, chunk, progress, new.final)
-            # Metadata reaches the file before the rename: the image is complete under its name.
-            disk.flush(durable=sync)
-            new.publish(durable=sync)
-        finally:
-            disk.close(durable=sync)
+        chunk = block_size if type == "dynamic" else CHUNK
+        written = _fill(src, open_new(new), new, chunk, progress, sync)
     return ConvertResult(out_size, written)
 
 
@@ -126,16 +119,30 @@ def _convert_vhdx(
     # Under a temporary name and renamed when complete, as VHD and raw outputs (vhd.newfile).
     with NewFile(dst, overwrite=overwrite) as new:
         disk = create_vhdx(new, -(-size // 512) * 512, type=type, block_size=bs)
-        try:
-            # 2 MiB chunks, not whole 32 MiB blocks: memory stays small; the first write into
-            # a block allocates it, the rest go in place.
-            written = _copy(src, disk.pwrite, CHUNK, progress, new.final)
-            # Metadata reaches the file before the rename: the image is complete under its name.
-            disk.flush(durable=sync)
-            new.publish(durable=sync)
-        finally:
-            disk.close(durable=sync)
+        # 2 MiB chunks, not whole 32 MiB blocks: memory stays small; the first write into a
+        # block allocates it, the rest go in place.
+        written = _fill(src, disk, new, CHUNK, progress, sync)
     return ConvertResult(size, written)
+
+
+def _fill(
+    src: Source,
+    disk: Disk,
+    new: NewFile,
+    chunk: int,
+    progress: Callable[[int], None] | None,
+    sync: bool,
+) -> int:
+    """Copy ``src`` into the new image ``disk`` (VHD or VHDX) and publish it under its name;
+    the metadata reaches the file before the rename, so the image is complete under its name.
+    The disk is closed in any case.  Returns the bytes written."""
+    try:
+        written = _copy(src, disk.pwrite, chunk, progress, new.final)
+        disk.flush(durable=sync)
+        new.publish(durable=sync)
+    finally:
+        disk.close(durable=sync)
+    return written
 
 
 # <linux/fs.h>: _IO(0x12, 127) zero a byte range of a block device (WRITE_ZEROES or written

@@ -78,13 +78,7 @@ def create(
     with NewFile(spath, overwrite=overwrite) as new:
         write_layout(new.fd, spath, footer, block_size, parent_info)
         # The parent the caller named is used as named (wherever it is: the caller chose it).
-        disk = open_new(new, parent=parent_path)
-        try:
-            new.publish(durable=True)
-        except BaseException:
-            disk.close()
-            raise
-    return disk
+        return new.publish_open(open_new(new, parent=parent_path))
 
 
 def _is_block_device(path: str) -> bool:

@@ -34,7 +34,8 @@ import io
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
 from . import bitmap as bm
@@ -101,6 +102,20 @@ class Extent(NamedTuple):
         return self.offset + self.length
 
 
+@dataclass(frozen=True, slots=True)
+class FoundImage:
+    """A VHD file as :func:`vhd.open` found it: what every kind of VHD :class:`Disk` starts from
+    (the footer in use, where it lies, the file's size and the warnings of the open)."""
+
+    path: str
+    fd: int
+    writable: bool
+    footer: Footer
+    footer_offset: int
+    file_size: int
+    warnings: list[str]
+
+
 class Disk:
     """A VHD opened for positional I/O.  Use :func:`vhd.open` or :func:`vhd.create`."""
 
@@ -108,29 +123,25 @@ class Disk:
     header: DynamicHeader | None = None
     block_size: int | None = None
 
-    def __init__(
-        self,
-        *,
-        path: str,
-        fd: int,
-        writable: bool,
-        footer: Footer,
-        footer_offset: int,
-        file_size: int,
-        warnings: list[str],
+    def __init__(self, found: FoundImage) -> None:
+        self._init_file(found.path, found.fd, found.writable, found.file_size, found.warnings)
+        self.footer = found.footer
+        self.footer_offset = found.footer_offset
+        self.size = found.footer.current_size
+        self._footer_bytes = found.footer.build()
+
+    def _init_file(
+        self, path: str, fd: int, writable: bool, file_size: int, warnings: list[str]
     ) -> None:
+        """What every kind of disk (VHD or VHDX) holds of its open file, set one way."""
         self.path = path
         self._fd = fd
         self.read_only = not writable
-        self.footer = footer
-        self.footer_offset = footer_offset
         self.file_size = file_size
-        self.size = footer.current_size
         self.warnings = warnings
         self.parent: Disk | None = None
         self._lock = threading.RLock()
         self._closed = False
-        self._footer_bytes = footer.build()
 
     # -- public API ------------------------------------------------------------------------
 
@@ -320,6 +331,22 @@ class Disk:
                 footer=footer is not None, footer_offset=footer_offset is not None
             )
 
+    def _disown_fd(self) -> None:
+        """Give up the descriptor without closing it: a Disk whose building failed, when the
+        opener that made the descriptor closes it (closing this Disk then does nothing)."""
+        self._closed = True
+
+    def _read_parent(self, dest: memoryview, guest: int) -> None:
+        """What a differencing disk (VHD or VHDX) shows where it holds nothing: the parent's
+        data at ``guest``, zeros past the parent's end."""
+        if self.parent is None:
+            raise ParentError(
+                "the parent image is not open, so its data cannot be read", path=self.path
+            )
+        got = self.parent.preadinto(dest, guest)
+        if got < len(dest):
+            zero_fill(dest[got:])
+
     def _forget_bitmaps(self) -> None:
         """Drop cached sector bitmaps (BAT entries were rewritten behind the Disk)."""
 
@@ -351,28 +378,14 @@ class SparseDisk(Disk):
 
     def __init__(
         self,
+        found: FoundImage,
         *,
         header: DynamicHeader,
         bat: BlockAllocationTable,
         parent: Disk | None,
         differencing: bool,
-        path: str,
-        fd: int,
-        writable: bool,
-        footer: Footer,
-        footer_offset: int,
-        file_size: int,
-        warnings: list[str],
     ) -> None:
-        super().__init__(
-            path=path,
-            fd=fd,
-            writable=writable,
-            footer=footer,
-            footer_offset=footer_offset,
-            file_size=file_size,
-            warnings=warnings,
-        )
+        super().__init__(found)
         self.type = DiskType.DIFFERENCING if differencing else DiskType.DYNAMIC
         self.header = header
         self.bat = bat
@@ -394,7 +407,7 @@ class SparseDisk(Disk):
         self._bitmap_gen = 0
         self._differencing = differencing
         # Where the next block goes: the trailing footer's place (see the module docstring).
-        self._next_free = -(-footer_offset // SECTOR) * SECTOR
+        self._next_free = -(-found.footer_offset // SECTOR) * SECTOR
 
     # -- lookups -------------------------------------------------------------------------
 
@@ -488,13 +501,7 @@ class SparseDisk(Disk):
         if not self._differencing:
             zero_fill(dest)
             return
-        if self.parent is None:
-            raise ParentError(
-                "the parent image is not open, so its data cannot be read", path=self.path
-            )
-        got = self.parent.preadinto(dest, guest)
-        if got < len(dest):
-            zero_fill(dest[got:])
+        self._read_parent(dest, guest)
 
     # -- writes --------------------------------------------------------------------------
 
@@ -670,18 +677,9 @@ class SparseDisk(Disk):
                 return
             bm.set_range(new, first, last, False)
             emptied = not bm.any_set(new, -(-self._needed(block) // SECTOR))
-            if self._differencing:
-                if emptied:
-                    self._bitmap_gen += 1
-                    self._bitmaps.pop(entry, None)
-                    self.bat[block] = UNUSED
-                    punch_hole(self._fd, entry * SECTOR, self._bitmap_bytes + self._bs)
-                else:
-                    self._store_bitmap(block, entry, new)
-                    punch_hole(self._fd, data + first * SECTOR, (last - first) * SECTOR)
-                return
-            # Punch the data too: readers that ignore bitmaps (qemu) then also see zeros.
-            punch_hole(self._fd, data + first * SECTOR, (last - first) * SECTOR)
+            if not self._differencing:
+                # Punch the data first: readers that ignore bitmaps (qemu) then also see zeros.
+                punch_hole(self._fd, data + first * SECTOR, (last - first) * SECTOR)
             if emptied:
                 self._bitmap_gen += 1
                 self._bitmaps.pop(entry, None)
@@ -689,6 +687,9 @@ class SparseDisk(Disk):
                 punch_hole(self._fd, entry * SECTOR, self._bitmap_bytes + self._bs)
             else:
                 self._store_bitmap(block, entry, new)
+                if self._differencing:
+                    # The bits are clear (the parent shows) before the data goes.
+                    punch_hole(self._fd, data + first * SECTOR, (last - first) * SECTOR)
 
     # -- metadata ------------------------------------------------------------------------
 
@@ -743,13 +744,8 @@ class SparseDisk(Disk):
                 base = block * bs
                 first = (pos - base) // SECTOR
                 last = (block_end - base + SECTOR - 1) // SECTOR
-                for run_start, run_end_s, present in bm.runs(bits, first, last):
-                    a = max(base + run_start * SECTOR, pos)
-                    z = min(base + run_end_s * SECTOR, block_end)
-                    if present:
-                        yield Extent(a, z - a, 0)
-                    else:
-                        yield from self._absent_extents(a, z)
+                runs = bm.runs(bits, first, last)
+                yield from bitmap_extents(runs, base, SECTOR, pos, block_end, self._absent_extents)
             pos = block_end
 
     def _absent_extents(self, start: int, end: int) -> Iterator[Extent]:
@@ -757,6 +753,48 @@ class SparseDisk(Disk):
             yield Extent(start, end - start, None)
             return
         yield from parent_extents(self.parent, start, end)
+
+
+def bitmap_extents(
+    runs: Iterable[tuple[int, int, bool]],
+    base: int,
+    unit: int,
+    start: int,
+    end: int,
+    absent: Callable[[int, int], Iterator[Extent]],
+) -> Iterator[Extent]:
+    """The extents of a block from its bitmap's ``runs`` (``(first, end, set)`` in bits of
+    ``unit`` bytes, the block at guest offset ``base``; VHD and VHDX alike), cut to
+    ``[start, end)``: set bits are this file's (layer 0), clear ones what ``absent`` says."""
+    for run_start, run_end, present in runs:
+        a = max(base + run_start * unit, start)
+        z = min(base + run_end * unit, end)
+        if present:
+            yield Extent(a, z - a, 0)
+        else:
+            yield from absent(a, z)
+
+
+# Scans of guest data go in pieces of this size: memory stays bounded whatever the range.
+_SCAN_CHUNK = 4 * 1024 * 1024
+
+
+def first_data_byte(disk: Disk, start: int, end: int) -> int | None:
+    """The guest offset of the first non-zero byte in ``[start, end)`` that ``disk`` itself
+    holds (its layer-0 extents, not a parent's), or None: what compact asks of a block and a
+    shrink of the range it drops, VHD and VHDX alike."""
+    for ext in disk.extents(start, end - start):
+        if ext.layer != 0:
+            continue
+        pos = ext.offset
+        while pos < ext.end:
+            n = min(_SCAN_CHUNK, ext.end - pos)
+            chunk = disk.pread(n, pos)
+            stripped = chunk.lstrip(b"\0")
+            if stripped:
+                return pos + len(chunk) - len(stripped)
+            pos += n
+    return None
 
 
 def parent_extents(parent: BlockDevice | None, start: int, end: int) -> Iterator[Extent]:

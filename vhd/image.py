@@ -20,7 +20,7 @@ import os
 from collections.abc import Sequence
 
 from .chain import ParentPolicy, resolve_parent
-from .disk import Disk, FixedDisk, SparseDisk
+from .disk import Disk, FixedDisk, FoundImage, SparseDisk
 from .errors import (
     ChecksumError,
     CorruptImageError,
@@ -201,7 +201,7 @@ def _open_fd(
             path=path,
         )
 
-    common = dict(
+    found = FoundImage(
         path=path,
         fd=fd,
         writable=writable,
@@ -222,7 +222,7 @@ def _open_fd(
             warnings.append(
                 f"{choice.offset - footer.current_size} unused bytes between the data and the footer"
             )
-        return FixedDisk(**common)  # type: ignore[arg-type]
+        return FixedDisk(found)
 
     stopped("header-offset", "header-cookie")
     header = layout.header
@@ -252,11 +252,11 @@ def _open_fd(
             path=path,
         )
     disk = SparseDisk(
+        found,
         header=header,
         bat=bat,
         parent=None,
         differencing=disk_type == DiskType.DIFFERENCING,
-        **common,  # type: ignore[arg-type]
     )
     try:
         if writable:
@@ -291,7 +291,7 @@ def _open_fd(
                 )
     except BaseException:
         # The caller closes fd; don't let the half-built disk close it a second time.
-        disk._closed = True
+        disk._disown_fd()
         raise
     return disk
 

@@ -21,7 +21,6 @@ image costs bounded time and memory.
 
 from __future__ import annotations
 
-import itertools
 import os
 import stat
 from array import array
@@ -29,10 +28,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .bat import MAX_ENTRIES, UNUSED, BlockAllocationTable
+from .bat import MAX_ENTRIES, BlockAllocationTable
 from .errors import ForeignFormatError, NotAVHDError
 from .footer import COOKIE, FOOTER_SIZE, DiskType, Footer, checksum_ok
-from .header import HEADER_SIZE, DynamicHeader
+from .header import HEADER_SIZE, DynamicHeader, ParentLocator
 from .locator import MAX_LOCATOR_BYTES
 from .probe import HEAD_BYTES, TAIL_BYTES, ImageFormat, probe, refusal
 
@@ -65,23 +64,29 @@ def table_end(header: DynamicHeader) -> int:
     return header.table_offset + -(-header.max_table_entries * 4 // SECTOR) * SECTOR
 
 
+def locator_extent(loc: ParentLocator) -> int:
+    """How many bytes at its data offset an in-use parent locator's payload holds: its data
+    length or its space, whichever is larger, the space capped at :data:`MAX_LOCATOR_BYTES`
+    (a crafted or odd data_space must not reserve gigabytes).  0 for a locator not in use or
+    claiming more data than the cap: it is not trusted as a region (``vhd check`` reports it)."""
+    if not loc.in_use or loc.data_len > MAX_LOCATOR_BYTES:
+        return 0
+    return max(loc.data_len, min(loc.space_bytes, MAX_LOCATOR_BYTES))
+
+
 def metadata_regions(header_offset: int, header: DynamicHeader) -> list[tuple[int, int, str]]:
     """``(start, end, label)`` of the footer copy, the dynamic header at ``header_offset``, the
-    sector-padded BAT and each in-use parent locator's payload (its data length or its space,
-    whichever is larger, the space capped at :data:`MAX_LOCATOR_BYTES`; a locator claiming more
-    data than that is not trusted as a region)."""
+    sector-padded BAT and each in-use parent locator's payload (:func:`locator_extent`).  The
+    one rule for what no block may overlap: ``vhd check``, :func:`vhd.open` and the operations
+    that place blocks (:func:`vhd.metadata.metadata_end`) all read it here."""
     regions = [
         (0, FOOTER_SIZE, "the footer copy"),
         (header_offset, header_offset + HEADER_SIZE, "the dynamic header"),
         (header.table_offset, table_end(header), "the BAT"),
     ]
     for slot, loc in enumerate(header.locators):
-        if loc.in_use and loc.data_len <= MAX_LOCATOR_BYTES:
-            length = max(loc.data_len, min(loc.space_bytes, MAX_LOCATOR_BYTES))
-            if length:
-                regions.append(
-                    (loc.data_offset, loc.data_offset + length, f"parent locator {slot}")
-                )
+        if length := locator_extent(loc):
+            regions.append((loc.data_offset, loc.data_offset + length, f"parent locator {slot}"))
     return regions
 
 
@@ -269,13 +274,14 @@ class Layout:
 
     def spans(self) -> tuple[array[int], array[int]]:
         """``(file starts, block numbers)`` of the allocated blocks in block order.  Two machine
-        integers per block, built from C-level iterators (map, compress): a crafted table of
-        4 Mi entries costs passes of C loops, not Python steps or objects per block."""
+        integers per block, built from C-level passes (:meth:`BlockAllocationTable.allocated_indices`,
+        map): a crafted table of 4 Mi entries costs passes of C loops, not Python steps per block,
+        and a sparse table costs what its allocated blocks do."""
         assert self.bat is not None
+        blocks = self.bat.allocated_indices()
         entries = self.bat.entries
-        is_allocated = bytes(map(UNUSED.__ne__, entries))
-        starts = array("Q", map(SECTOR.__mul__, itertools.compress(entries, is_allocated)))
-        blocks = array("I", itertools.compress(range(len(entries)), is_allocated))
+        picked = entries if len(blocks) == len(entries) else map(entries.__getitem__, blocks)
+        starts = array("Q", map(SECTOR.__mul__, picked))
         return starts, blocks
 
     # -- narrow readers (for ``vhd check``: bounded, through :data:`read_hook`) -------------

@@ -169,20 +169,18 @@ def _flock_holder(fd: int) -> str | None:
     """What an ``flock`` conflict is, probed on ``fd`` (which holds no lock): an exclusive
     holder (a writer) refuses even a shared lock; shared holders (readers) refuse only an
     exclusive one."""
+    # (The shared lock, once taken, is converted to the exclusive probe, then dropped.)
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return "read-write"
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return "read-only"
-    except OSError:
-        return None
+        for mode, holder in ((fcntl.LOCK_SH, "read-write"), (fcntl.LOCK_EX, "read-only")):
+            try:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return holder
+            except OSError:
+                return None
     finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
+        with contextlib.suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_UN)
     return None
 
 

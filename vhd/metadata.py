@@ -36,8 +36,9 @@ from typing import TYPE_CHECKING
 
 from .bat import ENTRIES_PER_SECTOR
 from .fileio import read_exact, write_all, write_zeros
-from .footer import FOOTER_SIZE, Footer
-from .header import HEADER_SIZE, DynamicHeader
+from .footer import FOOTER_SIZE, DiskType, Footer
+from .header import DynamicHeader
+from .layout import metadata_regions
 
 if TYPE_CHECKING:
     from .bat import BlockAllocationTable
@@ -66,14 +67,12 @@ def bat_sector_writes(
 
 
 def metadata_end(footer: Footer, header: DynamicHeader, *, table_entries: int | None = None) -> int:
-    """The sector-rounded end of the dynamic header, the BAT (``table_entries`` of them, sector
-    padded; the header's count by default) and the locator payloads: where blocks may start."""
-    count = header.max_table_entries if table_entries is None else table_entries
-    end = max(FOOTER_SIZE, footer.data_offset + HEADER_SIZE)
-    end = max(end, header.table_offset + -(-count * 4 // SECTOR) * SECTOR)
-    for loc in header.locators:
-        if loc.in_use:
-            end = max(end, loc.data_offset + max(loc.data_len, loc.space_bytes))
+    """Where blocks may start: the sector-rounded end of the metadata regions
+    (:func:`vhd.layout.metadata_regions`, the rule ``vhd check`` and :func:`vhd.open` apply), with
+    a BAT of ``table_entries`` entries (the header's count by default)."""
+    if table_entries is not None:
+        header = header.replace(max_table_entries=table_entries)
+    end = max(stop for _start, stop, _label in metadata_regions(footer.data_offset, header))
     return -(-end // SECTOR) * SECTOR
 
 
@@ -166,14 +165,16 @@ class MetadataWriter:
         disk._adopt_metadata(header=header)
 
     def write_footers(self, footer: Footer, at: int) -> None:
-        """The trailing footer at ``at``, then the copy at offset 0 (rule 4).  The in-memory BAT
-        follows a changed disk size (its new entries must be unallocated on disk already)."""
+        """The trailing footer at ``at``, then the copy at offset 0 (rule 4; a fixed disk has no
+        copy: its offset 0 is guest data).  The in-memory BAT follows a changed disk size (its
+        new entries must be unallocated on disk already)."""
         disk = self._disk
         raw = footer.build()
         write_all(disk.fd, raw, at)
         self._sync()
-        write_all(disk.fd, raw, 0)
-        self._sync()
+        if disk.type != DiskType.FIXED:
+            write_all(disk.fd, raw, 0)
+            self._sync()
         disk._adopt_metadata(footer=footer, footer_offset=at)
 
     def write_footer_copy(self) -> None:
@@ -181,16 +182,18 @@ class MetadataWriter:
         write_all(self._disk.fd, self._disk.footer.build(), 0)
         self._sync()
 
-    def move_footer(self, at: int, *, clear_old: bool = True) -> None:
-        """The current trailing footer written at ``at`` (past the old one) and synced; the old
-        one, now inside the file, is zeroed (rule 1)."""
+    def move_footer(self, at: int, *, clear_old: bool = True, footer: Footer | None = None) -> None:
+        """The trailing footer (the current one, or ``footer``) written at ``at`` (past the old
+        one) and synced; the old one, now inside the file, is zeroed and synced (rule 1: the
+        zeros are durable before anything is placed over them)."""
         disk = self._disk
         old = disk.footer_offset
-        write_all(disk.fd, disk.footer.build(), at)
+        write_all(disk.fd, (disk.footer if footer is None else footer).build(), at)
         self._sync()
         if clear_old and old < at:
             write_zeros(disk.fd, old, min(FOOTER_SIZE, at - old))
-        disk._adopt_metadata(footer_offset=at)
+            self._sync()
+        disk._adopt_metadata(footer=footer, footer_offset=at)
 
     def cut(self, end: int, footer: Footer | None = None) -> None:
         """The trailing footer written at ``end``, synced, then the file cut after it (rule 3)."""
@@ -213,6 +216,22 @@ class MetadataWriter:
             n = min(_COPY_CHUNK, length - pos)
             write_all(fd, read_exact(fd, n, src + pos), dst + pos)
             pos += n
+
+    def unallocate_entries(self, first: int, end: int) -> None:
+        """Write the on-disk BAT entries from index ``first`` to the table's byte offset ``end``
+        as unallocated (0xFF), synced: the entries a larger table adds before any reader may
+        count them (the in-memory table takes them with the new size, :meth:`write_footers`)."""
+        header = self._disk.header
+        assert header is not None
+        start = header.table_offset + first * 4
+        if end > start:
+            self.write_raw([(start, b"\xff" * (end - start))])
+
+    def write_bitmaps(self, writes: Iterable[tuple[int, bytes]], *, sync: bool = True) -> None:
+        """Positioned writes of sector bitmaps (a sync after them when ``sync``); the Disk drops
+        the bitmaps it cached, so it reads what is now on disk."""
+        self.write_raw(writes, sync=sync)
+        self._disk._forget_bitmaps()
 
     def write_raw(self, writes: Iterable[tuple[int, bytes]], *, sync: bool = True) -> None:
         """Positioned writes of metadata payloads (locator data, bitmaps, and the records of a

@@ -25,10 +25,18 @@ import errno
 import os
 import stat
 from collections.abc import Iterator
+from typing import Protocol, TypeVar
 
 from . import lock
 
 PARTIAL = ".vhdkit-partial-"
+
+
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+Opened = TypeVar("Opened", bound=_Closable)
 
 
 class NewFile:
@@ -111,6 +119,16 @@ class NewFile:
         if self._old_fd >= 0:
             os.close(self._old_fd)
             self._old_fd = -1
+
+    def publish_open(self, disk: Opened) -> Opened:
+        """:meth:`publish` (durably) an image that is open as ``disk`` and hand the disk over:
+        the caller of a create gets it; it is closed when publishing fails."""
+        try:
+            self.publish(durable=True)
+        except BaseException:
+            disk.close()
+            raise
+        return disk
 
     def _link_no_replace(self) -> None:
         """Rename without replacing a file that appeared meanwhile (``link`` fails with

@@ -28,6 +28,7 @@ from .errors import InvalidArgumentError, ParentMismatchError
 from .footer import DiskType, vhd_timestamp
 from .header import ParentLocator, encode_parent_name
 from .image import open as open_image
+from .layout import locator_extent
 from .locator import (
     CODE_MAC,
     CODE_MACX,
@@ -163,7 +164,9 @@ def retarget(child: Disk, ppath: str, parent_id: bytes) -> tuple[int, list[str]]
                 warnings.append(f"no free locator slot for kind {code:#x}")
                 continue
         old = slots[index]
-        if old.in_use and old.space_bytes >= len(data) and old.data_offset >= SECTOR:
+        # In place only within the payload's region as vhd check sees it (a claimed data_space
+        # past the 64 KiB cap may cover blocks).
+        if old.in_use and locator_extent(old) >= len(data) and old.data_offset >= SECTOR:
             at, space = old.data_offset, old.data_space
         else:
             at = new_end

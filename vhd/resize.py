@@ -45,13 +45,12 @@ from . import bitmap as bm
 from .bat import MAX_ENTRIES, UNUSED
 from .chain import ParentPolicy
 from .children import find_parent
-from .disk import SparseDisk
+from .disk import Disk, FixedDisk, SparseDisk, first_data_byte
 from .errors import CorruptImageError, InvalidArgumentError, UnsupportedFeatureError
-from .fileio import punch_hole, read_exact, write_all, write_zeros
+from .fileio import punch_hole, read_exact
 from .footer import (
     CREATOR_APP,
     CREATOR_VERSION,
-    FOOTER_SIZE,
     QEMU_CURRENT_SIZE_CREATORS,
     DiskType,
     Footer,
@@ -59,7 +58,7 @@ from .footer import (
 from .geometry import geometry_for_create
 from .header import HEADER_SIZE
 from .image import open as open_image
-from .layout import MAX_SIZE
+from .layout import MAX_SIZE, locator_extent, table_end
 from .metadata import MetadataWriter, metadata_end
 from .newfile import naming
 from .vhdx import probe_vhdx
@@ -133,8 +132,8 @@ def _resize(
             # qemu would size this creator's disk by the new C*H*S, a little short of new_size:
             # the resized disk gets vhdkit's creator, which qemu sizes by the current size.
             footer = footer.replace(creator_app=CREATOR_APP, creator_version=CREATOR_VERSION)
-        if disk.type == DiskType.FIXED:
-            _resize_fixed(disk.fd, spath, old, new_size, footer, force)
+        if isinstance(disk, FixedDisk):
+            _resize_fixed(disk, spath, old, new_size, footer, force)
             return ResizeResult(spath, old, new_size, 0, 0)
         assert isinstance(disk, SparseDisk)
         assert disk.header is not None
@@ -159,38 +158,29 @@ def _resize(
 # -- fixed ---------------------------------------------------------------------------------
 
 
-def _resize_fixed(fd: int, path: str, old: int, new: int, footer: Footer, force: bool) -> None:
-    raw = footer.build()
+def _resize_fixed(
+    disk: FixedDisk, path: str, old: int, new: int, footer: Footer, force: bool
+) -> None:
+    writer = MetadataWriter(disk)
     if new > old:
         # 1. A footer still saying the old size goes to the new end: the bytes between are not
         # guest data yet, so the old footer there can be zeroed (2) before the size changes (3).
         geo = geometry_for_create(old)  # a geometry within the old size, as check wants it
-        with_old_size = (
-            Footer.parse(raw)
-            .replace(
-                current_size=old, cylinders=geo.cylinders, heads=geo.heads, sectors=geo.sectors
-            )
-            .build()
+        with_old_size = footer.replace(
+            current_size=old, cylinders=geo.cylinders, heads=geo.heads, sectors=geo.sectors
         )
-        write_all(fd, with_old_size, new)
-        os.fsync(fd)
-        write_zeros(fd, old, FOOTER_SIZE)
-        os.fsync(fd)
-        write_all(fd, raw, new)
-        os.fsync(fd)
+        writer.move_footer(new, footer=with_old_size)
+        writer.write_footers(footer, new)  # (a fixed disk: the trailing footer only)
         return
     if not force:
-        at = _first_nonzero(fd, new, old)
+        at = _first_nonzero(disk.fd, new, old)
         if at is not None:
             raise InvalidArgumentError(
                 f"data lies past the new end (first non-zero byte at {at:#x}); pass --force to "
                 "drop it",
                 path=path,
             )
-    write_all(fd, raw, new)
-    os.fsync(fd)
-    os.ftruncate(fd, new + FOOTER_SIZE)
-    os.fsync(fd)
+    writer.cut(new, footer)
 
 
 def _first_nonzero(fd: int, start: int, end: int) -> int | None:
@@ -238,7 +228,7 @@ def _grow_sparse(
         raise UnsupportedFeatureError(
             "the dynamic header lies after the BAT; vhdkit cannot grow this layout", path=disk.path
         )
-    need_end = table + -(-new_count * 4 // SECTOR) * SECTOR
+    need_end = table_end(header.replace(max_table_entries=new_count))
     moved = 0
     writer = MetadataWriter(disk)
     footer_at = disk.footer_offset
@@ -248,12 +238,13 @@ def _grow_sparse(
         for block, entry in disk.bat.allocated()
         if entry * SECTOR < need_end and entry * SECTOR + bmb + bs > table
     ]
+    # (A locator's payload is the region vhd check and compact see: locator_extent.)
     locators = [
-        (slot, loc)
+        (slot, loc, extent)
         for slot, loc in enumerate(header.locators)
-        if loc.in_use
+        if (extent := locator_extent(loc))
         and loc.data_offset < need_end
-        and loc.data_offset + max(loc.data_len, loc.space_bytes) > table
+        and loc.data_offset + extent > table
     ]
     if blocks or locators:
         align = PAGE if bs >= PAGE else SECTOR
@@ -264,9 +255,9 @@ def _grow_sparse(
             plan_blocks.append((block, entry * SECTOR, data - bmb))
             pos = data + bs
         plan_locs: list[tuple[int, int]] = []  # (slot, new offset)
-        for slot, loc in locators:
+        for slot, _loc, extent in locators:
             plan_locs.append((slot, pos))
-            pos += -(-max(loc.data_len, loc.space_bytes, 1) // SECTOR) * SECTOR
+            pos += -(-extent // SECTOR) * SECTOR
         # 1. The trailing footer (old size still) moves to the new end first; the old one, now
         # inside the relocated area, is zeroed so no scan mistakes it.
         writer.move_footer(pos)
@@ -302,7 +293,7 @@ def _grow_sparse(
         footer_at = need_end
     _check_room(disk, table, need_end)
     # 4. New entries, unallocated.
-    writer.write_raw([(table + old_count * 4, b"\xff" * (need_end - table - old_count * 4))])
+    writer.unallocate_entries(old_count, need_end)
     # 4b. The new range must read as zeros (below).  Still at the old size: nothing shows yet.
     footer_at = _zero_new_range(disk, disk.size, new_size, hide, footer_at)
     # 5. Header, 6-7. footers.
@@ -382,10 +373,12 @@ def _zero_new_range(
         return footer_at
     existing = {b: r for b, r in marks.items() if b < len(disk.bat) and disk.bat[b] != UNUSED}
     fresh = sorted(b for b in marks if b not in existing)
+    bitmaps: list[tuple[int, bytes]] = []
     for block, (lo, hi) in existing.items():
         raw = bytearray(read_exact(disk.fd, bmb, disk.bat[block] * SECTOR))
         bm.set_range(raw, lo, hi)
-        write_all(disk.fd, raw, disk.bat[block] * SECTOR)
+        bitmaps.append((disk.bat[block] * SECTOR, bytes(raw)))
+    writer.write_bitmaps(bitmaps, sync=False)
     # New blocks after the trailing footer, data aligned as the core aligns it.
     align = PAGE if bs >= PAGE else SECTOR
     pos = -(-footer_at // SECTOR) * SECTOR
@@ -396,10 +389,12 @@ def _zero_new_range(
         pos = data + bs
     if placed:
         writer.move_footer(pos)  # the file always ends in a footer
+        fresh_bits: list[tuple[int, bytes]] = []
         for block, at in placed.items():
             bits = bytearray(bmb)
             bm.set_range(bits, *marks[block])
-            write_all(disk.fd, bits, at)
+            fresh_bits.append((at, bytes(bits)))
+        writer.write_bitmaps(fresh_bits, sync=False)
     os.fsync(disk.fd)
     if placed:
         writer.set_bat_entries({b: at // SECTOR for b, at in placed.items()})
@@ -428,15 +423,7 @@ def _shrink_sparse(disk: SparseDisk, new_size: int, footer: Footer, force: bool)
     bmb = header.bitmap_bytes
     new_count = -(-new_size // bs)
     if not force:
-        for ext in disk.extents(new_size):
-            if ext.layer == 0:
-                at = _first_nonzero_guest(disk, ext.offset, ext.end)
-                if at is not None:
-                    raise InvalidArgumentError(
-                        f"data lies past the new end (non-zero data at guest offset {at:#x}); "
-                        "pass --force to drop it",
-                        path=disk.path,
-                    )
+        refuse_data_past(disk, new_size)
     writer = MetadataWriter(disk)
     dropped = {b: UNUSED for b, _ in disk.bat.allocated() if b >= new_count}
     # 1. Both footers get the new size.
@@ -453,7 +440,7 @@ def _shrink_sparse(disk: SparseDisk, new_size: int, footer: Footer, force: bool)
     if entry != UNUSED and keep < spb:
         raw = bytearray(read_exact(disk.fd, bmb, entry * SECTOR))
         if bm.set_range(raw, keep, spb, False):
-            writer.write_raw([(entry * SECTOR, bytes(raw))])
+            writer.write_bitmaps([(entry * SECTOR, bytes(raw))])
     # 5. Cut unreferenced space at the end.
     end = metadata_end(disk.footer, header, table_entries=new_count)
     for block, entry in disk.bat.allocated():
@@ -465,13 +452,13 @@ def _shrink_sparse(disk: SparseDisk, new_size: int, footer: Footer, force: bool)
     return len(dropped)
 
 
-def _first_nonzero_guest(disk: SparseDisk, start: int, end: int) -> int | None:
-    pos = start
-    while pos < end:
-        n = min(_COPY_CHUNK, end - pos)
-        chunk = disk.pread(n, pos)
-        stripped = chunk.lstrip(b"\0")
-        if stripped:
-            return pos + len(chunk) - len(stripped)
-        pos += n
-    return None
+def refuse_data_past(disk: Disk, new_size: int) -> None:
+    """Refuse a shrink (without ``force``) that would drop data the disk itself holds past
+    ``new_size`` (VHD and VHDX)."""
+    at = first_data_byte(disk, new_size, disk.size)
+    if at is not None:
+        raise InvalidArgumentError(
+            f"data lies past the new end (non-zero data at guest offset {at:#x}); "
+            "pass --force to drop it",
+            path=disk.path,
+        )

@@ -6,11 +6,16 @@ from __future__ import annotations
 
 import gzip
 import shutil
+import struct
 from pathlib import Path
 
 import pytest
 
 import vhd
+import vhd.compact as vcompact
+import vhd.resize as vresize
+from tests.images import W2KU, craft
+from tests.model import ModelImage, _put_checksum, spec_chs
 from vhd.check import check
 from vhd.disk import SparseDisk
 from vhd.errors import CorruptImageError
@@ -102,3 +107,72 @@ def test_crafted_locator_space(tmp_path: Path, space: int, writable: bool) -> No
     assert first >= offset + 64 * KiB or space <= 64 * KiB
     _with_locator(path, offset, space, 16)
     assert _agree(path) is writable
+
+
+# -- one rule for where metadata ends (vhd.metadata.metadata_end over metadata_regions) -------
+
+_BS = 4 * KiB
+_HUGE_SPACE = 1 << 30  # a locator claiming 1 GiB of space for a 20-byte path
+
+
+def _odd_locator_image(path: Path) -> bytes:
+    """A 1 MiB dynamic disk of 4 KiB blocks written from the spec (tests.model), whose parent
+    locator claims 1 GiB of space (kept to 64 KiB by the one rule): block 1 at 128 KiB, block 9
+    at 192 KiB (free space between them and below), block 200 holding only zeros at 256 KiB.
+    Returns the guest content."""
+    blocks = {1: 0x20000, 9: 0x30000, 200: 0x40000}  # block -> where its data starts
+    craft(
+        path,
+        size=1 << 20,
+        block_size=_BS,
+        locators=[(W2KU, "C:\\\\p.vhd")],
+        bat={b: (at - 512) // 512 for b, at in blocks.items()},
+        file_size=0x40000 + _BS + 512,
+    )
+    raw = bytearray(path.read_bytes())
+    content = bytearray(1 << 20)
+    for block, at in blocks.items():
+        raw[at - 512 : at] = b"\xff" + bytes(511)  # the bitmap: all 8 sectors hold data
+        if block != 200:
+            raw[at : at + _BS] = bytes([block]) * _BS
+            content[block * _BS : (block + 1) * _BS] = bytes([block]) * _BS
+    # The locator's data_space (header + 0x240 + 4): 1 GiB; the header checksum (at 36) again.
+    header = bytearray(raw[0x200:0x600])
+    header[0x244:0x248] = _HUGE_SPACE.to_bytes(4, "big")
+    raw[0x200:0x600] = _put_checksum(header, 36)
+    # The spec's geometry for 1 MiB (craft writes Windows' all-ones one, which check notes).
+    footer = bytearray(raw[:512])
+    footer[56:60] = struct.pack(">HBB", *spec_chs(1 << 20))
+    raw[:512] = raw[-512:] = _put_checksum(footer, 64)
+    path.write_bytes(bytes(raw))
+    assert ModelImage(path).read_all() == bytes(content)
+    return bytes(content)
+
+
+@pytest.mark.parametrize("operation", ["compact", "shrink", "grow"])
+def test_operations_end_metadata_where_check_does(tmp_path: Path, operation: str) -> None:
+    """compact and resize place blocks and cut the file by the metadata regions vhd check
+    judges them by: a locator's claimed space past the 64 KiB cap is neither reserved by them
+    nor by check.  (Before one rule, compact and shrink kept 1 GiB of "metadata" and cut
+    nothing, and grow reserved 1 GiB for the relocated locator: check found free space or
+    orphan space after each.)"""
+    path = tmp_path / "d.vhd"
+    content = _odd_locator_image(path)
+    before = check(path)
+    assert before.clean and "free-space" in {f.code for f in before.findings}
+    if operation == "compact":
+        result = vcompact.compact(path)
+        assert result.blocks_freed == 1 and result.blocks_moved == 2
+    elif operation == "shrink":
+        vresize.resize(path, 512 * KiB, shrink=True)
+        content = content[: 512 * KiB]
+    else:
+        vresize.resize(path, 2 << 20)
+        content += bytes(1 << 20)
+    report = check(path, deep=True)
+    codes = {f.code for f in report.findings}
+    # (shrink and grow leave the gaps between blocks to compact.)
+    unwanted = {"orphan-space", "free-space"} if operation == "compact" else {"orphan-space"}
+    assert report.clean and not codes & unwanted, codes
+    assert path.stat().st_size < 4 << 20  # nothing reserved for the claimed gigabyte
+    assert ModelImage(path).read_all() == content

@@ -430,3 +430,22 @@ def test_first_misplaced_matches_a_per_block_scan(
         while end < len(entries) and entries[end] == entries[block]:
             end += 1
         assert table.run_end(block) == end
+
+
+@given(
+    entries=st.lists(
+        st.one_of(st.just(UNUSED), _ENTRY, st.sampled_from([0, 0xFF, 0xFFFFFF00, 0x00FFFFFF])),
+        max_size=300,
+    ),
+    dense=st.booleans(),
+)
+@hsettings(max_examples=300)
+def test_allocated_indices_match_a_per_entry_scan(entries: list[int], dense: bool) -> None:
+    """Both of allocated_indices' ways (runs for sparse tables, compress for many runs) give
+    exactly the entries that are not 0xFFFFFFFF, whatever their bytes (0xFF in some lanes)."""
+    if dense:  # many short runs: the compress path
+        entries = [e for entry in entries for e in (entry, UNUSED)]
+    table = BlockAllocationTable(array("I", entries))
+    got = table.allocated_indices()
+    assert got.typecode == "I"
+    assert list(got) == [i for i, e in enumerate(entries) if e != UNUSED]

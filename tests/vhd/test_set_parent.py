@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import struct
 import uuid
 from pathlib import Path
 
 import vhd
 from tests.images import MiB, build_hyperv, make_chain
-from tests.model import model_chain
+from tests.model import _put_checksum, model_chain
 from tests.vhd.helpers import libvhdi_read, read_image, run_cli
 from vhd.chain import read_locators
 from vhd.check import check
@@ -122,3 +123,29 @@ def test_corpus_child_gets_a_parent(corpus: Path, tmp_path: Path) -> None:
     report = check(child)
     assert report.clean, [f.message for f in report.problems]
     assert uuid.UUID(bytes=want_id)
+
+
+def test_untrusted_locator_is_not_rewritten_in_place(tmp_path: Path) -> None:
+    """A locator claiming more than 64 KiB of data is no region (vhd.layout.locator_extent: vhd
+    check reports it, open and compact do not reserve it), so set-parent does not write the new
+    path at its offset either: here that offset is block data, which must stay as it was."""
+    parent, child, model = make_chain(tmp_path)
+    with vhd.open(child, "r", open_parent=False) as disk:
+        assert disk.header is not None
+        header_at = disk.footer.data_offset
+        block_data = min(e for _b, e in disk.bat.allocated()) * 512 + 512  # the first block's
+        slot = next(i for i, loc in enumerate(disk.header.locators) if loc.code == CODE_W2KU)
+    raw = bytearray(child.read_bytes())
+    header = bytearray(raw[header_at : header_at + 1024])
+    entry = 0x240 + 24 * slot  # (code, data_space, data_len, reserved, data_offset)
+    header[entry : entry + 24] = struct.pack(">IIIIQ", CODE_W2KU, 1 << 20, 1 << 17, 0, block_data)
+    raw[header_at : header_at + 1024] = _put_checksum(header, 36)
+    child.write_bytes(bytes(raw))
+    assert "locator-length" in {f.code for f in check(child).findings}
+    moved = tmp_path / "moved" / "parent.vhd"
+    moved.parent.mkdir()
+    shutil.move(parent, moved)
+    rc, out = run_cli("set-parent", str(child), str(moved))
+    assert rc == 0, out
+    assert model_chain([moved, child]).read_all() == model
+    assert locator_texts(child)[CODE_W2KU] == str(moved).replace("/", "\\")

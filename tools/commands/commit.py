@@ -11,7 +11,7 @@ from typing import Any
 
 from vhd.commit import commit
 
-from ..common import LOCAL_PARENTS, add_progress_options, progress_wanted
+from ..common import LOCAL_PARENTS, add_parent_dir_option, add_progress_options, progress_wanted
 from ._progress import progress_bar
 
 
@@ -24,13 +24,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument("child")
     p.add_argument("--keep", action="store_true", help="keep the child after merging")
-    p.add_argument(
-        "--parent-dir",
-        metavar="DIR",
-        action="append",
-        default=[],
-        help="also look for parents in DIR",
-    )
+    add_parent_dir_option(p, "also look for parents in DIR")
     add_progress_options(p)
     p.set_defaults(func=run)
 

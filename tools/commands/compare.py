@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import itertools
 import queue
 from collections.abc import Iterator
@@ -20,7 +21,14 @@ from typing import TYPE_CHECKING, Any
 from vhd.disk import Extent
 from vhd.source import Source, open_source
 
-from ..common import LOCAL_PARENTS, Progress, add_progress_options, progress_wanted, warn
+from ..common import (
+    LOCAL_PARENTS,
+    Progress,
+    add_parent_dir_option,
+    add_progress_options,
+    progress_wanted,
+    warn,
+)
 from ..locking import add_force_share_option
 
 if TYPE_CHECKING:
@@ -40,7 +48,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument("a")
     p.add_argument("b")
-    p.add_argument("--parent-dir", action="append", default=[], metavar="DIR")
+    add_parent_dir_option(p, None)
     p.add_argument(
         "-s",
         "--strict",
@@ -54,20 +62,14 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    with (
-        open_source(
-            args.a,
-            parent_dirs=args.parent_dir,
-            parent_policy=LOCAL_PARENTS,
-            force_share=args.force_share,
-        ) as a,
-        open_source(
-            args.b,
-            parent_dirs=args.parent_dir,
-            parent_policy=LOCAL_PARENTS,
-            force_share=args.force_share,
-        ) as b,
-    ):
+    # Both images are opened alike (the same parent folders, policy and sharing).
+    opened = functools.partial(
+        open_source,
+        parent_dirs=args.parent_dir,
+        parent_policy=LOCAL_PARENTS,
+        force_share=args.force_share,
+    )
+    with opened(args.a) as a, opened(args.b) as b:
         for message in a.warnings + b.warnings:
             warn(message)
         if a.size != b.size:
@@ -161,24 +163,24 @@ def first_difference(a: Source, b: Source, progress: Progress | None = None) -> 
 
     pending: collections.deque[tuple[concurrent.futures.Future[int | None], int]]
     pending = collections.deque()
+
+    def settle_oldest() -> int | None:
+        """The oldest chunk's answer, in order; progress reaches its end when it is equal."""
+        future, reached = pending.popleft()
+        found = future.result()
+        if found is None and progress is not None:
+            progress.update(reached)
+        return found
+
     with concurrent.futures.ThreadPoolExecutor(_WORKERS, "vhd-compare") as pool:
         try:
             for pos, n, data_a, data_b in itertools.chain((first,), chunks):
-                if len(pending) >= _WINDOW:
-                    future, reached = pending.popleft()
-                    found = future.result()
-                    if found is not None:
-                        return found
-                    if progress is not None:
-                        progress.update(reached)
+                if len(pending) >= _WINDOW and (found := settle_oldest()) is not None:
+                    return found
                 pending.append((pool.submit(compare_one, pos, n, data_a, data_b), pos + n))
             while pending:
-                future, reached = pending.popleft()
-                found = future.result()
-                if found is not None:
+                if (found := settle_oldest()) is not None:
                     return found
-                if progress is not None:
-                    progress.update(reached)
         finally:
             for future, _ in pending:
                 future.cancel()

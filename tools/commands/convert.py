@@ -15,6 +15,7 @@ from vhd.source import open_source
 from ..common import (
     LOCAL_PARENTS,
     Progress,
+    add_parent_dir_option,
     add_progress_options,
     parse_size,
     progress_wanted,
@@ -57,13 +58,7 @@ def register(sub: Any) -> None:
         action="store_true",
         help="output that Azure accepts: fixed VHD, size rounded up to a whole MiB (at least 20 MiB)",
     )
-    p.add_argument(
-        "--parent-dir",
-        action="append",
-        default=[],
-        metavar="DIR",
-        help="also look for parent images in DIR",
-    )
+    add_parent_dir_option(p, "also look for parent images in DIR")
     p.add_argument("--force", action="store_true", help="overwrite DST if it exists")
     add_progress_options(p)
     add_force_share_option(p)

@@ -8,7 +8,7 @@ from typing import Any
 
 from vhd.inspect import host_extents
 
-from ..common import open_vhd
+from ..common import add_parent_dir_option, open_vhd
 from ..locking import add_force_share_option
 
 
@@ -22,7 +22,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument("image")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--parent-dir", action="append", default=[], metavar="DIR")
+    add_parent_dir_option(p, None)
     add_force_share_option(p)
     p.set_defaults(func=run)
 

@@ -13,7 +13,7 @@ from typing import Any
 import vhd
 from vhd.resize import resize
 
-from ..common import add_progress_options, parse_size, progress_wanted
+from ..common import add_parent_dir_option, add_progress_options, parse_size, progress_wanted
 from ._progress import progress_bar
 
 
@@ -28,12 +28,8 @@ def register(sub: Any) -> None:
     p.add_argument("size", help="new size: bytes or K/M/G/T (binary), or +N / -N")
     p.add_argument("--shrink", action="store_true", help="allow making the disk smaller")
     p.add_argument("--force", action="store_true", help="with --shrink: drop data past the new end")
-    p.add_argument(
-        "--parent-dir",
-        metavar="DIR",
-        action="append",
-        default=[],
-        help="also look for the parent in DIR (growing a differencing disk reads it)",
+    add_parent_dir_option(
+        p, "also look for the parent in DIR (growing a differencing disk reads it)"
     )
     add_progress_options(p)
     p.set_defaults(func=run)

@@ -15,11 +15,9 @@ the current one (the header update procedure), a damaged region table copy from 
 from __future__ import annotations
 
 import itertools
-import os
 from dataclasses import dataclass, field
 
 from ..errors import VHDError
-from ..fileio import write_all
 from . import records as r
 from .disk import VHDXDisk, chunk_ratio, open_vhdx
 
@@ -159,9 +157,7 @@ def _repair(path: str, report: VHDXCheckReport) -> None:
         good = next(t for t in lay.region_tables if t is not None)
         for i, t in enumerate(lay.region_tables):
             if t is None:
-                write_all(disk.fd, good.build(), r.REGION_TABLE_OFFSETS[i])
-                os.fsync(disk.fd)
-                lay.region_tables[i] = good
+                disk._write_region_table(i, good)
     report.repaired = list(report.repairable)
     after = check_vhdx(path)
     report.problems = after.problems

@@ -9,7 +9,6 @@ parent_linkage is the parent's DataWriteGuid (a VHD parent: its unique id).
 
 from __future__ import annotations
 
-import ntpath
 import os
 import uuid
 
@@ -19,6 +18,7 @@ from ..fileio import write_all
 from ..newfile import NewFile, naming
 from . import records as r
 from .disk import VHDXDisk, bat_entries, chunk_ratio, open_vhdx_locked, parent_identity
+from .ops import locator_for
 
 MiB = r.MiB
 DEFAULT_BLOCK_SIZE = 32 * MiB
@@ -109,12 +109,7 @@ def create_vhdx(
     with NewFile(spath, overwrite=overwrite) as new:
         disk = _write_new(new, items, header, regions, meta_offset, bat_offset, bat_length,
                           data_offset, type, size, block_size, logical_sector_size, parent)  # fmt: skip
-        try:
-            new.publish(durable=True)
-        except BaseException:
-            disk.close()
-            raise
-    return disk
+        return new.publish_open(disk)
 
 
 def _write_new(
@@ -164,24 +159,9 @@ def _write_new(
 
 
 def _locator(child: str, parent: Disk) -> r.ParentLocator:
-    """parent_linkage and the three paths, in Hyper-V's forms (2.6.2.6.3)."""
+    """The parent locator of a new child (:func:`vhd.vhdx.ops.locator_for`, as set-parent
+    writes it), naming ``parent`` by its identity."""
     ident = parent_identity(parent)
     if ident is None:
         raise InvalidArgumentError("the parent has no identity a child can record")
-    here = os.path.dirname(os.path.abspath(child))
-    target = os.path.abspath(parent.path)
-    rel = os.path.relpath(target, here).replace("/", "\\")
-    if not rel.startswith("."):
-        rel = ".\\" + rel
-    # Linux paths have no drive letter or volume GUID; the absolute path is kept in Win32 form
-    # under a drive-less "\\?\" prefix so Windows tools see a well-formed (if foreign) path.
-    win = ntpath.normpath(target.replace("/", "\\"))
-    return r.ParentLocator(
-        r.VHDX_PARENT_LOCATOR_TYPE,
-        {
-            "parent_linkage": "{" + ident.lower() + "}",
-            "relative_path": rel,
-            "volume_path": "\\\\?\\" + win.lstrip("\\"),
-            "absolute_win32_path": "\\\\?\\" + win.lstrip("\\"),
-        },
-    )
+    return locator_for(child, parent.path, uuid.UUID(ident))

@@ -38,9 +38,7 @@ import errno
 import itertools
 import os
 import re
-import stat
 import sys
-import threading
 import uuid
 from array import array
 from collections.abc import Callable, Iterator, Sequence
@@ -55,13 +53,12 @@ from ..chain import (
     read_candidate,
     search_candidates,
 )
-from ..disk import _BYTE_FORMATS, Buffer, Disk, Extent, parent_extents
+from ..disk import _BYTE_FORMATS, Buffer, Disk, Extent, bitmap_extents, parent_extents
 from ..errors import (
     ChainLoopError,
     CorruptImageError,
     InvalidArgumentError,
     NotAVHDError,
-    ParentError,
     ParentMismatchError,
     ParentNotFoundError,
     UnsupportedFeatureError,
@@ -78,6 +75,7 @@ from ..fileio import (
 )
 from ..footer import DiskType
 from ..locator import windows_to_posix
+from ..probe import is_vhdx_file
 from . import log as vlog
 from . import records as r
 
@@ -163,14 +161,7 @@ class VHDXDisk(Disk):
         warnings: list[str],
     ) -> None:
         # Disk.__init__ is VHD-specific (footer); the attributes the shared API uses are set here.
-        self.path = path
-        self._fd = fd
-        self.read_only = not writable
-        self.file_size = fsize
-        self.warnings = warnings
-        self.parent: Disk | None = None
-        self._lock = threading.RLock()
-        self._closed = False
+        self._init_file(path, fd, writable, fsize, warnings)
         self.layout = layout
         md = layout.metadata
         self.metadata = md
@@ -217,11 +208,18 @@ class VHDXDisk(Disk):
         self.layout.headers[slot] = new
         self.layout.current = slot
 
-    def _begin_session(self) -> None:
-        """Before the first modification: new FileWriteGuid and DataWriteGuid, both copies."""
+    def _begin_session(
+        self, data_write_guid: uuid.UUID | None = None, *, keep_data: bool = False
+    ) -> None:
+        """Before the first modification (2.2.2): a new FileWriteGuid in both header copies, and
+        a new DataWriteGuid (``data_write_guid`` when the caller chose it, so a child can be told
+        the new identity before the data changes), or the old one when ``keep_data`` (a change
+        that keeps the guest-visible data, so the disk's children still accept it)."""
         if self._session:
             return
-        changes = {"file_write_guid": uuid.uuid4(), "data_write_guid": uuid.uuid4()}
+        changes = {"file_write_guid": uuid.uuid4()}
+        if not keep_data:
+            changes["data_write_guid"] = data_write_guid or uuid.uuid4()
         self._write_header(True, **changes)
         self._write_header(True)
         self._session = True
@@ -340,15 +338,6 @@ class VHDXDisk(Disk):
                 f"payload block {block} has the reserved state {state}", path=self.path
             )
 
-    def _read_parent(self, dest: memoryview, guest: int) -> None:
-        if self.parent is None:
-            raise ParentError(
-                "the parent image is not open, so its data cannot be read", path=self.path
-            )
-        got = self.parent.preadinto(dest, guest)
-        if got < len(dest):
-            zero_fill(dest[got:])
-
     # -- sector bitmaps (differencing) -----------------------------------------------------
 
     def _bitmap_location(self, block: int) -> tuple[int, int]:
@@ -443,6 +432,50 @@ class VHDXDisk(Disk):
         os.ftruncate(self._fd, self._eof)
         self.file_size = self._eof
         return off
+
+    def _truncate(self, end: int) -> None:
+        """Cut the file at ``end`` (1 MiB-aligned; nothing durable names the space past it),
+        synced; new blocks go there."""
+        os.ftruncate(self._fd, end)
+        os.fsync(self._fd)
+        self.file_size = self._eof = end
+
+    def _relocate_bat(self, at: int, length: int) -> None:
+        """Write the whole in-memory BAT (``length`` bytes of room) at ``at``, synced, and use it
+        from here on: the caller then names it in the region tables, through the log."""
+        table = memoryview(self.bat).cast("B")
+        write_all(self._fd, bytes(table[: min(len(table), length)]), at)
+        os.fdatasync(self._fd)
+        self._dirty_bat.clear()
+        self._bat_offset = at
+
+    def _write_region_table(self, slot: int, table: r.RegionTable) -> None:
+        """Region table copy ``slot`` (2.2.3) rewritten in place, synced (a damaged copy mended
+        from its twin)."""
+        write_all(self._fd, table.build(), r.REGION_TABLE_OFFSETS[slot])
+        os.fsync(self._fd)
+        self.layout.region_tables[slot] = table
+
+    # What vhd.vhdx.ops has just written through the log, taken in so this Disk describes the
+    # file as it now is (no operation assigns to a Disk's state itself).
+
+    def _adopt_size(self, size: int) -> None:
+        """The virtual disk size item (2.6.2.2)."""
+        self.size = self.metadata.virtual_size = size
+        self.metadata.raw_items[r.VIRTUAL_DISK_SIZE] = size.to_bytes(8, "little")
+
+    def _adopt_parent_locator(
+        self, entries: tuple[r.MetadataEntry, ...], locator: r.ParentLocator, blob: bytes
+    ) -> None:
+        """The parent locator item (2.6.2.6) and the metadata table that places it."""
+        self.metadata.entries = entries
+        self.metadata.parent_locator = locator
+        self.metadata.raw_items[r.PARENT_LOCATOR] = blob
+
+    def _adopt_region_table(self, table: r.RegionTable) -> None:
+        """Both region table copies (2.2.3), and the BAT region they name."""
+        self.layout.region_tables = [table, table]
+        self.layout.bat_region = next(g for g in table.entries if g.guid == r.BAT_REGION)
 
     def _set_entry(self, index: int, value: int) -> None:
         self.bat[index] = value
@@ -591,6 +624,48 @@ class VHDXDisk(Disk):
                 self._bitmap_page(page_off)[byte % LOG_SECTOR] &= ~(1 << (sector % 8)) & 0xFF
             self._dirty_bitmaps.add(page_off)
 
+    # -- metadata changes of vhd.vhdx.ops, through the log ---------------------------------
+
+    def _grow_table(self, old_count: int, count: int) -> None:
+        """Room in the in-memory BAT for ``count`` entries (whole 4 KiB pages); the pages of
+        entries [old_count, count) are dirty: whatever the file held there is overwritten."""
+        want = -(-count * 8 // LOG_SECTOR) * LOG_SECTOR // 8
+        if len(self.bat) < want:
+            self.bat.extend([0] * (want - len(self.bat)))
+        self._dirty_bat.update(idx * 8 // LOG_SECTOR for idx in range(old_count, count))
+
+    def _forget_bitmap_block(self, offset: int) -> None:
+        """Drop the cached (and unlogged) pages of the sector bitmap block at ``offset``: its
+        entry no longer names it."""
+        for page in range(offset, offset + r.SECTOR_BITMAP_BLOCK_SIZE, LOG_SECTOR):
+            self._bitmap_pages.pop(page, None)
+            self._dirty_bitmaps.discard(page)
+
+    def _log_pages(self, extra: Sequence[tuple[int, bytes]] = ()) -> None:
+        """Write the dirty BAT and bitmap pages and the ``extra`` pages through the log.
+
+        The ``extra`` pages (size, locator, region tables: what a reader sees) go in the last
+        transaction; when the log cannot take everything at once, the earlier transactions carry
+        only BAT and bitmap pages, each a consistent state on its own (entries the old size does
+        not reach, or moves of blocks that are copied already)."""
+        with self._lock:
+            dirty = self._dirty_pages()
+            per_entry = r.DESCRIPTORS_IN_FIRST_SECTOR
+            log_pages = self.current_header.log_length // LOG_SECTOR
+            per_txn = max(1, log_pages // (1 + per_entry)) * per_entry
+            if len(extra) > per_txn:
+                raise InvalidArgumentError("the change does not fit one log transaction")
+            if len(dirty) + len(extra) <= per_txn:
+                if dirty or extra:
+                    self._transaction([*dirty, *extra], True)
+            else:
+                for i in range(0, len(dirty), per_txn):
+                    self._transaction(dirty[i : i + per_txn], True)
+                if extra:
+                    self._transaction(list(extra), True)
+            self._dirty_bat.clear()
+            self._dirty_bitmaps.clear()
+
     # -- flush: the log transaction --------------------------------------------------------
 
     def _dirty_pages(self) -> list[tuple[int, bytes]]:
@@ -676,13 +751,8 @@ class VHDXDisk(Disk):
                 bits = self._block_bits(block)
                 first = (pos - base) // lss
                 last = (block_end - base + lss - 1) // lss
-                for a_s, z_s, present in _bits_runs(bits, first, last):
-                    a = max(base + a_s * lss, pos)
-                    z = min(base + z_s * lss, block_end)
-                    if present:
-                        yield Extent(a, z - a, 0)
-                    else:
-                        yield from self._parent_extents(a, z)
+                runs = _bits_runs(bits, first, last)
+                yield from bitmap_extents(runs, base, lss, pos, block_end, self._parent_extents)
             elif state == r.PayloadState.NOT_PRESENT and self._differencing:
                 yield from self._parent_extents(pos, block_end)
             elif state in (1, 2, 3) or state == r.PayloadState.NOT_PRESENT:
@@ -735,19 +805,9 @@ def is_vhdx(fd: int) -> bool:
 
 
 def probe_vhdx(path: str) -> bool:
-    """True when ``path`` is a regular file or block device starting with "vhdxfile".  Never
-    blocks (a FIFO is not opened for reading) and never raises: the caller reports errors."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError:
-        return False
-    try:
-        mode = os.fstat(fd).st_mode
-        return (stat.S_ISREG(mode) or stat.S_ISBLK(mode)) and is_vhdx(fd)
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
+    """True when ``path`` is a regular file or block device starting with "vhdxfile": the one
+    probe, :func:`vhd.probe.is_vhdx_file` (never blocks, never raises)."""
+    return is_vhdx_file(path)
 
 
 def open_vhdx(
@@ -771,20 +831,11 @@ def open_vhdx(
     spath = os.fspath(path)
     writable = mode == "r+"
     policy = (parent_policy or ParentPolicy()).with_dirs(parent_dirs)
-    fd, st = open_image_file(spath, writable=writable, force_share=force_share, expect=_expect)
-    try:
-        disk = _open_fd(fd, spath, writable)
-        seen = _seen | {(st.st_dev, st.st_ino)}
-        if disk._differencing and (open_parent or parent is not None):
-            try:
-                disk.parent = _open_parent(disk, parent, policy, allow_parent_mismatch, seen)
-            except BaseException:
-                disk._closed = True
-                raise
-        return disk
-    except BaseException:
-        os.close(fd)
-        raise
+    fd, _st = open_image_file(spath, writable=writable, force_share=force_share, expect=_expect)
+    want_parent = open_parent or parent is not None
+    return _open_chain(
+        fd, spath, writable, parent, policy, allow_parent_mismatch, _seen, want_parent
+    )
 
 
 def open_vhdx_locked(
@@ -794,20 +845,40 @@ def open_vhdx_locked(
     exclusively (:mod:`vhd.newfile`: an image being written under its temporary name), with the
     open ``parent`` the caller gives for a differencing disk; the disk owns ``fd`` from here on,
     even on failure."""
+    return _open_chain(
+        fd,
+        path,
+        True,
+        parent,
+        ParentPolicy(),
+        allow_parent_mismatch,
+        frozenset(),
+        parent is not None,
+    )
+
+
+def _open_chain(
+    fd: int,
+    path: str,
+    writable: bool,
+    parent: Disk | str | os.PathLike[str] | None,
+    policy: ParentPolicy,
+    allow_mismatch: bool,
+    seen: frozenset[tuple[int, int]],
+    want_parent: bool,
+) -> VHDXDisk:
+    """The disk on ``fd`` and, for a differencing disk when ``want_parent``, its parent
+    (:func:`_open_parent`; ``seen`` the files of the chain below, this one added).  ``fd`` is
+    closed on failure, once: a half-built disk gives it up first."""
     try:
         st = os.fstat(fd)
-        disk = _open_fd(fd, path, True)
-        if disk._differencing and parent is not None:
+        disk = _open_fd(fd, path, writable)
+        if disk._differencing and want_parent:
             try:
-                disk.parent = _open_parent(
-                    disk,
-                    parent,
-                    ParentPolicy(),
-                    allow_parent_mismatch,
-                    frozenset({(st.st_dev, st.st_ino)}),
-                )
+                seen = seen | {(st.st_dev, st.st_ino)}
+                disk.parent = _open_parent(disk, parent, policy, allow_mismatch, seen)
             except BaseException:
-                disk._closed = True
+                disk._disown_fd()
                 raise
         return disk
     except BaseException:

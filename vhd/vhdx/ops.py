@@ -5,9 +5,10 @@ locator.
 
 Every metadata change (BAT entries, sector bitmaps, the virtual disk size, the parent locator and
 the metadata table, the region tables) goes through the log as one transaction of 4 KiB pages
-(:func:`log_pages`, the same steps as :meth:`VHDXDisk.flush`: data synced, entries written and
-synced, header names the log, pages written in place and synced, log cleared), so a crash at any
-point leaves either the old or the new metadata.  Data that a transaction will name (a moved block,
+(:meth:`VHDXDisk._log_pages`, the same steps as :meth:`VHDXDisk.flush`: data synced, entries
+written and synced, header names the log, pages written in place and synced, log cleared), so a
+crash at any point leaves either the old or the new metadata.  The open disk takes each change
+in through its own methods (this module assigns none of its state).  Data that a transaction will name (a moved block,
 a relocated BAT) is written to space no on-disk entry names and synced before the transaction.
 
 GUIDs: an operation that leaves the guest-visible data as it was (a compaction, a retarget)
@@ -26,7 +27,7 @@ import uuid
 from collections.abc import Callable, Sequence
 
 from ..chain import ParentPolicy
-from ..disk import Disk
+from ..disk import Disk, first_data_byte
 from ..errors import CorruptImageError, InvalidArgumentError, VHDError
 from ..fileio import punch_hole, read_upto, write_all
 from ..footer import DiskType
@@ -46,21 +47,13 @@ Progress = Callable[[int, int], None]
 def metadata_session(disk: VHDXDisk) -> None:
     """Before a change that keeps the guest-visible data (2.2.2): a new FileWriteGuid in both
     header copies, the DataWriteGuid kept, so the disk's children still accept it."""
-    if disk._session:
-        return
-    disk._write_header(True, file_write_guid=uuid.uuid4())
-    disk._write_header(True)
-    disk._session = True
+    disk._begin_session(keep_data=True)
 
 
 def data_session(disk: VHDXDisk, data_write_guid: uuid.UUID) -> None:
     """Begin the disk's write session (2.2.2) with the DataWriteGuid the caller chose, so that
     a child can be told the new identity before the parent's data changes (a commit)."""
-    if disk._session:
-        return
-    disk._write_header(True, file_write_guid=uuid.uuid4(), data_write_guid=data_write_guid)
-    disk._write_header(True)
-    disk._session = True
+    disk._begin_session(data_write_guid)
 
 
 class Pages:
@@ -87,31 +80,6 @@ class Pages:
 
     def changed(self) -> list[tuple[int, bytes]]:
         return [(o, bytes(p)) for o, p in sorted(self._pages.items()) if p != self._old[o]]
-
-
-def log_pages(disk: VHDXDisk, extra: Sequence[tuple[int, bytes]] = ()) -> None:
-    """Write the disk's dirty BAT and bitmap pages and the ``extra`` pages through the log.
-
-    The ``extra`` pages (size, locator, region tables: what a reader sees) go in the last
-    transaction; when the log cannot take everything at once, the earlier transactions carry
-    only BAT and bitmap pages, each a consistent state on its own (entries the old size does
-    not reach, or moves of blocks that are copied already)."""
-    with disk._lock:
-        dirty = disk._dirty_pages()
-        per_entry = r.DESCRIPTORS_IN_FIRST_SECTOR
-        per_txn = max(1, disk.current_header.log_length // PAGE // (1 + per_entry)) * per_entry
-        if len(extra) > per_txn:
-            raise InvalidArgumentError("the change does not fit one log transaction")
-        if len(dirty) + len(extra) <= per_txn:
-            if dirty or extra:
-                disk._transaction([*dirty, *extra], True)
-        else:
-            for i in range(0, len(dirty), per_txn):
-                disk._transaction(dirty[i : i + per_txn], True)
-            if extra:
-                disk._transaction(list(extra), True)
-        disk._dirty_bat.clear()
-        disk._dirty_bitmaps.clear()
 
 
 def _metadata_entry(disk: VHDXDisk, item: uuid.UUID) -> r.MetadataEntry:
@@ -212,10 +180,8 @@ def _write_locator(child: VHDXDisk, locator: r.ParentLocator) -> None:
     pages.put(region.file_offset + at, blob)
     pages.put(region.file_offset, r.build_metadata_table(entries))
     metadata_session(child)
-    log_pages(child, pages.changed())
-    md.entries = tuple(entries)
-    md.parent_locator = locator
-    md.raw_items[r.PARENT_LOCATOR] = blob
+    child._log_pages(pages.changed())
+    child._adopt_parent_locator(tuple(entries), locator, blob)
 
 
 def retarget(child: VHDXDisk, parent_path: str, ident: uuid.UUID) -> list[str]:
@@ -321,10 +287,7 @@ def _cut(disk: VHDXDisk) -> None:
         end = max(end, off + length)
     end = -(-end // MiB) * MiB
     if end < os.fstat(disk.fd).st_size:
-        os.ftruncate(disk.fd, end)
-        os.fsync(disk.fd)
-        disk.file_size = end
-        disk._eof = end
+        disk._truncate(end)
 
 
 def _copy(fd: int, src: int, dst: int, length: int) -> None:
@@ -372,7 +335,7 @@ def compact(path: str, progress: Progress | None = None) -> tuple[int, int, int,
         before = os.fstat(disk.fd).st_size
         metadata_session(disk)
         freed_space = _free_empty(disk, progress)
-        log_pages(disk)
+        disk._log_pages()
         for off, length in freed_space:  # their entries are durable: give the space back
             punch_hole(disk.fd, off, length)
         moved = _pack(disk)
@@ -394,7 +357,10 @@ def _free_empty(disk: VHDXDisk, progress: Progress | None) -> list[tuple[int, in
         if disk._differencing:
             empty = state == r.PayloadState.PARTIALLY_PRESENT and disk._block_bits(b) == 0
         else:
-            empty = state == r.PayloadState.FULLY_PRESENT and _all_zero(disk, b * bs, n)
+            empty = (
+                state == r.PayloadState.FULLY_PRESENT
+                and first_data_byte(disk, b * bs, b * bs + n) is None
+            )
         if empty:
             freed.append((e & r.OFFSET_MASK, bs))
             disk._set_entry(idx, int(r.PayloadState.NOT_PRESENT))
@@ -403,25 +369,6 @@ def _free_empty(disk: VHDXDisk, progress: Progress | None) -> list[tuple[int, in
     # Sector bitmap blocks stay, even for chunks left with no present block: libvhdi
     # (20210425) reads garbage for a differencing chunk whose bitmap block is NOT_PRESENT.
     return freed
-
-
-def _forget_bitmap(disk: VHDXDisk, off: int) -> None:
-    for page in range(off, off + r.SECTOR_BITMAP_BLOCK_SIZE, PAGE):
-        disk._bitmap_pages.pop(page, None)
-        disk._dirty_bitmaps.discard(page)
-
-
-def _all_zero(disk: VHDXDisk, offset: int, length: int) -> bool:
-    for ext in disk.extents(offset, length):
-        if ext.layer != 0:
-            continue
-        pos = ext.offset
-        while pos < ext.end:
-            n = min(_CHUNK, ext.end - pos)
-            if disk.pread(n, pos).strip(b"\0"):
-                return False
-            pos += n
-    return True
 
 
 def _pack(disk: VHDXDisk) -> int:
@@ -439,8 +386,8 @@ def _pack(disk: VHDXDisk) -> int:
             e = disk.bat[idx]
             disk._set_entry(idx, dst | (e & ~r.OFFSET_MASK & 0xFFFFFFFFFFFFFFFF))
             if idx % (ratio + 1) == ratio:
-                _forget_bitmap(disk, src)
-        log_pages(disk)  # syncs the copies first, then points the entries at them
+                disk._forget_bitmap_block(src)
+        disk._log_pages()  # syncs the copies first, then points the entries at them
         pending.clear()
 
     for src, length, idx in _blocks_in_file(disk):
@@ -526,12 +473,6 @@ def _size_page(disk: VHDXDisk, pages: Pages, size: int) -> None:
     pages.put(disk.layout.metadata_region.file_offset + entry.offset, size.to_bytes(8, "little"))
 
 
-def _set_size(disk: VHDXDisk, size: int) -> None:
-    disk.size = size
-    disk.metadata.virtual_size = size
-    disk.metadata.raw_items[r.VIRTUAL_DISK_SIZE] = size.to_bytes(8, "little")
-
-
 def _parent_data(disk: VHDXDisk, old: int, new: int, parent_dirs: Sequence[str]) -> list[range]:
     if not disk._differencing:
         return []
@@ -571,9 +512,7 @@ def _grow(disk: VHDXDisk, new: int, parent_dirs: Sequence[str]) -> None:
     # 2. The new entries.
     count = bat_entries(new, bs, disk.logical_sector_size, disk._differencing)
     old_count = bat_entries(old, bs, disk.logical_sector_size, disk._differencing)
-    want = -(-count * 8 // PAGE) * PAGE // 8
-    if len(disk.bat) < want:
-        disk.bat.extend([0] * (want - len(disk.bat)))
+    disk._grow_table(old_count, count)
     nb_new = -(-new // bs)
     fixed = disk.type == DiskType.FIXED
     for b in range(nb_old, nb_new):
@@ -585,8 +524,6 @@ def _grow(disk: VHDXDisk, new: int, parent_dirs: Sequence[str]) -> None:
         idx = chunk * (ratio + 1) + ratio
         if idx < count:
             disk._set_entry(idx, 0)
-    for idx in range(old_count, count):
-        disk._dirty_bat.add(idx * 8 // PAGE)  # whatever the file held there is overwritten
     pages = Pages(disk)
     # 3. A BAT region too small for the new entries: a new one at the end, written whole and
     # synced before the region tables name it (in the transaction below).
@@ -594,11 +531,7 @@ def _grow(disk: VHDXDisk, new: int, parent_dirs: Sequence[str]) -> None:
     if count * 8 > region.length:
         length = -(-count * 8 // MiB) * MiB
         at = disk._grow(length)
-        table = memoryview(disk.bat).cast("B")
-        write_all(disk.fd, bytes(table[: min(len(table), length)]), at)
-        os.fdatasync(disk.fd)
-        disk._dirty_bat.clear()
-        disk._bat_offset = at
+        disk._relocate_bat(at, length)
         new_region = r.Region(region.guid, at, length, region.required)
         current = next(t for t in disk.layout.region_tables if t is not None)
         table_new = r.RegionTable(
@@ -606,33 +539,19 @@ def _grow(disk: VHDXDisk, new: int, parent_dirs: Sequence[str]) -> None:
         )
         for off in r.REGION_TABLE_OFFSETS:
             pages.put(off, table_new.build())
-        disk.layout.region_tables = [table_new, table_new]
-        disk.layout.bat_region = new_region
+        disk._adopt_region_table(table_new)
     _size_page(disk, pages, new)
-    log_pages(disk, pages.changed())
-    _set_size(disk, new)
+    disk._log_pages(pages.changed())
+    disk._adopt_size(new)
 
 
 def _shrink(disk: VHDXDisk, new: int, force: bool) -> int:
     bs, ratio = disk._bs, disk._ratio
     old = disk.size
     if not force:
-        for ext in disk.extents(new, old - new):
-            if ext.layer != 0:
-                continue
-            pos = ext.offset
-            while pos < ext.end:
-                n = min(_CHUNK, ext.end - pos)
-                chunk = disk.pread(n, pos)
-                stripped = chunk.lstrip(b"\0")
-                if stripped:
-                    at = pos + len(chunk) - len(stripped)
-                    raise InvalidArgumentError(
-                        f"data lies past the new end (non-zero data at guest offset {at:#x}); "
-                        "pass --force to drop it",
-                        path=disk.path,
-                    )
-                pos += n
+        from ..resize import refuse_data_past  # (vhd.resize imports this package)
+
+        refuse_data_past(disk, new)
     disk._begin_session()
     count = bat_entries(new, bs, disk.logical_sector_size, disk._differencing)
     old_count = bat_entries(old, bs, disk.logical_sector_size, disk._differencing)
@@ -647,7 +566,7 @@ def _shrink(disk: VHDXDisk, new: int, force: bool) -> int:
         state = e & r.STATE_MASK
         if is_bitmap and state == r.BitmapState.PRESENT:
             dropped.append((e & r.OFFSET_MASK, r.SECTOR_BITMAP_BLOCK_SIZE))
-            _forget_bitmap(disk, e & r.OFFSET_MASK)
+            disk._forget_bitmap_block(e & r.OFFSET_MASK)
         elif not is_bitmap and state in (
             r.PayloadState.FULLY_PRESENT,
             r.PayloadState.PARTIALLY_PRESENT,
@@ -657,8 +576,8 @@ def _shrink(disk: VHDXDisk, new: int, force: bool) -> int:
             disk._set_entry(idx, 0)
     pages = Pages(disk)
     _size_page(disk, pages, new)
-    log_pages(disk, pages.changed())
-    _set_size(disk, new)
+    disk._log_pages(pages.changed())
+    disk._adopt_size(new)
     for off, length in dropped:
         punch_hole(disk.fd, off, length)
     _cut(disk)
