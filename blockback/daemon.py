@@ -2,6 +2,17 @@
 hot-plug): it watches the backend directory for the vbds the toolstack creates, serves each with a
 :class:`~blockback.vbd.VbdDriver` over the real Xen transport, and tears them down on
 Closing/Closed, ``online=0``, the frontend's or the backend directory's removal, or shutdown.
+
+Devices ``vhd xen attach`` made (:mod:`blockback.attach`, marked ``toolstack=vhdkit``) have no
+toolstack to remove their backend directory when the guest goes away (``xl destroy`` removes
+the guest's own directory, not ours): once such a device's frontend directory is gone, the daemon
+removes the backend directory, and the ``<fe domid>`` directory once empty.  It looks on every
+device it lets go and on ``@releaseDomain``.  Directories libxl made stay libxl's to remove.
+
+Standing attachments (``--attach NAME:IMAGE:VDEV``, :class:`~blockback.attach.StandingAttach`):
+on ``@introduceDomain`` (a domain was built: ``xl create``, and the new domain of an ``xl
+reboot``), on ``@releaseDomain`` and whenever a device is let go (the image the old domain held
+is free again), every named domain that lacks its disk gets it attached under our root.
 """
 
 from __future__ import annotations
@@ -15,10 +26,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import vhd
-from blockback.errors import LocalProtocolError
+from blockback.attach import (
+    MARKER,
+    MARKER_KEY,
+    AttachOptions,
+    StandingAttach,
+    attach,
+    remove_device,
+    resolve_domain,
+)
+from blockback.errors import AttachError, LocalProtocolError
 from blockback.transport import Transport
 from blockback.vbd import BackendOptions, VbdDriver
-from blockback.xenstore import XenStoreClient, XenStoreError
+from blockback.vdev import devid as vdev_devid
+from blockback.xenstore import Transaction, XenStoreClient, XenStoreError
 
 log = logging.getLogger("blockback")
 
@@ -39,8 +60,13 @@ class XenDaemon:
         *,
         read_only: bool = False,
         options: BackendOptions | None = None,
+        standing: tuple[StandingAttach, ...] = (),
+        parent_policy: vhd.ParentPolicy | None = None,
     ) -> None:
         self.xs = xs
+        self.standing = standing
+        self.standing_done: set[tuple[int, str]] = set()  # (domid, vdev) attached or present
+        self.parent_policy = parent_policy or vhd.ParentPolicy()
         self.transport = transport
         self.root = root.rstrip("/")
         self.open_disk = open_disk
@@ -58,8 +84,17 @@ class XenDaemon:
 
     def start(self) -> None:
         self.xs.watch(self.root, "root")
+        # A guest that died: its frontend directories are gone, clean up what vhdkit attached.
+        self.xs.watch("@releaseDomain", "release")
+        if self.standing:
+            self.xs.watch("@introduceDomain", "introduce")
 
     def handle(self, path: str, token: str) -> None:
+        if token in ("release", "introduce"):
+            if token == "release":
+                self.sweep()
+            self.reattach()
+            return
         if token != "root":
             for driver in list(self.drivers.values()):
                 if token in driver.tokens:
@@ -103,6 +138,8 @@ class XenDaemon:
         self._reap()
 
     def _attach(self, device: str) -> None:
+        if self.remove_orphan(device):
+            return  # vhdkit's device of a guest that is gone (e.g. while we were not running)
         params = self.xs.try_read(f"{device}/params")
         if params is None or self.xs.try_read(f"{device}/state") is None:
             return  # the toolstack is still writing the nodes: a later event brings us back
@@ -149,9 +186,87 @@ class XenDaemon:
         self.xs.write(f"{device}/hotplug-status", "error")
 
     def _reap(self) -> None:
-        for device in [d for d, drv in self.drivers.items() if drv.removed]:
+        reaped = [d for d, drv in self.drivers.items() if drv.removed]
+        for device in reaped:
             if not self.drivers.pop(device).gone:
                 self.finished.add(device)
+                self.remove_orphan(device)
+        if reaped:
+            self.reattach()
+
+    def reattach(self) -> None:
+        """Attach each standing disk to its domain (by name) if that domain lacks it."""
+        for spec in self.standing:
+            try:
+                fe_domid = resolve_domain(self.xs, spec.name)
+            except AttachError:
+                continue  # not running now
+            if (fe_domid, spec.vdev) in self.standing_done:
+                continue  # once per domain: a later ``vhd xen detach`` is not undone
+            number = vdev_devid(spec.vdev)
+            if self.xs.exists(f"/local/domain/{fe_domid}/device/vbd/{number}"):
+                self.standing_done.add((fe_domid, spec.vdev))
+                continue  # the guest's own config has that vdev
+            options = AttachOptions(
+                str(fe_domid),
+                spec.image,
+                spec.vdev,
+                read_only=spec.read_only,
+                backend_dir=self.root,
+                parent_policy=self.parent_policy,
+            )
+            try:
+                device = attach(self.xs, options)
+            except (AttachError, vhd.VHDError, OSError, XenStoreError) as exc:
+                # e.g. the image is still held for the domain's previous incarnation: tried
+                # again when that device is let go or the old domain is released.
+                log.warning("--attach %s:%s: not now: %s", spec.name, spec.vdev, exc)
+                continue
+            self.standing_done.add((fe_domid, spec.vdev))
+            log.info(
+                "%s: attached %s to %s (domain %d)", device.backend, spec.image, spec.vdev, fe_domid
+            )
+
+    def sweep(self) -> None:
+        """Remove the backend directories of vhdkit's devices whose guest is gone."""
+        for device in list(self.finished | self.failed):
+            self.remove_orphan(device)
+        with contextlib.suppress(XenStoreError):
+            for fdom in self.xs.directory(self.root):
+                with contextlib.suppress(XenStoreError):
+                    for devid in self.xs.directory(f"{self.root}/{fdom}"):
+                        device = f"{self.root}/{fdom}/{devid}"
+                        if device not in self.drivers:
+                            self.remove_orphan(device)
+
+    def remove_orphan(self, device: str) -> bool:
+        """If ``device`` carries vhdkit's marker and its frontend directory is gone, remove it
+        (and its ``<fe domid>`` directory once empty), in one transaction; True if removed.
+
+        Only such devices: libxl removes its own, and a device whose frontend still exists is
+        detached by ``vhd xen detach``, never behind the guest's back."""
+        if device in self.drivers:
+            return False
+
+        def body(tx: Transaction) -> bool:
+            if tx.try_read(f"{device}/{MARKER_KEY}") != MARKER.encode():
+                return False
+            frontend = (tx.try_read(f"{device}/frontend") or b"").decode(errors="replace")
+            if frontend.startswith("/") and tx.exists(frontend):
+                return False
+            remove_device(tx, device, None)
+            return True
+
+        try:
+            removed = self.xs.run_transaction(body)
+        except XenStoreError as exc:
+            log.error("%s: cannot remove: %s", device, exc)
+            return False
+        if removed:
+            log.info("%s: frontend gone, backend directory removed", device)
+            self.finished.discard(device)
+            self.failed.discard(device)
+        return removed
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -174,6 +289,9 @@ class XenDaemon:
         self._reap()
         with contextlib.suppress(XenStoreError):
             self.xs.unwatch(self.root, "root")
+            self.xs.unwatch("@releaseDomain", "release")
+            if self.standing:
+                self.xs.unwatch("@introduceDomain", "introduce")
 
 
 # libxl writes a qdisk's ``params`` as "<format>:<path>" (e.g. "vhd:/srv/g.vhd"), and blktap's
@@ -203,6 +321,8 @@ class XenOptions:
     # Where served images' parents may come from (README: "Untrusted images").
     parent_policy: vhd.ParentPolicy = field(default_factory=vhd.ParentPolicy)
     backend: BackendOptions = field(default_factory=BackendOptions)
+    # Disks attached by domain name whenever such a domain lacks them (README, Xen, reboot).
+    standing: tuple[StandingAttach, ...] = ()
 
 
 def open_xen_transport() -> Transport:
@@ -227,7 +347,14 @@ def serve_xen(options: XenOptions, stop: threading.Event) -> None:
             return vhd.open(image, mode, parent_policy=options.parent_policy)
 
         daemon = XenDaemon(
-            xs, transport, root, open_disk, read_only=options.read_only, options=options.backend
+            xs,
+            transport,
+            root,
+            open_disk,
+            read_only=options.read_only,
+            options=options.backend,
+            standing=options.standing,
+            parent_policy=options.parent_policy,
         )
         try:
             daemon.start()

@@ -10,6 +10,8 @@
   ``xsd_errors`` name, or the connection broke); a :class:`ProtocolError` that carries the errno
   (``xs_wire.h``), defined next to the table it reads; its ``WireProtocolError`` is a message
   that cannot be framed, in either direction.
+* :class:`AttachError` -- ``vhd xen attach``/``detach`` refused what it was asked (unknown
+  domain, device number taken, a device vhdkit did not attach).
 * :class:`GrantError` -- a grant reference could not be mapped or copied (docs/blkif.md §1:
   not granted, revoked, read-only for a write, out of range); an :class:`OSError`, EFAULT unless
   the device said otherwise, so the request is answered ERROR like any other I/O failure.
@@ -44,3 +46,8 @@ class GrantError(OSError):
 
     def __init__(self, message: str, code: int = errno.EFAULT) -> None:
         super().__init__(code, message)
+
+
+class AttachError(ProtocolError):
+    """``vhd xen attach``/``detach`` refused (unknown domain, device number in use, not a
+    device vhdkit attached, backend did not close in time): the toolstack's error, one line."""

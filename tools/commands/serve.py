@@ -91,6 +91,14 @@ def register(sub: Any) -> None:
         "(default /local/domain/<own domid>/backend/vbd)",
     )
     p.add_argument(
+        "--attach",
+        metavar="NAME:IMAGE:VDEV[:ro]",
+        action="append",
+        default=[],
+        help="Xen: attach IMAGE as VDEV to the domain NAME whenever one runs without it "
+        "(as 'vhd xen attach' does; again after each reboot; repeatable)",
+    )
+    p.add_argument(
         "--xenstore",
         metavar="PATH",
         help="Xen/sim: xenstore unix socket (default $XENSTORED_PATH or /var/run/xenstored/socket)",
@@ -107,6 +115,8 @@ def run(args: argparse.Namespace) -> int:
             "--xen serves the disks the toolstack configures in XenStore, not IMAGE: drop "
             f"{args.image!r} (or use --nbd / --sim to serve it)"
         )
+    if args.attach and not args.xen:
+        raise ValueError("--attach is for --xen")
     if args.nbd:
         return _serve_nbd(args)
     if args.sim:
@@ -267,8 +277,10 @@ def _serve_sim(args: argparse.Namespace) -> int:
 
 def _serve_xen(args: argparse.Namespace) -> int:
     """``vhd serve --xen``: serve the vbds the toolstack assigns to this domain, until SIGTERM."""
+    from blockback.attach import StandingAttach
     from blockback.daemon import XenOptions, serve_xen
 
+    standing = tuple(StandingAttach.parse(text) for text in args.attach or ())
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     options = XenOptions(
         xenstore=args.xenstore or None,
@@ -276,6 +288,7 @@ def _serve_xen(args: argparse.Namespace) -> int:
         read_only=bool(args.read_only),
         parent_policy=_parent_policy(args),
         backend=_backend_options(args),
+        standing=standing,
     )
     # The daemon shuts down with our handlers still in place: a second SIGTERM must not kill
     # the drain.

@@ -54,7 +54,7 @@ def clean_lab(request: pytest.FixtureRequest) -> Iterator[None]:
     for backend in list(Backend.running):
         with contextlib.suppress(AssertionError):
             backend.stop(signal.SIGABRT, timeout=30)
-    for kind in ("vbd", "qdisk"):
+    for kind in ("vbd", "qdisk", "vhd"):
         run("xenstore-rm", f"/local/domain/0/backend/{kind}", check=False)
     bad = corrupted_canaries()
     if bad:

@@ -4,7 +4,9 @@ the kernel's xen-blkback (issue 13), answered by Xen 4.17's own xl on the real s
 libxl 4.17 writes a PV disk's backend under ``backend/vbd`` (phy: xen-blkback claims every
 device there) or ``backend/qdisk`` (libxl then starts QEMU as that guest's qdisk backend, which
 claims it); ``backendtype=standalone`` is for ``specification=virtio`` only.  So no xl.cfg form
-keeps the two backends apart in one domain: vhdkit serves from a domain without xen-blkback.
+keeps the two backends apart in one domain: beside xen-blkback, vhdkit's disks are attached with
+``vhd xen attach`` on its own backend path (test_both_routes.py), or vhdkit serves from a domain
+without xen-blkback.
 """
 
 from __future__ import annotations
