@@ -17,7 +17,9 @@ the layouts match and only the format's data path differs):
 * ``nbdcopy`` of ``vhd serve --nbd --read-only`` to ``null:`` and ``fio``'s nbd engine, 4 KiB
   random reads at queue depth 1.
 
-Times are medians of alternating runs.  ``python -m benchmarks.vhdx [DIR]`` runs it alone.
+Times are medians of alternating runs (for the front ends each format first in half the rounds;
+the note gives the range of the per-round ratios).  ``python -m benchmarks.vhdx [DIR]`` runs it
+alone.
 """
 
 from __future__ import annotations
@@ -151,7 +153,7 @@ def run(workdir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-FRONT_ROUNDS = 3
+FRONT_ROUNDS = 4  # even: each format goes first in half the rounds (see _order)
 FIO_SECONDS = 3
 
 
@@ -174,7 +176,18 @@ def _same_disk(vhd_path: Path, vhdx_path: Path) -> None:
 
 
 def _ratio_row(name: str, x: list[float], v: list[float], unit: str, note: str) -> dict[str, Any]:
-    return core._row(name, statistics.median(x), statistics.median(v), unit, note)
+    # the spread of the per-round ratios: single rounds swing widely on a shared machine
+    ratios = [a / b for a, b in zip(x, v, strict=True) if b]
+    spread = f"; rounds {min(ratios):.2f}-{max(ratios):.2f}" if ratios else ""
+    return core._row(name, statistics.median(x), statistics.median(v), unit, note + spread)
+
+
+def _order(items: dict[str, Any], round_: int) -> list[tuple[str, Any]]:
+    """Both formats in turn, the first one alternating between rounds: whichever runs first in
+    a pair was measured slower here (wall time of the same work), so a fixed order biased the
+    ratio by 10-20 %."""
+    pairs = list(items.items())
+    return pairs if round_ % 2 == 0 else pairs[::-1]
 
 
 def front_end_rows(workdir: Path) -> list[dict[str, Any]]:
@@ -188,8 +201,8 @@ def front_end_rows(workdir: Path) -> list[dict[str, Any]]:
         cat: dict[str, list[float]] = {"vhdx": [], "vhd": []}
         rand: dict[str, list[float]] = {"vhdx": [], "vhd": []}
         if shutil.which("fio") and os.path.exists("/dev/fuse"):
-            for _ in range(FRONT_ROUNDS):
-                for fmt, image in images.items():
+            for round_ in range(FRONT_ROUNDS):
+                for fmt, image in _order(images, round_):
                     with fuse.ours(image, workdir / f"mnt-{fmt}", read_only=True) as disk:
                         cat[fmt].append(fuse.time_cat(disk))
                         rand[fmt].append(fuse.fio_iops(disk, "randread", seconds=FIO_SECONDS))
@@ -218,8 +231,8 @@ def front_end_rows(workdir: Path) -> list[dict[str, Any]]:
                     nbd._ours(images["vhd"], sockdir / "v", "--read-only") as url_v,
                 ):
                     urls = {"vhdx": url_x, "vhd": url_v}
-                    for _ in range(FRONT_ROUNDS):
-                        for fmt, url in urls.items():
+                    for round_ in range(FRONT_ROUNDS):
+                        for fmt, url in _order(urls, round_):
                             copy[fmt].append(nbd._timed("nbdcopy", url, "null:"))
                             qd1[fmt].append(nbd._fio_iops(url, 1))
             finally:

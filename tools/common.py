@@ -83,12 +83,17 @@ def parse_size(text: str, current: int | None = None) -> int:
             f"invalid size {text!r} (use a number, 1.5 too, with an optional K/M/G/T suffix)"
         )
     sign, number, unit = match.groups()
-    import fractions  # (only for sizes: not at every command's start-up)
+    if number.isdigit():
+        value = int(number) * _UNITS[unit.upper()]
+    else:
+        import fractions  # (only for fractional sizes: not at every command's start-up)
 
-    exact = fractions.Fraction(number) * _UNITS[unit.upper()]  # exact: no float rounding
-    if exact.denominator != 1:
-        raise ValueError(f"invalid size {text!r}: {float(exact):g} is not a whole number of bytes")
-    value = int(exact)
+        exact = fractions.Fraction(number) * _UNITS[unit.upper()]  # exact: no float rounding
+        if exact.denominator != 1:
+            raise ValueError(
+                f"invalid size {text!r}: {float(exact):g} is not a whole number of bytes"
+            )
+        value = int(exact)
     if not sign:
         return value
     if current is None:

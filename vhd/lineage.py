@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 
 def _is_vhdx(disk: Disk) -> TypeGuard[VHDXDisk]:
-    # By the class attribute, not isinstance: importing vhd.vhdx (and construct) for the
+    # By the class attribute, not isinstance: importing vhd.vhdx for the
     # check would cost every VHD command its start-up (tests/tools/test_cli.py).
     return getattr(disk, "format", "vhd") == "vhdx"
 

@@ -7,7 +7,6 @@ import os
 import stat
 from typing import Any
 
-from vhd.check import azure_check, azure_target_size
 from vhd.convert import convert
 from vhd.probe import WRITABLE, output_format
 from vhd.source import open_source
@@ -95,6 +94,9 @@ def run(args: argparse.Namespace) -> int:
             warn(message)
         size = src.size
         if args.azure:
+            # (here, not at the top: the checker's rules are every plain convert's start-up)
+            from vhd.azure import azure_target_size
+
             size = azure_target_size(size)
             if size != src.size:
                 warn(
@@ -137,5 +139,7 @@ def is_block_device(path: str) -> bool:
 
 
 def _azure_problems(path: str) -> list[str]:
+    from vhd.azure import azure_check
+
     problems: list[str] = azure_check(path)
     return problems

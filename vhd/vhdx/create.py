@@ -155,7 +155,9 @@ def _write_new(
             end = data_offset + blocks * block_size
         os.ftruncate(fd, end)
     # The disk shares new's lock (a dup of its descriptor) and goes by the final name.
-    return open_vhdx_locked(os.dup(fd), new.final, parent=parent)
+    return open_vhdx_locked(
+        os.dup(fd), new.final, parent=parent, unpublished=None if new.in_place else new
+    )
 
 
 def _locator(child: str, parent: Disk) -> r.ParentLocator:

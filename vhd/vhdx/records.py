@@ -1,18 +1,22 @@
 """VHDX records: bytes <-> typed objects (MS-VHDX 1.0, section 2.2 header section, 2.3.1 log
 entry, 2.5.1 BAT entry, 2.6 metadata region).
 
-Pure functions, no I/O.  GUIDs are stored in Microsoft's binary form (the first three fields
-little-endian), which is ``uuid.UUID(bytes_le=...)``.  Every parser checks the signature and,
-where the record has one, the CRC-32C, and raises a :class:`vhd.VHDError` subclass otherwise.
+Pure functions, no I/O.  Each record is declared once as a (field, ``struct`` format) table
+(:class:`Record`, little-endian), as VHD's footer and header are: a parser library would cost every
+VHDX command its import at start-up.  GUIDs are stored in Microsoft's binary form (the first three
+fields little-endian), which is ``uuid.UUID(bytes_le=...)``.  Every parser checks the signature
+and, where the record has one, the CRC-32C, and raises a :class:`vhd.VHDError` subclass otherwise.
 """
 
 from __future__ import annotations
 
+import struct
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
-
-import construct as cs
+from types import SimpleNamespace
+from typing import Any
 
 from ..errors import ChecksumError, CorruptImageError, UnsupportedFeatureError
 from .crc import crc32c_with_zeroed_field
@@ -78,6 +82,52 @@ OFFSET_SHIFT = 20  # FileOffsetMB occupies bits 20..63: entry & ~0xFFFFF is the 
 OFFSET_MASK = ~((1 << OFFSET_SHIFT) - 1) & 0xFFFFFFFFFFFFFFFF
 
 
+class Record:
+    """A fixed-size little-endian record declared as (field, ``struct`` format) pairs.
+
+    ``parse`` gives the fields as attributes (one ``unpack``); ``build`` packs a mapping of them.
+    Fields named in ``signatures`` hold a constant: ``parse`` refuses other bytes there and
+    ``build`` writes it.  A byte-string value must have its field's exact length (``struct``
+    would pad or cut it silently).
+    """
+
+    __slots__ = ("_sizes", "names", "signatures", "size", "struct", "what")
+
+    def __init__(
+        self,
+        what: str,
+        fields: tuple[tuple[str, str], ...],
+        signatures: Mapping[str, bytes] | None = None,
+    ) -> None:
+        self.what = what
+        self.names = tuple(name for name, _ in fields)
+        self.struct = struct.Struct("<" + "".join(fmt for _, fmt in fields))
+        self.size = self.struct.size
+        self.signatures = dict(signatures or {})
+        self._sizes = {name: int(fmt[:-1]) for name, fmt in fields if fmt.endswith("s")}
+
+    def parse(self, raw: bytes | bytearray | memoryview) -> Any:
+        """The fields of the record at the start of ``raw`` (attributes of a namespace)."""
+        if len(raw) < self.size:
+            raise CorruptImageError(f"{self.what}: {len(raw)} bytes, shorter than {self.size}")
+        values = dict(zip(self.names, self.struct.unpack_from(raw), strict=True))
+        for name, constant in self.signatures.items():
+            if values[name] != constant:
+                raise CorruptImageError(f"{self.what}: bad signature (expected {constant!r})")
+        return SimpleNamespace(**values)
+
+    def build(self, values: Mapping[str, Any]) -> bytes:
+        """The record's bytes; ``values`` names every field but the signatures."""
+        out = []
+        for name in self.names:
+            value = self.signatures[name] if name in self.signatures else values[name]
+            size = self._sizes.get(name)
+            if size is not None and len(value) != size:
+                raise ValueError(f"{self.what}: {name} is {len(value)} bytes, not {size}")
+            out.append(value)
+        return self.struct.pack(*out)
+
+
 def guid(raw: bytes) -> uuid.UUID:
     return uuid.UUID(bytes_le=bytes(raw))
 
@@ -89,7 +139,7 @@ def _verify_crc(raw: bytes, field_offset: int, stored: int, what: str) -> None:
 
 # -- file type identifier (2.2.1) -------------------------------------------------------------
 
-FILE_IDENTIFIER = cs.Struct("signature" / cs.Bytes(8), "creator" / cs.Bytes(512))
+FILE_IDENTIFIER = Record("file identifier", (("signature", "8s"), ("creator", "512s")))
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,17 +164,21 @@ class FileIdentifier:
 
 # -- headers (2.2.2) --------------------------------------------------------------------------
 
-HEADER = cs.Struct(
-    "signature" / cs.Const(b"head"),
-    "checksum" / cs.Int32ul,
-    "sequence_number" / cs.Int64ul,
-    "file_write_guid" / cs.Bytes(16),
-    "data_write_guid" / cs.Bytes(16),
-    "log_guid" / cs.Bytes(16),
-    "log_version" / cs.Int16ul,
-    "version" / cs.Int16ul,
-    "log_length" / cs.Int32ul,
-    "log_offset" / cs.Int64ul,
+HEADER = Record(
+    "header",
+    (
+        ("signature", "4s"),
+        ("checksum", "I"),
+        ("sequence_number", "Q"),
+        ("file_write_guid", "16s"),
+        ("data_write_guid", "16s"),
+        ("log_guid", "16s"),
+        ("log_version", "H"),
+        ("version", "H"),
+        ("log_length", "I"),
+        ("log_offset", "Q"),
+    ),
+    {"signature": b"head"},
 )
 ZERO_GUID = uuid.UUID(int=0)
 
@@ -184,17 +238,14 @@ class Header:
 
 # -- region table (2.2.3) ---------------------------------------------------------------------
 
-REGION_TABLE_HEADER = cs.Struct(
-    "signature" / cs.Const(b"regi"),
-    "checksum" / cs.Int32ul,
-    "entry_count" / cs.Int32ul,
-    "reserved" / cs.Int32ul,
+REGION_TABLE_HEADER = Record(
+    "region table",
+    (("signature", "4s"), ("checksum", "I"), ("entry_count", "I"), ("reserved", "I")),
+    {"signature": b"regi"},
 )
-REGION_TABLE_ENTRY = cs.Struct(
-    "guid" / cs.Bytes(16),
-    "file_offset" / cs.Int64ul,
-    "length" / cs.Int32ul,
-    "required" / cs.Int32ul,
+REGION_TABLE_ENTRY = Record(
+    "region table entry",
+    (("guid", "16s"), ("file_offset", "Q"), ("length", "I"), ("required", "I")),
 )
 
 
@@ -256,18 +307,14 @@ class RegionTable:
 
 # -- metadata table and items (2.6) -----------------------------------------------------------
 
-METADATA_TABLE_HEADER = cs.Struct(
-    "signature" / cs.Const(b"metadata"),
-    "reserved" / cs.Int16ul,
-    "entry_count" / cs.Int16ul,
-    "reserved2" / cs.Bytes(20),
+METADATA_TABLE_HEADER = Record(
+    "metadata table",
+    (("signature", "8s"), ("reserved", "H"), ("entry_count", "H"), ("reserved2", "20s")),
+    {"signature": b"metadata"},
 )
-METADATA_TABLE_ENTRY = cs.Struct(
-    "item_id" / cs.Bytes(16),
-    "offset" / cs.Int32ul,
-    "length" / cs.Int32ul,
-    "flags" / cs.Int32ul,
-    "reserved2" / cs.Int32ul,
+METADATA_TABLE_ENTRY = Record(
+    "metadata table entry",
+    (("item_id", "16s"), ("offset", "I"), ("length", "I"), ("flags", "I"), ("reserved2", "I")),
 )
 IS_USER = 1
 IS_VIRTUAL_DISK = 2
@@ -336,21 +383,20 @@ def build_metadata_table(entries: list[MetadataEntry]) -> bytes:
     return bytes(out)
 
 
-FILE_PARAMETERS_STRUCT = cs.Struct("block_size" / cs.Int32ul, "flags" / cs.Int32ul)
+FILE_PARAMETERS_STRUCT = Record("file parameters", (("block_size", "I"), ("flags", "I")))
 LEAVE_BLOCKS_ALLOCATED = 1
 HAS_PARENT = 2
 
 
 # -- parent locator (2.6.2.6) -----------------------------------------------------------------
 
-PARENT_LOCATOR_HEADER = cs.Struct(
-    "locator_type" / cs.Bytes(16), "reserved" / cs.Int16ul, "key_value_count" / cs.Int16ul
+PARENT_LOCATOR_HEADER = Record(
+    "parent locator",
+    (("locator_type", "16s"), ("reserved", "H"), ("key_value_count", "H")),
 )
-PARENT_LOCATOR_ENTRY = cs.Struct(
-    "key_offset" / cs.Int32ul,
-    "value_offset" / cs.Int32ul,
-    "key_length" / cs.Int16ul,
-    "value_length" / cs.Int16ul,
+PARENT_LOCATOR_ENTRY = Record(
+    "parent locator entry",
+    (("key_offset", "I"), ("value_offset", "I"), ("key_length", "H"), ("value_length", "H")),
 )
 
 
@@ -415,27 +461,36 @@ class ParentLocator:
 
 # -- the log (2.3.1) --------------------------------------------------------------------------
 
-LOG_ENTRY_HEADER = cs.Struct(
-    "signature" / cs.Const(b"loge"),
-    "checksum" / cs.Int32ul,
-    "entry_length" / cs.Int32ul,
-    "tail" / cs.Int32ul,
-    "sequence_number" / cs.Int64ul,
-    "descriptor_count" / cs.Int32ul,
-    "reserved" / cs.Int32ul,
-    "log_guid" / cs.Bytes(16),
-    "flushed_file_offset" / cs.Int64ul,
-    "last_file_offset" / cs.Int64ul,
+LOG_ENTRY_HEADER = Record(
+    "log entry",
+    (
+        ("signature", "4s"),
+        ("checksum", "I"),
+        ("entry_length", "I"),
+        ("tail", "I"),
+        ("sequence_number", "Q"),
+        ("descriptor_count", "I"),
+        ("reserved", "I"),
+        ("log_guid", "16s"),
+        ("flushed_file_offset", "Q"),
+        ("last_file_offset", "Q"),
+    ),
+    {"signature": b"loge"},
 )
 LOG_ENTRY_HEADER_SIZE = 64
-DESCRIPTOR = cs.Struct(
-    "signature" / cs.Bytes(4),
-    "trailing" / cs.Bytes(4),  # "zero": Reserved; "desc": TrailingBytes
-    "leading" / cs.Bytes(8),  # "zero": ZeroLength; "desc": LeadingBytes
-    "file_offset" / cs.Int64ul,
-    "sequence_number" / cs.Int64ul,
+assert LOG_ENTRY_HEADER.size == LOG_ENTRY_HEADER_SIZE
+DESCRIPTOR = Record(
+    "log descriptor",
+    (
+        ("signature", "4s"),
+        ("trailing", "4s"),  # "zero": Reserved; "desc": TrailingBytes
+        ("leading", "8s"),  # "zero": ZeroLength; "desc": LeadingBytes
+        ("file_offset", "Q"),
+        ("sequence_number", "Q"),
+    ),
 )
 DESCRIPTOR_SIZE = 32
+assert DESCRIPTOR.size == DESCRIPTOR_SIZE
 DESCRIPTORS_IN_FIRST_SECTOR = (LOG_SECTOR - LOG_ENTRY_HEADER_SIZE) // DESCRIPTOR_SIZE  # 126
 
 

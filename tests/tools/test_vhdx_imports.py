@@ -1,0 +1,82 @@
+"""What the VHDX commands import at start-up (issue 11, speed): the interpreter's start-up and
+imports are most of a sub-second ``vhd convert``, so a command on a VHDX loads the VHDX package
+and what the command itself uses, and no parser library, checker rules or other heavy modules."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import vhd
+from vhd.vhdx import create_vhdx
+
+# construct was VHDX's record parser (with pdb, pickle and hashlib behind it); vhd.check and
+# vhd.azure are only for --azure; fractions only for fractional sizes (parse_size); convert's
+# workers are plain threads (concurrent.futures brings logging).
+_HEAVY = (
+    "construct",
+    "pdb",
+    "pickle",
+    "hashlib",
+    "vhd.check",
+    "vhd.azure",
+    "fractions",
+    "concurrent.futures",
+    "logging",
+)
+_LOADED = """
+import sys
+from vhdtools.cli import main
+code = main(sys.argv[1:])
+print(" ".join(sorted(sys.modules)), file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def _loaded(*args: object) -> set[str]:
+    run = subprocess.run(
+        [sys.executable, "-c", _LOADED, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    return set(run.stderr.split())
+
+
+def test_vhdx_commands_import_only_what_they_use(tmp_path: Path) -> None:
+    image = tmp_path / "a.vhdx"
+    with create_vhdx(image, 64 << 20, block_size=1 << 20) as disk:
+        disk.pwrite(b"\x5a" * 4096, 3 << 20)
+    raw = tmp_path / "a.raw"
+    raw.write_bytes(bytes(1 << 20) + b"\xa5" * (1 << 20))
+    for args in (
+        ("info", image),
+        ("map", image),
+        ("convert", image, tmp_path / "out.raw"),
+        ("convert", raw, tmp_path / "out.vhdx"),
+        ("convert", image, tmp_path / "out.vhd", "--block-size", "2M"),
+    ):
+        loaded = _loaded(*args)
+        assert "vhd.vhdx" in loaded and "vhdtools.cli" in loaded
+        heavy = sorted(m for m in loaded if any(m == h or m.startswith(h + ".") for h in _HEAVY))
+        assert not heavy, f"vhd {args[0]} imports {heavy}"
+    # the outputs are right: the data where it was written, zeros elsewhere
+    with vhd.open(tmp_path / "out.vhd") as out:
+        assert out.pread(4096, 3 << 20) == b"\x5a" * 4096
+        assert out.pread(4096, 0) == bytes(4096)
+    assert (tmp_path / "out.raw").read_bytes()[3 << 20 : (3 << 20) + 4096] == b"\x5a" * 4096
+
+
+def test_convert_azure_still_checks_the_output(tmp_path: Path) -> None:
+    """The Azure rules, imported only for --azure, still run and report."""
+    image = tmp_path / "a.vhdx"
+    with create_vhdx(image, 20 << 20, block_size=1 << 20) as disk:
+        disk.pwrite(b"\x11" * 4096, 0)
+    loaded = _loaded("convert", "--azure", image, tmp_path / "azure.vhd")
+    assert "vhd.azure" in loaded
+    with vhd.open(tmp_path / "azure.vhd") as out:
+        assert out.type == vhd.DiskType.FIXED and out.size == 20 << 20
+        assert out.pread(4096, 0) == b"\x11" * 4096
