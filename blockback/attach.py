@@ -179,10 +179,6 @@ def attach(xs: XenStoreClient, options: AttachOptions) -> Device:
         "virtual-device": str(number),
         "device-type": options.device_type,
     }
-    # As libxl: each side owns its directory and may read the other's.  Set node by node, so
-    # nothing depends on whether the store inherits a new node's permissions from its parent.
-    be_perms = [f"n{be_domid}", f"r{fe_domid}"]
-    fe_perms = [f"n{fe_domid}", f"r{be_domid}"]
 
     def body(tx: Transaction) -> None:
         # Checked inside the transaction: a concurrent attach of the same device (or the
@@ -198,15 +194,28 @@ def attach(xs: XenStoreClient, options: AttachOptions) -> Device:
                 f"{be} is left from an earlier attach: "
                 f"vhd xen detach --force {fe_domid} {options.vdev}"
             )
-        for path, keys, perms in ((be, be_keys, be_perms), (fe, fe_keys, fe_perms)):
-            tx.mkdir(path)
-            tx.set_perms(path, perms)
-            for key, value in keys.items():
-                tx.write(f"{path}/{key}", value)
-                tx.set_perms(f"{path}/{key}", perms)
+        write_device(tx, (be, be_domid, be_keys), (fe, fe_domid, fe_keys))
 
     xs.run_transaction(body)
     return Device(fe_domid, number, be, fe, options.vdev, image, mode, "1")
+
+
+def write_device(
+    tx: Transaction,
+    backend: tuple[str, int, dict[str, str]],
+    frontend: tuple[str, int, dict[str, str]],
+) -> None:
+    """Write a device's two directories, each ``(path, owner domid, nodes)``, as libxl does:
+    each side owns its directory and may read the other's.  Permissions are set node by node,
+    so nothing depends on whether the store gives a new node its parent's list."""
+    (be, be_domid, _), (fe, fe_domid, _) = backend, frontend
+    perms = {be: [f"n{be_domid}", f"r{fe_domid}"], fe: [f"n{fe_domid}", f"r{be_domid}"]}
+    for path, _, keys in (backend, frontend):
+        tx.mkdir(path)
+        tx.set_perms(path, perms[path])
+        for key, value in keys.items():
+            tx.write(f"{path}/{key}", value)
+            tx.set_perms(f"{path}/{key}", perms[path])
 
 
 def remove_device(tx: Transaction, backend: str, frontend: str | None) -> None:

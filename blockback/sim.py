@@ -12,6 +12,7 @@ import os
 import threading
 from pathlib import Path
 
+from blockback.attach import write_device
 from blockback.errors import LocalProtocolError
 from blockback.executor import BlockDisk
 from blockback.vbd import BackendOptions, VbdDriver
@@ -61,18 +62,9 @@ def toolstack_add_vbd(
         "virtual-device": str(devid),
         "device-type": "disk",
     }
-    # As libxl does: the guest owns its device nodes and may read ours; we own ours and may read
-    # its.  Permissions are set node by node (a new node inherits its parent's list).
-    be_perms = [f"n{backend_domid}", f"r{frontend_domid}"]
-    fe_perms = [f"n{frontend_domid}", f"r{backend_domid}"]
 
     def body(tx: Transaction) -> None:
-        for path, keys, perms in ((be, be_keys, be_perms), (fe, fe_keys, fe_perms)):
-            tx.mkdir(path)
-            tx.set_perms(path, perms)
-            for key, value in keys.items():
-                tx.write(f"{path}/{key}", value)
-                tx.set_perms(f"{path}/{key}", perms)
+        write_device(tx, (be, backend_domid, be_keys), (fe, frontend_domid, fe_keys))
 
     xs.run_transaction(body)
     return be, fe
