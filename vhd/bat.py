@@ -128,8 +128,8 @@ class BlockAllocationTable:
         table of 4 Mi entries costs a few C passes, not millions of Python steps.
         """
         entries = self.entries
-        if not entries:
-            return None
+        if self.next_used(0) == len(entries):
+            return None  # nothing allocated (a new sparse disk): memcmp passes, no int per entry
         lowest = min(entries)  # UNUSED is the largest value: this is the lowest allocated one
         if lowest == UNUSED:
             return None
@@ -164,7 +164,7 @@ class BlockAllocationTable:
         entries = self.entries
         count = len(entries)
         blocks = array("I")
-        if entries.count(UNUSED) == count:
+        if self.next_used(0) == count:
             return blocks
         # 1 for each byte other than 0xFF; an entry is allocated when any of its four bytes is
         # (UNUSED is all ones in either byte order), so the four lanes are ORed as big integers.
