@@ -116,11 +116,17 @@ def _make_source(path: Path, size: int = GiB) -> None:
 
 
 def _medians(commands: list[list[str]], cleanup: Callable[[], None]) -> list[tuple[float, int]]:
-    """Run the commands in turn, ROUNDS times: each one's median time and largest peak RSS."""
+    """Run the commands in turn, ROUNDS times: each one's median time and largest peak RSS.
+
+    Each round starts with the next command (rotated): whichever went first in every round
+    measured slower here (the file system's work on the outputs just removed), so a fixed order
+    biased the ratio against ours."""
     times: list[list[float]] = [[] for _ in commands]
     peaks = [0] * len(commands)
-    for _ in range(ROUNDS):
-        for i, command in enumerate(commands):
+    for round_ in range(ROUNDS):
+        for k in range(len(commands)):
+            i = (round_ + k) % len(commands)
+            command = commands[i]
             cleanup()
             # Start each run with no dirty pages: otherwise the kernel's writeback of an earlier
             # output (or of the source just made) lands in whichever command runs next.
