@@ -16,6 +16,7 @@ from tests.conftest import need_tool
 from tests.images import vhd_image
 from tests.model import ModelImage, model_chain
 from tests.strategies import payload
+from tests.tools.startup import loaded_modules
 
 VHD_CLI = str(Path(sys.executable).with_name("vhd"))
 KiB = 1024
@@ -229,12 +230,6 @@ def test_info_shows_all_8_locator_slots(chain: tuple[Path, Path, bytes]) -> None
 # What a command that only reads VHDs must not import at start-up (issue 9 item 17: the
 # interpreter's start-up and imports are most of `vhd compare`'s time on sparse pairs).
 _HEAVY = ("construct", "vhd.vhdx", "concurrent.futures", "secrets", "fractions", "traceback")
-_LOADED = """
-import sys
-from vhdtools.cli import main
-code = main(sys.argv[1:])
-print(" ".join(sorted(sys.modules)), file=sys.stderr)
-"""
 
 
 def test_vhd_commands_import_only_what_they_need(tmp_path: Path) -> None:
@@ -242,15 +237,7 @@ def test_vhd_commands_import_only_what_they_need(tmp_path: Path) -> None:
     vhd.create(a, 64 << 20).close()
     vhd.create(b, 64 << 20).close()
     for args in (("compare", a, b), ("info", a), ("map", a), ("check", a)):
-        run = subprocess.run(
-            [sys.executable, "-c", _LOADED, *map(str, args)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        assert run.returncode == 0, run.stderr
-        loaded = set(run.stderr.split())
+        loaded = loaded_modules(*args)
         assert "vhd" in loaded and "vhdtools.cli" in loaded
         heavy = sorted(m for m in loaded if m.split(".")[0] in _HEAVY or m.startswith(_HEAVY))
         assert not heavy, f"vhd {args[0]} imports {heavy}"

@@ -4,11 +4,10 @@ and what the command itself uses, and no parser library, checker rules or other 
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import vhd
+from tests.tools.startup import loaded_modules
 from vhd.vhdx import create_vhdx
 
 # construct was VHDX's record parser (with pdb, pickle and hashlib behind it); vhd.check and
@@ -25,25 +24,6 @@ _HEAVY = (
     "concurrent.futures",
     "logging",
 )
-_LOADED = """
-import sys
-from vhdtools.cli import main
-code = main(sys.argv[1:])
-print(" ".join(sorted(sys.modules)), file=sys.stderr)
-sys.exit(code)
-"""
-
-
-def _loaded(*args: object) -> set[str]:
-    run = subprocess.run(
-        [sys.executable, "-c", _LOADED, *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert run.returncode == 0, run.stderr
-    return set(run.stderr.split())
 
 
 def test_vhdx_commands_import_only_what_they_use(tmp_path: Path) -> None:
@@ -59,7 +39,7 @@ def test_vhdx_commands_import_only_what_they_use(tmp_path: Path) -> None:
         ("convert", raw, tmp_path / "out.vhdx"),
         ("convert", image, tmp_path / "out.vhd", "--block-size", "2M"),
     ):
-        loaded = _loaded(*args)
+        loaded = loaded_modules(*args)
         assert "vhd.vhdx" in loaded and "vhdtools.cli" in loaded
         heavy = sorted(m for m in loaded if any(m == h or m.startswith(h + ".") for h in _HEAVY))
         assert not heavy, f"vhd {args[0]} imports {heavy}"
@@ -75,7 +55,7 @@ def test_convert_azure_still_checks_the_output(tmp_path: Path) -> None:
     image = tmp_path / "a.vhdx"
     with create_vhdx(image, 20 << 20, block_size=1 << 20) as disk:
         disk.pwrite(b"\x11" * 4096, 0)
-    loaded = _loaded("convert", "--azure", image, tmp_path / "azure.vhd")
+    loaded = loaded_modules("convert", "--azure", image, tmp_path / "azure.vhd")
     assert "vhd.azure" in loaded
     with vhd.open(tmp_path / "azure.vhd") as out:
         assert out.type == vhd.DiskType.FIXED and out.size == 20 << 20
