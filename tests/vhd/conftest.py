@@ -18,3 +18,19 @@ def big_source(tmp_path: Path) -> Path:
         for i in range(64):
             f.write(bytes([i + 1]) * MiB)
     return src
+
+
+@pytest.fixture
+def layout_reads(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """Every ``(offset, length)`` the layout step reads from now on (through its read hook)."""
+    import vhd.layout as vlayout
+
+    reads: list[tuple[int, int]] = []
+    real = vlayout.read_hook
+
+    def spy(fd: int, n: int, off: int) -> bytes:
+        reads.append((off, n))
+        return real(fd, n, off)
+
+    monkeypatch.setattr(vlayout, "read_hook", spy)
+    return reads

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 import vhd
-import vhd.layout as vlayout
 from tests.images import MiB, build_hyperv, make_chain, make_dynamic, sha
 from tests.model import spec_chs
 from tests.vhd.helpers import qemu_info, qemu_raw, read_image, run_cli
@@ -324,16 +323,9 @@ def test_deep_bitmap_past_end(tmp_path: Path) -> None:
     assert read_image(path) == model
 
 
-def test_metadata_check_reads_no_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_metadata_check_reads_no_data(tmp_path: Path, layout_reads: list[tuple[int, int]]) -> None:
     parent, child, _ = make_chain(tmp_path)
-    reads: list[tuple[int, int]] = []
-    real = vlayout.read_hook
-
-    def spy(fd: int, n: int, off: int) -> bytes:
-        reads.append((off, n))
-        return real(fd, n, off)
-
-    monkeypatch.setattr(vlayout, "read_hook", spy)
+    reads = layout_reads
     for path in (parent, child):
         reads.clear()
         entries = [e for e in bat_entries(path) if e != 0xFFFFFFFF]

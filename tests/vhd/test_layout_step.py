@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 
 import vhd
-import vhd.layout as vlayout
 from tests.images import craft
 from tests.model import FIXED, build_footer, checksum, spec_chs
 from vhd.check import check
@@ -96,17 +95,10 @@ def test_layout_of_a_clean_dynamic_disk(tmp_path: Path) -> None:
         assert lay.regions()[2][:2] == (TABLE, TABLE + SECTOR)
 
 
-def test_layout_reads_only_metadata(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_layout_reads_only_metadata(tmp_path: Path, layout_reads: list[tuple[int, int]]) -> None:
     """Opening reads the footers, the header and the BAT: not a byte of a block."""
     path = _dynamic(tmp_path / "d.vhd", {0: DATA, 1: DATA + 9})
-    reads: list[tuple[int, int]] = []
-    real = vlayout.read_hook
-
-    def spy(fd: int, n: int, off: int) -> bytes:
-        reads.append((off, n))
-        return real(fd, n, off)
-
-    monkeypatch.setattr(vlayout, "read_hook", spy)
+    reads = layout_reads
     with vhd.open(path) as disk:
         assert disk.size == 16 * BS
     assert reads, "the open did not read through the layout step"
