@@ -12,23 +12,21 @@ afterwards: what the guest wrote is in both images (md5 through our library), ``
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import vhd
 
-from .test_nbd_route import BLOCK_SCRIPT
 from .xenlab import (
     RESULTS,
     VHD,
     Backend,
     Console,
-    Disk,
     backend_nodes,
     console_log,
     domid,
     guest_config,
     md5_of,
+    nbd_route,
     open_files,
     run,
     vhd_check,
@@ -52,58 +50,42 @@ def vhd_xen(*args: str | Path) -> str:
 
 def test_both_routes_to_one_guest() -> None:
     out = RESULTS / "test_both_routes_to_one_guest"
-    script = Path("/etc/xen/scripts/vhdkit-lab-block")
-    script.write_text(BLOCK_SCRIPT)
-    script.chmod(0o755)
     root = Path("/tmp/both")
     root.mkdir(parents=True, exist_ok=True)
     images = {"nbd": root / "nbd.vhd", "own": root / "own.vhd", "hot": root / "hot.vhd"}
     for name, image in images.items():
         vhd.create(str(image), (32 if name == "hot" else 256) * MiB).close()
-    for module in ("nbd", "xen-blkback"):
-        run("modprobe", module)
-    sock = "/tmp/both.sock"
-    nbd = Backend(out / "nbd", str(images["nbd"]), "--nbd", "--socket", sock, "--export-name", "b")
-    xen = Backend(out / "xen", "--xen", "--backend-dir", OWN)
-    wait_for("the NBD socket", lambda: Path(sock).exists())
-    client = run(
-        "nbd-client", "-unix", sock, "/dev/nbd0", "-N", "b", "-connections", "4", "-b", "4096",
-        check=False,
-    )  # fmt: skip
-    assert client.returncode == 0, client.stdout + client.stderr
-    try:
-        cfg = guest_config("gboth", "both", [Disk("/dev/nbd0", "xvda", script=str(script))])
-        xl("create", "-p", cfg)
-        fe = domid("gboth")
-        vhd_xen("attach", "gboth", images["own"], "--vdev", "xvdb")
-        xl("unpause", "gboth")
-        wait_console("gboth", "VHDTEST DETACH-ME")
-        # Both backends served the one guest: blkback's physical device, ours Connected.
-        assert xs_read(f"/local/domain/0/backend/vbd/{fe}/51712/physical-device") == "2b:0"
-        assert xs_read(f"/local/domain/0/backend/vbd/{fe}/51712/state") == "4"
-        assert xs_read(f"{OWN}/{fe}/51728/state") == "4"
-        (out / "xen-list.txt").write_text(vhd_xen("list", "--backend-dir", OWN))
+    with nbd_route(out / "nbd", images["nbd"], "both") as disk:
+        xen = Backend(out / "xen", "--xen", "--backend-dir", OWN)
+        try:
+            cfg = guest_config("gboth", "both", [disk])
+            xl("create", "-p", cfg)
+            fe = domid("gboth")
+            vhd_xen("attach", "gboth", images["own"], "--vdev", "xvdb")
+            xl("unpause", "gboth")
+            wait_console("gboth", "VHDTEST DETACH-ME")
+            # Both backends served the one guest: blkback's physical device, ours Connected.
+            assert xs_read(f"/local/domain/0/backend/vbd/{fe}/51712/physical-device") == "2b:0"
+            assert xs_read(f"/local/domain/0/backend/vbd/{fe}/51712/state") == "4"
+            assert xs_read(f"{OWN}/{fe}/51728/state") == "4"
+            (out / "xen-list.txt").write_text(vhd_xen("list", "--backend-dir", OWN))
 
-        # Detach the vhdkit disk from the running guest, then hot-plug another.
-        vhd_xen("detach", "gboth", "xvdb", "--timeout", "300")
-        assert backend_nodes(fe, "vhd") == []
-        assert xs_read(f"/local/domain/{fe}/device/vbd/51728") is None
-        wait_for("own.vhd closed", lambda: str(images["own"]) not in open_files(xen.proc.pid))
-        vhd_xen("attach", str(fe), images["hot"], "--vdev", "xvdc")
+            # Detach the vhdkit disk from the running guest, then hot-plug another.
+            vhd_xen("detach", "gboth", "xvdb", "--timeout", "300")
+            assert backend_nodes(fe, "vhd") == []
+            assert xs_read(f"/local/domain/{fe}/device/vbd/51728") is None
+            wait_for("own.vhd closed", lambda: str(images["own"]) not in open_files(xen.proc.pid))
+            vhd_xen("attach", str(fe), images["hot"], "--vdev", "xvdc")
 
-        text = wait_console("gboth", "VHDTEST END")
-        (out / "console.log").write_text(text)
-        wait_gone("gboth")  # it powers off; on_poweroff=destroy
-        wait_for("blkback's nodes removed", lambda: backend_nodes(fe, "vbd") == [], 300)
-        wait_for("vhdkit's nodes removed", lambda: backend_nodes(fe, "vhd") == [], 300)
-        wait_for("hot.vhd closed", lambda: str(images["hot"]) not in open_files(xen.proc.pid))
-        assert xs_read(f"/local/domain/{fe}") is None
-    finally:
-        run("nbd-client", "-d", "/dev/nbd0", check=False)
-        time.sleep(1)
-        nbd.stop()
-        xen_status = xen.stop()
-        run("rmmod", "xen-blkback", check=False)  # it would claim later scenarios' backend/vbd
+            text = wait_console("gboth", "VHDTEST END")
+            (out / "console.log").write_text(text)
+            wait_gone("gboth")  # it powers off; on_poweroff=destroy
+            wait_for("blkback's nodes removed", lambda: backend_nodes(fe, "vbd") == [], 300)
+            wait_for("vhdkit's nodes removed", lambda: backend_nodes(fe, "vhd") == [], 300)
+            wait_for("hot.vhd closed", lambda: str(images["hot"]) not in open_files(xen.proc.pid))
+            assert xs_read(f"/local/domain/{fe}") is None
+        finally:
+            xen_status = xen.stop()
     assert xen_status == 0 and "Traceback" not in xen.text(), xen.text()
     console = Console.parse(text)
     console.assert_clean(

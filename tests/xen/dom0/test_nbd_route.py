@@ -16,7 +16,6 @@ with the lab's CPU model (and once with ``-cpu max,-svm`` before the model chang
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import vhd
@@ -24,13 +23,12 @@ import vhd
 from .xenlab import (
     RESULTS,
     VHD,
-    Backend,
     Console,
-    Disk,
     backend_nodes,
     domid,
     guest_config,
     md5_of,
+    nbd_route,
     run,
     vhd_check,
     wait_console,
@@ -40,46 +38,14 @@ from .xenlab import (
 )
 
 MiB = 1 << 20
-# The lab's stand-in for /etc/xen/scripts/block: under TCG that bash script outruns libxl's
-# hotplug timeout.  It does the part blkback needs: physical-device (hex major:minor) + status.
-BLOCK_SCRIPT = """#!/bin/sh
-[ "$1" = add ] || exit 0
-dev=$(xenstore-read "$XENBUS_PATH/params")
-set -- $(stat -L -c '%t %T' "$dev")
-xenstore-write "$XENBUS_PATH/physical-device" "$1:$2"
-xenstore-write "$XENBUS_PATH/hotplug-status" connected
-"""
 
 
 def test_nbd_route_to_kernel_blkback() -> None:
     """ext4 and the README's 8 MiB O_DIRECT dd over nbd-client -connections 4 -b 4096."""
     out = RESULTS / "test_nbd_route_to_kernel_blkback"
-    script = Path("/etc/xen/scripts/vhdkit-lab-block")
-    script.write_text(BLOCK_SCRIPT)
-    script.chmod(0o755)
     image = Path("/tmp/nbd.vhd")
     vhd.create(str(image), 256 * MiB).close()
-    for module in ("nbd", "xen-blkback"):
-        run("modprobe", module)
-    sock = "/tmp/vm1.sock"
-    server = Backend(out, str(image), "--nbd", "--socket", sock, "--export-name", "vm1")
-    wait_for("the NBD socket", lambda: Path(sock).exists())
-    client = run(
-        "nbd-client",
-        "-unix",
-        sock,
-        "/dev/nbd0",
-        "-N",
-        "vm1",
-        "-connections",
-        "4",
-        "-b",
-        "4096",
-        check=False,
-    )
-    assert client.returncode == 0, client.stdout + client.stderr
-    try:
-        disk = Disk("/dev/nbd0", "xvda", script=str(script))
+    with nbd_route(out, image, "vm1") as disk:
         run_guest = guest_config("gnbd", "nbd", [disk], vcpus=2)
         out_create = run("xl", "create", run_guest, check=False, timeout=900)
         assert out_create.returncode == 0, out_create.stdout + out_create.stderr
@@ -90,13 +56,6 @@ def test_nbd_route_to_kernel_blkback() -> None:
         console = Console.parse(text)
         wait_gone("gnbd")
         wait_for("blkback's nodes removed", lambda: backend_nodes(fe) == [])
-    finally:
-        run("nbd-client", "-d", "/dev/nbd0", check=False)
-        time.sleep(1)
-        server.stop()
-        # Loaded, xen-blkback claims every backend/vbd device: a vhd serve --xen scenario run
-        # after this one would find its disks taken.
-        run("rmmod", "xen-blkback", check=False)
     console.assert_clean(
         "xvda present",
         "8 MiB dd at 100 MiB reads back (no filesystem mounted)",

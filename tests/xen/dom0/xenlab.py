@@ -220,6 +220,46 @@ class Backend:
         return self.proc.poll() is None
 
 
+# The lab's stand-in for /etc/xen/scripts/block: under TCG that bash script outruns libxl's
+# hotplug timeout.  It does the part blkback needs: physical-device (hex major:minor) + status.
+BLOCK_SCRIPT = """#!/bin/sh
+[ "$1" = add ] || exit 0
+dev=$(xenstore-read "$XENBUS_PATH/params")
+set -- $(stat -L -c '%t %T' "$dev")
+xenstore-write "$XENBUS_PATH/physical-device" "$1:$2"
+xenstore-write "$XENBUS_PATH/hotplug-status" connected
+"""
+
+
+@contextlib.contextmanager
+def nbd_route(logdir: Path, image: Path, export: str) -> Iterator[Disk]:
+    """The NBD route's dom0 side (README "NBD export"): ``vhd serve --nbd`` on ``image``, attached
+    with nbd-client (4 connections, 4 KiB blocks) as /dev/nbd0, and the xl disk that gives it to a
+    guest as xvda through the kernel's xen-blkback.  Afterwards the device is disconnected, the
+    server stopped and xen-blkback unloaded: loaded, it claims every backend/vbd device, and a
+    later ``vhd serve --xen`` scenario would find its disks taken."""
+    script = Path("/etc/xen/scripts/vhdkit-lab-block")
+    script.write_text(BLOCK_SCRIPT)
+    script.chmod(0o755)
+    for module in ("nbd", "xen-blkback"):
+        run("modprobe", module)
+    sock = f"/tmp/{export}.sock"
+    server = Backend(logdir, str(image), "--nbd", "--socket", sock, "--export-name", export)
+    try:
+        wait_for("the NBD socket", lambda: Path(sock).exists())
+        client = run(
+            "nbd-client", "-unix", sock, "/dev/nbd0", "-N", export, "-connections", "4",
+            "-b", "4096", check=False,
+        )  # fmt: skip
+        assert client.returncode == 0, client.stdout + client.stderr
+        yield Disk("/dev/nbd0", "xvda", script=str(script))
+    finally:
+        run("nbd-client", "-d", "/dev/nbd0", check=False)
+        time.sleep(1)
+        server.stop()
+        run("rmmod", "xen-blkback", check=False)
+
+
 def backend_nodes(frontend_domid: int, kind: str = "vbd") -> list[str]:
     return xs_ls(f"/local/domain/0/backend/{kind}/{frontend_domid}")
 
