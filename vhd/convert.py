@@ -18,7 +18,6 @@ import os
 import queue
 import stat
 import struct
-import threading
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from .errors import InvalidArgumentError
 from .fileio import open_block_device, write_all, write_zeros
 from .newfile import NewFile, named, naming
 from .source import Source
+from .workers import Job, WorkerPool
 
 MiB = 1024 * 1024
 CHUNK = 2 * MiB
@@ -279,8 +279,8 @@ def _copy(
             buffers.put(buf)
 
     written = 0
-    pending: collections.deque[tuple[_Job, int]] = collections.deque()
-    with _Pool(copy_one) as pool:
+    pending: collections.deque[tuple[Job[int], int]] = collections.deque()
+    with WorkerPool(copy_one, _WORKERS, "vhd-convert") as pool:
         for ext in src.extents():
             if ext.layer is not None:
                 pos = ext.offset
@@ -303,81 +303,13 @@ def _copy(
 
 
 def _settle(
-    pending: collections.deque[tuple[_Job, int]], progress: Callable[[int], None] | None
+    pending: collections.deque[tuple[Job[int], int]], progress: Callable[[int], None] | None
 ) -> int:
     job, reached = pending.popleft()
     done = job.result()  # re-raises a worker's error here, in the caller's thread
     if progress:
         progress(reached)
     return done
-
-
-class _Job:
-    """One chunk's copy: its arguments, then its result or the exception it raised."""
-
-    __slots__ = ("_done", "_error", "_value", "args")
-
-    def __init__(self, args: tuple[int, int]) -> None:
-        self.args = args
-        self._done = threading.Event()
-        self._value = 0
-        self._error: BaseException | None = None
-
-    def finish(self, value: int, error: BaseException | None) -> None:
-        self._value, self._error = value, error
-        self._done.set()
-
-    def result(self) -> int:
-        self._done.wait()
-        if self._error is not None:
-            raise self._error
-        return self._value
-
-
-class _Pool:
-    """``_WORKERS`` threads running ``copy_one`` on submitted chunks, first come first served.
-
-    What ``concurrent.futures.ThreadPoolExecutor`` did here, without its import (it pulls in
-    ``logging``: 5 ms of every convert's start-up).  On leaving, jobs not yet started are
-    dropped and the running ones are waited for, so no worker touches the output after
-    ``_copy`` returns or raises.
-    """
-
-    def __init__(self, copy_one: Callable[[int, int], int]) -> None:
-        self._copy_one = copy_one
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._stopping = False
-        self._threads = [
-            threading.Thread(target=self._work, name=f"vhd-convert_{i}", daemon=True)
-            for i in range(_WORKERS)
-        ]
-        for thread in self._threads:
-            thread.start()
-
-    def _work(self) -> None:
-        while (job := self._jobs.get()) is not None:
-            if self._stopping:
-                job.finish(0, InterruptedError("copy abandoned"))
-                continue
-            try:
-                job.finish(self._copy_one(*job.args), None)
-            except BaseException as exc:  # handed to the caller's thread by _Job.result
-                job.finish(0, exc)
-
-    def submit(self, pos: int, n: int) -> _Job:
-        job = _Job((pos, n))
-        self._jobs.put(job)
-        return job
-
-    def __enter__(self) -> _Pool:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stopping = True
-        for _ in self._threads:
-            self._jobs.put(None)
-        for thread in self._threads:
-            thread.join()
 
 
 _WORKERS = 2

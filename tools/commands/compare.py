@@ -16,10 +16,11 @@ import functools
 import itertools
 import queue
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from vhd.disk import Extent
 from vhd.source import Source, open_source
+from vhd.workers import Job, WorkerPool
 
 from ..common import (
     LOCAL_PARENTS,
@@ -30,9 +31,6 @@ from ..common import (
     warn,
 )
 from ..locking import add_force_share_option
-
-if TYPE_CHECKING:
-    import concurrent.futures
 
 CHUNK = 512 * 1024
 _ZEROS = bytes(CHUNK)
@@ -145,8 +143,6 @@ def first_difference(a: Source, b: Source, progress: Progress | None = None) -> 
     first = next(chunks, None)
     if first is None:
         return None  # neither side holds data anywhere: no reader threads needed
-    import concurrent.futures  # (here: a sparse pair's compare does not pay for its import)
-
     buffers: queue.SimpleQueue[tuple[bytearray, bytearray]] = queue.SimpleQueue()
     for _ in range(_WINDOW):
         buffers.put((bytearray(CHUNK), bytearray(CHUNK)))
@@ -161,29 +157,25 @@ def first_difference(a: Source, b: Source, progress: Progress | None = None) -> 
         finally:
             buffers.put((buf_a, buf_b))
 
-    pending: collections.deque[tuple[concurrent.futures.Future[int | None], int]]
-    pending = collections.deque()
+    pending: collections.deque[tuple[Job[int | None], int]] = collections.deque()
 
     def settle_oldest() -> int | None:
         """The oldest chunk's answer, in order; progress reaches its end when it is equal."""
-        future, reached = pending.popleft()
-        found = future.result()
+        job, reached = pending.popleft()
+        found = job.result()
         if found is None and progress is not None:
             progress.update(reached)
         return found
 
-    with concurrent.futures.ThreadPoolExecutor(_WORKERS, "vhd-compare") as pool:
-        try:
-            for pos, n, data_a, data_b in itertools.chain((first,), chunks):
-                if len(pending) >= _WINDOW and (found := settle_oldest()) is not None:
-                    return found
-                pending.append((pool.submit(compare_one, pos, n, data_a, data_b), pos + n))
-            while pending:
-                if (found := settle_oldest()) is not None:
-                    return found
-        finally:
-            for future, _ in pending:
-                future.cancel()
+    # On a difference, leaving the pool drops the chunks not yet started and waits for the rest.
+    with WorkerPool(compare_one, _WORKERS, "vhd-compare") as pool:
+        for pos, n, data_a, data_b in itertools.chain((first,), chunks):
+            if len(pending) >= _WINDOW and (found := settle_oldest()) is not None:
+                return found
+            pending.append((pool.submit(pos, n, data_a, data_b), pos + n))
+        while pending:
+            if (found := settle_oldest()) is not None:
+                return found
     return None
 
 
