@@ -29,7 +29,6 @@ ENTRIES_PER_SECTOR = 128
 # images are refused with a clear error, as qemu-img refuses "Max Table Entries too large".
 MAX_ENTRIES = 1 << 22
 _CHUNK = 1 << 20  # bytes of table per step of the whole-table scans
-_NOT_FF = re.compile(b"[^\\xff]")
 _FF_IS_ZERO = bytes([1] * 255 + [0])  # bytes.translate table: 0xFF -> 0, any other byte -> 1
 
 _NATIVE_IS_LITTLE = sys.byteorder == "little"
@@ -186,21 +185,8 @@ class BlockAllocationTable:
     def allocated(self) -> Iterator[tuple[int, int]]:
         """(block index, sector) of every allocated block, in block order."""
         entries = self.entries
-        if entries.count(UNUSED) == len(entries):
-            return
-        raw = entries.tobytes()
-        pos, end = 0, len(raw)
-        while pos < end:
-            # Every allocated entry has a byte other than 0xFF; the regex engine finds the next
-            # such byte at C speed, skipping runs of unallocated entries without Python work.
-            hit = _NOT_FF.search(raw, pos)
-            if hit is None:
-                return
-            index = hit.start() // 4
-            value = entries[index]
-            if value != UNUSED:  # pragma: no branch - a non-0xFF byte means allocated
-                yield index, value
-            pos = (index + 1) * 4
+        for block in self.allocated_indices():
+            yield block, entries[block]
 
     def table_bytes(self, padded_entries: int | None = None) -> bytes:
         """The whole table in on-disk (big-endian) form, padded with 0xFF to whole sectors."""

@@ -449,3 +449,4 @@ def test_allocated_indices_match_a_per_entry_scan(entries: list[int], dense: boo
     got = table.allocated_indices()
     assert got.typecode == "I"
     assert list(got) == [i for i, e in enumerate(entries) if e != UNUSED]
+    assert list(table.allocated()) == [(i, e) for i, e in enumerate(entries) if e != UNUSED]
