@@ -296,24 +296,42 @@ def _copy_chunks(
     zero: Callable[[int, int], object] | None,
 ) -> int:
     """Hand ``src``'s data extents to ``copy_one`` in ``chunk``-aligned pieces on the worker
-    pool, at most ``_WINDOW`` at a time; the bytes written."""
+    pool, the bytes written.  A job is a run of pieces (up to ``_JOB_BYTES``), and at most
+    ``_WINDOW`` jobs are in flight: a job per piece cost about 70 us of hand-offs between the
+    threads, 35 ms of the 180 ms of CPU that reading and checking 1 GiB took."""
+    per_job = max(1, _JOB_BYTES // chunk)
     written = 0
     pending: collections.deque[tuple[Job[int], int]] = collections.deque()
-    with WorkerPool(copy_one, _WORKERS, "vhd-convert") as pool:
+    pieces: list[tuple[int, int]] = []
+
+    def copy_run(run: tuple[tuple[int, int], ...]) -> int:
+        return sum(copy_one(pos, n) for pos, n in run)
+
+    with WorkerPool(copy_run, _WORKERS, "vhd-convert") as pool:
+
+        def submit() -> int:
+            done = _settle(pending, progress) if len(pending) >= _WINDOW else 0
+            last, n = pieces[-1]
+            pending.append((pool.submit(tuple(pieces)), last + n))
+            pieces.clear()
+            return done
+
         for ext in src.extents():
             if ext.layer is not None:
                 pos = ext.offset
                 while pos < ext.end:
                     n = min(ext.end - pos, chunk - pos % chunk)
-                    if len(pending) >= _WINDOW:
-                        written += _settle(pending, progress)
-                    pending.append((pool.submit(pos, n), pos + n))
+                    pieces.append((pos, n))
+                    if len(pieces) >= per_job:
+                        written += submit()
                     pos += n
             else:
                 if zero is not None:
                     zero(ext.offset, ext.length)
-                if progress and not pending:
+                if progress and not pending and not pieces:
                     progress(ext.end)
+        if pieces:
+            written += submit()
         while pending:
             written += _settle(pending, progress)
     return written
@@ -331,6 +349,7 @@ def _settle(
 
 _WORKERS = 2
 _WINDOW = 4
+_JOB_BYTES = 16 * MiB
 
 _GRAIN = 4096
 # Zeros to compare against by ``bytearray.startswith``, which takes any buffer and is one memcmp
