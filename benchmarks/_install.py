@@ -37,7 +37,10 @@ def _run(*args: str | Path) -> str:
 def build(target: Path) -> Path:
     """(Re)build the install in ``target``; return its ``vhd`` command."""
     target = target.resolve()
-    source, wheels = target.with_name(target.name + "-src"), target.with_name(target.name + "-wheels")
+    source, wheels = (
+        target.with_name(target.name + "-src"),
+        target.with_name(target.name + "-wheels"),
+    )
     for path in (target, source, wheels):
         shutil.rmtree(path, ignore_errors=True)
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*_NOT_SOURCE), symlinks=True)
@@ -48,7 +51,9 @@ def build(target: Path) -> Path:
     shutil.rmtree(source)
     # Not editable, and byte-compiled: the package imports from the venv, from its .pyc files.
     # (-I: not the checkout's vhd/ from the current directory)
-    where = _run(python, "-I", "-c", "import vhd, vhdtools.cli as c; print(vhd.__file__, c.__cached__)")
+    where = _run(
+        python, "-I", "-c", "import vhd, vhdtools.cli as c; print(vhd.__file__, c.__cached__)"
+    )
     module, cached = where.split()
     if not module.startswith(str(target)) or not Path(cached).is_file():
         raise RuntimeError(f"{target}: not a byte-compiled regular install ({module}, {cached})")

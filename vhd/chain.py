@@ -31,7 +31,6 @@ import ntpath
 import os
 import posixpath
 import stat
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
@@ -43,6 +42,7 @@ from .errors import (
     VHDError,
 )
 from .fileio import read_upto
+from .footer import uuid_text
 from .header import DynamicHeader
 from .layout import locate_footer
 from .locator import (
@@ -419,13 +419,13 @@ def resolve_parent(
     where = _tried_text(found.tried)
     if found.first_other is not None:
         raise ParentMismatchError(
-            f"parent {label!r} (unique id {uuid.UUID(bytes=want)}) was not found: the files "
+            f"parent {label!r} (unique id {uuid_text(want)}) was not found: the files "
             f"found are not this child's parent ({where}); if one is the right parent, record its "
             "id with vhd set-parent CHILD PARENT --force (library: allow_parent_mismatch=True)",
             path=child_path,
         )
     raise ParentNotFoundError(
-        f"parent image {label!r} (unique id {uuid.UUID(bytes=want)}) not found; "
+        f"parent image {label!r} (unique id {uuid_text(want)}) not found; "
         f"tried: {where}. {found.hint}",
         path=child_path,
     )

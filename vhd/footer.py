@@ -10,15 +10,19 @@ images can still be inspected and repaired.  Images made before Virtual PC 2004 
 from __future__ import annotations
 
 import dataclasses
+import os
 import struct
 import time
-import uuid
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .checksum import vhd_checksum
 from .geometry import Geometry
+
+if TYPE_CHECKING:
+    # (only for annotations: the uuid module, with platform behind it, costs every command ~3 ms)
+    import uuid
 
 FOOTER_SIZE = 512
 COOKIE = b"conectix"
@@ -150,12 +154,20 @@ class Footer:
 
     @property
     def uuid(self) -> uuid.UUID:
+        import uuid
+
         return uuid.UUID(bytes=self.unique_id)
 
     @property
     def hidden(self) -> bool:
         """blktap's "hidden" flag (footer byte 85, the first reserved byte)."""
         return bool(self.reserved[:1] != b"\0")
+
+
+def uuid_text(raw: bytes) -> str:
+    """A 16-byte unique id as ``str(uuid.UUID(bytes=raw))`` writes it, without importing uuid."""
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:32]}"
 
 
 def checksum_ok(raw: bytes | bytearray | memoryview) -> bool:
@@ -197,10 +209,18 @@ def new_footer(
         sectors=geometry.sectors,
         disk_type=int(disk_type),
         checksum=0,
-        unique_id=unique_id if unique_id is not None else uuid.uuid4().bytes,
+        # a random (version 4) UUID, as uuid.uuid4() makes it, without importing uuid
+        unique_id=unique_id if unique_id is not None else _uuid4_bytes(),
         saved_state=0,
         reserved=bytes(427),
     )
+
+
+def _uuid4_bytes() -> bytes:
+    raw = bytearray(os.urandom(16))
+    raw[6] = raw[6] & 0x0F | 0x40  # version 4
+    raw[8] = raw[8] & 0x3F | 0x80  # RFC 4122 variant
+    return bytes(raw)
 
 
 def _exact(fields: dict[str, Any], field: tuple[str, str]) -> Any:

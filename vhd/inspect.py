@@ -22,6 +22,7 @@ from .footer import (
     VHDKIT_CREATOR_VERSIONS,
     Footer,
     unix_time,
+    uuid_text,
 )
 from .geometry import chs_from_size
 from .header import DynamicHeader
@@ -105,7 +106,7 @@ def footer_fields(f: Footer) -> dict[str, dict[str, Any]]:
             "meaning": f.type.label if f.type is not None else "unknown",
         },
         "checksum": {"raw": f.checksum, "meaning": f"{f.checksum:#010x}"},
-        "unique_id": {"raw": f.unique_id.hex(), "meaning": str(f.uuid)},
+        "unique_id": {"raw": f.unique_id.hex(), "meaning": uuid_text(f.unique_id)},
         "saved_state": {"raw": f.saved_state, "meaning": "saved" if f.saved_state else "no"},
         "hidden": {"raw": f.reserved[0], "meaning": "blktap hidden" if f.hidden else "no"},
     }
@@ -120,7 +121,10 @@ def header_fields(h: DynamicHeader) -> dict[str, dict[str, Any]]:
         "max_table_entries": {"raw": h.max_table_entries, "meaning": "BAT entries"},
         "block_size": {"raw": h.block_size, "meaning": f"{h.block_size // 1024} KiB"},
         "checksum": {"raw": h.checksum, "meaning": f"{h.checksum:#010x}"},
-        "parent_unique_id": {"raw": h.parent_unique_id.hex(), "meaning": str(h.parent_uuid)},
+        "parent_unique_id": {
+            "raw": h.parent_unique_id.hex(),
+            "meaning": uuid_text(h.parent_unique_id),
+        },
         "parent_timestamp": {
             "raw": h.parent_timestamp,
             "meaning": _iso(h.parent_timestamp) if h.parent_timestamp else "not set",
