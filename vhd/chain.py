@@ -32,7 +32,6 @@ import os
 import posixpath
 import stat
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
 from .errors import (
@@ -57,6 +56,7 @@ from .locator import (
     macx_to_posix,
     windows_to_posix,
 )
+from .record import FrozenRecord, Record, fill
 
 MAX_CHAIN_DEPTH = 64
 # Eight locators, the header's name and their bare names in a few folders fit well within this;
@@ -69,8 +69,9 @@ _MAX_SHOWN = 160
 _ORDER = (CODE_W2KU, CODE_W2RU, CODE_MACX, CODE_WI2K, CODE_WI2R)
 
 
-@dataclass(frozen=True, slots=True)
-class LocatorInfo:
+class LocatorInfo(FrozenRecord):
+    _fields = ("slot", "code", "kind", "data_offset", "data_len", "data_space", "text", "problem")
+    __slots__ = _fields
     slot: int
     code: int
     kind: str
@@ -79,6 +80,19 @@ class LocatorInfo:
     data_space: int
     text: str | None
     problem: str | None
+
+    def __init__(
+        self,
+        slot: int,
+        code: int,
+        kind: str,
+        data_offset: int,
+        data_len: int,
+        data_space: int,
+        text: str | None,
+        problem: str | None,
+    ) -> None:
+        fill(self, slot, code, kind, data_offset, data_len, data_space, text, problem)
 
 
 def read_locators(fd: int, file_size: int, header: DynamicHeader) -> list[LocatorInfo]:
@@ -115,8 +129,7 @@ def read_locators(fd: int, file_size: int, header: DynamicHeader) -> list[Locato
     return out
 
 
-@dataclass(frozen=True, slots=True)
-class ParentPolicy:
+class ParentPolicy(FrozenRecord):
     """Where the parent of a differencing disk may be looked for.
 
     ``dirs``: folders searched besides the child's own (each layer's parents are searched in
@@ -126,9 +139,20 @@ class ParentPolicy:
     Block devices are never candidates; name one explicitly (``parent=``) to use it.
     """
 
-    dirs: tuple[str, ...] = ()
-    allow_absolute: bool = False
-    max_candidates: int = MAX_CANDIDATES
+    _fields = ("dirs", "allow_absolute", "max_candidates")
+
+    __slots__ = _fields
+    dirs: tuple[str, ...]
+    allow_absolute: bool
+    max_candidates: int
+
+    def __init__(
+        self,
+        dirs: tuple[str, ...] = (),
+        allow_absolute: bool = False,
+        max_candidates: int = MAX_CANDIDATES,
+    ) -> None:
+        fill(self, dirs, allow_absolute, max_candidates)
 
     @classmethod
     def trusting(cls, dirs: Sequence[str] = ()) -> ParentPolicy:
@@ -138,7 +162,7 @@ class ParentPolicy:
     def with_dirs(self, dirs: Sequence[str]) -> ParentPolicy:
         """The same policy with ``dirs`` searched too."""
         extra = tuple(d for d in dirs if d not in self.dirs)
-        return replace(self, dirs=self.dirs + extra) if extra else self
+        return self.replace(dirs=self.dirs + extra) if extra else self
 
 
 def parent_candidates(
@@ -257,17 +281,29 @@ def footer_identity(path: str, *, devices: bool) -> tuple[Ident, bytes] | None:
     return read_candidate(path, devices=devices, read=key)
 
 
-@dataclass(slots=True)
-class CandidateSearch:
+class CandidateSearch(Record):
     """What a walk over parent candidates found: the file ``chosen`` (normalised path and
     identity), whether it was taken despite another identity (``mismatch_used``), the first file
     of another identity (``first_other``), and the lines of what was tried for an error."""
 
-    chosen: tuple[str, Ident] | None = None
-    mismatch_used: bool = False
-    first_other: tuple[str, Ident] | None = None
-    tried: list[str] = field(default_factory=list)
-    refused: bool = False  # a candidate was outside the allowed folders
+    _fields = ("chosen", "mismatch_used", "first_other", "tried", "refused")
+
+    __slots__ = _fields
+    chosen: tuple[str, Ident] | None
+    mismatch_used: bool
+    first_other: tuple[str, Ident] | None
+    tried: list[str]
+    refused: bool  # a candidate was outside the allowed folders
+
+    def __init__(
+        self,
+        chosen: tuple[str, Ident] | None = None,
+        mismatch_used: bool = False,
+        first_other: tuple[str, Ident] | None = None,
+        tried: list[str] | None = None,
+        refused: bool = False,
+    ) -> None:
+        fill(self, chosen, mismatch_used, first_other, [] if tried is None else tried, refused)
 
     @property
     def hint(self) -> str:

@@ -35,7 +35,6 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
 from . import bitmap as bm
@@ -52,6 +51,7 @@ from .fileio import (
 from .footer import FOOTER_SIZE, DiskType, Footer
 from .header import DynamicHeader
 from .metadata import MetadataWriter
+from .record import FrozenRecord, fill
 
 SECTOR = 512
 DATA_ALIGNMENT = 4096
@@ -102,11 +102,13 @@ class Extent(NamedTuple):
         return self.offset + self.length
 
 
-@dataclass(frozen=True, slots=True)
-class FoundImage:
+class FoundImage(FrozenRecord):
     """A VHD file as :func:`vhd.open` found it: what every kind of VHD :class:`Disk` starts from
     (the footer in use, where it lies, the file's size and the warnings of the open)."""
 
+    _fields = ("path", "fd", "writable", "footer", "footer_offset", "file_size", "warnings")
+
+    __slots__ = _fields
     path: str
     fd: int
     writable: bool
@@ -114,6 +116,18 @@ class FoundImage:
     footer_offset: int
     file_size: int
     warnings: list[str]
+
+    def __init__(
+        self,
+        path: str,
+        fd: int,
+        writable: bool,
+        footer: Footer,
+        footer_offset: int,
+        file_size: int,
+        warnings: list[str],
+    ) -> None:
+        fill(self, path, fd, writable, footer, footer_offset, file_size, warnings)
 
 
 class Disk:

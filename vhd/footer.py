@@ -9,16 +9,15 @@ images can still be inspected and repaired.  Images made before Virtual PC 2004 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import struct
 import time
-from dataclasses import dataclass
 from enum import IntEnum
 from typing import TYPE_CHECKING, Any
 
 from .checksum import vhd_checksum
 from .geometry import Geometry
+from .record import FrozenRecord, fill
 
 if TYPE_CHECKING:
     # (only for annotations: the uuid module, with platform behind it, costs every command ~3 ms)
@@ -93,8 +92,9 @@ FOOTER_STRUCT = struct.Struct(">" + "".join(fmt for _, fmt in FOOTER_FIELDS))
 assert FOOTER_STRUCT.size == FOOTER_SIZE
 
 
-@dataclass(frozen=True, slots=True)
-class Footer:
+class Footer(FrozenRecord):
+    _fields = tuple(name for name, _ in FOOTER_FIELDS)
+    __slots__ = _fields
     cookie: bytes
     features: int
     version: int
@@ -114,6 +114,49 @@ class Footer:
     saved_state: int
     reserved: bytes
 
+    def __init__(
+        self,
+        cookie: bytes,
+        features: int,
+        version: int,
+        data_offset: int,
+        timestamp: int,
+        creator_app: bytes,
+        creator_version: int,
+        creator_host: bytes,
+        original_size: int,
+        current_size: int,
+        cylinders: int,
+        heads: int,
+        sectors: int,
+        disk_type: int,
+        checksum: int,
+        unique_id: bytes,
+        saved_state: int,
+        reserved: bytes,
+    ) -> None:
+        fill(
+            self,
+            cookie,
+            features,
+            version,
+            data_offset,
+            timestamp,
+            creator_app,
+            creator_version,
+            creator_host,
+            original_size,
+            current_size,
+            cylinders,
+            heads,
+            sectors,
+            disk_type,
+            checksum,
+            unique_id,
+            saved_state,
+            reserved,
+        )
+
     @classmethod
     def parse(cls, raw: bytes | bytearray | memoryview) -> Footer:
         data = bytes(raw)
@@ -122,20 +165,17 @@ class Footer:
         if len(data) != FOOTER_SIZE:
             raise ValueError(f"a footer is 512 bytes, got {len(data)}")
         values = FOOTER_STRUCT.unpack(data)
-        return cls(**{name: value for (name, _), value in zip(FOOTER_FIELDS, values, strict=True)})
+        return cls(*values)
 
     def build(self) -> bytes:
         """The 512 on-disk bytes, with the checksum computed afresh."""
-        fields = dataclasses.asdict(self)
+        fields = dict(zip(self._fields, self._values(), strict=True))
         fields["checksum"] = 0
         raw = bytearray(FOOTER_STRUCT.pack(*(_exact(fields, f) for f in FOOTER_FIELDS)))
         raw[CHECKSUM_OFFSET : CHECKSUM_OFFSET + 4] = vhd_checksum(raw, CHECKSUM_OFFSET).to_bytes(
             4, "big"
         )
         return bytes(raw)
-
-    def replace(self, **changes: Any) -> Footer:
-        return dataclasses.replace(self, **changes)
 
     @property
     def cookie_ok(self) -> bool:
