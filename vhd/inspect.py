@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -53,9 +54,9 @@ def _creator_meaning(f: Footer) -> str:
 
 
 def _iso(vhd_time: int) -> str:
-    import datetime
-
-    return datetime.datetime.fromtimestamp(unix_time(vhd_time), datetime.UTC).isoformat()
+    # What datetime.fromtimestamp(t, UTC).isoformat() writes for whole seconds, without
+    # importing datetime (about 2-4 ms of `vhd info`'s start-up).
+    return time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(unix_time(vhd_time)))
 
 
 def _text4(raw: bytes) -> str:
@@ -238,7 +239,7 @@ def describe(disk: Disk, *, chain: bool = True) -> dict[str, Any]:
         ]
         info["bat"] = block_stats(disk)
     if chain:
-        from .lineage import identity, recorded_parents
+        from .lineage import identity_text, recorded_parent_texts
 
         info["chain"] = [
             {
@@ -247,8 +248,8 @@ def describe(disk: Disk, *, chain: bool = True) -> dict[str, Any]:
                 "type": layer.type.label,
                 "size": layer.size,
                 # What a child records to name the layer (vhd.lineage: a VHDX's DataWriteGuid).
-                "unique_id": str(identity(layer)),
-                "parent_unique_id": ", ".join(sorted(str(u) for u in recorded_parents(layer)))
+                "unique_id": identity_text(layer),
+                "parent_unique_id": ", ".join(recorded_parent_texts(layer))
                 if layer.type.label == "differencing"
                 else None,
             }
