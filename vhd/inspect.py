@@ -10,7 +10,6 @@ import collections
 import itertools
 import time
 from collections.abc import Iterator
-from typing import Any
 
 from . import bitmap as bm
 from .bat import UNUSED
@@ -28,6 +27,10 @@ from .footer import (
 from .geometry import chs_from_size
 from .header import DynamicHeader
 from .locator import code_name
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~4 ms; vhd.record)
+if TYPE_CHECKING:
+    from typing import Any
 
 _HOSTS = {b"Wi2k": "Windows", b"Mac ": "Macintosh", b"\0\0\0\0": "none (blktap writes 0)"}
 _CREATORS = {

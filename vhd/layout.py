@@ -25,7 +25,6 @@ import os
 import stat
 from array import array
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from .bat import MAX_ENTRIES, BlockAllocationTable
 from .errors import ForeignFormatError, NotAVHDError
@@ -35,6 +34,7 @@ from .locator import MAX_LOCATOR_BYTES
 from .probe import HEAD_BYTES, TAIL_BYTES, ImageFormat, probe, refusal
 from .record import FrozenRecord, Record, fill
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~4 ms; vhd.record)
 if TYPE_CHECKING:
     from .chain import LocatorInfo
 

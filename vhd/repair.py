@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import itertools
 import os
-from typing import Any
 
 from . import lock
 from .bat import UNUSED
@@ -37,6 +36,10 @@ from .findings import ERROR, WARNING, CheckReport, Finding, Findings, RepairFact
 from .footer import FOOTER_SIZE, DiskType
 from .metadata import MetadataWriter, bat_sector_writes
 from .record import Record, fill
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~4 ms; vhd.record)
+if TYPE_CHECKING:
+    from typing import Any
 
 SECTOR = 512
 # Offers that write the trailing footer at its place, and ones that rewrite the header.

@@ -14,13 +14,10 @@ import argparse
 import collections
 import functools
 import itertools
-import queue
 from collections.abc import Iterator
-from typing import Any
 
 from vhd.disk import Extent
 from vhd.source import Source, open_source
-from vhd.workers import Job, WorkerPool
 
 from ..common import (
     LOCAL_PARENTS,
@@ -31,6 +28,10 @@ from ..common import (
     warn,
 )
 from ..locking import add_force_share_option
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~4 ms; vhd.record)
+if TYPE_CHECKING:
+    from typing import Any
 
 CHUNK = 512 * 1024
 _ZEROS = bytes(CHUNK)
@@ -143,6 +144,12 @@ def first_difference(a: Source, b: Source, progress: Progress | None = None) -> 
     first = next(chunks, None)
     if first is None:
         return None  # neither side holds data anywhere: no reader threads needed
+    # Imported only now: a pair with no data anywhere (the sparse case, where start-up is
+    # all the time) needs neither the threads nor queue (heapq) and typing (Generic) with them.
+    import queue
+
+    from vhd.workers import Job, WorkerPool
+
     buffers: queue.SimpleQueue[tuple[bytearray, bytearray]] = queue.SimpleQueue()
     for _ in range(_WINDOW):
         buffers.put((_buffer(), _buffer()))
