@@ -88,10 +88,11 @@ lint: venv
 
 # The `vhd` timed is a regular install of this checkout, built afresh into bench-out/install
 # (benchmarks/_install.py: wheel + fresh venv, byte-compiled by pip, as a user's `pip install`):
-# the editable dev venv pays setuptools' editable finder at every start-up.
+# the editable dev venv pays setuptools' editable finder at every start-up.  `make bench
+# BENCH=compare` runs only the named benchmark modules.
 bench: deps venv
 	$(PY) -m benchmarks._install bench-out/install
-	VHD_BENCH_CLI=$(CURDIR)/bench-out/install/bin/vhd $(PY) -m benchmarks.run
+	VHD_BENCH_CLI=$(CURDIR)/bench-out/install/bin/vhd $(PY) -m benchmarks.run $(BENCH)
 
 clean:
 	rm -rf $(VENV) demo-out bench-out build *.egg-info
