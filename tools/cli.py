@@ -49,6 +49,8 @@ def _help_width() -> int:
 
 
 class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's formatter, its width from :func:`_help_width` rather than shutil's."""
+
     def __init__(
         self,
         prog: str,
@@ -131,7 +133,7 @@ class _VersionAction(argparse.Action):
 def _version() -> str:
     # crcmod itself, not vhd.vhdx.crc: that would import the whole VHDX package (about 20 ms)
     # to print one line.  The same test as vhd.vhdx.crc.using_c_extension.
-    importlib.import_module("crcmod")  # loads crcmod.crcmod, which knows
+    importlib.import_module("crcmod")  # loads crcmod.crcmod, which says if its extension runs
     fast = getattr(sys.modules.get("crcmod.crcmod"), "_usingExtension", False)
     crc = "crcmod C extension" if fast else "crcmod pure Python (slow)"
     return f"vhdkit {vhd.__version__} (VHDX CRC-32C: {crc})"

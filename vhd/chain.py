@@ -146,7 +146,6 @@ class ParentPolicy(FrozenRecord):
     """
 
     _fields = ("dirs", "allow_absolute", "max_candidates")
-
     __slots__ = _fields
     dirs: tuple[str, ...]
     allow_absolute: bool
@@ -291,7 +290,6 @@ class CandidateSearch(Record):
     of another identity (``first_other``), and the lines of what was tried for an error."""
 
     _fields = ("chosen", "mismatch_used", "first_other", "tried", "refused")
-
     __slots__ = _fields
     chosen: tuple[str, Ident] | None
     mismatch_used: bool

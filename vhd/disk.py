@@ -119,7 +119,6 @@ class FoundImage(FrozenRecord):
     (the footer in use, where it lies, the file's size and the warnings of the open)."""
 
     _fields = ("path", "fd", "writable", "footer", "footer_offset", "file_size", "warnings")
-
     __slots__ = _fields
     path: str
     fd: int

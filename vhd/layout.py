@@ -113,7 +113,6 @@ class RawFinding(FrozenRecord):
     finding of the same name and a message; the reader decides how grave it is."""
 
     _fields = ("code", "message")
-
     __slots__ = _fields
     code: str
     message: str

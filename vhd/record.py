@@ -50,6 +50,11 @@ class Record:
         shown = [f"{n}={getattr(self, n)!r}" for n in self._fields if n not in self._hidden]
         return f"{type(self).__qualname__}({', '.join(shown)})"
 
+    def __reduce__(self) -> tuple[type[Self], tuple[object, ...]]:
+        # copy and pickle rebuild through __init__ (a frozen record refuses setattr), as the
+        # frozen dataclasses' own __getstate__/__setstate__ let them
+        return type(self), self._values()
+
     def replace(self, **changes: Any) -> Self:
         """A copy with ``changes`` (field name -> value), like ``dataclasses.replace``."""
         values = {name: getattr(self, name) for name in self._fields}

@@ -28,7 +28,6 @@ class Source(Record):
     """Read side of a disk: ``size``, ``preadinto``, ``extents`` and ``close``."""
 
     _fields = ("path", "size", "disk", "fd", "warnings")
-
     __slots__ = _fields
     path: str
     size: int

@@ -4,6 +4,8 @@ a frozen record, ``replace``, and a repr naming the fields (``fd`` hidden in a L
 
 from __future__ import annotations
 
+import copy
+import pickle
 from pathlib import Path
 
 import pytest
@@ -47,6 +49,8 @@ def test_frozen_records_compare_hash_and_refuse_assignment(image: Path) -> None:
     assert Finding("c", Severity.ERROR, "m").replace(repair="r") == Finding(
         "c", Severity.ERROR, "m", "r"
     )
+    for record in (footer, header, ParentPolicy(dirs=("x",)), Step("s", [(0, b"x")], 9)):
+        assert copy.copy(record) == record == pickle.loads(pickle.dumps(record))
 
 
 def test_mutable_records_are_unhashable_and_get_fresh_defaults(image: Path) -> None:
