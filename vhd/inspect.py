@@ -137,10 +137,20 @@ def header_fields(h: DynamicHeader) -> dict[str, dict[str, Any]]:
     }
 
 
+def _first_and_count(run: Iterator[int]) -> tuple[int, int]:
+    """The first item of a non-empty run and how many it holds, counted at C speed."""
+    first = next(run)
+    rest = collections.deque(enumerate(run, 2), maxlen=1)  # (count, item) of the last one
+    return first, rest[0][0] if rest else 1
+
+
 def block_stats(disk: SparseDisk) -> dict[str, Any]:
     """BAT and bitmap statistics (reads one bitmap per allocated block, no data).
 
-    The table is walked in runs of equal entries (``itertools.groupby``, counted by a C-level
+    Only the allocated blocks are walked: their numbers come from C-level passes over the table
+    (:meth:`~vhd.bat.BlockAllocationTable.allocated_indices`), so the million unused entries of a
+    sparse 2040 GiB disk cost no Python step (walking them all took 86 ms of its ``vhd info``).
+    They are taken in runs of equal entries (``itertools.groupby``, counted by a C-level
     ``deque``): a run of blocks sharing one entry -- a damaged table; an all-equal one has
     millions -- costs one bitmap read and one step, not one per block.
     """
@@ -153,12 +163,9 @@ def block_stats(disk: SparseDisk) -> dict[str, Any]:
     lowest = highest = None
     order_ok = True
     previous = -1
-    block = 0
-    for entry, run in itertools.groupby(disk.bat.entries):
-        count = collections.deque(enumerate(run, 1), maxlen=1)[0][0]
-        first, block = block, block + count
-        if entry == UNUSED:
-            continue
+    entry_of = disk.bat.entries.__getitem__
+    for entry, run in itertools.groupby(disk.bat.allocated_indices(), key=entry_of):
+        first, count = _first_and_count(run)
         bits = disk._bitmap(first, entry)
         if bits is FULL:
             full += count
