@@ -86,12 +86,13 @@ lint: venv
 	cd $(VENV)/mypy-src && MYPYPATH=. $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml \
 		-p vhd -p blockback -p vhdfuse -p vhdtools
 
+# The `vhd` timed is a regular install of this checkout, built afresh into bench-out/install
+# (benchmarks/_install.py: wheel + fresh venv, byte-compiled by pip, as a user's `pip install`):
+# the editable dev venv pays setuptools' editable finder at every start-up.  `make bench
+# BENCH=compare` runs only the named benchmark modules.
 bench: deps venv
-	@# Byte-compile first, as `pip install` does for a user: where PYTHONDONTWRITEBYTECODE is set
-	@# (it is on these machines) every `vhd` command would otherwise re-compile its modules from
-	@# source, about half of a short command's start-up.
-	$(PY) -m compileall -q vhd blockback fuse tools benchmarks >/dev/null
-	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks._install bench-out/install
+	VHD_BENCH_CLI=$(CURDIR)/bench-out/install/bin/vhd $(PY) -m benchmarks.run $(BENCH)
 
 clean:
 	rm -rf $(VENV) demo-out bench-out build *.egg-info

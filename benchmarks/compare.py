@@ -8,7 +8,9 @@ qemu-img's time on sparse pairs and on half-full pairs.
 * for scale, ``vhd --version``: the interpreter start-up every ``vhd`` command pays, which is most
   of the sparse rows' time (qemu-img, a C program, starts in a few milliseconds).
 
-Times are medians of ``ROUNDS`` runs of the whole process (GNU time).
+Times are medians of the whole process (GNU time) over rounds that run ours and qemu-img's in
+turn (``SHORT_ROUNDS`` for the start-up-bound rows, ``HALF_ROUNDS`` for the half-full pair), of
+the regular install ``make bench`` made (see :mod:`benchmarks.core`), not the editable dev one.
 """
 
 from __future__ import annotations
@@ -22,16 +24,37 @@ from typing import Any
 import vhd
 
 from . import core
-from .core import ROUNDS, VHD_CLI, GiB, _make_source, _row, _run_child, _warm
+from .core import VHD_CLI, GiB, _make_source, _row, _run_child, _warm
+
+# The start-up-bound rows take a few tens of milliseconds: more runs than the data-bound ones.
+SHORT_ROUNDS = 15
+HALF_ROUNDS = 5
+
+
+def _alternating(commands: list[list[str]], rounds: int) -> list[float]:
+    """Each command's median time over ``rounds`` rounds that run the commands in turn, so that
+    a change in the machine's load lands on all of them alike."""
+    times: list[list[float]] = [[] for _ in commands]
+    for _ in range(rounds):
+        for i, command in enumerate(commands):
+            times[i].append(_run_child(command)[0])
+    return [statistics.median(t) for t in times]
 
 
 def _median(command: list[str]) -> float:
-    return statistics.median(_run_child(command)[0] for _ in range(ROUNDS))
+    return _alternating([command], SHORT_ROUNDS)[0]
 
 
-def _pair(name: str, a: Path, b: Path, fmt_a: str, fmt_b: str, qemu: str) -> dict[str, Any]:
-    ours = _median([VHD_CLI, "compare", str(a), str(b)])
-    theirs = _median([qemu, "compare", "-f", fmt_a, "-F", fmt_b, str(a), str(b)])
+def _pair(
+    name: str, a: Path, b: Path, fmt_a: str, fmt_b: str, qemu: str, rounds: int = SHORT_ROUNDS
+) -> dict[str, Any]:
+    ours, theirs = _alternating(
+        [
+            [VHD_CLI, "compare", str(a), str(b)],
+            [qemu, "compare", "-f", fmt_a, "-F", fmt_b, str(a), str(b)],
+        ],
+        rounds,
+    )
     return _row(name, ours, theirs, "s", "vs qemu-img compare; target <= 1.0x")
 
 
@@ -41,8 +64,15 @@ def run(workdir: Path) -> list[dict[str, Any]]:
         raise RuntimeError("qemu-img is needed (apt-get install qemu-utils)")
     core._ENV = core._child_env(workdir)
     rows: list[dict[str, Any]] = []
+    # CPython's own start-up, no site, no imports: the floor under every `vhd` command
+    python = str(Path(VHD_CLI).with_name("python"))
+    floor = _median([python, "-I", "-S", "-c", "pass"])
+    rows.append(_row("python -I -S -c pass (CPython's floor)", floor, None, "s", "for scale"))
     startup = _median([VHD_CLI, "--version"])
-    rows.append(_row("vhd --version (interpreter start-up)", startup, None, "s", "for scale"))
+    install = "regular install" if core.REGULAR_INSTALL else "EDITABLE dev install"
+    rows.append(
+        _row("vhd --version (interpreter start-up)", startup, None, "s", f"for scale; {install}")
+    )
     paths: list[Path] = []
     try:
         for size, label in ((8 * GiB, "8 GiB"), (2040 * GiB, "2040 GiB")):
@@ -67,7 +97,15 @@ def run(workdir: Path) -> list[dict[str, Any]]:
         _warm(src)
         _warm(image)
         rows.append(
-            _pair("compare, half-full 1 GiB dynamic VHD vs raw", image, src, "vpc", "raw", qemu)
+            _pair(
+                "compare, half-full 1 GiB dynamic VHD vs raw",
+                image,
+                src,
+                "vpc",
+                "raw",
+                qemu,
+                rounds=HALF_ROUNDS,
+            )
         )
     finally:
         for p in paths:

@@ -12,6 +12,10 @@ written as real zero bytes, in page cache):
 
 Times are the median of ``ROUNDS`` alternating runs; every tool reads warm page cache (the
 sources are read once before timing).  ``python -m benchmarks.core [DIR]`` runs it alone.
+
+The ``vhd`` timed is a regular, byte-compiled install of this checkout (``make bench`` builds it
+with :mod:`benchmarks._install` and names it in ``VHD_BENCH_CLI``), as a user's ``pip install``
+gives: the dev venv's editable install pays setuptools' editable finder at every start-up.
 """
 
 from __future__ import annotations
@@ -37,7 +41,10 @@ MiB = 1 << 20
 GiB = 1 << 30
 ROUNDS = 3
 RUN = 4 * MiB
-VHD_CLI = str(Path(sys.executable).with_name("vhd"))
+# The regular install ``make bench`` made; run alone, the dev venv's editable one (its start-up
+# is slower by the editable finder: the "vhd --version" rows name which one was timed).
+VHD_CLI = os.environ.get("VHD_BENCH_CLI") or str(Path(sys.executable).with_name("vhd"))
+REGULAR_INSTALL = bool(os.environ.get("VHD_BENCH_CLI"))
 
 _LIBVHDI_READ = r"""
 import sys, time, pyvhdi
@@ -59,11 +66,15 @@ def _child_env(workdir: Path) -> dict[str, str]:
     """The environment of timed commands: byte-code caching on, as on a normal install.
 
     (Some sandboxes set PYTHONDONTWRITEBYTECODE, which would make every ``vhd`` run recompile
-    the whole package, about 0.1 s, and measure that instead of the conversion.)
+    the whole package, about 0.1 s, and measure that instead of the conversion.)  The regular
+    install reads the .pyc files ``pip`` wrote beside its modules; the editable tree's go to a
+    cache under ``workdir``.
     """
     env = dict(os.environ)
     env.pop("PYTHONDONTWRITEBYTECODE", None)
-    env["PYTHONPYCACHEPREFIX"] = str(workdir / "pycache")
+    env.pop("PYTHONPYCACHEPREFIX", None)
+    if not REGULAR_INSTALL:
+        env["PYTHONPYCACHEPREFIX"] = str(workdir / "pycache")
     return env
 
 

@@ -31,10 +31,7 @@ import ntpath
 import os
 import posixpath
 import stat
-import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any, TypeVar
 
 from .errors import (
     ChainLoopError,
@@ -43,6 +40,7 @@ from .errors import (
     VHDError,
 )
 from .fileio import read_upto
+from .footer import uuid_text
 from .header import DynamicHeader
 from .layout import locate_footer
 from .locator import (
@@ -57,6 +55,14 @@ from .locator import (
     macx_to_posix,
     windows_to_posix,
 )
+from .record import FrozenRecord, Record, fill
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~4 ms; vhd.record)
+if TYPE_CHECKING:
+    from typing import Any, TypeVar
+
+    Key = TypeVar("Key")
+    Opened = TypeVar("Opened")
 
 MAX_CHAIN_DEPTH = 64
 # Eight locators, the header's name and their bare names in a few folders fit well within this;
@@ -69,8 +75,9 @@ _MAX_SHOWN = 160
 _ORDER = (CODE_W2KU, CODE_W2RU, CODE_MACX, CODE_WI2K, CODE_WI2R)
 
 
-@dataclass(frozen=True, slots=True)
-class LocatorInfo:
+class LocatorInfo(FrozenRecord):
+    _fields = ("slot", "code", "kind", "data_offset", "data_len", "data_space", "text", "problem")
+    __slots__ = _fields
     slot: int
     code: int
     kind: str
@@ -79,6 +86,19 @@ class LocatorInfo:
     data_space: int
     text: str | None
     problem: str | None
+
+    def __init__(
+        self,
+        slot: int,
+        code: int,
+        kind: str,
+        data_offset: int,
+        data_len: int,
+        data_space: int,
+        text: str | None,
+        problem: str | None,
+    ) -> None:
+        fill(self, slot, code, kind, data_offset, data_len, data_space, text, problem)
 
 
 def read_locators(fd: int, file_size: int, header: DynamicHeader) -> list[LocatorInfo]:
@@ -115,8 +135,7 @@ def read_locators(fd: int, file_size: int, header: DynamicHeader) -> list[Locato
     return out
 
 
-@dataclass(frozen=True, slots=True)
-class ParentPolicy:
+class ParentPolicy(FrozenRecord):
     """Where the parent of a differencing disk may be looked for.
 
     ``dirs``: folders searched besides the child's own (each layer's parents are searched in
@@ -126,9 +145,19 @@ class ParentPolicy:
     Block devices are never candidates; name one explicitly (``parent=``) to use it.
     """
 
-    dirs: tuple[str, ...] = ()
-    allow_absolute: bool = False
-    max_candidates: int = MAX_CANDIDATES
+    _fields = ("dirs", "allow_absolute", "max_candidates")
+    __slots__ = _fields
+    dirs: tuple[str, ...]
+    allow_absolute: bool
+    max_candidates: int
+
+    def __init__(
+        self,
+        dirs: tuple[str, ...] = (),
+        allow_absolute: bool = False,
+        max_candidates: int = MAX_CANDIDATES,
+    ) -> None:
+        fill(self, dirs, allow_absolute, max_candidates)
 
     @classmethod
     def trusting(cls, dirs: Sequence[str] = ()) -> ParentPolicy:
@@ -138,7 +167,7 @@ class ParentPolicy:
     def with_dirs(self, dirs: Sequence[str]) -> ParentPolicy:
         """The same policy with ``dirs`` searched too."""
         extra = tuple(d for d in dirs if d not in self.dirs)
-        return replace(self, dirs=self.dirs + extra) if extra else self
+        return self.replace(dirs=self.dirs + extra) if extra else self
 
 
 def parent_candidates(
@@ -214,8 +243,6 @@ def _tried_text(tried: Sequence[str]) -> str:
 
 
 Ident = tuple[int, int]  # (st_dev, st_ino) of a file
-Key = TypeVar("Key")
-Opened = TypeVar("Opened")
 
 
 def read_candidate(
@@ -257,17 +284,28 @@ def footer_identity(path: str, *, devices: bool) -> tuple[Ident, bytes] | None:
     return read_candidate(path, devices=devices, read=key)
 
 
-@dataclass(slots=True)
-class CandidateSearch:
+class CandidateSearch(Record):
     """What a walk over parent candidates found: the file ``chosen`` (normalised path and
     identity), whether it was taken despite another identity (``mismatch_used``), the first file
     of another identity (``first_other``), and the lines of what was tried for an error."""
 
-    chosen: tuple[str, Ident] | None = None
-    mismatch_used: bool = False
-    first_other: tuple[str, Ident] | None = None
-    tried: list[str] = field(default_factory=list)
-    refused: bool = False  # a candidate was outside the allowed folders
+    _fields = ("chosen", "mismatch_used", "first_other", "tried", "refused")
+    __slots__ = _fields
+    chosen: tuple[str, Ident] | None
+    mismatch_used: bool
+    first_other: tuple[str, Ident] | None
+    tried: list[str]
+    refused: bool  # a candidate was outside the allowed folders
+
+    def __init__(
+        self,
+        chosen: tuple[str, Ident] | None = None,
+        mismatch_used: bool = False,
+        first_other: tuple[str, Ident] | None = None,
+        tried: list[str] | None = None,
+        refused: bool = False,
+    ) -> None:
+        fill(self, chosen, mismatch_used, first_other, [] if tried is None else tried, refused)
 
     @property
     def hint(self) -> str:
@@ -419,13 +457,13 @@ def resolve_parent(
     where = _tried_text(found.tried)
     if found.first_other is not None:
         raise ParentMismatchError(
-            f"parent {label!r} (unique id {uuid.UUID(bytes=want)}) was not found: the files "
+            f"parent {label!r} (unique id {uuid_text(want)}) was not found: the files "
             f"found are not this child's parent ({where}); if one is the right parent, record its "
             "id with vhd set-parent CHILD PARENT --force (library: allow_parent_mismatch=True)",
             path=child_path,
         )
     raise ParentNotFoundError(
-        f"parent image {label!r} (unique id {uuid.UUID(bytes=want)}) not found; "
+        f"parent image {label!r} (unique id {uuid_text(want)}) not found; "
         f"tried: {where}. {found.hint}",
         path=child_path,
     )

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from .azure import azure_check, azure_target_size
 from .chain import ParentPolicy
@@ -65,6 +64,7 @@ from .header import UNUSED_DATA_OFFSET, DynamicHeader
 from .header import VERSION as HEADER_VERSION
 from .header import checksum_ok as header_checksum_ok
 from .layout import MAX_SIZE, Layout, read_layout
+from .record import Record, fill
 from .repair import withdraw_unkeepable
 
 __all__ = [
@@ -130,12 +130,18 @@ def check(
     return CheckReport(spath, rules.out, layout, rules.fixes, deep)
 
 
-@dataclass
-class _Rules:
+class _Rules(Record):
+    _fields = ("layout", "fixes", "out", "force_share")
+    __slots__ = _fields
     layout: Layout
     fixes: RepairFacts
     out: Findings
     force_share: bool
+
+    def __init__(
+        self, layout: Layout, fixes: RepairFacts, out: Findings, force_share: bool
+    ) -> None:
+        fill(self, layout, fixes, out, force_share)
 
     def add(self, severity: Severity, code: str, message: str, repair: str | None = None) -> None:
         self.out.add(severity, code, message, repair)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any
 
 from .chain import ParentPolicy, resolve_parent
 from .errors import ChainLoopError, ParentMismatchError, ParentNotFoundError, VHDError
@@ -25,6 +24,10 @@ from .locator import (
     MAX_LOCATOR_BYTES,
     code_name,
 )
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~4 ms; vhd.record)
+if TYPE_CHECKING:
+    from typing import Any
 
 SECTOR = 512
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import TYPE_CHECKING
 
 from .bat import MAX_ENTRIES, UNUSED
 from .errors import InvalidArgumentError
@@ -49,6 +48,7 @@ from .locator import (
 )
 from .newfile import NewFile, naming
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~4 ms; vhd.record)
 if TYPE_CHECKING:
     from .disk import Disk
 

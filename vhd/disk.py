@@ -30,13 +30,12 @@ writes it to the file and then installs it.
 
 from __future__ import annotations
 
+import collections
 import io
 import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from typing import NamedTuple, Protocol
 
 from . import bitmap as bm
 from .bat import UNUSED, BlockAllocationTable
@@ -52,6 +51,21 @@ from .fileio import (
 from .footer import FOOTER_SIZE, DiskType, Footer
 from .header import DynamicHeader
 from .metadata import MetadataWriter
+from .record import FrozenRecord, fill
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~4 ms; vhd.record)
+if TYPE_CHECKING:
+    from typing import NamedTuple, Protocol
+
+    class _Extent(NamedTuple):
+        offset: int
+        length: int
+        layer: int | None
+else:
+    # At run time: BlockDevice is a plain class (only type checkers look at a protocol), and
+    # Extent's fields come from collections.namedtuple, as typing.NamedTuple makes them.
+    Protocol = object
+    _Extent = collections.namedtuple("Extent", ("offset", "length", "layer"))
 
 SECTOR = 512
 DATA_ALIGNMENT = 4096
@@ -89,24 +103,23 @@ class BlockDevice(Protocol):
     def close(self) -> None: ...
 
 
-class Extent(NamedTuple):
-    """A run of the guest address space: ``layer`` 0 is this file, k the k-th ancestor, and None
-    means no layer holds data there (it reads as zeros)."""
+class Extent(_Extent):
+    """A run of the guest address space (``offset``, ``length``, ``layer``): ``layer`` 0 is this
+    file, k the k-th ancestor, and None means no layer holds data there (it reads as zeros)."""
 
-    offset: int
-    length: int
-    layer: int | None
+    __slots__ = ()
 
     @property
     def end(self) -> int:
         return self.offset + self.length
 
 
-@dataclass(frozen=True, slots=True)
-class FoundImage:
+class FoundImage(FrozenRecord):
     """A VHD file as :func:`vhd.open` found it: what every kind of VHD :class:`Disk` starts from
     (the footer in use, where it lies, the file's size and the warnings of the open)."""
 
+    _fields = ("path", "fd", "writable", "footer", "footer_offset", "file_size", "warnings")
+    __slots__ = _fields
     path: str
     fd: int
     writable: bool
@@ -114,6 +127,18 @@ class FoundImage:
     footer_offset: int
     file_size: int
     warnings: list[str]
+
+    def __init__(
+        self,
+        path: str,
+        fd: int,
+        writable: bool,
+        footer: Footer,
+        footer_offset: int,
+        file_size: int,
+        warnings: list[str],
+    ) -> None:
+        fill(self, path, fd, writable, footer, footer_offset, file_size, warnings)
 
 
 class Disk:

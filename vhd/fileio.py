@@ -7,12 +7,12 @@ metadata says exists means the image is truncated, which is reported as corrupti
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import os
 import stat
 import sys
+from collections.abc import Callable
 
 from . import lock
 from .errors import CorruptImageError, InvalidArgumentError, NotAVHDError, ParentNotFoundError
@@ -22,12 +22,7 @@ Buffer = bytes | bytearray | memoryview
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 
-# The C library is already loaded into the process: dlopen(NULL) finds fallocate without
-# ctypes.util.find_library, which would spawn ldconfig at import time.
-_libc = ctypes.CDLL(None, use_errno=True)
-_fallocate = _libc.fallocate
-_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_fallocate.restype = ctypes.c_int
+_fallocate: Callable[[int, int, int, int], int] | None = None
 
 _ZEROS = bytes(1 << 20)
 _ZERO_VIEW = memoryview(_ZEROS)
@@ -92,6 +87,18 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
     """
     if length <= 0:
         return
+    # ctypes is imported here, not at start-up: only the commands that free space punch holes,
+    # and its import costs every other command about 4 ms.
+    import ctypes
+
+    global _fallocate
+    if _fallocate is None:
+        # The C library is already loaded into the process: dlopen(NULL) finds fallocate
+        # without ctypes.util.find_library, which would spawn ldconfig.
+        fallocate = ctypes.CDLL(None, use_errno=True).fallocate
+        fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        fallocate.restype = ctypes.c_int
+        _fallocate = fallocate
     if _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
         return
     err = ctypes.get_errno()

@@ -8,13 +8,15 @@ decide what a bad cookie, checksum or field means.
 
 from __future__ import annotations
 
-import dataclasses
 import struct
-import uuid
-from dataclasses import dataclass
-from typing import Any
 
 from .checksum import vhd_checksum
+from .record import FrozenRecord, fill
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~4 ms; vhd.record)
+if TYPE_CHECKING:
+    import uuid  # for annotations only: its import (platform behind it) costs ~3 ms
+    from typing import Any
 
 HEADER_SIZE = 1024
 COOKIE = b"cxsparse"
@@ -53,15 +55,26 @@ HEADER_STRUCT = struct.Struct(">" + "".join(fmt for _, fmt in HEADER_FIELDS))
 assert HEADER_STRUCT.size == HEADER_SIZE
 
 
-@dataclass(frozen=True, slots=True)
-class ParentLocator:
+class ParentLocator(FrozenRecord):
     """One parent locator entry; ``code`` 0 marks an empty slot."""
 
-    code: int = 0
-    data_space: int = 0
-    data_len: int = 0
-    reserved: int = 0
-    data_offset: int = 0
+    _fields = tuple(name for name, _ in LOCATOR_FIELDS)
+    __slots__ = _fields
+    code: int
+    data_space: int
+    data_len: int
+    reserved: int
+    data_offset: int
+
+    def __init__(
+        self,
+        code: int = 0,
+        data_space: int = 0,
+        data_len: int = 0,
+        reserved: int = 0,
+        data_offset: int = 0,
+    ) -> None:
+        fill(self, code, data_space, data_len, reserved, data_offset)
 
     @property
     def in_use(self) -> bool:
@@ -77,8 +90,9 @@ class ParentLocator:
         return self.data_space * 512 if self.data_space < 512 else self.data_space
 
 
-@dataclass(frozen=True, slots=True)
-class DynamicHeader:
+class DynamicHeader(FrozenRecord):
+    _fields = tuple(name for name, _ in HEADER_FIELDS)
+    __slots__ = _fields
     cookie: bytes
     data_offset: int
     table_offset: int
@@ -92,6 +106,39 @@ class DynamicHeader:
     parent_name_raw: bytes
     locators: tuple[ParentLocator, ...]
     reserved2: bytes
+
+    def __init__(
+        self,
+        cookie: bytes,
+        data_offset: int,
+        table_offset: int,
+        version: int,
+        max_table_entries: int,
+        block_size: int,
+        checksum: int,
+        parent_unique_id: bytes,
+        parent_timestamp: int,
+        reserved1: int,
+        parent_name_raw: bytes,
+        locators: tuple[ParentLocator, ...],
+        reserved2: bytes,
+    ) -> None:
+        fill(
+            self,
+            cookie,
+            data_offset,
+            table_offset,
+            version,
+            max_table_entries,
+            block_size,
+            checksum,
+            parent_unique_id,
+            parent_timestamp,
+            reserved1,
+            parent_name_raw,
+            locators,
+            reserved2,
+        )
 
     @classmethod
     def parse(cls, raw: bytes | bytearray | memoryview) -> DynamicHeader:
@@ -112,7 +159,7 @@ class DynamicHeader:
             raise ValueError(
                 f"a header has {LOCATOR_SLOTS} locator slots, not {len(self.locators)}"
             )
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        fields: dict[str, Any] = dict(zip(self._fields, self._values(), strict=True))
         fields["locators"] = b"".join(
             LOCATOR_STRUCT.pack(
                 loc.code, loc.data_space, loc.data_len, loc.reserved, loc.data_offset
@@ -129,9 +176,6 @@ class DynamicHeader:
         )
         return bytes(raw)
 
-    def replace(self, **changes: Any) -> DynamicHeader:
-        return dataclasses.replace(self, **changes)
-
     @property
     def cookie_ok(self) -> bool:
         return self.cookie == COOKIE
@@ -146,6 +190,8 @@ class DynamicHeader:
 
     @property
     def parent_uuid(self) -> uuid.UUID:
+        import uuid
+
         return uuid.UUID(bytes=self.parent_unique_id)
 
     @property

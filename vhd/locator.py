@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import posixpath
 import re
-import urllib.parse
 
 CODE_NONE = 0
 CODE_WI2R = 0x57693272
@@ -85,6 +84,8 @@ def windows_to_posix(text: str, child_dir: str) -> list[str]:
 
 def macx_to_posix(text: str, child_dir: str) -> list[str]:
     """A MacX ``file://`` URL (RFC 2396) as a Linux path; relative URLs resolve next to the child."""
+    import urllib.parse  # here: its import (ipaddress behind it) costs every command ~3 ms
+
     if text.startswith("file://"):
         path = urllib.parse.unquote(text[len("file://") :])
     else:
@@ -97,6 +98,8 @@ def macx_to_posix(text: str, child_dir: str) -> list[str]:
 
 
 def posix_to_macx(path: str) -> str:
+    import urllib.parse
+
     return "file://" + urllib.parse.quote(os.path.abspath(path))
 
 

@@ -25,18 +25,19 @@ import errno
 import os
 import stat
 from collections.abc import Iterator
-from typing import Protocol, TypeVar
 
 from . import lock
 
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~4 ms; vhd.record)
+if TYPE_CHECKING:
+    from typing import Protocol, TypeVar
+
+    class _Closable(Protocol):
+        def close(self) -> None: ...
+
+    Opened = TypeVar("Opened", bound=_Closable)
+
 PARTIAL = ".vhdkit-partial-"
-
-
-class _Closable(Protocol):
-    def close(self) -> None: ...
-
-
-Opened = TypeVar("Opened", bound=_Closable)
 
 
 class NewFile:

@@ -14,7 +14,6 @@ import errno
 import os
 import stat
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 
 from . import lock
 from .chain import ParentPolicy
@@ -22,17 +21,29 @@ from .disk import Disk, Extent, FixedDisk
 from .errors import ForeignFormatError, InvalidArgumentError, NotAVHDError
 from .fileio import read_exact_into
 from .image import open as open_image
+from .record import Record, fill
 
 
-@dataclass
-class Source:
+class Source(Record):
     """Read side of a disk: ``size``, ``preadinto``, ``extents`` and ``close``."""
 
+    _fields = ("path", "size", "disk", "fd", "warnings")
+    __slots__ = _fields
     path: str
     size: int
-    disk: Disk | None = None
-    fd: int = -1
-    warnings: list[str] = field(default_factory=list)
+    disk: Disk | None
+    fd: int
+    warnings: list[str]
+
+    def __init__(
+        self,
+        path: str,
+        size: int,
+        disk: Disk | None = None,
+        fd: int = -1,
+        warnings: list[str] | None = None,
+    ) -> None:
+        fill(self, path, size, disk, fd, [] if warnings is None else warnings)
 
     def preadinto(self, buffer: memoryview, offset: int) -> int:
         if self.disk is not None:

@@ -1,6 +1,7 @@
 """What a ``vhd`` command imports at start-up (issues 9 and 11: the interpreter's start-up and
 imports are most of a sub-second command): run it in a fresh interpreter and list the modules
-it loaded."""
+it loaded (the command's own imports: not what the interpreter had loaded before it ran, such
+as the dev venv's editable-install finder, which a regular install does not have)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,13 @@ import sys
 
 _LOADED = """
 import sys
+before = set(sys.modules)
 from vhdtools.cli import main
-code = main(sys.argv[1:])
-print(" ".join(sorted(sys.modules)), file=sys.stderr)
+try:
+    code = main(sys.argv[1:])
+except SystemExit as exc:  # --version and --help end in argparse's exit
+    code = exc.code
+print(" ".join(sorted(set(sys.modules) - before)), file=sys.stderr)
 sys.exit(code)
 """
 

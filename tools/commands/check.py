@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
 
 from vhd.check import CheckReport, check
 from vhd.errors import VHDError
@@ -19,6 +18,10 @@ from vhd.repair import apply_plan, plan_repair
 from ..common import add_parent_options, add_progress_options, parent_policy, progress_wanted
 from ..locking import add_force_share_option
 from ._progress import progress_bar
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~4 ms; vhd.record)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def register(sub: Any) -> None:

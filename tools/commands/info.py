@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
 
 import vhd
 from vhd.inspect import describe
 
 from ..common import add_parent_options, open_vhd, parent_policy, warn
 from ..locking import add_force_share_option
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~4 ms; vhd.record)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def register(sub: Any) -> None:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
 
 from vhd.inspect import host_extents
 
 from ..common import add_parent_dir_option, open_vhd
 from ..locking import add_force_share_option
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~4 ms; vhd.record)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def register(sub: Any) -> None:
