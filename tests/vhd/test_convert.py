@@ -1,8 +1,11 @@
 """``vhd.convert.data_runs``: the zero detection that keeps converted outputs sparse, against a
 grain-by-grain reference (every 4 KiB grain that holds a non-zero byte is inside a run, every
-run boundary is grain-aligned, and no run is all zeros at both ends)."""
+run boundary is grain-aligned, and no run is all zeros at both ends), on a bytearray and on a
+view of an anonymous map (convert's own page-aligned buffers)."""
 
 from __future__ import annotations
+
+import mmap
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -26,15 +29,21 @@ def _reference(buf: bytearray, n: int) -> list[int]:
         max_size=5,
     ),
     extra=st.integers(0, 5000),
+    mapped=st.booleans(),
 )
 def test_runs_cover_exactly_the_data_grains(
-    n: int, pokes: list[tuple[int, int, int]], extra: int
+    n: int, pokes: list[tuple[int, int, int]], extra: int, mapped: bool
 ) -> None:
     buf = bytearray(n + extra)  # a buffer longer than the chunk, as the last chunk's is
     for at, length, value in pokes:
         if at < n:
             buf[at : min(n, at + length)] = bytes([value]) * (min(n, at + length) - at)
-    runs = list(data_runs(buf, n))
+    if mapped:
+        area = mmap.mmap(-1, len(buf))
+        area[:] = buf
+        runs = list(data_runs(memoryview(area), n))
+    else:
+        runs = list(data_runs(buf, n))
     covered = [g for a, b in runs for g in range(a // GRAIN, -(-b // GRAIN))]
     assert covered == _reference(buf, n)
     for a, b in runs:
@@ -44,6 +53,10 @@ def test_runs_cover_exactly_the_data_grains(
 def test_all_zero_and_all_data_chunks() -> None:
     n = 2 * 1024 * 1024
     assert list(data_runs(bytearray(n), n)) == []
+    area = mmap.mmap(-1, n)
+    assert list(data_runs(memoryview(area), n)) == []
+    area[n - 1] = 1  # the last byte of the last 64 KiB slab
+    assert list(data_runs(memoryview(area), n)) == [(n - GRAIN, n)]
     data = bytearray(b"\x01" * n)
     assert list(data_runs(data, n)) == [(0, n)]
     data[GRAIN : 2 * GRAIN] = bytes(GRAIN)  # one zero grain: two runs around it

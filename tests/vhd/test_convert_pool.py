@@ -1,6 +1,7 @@
 """vhd.convert's copy workers (vhd.convert._copy): every data chunk written once, in any order,
-with the right bytes; a failing write is raised in the caller's thread; no worker is left
-running (or writing) once the copy has returned or raised."""
+with the right bytes, whether a job carries one chunk or a run of them; progress only moves
+forward and ends at the disk's size; a failing write is raised in the caller's thread; no
+worker is left running (or writing) once the copy has returned or raised."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from vhd import convert
 from vhd.convert import _copy
 from vhd.source import open_source
 
@@ -27,7 +29,14 @@ def _source(path: Path) -> bytes:
     return content
 
 
-def test_copy_writes_every_data_chunk_once(tmp_path: Path) -> None:
+@pytest.fixture(params=[2 * MiB, 16 * MiB], ids=["job-per-chunk", "default-runs"])
+def job_bytes(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> int:
+    """Jobs of one 2 MiB chunk (several jobs in flight on both workers) or of runs of them."""
+    monkeypatch.setattr(convert, "_JOB_BYTES", request.param)
+    return int(request.param)
+
+
+def test_copy_writes_every_data_chunk_once(tmp_path: Path, job_bytes: int) -> None:
     content = _source(tmp_path / "src.raw")
     out = bytearray(len(content))
     seen: list[int] = []
@@ -46,7 +55,36 @@ def test_copy_writes_every_data_chunk_once(tmp_path: Path) -> None:
     assert not _workers()
 
 
-def test_copy_raises_a_failed_write_and_stops(tmp_path: Path) -> None:
+def test_progress_moves_forward_to_the_end(tmp_path: Path, job_bytes: int) -> None:
+    # Data, a hole, data, a hole, data: the holes are zero extents (SEEK_HOLE), over which
+    # progress moves on without a job, and may not run ahead of jobs still in flight.
+    path = tmp_path / "src.raw"
+    content = bytearray(40 * MiB)
+    with path.open("wb") as f:
+        for start, end in ((0, 6 * MiB), (14 * MiB, 21 * MiB), (29 * MiB, 40 * MiB)):
+            content[start:end] = os.urandom(end - start)
+            f.seek(start)
+            f.write(content[start:end])
+    seen: list[int] = []
+    out = bytearray(len(content))
+
+    def write(buf: memoryview, off: int) -> None:
+        out[off : off + len(buf)] = buf
+
+    def progress(reached: int) -> None:
+        # Everything before the position reported is written.
+        assert out[:reached] == content[:reached]
+        seen.append(reached)
+
+    with open_source(str(path)) as src:
+        _copy(src, write, 2 * MiB, progress)
+    assert seen == sorted(seen)
+    assert seen[-1] == len(content)
+    assert out == content
+    assert not _workers()
+
+
+def test_copy_raises_a_failed_write_and_stops(tmp_path: Path, job_bytes: int) -> None:
     _source(tmp_path / "src.raw")
     calls: list[int] = []
     lock = threading.Lock()

@@ -43,7 +43,6 @@ import sys
 import uuid
 from array import array
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 
 from ..chain import (
     MAX_CHAIN_DEPTH,
@@ -78,6 +77,7 @@ from ..footer import DiskType
 from ..locator import windows_to_posix
 from ..newfile import NewFile
 from ..probe import is_vhdx_file
+from ..record import Record, fill
 from . import log as vlog
 from . import records as r
 
@@ -87,10 +87,22 @@ _MAX_LOG = 1024 * MiB  # a log is read whole; real ones are 1 MiB
 _MAX_GROWTH = 64 * 1024 * MiB  # how far past EOF a replayed log may extend the file
 
 
-@dataclass(slots=True)
-class Metadata:
+class Metadata(Record):
     """The known metadata items, decoded, plus the raw table for ``vhd info``."""
 
+    _fields = (
+        "entries",
+        "block_size",
+        "leave_blocks_allocated",
+        "has_parent",
+        "virtual_size",
+        "virtual_disk_id",
+        "logical_sector_size",
+        "physical_sector_size",
+        "parent_locator",
+        "raw_items",
+    )
+    __slots__ = _fields
     entries: tuple[r.MetadataEntry, ...]
     block_size: int
     leave_blocks_allocated: bool
@@ -100,13 +112,52 @@ class Metadata:
     logical_sector_size: int
     physical_sector_size: int
     parent_locator: r.ParentLocator | None
-    raw_items: dict[uuid.UUID, bytes] = field(default_factory=dict)
+    raw_items: dict[uuid.UUID, bytes]
+
+    def __init__(
+        self,
+        entries: tuple[r.MetadataEntry, ...],
+        block_size: int,
+        leave_blocks_allocated: bool,
+        has_parent: bool,
+        virtual_size: int,
+        virtual_disk_id: uuid.UUID,
+        logical_sector_size: int,
+        physical_sector_size: int,
+        parent_locator: r.ParentLocator | None,
+        raw_items: dict[uuid.UUID, bytes] | None = None,
+    ) -> None:
+        fill(
+            self,
+            entries,
+            block_size,
+            leave_blocks_allocated,
+            has_parent,
+            virtual_size,
+            virtual_disk_id,
+            logical_sector_size,
+            physical_sector_size,
+            parent_locator,
+            {} if raw_items is None else raw_items,
+        )
 
 
-@dataclass(slots=True)
-class Layout:
+class Layout(Record):
     """Everything an open reads before the data path: for ``vhd info`` and ``vhd check``."""
 
+    _fields = (
+        "creator",
+        "headers",
+        "header_errors",
+        "current",
+        "region_tables",
+        "region_errors",
+        "bat_region",
+        "metadata_region",
+        "metadata",
+        "replayed",
+    )
+    __slots__ = _fields
     creator: str
     headers: list[r.Header | None]
     header_errors: list[str]
@@ -117,6 +168,33 @@ class Layout:
     metadata_region: r.Region
     metadata: Metadata
     replayed: vlog.ActiveSequence | None
+
+    def __init__(
+        self,
+        creator: str,
+        headers: list[r.Header | None],
+        header_errors: list[str],
+        current: int,
+        region_tables: list[r.RegionTable | None],
+        region_errors: list[str],
+        bat_region: r.Region,
+        metadata_region: r.Region,
+        metadata: Metadata,
+        replayed: vlog.ActiveSequence | None,
+    ) -> None:
+        fill(
+            self,
+            creator,
+            headers,
+            header_errors,
+            current,
+            region_tables,
+            region_errors,
+            bat_region,
+            metadata_region,
+            metadata,
+            replayed,
+        )
 
 
 def chunk_ratio(block_size: int, logical_sector_size: int) -> int:

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from ..errors import CorruptImageError
+from ..record import FrozenRecord, fill
 from .crc import crc32c_with_zeroed_field
 from .records import (
     DESCRIPTOR,
@@ -30,21 +30,34 @@ from .records import (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Write:
+class Write(FrozenRecord):
     """One replayed update: ``data`` at ``offset``, or ``zero_length`` zero bytes there."""
 
+    _fields = ("offset", "data", "zero_length")
+    __slots__ = _fields
     offset: int
     data: bytes | None
-    zero_length: int = 0
+    zero_length: int
+
+    def __init__(self, offset: int, data: bytes | None, zero_length: int = 0) -> None:
+        fill(self, offset, data, zero_length)
 
     @property
     def length(self) -> int:
         return len(self.data) if self.data is not None else self.zero_length
 
 
-@dataclass(frozen=True, slots=True)
-class LogEntry:
+class LogEntry(FrozenRecord):
+    _fields = (
+        "position",
+        "length",
+        "tail",
+        "sequence_number",
+        "flushed_file_offset",
+        "last_file_offset",
+        "writes",
+    )
+    __slots__ = _fields
     position: int  # offset in the log
     length: int
     tail: int
@@ -53,10 +66,35 @@ class LogEntry:
     last_file_offset: int
     writes: tuple[Write, ...]
 
+    def __init__(
+        self,
+        position: int,
+        length: int,
+        tail: int,
+        sequence_number: int,
+        flushed_file_offset: int,
+        last_file_offset: int,
+        writes: tuple[Write, ...],
+    ) -> None:
+        fill(
+            self,
+            position,
+            length,
+            tail,
+            sequence_number,
+            flushed_file_offset,
+            last_file_offset,
+            writes,
+        )
 
-@dataclass(frozen=True, slots=True)
-class ActiveSequence:
+
+class ActiveSequence(FrozenRecord):
+    _fields = ("entries",)
+    __slots__ = _fields
     entries: tuple[LogEntry, ...]  # tail first
+
+    def __init__(self, entries: tuple[LogEntry, ...]) -> None:
+        fill(self, entries)
 
     @property
     def head(self) -> LogEntry:

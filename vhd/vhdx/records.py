@@ -13,13 +13,16 @@ from __future__ import annotations
 import struct
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
 from enum import IntEnum
 from types import SimpleNamespace
-from typing import Any
 
 from ..errors import ChecksumError, CorruptImageError, UnsupportedFeatureError
+from ..record import FrozenRecord, fill
 from .crc import crc32c_with_zeroed_field
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (vhd.record)
+if TYPE_CHECKING:
+    from typing import Any
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -142,9 +145,13 @@ def _verify_crc(raw: bytes, field_offset: int, stored: int, what: str) -> None:
 FILE_IDENTIFIER = Record("file identifier", (("signature", "8s"), ("creator", "512s")))
 
 
-@dataclass(frozen=True, slots=True)
-class FileIdentifier:
+class FileIdentifier(FrozenRecord):
+    _fields = ("creator",)
+    __slots__ = _fields
     creator: str
+
+    def __init__(self, creator: str) -> None:
+        fill(self, creator)
 
     @classmethod
     def parse(cls, raw: bytes) -> FileIdentifier:
@@ -183,8 +190,19 @@ HEADER = Record(
 ZERO_GUID = uuid.UUID(int=0)
 
 
-@dataclass(frozen=True, slots=True)
-class Header:
+class Header(FrozenRecord):
+    _fields = (
+        "sequence_number",
+        "file_write_guid",
+        "data_write_guid",
+        "log_guid",
+        "log_version",
+        "version",
+        "log_length",
+        "log_offset",
+        "checksum",
+    )
+    __slots__ = _fields
     sequence_number: int
     file_write_guid: uuid.UUID
     data_write_guid: uuid.UUID
@@ -193,7 +211,32 @@ class Header:
     version: int
     log_length: int
     log_offset: int
-    checksum: int = 0
+    checksum: int
+
+    def __init__(
+        self,
+        sequence_number: int,
+        file_write_guid: uuid.UUID,
+        data_write_guid: uuid.UUID,
+        log_guid: uuid.UUID,
+        log_version: int,
+        version: int,
+        log_length: int,
+        log_offset: int,
+        checksum: int = 0,
+    ) -> None:
+        fill(
+            self,
+            sequence_number,
+            file_write_guid,
+            data_write_guid,
+            log_guid,
+            log_version,
+            version,
+            log_length,
+            log_offset,
+            checksum,
+        )
 
     @classmethod
     def parse(cls, raw: bytes) -> Header:
@@ -233,7 +276,7 @@ class Header:
         return body[:4] + crc.to_bytes(4, "little") + body[8:]
 
     def with_changes(self, **changes: object) -> Header:
-        return replace(self, **changes)  # type: ignore[arg-type]
+        return self.replace(**changes)
 
 
 # -- region table (2.2.3) ---------------------------------------------------------------------
@@ -249,22 +292,30 @@ REGION_TABLE_ENTRY = Record(
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Region:
+class Region(FrozenRecord):
+    _fields = ("guid", "file_offset", "length", "required")
+    __slots__ = _fields
     guid: uuid.UUID
     file_offset: int
     length: int
     required: bool
+
+    def __init__(self, guid: uuid.UUID, file_offset: int, length: int, required: bool) -> None:
+        fill(self, guid, file_offset, length, required)
 
     @property
     def name(self) -> str:
         return {BAT_REGION: "bat", METADATA_REGION: "metadata"}.get(self.guid, "unknown")
 
 
-@dataclass(frozen=True, slots=True)
-class RegionTable:
+class RegionTable(FrozenRecord):
+    _fields = ("entries", "checksum")
+    __slots__ = _fields
     entries: tuple[Region, ...]
-    checksum: int = 0
+    checksum: int
+
+    def __init__(self, entries: tuple[Region, ...], checksum: int = 0) -> None:
+        fill(self, entries, checksum)
 
     @classmethod
     def parse(cls, raw: bytes) -> RegionTable:
@@ -321,14 +372,26 @@ IS_VIRTUAL_DISK = 2
 IS_REQUIRED = 4
 
 
-@dataclass(frozen=True, slots=True)
-class MetadataEntry:
+class MetadataEntry(FrozenRecord):
+    _fields = ("item_id", "offset", "length", "is_user", "is_virtual_disk", "is_required")
+    __slots__ = _fields
     item_id: uuid.UUID
     offset: int
     length: int
     is_user: bool
     is_virtual_disk: bool
     is_required: bool
+
+    def __init__(
+        self,
+        item_id: uuid.UUID,
+        offset: int,
+        length: int,
+        is_user: bool,
+        is_virtual_disk: bool,
+        is_required: bool,
+    ) -> None:
+        fill(self, item_id, offset, length, is_user, is_virtual_disk, is_required)
 
     @property
     def name(self) -> str:
@@ -400,10 +463,14 @@ PARENT_LOCATOR_ENTRY = Record(
 )
 
 
-@dataclass(frozen=True, slots=True)
-class ParentLocator:
+class ParentLocator(FrozenRecord):
+    _fields = ("locator_type", "entries")
+    __slots__ = _fields
     locator_type: uuid.UUID
-    entries: dict[str, str] = field(default_factory=dict)
+    entries: dict[str, str]
+
+    def __init__(self, locator_type: uuid.UUID, entries: dict[str, str] | None = None) -> None:
+        fill(self, locator_type, {} if entries is None else entries)
 
     @classmethod
     def parse(cls, raw: bytes) -> ParentLocator:
