@@ -13,7 +13,6 @@ from __future__ import annotations
 import collections
 import errno
 import fcntl
-import mmap
 import os
 import queue
 import stat
@@ -21,6 +20,7 @@ import struct
 from array import array
 from collections.abc import Callable, Iterator
 
+from .buffers import page_aligned
 from .create import DEFAULT_BLOCK_SIZE, open_new, plan_create, write_layout
 from .disk import Buffer, Disk
 from .errors import InvalidArgumentError
@@ -253,15 +253,11 @@ def _copy(
     runs inside data), for outputs whose old content would otherwise show through.
     """
     chunk = max(chunk, 64 * 1024)
-    # Page-aligned buffers (anonymous maps), not bytearrays: a bytearray's data starts 16 bytes
-    # into its page, and the kernel's copies to and from a misaligned buffer (preadv of the
-    # source, pwritev of the output) cost a third more: 1 GiB raw -> VHDX took 0.26 s of CPU
-    # in those copies with bytearrays, 0.17-0.18 s with these (qemu-img's buffers are aligned).
-    # (Freed with their last view, as the bytearrays were: no close() that a view still held
-    # by an error's traceback could make fail.)
+    # Page-aligned (vhd.buffers): the kernel's copies to and from a plain bytearray cost a third
+    # more.
     buffers: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
     for _ in range(_WINDOW):
-        buffers.put(memoryview(mmap.mmap(-1, chunk)))
+        buffers.put(memoryview(page_aligned(chunk)))
 
     def copy_one(pos: int, n: int) -> int:
         view = buffers.get()
@@ -371,7 +367,7 @@ def _all_zero(view: memoryview, start: int, end: int) -> bool:
     )
 
 
-def data_runs(buf: Buffer | mmap.mmap, n: int) -> Iterator[tuple[int, int]]:
+def data_runs(buf: Buffer, n: int) -> Iterator[tuple[int, int]]:
     """The runs of ``buf[:n]`` that hold data, at 4 KiB granularity: zero grains are left out,
     so outputs stay sparse like qemu-img's.
 

@@ -231,15 +231,16 @@ def test_info_shows_all_8_locator_slots(chain: tuple[Path, Path, bytes]) -> None
 # interpreter's start-up and imports are most of `vhd compare`'s time on sparse pairs).
 # dataclasses brings inspect (ast, dis, tokenize) and compiles each class's methods; pkgutil
 # brings importlib.util; uuid brings platform; shutil (argparse's terminal width) bz2 and lzma;
-# urllib.parse brings ipaddress; ctypes is only for punching holes.
+# urllib.parse brings ipaddress; ctypes is only for punching holes and page-aligned buffers.
 _HEAVY = (
     "construct", "vhd.vhdx", "concurrent.futures", "logging", "secrets", "fractions", "traceback",
     "dataclasses", "inspect", "pkgutil", "importlib.util", "uuid", "platform", "shutil", "bz2",
-    "lzma", "urllib", "ctypes", "datetime",
+    "lzma", "urllib", "datetime",
 )  # fmt: skip
 # Only compare's reading path (a pair holding data) needs its worker threads, and typing with
-# them (vhd.workers is Generic); a command that reads no data imports neither.
-_READING_ONLY = ("typing", "queue", "vhd.workers")
+# them (vhd.workers is Generic), and ctypes for its page-aligned buffers (vhd.buffers); a command
+# that reads no data imports none of them.
+_READING_ONLY = ("typing", "queue", "vhd.workers", "ctypes")
 
 
 def test_vhd_commands_import_only_what_they_need(tmp_path: Path) -> None:
