@@ -22,14 +22,16 @@ and the front ends' read path, VHDX against the same disk as VHD (target: within
 the layouts match and only the format's data path differs):
 
 * ``cat`` of a ``vhd mount`` (read-only) and ``fio`` 4 KiB random reads (psync) on it;
-* ``nbdcopy`` of ``vhd serve --nbd --read-only`` to ``null:`` (``COPY_ROUNDS`` rounds, with
-  each server's own CPU time per copy) and ``fio``'s nbd engine, 4 KiB random reads at queue
-  depth 1; and the same ``nbdcopy`` of the VHD from two servers, VHD against VHD, which
-  measures the harness's own spread (the two sides do identical work).
+* ``nbdcopy`` of ``vhd serve --nbd --read-only`` to ``null:`` and ``fio``'s nbd engine, 4 KiB
+  random reads at queue depth 1.
 
-Times are medians of alternating runs (for the front ends each format first in half the rounds;
-the note gives the range of the per-round ratios).  ``python -m benchmarks.vhdx [DIR]`` runs it
-alone.
+Each front end runs three servers side by side, open for all rounds: the VHDX, the VHD, and the
+same VHD again.  Every round reads once from each, the first one rotating (``FRONT_ROUNDS``,
+``COPY_ROUNDS``); each row gives the median of the client's figure (wall time or IOPS), the
+range of the per-round ratios, and the serving process's CPU time per run (per read for fio,
+from /proc).  Beside each VHDX-against-VHD row a VHD-against-VHD row, identical work on both
+sides, shows the harness's own spread: the VHDX ratio is to be read against it.
+``python -m benchmarks.vhdx [DIR]`` runs it alone.
 """
 
 from __future__ import annotations
