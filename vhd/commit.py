@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 from . import lineage
 from .chain import ParentPolicy
@@ -45,19 +44,31 @@ from .errors import InvalidArgumentError
 from .footer import DiskType
 from .image import open as open_image
 from .newfile import naming
+from .record import FrozenRecord, fill
 
 CHUNK = 4 * 1024 * 1024
 
 Progress = Callable[[int, int], None]
 
 
-@dataclass(frozen=True, slots=True)
-class CommitResult:
+class CommitResult(FrozenRecord):
+    _fields = ("child", "parent", "bytes_copied", "child_removed", "relinked")
+    __slots__ = _fields
     child: str
     parent: str
     bytes_copied: int
     child_removed: bool
-    relinked: list[str] = field(default_factory=list)  # the child's children, now the parent's
+    relinked: list[str]  # the child's children, now the parent's
+
+    def __init__(
+        self,
+        child: str,
+        parent: str,
+        bytes_copied: int,
+        child_removed: bool,
+        relinked: list[str] | None = None,
+    ) -> None:
+        fill(self, child, parent, bytes_copied, child_removed, [] if relinked is None else relinked)
 
 
 def commit(

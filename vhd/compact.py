@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from . import bitmap as bm
 from .bat import UNUSED
@@ -30,6 +29,7 @@ from .footer import DiskType
 from .image import open as open_image
 from .metadata import MetadataWriter, metadata_end
 from .newfile import naming
+from .record import FrozenRecord, fill
 from .vhdx import probe_vhdx
 
 SECTOR = 512
@@ -38,13 +38,19 @@ PAGE = 4096
 Progress = Callable[[int, int], None]
 
 
-@dataclass(frozen=True, slots=True)
-class CompactResult:
+class CompactResult(FrozenRecord):
+    _fields = ("path", "size_before", "size_after", "blocks_freed", "blocks_moved")
+    __slots__ = _fields
     path: str
     size_before: int
     size_after: int
     blocks_freed: int
     blocks_moved: int
+
+    def __init__(
+        self, path: str, size_before: int, size_after: int, blocks_freed: int, blocks_moved: int
+    ) -> None:
+        fill(self, path, size_before, size_after, blocks_freed, blocks_moved)
 
     @property
     def reclaimed(self) -> int:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 from .children import open_children
 from .disk import Disk
@@ -43,16 +42,23 @@ from .locator import (
 )
 from .metadata import MetadataWriter
 from .newfile import naming
+from .record import Record, fill
 
 SECTOR = 512
 
 
-@dataclass
-class SetParentResult:
+class SetParentResult(Record):
+    _fields = ("child", "parent", "warnings", "grew_by")
+    __slots__ = _fields
     child: str
     parent: str
-    warnings: list[str] = field(default_factory=list)
-    grew_by: int = 0
+    warnings: list[str]
+    grew_by: int
+
+    def __init__(
+        self, child: str, parent: str, warnings: list[str] | None = None, grew_by: int = 0
+    ) -> None:
+        fill(self, child, parent, [] if warnings is None else warnings, grew_by)
 
 
 def set_parent(

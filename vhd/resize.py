@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from . import bitmap as bm
 from .bat import MAX_ENTRIES, UNUSED
@@ -61,6 +60,7 @@ from .image import open as open_image
 from .layout import MAX_SIZE, locator_extent, table_end
 from .metadata import MetadataWriter, metadata_end
 from .newfile import naming
+from .record import FrozenRecord, fill
 from .vhdx import probe_vhdx
 
 SECTOR = 512
@@ -68,13 +68,19 @@ PAGE = 4096
 _COPY_CHUNK = 4 * 1024 * 1024
 
 
-@dataclass(frozen=True, slots=True)
-class ResizeResult:
+class ResizeResult(FrozenRecord):
+    _fields = ("path", "old_size", "new_size", "relocated_blocks", "dropped_blocks")
+    __slots__ = _fields
     path: str
     old_size: int
     new_size: int
     relocated_blocks: int
     dropped_blocks: int
+
+    def __init__(
+        self, path: str, old_size: int, new_size: int, relocated_blocks: int, dropped_blocks: int
+    ) -> None:
+        fill(self, path, old_size, new_size, relocated_blocks, dropped_blocks)
 
 
 def resize(

@@ -47,6 +47,11 @@ def test_vhdx_commands_import_only_what_they_use(tmp_path: Path) -> None:
         assert "vhd.vhdx" in loaded and "vhdtools.cli" in loaded
         heavy = sorted(m for m in loaded if any(m == h or m.startswith(h + ".") for h in _HEAVY))
         assert not heavy, f"vhd {args[0]} imports {heavy}"
+    # check loads the checkers (VHD's too, for the shared report), still no dataclasses: its
+    # report, like commit's, compact's, resize's and set-parent's results, is a vhd.record class
+    loaded = loaded_modules("check", image)
+    assert "vhd.vhdx.check" in loaded
+    assert not {"dataclasses", "inspect"} & loaded, "vhd check imports dataclasses"
     # the outputs are right: the data where it was written, zeros elsewhere
     with vhd.open(tmp_path / "out.vhd") as out:
         assert out.pread(4096, 3 << 20) == b"\x5a" * 4096

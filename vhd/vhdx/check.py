@@ -15,21 +15,41 @@ the current one (the header update procedure), a damaged region table copy from 
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
 
 from ..errors import VHDError
+from ..record import Record, fill
 from . import records as r
 from .disk import VHDXDisk, chunk_ratio, open_vhdx
 
 
-@dataclass
-class VHDXCheckReport:
+class VHDXCheckReport(Record):
+    _fields = ("path", "problems", "repairable", "repaired", "type", "size")
+    __slots__ = _fields
     path: str
-    problems: list[str] = field(default_factory=list)
-    repairable: list[str] = field(default_factory=list)
-    repaired: list[str] = field(default_factory=list)
-    type: str = "?"
-    size: int = 0
+    problems: list[str]
+    repairable: list[str]
+    repaired: list[str]
+    type: str
+    size: int
+
+    def __init__(
+        self,
+        path: str,
+        problems: list[str] | None = None,
+        repairable: list[str] | None = None,
+        repaired: list[str] | None = None,
+        type: str = "?",
+        size: int = 0,
+    ) -> None:
+        fill(
+            self,
+            path,
+            [] if problems is None else problems,
+            [] if repairable is None else repairable,
+            [] if repaired is None else repaired,
+            type,
+            size,
+        )
 
     @property
     def clean(self) -> bool:
