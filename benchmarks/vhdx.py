@@ -22,18 +22,21 @@ and the front ends' read path, VHDX against the same disk as VHD (target: within
 the layouts match and only the format's data path differs):
 
 * ``cat`` of a ``vhd mount`` (read-only) and ``fio`` 4 KiB random reads (psync) on it;
-* ``nbdcopy`` of ``vhd serve --nbd --read-only`` to ``null:`` (``COPY_ROUNDS`` rounds, with
-  each server's own CPU time per copy) and ``fio``'s nbd engine, 4 KiB random reads at queue
-  depth 1; and the same ``nbdcopy`` of the VHD from two servers, VHD against VHD, which
-  measures the harness's own spread (the two sides do identical work).
+* ``nbdcopy`` of ``vhd serve --nbd --read-only`` to ``null:`` and ``fio``'s nbd engine, 4 KiB
+  random reads at queue depth 1.
 
-Times are medians of alternating runs (for the front ends each format first in half the rounds;
-the note gives the range of the per-round ratios).  ``python -m benchmarks.vhdx [DIR]`` runs it
-alone.
+Each front end runs three servers side by side, open for all rounds: the VHDX, the VHD, and the
+same VHD again.  Every round reads once from each, the first one rotating (``FRONT_ROUNDS``,
+``COPY_ROUNDS``); each row gives the median of the client's figure (wall time or IOPS), the
+range of the per-round ratios, and the serving process's CPU time per run (per read for fio,
+from /proc).  Beside each VHDX-against-VHD row a VHD-against-VHD row, identical work on both
+sides, shows the harness's own spread: the VHDX ratio is to be read against it.
+``python -m benchmarks.vhdx [DIR]`` runs it alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import statistics
@@ -281,11 +284,15 @@ def convert_rows(
     ]
 
 
-FRONT_ROUNDS = 4  # even: each format goes first in half the rounds (see _order)
+# Rounds of the front ends' reads: each round reads once from each of three servers (VHDX, VHD,
+# the same VHD again), the first one rotating.  At 4 rounds the medians of two servers doing the
+# same work read anywhere in 0.8-1.2 here, so 10.
+FRONT_ROUNDS = 10
 FIO_SECONDS = 3
-# nbdcopy rounds: a copy takes 0.3 s, and 4 rounds' medians read anywhere in 0.9-1.2 here for
-# servers doing the same work (see _nbd_rows).
 COPY_ROUNDS = 10
+# The three servers of every front-end round: "vhd-2" serves the same VHD as "vhd", so its
+# ratio to "vhd" is the harness's own spread, against which the VHDX ratio is to be read.
+SERVERS = ("vhdx", "vhd", "vhd-2")
 
 
 def _same_disk(vhd_path: Path, vhdx_path: Path) -> None:
@@ -313,51 +320,129 @@ def _ratio_row(name: str, x: list[float], v: list[float], unit: str, note: str) 
     return core._row(name, statistics.median(x), statistics.median(v), unit, note + spread)
 
 
-def _order(items: dict[str, Any], round_: int) -> list[tuple[str, Any]]:
-    """Both formats in turn, the first one alternating between rounds: whichever runs first in
-    a pair was measured slower here (wall time of the same work), so a fixed order biased the
-    ratio by 10-20 %."""
-    pairs = list(items.items())
-    return pairs if round_ % 2 == 0 else pairs[::-1]
+@dataclass
+class Served:
+    """Per server, per round: the client's figure (seconds or IOPS) and the serving process's
+    CPU time (user + system) over that run."""
+
+    value: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in SERVERS})
+    cpu: dict[str, list[float]] = field(default_factory=lambda: {s: [] for s in SERVERS})
+
+
+def _rounds(
+    pids: dict[str, int], work: dict[str, Callable[[str], float]], rounds: int
+) -> dict[str, Served]:
+    """``rounds`` rounds; in each, every kind of ``work`` runs once against each server, the
+    first server rotating (whichever ran first in a round was measured slower here: 10-20 %
+    against VHDX in FUSE ``cat`` when the order was fixed).  Each run's server CPU comes from
+    /proc, read before and after it."""
+    out = {kind: Served() for kind in work}
+    for round_ in range(rounds):
+        for k in range(len(SERVERS)):
+            name = SERVERS[(round_ + k) % len(SERVERS)]
+            for kind, fn in work.items():
+                before = _cpu_seconds(pids[name])
+                out[kind].value[name].append(fn(name))
+                out[kind].cpu[name].append(_cpu_seconds(pids[name]) - before)
+    return out
+
+
+def _served_rows(
+    title: str, served: Served, unit: str, cpu: str, note: str, seconds: int = FIO_SECONDS
+) -> list[dict[str, Any]]:
+    """Two rows: VHDX against VHD, and the same VHD from two servers (the harness's spread).
+
+    ``cpu`` says how the server CPU is given: "s" (seconds per run) or "us/read" (the run's
+    CPU divided by its reads, for fio's time-based runs: ``value`` is IOPS)."""
+    med = statistics.median
+
+    def per_run(name: str) -> list[float]:
+        if cpu == "s":
+            return served.cpu[name]
+        # µs of server CPU per read: CPU / (IOPS * seconds)
+        return [
+            c / (iops * seconds) * 1e6 if iops else 0.0
+            for c, iops in zip(served.cpu[name], served.value[name], strict=True)
+        ]
+
+    def cpu_note(a: str, b: str) -> str:
+        ca, cb = per_run(a), per_run(b)
+        fmt = ".3f" if cpu == "s" else ".1f"
+        unit_ = "s" if cpu == "s" else "µs/read"
+        return (
+            f"server CPU medians {med(ca):{fmt}} vs {med(cb):{fmt}} {unit_} "
+            f"(ratio {med(ca) / med(cb):.2f}, per-round {_spread(ca, cb)})"
+        )
+
+    rounds = f"medians of {len(served.value['vhd'])} rounds, the first server rotating"
+    return [
+        _ratio_row(
+            f"{title}, VHDX vs VHD",
+            served.value["vhdx"],
+            served.value["vhd"],
+            unit,
+            f"same disk as VHD (2 MiB blocks); {note}; {rounds}; target within 10%; "
+            f"{cpu_note('vhdx', 'vhd')}",
+        ),
+        _ratio_row(
+            f"{title}, the same VHD from two servers (harness spread)",
+            served.value["vhd-2"],
+            served.value["vhd"],
+            unit,
+            f"identical work on both sides: the row above is to be read against this one; "
+            f"{rounds}; {cpu_note('vhd-2', 'vhd')}",
+        ),
+    ]
 
 
 def front_end_rows(workdir: Path) -> list[dict[str, Any]]:
-    """FUSE and NBD reads of the VHDX against the same disk as VHD, alternating, medians."""
-    from benchmarks import fuse
-
+    """FUSE and NBD reads of the VHDX against the same disk as VHD, and of the VHD against
+    itself through a second mount/server, alternating, medians with the servers' CPU."""
     images = {"vhdx": workdir / "front.vhdx", "vhd": workdir / "front.vhd"}
     _same_disk(images["vhd"], images["vhdx"])
+    images_of = {"vhdx": images["vhdx"], "vhd": images["vhd"], "vhd-2": images["vhd"]}
     rows: list[dict[str, Any]] = []
     try:
-        cat: dict[str, list[float]] = {"vhdx": [], "vhd": []}
-        rand: dict[str, list[float]] = {"vhdx": [], "vhd": []}
         if shutil.which("fio") and os.path.exists("/dev/fuse"):
-            for round_ in range(FRONT_ROUNDS):
-                for fmt, image in _order(images, round_):
-                    with fuse.ours(image, workdir / f"mnt-{fmt}", read_only=True) as disk:
-                        cat[fmt].append(fuse.time_cat(disk))
-                        rand[fmt].append(fuse.fio_iops(disk, "randread", seconds=FIO_SECONDS))
-            note = f"same disk as VHD (2 MiB blocks); median of {FRONT_ROUNDS}; target within 10%"
-            rows.append(
-                _ratio_row(
-                    "FUSE cat 1 GiB half-data, VHDX vs VHD", cat["vhdx"], cat["vhd"], "s", note
-                )
-            )
-            rows.append(
-                _ratio_row(
-                    "FUSE fio randread 4k psync, VHDX vs VHD",
-                    rand["vhdx"],
-                    rand["vhd"],
-                    "IOPS",
-                    note,
-                )
-            )
+            rows += _fuse_rows(workdir, images_of)
         if shutil.which("nbdcopy") and shutil.which("fio"):
-            rows += _nbd_rows(images)
+            rows += _nbd_rows(images_of)
     finally:
         for image in images.values():
             image.unlink(missing_ok=True)
     return rows
+
+
+def _fuse_rows(workdir: Path, images: dict[str, Path]) -> list[dict[str, Any]]:
+    """``cat`` and fio 4 KiB random reads (psync) of three read-only ``vhd mount``s, open for
+    all rounds (direct I/O, the default: no kernel page cache between runs)."""
+    from vhdfuse.mount import server_pid
+
+    from benchmarks import fuse
+
+    with contextlib.ExitStack() as stack:
+        disks: dict[str, Path] = {}
+        pids: dict[str, int] = {}
+        for name in SERVERS:
+            mnt = workdir / f"mnt-{name}"
+            disks[name] = stack.enter_context(fuse.ours(images[name], mnt, read_only=True))
+            pid = server_pid(str(mnt))
+            if pid is None:
+                raise RuntimeError(f"no server pid for the mount at {mnt}")
+            pids[name] = pid
+        served = _rounds(
+            pids,
+            {
+                "cat": lambda name: fuse.time_cat(disks[name]),
+                "fio": lambda name: fuse.fio_iops(disks[name], "randread", seconds=FIO_SECONDS),
+            },
+            FRONT_ROUNDS,
+        )
+    return _served_rows(
+        "FUSE cat 1 GiB half-data", served["cat"], "s", "s", "wall per cat"
+    ) + _served_rows(
+        "FUSE fio randread 4k psync", served["fio"], "IOPS", "us/read", f"{FIO_SECONDS} s runs"
+    )
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -368,70 +453,40 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def _nbd_rows(images: dict[str, Path]) -> list[dict[str, Any]]:
-    """nbdcopy and fio QD 1 through ``vhd serve --nbd``, VHDX against the same disk as VHD.
-
-    Besides the VHDX and VHD servers a second VHD server runs, and every round copies from all
-    three (the first one rotating): VHD against VHD is identical work on both sides, so its
-    ratio is this harness's own spread, against which the VHDX ratio is to be read.  Each
-    server's CPU time per copy is given too: it is the format's cost without the scheduling of
-    the three processes (nbdcopy's threads, the server's) on a shared machine.
-    """
+    """nbdcopy and fio QD 1 through three ``vhd serve --nbd --read-only`` (VHDX, VHD, the same
+    VHD again).  Each server's CPU time per run is given too: it is the format's cost without
+    the scheduling of the processes (nbdcopy's or fio's threads, the servers') on a shared
+    machine."""
     from benchmarks import nbd
 
-    med = statistics.median
-    copy: dict[str, list[float]] = {"vhdx": [], "vhd": [], "vhd-2": []}
-    cpu: dict[str, list[float]] = {"vhdx": [], "vhd": [], "vhd-2": []}
-    qd1: dict[str, list[float]] = {"vhdx": [], "vhd": []}
     sockdir = Path(tempfile.mkdtemp(prefix="nbdx-", dir="/tmp"))
-    pids: list[int] = []
+    pid_list: list[int] = []
     try:
-        with (
-            nbd._ours(images["vhdx"], sockdir / "x", "--read-only", pids=pids) as url_x,
-            nbd._ours(images["vhd"], sockdir / "v", "--read-only", pids=pids) as url_v,
-            nbd._ours(images["vhd"], sockdir / "w", "--read-only", pids=pids) as url_w,
-        ):
-            servers = [
-                ("vhdx", url_x, pids[0]),
-                ("vhd", url_v, pids[1]),
-                ("vhd-2", url_w, pids[2]),
+        with contextlib.ExitStack() as stack:
+            urls: dict[str, str] = {}
+            for name in SERVERS:
+                urls[name] = stack.enter_context(
+                    nbd._ours(images[name], sockdir / name, "--read-only", pids=pid_list)
+                )
+            pids = dict(zip(SERVERS, pid_list, strict=True))
+            copy = _rounds(
+                pids, {"copy": lambda name: nbd._timed("nbdcopy", urls[name], "null:")}, COPY_ROUNDS
+            )["copy"]
+            qd1 = _rounds(pids, {"qd1": lambda name: nbd._fio_iops(urls[name], 1)}, FRONT_ROUNDS)[
+                "qd1"
             ]
-            for round_ in range(COPY_ROUNDS):
-                for k in range(len(servers)):
-                    name, url, pid = servers[(round_ + k) % len(servers)]
-                    before = _cpu_seconds(pid)
-                    copy[name].append(nbd._timed("nbdcopy", url, "null:"))
-                    cpu[name].append(_cpu_seconds(pid) - before)
-            for round_ in range(FRONT_ROUNDS):
-                for fmt, url in _order({"vhdx": url_x, "vhd": url_v}, round_):
-                    qd1[fmt].append(nbd._fio_iops(url, 1))
     finally:
         shutil.rmtree(sockdir, ignore_errors=True)
-    rounds = f"medians of {COPY_ROUNDS} rounds, the first server rotating"
-    return [
-        _ratio_row(
-            "NBD nbdcopy to null: 1 GiB half-data, VHDX vs VHD",
-            copy["vhdx"],
-            copy["vhd"],
-            "s",
-            f"same disk as VHD (2 MiB blocks); {rounds}; target within 10%; servers' CPU per "
-            f"copy {med(cpu['vhdx']):.3f} vs {med(cpu['vhd']):.3f} s",
-        ),
-        _ratio_row(
-            "NBD nbdcopy to null: the same VHD from two servers (harness spread)",
-            copy["vhd-2"],
-            copy["vhd"],
-            "s",
-            f"identical work on both sides: the ratio above is to be read against this one; "
-            f"{rounds}; servers' CPU per copy {med(cpu['vhd-2']):.3f} vs {med(cpu['vhd']):.3f} s",
-        ),
-        _ratio_row(
-            "NBD fio randread 4k QD 1, VHDX vs VHD",
-            qd1["vhdx"],
-            qd1["vhd"],
-            "IOPS",
-            f"same disk as VHD (2 MiB blocks); median of {FRONT_ROUNDS}; target within 10%",
-        ),
-    ]
+    return _served_rows(
+        "NBD nbdcopy to null: 1 GiB half-data", copy, "s", "s", "wall per copy"
+    ) + _served_rows(
+        "NBD fio randread 4k QD 1",
+        qd1,
+        "IOPS",
+        "us/read",
+        f"{nbd.FIO_SECONDS} s runs",
+        seconds=nbd.FIO_SECONDS,
+    )
 
 
 if __name__ == "__main__":
