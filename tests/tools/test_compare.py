@@ -138,3 +138,27 @@ def test_reports_the_exact_offset(tmp_path: Path, capsys: pytest.CaptureFixture[
         f.write(b"x")
     assert vhd_compare(a, b) == 1
     assert f"offset {8 * MiB + 12345}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("both", [True, False])
+def test_lowest_difference_wins_across_the_window(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], both: bool
+) -> None:
+    """More chunks than the read window holds, data in each, and a difference a window or two
+    in: with two differences the lower one is reported, with only the higher one that one."""
+    from vhdtools.commands.compare import _WINDOW, CHUNK
+
+    size = (3 * _WINDOW + 2) * CHUNK
+    a, b = tmp_path / "a.vhd", tmp_path / "b.raw"
+    data = payload(size, 1)
+    with vhd.create(a, size) as disk:
+        disk.pwrite(data, 0)
+    low, high = (_WINDOW + 1) * CHUNK + 4097, (2 * _WINDOW + 1) * CHUNK + 3
+    changed = bytearray(data)
+    changed[high] ^= 0xFF
+    if both:
+        changed[low] ^= 0xFF
+    b.write_bytes(changed)
+    assert vhd_compare(a, b) == 1
+    assert f"offset {low if both else high}" in capsys.readouterr().out
+    assert qemu_compare(a, b) == 1
