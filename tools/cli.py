@@ -131,11 +131,11 @@ class _VersionAction(argparse.Action):
 
 
 def _version() -> str:
-    # crcmod itself, not vhd.vhdx.crc: that would import the whole VHDX package (about 20 ms)
-    # to print one line.  The same test as vhd.vhdx.crc.using_c_extension.
-    importlib.import_module("crcmod")  # loads crcmod.crcmod, which says if its extension runs
-    fast = getattr(sys.modules.get("crcmod.crcmod"), "_usingExtension", False)
-    crc = "crcmod C extension" if fast else "crcmod pure Python (slow)"
+    # vhd.crc32c_backend, not vhd.vhdx.crc: that would import the whole VHDX package (about
+    # 20 ms) to print one line.
+    from vhd.crc32c_backend import using_c_extension
+
+    crc = "crcmod C extension" if using_c_extension() else "crcmod pure Python (slow)"
     return f"vhdkit {vhd.__version__} (VHDX CRC-32C: {crc})"
 
 

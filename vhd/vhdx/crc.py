@@ -6,9 +6,11 @@ Python fallback, which matters for log entries and whole 64 KiB region tables.
 
 from __future__ import annotations
 
-import sys
-
 import crcmod.predefined
+
+from ..crc32c_backend import using_c_extension
+
+__all__ = ["crc32c", "crc32c_with_zeroed_field", "using_c_extension"]
 
 _crc32c = crcmod.predefined.mkCrcFun("crc-32c")
 
@@ -22,9 +24,3 @@ def crc32c_with_zeroed_field(record: bytes | bytearray | memoryview, field_offse
     buf = bytearray(record)
     buf[field_offset : field_offset + 4] = b"\0\0\0\0"
     return crc32c(buf)
-
-
-def using_c_extension() -> bool:
-    """True when crcmod runs its compiled extension (``crcmod._usingExtension``)."""
-    module = sys.modules.get("crcmod.crcmod")
-    return bool(getattr(module, "_usingExtension", False))
