@@ -24,7 +24,7 @@ from typing import Any
 import vhd
 
 from . import core
-from .core import VHD_CLI, GiB, _make_source, _row, _run_child, _warm
+from .core import VHD_CLI, GiB, _make_source, _row, _warm
 
 # The start-up-bound rows take a few tens of milliseconds: more runs than the data-bound ones.
 SHORT_ROUNDS = 15
@@ -32,13 +32,10 @@ HALF_ROUNDS = 5
 
 
 def _alternating(commands: list[list[str]], rounds: int) -> list[float]:
-    """Each command's median time over ``rounds`` rounds that run the commands in turn, so that
-    a change in the machine's load lands on all of them alike."""
-    times: list[list[float]] = [[] for _ in commands]
-    for _ in range(rounds):
-        for i, command in enumerate(commands):
-            times[i].append(_run_child(command)[0])
-    return [statistics.median(t) for t in times]
+    """Each command's median wall time over ``rounds`` rounds that run the commands in turn
+    (:func:`benchmarks.core.alternating`), so that a change in the machine's load lands on all
+    of them alike."""
+    return [statistics.median(r.wall) for r in core.alternating(commands, rounds)]
 
 
 def _median(command: list[str]) -> float:

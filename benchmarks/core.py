@@ -32,6 +32,7 @@ import time
 import zlib
 from array import array
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -81,32 +82,68 @@ def _child_env(workdir: Path) -> dict[str, str]:
 _ENV: dict[str, str] | None = None
 
 
-def _run_child(args: list[str]) -> tuple[float, int]:
-    """Run a command; return (wall seconds, peak RSS in bytes of that command).
+@dataclass
+class Runs:
+    """One command's runs: wall and CPU seconds per round, and its largest peak RSS."""
 
-    The peak comes from GNU time: a child forked straight from this (large) Python process
-    would report this process's RSS at fork time.
-    """
+    wall: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
+    peak: int = 0
+
+
+def run_measured(args: list[str]) -> tuple[float, float, int]:
+    """Run a command: (wall seconds, CPU seconds, peak RSS in bytes) of that command.
+
+    The command runs under GNU time, whose ``%M`` is the command's own peak (a child forked from
+    this large process would report this process's RSS at fork time); ``wait4`` on GNU time
+    gives the user + system time of it and of the command it waited for (GNU time's own share
+    is about a millisecond, the same on both sides)."""
     timer = shutil.which("time")
     if timer is None:
         raise RuntimeError("GNU time is needed to measure peak memory (apt-get install time)")
-    with tempfile.NamedTemporaryFile("r") as note:
+    with tempfile.NamedTemporaryFile("r") as note, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
-        proc = subprocess.run(
+        proc = subprocess.Popen(
             [timer, "-f", "%M", "-o", note.name, *args],
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-            check=False,
+            stderr=err,
             env=_ENV,
         )
+        _, status, usage = os.wait4(proc.pid, 0)
         elapsed = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
         if proc.returncode != 0:
-            raise RuntimeError(
-                f"{' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}"
-            )
+            err.seek(0)
+            raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}): {err.read().strip()}")
         peak_kib = int(note.read().strip().splitlines()[-1])
-    return elapsed, peak_kib * 1024
+    return elapsed, usage.ru_utime + usage.ru_stime, peak_kib * 1024
+
+
+def alternating(
+    commands: list[list[str]], rounds: int, cleanup: Callable[[], None] = lambda: None
+) -> list[Runs]:
+    """Each command ``rounds`` times, in turn, the first one rotating every round (whichever went
+    first measured slower here: the file system's work on the outputs just removed).  Before
+    every run the outputs are removed and ``sync`` writes every dirty page, so no run pays for
+    an earlier one's writeback."""
+    runs = [Runs() for _ in commands]
+    for round_ in range(rounds):
+        for k in range(len(commands)):
+            i = (round_ + k) % len(commands)
+            cleanup()
+            os.sync()
+            wall, cpu, peak = run_measured(commands[i])
+            runs[i].wall.append(wall)
+            runs[i].cpu.append(cpu)
+            runs[i].peak = max(runs[i].peak, peak)
+    cleanup()
+    return runs
+
+
+def _run_child(args: list[str]) -> tuple[float, int]:
+    """Run a command; return (wall seconds, peak RSS in bytes of that command)."""
+    wall, _, peak = run_measured(args)
+    return wall, peak
 
 
 def _warm(path: Path) -> None:
@@ -127,26 +164,9 @@ def _make_source(path: Path, size: int = GiB) -> None:
 
 
 def _medians(commands: list[list[str]], cleanup: Callable[[], None]) -> list[tuple[float, int]]:
-    """Run the commands in turn, ROUNDS times: each one's median time and largest peak RSS.
-
-    Each round starts with the next command (rotated): whichever went first in every round
-    measured slower here (the file system's work on the outputs just removed), so a fixed order
-    biased the ratio against ours."""
-    times: list[list[float]] = [[] for _ in commands]
-    peaks = [0] * len(commands)
-    for round_ in range(ROUNDS):
-        for k in range(len(commands)):
-            i = (round_ + k) % len(commands)
-            command = commands[i]
-            cleanup()
-            # Start each run with no dirty pages: otherwise the kernel's writeback of an earlier
-            # output (or of the source just made) lands in whichever command runs next.
-            os.sync()
-            t, rss = _run_child(command)
-            times[i].append(t)
-            peaks[i] = max(peaks[i], rss)
-    cleanup()
-    return [(statistics.median(t), p) for t, p in zip(times, peaks, strict=True)]
+    """The commands in turn, ROUNDS times (:func:`alternating`): each one's median wall time and
+    largest peak RSS."""
+    return [(statistics.median(r.wall), r.peak) for r in alternating(commands, ROUNDS, cleanup)]
 
 
 def _row(

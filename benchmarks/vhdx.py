@@ -40,10 +40,8 @@ import contextlib
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,13 +91,13 @@ def run(workdir: Path) -> list[dict[str, Any]]:
             out_ours.unlink(missing_ok=True)
             out_q.unlink(missing_ok=True)
 
-        mine, qemus = _alternating(
+        mine, qemus = core.alternating(
             [
                 [core.VHD_CLI, "convert", str(ours), str(out_ours)],
                 [qemu, "convert", "-f", "vhdx", "-O", "raw", str(ours), str(out_q)],
             ],
-            clean_raw,
             CONVERT_ROUNDS,
+            clean_raw,
         )
         rows.append(
             _cpu_row(
@@ -115,13 +113,13 @@ def run(workdir: Path) -> list[dict[str, Any]]:
             azure_q.unlink(missing_ok=True)
 
         azure = ["-O", "vpc", "-o", "subformat=fixed,force_size=on", str(ours), str(azure_q)]
-        mine, qemus = _alternating(
+        mine, qemus = core.alternating(
             [
                 [core.VHD_CLI, "convert", "--azure", str(ours), str(azure_ours)],
                 [qemu, "convert", "-f", "vhdx", *azure],
             ],
-            clean_azure,
             CONVERT_ROUNDS,
+            clean_azure,
         )
         rows.append(
             _cpu_row(
@@ -141,61 +139,6 @@ def run(workdir: Path) -> list[dict[str, Any]]:
 
 # Rounds of each convert command (>= 5: single runs of one command swing 2-3x on this machine).
 CONVERT_ROUNDS = 6
-
-
-@dataclass
-class Runs:
-    """One command's runs: wall and CPU seconds per round, and its largest peak RSS."""
-
-    wall: list[float] = field(default_factory=list)
-    cpu: list[float] = field(default_factory=list)
-    peak: int = 0
-
-
-def _run_measured(args: list[str]) -> tuple[float, float, int]:
-    """Run a command: (wall seconds, CPU seconds, peak RSS in bytes) of that command.
-
-    The command runs under GNU time, whose ``%M`` is the command's own peak (a child forked from
-    this large process would report this process's RSS at fork time); ``wait4`` on GNU time
-    gives the user + system time of it and of the command it waited for (GNU time's own share
-    is about a millisecond, the same on both sides)."""
-    timer = shutil.which("time")
-    if timer is None:
-        raise RuntimeError("GNU time is needed to measure peak memory (apt-get install time)")
-    with tempfile.NamedTemporaryFile("r") as note, tempfile.TemporaryFile("w+") as err:
-        start = time.perf_counter()
-        proc = subprocess.Popen(
-            [timer, "-f", "%M", "-o", note.name, *args],
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-            env=core._ENV,
-        )
-        _, status, usage = os.wait4(proc.pid, 0)
-        elapsed = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode != 0:
-            err.seek(0)
-            raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}): {err.read().strip()}")
-        peak_kib = int(note.read().strip().splitlines()[-1])
-    return elapsed, usage.ru_utime + usage.ru_stime, peak_kib * 1024
-
-
-def _alternating(commands: list[list[str]], cleanup: Callable[[], None], rounds: int) -> list[Runs]:
-    """Each command ``rounds`` times, the first one rotating every round (whichever went first
-    measured slower here).  Before every run the outputs are removed and ``sync`` writes every
-    dirty page, so no run pays for an earlier one's writeback."""
-    runs = [Runs() for _ in commands]
-    for round_ in range(rounds):
-        for k in range(len(commands)):
-            i = (round_ + k) % len(commands)
-            cleanup()
-            os.sync()
-            wall, cpu, peak = _run_measured(commands[i])
-            runs[i].wall.append(wall)
-            runs[i].cpu.append(cpu)
-            runs[i].peak = max(runs[i].peak, peak)
-    cleanup()
-    return runs
 
 
 def _spread(ours: list[float], theirs: list[float]) -> str:
@@ -223,7 +166,7 @@ def _warm_up(workdir: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def _cpu_row(name: str, ours: Runs, theirs: Runs, note: str) -> dict[str, Any]:
+def _cpu_row(name: str, ours: core.Runs, theirs: core.Runs, note: str) -> dict[str, Any]:
     """A convert row judged on CPU time (user + system): the minimum over the rounds.
 
     Why CPU, and why the minimum: the wall time of a copy that ends in the page cache is set on
@@ -263,8 +206,8 @@ def convert_rows(
     # Two pairs timed apart: in one rotation of all four, each command always followed the same
     # one (ours the durable qemu-img run, whose 1 GiB of freed page cache it then refilled),
     # and ours measured 1.2-3.9x qemu-img's CPU in every round.
-    fast, slow = _alternating([ours, theirs], cleanup, rounds)
-    fast_d, slow_d = _alternating([ours_durable, theirs_durable], cleanup, rounds)
+    fast, slow = core.alternating([ours, theirs], rounds, cleanup)
+    fast_d, slow_d = core.alternating([ours_durable, theirs_durable], rounds, cleanup)
     return [
         _cpu_row(
             "convert raw -> dynamic VHDX (1 GiB, half zeros)",
