@@ -170,7 +170,7 @@ class Footer(FrozenRecord):
 
     def build(self) -> bytes:
         """The 512 on-disk bytes, with the checksum computed afresh."""
-        fields = dict(zip(self._fields, self._values(), strict=True))
+        fields = self._asdict()
         fields["checksum"] = 0
         raw = bytearray(FOOTER_STRUCT.pack(*(_exact(fields, f) for f in FOOTER_FIELDS)))
         raw[CHECKSUM_OFFSET : CHECKSUM_OFFSET + 4] = vhd_checksum(raw, CHECKSUM_OFFSET).to_bytes(

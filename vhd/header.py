@@ -159,7 +159,7 @@ class DynamicHeader(FrozenRecord):
             raise ValueError(
                 f"a header has {LOCATOR_SLOTS} locator slots, not {len(self.locators)}"
             )
-        fields: dict[str, Any] = dict(zip(self._fields, self._values(), strict=True))
+        fields: dict[str, Any] = self._asdict()
         fields["locators"] = b"".join(
             LOCATOR_STRUCT.pack(
                 loc.code, loc.data_space, loc.data_len, loc.reserved, loc.data_offset

@@ -55,11 +55,14 @@ class Record:
         # frozen dataclasses' own __getstate__/__setstate__ let them
         return type(self), self._values()
 
+    def _asdict(self) -> dict[str, Any]:
+        """The fields by name, in order (``dataclasses.asdict`` without its deep copy; named as
+        namedtuple's, apart from the ``as_dict`` that reports define for their JSON)."""
+        return {name: getattr(self, name) for name in self._fields}
+
     def replace(self, **changes: Any) -> Self:
         """A copy with ``changes`` (field name -> value), like ``dataclasses.replace``."""
-        values = {name: getattr(self, name) for name in self._fields}
-        values.update(changes)
-        return type(self)(**values)
+        return type(self)(**(self._asdict() | changes))
 
 
 class FrozenRecord(Record):
