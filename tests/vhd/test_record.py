@@ -96,7 +96,7 @@ def test_vhdx_records_behave_as_their_dataclasses_did(tmp_path: Path) -> None:
     again = r.Header.parse(header.build())
     assert again == header and hash(again) == hash(header) and again is not header
     assert r.RegionTable.parse(table.build()) == table
-    moved = header.with_changes(sequence_number=header.sequence_number + 1)
+    moved = header.replace(sequence_number=header.sequence_number + 1)
     assert moved != header and moved.log_guid == header.log_guid
     assert moved.sequence_number == header.sequence_number + 1
     with pytest.raises(AttributeError):

@@ -284,7 +284,7 @@ class VHDXDisk(Disk):
     def _write_header(self, durable: bool, **changes: object) -> None:
         """The update procedure of 2.2.2.1: the non-current copy gets sequence + 1."""
         cur = self.current_header
-        new = cur.with_changes(sequence_number=cur.sequence_number + 1, **changes)
+        new = cur.replace(sequence_number=cur.sequence_number + 1, **changes)
         slot = 1 - self.layout.current
         write_all(self._fd, new.build(), r.HEADER_OFFSETS[slot])
         if durable:

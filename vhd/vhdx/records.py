@@ -275,9 +275,6 @@ class Header(FrozenRecord):
         crc = crc32c_with_zeroed_field(body, 4)
         return body[:4] + crc.to_bytes(4, "little") + body[8:]
 
-    def with_changes(self, **changes: object) -> Header:
-        return self.replace(**changes)
-
 
 # -- region table (2.2.3) ---------------------------------------------------------------------
 

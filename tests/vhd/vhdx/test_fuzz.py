@@ -67,7 +67,7 @@ def _live_log(path: Path) -> None:
     raw = bytearray(path.read_bytes())
     at, head = current_header(raw)
     entry = r.LOG_ENTRY_HEADER.parse(bytes(raw[head.log_offset : head.log_offset + 64]))
-    raw[at : at + 4096] = head.with_changes(log_guid=r.guid(entry.log_guid)).build()
+    raw[at : at + 4096] = head.replace(log_guid=r.guid(entry.log_guid)).build()
     path.write_bytes(bytes(raw))
 
 

@@ -46,7 +46,7 @@ def _rewind_to_log(image: Path) -> uuid.UUID:
     assert seq is not None and seq.writes
     for w in seq.writes:
         data[w.offset : w.offset + w.length] = bytes(w.length)
-    data[off : off + r.HEADER_SIZE] = head.with_changes(log_guid=log_guid).build()
+    data[off : off + r.HEADER_SIZE] = head.replace(log_guid=log_guid).build()
     image.write_bytes(bytes(data))
     return log_guid
 
@@ -131,7 +131,7 @@ def test_the_newest_sequence_wins_and_stale_guids_are_ignored(tmp_path: Path) ->
     ]
     log = b"".join(entries)
     data[head.log_offset : head.log_offset + len(log)] = log
-    data[off : off + r.HEADER_SIZE] = head.with_changes(log_guid=guid).build()
+    data[off : off + r.HEADER_SIZE] = head.replace(log_guid=guid).build()
     image.write_bytes(bytes(data))
     with open_vhdx(image) as disk:
         seq = disk.layout.replayed
@@ -149,7 +149,7 @@ def test_log_guid_without_entries_opens_with_a_warning(tmp_path: Path) -> None:
     create_vhdx(image, 8 * MiB).close()
     data = bytearray(image.read_bytes())
     off, head = current_header(data)
-    data[off : off + r.HEADER_SIZE] = head.with_changes(log_guid=uuid.uuid4()).build()
+    data[off : off + r.HEADER_SIZE] = head.replace(log_guid=uuid.uuid4()).build()
     image.write_bytes(bytes(data))
     with open_vhdx(image) as disk:
         assert any("no valid entry" in w for w in disk.warnings)

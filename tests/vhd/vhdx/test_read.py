@@ -148,7 +148,7 @@ def test_current_header_is_the_valid_one_with_the_higher_sequence(tmp_path: Path
     _rewrite_header(
         image,
         other,
-        head.with_changes(sequence_number=head.sequence_number + 5, data_write_guid=marker),
+        head.replace(sequence_number=head.sequence_number + 5, data_write_guid=marker),
     )
     with open_vhdx(image) as disk:
         assert disk.current_header.data_write_guid == marker
@@ -236,7 +236,7 @@ def test_forged_sizes_are_refused_before_any_allocation(tmp_path: Path) -> None:
     create_vhdx(other, 8 * MiB).close()
     data = bytearray(other.read_bytes())
     off, head = current_header(data)
-    data[off : off + r.HEADER_SIZE] = head.with_changes(
+    data[off : off + r.HEADER_SIZE] = head.replace(
         log_guid=uuid.uuid4(), log_offset=(2**63 // MiB) * MiB
     ).build()
     other.write_bytes(bytes(data))
