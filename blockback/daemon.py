@@ -115,8 +115,32 @@ class XenDaemon:
             if device in self.drivers:
                 self.drivers[device].directory_removed()
                 self._reap()
-        elif device not in self.drivers and device not in self.failed | self.finished:
+        elif self._wanted(device):
             self._attach(device)
+
+    def _wanted(self, device: str) -> bool:
+        """Whether ``device``, whose directory exists, is one to attach now."""
+        if device in self.drivers:
+            return False
+        if device in self.failed | self.finished:
+            if not self._written_anew(device):
+                return False
+            self.failed.discard(device)
+            self.finished.discard(device)
+        return True
+
+    def _written_anew(self, device: str) -> bool:
+        """Whether the toolstack removed a device we let go (or refused) and wrote it again.
+
+        Watch events arrive late: on a loaded dom0 the event of ``block-detach``'s removal is
+        read after ``block-attach`` of the same vdev wrote the directory again, so it never
+        looks removed.  The directory tells: one we let go holds the Closed state we wrote, one
+        we refused our hotplug-status; the toolstack writes a new one with state 1
+        (Initialising) and no hotplug-status."""
+        return (
+            self.xs.try_read(f"{device}/state") == b"1"
+            and self.xs.try_read(f"{device}/hotplug-status") is None
+        )
 
     def scan(self) -> None:
         try:
@@ -129,7 +153,7 @@ class XenDaemon:
                 for devid in self.xs.directory(f"{self.root}/{fdom}"):
                     device = f"{self.root}/{fdom}/{devid}"
                     seen.add(device)
-                    if device not in self.drivers and device not in self.failed | self.finished:
+                    if self._wanted(device):
                         self._attach(device)
         for device in [d for d in self.drivers if d not in seen]:
             self.drivers[device].directory_removed()

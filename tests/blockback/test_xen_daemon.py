@@ -4,6 +4,7 @@ removal, unopenable images and shutdown."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
@@ -252,6 +253,57 @@ def test_block_detach_then_reattach_the_same_vdev(rig: Rig) -> None:
     assert be2 == be
     wait_for(lambda: rig.state(be) == "2")
     assert len(rig.opened) == 2 and rig.opened[0].closed and not rig.opened[1].closed
+
+
+@contextlib.contextmanager
+def events_held(rig: Rig) -> Iterator[None]:
+    """Hold the daemon's event handling inside the block, then let it run: its watch events
+    arrive after everything the block did (the ordering a loaded dom0 gives)."""
+    gate = threading.Event()
+    handle = rig.daemon.handle
+
+    def held(path: str, token: str) -> None:
+        gate.wait()
+        handle(path, token)
+
+    rig.daemon.handle = held  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        gate.set()
+
+
+def test_reattach_seen_after_the_directory_was_written_anew(rig: Rig) -> None:
+    """``block-detach`` then ``block-attach`` of the same vdev, the daemon's events arriving
+    only after both: the removal's event finds the new directory.  It is a new device (state 1,
+    no hotplug-status of ours), not the one we let go (issue: CI failed on this race)."""
+    be, fe, front, image = connected_device(rig)
+    rig.toolstack.write(f"{be}/online", "0")
+    wait_for(lambda: rig.state(be) == "5")
+    rig.guest.write(f"{fe}/state", "6")
+    wait_for(lambda: rig.state(be) == "6")
+    wait_for(lambda: be not in rig.daemon.drivers)
+    front.close()
+    with events_held(rig):
+        rig.toolstack.rm(be)
+        rig.toolstack.rm(fe)
+        toolstack_add_vbd(rig.toolstack, image=str(image), read_only=True)
+    wait_for(lambda: rig.state(be) == "2")
+    assert len(rig.opened) == 2 and not rig.opened[1].closed
+
+
+def test_refused_device_written_anew_is_tried_again(rig: Rig) -> None:
+    """A device refused for a missing image, removed and attached again once the image exists,
+    the daemon's events arriving only after both: it is served."""
+    image = rig.tmp / "late.vhd"
+    be, _ = toolstack_add_vbd(rig.toolstack, image=str(image), read_only=True)
+    wait_for(lambda: rig.toolstack.try_read(f"{be}/hotplug-status") == b"error")
+    vhd.create(image, 1 << 20).close()
+    with events_held(rig):
+        toolstack_add_vbd(rig.toolstack, image=str(image), read_only=True)  # rm, then write
+    wait_for(lambda: rig.state(be) == "2")
+    assert rig.toolstack.read(f"{be}/hotplug-status") == b"connected"
+    assert be not in rig.daemon.failed
 
 
 # ``vhd serve --xen`` in its own process, the simulated transport standing in for gntdev/evtchn
