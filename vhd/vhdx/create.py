@@ -18,7 +18,6 @@ from ..guid import Guid
 from ..newfile import NewFile, naming
 from . import records as r
 from .disk import VHDXDisk, bat_entries, chunk_ratio, open_vhdx_locked, parent_identity
-from .ops import locator_for
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (vhd.record)
 if TYPE_CHECKING:
@@ -170,4 +169,8 @@ def _locator(child: str, parent: Disk) -> r.ParentLocator:
     ident = parent_identity(parent)
     if ident is None:
         raise InvalidArgumentError("the parent has no identity a child can record")
+    # (imported here: only a differencing disk has a locator, and vhd.vhdx.ops, the maintenance
+    # operations, would cost every VHDX command its import)
+    from .ops import locator_for
+
     return locator_for(child, parent.path, Guid.parse(ident))

@@ -33,7 +33,6 @@ a session updates both headers with a new FileWriteGuid and DataWriteGuid (2.2.2
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import errno
 import itertools
@@ -939,9 +938,13 @@ _MAX_SEGMENTS = 1 << 16  # data segments a read-only disk keeps (two ints each)
 def _split_by_segments(segments: list[int], base: int, start: int, end: int) -> Iterator[Extent]:
     """Guest range [start, end), stored at file offset ``base + start``, split into data
     (layer 0) and holes (layer None) by the file's sorted data ``segments``."""
+    # (imported here: only mapping present blocks needs it; info, create and a convert into a
+    # VHDX do not)
+    from bisect import bisect_right
+
     pos = start
     while pos < end:
-        i = bisect.bisect_right(segments, base + pos)
+        i = bisect_right(segments, base + pos)
         # an odd index: inside data up to segments[i]; an even one: a hole up to segments[i]
         nxt = segments[i] - base if i < len(segments) else end
         stop = min(nxt, end)
