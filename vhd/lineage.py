@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     import uuid
     from typing import TypeGuard
 
+    from .guid import AnyGuid
     from .vhdx import VHDXDisk
 
 
@@ -36,7 +37,7 @@ def _is_vhdx(disk: Disk) -> TypeGuard[VHDXDisk]:
     return getattr(disk, "format", "vhd") == "vhdx"
 
 
-def identity(disk: Disk) -> uuid.UUID:
+def identity(disk: Disk) -> AnyGuid:
     """What a child of ``disk`` records to name it."""
     import uuid
 
@@ -68,7 +69,7 @@ def identity_of_file(path: str) -> uuid.UUID | None:
     return None if found is None else uuid.UUID(bytes=found[1])
 
 
-def recorded_parents(child: Disk) -> set[uuid.UUID]:
+def recorded_parents(child: Disk) -> set[AnyGuid]:
     """The identities a differencing ``child`` names its parent by."""
     if _is_vhdx(child):
         from .vhdx.ops import linkages
@@ -92,7 +93,7 @@ def find_parent(child: Disk, policy: ParentPolicy | None = None) -> Disk:
     return find_vhd_parent(child, policy)
 
 
-def retarget(child: Disk, parent_path: str, parent_id: uuid.UUID) -> tuple[int, list[str]]:
+def retarget(child: Disk, parent_path: str, parent_id: AnyGuid) -> tuple[int, list[str]]:
     """Point ``child`` (open ``"r+"``) at ``parent_path`` of identity ``parent_id``; returns
     (bytes the file grew by, warnings)."""
     from .reparent import retarget as retarget_vhd

@@ -15,7 +15,9 @@ from vhd.vhdx import create_vhdx
 # workers are plain threads (concurrent.futures brings logging); the VHDX records and convert's
 # result are vhd.record classes, not dataclasses (dataclasses and the inspect it imports, with
 # each class's methods compiled from source: 12 ms of a VHDX command's start-up); typing is for
-# mypy only (3 ms), and convert's buffers are maps, which need no ctypes to align (2 ms).
+# mypy only (3 ms), and convert's buffers are maps, which need no ctypes to align (2 ms); VHDX
+# GUIDs are vhd.guid's (uuid imports platform: 2-3 ms); vhd.vhdx.ops is maintenance and a
+# differencing child's locator only.
 _HEAVY = (
     "construct",
     "dataclasses",
@@ -30,6 +32,9 @@ _HEAVY = (
     "logging",
     "typing",
     "ctypes",
+    "uuid",
+    "platform",
+    "vhd.vhdx.ops",
 )
 
 

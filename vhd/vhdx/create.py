@@ -10,15 +10,18 @@ parent_linkage is the parent's DataWriteGuid (a VHD parent: its unique id).
 from __future__ import annotations
 
 import os
-import uuid
 
 from ..disk import Disk
 from ..errors import InvalidArgumentError
 from ..fileio import write_all
+from ..guid import Guid
 from ..newfile import NewFile, naming
 from . import records as r
 from .disk import VHDXDisk, bat_entries, chunk_ratio, open_vhdx_locked, parent_identity
-from .ops import locator_for
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (vhd.record)
+if TYPE_CHECKING:
+    from ..guid import AnyGuid
 
 MiB = r.MiB
 DEFAULT_BLOCK_SIZE = 32 * MiB
@@ -68,10 +71,10 @@ def create_vhdx(
     bat_offset = meta_offset + MiB
     data_offset = bat_offset + bat_length
 
-    data_write_guid = uuid.uuid4()
+    data_write_guid = Guid.random()
     header = r.Header(
         sequence_number=1,
-        file_write_guid=uuid.uuid4(),
+        file_write_guid=Guid.random(),
         data_write_guid=data_write_guid,
         log_guid=r.ZERO_GUID,
         log_version=0,
@@ -88,7 +91,7 @@ def create_vhdx(
     flags = (r.LEAVE_BLOCKS_ALLOCATED if type == "fixed" else 0) | (
         r.HAS_PARENT if differencing else 0
     )
-    items: list[tuple[uuid.UUID, bytes, bool]] = [
+    items: list[tuple[AnyGuid, bytes, bool]] = [
         (
             r.FILE_PARAMETERS,
             r.FILE_PARAMETERS_STRUCT.build({"block_size": block_size, "flags": flags}),
@@ -97,7 +100,7 @@ def create_vhdx(
         (r.VIRTUAL_DISK_SIZE, size.to_bytes(8, "little"), True),
         (r.LOGICAL_SECTOR_SIZE, logical_sector_size.to_bytes(4, "little"), True),
         (r.PHYSICAL_SECTOR_SIZE, physical_sector_size.to_bytes(4, "little"), True),
-        (r.VIRTUAL_DISK_ID, uuid.uuid4().bytes_le, True),
+        (r.VIRTUAL_DISK_ID, Guid.random().bytes_le, True),
     ]
     if parent is not None:
         items.append((r.PARENT_LOCATOR, _locator(spath, parent).build(), False))
@@ -114,7 +117,7 @@ def create_vhdx(
 
 def _write_new(
     new: NewFile,
-    items: list[tuple[uuid.UUID, bytes, bool]],
+    items: list[tuple[AnyGuid, bytes, bool]],
     header: r.Header,
     regions: r.RegionTable,
     meta_offset: int,
@@ -166,4 +169,8 @@ def _locator(child: str, parent: Disk) -> r.ParentLocator:
     ident = parent_identity(parent)
     if ident is None:
         raise InvalidArgumentError("the parent has no identity a child can record")
-    return locator_for(child, parent.path, uuid.UUID(ident))
+    # (imported here: only a differencing disk has a locator, and vhd.vhdx.ops, the maintenance
+    # operations, would cost every VHDX command its import)
+    from .ops import locator_for
+
+    return locator_for(child, parent.path, Guid.parse(ident))

@@ -33,14 +33,12 @@ a session updates both headers with a new FileWriteGuid and DataWriteGuid (2.2.2
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import errno
 import itertools
 import os
 import re
 import sys
-import uuid
 from array import array
 from collections.abc import Callable, Iterator, Sequence
 
@@ -74,12 +72,17 @@ from ..fileio import (
     zero_fill,
 )
 from ..footer import DiskType
+from ..guid import Guid
 from ..locator import windows_to_posix
 from ..newfile import NewFile
 from ..probe import is_vhdx_file
 from ..record import Record, fill
 from . import log as vlog
 from . import records as r
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (vhd.record)
+if TYPE_CHECKING:
+    from ..guid import AnyGuid
 
 MiB = r.MiB
 LOG_SECTOR = r.LOG_SECTOR
@@ -108,11 +111,11 @@ class Metadata(Record):
     leave_blocks_allocated: bool
     has_parent: bool
     virtual_size: int
-    virtual_disk_id: uuid.UUID
+    virtual_disk_id: AnyGuid
     logical_sector_size: int
     physical_sector_size: int
     parent_locator: r.ParentLocator | None
-    raw_items: dict[uuid.UUID, bytes]
+    raw_items: dict[AnyGuid, bytes]
 
     def __init__(
         self,
@@ -121,11 +124,11 @@ class Metadata(Record):
         leave_blocks_allocated: bool,
         has_parent: bool,
         virtual_size: int,
-        virtual_disk_id: uuid.UUID,
+        virtual_disk_id: AnyGuid,
         logical_sector_size: int,
         physical_sector_size: int,
         parent_locator: r.ParentLocator | None,
-        raw_items: dict[uuid.UUID, bytes] | None = None,
+        raw_items: dict[AnyGuid, bytes] | None = None,
     ) -> None:
         fill(
             self,
@@ -293,7 +296,7 @@ class VHDXDisk(Disk):
         self.layout.current = slot
 
     def _begin_session(
-        self, data_write_guid: uuid.UUID | None = None, *, keep_data: bool = False
+        self, data_write_guid: AnyGuid | None = None, *, keep_data: bool = False
     ) -> None:
         """Before the first modification (2.2.2): a new FileWriteGuid in both header copies, and
         a new DataWriteGuid (``data_write_guid`` when the caller chose it, so a child can be told
@@ -301,9 +304,9 @@ class VHDXDisk(Disk):
         that keeps the guest-visible data, so the disk's children still accept it)."""
         if self._session:
             return
-        changes = {"file_write_guid": uuid.uuid4()}
+        changes: dict[str, AnyGuid] = {"file_write_guid": Guid.random()}
         if not keep_data:
-            changes["data_write_guid"] = data_write_guid or uuid.uuid4()
+            changes["data_write_guid"] = data_write_guid or Guid.random()
         # A file not yet published under its name (vhd convert's output) is opened by no one
         # and a crash leaves only the partial file, so syncing these updates would buy nothing:
         # the flush before publishing (durable when the caller asks) orders what gets a name.
@@ -782,7 +785,7 @@ class VHDXDisk(Disk):
     def _transaction(self, pages: list[tuple[int, bytes]], durable: bool) -> None:
         sync: Callable[[], None] = (lambda: os.fdatasync(self._fd)) if durable else (lambda: None)
         sync()  # 1. data and file size first
-        log_guid = uuid.uuid4()
+        log_guid = Guid.random()
         h = self.current_header
         at = h.log_offset
         per_entry = vlog.max_pages_per_entry()
@@ -935,9 +938,13 @@ _MAX_SEGMENTS = 1 << 16  # data segments a read-only disk keeps (two ints each)
 def _split_by_segments(segments: list[int], base: int, start: int, end: int) -> Iterator[Extent]:
     """Guest range [start, end), stored at file offset ``base + start``, split into data
     (layer 0) and holes (layer None) by the file's sorted data ``segments``."""
+    # (imported here: only mapping present blocks needs it; info, create and a convert into a
+    # VHDX do not)
+    from bisect import bisect_right
+
     pos = start
     while pos < end:
-        i = bisect.bisect_right(segments, base + pos)
+        i = bisect_right(segments, base + pos)
         # an odd index: inside data up to segments[i]; an even one: a hole up to segments[i]
         nxt = segments[i] - base if i < len(segments) else end
         stop = min(nxt, end)
@@ -1109,7 +1116,7 @@ def _read_tables(
         )
     if layout.region_tables[0] is None:
         warnings.append(f"region table 1 is invalid ({layout.region_errors[0]}); using copy 2")
-    seen: set[uuid.UUID] = set()
+    seen: set[AnyGuid] = set()
     for reg in table.entries:
         if reg.guid in seen:
             raise CorruptImageError(f"region {reg.guid} appears twice in the region table")
@@ -1151,7 +1158,7 @@ def _read_metadata(read: Callable[[int, int], bytes], region: r.Region) -> Metad
     if region.length < r.METADATA_TABLE_SIZE:
         raise CorruptImageError("the metadata region is smaller than its 64 KiB table")
     entries = r.parse_metadata_table(read(r.METADATA_TABLE_SIZE, region.file_offset))
-    items: dict[uuid.UUID, bytes] = {}
+    items: dict[AnyGuid, bytes] = {}
     spans: list[tuple[int, int]] = []
     for e in entries:
         if e.item_id in items:
@@ -1177,7 +1184,7 @@ def _read_metadata(read: Callable[[int, int], bytes], region: r.Region) -> Metad
         if a < z:
             raise CorruptImageError("metadata items overlap")
 
-    def item(which: uuid.UUID, size: int) -> bytes:
+    def item(which: AnyGuid, size: int) -> bytes:
         raw = items.get(which)
         if raw is None:
             raise CorruptImageError(f"the required metadata item {r.KNOWN_ITEMS[which]} is missing")
@@ -1378,8 +1385,8 @@ def parent_identity(parent: Disk) -> str | None:
     if isinstance(parent, VHDXDisk):
         return str(parent.current_header.data_write_guid)
     footer = getattr(parent, "footer", None)
-    uid = getattr(footer, "uuid", None)  # a VHD: its footer's unique id
-    return str(uid) if uid is not None else None
+    uid = getattr(footer, "unique_id", None)  # a VHD: its footer's unique id
+    return str(Guid.from_bytes(uid)) if uid is not None else None
 
 
 def _identity_at(path: str, *, devices: bool) -> tuple[tuple[int, int], str] | None:
@@ -1391,12 +1398,12 @@ def _identity_at(path: str, *, devices: bool) -> tuple[tuple[int, int], str] | N
         if read_upto(fd, 8, 0) == r.SIGNATURE:
             guid = data_write_guid_at(fd)
             return None if guid is None else str(guid)
-        return str(locate_footer(fd, size, path).footer.uuid)
+        return str(Guid.from_bytes(locate_footer(fd, size, path).footer.unique_id))
 
     return read_candidate(path, devices=devices, read=key)
 
 
-def data_write_guid_at(fd: int) -> uuid.UUID | None:
+def data_write_guid_at(fd: int) -> AnyGuid | None:
     """The DataWriteGuid of the VHDX open on ``fd`` (what a child's parent_linkage names), from
     its current header alone; None when neither header is valid."""
     heads = []

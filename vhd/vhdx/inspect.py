@@ -68,10 +68,7 @@ def _bat(disk: VHDXDisk) -> dict[str, Any]:
     states: Counter[str] = Counter()
     for b in range(blocks):
         state = disk.bat[b + b // ratio] & r.STATE_MASK
-        try:
-            states[r.PayloadState(state).name] += 1
-        except ValueError:
-            states[f"RESERVED_{state}"] += 1
+        states[r.PAYLOAD_STATE_NAMES.get(state, f"RESERVED_{state}")] += 1
     bitmaps = sum(
         1
         for c in range(-(-blocks // ratio))

@@ -14,10 +14,10 @@ with their first 8 and last 4 bytes moved into the descriptor) for a set of 4 Ki
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 
 from ..errors import CorruptImageError
+from ..guid import Guid
 from ..record import FrozenRecord, fill
 from .crc import crc32c_with_zeroed_field
 from .records import (
@@ -28,6 +28,10 @@ from .records import (
     LOG_SECTOR,
     descriptor_sectors,
 )
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (vhd.record)
+if TYPE_CHECKING:
+    from ..guid import AnyGuid
 
 
 class Write(FrozenRecord):
@@ -112,7 +116,7 @@ def _ring(log: bytes, position: int, length: int) -> bytes:
     return log[position:] + log[: end - len(log)]
 
 
-def parse_entry(log: bytes, position: int, log_guid: uuid.UUID) -> LogEntry | None:
+def parse_entry(log: bytes, position: int, log_guid: AnyGuid) -> LogEntry | None:
     """The valid entry at ``position`` of the ring ``log``, or None."""
     size = len(log)
     first = _ring(log, position, LOG_SECTOR)
@@ -124,7 +128,7 @@ def parse_entry(log: bytes, position: int, log_guid: uuid.UUID) -> LogEntry | No
         return None
     if h.tail % LOG_SECTOR or h.tail >= size or h.sequence_number == 0:
         return None
-    if uuid.UUID(bytes_le=h.log_guid) != log_guid:
+    if Guid.from_bytes_le(h.log_guid) != log_guid:
         return None
     count = h.descriptor_count
     dsectors = descriptor_sectors(count)
@@ -173,7 +177,7 @@ def parse_entry(log: bytes, position: int, log_guid: uuid.UUID) -> LogEntry | No
     )
 
 
-def find_active_sequence(log: bytes, log_guid: uuid.UUID) -> ActiveSequence | None:
+def find_active_sequence(log: bytes, log_guid: AnyGuid) -> ActiveSequence | None:
     """The spec's search (2.3.3) over the ring ``log``: the newest valid, complete sequence."""
     size = len(log)
     if size == 0 or size % LOG_SECTOR:
@@ -214,7 +218,7 @@ def find_active_sequence(log: bytes, log_guid: uuid.UUID) -> ActiveSequence | No
 
 def build_entry(
     *,
-    log_guid: uuid.UUID,
+    log_guid: AnyGuid,
     sequence_number: int,
     tail: int,
     flushed_file_offset: int,

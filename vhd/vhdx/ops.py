@@ -23,7 +23,6 @@ import contextlib
 import errno
 import ntpath
 import os
-import uuid
 from collections.abc import Callable, Sequence
 
 from ..chain import ParentPolicy
@@ -31,8 +30,13 @@ from ..disk import Disk, first_data_byte
 from ..errors import CorruptImageError, InvalidArgumentError, VHDError
 from ..fileio import punch_hole, read_upto, write_all
 from ..footer import DiskType
+from ..guid import Guid
 from . import records as r
 from .disk import VHDXDisk, bat_entries, open_vhdx, parent_candidates, parent_linkages
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (vhd.record)
+if TYPE_CHECKING:
+    from ..guid import AnyGuid
 
 MiB = r.MiB
 PAGE = r.LOG_SECTOR
@@ -50,7 +54,7 @@ def metadata_session(disk: VHDXDisk) -> None:
     disk._begin_session(keep_data=True)
 
 
-def data_session(disk: VHDXDisk, data_write_guid: uuid.UUID) -> None:
+def data_session(disk: VHDXDisk, data_write_guid: AnyGuid) -> None:
     """Begin the disk's write session (2.2.2) with the DataWriteGuid the caller chose, so that
     a child can be told the new identity before the parent's data changes (a commit)."""
     disk._begin_session(data_write_guid)
@@ -82,7 +86,7 @@ class Pages:
         return [(o, bytes(p)) for o, p in sorted(self._pages.items()) if p != self._old[o]]
 
 
-def _metadata_entry(disk: VHDXDisk, item: uuid.UUID) -> r.MetadataEntry:
+def _metadata_entry(disk: VHDXDisk, item: AnyGuid) -> r.MetadataEntry:
     for e in disk.metadata.entries:
         if e.item_id == item:
             return e
@@ -92,11 +96,11 @@ def _metadata_entry(disk: VHDXDisk, item: uuid.UUID) -> r.MetadataEntry:
 # -- parents and children ------------------------------------------------------------------
 
 
-def linkages(disk: VHDXDisk) -> set[uuid.UUID]:
-    out: set[uuid.UUID] = set()
+def linkages(disk: VHDXDisk) -> set[AnyGuid]:
+    out: set[AnyGuid] = set()
     for text in parent_linkages(disk):
         with contextlib.suppress(ValueError):
-            out.add(uuid.UUID(text))
+            out.add(Guid.parse(text))
     return out
 
 
@@ -108,7 +112,7 @@ def find_parent(child: VHDXDisk, policy: ParentPolicy) -> Disk:
     return _open_parent(child, None, policy, False, frozenset({(st.st_dev, st.st_ino)}))
 
 
-def is_child_of(path: str, want: uuid.UUID, me: os.stat_result, search_dirs: Sequence[str]) -> bool:
+def is_child_of(path: str, want: AnyGuid, me: os.stat_result, search_dirs: Sequence[str]) -> bool:
     """Whether the VHDX at ``path`` is a differencing disk whose parent is the file ``me``
     (identity ``want``): it records ``want`` and its first candidate with that identity is
     ``me``, as an open would pick it."""
@@ -136,7 +140,7 @@ def is_child_of(path: str, want: uuid.UUID, me: os.stat_result, search_dirs: Seq
     return False
 
 
-def locator_for(child_path: str, parent_path: str, ident: uuid.UUID) -> r.ParentLocator:
+def locator_for(child_path: str, parent_path: str, ident: AnyGuid) -> r.ParentLocator:
     """parent_linkage and the three paths, in Hyper-V's forms (2.6.2.6.3)."""
     here = os.path.dirname(os.path.abspath(child_path))
     target = os.path.abspath(parent_path)
@@ -184,7 +188,7 @@ def _write_locator(child: VHDXDisk, locator: r.ParentLocator) -> None:
     child._adopt_parent_locator(tuple(entries), locator, blob)
 
 
-def retarget(child: VHDXDisk, parent_path: str, ident: uuid.UUID) -> list[str]:
+def retarget(child: VHDXDisk, parent_path: str, ident: AnyGuid) -> list[str]:
     """Point the differencing ``child`` (open ``"r+"``) at ``parent_path``, whose identity is
     ``ident``: a new parent_linkage and all three paths (parent_linkage2, which would name the
     old parent, is dropped; other keys are kept)."""
@@ -200,7 +204,7 @@ def retarget(child: VHDXDisk, parent_path: str, ident: uuid.UUID) -> list[str]:
     return []
 
 
-def accept_next_identity(child: VHDXDisk, current: uuid.UUID, upcoming: uuid.UUID) -> None:
+def accept_next_identity(child: VHDXDisk, current: AnyGuid, upcoming: AnyGuid) -> None:
     """Before a commit writes into the child's parent: parent_linkage names the parent's
     ``current`` DataWriteGuid and parent_linkage2 the ``upcoming`` one (2.6.2.6.3: the
     alternate linkage), in one transaction, so the child opens with its parent whether or not

@@ -4,25 +4,28 @@ entry, 2.5.1 BAT entry, 2.6 metadata region).
 Pure functions, no I/O.  Each record is declared once as a (field, ``struct`` format) table
 (:class:`Record`, little-endian), as VHD's footer and header are: a parser library would cost every
 VHDX command its import at start-up.  GUIDs are stored in Microsoft's binary form (the first three
-fields little-endian), which is ``uuid.UUID(bytes_le=...)``.  Every parser checks the signature
+fields little-endian), which is :meth:`vhd.guid.Guid.from_bytes_le` (``uuid.UUID(bytes_le=...)``,
+without the ``uuid`` import).  Every parser checks the signature
 and, where the record has one, the CRC-32C, and raises a :class:`vhd.VHDError` subclass otherwise.
 """
 
 from __future__ import annotations
 
 import struct
-import uuid
 from collections.abc import Mapping
-from enum import IntEnum
 from types import SimpleNamespace
 
 from ..errors import ChecksumError, CorruptImageError, UnsupportedFeatureError
+from ..guid import ZERO_GUID as ZERO_GUID  # (the VHDX modules name it r.ZERO_GUID)
+from ..guid import Guid
 from ..record import FrozenRecord, fill
 from .crc import crc32c_with_zeroed_field
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (vhd.record)
 if TYPE_CHECKING:
     from typing import Any
+
+    from ..guid import AnyGuid
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -41,18 +44,19 @@ MAX_VIRTUAL_SIZE = 64 * 1024 * 1024 * MiB  # 64 TiB
 
 SIGNATURE = b"vhdxfile"
 
-BAT_REGION = uuid.UUID("2DC27766-F623-4200-9D64-115E9BFD4A08")
-METADATA_REGION = uuid.UUID("8B7CA206-4790-4B9A-B8FE-575F050F886E")
+BAT_REGION = Guid.parse("2DC27766-F623-4200-9D64-115E9BFD4A08")
+METADATA_REGION = Guid.parse("8B7CA206-4790-4B9A-B8FE-575F050F886E")
 
-FILE_PARAMETERS = uuid.UUID("CAA16737-FA36-4D43-B3B6-33F0AA44E76B")
-VIRTUAL_DISK_SIZE = uuid.UUID("2FA54224-CD1B-4876-B211-5DBED83BF4B8")
-VIRTUAL_DISK_ID = uuid.UUID("BECA12AB-B2E6-4523-93EF-C309E000C746")  # "page 83 data"
-LOGICAL_SECTOR_SIZE = uuid.UUID("8141BF1D-A96F-4709-BA47-F233A8FAAB5F")
-PHYSICAL_SECTOR_SIZE = uuid.UUID("CDA348C7-445D-4471-9CC9-E9885251C556")
-PARENT_LOCATOR = uuid.UUID("A8D35F2D-B30B-454D-ABF7-D3D84834AB0C")
-VHDX_PARENT_LOCATOR_TYPE = uuid.UUID("B04AEFB7-D19E-4A81-B789-25B8E9445913")
+FILE_PARAMETERS = Guid.parse("CAA16737-FA36-4D43-B3B6-33F0AA44E76B")
+VIRTUAL_DISK_SIZE = Guid.parse("2FA54224-CD1B-4876-B211-5DBED83BF4B8")
+VIRTUAL_DISK_ID = Guid.parse("BECA12AB-B2E6-4523-93EF-C309E000C746")  # "page 83 data"
+LOGICAL_SECTOR_SIZE = Guid.parse("8141BF1D-A96F-4709-BA47-F233A8FAAB5F")
+PHYSICAL_SECTOR_SIZE = Guid.parse("CDA348C7-445D-4471-9CC9-E9885251C556")
+PARENT_LOCATOR = Guid.parse("A8D35F2D-B30B-454D-ABF7-D3D84834AB0C")
+VHDX_PARENT_LOCATOR_TYPE = Guid.parse("B04AEFB7-D19E-4A81-B789-25B8E9445913")
 
-KNOWN_ITEMS = {
+_REGION_NAMES: dict[AnyGuid, str] = {BAT_REGION: "bat", METADATA_REGION: "metadata"}
+KNOWN_ITEMS: dict[AnyGuid, str] = {
     FILE_PARAMETERS: "file_parameters",
     VIRTUAL_DISK_SIZE: "virtual_disk_size",
     VIRTUAL_DISK_ID: "virtual_disk_id",
@@ -62,8 +66,12 @@ KNOWN_ITEMS = {
 }
 
 
-class PayloadState(IntEnum):
-    """Payload BAT entry states (2.5.1.1); 4 and 5 are reserved."""
+# The BAT states are plain int constants, not IntEnums: the two enum classes cost every VHDX
+# command about 0.3 ms to create, and the hot paths mask and compare plain ints anyway.
+
+
+class PayloadState:
+    """Payload BAT entry states (2.5.1.1); 4 and 5 are reserved (:data:`PAYLOAD_STATE_NAMES`)."""
 
     NOT_PRESENT = 0
     UNDEFINED = 1
@@ -73,11 +81,16 @@ class PayloadState(IntEnum):
     PARTIALLY_PRESENT = 7
 
 
-class BitmapState(IntEnum):
+class BitmapState:
     """Sector bitmap BAT entry states (2.5.1.2)."""
 
     NOT_PRESENT = 0
     PRESENT = 6
+
+
+PAYLOAD_STATE_NAMES: dict[int, str] = {
+    value: name for name, value in vars(PayloadState).items() if not name.startswith("_")
+}
 
 
 STATE_MASK = 0x7
@@ -131,8 +144,8 @@ class Record:
         return self.struct.pack(*out)
 
 
-def guid(raw: bytes) -> uuid.UUID:
-    return uuid.UUID(bytes_le=bytes(raw))
+def guid(raw: bytes) -> Guid:
+    return Guid.from_bytes_le(raw)
 
 
 def _verify_crc(raw: bytes, field_offset: int, stored: int, what: str) -> None:
@@ -187,7 +200,6 @@ HEADER = Record(
     ),
     {"signature": b"head"},
 )
-ZERO_GUID = uuid.UUID(int=0)
 
 
 class Header(FrozenRecord):
@@ -204,9 +216,9 @@ class Header(FrozenRecord):
     )
     __slots__ = _fields
     sequence_number: int
-    file_write_guid: uuid.UUID
-    data_write_guid: uuid.UUID
-    log_guid: uuid.UUID
+    file_write_guid: AnyGuid
+    data_write_guid: AnyGuid
+    log_guid: AnyGuid
     log_version: int
     version: int
     log_length: int
@@ -216,9 +228,9 @@ class Header(FrozenRecord):
     def __init__(
         self,
         sequence_number: int,
-        file_write_guid: uuid.UUID,
-        data_write_guid: uuid.UUID,
-        log_guid: uuid.UUID,
+        file_write_guid: AnyGuid,
+        data_write_guid: AnyGuid,
+        log_guid: AnyGuid,
         log_version: int,
         version: int,
         log_length: int,
@@ -292,17 +304,17 @@ REGION_TABLE_ENTRY = Record(
 class Region(FrozenRecord):
     _fields = ("guid", "file_offset", "length", "required")
     __slots__ = _fields
-    guid: uuid.UUID
+    guid: AnyGuid
     file_offset: int
     length: int
     required: bool
 
-    def __init__(self, guid: uuid.UUID, file_offset: int, length: int, required: bool) -> None:
+    def __init__(self, guid: AnyGuid, file_offset: int, length: int, required: bool) -> None:
         fill(self, guid, file_offset, length, required)
 
     @property
     def name(self) -> str:
-        return {BAT_REGION: "bat", METADATA_REGION: "metadata"}.get(self.guid, "unknown")
+        return _REGION_NAMES.get(self.guid, "unknown")
 
 
 class RegionTable(FrozenRecord):
@@ -329,7 +341,7 @@ class RegionTable(FrozenRecord):
             entries.append(Region(guid(e.guid), e.file_offset, e.length, bool(e.required & 1)))
         return cls(tuple(entries), head.checksum)
 
-    def find(self, which: uuid.UUID) -> Region | None:
+    def find(self, which: AnyGuid) -> Region | None:
         for r in self.entries:
             if r.guid == which:
                 return r
@@ -372,7 +384,7 @@ IS_REQUIRED = 4
 class MetadataEntry(FrozenRecord):
     _fields = ("item_id", "offset", "length", "is_user", "is_virtual_disk", "is_required")
     __slots__ = _fields
-    item_id: uuid.UUID
+    item_id: AnyGuid
     offset: int
     length: int
     is_user: bool
@@ -381,7 +393,7 @@ class MetadataEntry(FrozenRecord):
 
     def __init__(
         self,
-        item_id: uuid.UUID,
+        item_id: AnyGuid,
         offset: int,
         length: int,
         is_user: bool,
@@ -463,10 +475,10 @@ PARENT_LOCATOR_ENTRY = Record(
 class ParentLocator(FrozenRecord):
     _fields = ("locator_type", "entries")
     __slots__ = _fields
-    locator_type: uuid.UUID
+    locator_type: AnyGuid
     entries: dict[str, str]
 
-    def __init__(self, locator_type: uuid.UUID, entries: dict[str, str] | None = None) -> None:
+    def __init__(self, locator_type: AnyGuid, entries: dict[str, str] | None = None) -> None:
         fill(self, locator_type, {} if entries is None else entries)
 
     @classmethod

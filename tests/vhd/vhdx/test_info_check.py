@@ -5,6 +5,7 @@ copy rewritten from its twin), with qemu-img check as the second opinion."""
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,41 @@ def test_info_json_of_windows_image(corpus: Path, tmp_path: Path) -> None:
     assert info["bat"]["chunk_ratio"] == 128 and info["block_size"] == 32 * MiB
     rc, text = run_cli("info", str(image))
     assert rc == 0 and "region table 2" in text and "virtual_disk_id" in text
+
+
+@pytest.mark.corpus
+def test_info_json_guids_are_uuids_text_of_the_bytes(corpus: Path, tmp_path: Path) -> None:
+    """Every GUID ``vhd info --json`` shows is ``str(uuid.UUID(bytes_le=...))`` of its bytes in
+    the file (MS-VHDX GUIDs; vhdkit parses them with vhd.guid, not uuid), and a child's
+    parent_linkage is its parent's DataWriteGuid as Hyper-V writes it, in braces."""
+    base = unpack_corpus(corpus, "dynamic.vhdx", tmp_path)
+    child = tmp_path / "c.avhdx"
+    create_vhdx(child, 0, type="differencing", parent=open_vhdx(base)).close()
+    for image in (base, child):
+        raw = image.read_bytes()
+        info = json.loads(run_cli("info", "--json", str(image))[1])
+
+        def text(off: int, raw: bytes = raw) -> str:
+            return str(uuid.UUID(bytes_le=raw[off : off + 16]))
+
+        for head in info["headers"]:
+            fields, at = head["fields"], head["offset"]
+            for name, off in (("file_write_guid", 16), ("data_write_guid", 32), ("log_guid", 48)):
+                assert fields[name]["raw"] == text(at + off), (image, name)
+        for table in info["region_tables"]:
+            for i, e in enumerate(table["entries"]):
+                assert e["guid"] == text(table["offset"] + 16 + 32 * i)
+        meta = next(
+            e for t in info["region_tables"] for e in t["entries"] if e["name"] == "metadata"
+        )
+        for i, item in enumerate(info["metadata"]):
+            assert item["item_id"] == text(meta["file_offset"] + 32 + 32 * i)
+        assert info["log"]["guid"] == text(current_header(raw)[0] + 48)
+    data = base.read_bytes()
+    at = current_header(data)[0] + 32
+    parent_id = str(uuid.UUID(bytes_le=data[at : at + 16]))
+    assert info["parent_locator"]["entries"]["parent_linkage"] == "{" + parent_id + "}"
+    assert info["parent_locator"]["type"] == "b04aefb7-d19e-4a81-b789-25b8e9445913"
 
 
 def test_info_shows_locator_and_live_log(tmp_path: Path) -> None:

@@ -47,6 +47,16 @@ def test_header_fragment_and_round_trip(corpus: Path) -> None:
         r.Header.parse(bytes(bad))
 
 
+def test_header_of_uuid_values_equals_its_parse() -> None:
+    """A caller may hand the records uuid.UUID values; what parses back (vhd.guid.Guid values)
+    is the same header: equal, hashing alike, the same bytes."""
+    made = r.Header(1, uuid.uuid4(), uuid.uuid4(), uuid.UUID(int=0), 0, 1, 1 << 20, 1 << 20)
+    back = r.Header.parse(made.build())
+    assert back.replace(checksum=0) == made and hash(back.replace(checksum=0)) == hash(made)
+    assert made.log_guid == r.ZERO_GUID and back.build() == made.build()
+    assert {back.data_write_guid} == {made.data_write_guid}
+
+
 def test_region_table_fragment(corpus: Path) -> None:
     raw = (corpus / "vhdx" / "region_table.1").read_bytes()
     head = r.REGION_TABLE_HEADER.parse(raw)
