@@ -139,7 +139,7 @@ def check_vhdx(
 ) -> VHDXCheckReport:
     report = VHDXCheckReport(path)
     try:
-        disk = open_vhdx(path, parent_dirs=parent_dirs or ())
+        disk = open_vhdx(path, parent_dirs=parent_dirs or (), misplaced_blocks=True)
     except VHDError as exc:
         report.problems.append(str(exc))
         return report

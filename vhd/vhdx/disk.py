@@ -79,6 +79,7 @@ from ..probe import is_vhdx_file
 from ..record import Record, fill
 from . import log as vlog
 from . import records as r
+from .placement import first_misplaced
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (vhd.record)
 if TYPE_CHECKING:
@@ -974,10 +975,14 @@ def open_vhdx(
     _seen: frozenset[tuple[int, int]] = frozenset(),
     _expect: tuple[int, int] | None = None,
     force_share: bool = False,
+    misplaced_blocks: bool = False,
 ) -> VHDXDisk:
     """Open a VHDX image (``mode`` 'r' or 'r+').  A differencing disk's parent is found through
     its locator (relative_path, then the file name of volume_path and absolute_win32_path next
-    to the child and in ``parent_dirs``) unless ``parent`` names it or ``open_parent`` is False."""
+    to the child and in ``parent_dirs``) unless ``parent`` names it or ``open_parent`` is False.
+
+    An image with a block over its log, BAT or metadata region is refused
+    (:mod:`vhd.vhdx.placement`) unless ``misplaced_blocks`` (``vhd check``, which lists them)."""
     if mode not in ("r", "r+"):
         raise InvalidArgumentError(f"mode must be 'r' or 'r+', not {mode!r}")
     spath = os.fspath(path)
@@ -986,7 +991,15 @@ def open_vhdx(
     fd, _st = open_image_file(spath, writable=writable, force_share=force_share, expect=_expect)
     want_parent = open_parent or parent is not None
     return _open_chain(
-        fd, spath, writable, parent, policy, allow_parent_mismatch, _seen, want_parent
+        fd,
+        spath,
+        writable,
+        parent,
+        policy,
+        allow_parent_mismatch,
+        _seen,
+        want_parent,
+        misplaced_blocks=misplaced_blocks,
     )
 
 
@@ -1025,13 +1038,15 @@ def _open_chain(
     allow_mismatch: bool,
     seen: frozenset[tuple[int, int]],
     want_parent: bool,
+    *,
+    misplaced_blocks: bool = False,
 ) -> VHDXDisk:
     """The disk on ``fd`` and, for a differencing disk when ``want_parent``, its parent
     (:func:`_open_parent`; ``seen`` the files of the chain below, this one added).  ``fd`` is
     closed on failure, once: a half-built disk gives it up first."""
     try:
         st = os.fstat(fd)
-        disk = _open_fd(fd, path, writable)
+        disk = _open_fd(fd, path, writable, misplaced_blocks=misplaced_blocks)
         if disk._differencing and want_parent:
             try:
                 seen = seen | {(st.st_dev, st.st_ino)}
@@ -1229,16 +1244,16 @@ def _read_metadata(read: Callable[[int, int], bytes], region: r.Region) -> Metad
     )
 
 
-def _open_fd(fd: int, path: str, writable: bool) -> VHDXDisk:
+def _open_fd(fd: int, path: str, writable: bool, *, misplaced_blocks: bool = False) -> VHDXDisk:
     try:
-        return _open_checked(fd, path, writable)
+        return _open_checked(fd, path, writable, misplaced_blocks)
     except VHDError as exc:
         if exc.path is None:
             raise type(exc)(str(exc), path=path) from exc
         raise
 
 
-def _open_checked(fd: int, path: str, writable: bool) -> VHDXDisk:
+def _open_checked(fd: int, path: str, writable: bool, misplaced_blocks: bool) -> VHDXDisk:
     fsize = file_size(fd)
     if read_upto(fd, 8, 0) != r.SIGNATURE:
         raise NotAVHDError("not a VHDX (no 'vhdxfile' identifier at offset 0)")
@@ -1289,6 +1304,8 @@ def _open_checked(fd: int, path: str, writable: bool) -> VHDXDisk:
     bat.frombytes(read(nbytes, layout.bat_region.file_offset))
     if sys.byteorder != "little":  # pragma: no cover - the format is little-endian
         bat.byteswap()
+    if not misplaced_blocks:
+        _refuse_misplaced(bat, layout, head, md)
     disk = VHDXDisk(
         path=path,
         fd=fd,
@@ -1304,6 +1321,31 @@ def _open_checked(fd: int, path: str, writable: bool) -> VHDXDisk:
         disk._write_header(True, log_guid=r.ZERO_GUID)
         disk._write_header(True)
     return disk
+
+
+def _refuse_misplaced(bat: array[int], layout: Layout, head: r.Header, md: Metadata) -> None:
+    """Read-only opens too (as for VHD): a block over metadata reads it as data, and the next
+    writer of the image (or of a copy) would write over it."""
+    bat_region, meta = layout.bat_region, layout.metadata_region
+    regions = [
+        (bat_region.file_offset, bat_region.file_offset + bat_region.length, "BAT region"),
+        (meta.file_offset, meta.file_offset + meta.length, "metadata region"),
+    ]
+    if head.log_length:
+        regions.append((head.log_offset, head.log_offset + head.log_length, "log"))
+    ratio = chunk_ratio(md.block_size, md.logical_sector_size)
+    bad = first_misplaced(bat, chunk_ratio=ratio, block_size=md.block_size, regions=regions)
+    if bad is not None:
+        index, entry, name = bad
+        what = (
+            "sector bitmap block"
+            if index % (ratio + 1) == ratio
+            else f"block {index - index // (ratio + 1)}"
+        )
+        raise CorruptImageError(
+            f"{what} (BAT entry {index}, file offset {entry & r.OFFSET_MASK:#x}) lies over the "
+            f"{name}: the BAT is damaged ('vhd check' lists every bad entry)"
+        )
 
 
 def _replay_in_file(fd: int, seq: vlog.ActiveSequence) -> None:
