@@ -5,8 +5,13 @@ Checked: both header copies (signature, CRC-32C, version) and both region tables
 contents); the log (a live LogGuid means a replay is pending); BAT entries (reserved states and
 bits, PARTIALLY_PRESENT only with a parent and a present sector bitmap, sector bitmap entries
 only in differencing disks, offsets 1 MiB-aligned, inside the file, not overlapping each other
-or the headers, log, BAT and metadata regions).  Whatever makes the open itself fail is reported
-as the one problem.
+or the headers, log, BAT and metadata regions).  Whatever makes the open of the file itself
+fail is reported as the one problem, except what says nothing about the image (it is in use:
+:class:`~vhd.lock.InUseError`; it cannot be read: ``OSError``), which is raised, as
+:func:`vhd.check.check` raises it ("cannot open", the CLI's exit 2).  A differencing disk's own
+structures are checked with or without its parent; the parent is then looked for under
+``parent_policy`` (the CLI's: the locators as written, or ``--confine-parents``) and a parent
+that cannot be opened is one more problem.
 
 Repairs: the log is replayed (an ``r+`` open does it), a damaged header copy is rewritten from
 the current one (the header update procedure), a damaged region table copy from its twin.
@@ -15,8 +20,11 @@ the current one (the header update procedure), a damaged region table copy from 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 
+from ..chain import ParentPolicy
 from ..errors import VHDError
+from ..lock import InUseError
 from ..record import Record, fill
 from . import records as r
 from .disk import VHDXDisk, chunk_ratio, open_vhdx
@@ -135,11 +143,21 @@ def _check_bat(disk: VHDXDisk, report: VHDXCheckReport) -> None:
 
 
 def check_vhdx(
-    path: str, *, repair: bool = False, parent_dirs: list[str] | None = None
+    path: str,
+    *,
+    repair: bool = False,
+    parent_dirs: Sequence[str] | None = None,
+    parent_policy: ParentPolicy | None = None,
+    force_share: bool = False,
 ) -> VHDXCheckReport:
     report = VHDXCheckReport(path)
+    dirs = tuple(parent_dirs or ())
     try:
-        disk = open_vhdx(path, parent_dirs=parent_dirs or ())
+        # The file on its own first: its structures are checked whether or not its parent is
+        # found (the parent is opened below, as one more rule).
+        disk = open_vhdx(path, open_parent=False, force_share=force_share)
+    except InUseError:
+        raise  # "cannot open", not a finding about the image
     except VHDError as exc:
         report.problems.append(str(exc))
         return report
@@ -163,12 +181,27 @@ def check_vhdx(
             report.problems.append("the log is live: it must be replayed")
             report.repairable.append("replay the log")
         _check_bat(disk, report)
+        differencing = disk.type.label == "differencing"
+    if differencing:
+        try:
+            open_vhdx(
+                path, parent_dirs=dirs, parent_policy=parent_policy, force_share=force_share
+            ).close()
+        except InUseError:
+            raise
+        except VHDError as exc:
+            report.problems.append(str(exc))
     if repair and report.repairable and len(report.repairable) == len(report.problems):
-        _repair(path, report)
+        _repair(path, report, dirs, parent_policy)
     return report
 
 
-def _repair(path: str, report: VHDXCheckReport) -> None:
+def _repair(
+    path: str,
+    report: VHDXCheckReport,
+    parent_dirs: Sequence[str],
+    parent_policy: ParentPolicy | None,
+) -> None:
     with open_vhdx(path, "r+", open_parent=False) as disk:  # replays the log, clears LogGuid
         lay = disk.layout
         if any(h is None for h in lay.headers):
@@ -179,6 +212,6 @@ def _repair(path: str, report: VHDXCheckReport) -> None:
             if t is None:
                 disk._write_region_table(i, good)
     report.repaired = list(report.repairable)
-    after = check_vhdx(path)
+    after = check_vhdx(path, parent_dirs=parent_dirs, parent_policy=parent_policy)
     report.problems = after.problems
     report.repairable = after.repairable

@@ -1,0 +1,74 @@
+"""``vhd check`` on VHDX keeps the promises the command makes for VHD (README, "Checking,
+repairing and maintaining images"; Safety: locks): parents are followed as the other commands on
+one's own images follow them, ``--confine-parents`` applies the serving policy, an image in use
+is exit 2 (one line) unless ``-U``, ``-q`` prints nothing, and a missing parent is a finding
+about a child whose own structures are still checked."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.lockhelpers import Holder
+from tests.vhd.helpers import run_cli
+from tests.vhd.vhdx.helpers import MiB
+from tests.vhd.vhdx.test_fuzz import _live_log
+from vhd.vhdx import create_vhdx, open_vhdx
+
+
+def _chain_in_two_folders(tmp_path: Path) -> tuple[Path, Path]:
+    """base in a/, its child in b/ made by ``vhd create`` (relative_path ``..\\a\\base.vhdx``)."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    base = tmp_path / "a" / "base.vhdx"
+    with create_vhdx(base, 4 * MiB, block_size=MiB) as disk:
+        disk.pwrite(b"p" * 4096, 0)
+    child = tmp_path / "b" / "c.vhdx"
+    assert run_cli("create", str(child), "--parent", str(base))[0] == 0
+    return base, child
+
+
+def test_check_follows_the_locators_like_info_map_and_convert(tmp_path: Path) -> None:
+    base, child = _chain_in_two_folders(tmp_path)
+    assert run_cli("info", str(child))[0] == 0  # info reads the chain ...
+    rc, out = run_cli("check", str(child))  # ... so check must too
+    assert (rc, out) == (0, f"{child}: vhdx differencing, {4 * MiB} bytes: clean\n")
+    rc, out = run_cli("check", "--confine-parents", str(child))
+    assert rc == 1 and "outside the allowed folders" in out, out
+    # the child's own type and size are known even when its parent is not found
+    assert out.startswith(f"{child}: vhdx differencing, {4 * MiB} bytes: 1 problem(s)"), out
+    rc, out = run_cli("check", "--confine-parents", "--parent-dir", str(base.parent), str(child))
+    assert rc == 0, out
+
+
+def test_a_missing_parent_does_not_hide_the_childs_own_problems(tmp_path: Path) -> None:
+    base, child = _chain_in_two_folders(tmp_path)
+    with open_vhdx(child, "r+", parent_dirs=[str(base.parent)]) as disk:
+        disk.pwrite(b"c" * 4096, MiB)
+    _live_log(child)
+    base.unlink()
+    rc, out = run_cli("check", str(child))
+    assert rc == 1 and "not found" in out and "the log is live" in out, out
+
+
+def test_check_of_an_image_in_use_is_exit_2_and_minus_u_reads_it(tmp_path: Path) -> None:
+    image = tmp_path / "busy.vhdx"
+    create_vhdx(image, 4 * MiB, block_size=MiB).close()
+    with Holder(image, "r+"):
+        rc, out = run_cli("check", str(image))
+        assert rc == 2 and out.count("\n") == 1 and "in use" in out, out
+        rc, out = run_cli("check", "--json", str(image))
+        assert rc == 2 and "in use" in json.loads(out)["error"], out
+        rc, out = run_cli("check", "-U", str(image))
+        assert rc == 0 and out.endswith("clean\n"), out
+
+
+def test_check_quiet_prints_nothing(tmp_path: Path) -> None:
+    image = tmp_path / "q.vhdx"
+    create_vhdx(image, 4 * MiB, block_size=MiB).close()
+    assert run_cli("check", "-q", str(image)) == (0, "")
+    live = tmp_path / "l.vhdx"
+    with create_vhdx(live, 4 * MiB, block_size=MiB) as disk:
+        disk.pwrite(b"x" * 4096, 0)
+    _live_log(live)
+    assert run_cli("check", "-q", str(live)) == (1, "")
