@@ -1,7 +1,7 @@
 """``vhd check`` output for VHDX (the checks live in :mod:`vhd.vhdx.check`).
 
 The command's options and exit codes are the VHD ones: the parent policy of ``--parent-dir`` and
-``--confine-parents``, ``-U``, ``-q``, and exit 2 with one line (JSON: an ``error`` object) when
+``--confine-parents``, ``-U``, ``-q``, ``--deep`` (every allocated block read), and exit 2 with one line (JSON: an ``error`` object) when
 the file cannot be opened at all (in use, unreadable)."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import json
 from vhd.errors import VHDError
 from vhd.vhdx.check import check_vhdx
 
-from ..common import parent_policy
+from ..common import parent_policy, progress_wanted
+from ._progress import progress_bar
 
 
 def run_vhdx_check(args: argparse.Namespace) -> int:
@@ -22,6 +23,8 @@ def run_vhdx_check(args: argparse.Namespace) -> int:
             repair=args.repair and not args.dry_run,
             parent_policy=parent_policy(args),
             force_share=args.force_share,
+            deep=args.deep,
+            progress=progress_bar("check", args.deep and progress_wanted(args)),
         )
     except (VHDError, OSError) as exc:
         if not args.json:
