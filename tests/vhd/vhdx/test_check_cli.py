@@ -2,7 +2,8 @@
 repairing and maintaining images"; Safety: locks): parents are followed as the other commands on
 one's own images follow them, ``--confine-parents`` applies the serving policy, an image in use
 is exit 2 (one line) unless ``-U``, ``-q`` prints nothing, and a missing parent is a finding
-about a child whose own structures are still checked."""
+about a child whose own structures are still checked.  And ``vhd info`` shows a live log's
+sequence in text as in ``--json``."""
 
 from __future__ import annotations
 
@@ -99,3 +100,17 @@ def test_deep_reads_every_allocated_block(tmp_path: Path, monkeypatch: pytest.Mo
     assert rc == 1 and "block 2: read error" in out, out
     monkeypatch.setattr(os, "pread", real)
     assert run_cli("check", "--deep", str(image))[0] == 0
+
+
+def test_info_text_shows_the_live_logs_sequence(tmp_path: Path) -> None:
+    """The log state in text as in --json: entries, their sequence numbers, the file offsets."""
+    image = tmp_path / "l.vhdx"
+    with create_vhdx(image, 4 * MiB, block_size=MiB) as disk:
+        disk.pwrite(b"x" * 4096, 0)
+    _live_log(image)
+    rc, out = run_cli("info", "--json", str(image))
+    log = json.JSONDecoder().raw_decode(out)[0]["log"]
+    rc, text = run_cli("info", str(image))
+    assert rc == 0 and log["sequence"], text
+    want = f"sequence {log['sequence'][0]}..{log['sequence'][-1]}; FlushedFileOffset "
+    assert want + f"{log['flushed_file_offset']}, LastFileOffset" in text, text
