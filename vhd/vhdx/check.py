@@ -17,8 +17,13 @@ With ``deep``: every allocated payload block and sector bitmap block inside the 
 (in 4 MiB chunks; a read error or a short read is a problem naming the block), as ``vhd check
 --deep`` reads every block of a VHD.
 
+Space after the last structure and block is orphaned (a writer killed before its flush
+allocated it); ``--repair`` cuts the file there -- never in a fixed disk, whose file must keep
+room for every block (qemu-img preallocates it unreferenced).
+
 Repairs: the log is replayed (an ``r+`` open does it), a damaged header copy is rewritten from
-the current one (the header update procedure), a damaged region table copy from its twin.
+the current one (the header update procedure), a damaged region table copy from its twin, the
+orphaned tail cut (computed again after the replay, from the BAT the log left).
 """
 
 from __future__ import annotations
@@ -142,11 +147,38 @@ def _check_bat(disk: VHDXDisk, report: VHDXCheckReport) -> list[tuple[int, int, 
         if blo < ahi:
             report.problems.append(f"{aname} and {bname} overlap at file offset {blo}")
     if not md.has_parent and md.leave_blocks_allocated:
+        # LeaveBlocksAllocated (2.6.2.1): blocks SHOULD NOT become NOT_PRESENT.  ZERO is fine:
+        # qemu-img makes its fixed disks with every block ZERO over preallocated space.
         for b in range(blocks):
-            if disk.bat[b + b // ratio] & r.STATE_MASK != r.PayloadState.FULLY_PRESENT:
-                report.problems.append(f"block {b} of a fixed disk is not FULLY_PRESENT")
+            if disk.bat[b + b // ratio] & r.STATE_MASK == r.PayloadState.NOT_PRESENT:
+                report.problems.append(f"block {b} of a fixed disk is NOT_PRESENT")
                 break
     return used
+
+
+def _fixed(disk: VHDXDisk) -> bool:
+    """LeaveBlocksAllocated without a parent (2.6.2.1): the file MUST NOT shrink below what
+    allocating every block takes, so its tail is never orphan space (qemu-img preallocates it
+    and leaves the blocks ZERO with no offset until written)."""
+    md = disk.metadata
+    return bool(md.leave_blocks_allocated) and not md.has_parent
+
+
+def _data_end(disk: VHDXDisk) -> int:
+    """Where the last structure or the space of the last BAT entry ends, 1 MiB-aligned
+    (MS-VHDX 2.2: regions and blocks are): past it nothing names the file's space.  Every entry
+    with a FileOffsetMB counts, whatever its state: qemu-img's fixed disks keep their space in
+    ZERO blocks (LeaveBlocksAllocated), and a writer may turn them FULLY_PRESENT in place."""
+    end = max(hi for _, hi, _ in _structures(disk))
+    bat = disk.bat
+    if len(bat):
+        top = max(bat)  # the offset is the entry's high bits: the largest entry, the last space
+        if top & r.OFFSET_MASK:
+            ratio = chunk_ratio(disk.metadata.block_size, disk.metadata.logical_sector_size)
+            bitmap = (bat.index(top) + 1) % (ratio + 1) == 0
+            length = r.MiB if bitmap else disk.metadata.block_size
+            end = max(end, (top & r.OFFSET_MASK) + length)
+    return -(-end // r.MiB) * r.MiB
 
 
 _CHUNK = 4 * r.MiB
@@ -229,6 +261,13 @@ def check_vhdx(
             report.problems.append("the log is live: it must be replayed")
             report.repairable.append("replay the log")
         allocated = _check_bat(disk, report)
+        end = _data_end(disk)
+        if disk.file_size > end and not _fixed(disk):
+            report.problems.append(
+                f"{disk.file_size - end} bytes after the last block at {end:#x} are referenced "
+                "by nothing (left by an interrupted allocation)"
+            )
+            report.repairable.append(f"cut the file at {end:#x}")
         if deep:
             _read_all(path, allocated, disk.file_size, report, progress)
         differencing = disk.type.label == "differencing"
@@ -261,6 +300,10 @@ def _repair(
         for i, t in enumerate(lay.region_tables):
             if t is None:
                 disk._write_region_table(i, good)
+        # After the replay (the open's): the BAT as the log left it says where the data ends.
+        end = _data_end(disk)
+        if disk.file_size > end and not _fixed(disk):
+            disk._truncate(end)
     report.repaired = list(report.repairable)
     after = check_vhdx(path, parent_dirs=parent_dirs, parent_policy=parent_policy)
     report.problems = after.problems

@@ -10,13 +10,16 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from tests.lockhelpers import Holder
 from tests.vhd.helpers import run_cli
-from tests.vhd.vhdx.helpers import MiB
+from tests.vhd.vhdx.helpers import MiB, assert_qemu_clean, qemu_create, qemu_write
 from tests.vhd.vhdx.test_fuzz import _live_log
 from vhd.vhdx import create_vhdx, open_vhdx
 
@@ -114,3 +117,45 @@ def test_info_text_shows_the_live_logs_sequence(tmp_path: Path) -> None:
     assert rc == 0 and log["sequence"], text
     want = f"sequence {log['sequence'][0]}..{log['sequence'][-1]}; FlushedFileOffset "
     assert want + f"{log['flushed_file_offset']}, LastFileOffset" in text, text
+
+
+_KILLED_WRITER = """
+import os, signal, sys, vhd
+disk = vhd.open(sys.argv[1], "r+")
+disk.pwrite(b"o" * 4096, 3 * 2**20)  # a new block, never flushed: its space is orphaned
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_repair_cuts_the_orphan_space_a_crash_leaves(tmp_path: Path) -> None:
+    """A writer killed before its flush leaves an allocated, unreferenced block at the end of
+    the file (MS-VHDX: nothing names it); check finds it, --repair cuts the file back."""
+    image = tmp_path / "o.vhdx"
+    with create_vhdx(image, 8 * MiB, block_size=MiB) as disk:
+        disk.pwrite(b"k" * 4096, 0)
+    size = image.stat().st_size
+    proc = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(image)], check=False)
+    assert proc.returncode == -signal.SIGKILL
+    assert image.stat().st_size == size + MiB
+    rc, out = run_cli("check", str(image))
+    assert rc == 1 and f"{MiB} bytes after the last block" in out, out
+    rc, out = run_cli("check", "--repair", str(image))
+    assert rc == 0 and "repaired: cut the file" in out, out
+    assert image.stat().st_size == size
+    assert_qemu_clean(image)
+    with open_vhdx(image) as disk:
+        assert disk.pread(4096, 0) == b"k" * 4096 and disk.pread(4096, 3 * MiB) == bytes(4096)
+
+
+def test_qemu_made_fixed_vhdx_checks_clean(tmp_path: Path) -> None:
+    """qemu-img's fixed VHDX keeps every block's space in ZERO entries with a FileOffsetMB
+    (LeaveBlocksAllocated): neither 'not FULLY_PRESENT' nor orphan space, before or after a
+    write, and --repair cuts nothing."""
+    image = tmp_path / "qf.vhdx"
+    qemu_create(image, 20 * MiB, block_size=MiB, subformat="fixed")
+    assert_qemu_clean(image)
+    assert run_cli("check", str(image)) == (0, f"{image}: vhdx fixed, {20 * MiB} bytes: clean\n")
+    qemu_write(image, "write -P 0x5a 3M 4k")
+    size = image.stat().st_size
+    assert run_cli("check", "--repair", str(image))[0] == 0
+    assert image.stat().st_size == size
