@@ -73,14 +73,15 @@ def parent_policy(args: argparse.Namespace) -> vhd.ParentPolicy:
 
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-_SIZE = re.compile(r"^\s*([+-]?)(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
+# A pattern, compiled by re's cache when a size is first parsed: most commands parse none.
+_SIZE = r"^\s*([+-]?)(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(?:I?B)?\s*$"
 
 
 def parse_size(text: str, current: int | None = None) -> int:
     """``10G``, ``1.5G``, ``512M``, ``4096``, ``1TiB`` -> bytes (binary units), the one size
     parser of every command.  With ``current`` (resize), ``+N``/``-N`` are relative to it.
     A fraction must come to a whole number of bytes (``1.5K`` is 1536; ``0.3K`` is refused)."""
-    match = _SIZE.match(text)
+    match = re.match(_SIZE, text, re.IGNORECASE)
     if not match:
         raise ValueError(
             f"invalid size {text!r} (use a number, 1.5 too, with an optional K/M/G/T suffix)"

@@ -8,10 +8,16 @@ bytes into a page ran at half speed or worse here (1 GiB of 512 KiB ``preadv``: 
 73 ms page-aligned; raw -> VHDX convert 466 -> 343 ms of CPU).  qemu-img's buffers are
 page-aligned, and so are these.
 
-They are ``bytearray`` s, not anonymous maps (which are page-aligned too): ``bytearray ==
-bytearray`` is one ``memcmp`` where ``memoryview == memoryview``, all a map offers, compares
-item by item, 70x slower (``vhd compare``); and ``bytearray.startswith`` finds zeros in any
-buffer with one ``memcmp`` (``vhd convert``).
+Two kinds:
+
+* :func:`page_aligned`, a ``bytearray``, for buffers that are compared (``vhd compare``):
+  ``bytearray == bytearray`` is one ``memcmp`` where ``memoryview == memoryview``, all a map
+  offers, compares item by item, 70x slower.  Aligning it takes its address, from ``ctypes``.
+* :func:`mapped`, an anonymous map, for buffers that data only passes through (``vhd convert``,
+  whose zero scan is ``bytes.startswith``, one ``memcmp`` on any buffer): page-aligned by
+  nature, and the kernel hands it zeroed pages, where a ``bytearray`` is zeroed again by a
+  ``memset`` over all of it.  It needs neither ``ctypes`` (2 ms of a small
+  ``vhd convert``'s start-up) nor that ``memset``.
 """
 
 from __future__ import annotations
@@ -38,3 +44,14 @@ def page_aligned(n: int) -> bytearray:
     del buf[:skip]
     del buf[n:]
     return buf
+
+
+def mapped(n: int) -> memoryview:
+    """A zero-filled, writable ``n``-byte buffer on a page boundary: an anonymous map (private
+    to this process, unmapped when the last view of it goes)."""
+    if n <= 0:
+        raise ValueError(f"a buffer holds at least a byte, not {n}")
+    # Populated at once: one call makes its pages, where faulting them in one by one during the
+    # first reads cost a fifth more (2 MiB: 0.72 against 0.92 ms).
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE
+    return memoryview(mmap.mmap(-1, n, flags=flags))

@@ -20,7 +20,7 @@ import struct
 from array import array
 from collections.abc import Callable, Iterator
 
-from .buffers import page_aligned
+from .buffers import mapped
 from .create import DEFAULT_BLOCK_SIZE, open_new, plan_create, write_layout
 from .disk import Buffer, Disk
 from .errors import InvalidArgumentError
@@ -253,14 +253,17 @@ def _copy(
     runs inside data), for outputs whose old content would otherwise show through.
     """
     chunk = max(chunk, 64 * 1024)
-    # Page-aligned (vhd.buffers): the kernel's copies to and from a plain bytearray cost a third
-    # more.
+    # Page-aligned maps (vhd.buffers): the kernel's copies to and from a plain bytearray cost a
+    # third more.  Made when a worker first needs one: at most one per worker (a small source
+    # needs one), and no larger than the source.
+    size = max(1, min(chunk, src.size))
     buffers: queue.SimpleQueue[memoryview] = queue.SimpleQueue()
-    for _ in range(_WINDOW):
-        buffers.put(memoryview(page_aligned(chunk)))
 
     def copy_one(pos: int, n: int) -> int:
-        view = buffers.get()
+        try:
+            view = buffers.get_nowait()
+        except queue.Empty:
+            view = mapped(size)
         try:
             try:
                 src.preadinto(view[:n], pos)

@@ -14,7 +14,8 @@ from vhd.vhdx import create_vhdx
 # vhd.azure are only for --azure; fractions only for fractional sizes (parse_size); convert's
 # workers are plain threads (concurrent.futures brings logging); the VHDX records and convert's
 # result are vhd.record classes, not dataclasses (dataclasses and the inspect it imports, with
-# each class's methods compiled from source: 12 ms of a VHDX command's start-up).
+# each class's methods compiled from source: 12 ms of a VHDX command's start-up); typing is for
+# mypy only (3 ms), and convert's buffers are maps, which need no ctypes to align (2 ms).
 _HEAVY = (
     "construct",
     "dataclasses",
@@ -27,6 +28,8 @@ _HEAVY = (
     "fractions",
     "concurrent.futures",
     "logging",
+    "typing",
+    "ctypes",
 )
 
 

@@ -1,4 +1,4 @@
-"""vhd.buffers: buffers start on a page (the kernel's copies into a buffer 8 or 16 bytes into a
+"""vhd.buffers: buffers (bytearrays and maps) start on a page (the kernel's copies into a buffer 8 or 16 bytes into a
 page ran at half speed), have the asked length, start zeroed, and stay where they are."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import mmap
 
 import pytest
 
-from vhd.buffers import page_aligned
+from vhd.buffers import mapped, page_aligned
 
 
 def _address(buf: bytearray) -> int:
@@ -41,3 +41,15 @@ def test_many_buffers_each_aligned() -> None:
 def test_less_than_a_page_is_refused() -> None:
     with pytest.raises(ValueError, match="at least a page"):
         page_aligned(mmap.PAGESIZE - 1)
+
+
+@pytest.mark.parametrize("n", [3, 4096, 70000, 2 << 20])
+def test_mapped(n: int) -> None:
+    view = mapped(n)
+    assert len(view) == n and not view.readonly and not any(view)
+    assert ctypes.addressof(ctypes.c_char.from_buffer(view)) % mmap.PAGESIZE == 0
+    view[-3:] = b"abc"
+    assert bytes(view[-3:]) == b"abc"
+    # what convert's zero scan does with it: bytes.startswith takes any buffer
+    assert bytes(n).startswith(view[: n - 3])
+    assert not bytes(n).startswith(view)

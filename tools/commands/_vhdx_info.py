@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~3 ms; vhd.record)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def render_vhdx(info: dict[str, Any]) -> None:

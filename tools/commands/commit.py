@@ -7,12 +7,15 @@ consistent and the chain reading as before; rerunning finishes the job.
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 from vhd.commit import commit
 
 from ..common import LOCAL_PARENTS, add_parent_dir_option, add_progress_options, progress_wanted
 from ._progress import progress_bar
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~3 ms; vhd.record)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def register(sub: Any) -> None:

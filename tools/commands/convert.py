@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import stat
-from typing import Any
 
 from vhd.convert import convert
 from vhd.probe import WRITABLE, output_format
@@ -22,6 +21,10 @@ from ..common import (
 )
 from ..interrupt import terminate_as_interrupt
 from ..locking import add_force_share_option
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~3 ms; vhd.record)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def register(sub: Any) -> None:

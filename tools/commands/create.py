@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 import vhd
 
 from ..common import parse_size
 from ..interrupt import terminate_as_interrupt
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~3 ms; vhd.record)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def register(sub: Any) -> None:

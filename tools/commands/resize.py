@@ -8,13 +8,16 @@ SIZE is bytes or a number with a binary suffix (K, M, G, T: KiB, MiB, GiB, TiB),
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 import vhd
 from vhd.resize import resize
 
 from ..common import add_parent_dir_option, add_progress_options, parse_size, progress_wanted
 from ._progress import progress_bar
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~3 ms; vhd.record)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def register(sub: Any) -> None:

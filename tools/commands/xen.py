@@ -8,9 +8,12 @@ and prints.
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 from ..common import add_parent_options, parent_policy
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~3 ms; vhd.record)
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def register(sub: Any) -> None:
