@@ -9,7 +9,7 @@ from __future__ import annotations
 import collections
 import itertools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from . import bitmap as bm
 from .bat import UNUSED
@@ -279,19 +279,18 @@ def host_extents(disk: Disk) -> Iterator[tuple[int, int, int | None, int | None]
             yield ext.offset, ext.length, None, None
             continue
         layer = chain[ext.layer]
-        if not isinstance(layer, SparseDisk):
+        locate = _block_locator(layer)
+        if locate is None:
             yield ext.offset, ext.length, ext.layer, ext.offset  # fixed: the file is the disk
             continue
         bs = layer.block_size
-        assert bs is not None and layer.header is not None
-        bitmap = layer.header.bitmap_bytes
+        assert bs is not None
         run_start, run_host = ext.offset, -1
         pos = ext.offset
         while pos < ext.end:
             block = pos // bs
             stop = min(ext.end, (block + 1) * bs)
-            # data of a block follows its sector bitmap (spec: "Block Allocation Table")
-            host = layer.bat[block] * SECTOR + bitmap + pos - block * bs
+            host = locate(block) + pos - block * bs
             if run_host >= 0 and run_host + (pos - run_start) != host:
                 yield run_start, pos - run_start, ext.layer, run_host
                 run_start, run_host = pos, host
@@ -299,3 +298,26 @@ def host_extents(disk: Disk) -> Iterator[tuple[int, int, int | None, int | None]
                 run_host = host
             pos = stop
         yield run_start, ext.end - run_start, ext.layer, run_host
+
+
+def _block_locator(layer: Disk) -> Callable[[int], int] | None:
+    """For a layer whose data lives in blocks, the file offset of a block's first data byte (of
+    a block ``extents()`` says holds data); None where the file is the disk (fixed VHD, raw)."""
+    if isinstance(layer, SparseDisk):
+        assert layer.header is not None
+        bat, skip = layer.bat, layer.header.bitmap_bytes
+        # data of a block follows its sector bitmap (VHD spec: "Block Allocation Table")
+        return lambda block: bat[block] * SECTOR + skip
+    if layer.block_size is None:
+        return None
+    # Only a VHDX layer gets here; its package is loaded already, since the layer is one.
+    from .vhdx import records as xr
+    from .vhdx.disk import VHDXDisk, chunk_ratio
+
+    if not isinstance(layer, VHDXDisk):
+        return None
+    # MS-VHDX 2.5: payload entries are interleaved with a sector bitmap entry every chunk
+    # ratio blocks; an entry's FileOffsetMB is where the block's data starts (fixed disks too).
+    entries = layer.bat
+    ratio = chunk_ratio(layer.metadata.block_size, layer.metadata.logical_sector_size)
+    return lambda block: entries[block + block // ratio] & xr.OFFSET_MASK

@@ -49,6 +49,12 @@ def render_vhdx(info: dict[str, Any]) -> None:
             print(f"    {k:<20} {v}")
     log = info["log"]
     print(f"  log:         {log['state']}; {log['entries']} entries; at {log['offset']:#x}")
+    if log.get("sequence"):  # a live log: what a replay applies (MS-VHDX 2.3.3)
+        seq = log["sequence"]
+        print(
+            f"               sequence {seq[0]}..{seq[-1]}; FlushedFileOffset "
+            f"{log['flushed_file_offset']}, LastFileOffset {log['last_file_offset']}"
+        )
     bat = info["bat"]
     states = ", ".join(f"{n} {k}" for k, n in bat["states"].items())
     print(

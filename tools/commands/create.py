@@ -76,6 +76,15 @@ def _create_vhdx(args: argparse.Namespace, size: int | None) -> int:
 
     kind = "differencing" if args.parent else args.type
     parent = vhd.open(args.parent) if args.parent else None
+    # A child has its parent's sector size (create_vhdx takes it from the parent): a different
+    # one asked for is refused rather than dropped without a word.
+    lss = getattr(parent, "logical_sector_size", 512)
+    if parent is not None and args.logical_sector_size not in (None, lss):
+        parent.close()
+        raise ValueError(
+            f"{args.parent} has {lss}-byte logical sectors, and a child has its parent's: "
+            "drop --logical-sector-size"
+        )
     with create_vhdx(
         args.image,
         size or 0,

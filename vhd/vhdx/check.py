@@ -5,18 +5,36 @@ Checked: both header copies (signature, CRC-32C, version) and both region tables
 contents); the log (a live LogGuid means a replay is pending); BAT entries (reserved states and
 bits, PARTIALLY_PRESENT only with a parent and a present sector bitmap, sector bitmap entries
 only in differencing disks, offsets 1 MiB-aligned, inside the file, not overlapping each other
-or the headers, log, BAT and metadata regions).  Whatever makes the open itself fail is reported
-as the one problem.
+or the headers, log, BAT and metadata regions).  Whatever makes the open of the file itself
+fail is reported as the one problem, except what says nothing about the image (it is in use:
+:class:`~vhd.lock.InUseError`; it cannot be read: ``OSError``), which is raised, as
+:func:`vhd.check.check` raises it ("cannot open", the CLI's exit 2).  A differencing disk's own
+structures are checked with or without its parent; the parent is then looked for under
+``parent_policy`` (the CLI's: the locators as written, or ``--confine-parents``) and a parent
+that cannot be opened is one more problem.
+
+With ``deep``: every allocated payload block and sector bitmap block inside the file is read
+(in 4 MiB chunks; a read error or a short read is a problem naming the block), as ``vhd check
+--deep`` reads every block of a VHD.
+
+Space after the last structure and block is orphaned (a writer killed before its flush
+allocated it); ``--repair`` cuts the file there -- never in a fixed disk, whose file must keep
+room for every block (qemu-img preallocates it unreferenced).
 
 Repairs: the log is replayed (an ``r+`` open does it), a damaged header copy is rewritten from
-the current one (the header update procedure), a damaged region table copy from its twin.
+the current one (the header update procedure), a damaged region table copy from its twin, the
+orphaned tail cut (computed again after the replay, from the BAT the log left).
 """
 
 from __future__ import annotations
 
 import itertools
+import os
+from collections.abc import Callable, Sequence
 
+from ..chain import ParentPolicy
 from ..errors import VHDError
+from ..lock import InUseError
 from ..record import Record, fill
 from . import records as r
 from .disk import VHDXDisk, chunk_ratio, open_vhdx
@@ -78,7 +96,8 @@ def _structures(disk: VHDXDisk) -> list[tuple[int, int, str]]:
     return out
 
 
-def _check_bat(disk: VHDXDisk, report: VHDXCheckReport) -> None:
+def _check_bat(disk: VHDXDisk, report: VHDXCheckReport) -> list[tuple[int, int, str]]:
+    """The BAT rules; returns the file ranges of the allocated blocks and bitmaps."""
     md = disk.metadata
     ratio = chunk_ratio(md.block_size, md.logical_sector_size)
     blocks = -(-disk.size // md.block_size)
@@ -128,18 +147,98 @@ def _check_bat(disk: VHDXDisk, report: VHDXCheckReport) -> None:
         if blo < ahi:
             report.problems.append(f"{aname} and {bname} overlap at file offset {blo}")
     if not md.has_parent and md.leave_blocks_allocated:
+        # LeaveBlocksAllocated (2.6.2.1): blocks SHOULD NOT become NOT_PRESENT.  ZERO is fine:
+        # qemu-img makes its fixed disks with every block ZERO over preallocated space.
         for b in range(blocks):
-            if disk.bat[b + b // ratio] & r.STATE_MASK != r.PayloadState.FULLY_PRESENT:
-                report.problems.append(f"block {b} of a fixed disk is not FULLY_PRESENT")
+            if disk.bat[b + b // ratio] & r.STATE_MASK == r.PayloadState.NOT_PRESENT:
+                report.problems.append(f"block {b} of a fixed disk is NOT_PRESENT")
                 break
+    return used
+
+
+def _fixed(disk: VHDXDisk) -> bool:
+    """LeaveBlocksAllocated without a parent (2.6.2.1): the file MUST NOT shrink below what
+    allocating every block takes, so its tail is never orphan space (qemu-img preallocates it
+    and leaves the blocks ZERO with no offset until written)."""
+    md = disk.metadata
+    return bool(md.leave_blocks_allocated) and not md.has_parent
+
+
+def _data_end(disk: VHDXDisk) -> int:
+    """Where the last structure or the space of the last BAT entry ends, 1 MiB-aligned
+    (MS-VHDX 2.2: regions and blocks are): past it nothing names the file's space.  Every entry
+    with a FileOffsetMB counts, whatever its state: qemu-img's fixed disks keep their space in
+    ZERO blocks (LeaveBlocksAllocated), and a writer may turn them FULLY_PRESENT in place."""
+    end = max(hi for _, hi, _ in _structures(disk))
+    bat = disk.bat
+    if len(bat):
+        top = max(bat)  # the offset is the entry's high bits: the largest entry, the last space
+        if top & r.OFFSET_MASK:
+            ratio = chunk_ratio(disk.metadata.block_size, disk.metadata.logical_sector_size)
+            bitmap = (bat.index(top) + 1) % (ratio + 1) == 0
+            length = r.MiB if bitmap else disk.metadata.block_size
+            end = max(end, (top & r.OFFSET_MASK) + length)
+    return -(-end // r.MiB) * r.MiB
+
+
+_CHUNK = 4 * r.MiB
+
+
+def _read_all(
+    path: str,
+    used: list[tuple[int, int, str]],
+    file_size: int,
+    report: VHDXCheckReport,
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    """Read every allocated range that lies in the file (the rest is a problem already): a
+    block the media cannot give back is found now, not when a guest reads it."""
+    ranges = [(lo, min(hi, file_size), name) for lo, hi, name in used if lo < file_size]
+    total = sum(hi - lo for lo, hi, _ in ranges)
+    done = 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for lo, hi, name in ranges:
+            pos = lo
+            while pos < hi:
+                n = min(_CHUNK, hi - pos)
+                try:
+                    got = len(os.pread(fd, n, pos))
+                except OSError as exc:
+                    report.problems.append(f"{name}: read error at file offset {pos}: {exc}")
+                    break
+                if got < n:
+                    report.problems.append(f"{name}: the file ends at {pos + got} inside it")
+                    break
+                pos += n
+                done += n
+                if progress is not None:
+                    progress(done, total)
+            done += hi - pos
+    finally:
+        os.close(fd)
 
 
 def check_vhdx(
-    path: str, *, repair: bool = False, parent_dirs: list[str] | None = None
+    path: str,
+    *,
+    repair: bool = False,
+    parent_dirs: Sequence[str] | None = None,
+    parent_policy: ParentPolicy | None = None,
+    force_share: bool = False,
+    deep: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> VHDXCheckReport:
+    """Check ``path``; ``progress(bytes done, bytes)`` follows ``deep``'s block reads."""
     report = VHDXCheckReport(path)
+    dirs = tuple(parent_dirs or ())
     try:
-        disk = open_vhdx(path, parent_dirs=parent_dirs or (), misplaced_blocks=True)
+        # The file on its own first: its structures are checked whether or not its parent is
+        # found (the parent is opened below, as one more rule); blocks over its structures are
+        # listed by the rules below, not refused by the open.
+        disk = open_vhdx(path, open_parent=False, force_share=force_share, misplaced_blocks=True)
+    except InUseError:
+        raise  # "cannot open", not a finding about the image
     except VHDError as exc:
         report.problems.append(str(exc))
         return report
@@ -162,13 +261,37 @@ def check_vhdx(
         if disk.current_header.log_guid != r.ZERO_GUID:
             report.problems.append("the log is live: it must be replayed")
             report.repairable.append("replay the log")
-        _check_bat(disk, report)
+        allocated = _check_bat(disk, report)
+        end = _data_end(disk)
+        if disk.file_size > end and not _fixed(disk):
+            report.problems.append(
+                f"{disk.file_size - end} bytes after the last block at {end:#x} are referenced "
+                "by nothing (left by an interrupted allocation)"
+            )
+            report.repairable.append(f"cut the file at {end:#x}")
+        if deep:
+            _read_all(path, allocated, disk.file_size, report, progress)
+        differencing = disk.type.label == "differencing"
+    if differencing:
+        try:
+            open_vhdx(
+                path, parent_dirs=dirs, parent_policy=parent_policy, force_share=force_share
+            ).close()
+        except InUseError:
+            raise
+        except VHDError as exc:
+            report.problems.append(str(exc))
     if repair and report.repairable and len(report.repairable) == len(report.problems):
-        _repair(path, report)
+        _repair(path, report, dirs, parent_policy)
     return report
 
 
-def _repair(path: str, report: VHDXCheckReport) -> None:
+def _repair(
+    path: str,
+    report: VHDXCheckReport,
+    parent_dirs: Sequence[str],
+    parent_policy: ParentPolicy | None,
+) -> None:
     with open_vhdx(path, "r+", open_parent=False) as disk:  # replays the log, clears LogGuid
         lay = disk.layout
         if any(h is None for h in lay.headers):
@@ -178,7 +301,11 @@ def _repair(path: str, report: VHDXCheckReport) -> None:
         for i, t in enumerate(lay.region_tables):
             if t is None:
                 disk._write_region_table(i, good)
+        # After the replay (the open's): the BAT as the log left it says where the data ends.
+        end = _data_end(disk)
+        if disk.file_size > end and not _fixed(disk):
+            disk._truncate(end)
     report.repaired = list(report.repairable)
-    after = check_vhdx(path)
+    after = check_vhdx(path, parent_dirs=parent_dirs, parent_policy=parent_policy)
     report.problems = after.problems
     report.repairable = after.repairable
