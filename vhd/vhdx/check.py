@@ -337,6 +337,9 @@ def check_vhdx(
         if deep:
             _read_all(path, allocated, disk.file_size, report, progress)
         differencing = disk.type.label == "differencing"
+    # Let its table go before the chain is opened: a 64 TiB disk's is 512 MiB, and the chain
+    # (and a repair's second check) hold their own.
+    del disk
     if differencing:
         try:
             open_vhdx(

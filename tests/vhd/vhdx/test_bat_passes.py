@@ -429,3 +429,24 @@ def test_an_open_holds_the_table_once(tmp_path: Path) -> None:
     assert table >= 4 * MiB
     # the table, plus the passes' windows (placement.WINDOW entries: 1 MiB of table at a time)
     assert peak < table + 2 * placement.WINDOW * 8, (peak, table)
+
+
+def test_check_of_a_child_holds_no_third_table(tmp_path: Path) -> None:
+    """vhd check reads the child's own structures, then opens the chain to find its parent:
+    the first table is let go by then (two 4 MiB tables here, never three)."""
+    with (
+        create_vhdx(tmp_path / "base.vhdx", 512 * GiB, block_size=MiB) as base,
+        create_vhdx(
+            tmp_path / "child.vhdx", 512 * GiB, type="differencing", block_size=MiB, parent=base
+        ) as child,
+    ):
+        table = len(child.bat) * 8
+    tracemalloc.start()
+    try:
+        report = vcheck.check_vhdx(str(tmp_path / "child.vhdx"))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert report.problems == []
+    assert table >= 4 * MiB
+    assert peak < 2 * table + 2 * placement.WINDOW * 8, (peak, table)
