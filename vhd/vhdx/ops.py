@@ -23,7 +23,8 @@ import contextlib
 import errno
 import ntpath
 import os
-from collections.abc import Callable, Sequence
+from array import array
+from collections.abc import Callable, Iterator, Sequence
 
 from ..chain import ParentPolicy
 from ..disk import Disk, first_data_byte
@@ -533,15 +534,35 @@ def _grow(disk: VHDXDisk, new: int, policy: ParentPolicy) -> None:
     disk._grow_table(old_count, count)
     nb_new = -(-new // bs)
     fixed = disk.type == DiskType.FIXED
-    for b in range(nb_old, nb_new):
-        value = 0
+    # Entries the old table did not hold start as 0 (NOT_PRESENT, bitmaps too) in one slice
+    # assignment, their pages dirty from _grow_table; Python steps are taken only for the new
+    # blocks in the old table's last chunk (a differencing table holds whole chunks) and for
+    # blocks that get space: every block of a fixed disk, and those over the parent's data.
+    # (An empty 32 -> 64 TiB grow of 1 MiB blocks went through 32 Mi blocks one by one: 55 s.)
+    disk.bat[old_count:count] = array("Q", bytes(8 * (count - old_count)))
+
+    def entry(b: int) -> int:
         if fixed or hidden(b * bs, (b + 1) * bs):
-            value = disk._grow(bs) | r.PayloadState.FULLY_PRESENT  # data: a hole, zeros
-        disk._set_entry(b + b // ratio, value)
-    for chunk in range(-(-nb_old // ratio), -(-nb_new // ratio)):
-        idx = chunk * (ratio + 1) + ratio
-        if idx < count:
-            disk._set_entry(idx, 0)
+            return disk._grow(bs) | r.PayloadState.FULLY_PRESENT  # data: a hole, zeros
+        return 0
+
+    in_old_table = range(nb_old, min(nb_new, -(-nb_old // ratio) * ratio))
+    given: Sequence[int]
+    if fixed:
+        given = range(nb_old, nb_new)
+    else:
+        given = sorted(
+            {
+                b
+                for h in hide
+                for b in range(max(nb_old, h.start // bs), min(nb_new, -(-h.stop // bs)))
+            }
+        )
+    for b in sorted(set(in_old_table) | set(given)) if not fixed else given:
+        idx = b + b // ratio
+        value = entry(b)
+        if idx < old_count or value:
+            disk._set_entry(idx, value)
     pages = Pages(disk)
     # 3. A BAT region too small for the new entries: a new one at the end, written whole and
     # synced before the region tables name it (in the transaction below).
@@ -563,6 +584,17 @@ def _grow(disk: VHDXDisk, new: int, policy: ParentPolicy) -> None:
     disk._adopt_size(new)
 
 
+def _nonzero_entries(bat: array[int], start: int, stop: int) -> Iterator[int]:
+    """Indices in [start, stop) of the entries that are not 0, ascending: windows of the table
+    that are all zeros (one compare each) are skipped whole."""
+    for pos in range(start, stop, placement.WINDOW):
+        end = min(stop, pos + placement.WINDOW)
+        window = bat[pos:end]
+        if window.tobytes() == bytes(8 * len(window)):
+            continue
+        yield from (pos + i for i, e in enumerate(window) if e)
+
+
 def _shrink(disk: VHDXDisk, new: int, force: bool) -> int:
     bs, ratio = disk._bs, disk._ratio
     old = disk.size
@@ -575,7 +607,11 @@ def _shrink(disk: VHDXDisk, new: int, force: bool) -> int:
     old_count = bat_entries(old, bs, disk.logical_sector_size, disk._differencing)
     nb_new = -(-new // bs)
     dropped: list[tuple[int, int]] = []
-    for idx in range(old_count):
+    # Entries before the first dropped block are all kept; after it, only windows of the table
+    # holding a non-zero entry are walked (an empty 64 TiB disk of 1 MiB blocks: 18 s -> 1 s).
+    first = min(count, nb_new + nb_new // ratio)
+    stop = min(old_count, len(disk.bat))
+    for idx in _nonzero_entries(disk.bat, first, stop):
         is_bitmap = idx % (ratio + 1) == ratio
         block = idx - idx // (ratio + 1)
         if idx < count and (is_bitmap or block < nb_new):
