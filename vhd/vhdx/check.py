@@ -357,7 +357,11 @@ def check_vhdx(
             raise
         except VHDError as exc:
             report.problems.append(str(exc))
-    if repair and (report.repairable or cut) and len(report.repairable) == len(report.problems):
+    # What can be mended is mended even when other problems stay (a missing parent, a bad BAT
+    # entry): each repair stands alone (the log replay is what every open of Hyper-V's does,
+    # header and region copies come from their valid twins, the cut keeps every referenced
+    # byte), as qemu-img check -r repairs what it can.  What remains is listed afterwards.
+    if repair and (report.repairable or cut):
         _repair(path, report, dirs, parent_policy, cut)
     return report
 

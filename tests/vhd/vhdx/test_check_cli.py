@@ -59,6 +59,26 @@ def test_a_missing_parent_does_not_hide_the_childs_own_problems(tmp_path: Path) 
     assert rc == 1 and "not found" in out and "the log is live" in out, out
 
 
+def test_repair_mends_what_it_can_while_the_parent_is_missing(tmp_path: Path) -> None:
+    """The child's live log is replayed although its parent is not found (which --repair
+    cannot mend and still reports): nothing written to the child is lost."""
+    base, child = _chain_in_two_folders(tmp_path)
+    with open_vhdx(child, "r+", parent_dirs=[str(base.parent)]) as disk:
+        disk.pwrite(b"c" * 4096, MiB)
+    _live_log(child)
+    moved = tmp_path / "base.vhdx.away"
+    base.rename(moved)
+    rc, out = run_cli("check", "--repair", str(child))
+    assert rc == 1 and "repaired: replay the log" in out, out
+    assert "not found" in out and "the log is live" not in out.split("repaired:")[1], out
+    moved.rename(base)
+    rc, out = run_cli("check", str(child))
+    assert (rc, out) == (0, f"{child}: vhdx differencing, {4 * MiB} bytes: clean\n")
+    with open_vhdx(child, parent_dirs=[str(base.parent)]) as disk:
+        assert disk.pread(4096, MiB) == b"c" * 4096
+        assert disk.pread(4096, 0) == b"p" * 4096
+
+
 def test_check_of_an_image_in_use_is_exit_2_and_minus_u_reads_it(tmp_path: Path) -> None:
     image = tmp_path / "busy.vhdx"
     create_vhdx(image, 4 * MiB, block_size=MiB).close()
