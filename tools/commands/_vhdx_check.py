@@ -39,10 +39,12 @@ def run_vhdx_check(args: argparse.Namespace) -> int:
         print(f"{report.path}: vhdx {report.type}, {report.size} bytes: {state}")
         for done in report.repaired:
             print(f"  repaired: {done}")
-        for problem in report.problems:
-            print(f"  error: {problem}")
-        for note in report.notes:
-            print(f"  note: {note}")
+        # As for VHD: severity, code, message, and what --repair does about it.
+        for f in report.findings:
+            line = f"  {f.severity}: [{f.code}] {f.message}"
+            if f.repairable and not (args.repair and not args.dry_run):
+                line += f" (repair: {f.repair})"
+            print(line)
         if args.repair and args.dry_run:
             for fix in report.repairable:
                 print(f"  would repair: {fix}")

@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 
 from ..chain import ParentPolicy
 from ..errors import VHDError
+from ..findings import ERROR, INFO, Finding, Severity
 from ..lock import InUseError
 from ..record import Record, fill
 from . import placement
@@ -43,36 +44,54 @@ from .disk import VHDXDisk, chunk_ratio, open_vhdx
 
 
 class VHDXCheckReport(Record):
-    _fields = ("path", "problems", "repairable", "repaired", "type", "size", "notes")
+    """The findings of one check, in :mod:`vhd.findings`' vocabulary (a code, a severity, a
+    message, the repair ``--repair`` would make), as ``vhd check`` gives them for VHD: errors
+    are problems (exit 1), ``info`` findings are notes, true of the image but not wrong with it
+    (exit 0)."""
+
+    _fields = ("path", "findings", "repaired", "type", "size")
     __slots__ = _fields
     path: str
-    problems: list[str]
-    repairable: list[str]
+    findings: list[Finding]
     repaired: list[str]
     type: str
     size: int
-    notes: list[str]  # true of the image, not wrong with it (exit 0); --repair tidies them
 
     def __init__(
         self,
         path: str,
-        problems: list[str] | None = None,
-        repairable: list[str] | None = None,
+        findings: list[Finding] | None = None,
         repaired: list[str] | None = None,
         type: str = "?",
         size: int = 0,
-        notes: list[str] | None = None,
     ) -> None:
         fill(
             self,
             path,
-            [] if problems is None else problems,
-            [] if repairable is None else repairable,
+            [] if findings is None else findings,
             [] if repaired is None else repaired,
             type,
             size,
-            [] if notes is None else notes,
         )
+
+    def error(self, code: str, message: str, repair: str | None = None) -> None:
+        self.findings.append(Finding(code, ERROR, message, repair))
+
+    def note(self, code: str, message: str, repair: str | None = None) -> None:
+        self.findings.append(Finding(code, INFO, message, repair))
+
+    @property
+    def problems(self) -> list[str]:
+        return [f.message for f in self.findings if f.severity is not INFO]
+
+    @property
+    def notes(self) -> list[str]:
+        return [f.message for f in self.findings if f.severity is INFO]
+
+    @property
+    def repairable(self) -> list[str]:
+        """What ``--repair`` would mend, problems and notes (it also cuts orphan space)."""
+        return [f.repair for f in self.findings if f.repair is not None]
 
     @property
     def clean(self) -> bool:
@@ -85,10 +104,11 @@ class VHDXCheckReport(Record):
             "type": self.type,
             "size": self.size,
             "clean": self.clean,
-            "problems": self.problems,
-            "repairable": self.repairable,
+            "counts": {
+                sev.value: sum(1 for f in self.findings if f.severity == sev) for sev in Severity
+            },
+            "findings": [f.as_dict() for f in self.findings],
             "repaired": self.repaired,
-            "notes": self.notes,
         }
 
 
@@ -112,20 +132,26 @@ _NOT_PRESENT = bytes(1 if b & r.STATE_MASK == r.PayloadState.NOT_PRESENT else 0 
 
 
 class _Listed:
-    """Problems by kind, the first MAX_LISTED of each kept in order, the rest counted."""
+    """Findings by kind, the first MAX_LISTED of each kept in order, the rest counted."""
 
     def __init__(self) -> None:
-        self.lines: list[str] = []
+        self.lines: list[Finding] = []
         self.counts: dict[str, int] = {}
+        self.codes: dict[str, str] = {}
 
-    def add(self, kind: str, line: str) -> None:
+    def add(self, kind: str, code: str, line: str) -> None:
         n = self.counts[kind] = self.counts.get(kind, 0) + 1
+        self.codes[kind] = code
         if n <= MAX_LISTED:
-            self.lines.append(line)
+            self.lines.append(Finding(code, ERROR, line))
 
-    def summary(self) -> list[str]:
+    def summary(self) -> list[Finding]:
         return [
-            f"{n - MAX_LISTED} more {kind} problems like the above (not listed)"
+            Finding(
+                self.codes[kind],
+                ERROR,
+                f"{n - MAX_LISTED} more {kind} problems like the above (not listed)",
+            )
             for kind, n in self.counts.items()
             if n > MAX_LISTED
         ]
@@ -156,10 +182,18 @@ def _check_bat(disk: VHDXDisk, report: VHDXCheckReport) -> list[tuple[int, int, 
     def place(lo: int, hi: int, name: str) -> None:
         nonlocal too_many
         if lo < r.MiB or hi > fsize:
-            late.add("outside", f"{name} at [{lo}, {hi}) lies outside the file ({fsize} bytes)")
+            late.add(
+                "outside",
+                "block-outside-file",
+                f"{name} at [{lo}, {hi}) lies outside the file ({fsize} bytes)",
+            )
         for slo, shi, sname in spans:
             if lo < shi and slo < hi:
-                late.add("structure", f"{name} at [{lo}, {hi}) overlaps the {sname}")
+                late.add(
+                    "structure",
+                    "block-over-structure",
+                    f"{name} at [{lo}, {hi}) overlaps the {sname}",
+                )
         if len(used) < room:
             used.append((lo, hi, name))
         else:
@@ -173,11 +207,19 @@ def _check_bat(disk: VHDXDisk, report: VHDXCheckReport) -> list[tuple[int, int, 
         state = entry & r.STATE_MASK
         if state == r.BitmapState.PRESENT:
             if not md.has_parent:
-                early.add("bitmap", f"sector bitmap entry {index} is PRESENT without a parent")
+                early.add(
+                    "bitmap",
+                    "bitmap-without-parent",
+                    f"sector bitmap entry {index} is PRESENT without a parent",
+                )
             bitmap_present.add(c)
             place(entry & r.OFFSET_MASK, (entry & r.OFFSET_MASK) + r.MiB, f"bitmap {c}")
         else:
-            early.add("bitmap", f"sector bitmap entry {index} has the reserved state {state}")
+            early.add(
+                "bitmap",
+                "bitmap-state-reserved",
+                f"sector bitmap entry {index} has the reserved state {state}",
+            )
     payload_stop = blocks + (blocks - 1) // ratio if blocks else 0
     notable = heapq.merge(
         placement.with_reserved_bits(bat, 0, payload_stop),
@@ -190,36 +232,51 @@ def _check_bat(disk: VHDXDisk, report: VHDXCheckReport) -> list[tuple[int, int, 
         entry = bat[index]
         state = entry & r.STATE_MASK
         if entry & 0xFFFF8:
-            early.add("reserved bits", f"BAT entry {index} (block {b}) has reserved bits set")
+            early.add(
+                "reserved bits",
+                "bat-reserved-bits",
+                f"BAT entry {index} (block {b}) has reserved bits set",
+            )
         if state in (4, 5):
-            early.add("state", f"block {b} has the reserved state {state}")
+            early.add("state", "block-state-reserved", f"block {b} has the reserved state {state}")
             continue
         if state == r.PayloadState.PARTIALLY_PRESENT:
             if not md.has_parent:
-                early.add("state", f"block {b} is PARTIALLY_PRESENT in a disk without parent")
+                early.add(
+                    "state",
+                    "partial-without-parent",
+                    f"block {b} is PARTIALLY_PRESENT in a disk without parent",
+                )
             elif b // ratio not in bitmap_present:
-                early.add("state", f"block {b} is PARTIALLY_PRESENT but has no sector bitmap")
+                early.add(
+                    "state",
+                    "partial-without-bitmap",
+                    f"block {b} is PARTIALLY_PRESENT but has no sector bitmap",
+                )
         if state in (r.PayloadState.FULLY_PRESENT, r.PayloadState.PARTIALLY_PRESENT):
             off = entry & r.OFFSET_MASK
             place(off, off + md.block_size, f"block {b}")
-    report.problems += early.lines + late.lines
+    report.findings += early.lines + late.lines
     pairs = _Listed()
     used.sort()
     for (_, ahi, aname), (blo, _, bname) in itertools.pairwise(used):
         if blo < ahi:
-            pairs.add("overlap", f"{aname} and {bname} overlap at file offset {blo}")
-    report.problems += pairs.lines + early.summary() + late.summary() + pairs.summary()
+            pairs.add(
+                "overlap", "blocks-overlap", f"{aname} and {bname} overlap at file offset {blo}"
+            )
+    report.findings += pairs.lines + early.summary() + late.summary() + pairs.summary()
     if too_many:
-        report.problems.append(
+        report.error(
+            "blocks-exceed-file",
             f"{len(used) + too_many} blocks and bitmaps are allocated but the file has room for "
-            f"{room}: {too_many} more overlap others or lie outside it (not listed)"
+            f"{room}: {too_many} more overlap others or lie outside it (not listed)",
         )
     if not md.has_parent and md.leave_blocks_allocated:
         # LeaveBlocksAllocated (2.6.2.1): blocks SHOULD NOT become NOT_PRESENT.  ZERO is fine:
         # qemu-img makes its fixed disks with every block ZERO over preallocated space.
         for index in placement.flagged(bat, 0, payload_stop, _NOT_PRESENT):
             if index % stride != ratio:
-                report.problems.append(f"block {index - index // stride} of a fixed disk is NOT_PRESENT")  # fmt: skip
+                report.error("fixed-block-missing", f"block {index - index // stride} of a fixed disk is NOT_PRESENT")  # fmt: skip
                 break
     return used
 
@@ -274,10 +331,14 @@ def _read_all(
                 try:
                     got = len(os.pread(fd, n, pos))
                 except OSError as exc:
-                    report.problems.append(f"{name}: read error at file offset {pos}: {exc}")
+                    report.error(
+                        "block-unreadable", f"{name}: read error at file offset {pos}: {exc}"
+                    )
                     break
                 if got < n:
-                    report.problems.append(f"{name}: the file ends at {pos + got} inside it")
+                    report.error(
+                        "block-truncated", f"{name}: the file ends at {pos + got} inside it"
+                    )
                     break
                 pos += n
                 done += n
@@ -309,7 +370,7 @@ def check_vhdx(
     except InUseError:
         raise  # "cannot open", not a finding about the image
     except VHDError as exc:
-        report.problems.append(str(exc))
+        report.error("image-invalid", str(exc))
         return report
     with disk:
         report.type = disk.type.label
@@ -317,19 +378,24 @@ def check_vhdx(
         lay = disk.layout
         for i, (h, err) in enumerate(zip(lay.headers, lay.header_errors, strict=True)):
             if h is None:
-                report.problems.append(f"header {i + 1} is invalid: {err}")
-                report.repairable.append(f"rewrite header {i + 1} from the current one")
+                report.error(
+                    "header-invalid",
+                    f"header {i + 1} is invalid: {err}",
+                    f"rewrite header {i + 1} from the current one",
+                )
         tables = lay.region_tables
         for i, (t, err) in enumerate(zip(tables, lay.region_errors, strict=True)):
             if t is None:
-                report.problems.append(f"region table {i + 1} is invalid: {err}")
-                report.repairable.append(f"rewrite region table {i + 1} from its twin")
+                report.error(
+                    "region-table-invalid",
+                    f"region table {i + 1} is invalid: {err}",
+                    f"rewrite region table {i + 1} from its twin",
+                )
         t0, t1 = tables
         if t0 is not None and t1 is not None and t0.entries != t1.entries:
-            report.problems.append("the two region tables differ")
+            report.error("region-tables-differ", "the two region tables differ")
         if disk.current_header.log_guid != r.ZERO_GUID:
-            report.problems.append("the log is live: it must be replayed")
-            report.repairable.append("replay the log")
+            report.error("log-live", "the log is live: it must be replayed", "replay the log")
         allocated = _check_bat(disk, report)
         end = _data_end(disk)
         cut = disk.file_size > end and not _fixed(disk)
@@ -337,10 +403,11 @@ def check_vhdx(
             # Free space, which MS-VHDX allows anywhere, not damage: qemu-img's every new VHDX
             # keeps 4 MiB free before its data starts at 8 MiB.  A writer killed between growing
             # the file for a block and its flush leaves the same (a whole block or more).
-            report.notes.append(
+            report.note(
+                "orphan-space",
                 f"{disk.file_size - end} bytes after the last block at {end:#x} are referenced "
-                "by nothing (kept free by the writer, or left by an interrupted allocation); "
-                f"--repair cuts the file at {end:#x}"
+                "by nothing (kept free by the writer, or left by an interrupted allocation)",
+                f"cut the file at {end:#x}",
             )
         if deep:
             _read_all(path, allocated, disk.file_size, report, progress)
@@ -356,12 +423,12 @@ def check_vhdx(
         except InUseError:
             raise
         except VHDError as exc:
-            report.problems.append(str(exc))
+            report.error("parent-unusable", str(exc))
     # What can be mended is mended even when other problems stay (a missing parent, a bad BAT
     # entry): each repair stands alone (the log replay is what every open of Hyper-V's does,
     # header and region copies come from their valid twins, the cut keeps every referenced
     # byte), as qemu-img check -r repairs what it can.  What remains is listed afterwards.
-    if repair and (report.repairable or cut):
+    if repair and report.repairable:
         _repair(path, report, dirs, parent_policy, cut)
     return report
 
@@ -387,8 +454,8 @@ def _repair(
         cut = cut and disk.file_size > end and not _fixed(disk)
         if cut:
             disk._truncate(end)
-    report.repaired = list(report.repairable) + ([f"cut the file at {end:#x}"] if cut else [])
+    report.repaired = [f.repair for f in report.findings if f.repair and f.code != "orphan-space"]
+    if cut:
+        report.repaired.append(f"cut the file at {end:#x}")
     after = check_vhdx(path, parent_dirs=parent_dirs, parent_policy=parent_policy)
-    report.problems = after.problems
-    report.repairable = after.repairable
-    report.notes = after.notes
+    report.findings = after.findings

@@ -102,6 +102,35 @@ def test_check_quiet_prints_nothing(tmp_path: Path) -> None:
     assert run_cli("check", "-q", str(live)) == (1, "")
 
 
+def test_findings_have_the_vhd_shape_codes_and_severities(tmp_path: Path) -> None:
+    """Scripts read one JSON shape for VHD and VHDX (counts and findings, each with severity,
+    code, message and repair), and the text says severity and code as for VHD."""
+    vhd_image = tmp_path / "a.vhd"
+    assert run_cli("create", str(vhd_image), "4M")[0] == 0
+    live = tmp_path / "l.vhdx"
+    with create_vhdx(live, 4 * MiB, block_size=MiB) as disk:
+        disk.pwrite(b"x" * 4096, 0)
+    _live_log(live)
+    with open(live, "ab") as f:
+        f.truncate(live.stat().st_size + MiB)  # orphan space: a note, repairable
+    rc, out = run_cli("check", "--json", str(live))
+    assert rc == 1, out
+    got = json.loads(out)
+    _, vhd_out = run_cli("check", "--json", str(vhd_image))
+    assert set(json.loads(vhd_out)) - {"file_size", "deep"} <= set(got), (vhd_out, out)
+    assert got["counts"] == {"error": 1, "warning": 0, "info": 1}
+    assert [(f["severity"], f["code"], f["repairable"], f["repair"]) for f in got["findings"]] == [
+        ("error", "log-live", True, "replay the log"),
+        ("info", "orphan-space", True, f"cut the file at {live.stat().st_size - MiB:#x}"),
+    ]
+    rc, out = run_cli("check", str(live))
+    assert rc == 1 and "  error: [log-live] the log is live" in out, out
+    assert "(repair: replay the log)" in out and "  info: [orphan-space] " in out, out
+    rc, out = run_cli("check", "--repair", str(live))
+    assert rc == 0 and "repaired: replay the log" in out and "repaired: cut the file" in out, out
+    assert "[log-live]" not in out and "[orphan-space]" not in out, out
+
+
 def test_deep_reads_every_allocated_block(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--deep was ignored for VHDX; now a block the file cannot give back is found (a read
     error injected under the third block's data; the metadata check never reads there)."""
@@ -159,7 +188,7 @@ def test_repair_cuts_the_orphan_space_a_crash_leaves(tmp_path: Path) -> None:
     assert image.stat().st_size == size + MiB
     rc, out = run_cli("check", str(image))
     # free space, not damage (MS-VHDX allows it; qemu-img leaves some in every new VHDX)
-    assert rc == 0 and f"note: {MiB} bytes after the last block" in out, out
+    assert rc == 0 and f"info: [orphan-space] {MiB} bytes after the last block" in out, out
     rc, out = run_cli("check", "--repair", str(image))
     assert rc == 0 and "repaired: cut the file" in out, out
     assert image.stat().st_size == size
@@ -190,7 +219,7 @@ def test_a_new_qemu_made_dynamic_vhdx_checks_clean(tmp_path: Path) -> None:
     qemu_create(image, 1 << 30)
     rc, out = run_cli("check", str(image))
     assert rc == 0 and f"{image}: vhdx dynamic, {1 << 30} bytes: clean" in out, out
-    assert "note: 4194304 bytes after the last block" in out, out
+    assert "info: [orphan-space] 4194304 bytes after the last block" in out, out
     rc, out = run_cli("check", "--repair", str(image))
     assert rc == 0 and "repaired: cut the file at 0x400000" in out, out
     assert_qemu_clean(image)
