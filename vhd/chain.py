@@ -311,7 +311,11 @@ class CandidateSearch(Record):
     def hint(self) -> str:
         hint = "Pass the directory that holds it with --parent-dir"
         if self.refused:
-            hint += " (or trust the image's locators with --allow-absolute-parents)"
+            # (the option of serve and mount; the other commands confine only when asked to)
+            hint += (
+                " (or trust the image's locators: --allow-absolute-parents for serve and mount,"
+                " no --confine-parents elsewhere)"
+            )
         return hint
 
 

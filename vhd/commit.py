@@ -122,7 +122,8 @@ def _commit(
             # (A VHDX parent's identity is its DataWriteGuid, new since the copy wrote to it.)
             parent_id = lineage.identity(parent)
             # Closed before its modification time is recorded anywhere: nothing changes it now.
-            parent.close()
+            with naming(parent_path):
+                parent.close()
             if keep:
                 # The kept child records the parent's new time; that rewrite changes the
                 # child's own time, which its children record in turn.
@@ -135,9 +136,13 @@ def _commit(
                 for grandchild in grandchildren:
                     lineage.retarget(grandchild, parent_path, parent_id)
         finally:
-            parent.close()
+            # Under the parent's name: after a failed write or flush its close fails the same
+            # way, and that error (which replaces the first) must name the parent, not the child.
+            with naming(parent_path):
+                parent.close()
             for grandchild in grandchildren:
-                grandchild.close()
+                with naming(grandchild.path):
+                    grandchild.close()
         if not keep:
             os.unlink(spath)
     finally:

@@ -91,23 +91,30 @@ def resize(
     force: bool = False,
     progress: Callable[[int, int], None] | None = None,
     parent_dirs: Sequence[str] = (),
+    parent_policy: ParentPolicy | None = None,
 ) -> ResizeResult:
     """Change the guest size of the image at ``path`` to ``new_size`` bytes.  ``progress(done,
     total)`` follows the bytes of the blocks a growing dynamic disk moves out of the BAT's way.
 
     Growing a differencing disk opens its parent (read-only, found as :func:`vhd.open` finds
-    it, also in ``parent_dirs``): where the parent holds data in the new range, the child must
-    hide it."""
+    it under ``parent_policy``, also in ``parent_dirs``): where the parent holds data in the new
+    range, the child must hide it."""
+    policy = (parent_policy or ParentPolicy()).with_dirs(parent_dirs)
     spath = os.fspath(path)
     with naming(spath):
         if probe_vhdx(spath):  # the VHDX layout is resized by vhd.vhdx.ops
             from .vhdx.ops import resize as resize_vhdx
 
             old, dropped = resize_vhdx(
-                spath, new_size, shrink=shrink, force=force, parent_dirs=parent_dirs
+                spath,
+                new_size,
+                shrink=shrink,
+                force=force,
+                parent_dirs=parent_dirs,
+                parent_policy=policy,
             )
             return ResizeResult(spath, old, new_size, 0, dropped)
-        return _resize(spath, new_size, shrink, force, progress, parent_dirs)
+        return _resize(spath, new_size, shrink, force, progress, policy)
 
 
 def _resize(
@@ -116,7 +123,7 @@ def _resize(
     shrink: bool,
     force: bool,
     progress: Callable[[int, int], None] | None,
-    parent_dirs: Sequence[str],
+    policy: ParentPolicy,
 ) -> ResizeResult:
     if new_size <= 0 or new_size % SECTOR:
         raise InvalidArgumentError(f"the new size {new_size} is not a positive multiple of 512")
@@ -152,7 +159,7 @@ def _resize(
         if new_size > old:
             hide: list[tuple[int, int]] = []
             if disk.type == DiskType.DIFFERENCING:
-                hide = _parent_data(disk, old, new_size, parent_dirs)
+                hide = _parent_data(disk, old, new_size, policy)
             moved = _grow_sparse(disk, new_size, footer, hide, progress)
             return ResizeResult(spath, old, new_size, moved, 0)
         dropped = _shrink_sparse(disk, new_size, footer, force)
@@ -309,10 +316,10 @@ def _grow_sparse(
 
 
 def _parent_data(
-    disk: SparseDisk, old: int, new: int, parent_dirs: Sequence[str]
+    disk: SparseDisk, old: int, new: int, policy: ParentPolicy
 ) -> list[tuple[int, int]]:
     """The ranges of [old, new) where the parent chain of ``disk`` holds data."""
-    with find_parent(disk, ParentPolicy().with_dirs(parent_dirs)) as parent:
+    with find_parent(disk, policy) as parent:
         end = min(new, parent.size)
         if end <= old:
             return []

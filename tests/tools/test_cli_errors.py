@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import vhd
 
 VHD_CLI = str(Path(sys.executable).with_name("vhd"))
@@ -113,3 +115,18 @@ def test_nbd_address_or_socket_in_use(tmp_path: Path) -> None:
     finally:
         tcp.close()
         unix.close()
+
+
+@pytest.mark.parametrize(
+    "command", ["convert", "create", "commit", "compact", "resize", "set_parent"]
+)
+def test_commands_that_write_images_take_sigterm_as_ctrl_c(command: str) -> None:
+    """SIGTERM and SIGHUP in the middle of a command that writes an image: the same cleanup,
+    message and exit status as Ctrl-C (vhdtools.interrupt), not a kill on the spot."""
+    import importlib
+
+    from vhdtools.interrupt import terminate_as_interrupt
+
+    run = importlib.import_module(f"vhdtools.commands.{command}").run
+    assert getattr(run, "__wrapped__", None) is not None, f"{command} runs unprotected"
+    assert run.__code__ is terminate_as_interrupt(lambda: None).__code__

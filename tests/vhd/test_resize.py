@@ -178,3 +178,22 @@ def test_grow_past_the_table_bound_is_refused(tmp_path: Path) -> None:
         vresize.resize(path, too_big)
     with vhd.open(path) as disk:
         assert disk.size == 64 * 2**20
+
+
+@pytest.mark.parametrize("fmt", ["vhd", "vhdx"])
+def test_cli_grows_a_child_whose_parent_is_in_a_folder_above(tmp_path: Path, fmt: str) -> None:
+    """`vhd resize` is a command the user runs on their own images: it follows the parent
+    locators as written, like commit and convert (a child made with --parent ../base was refused
+    with a hint to an option resize does not have)."""
+    (tmp_path / "base").mkdir()
+    (tmp_path / "kids").mkdir()
+    base = tmp_path / "base" / f"base.{fmt}"
+    child = tmp_path / "kids" / f"child.{fmt}"
+    rc, out = run_cli("create", str(base), "4M")
+    assert rc == 0, out
+    rc, out = run_cli("create", str(child), "--parent", str(base))  # locators: ../base/...
+    assert rc == 0, out
+    rc, out = run_cli("resize", str(child), "6M")
+    assert rc == 0, out
+    with vhd.open(child, parent_policy=vhd.ParentPolicy.trusting()) as disk:
+        assert disk.size == 6 * MiB and disk.pread(4096, 5 * MiB) == bytes(4096)

@@ -280,3 +280,31 @@ def test_commit_enospc_names_the_parent(tmp_path: Path, monkeypatch: pytest.Monk
     assert rc == 2
     assert f"vhd: error: {base}: No space left on device" in out
     assert mid.exists()
+
+
+def test_commit_enospc_at_the_vhdx_parents_flush_names_the_parent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The parent's flush fails (its file system is full), and so does its close that cleans up
+    after it: the error the user sees still names the parent, not the child (the close ran
+    outside the parent's naming and its error replaced the first one)."""
+    import errno
+
+    import vhd.vhdx.disk
+
+    base = vhdx_image(tmp_path / "base.vhdx", 8 * MiB, block_size=MiB)
+    child = vhdx_image(
+        tmp_path / "child.avhdx", type="differencing", parent=base, writes=[(0, b"c" * 4096)]
+    )
+
+    flush = vhd.vhdx.disk.VHDXDisk._flush_locked
+
+    def full(self: vhd.vhdx.disk.VHDXDisk, durable: bool) -> None:
+        if self.path == str(base.path):  # only the parent's file system is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        flush(self, durable)
+
+    monkeypatch.setattr(vhd.vhdx.disk.VHDXDisk, "_flush_locked", full)
+    rc, out = run_cli("commit", str(child.path))
+    assert rc == 2
+    assert f"vhd: error: {base.path}: No space left on device" in out, out

@@ -11,6 +11,7 @@ import argparse
 from vhd.commit import commit
 
 from ..common import LOCAL_PARENTS, add_parent_dir_option, add_progress_options, progress_wanted
+from ..interrupt import terminate_as_interrupt
 from ._progress import progress_bar
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~3 ms; vhd.record)
@@ -32,6 +33,7 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
+@terminate_as_interrupt
 def run(args: argparse.Namespace) -> int:
     show = progress_wanted(args)
     result = commit(

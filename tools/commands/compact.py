@@ -11,6 +11,7 @@ import argparse
 from vhd.compact import compact
 
 from ..common import add_progress_options, progress_wanted
+from ..interrupt import terminate_as_interrupt
 from ._progress import progress_bar
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~3 ms; vhd.record)
@@ -30,6 +31,7 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
+@terminate_as_interrupt
 def run(args: argparse.Namespace) -> int:
     result = compact(args.image, progress=progress_bar("scan", progress_wanted(args)))
     if not args.quiet:

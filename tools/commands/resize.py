@@ -12,7 +12,14 @@ import argparse
 import vhd
 from vhd.resize import resize
 
-from ..common import add_parent_dir_option, add_progress_options, parse_size, progress_wanted
+from ..common import (
+    LOCAL_PARENTS,
+    add_parent_dir_option,
+    add_progress_options,
+    parse_size,
+    progress_wanted,
+)
+from ..interrupt import terminate_as_interrupt
 from ._progress import progress_bar
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~3 ms; vhd.record)
@@ -38,6 +45,7 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
+@terminate_as_interrupt
 def run(args: argparse.Namespace) -> int:
     with vhd.open(args.image, "r", open_parent=False) as disk:
         current = disk.size
@@ -52,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         force=args.force,
         progress=bar,
         parent_dirs=args.parent_dir,
+        parent_policy=LOCAL_PARENTS,  # the user's own image: its locators as written
     )
     if not result.relocated_blocks:
         bar(0, 0)  # nothing had to move: the bar still ends at 100 %

@@ -10,6 +10,8 @@ import sys
 
 from vhd.reparent import set_parent
 
+from ..interrupt import terminate_as_interrupt
+
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~3 ms; vhd.record)
 if TYPE_CHECKING:
     from typing import Any
@@ -28,6 +30,7 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
+@terminate_as_interrupt
 def run(args: argparse.Namespace) -> int:
     result = set_parent(args.child, args.parent, force=args.force)
     for warning in result.warnings:

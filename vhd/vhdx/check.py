@@ -28,6 +28,7 @@ orphaned tail cut (computed again after the replay, from the BAT the log left).
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import os
 from collections.abc import Callable, Sequence
@@ -36,6 +37,7 @@ from ..chain import ParentPolicy
 from ..errors import VHDError
 from ..lock import InUseError
 from ..record import Record, fill
+from . import placement
 from . import records as r
 from .disk import VHDXDisk, chunk_ratio, open_vhdx
 
@@ -96,62 +98,124 @@ def _structures(disk: VHDXDisk) -> list[tuple[int, int, str]]:
     return out
 
 
+# Problems of one kind listed by _check_bat; the rest are counted in one more line.  A crafted
+# BAT can break a rule for each of its 64 Mi entries (as vhd.findings does for VHD).
+MAX_LISTED = 50
+# Low bytes of payload entries that need a look: reserved states 4 and 5, FULLY_PRESENT and
+# PARTIALLY_PRESENT (blocks); bits 3-19 are found by placement.with_reserved_bits.
+_NOTABLE = bytes(1 if b & r.STATE_MASK >= 4 else 0 for b in range(256))
+_NOT_PRESENT = bytes(1 if b & r.STATE_MASK == r.PayloadState.NOT_PRESENT else 0 for b in range(256))  # fmt: skip
+
+
+class _Listed:
+    """Problems by kind, the first MAX_LISTED of each kept in order, the rest counted."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.counts: dict[str, int] = {}
+
+    def add(self, kind: str, line: str) -> None:
+        n = self.counts[kind] = self.counts.get(kind, 0) + 1
+        if n <= MAX_LISTED:
+            self.lines.append(line)
+
+    def summary(self) -> list[str]:
+        return [
+            f"{n - MAX_LISTED} more {kind} problems like the above (not listed)"
+            for kind, n in self.counts.items()
+            if n > MAX_LISTED
+        ]
+
+
 def _check_bat(disk: VHDXDisk, report: VHDXCheckReport) -> list[tuple[int, int, str]]:
-    """The BAT rules; returns the file ranges of the allocated blocks and bitmaps."""
+    """The BAT rules; returns the file ranges of the allocated blocks and bitmaps.
+
+    C-level passes (:mod:`vhd.vhdx.placement`) find the entries that need a look -- sector
+    bitmap entries that are not NOT_PRESENT, payload entries with reserved bits, a reserved
+    state or a block -- and only those take Python steps: an empty 64 Ti disk of 1 MiB blocks
+    (64 Mi entries) takes none.  Problems are listed up to MAX_LISTED of a kind, and blocks are
+    kept for the overlap rules only up to what the file has room for (more must overlap or lie
+    outside it, which is said once): memory stays bounded on a crafted table."""
     md = disk.metadata
+    bat = disk.bat
     ratio = chunk_ratio(md.block_size, md.logical_sector_size)
+    stride = ratio + 1
     blocks = -(-disk.size // md.block_size)
     fsize = disk.file_size
     spans = _structures(disk)
     used: list[tuple[int, int, str]] = []
+    room = fsize // r.MiB  # blocks are 1 MiB at least, 1 MiB aligned, past the first MiB
+    too_many = 0
+    early = _Listed()  # the rules of entries, in BAT order
+    late = _Listed()  # the rules of the space they name, in the order of `used`
+
+    def place(lo: int, hi: int, name: str) -> None:
+        nonlocal too_many
+        if lo < r.MiB or hi > fsize:
+            late.add("outside", f"{name} at [{lo}, {hi}) lies outside the file ({fsize} bytes)")
+        for slo, shi, sname in spans:
+            if lo < shi and slo < hi:
+                late.add("structure", f"{name} at [{lo}, {hi}) overlaps the {sname}")
+        if len(used) < room:
+            used.append((lo, hi, name))
+        else:
+            too_many += 1
+
     bitmap_present: set[int] = set()
-    chunks = -(-blocks // ratio)
-    for c in range(chunks):
-        index = c * (ratio + 1) + ratio
-        if index >= len(disk.bat):
-            continue
-        entry = disk.bat[index]
+    bitmap_states = placement.bitmap_states(bat, -(-blocks // ratio), stride)
+    for c in placement.flagged_bytes(bitmap_states):
+        index = c * stride + ratio
+        entry = bat[index]
         state = entry & r.STATE_MASK
         if state == r.BitmapState.PRESENT:
             if not md.has_parent:
-                report.problems.append(f"sector bitmap entry {index} is PRESENT without a parent")
+                early.add("bitmap", f"sector bitmap entry {index} is PRESENT without a parent")
             bitmap_present.add(c)
-            used.append((entry & r.OFFSET_MASK, (entry & r.OFFSET_MASK) + r.MiB, f"bitmap {c}"))
-        elif state != r.BitmapState.NOT_PRESENT:
-            report.problems.append(f"sector bitmap entry {index} has the reserved state {state}")
-    for b in range(blocks):
-        index = b + b // ratio
-        entry = disk.bat[index]
+            place(entry & r.OFFSET_MASK, (entry & r.OFFSET_MASK) + r.MiB, f"bitmap {c}")
+        else:
+            early.add("bitmap", f"sector bitmap entry {index} has the reserved state {state}")
+    payload_stop = blocks + (blocks - 1) // ratio if blocks else 0
+    notable = heapq.merge(
+        placement.with_reserved_bits(bat, 0, payload_stop),
+        placement.flagged(bat, 0, payload_stop, _NOTABLE),
+    )
+    for index, _ in itertools.groupby(notable):
+        if index % stride == ratio:
+            continue  # a sector bitmap entry: looked at above
+        b = index - index // stride
+        entry = bat[index]
         state = entry & r.STATE_MASK
         if entry & 0xFFFF8:
-            report.problems.append(f"BAT entry {index} (block {b}) has reserved bits set")
+            early.add("reserved bits", f"BAT entry {index} (block {b}) has reserved bits set")
         if state in (4, 5):
-            report.problems.append(f"block {b} has the reserved state {state}")
+            early.add("state", f"block {b} has the reserved state {state}")
             continue
         if state == r.PayloadState.PARTIALLY_PRESENT:
             if not md.has_parent:
-                report.problems.append(f"block {b} is PARTIALLY_PRESENT in a disk without parent")
+                early.add("state", f"block {b} is PARTIALLY_PRESENT in a disk without parent")
             elif b // ratio not in bitmap_present:
-                report.problems.append(f"block {b} is PARTIALLY_PRESENT but has no sector bitmap")
+                early.add("state", f"block {b} is PARTIALLY_PRESENT but has no sector bitmap")
         if state in (r.PayloadState.FULLY_PRESENT, r.PayloadState.PARTIALLY_PRESENT):
             off = entry & r.OFFSET_MASK
-            used.append((off, off + md.block_size, f"block {b}"))
-    for lo, hi, name in used:
-        if lo < r.MiB or hi > fsize:
-            report.problems.append(f"{name} at [{lo}, {hi}) lies outside the file ({fsize} bytes)")
-        for slo, shi, sname in spans:
-            if lo < shi and slo < hi:
-                report.problems.append(f"{name} at [{lo}, {hi}) overlaps the {sname}")
+            place(off, off + md.block_size, f"block {b}")
+    report.problems += early.lines + late.lines
+    pairs = _Listed()
     used.sort()
     for (_, ahi, aname), (blo, _, bname) in itertools.pairwise(used):
         if blo < ahi:
-            report.problems.append(f"{aname} and {bname} overlap at file offset {blo}")
+            pairs.add("overlap", f"{aname} and {bname} overlap at file offset {blo}")
+    report.problems += pairs.lines + early.summary() + late.summary() + pairs.summary()
+    if too_many:
+        report.problems.append(
+            f"{len(used) + too_many} blocks and bitmaps are allocated but the file has room for "
+            f"{room}: {too_many} more overlap others or lie outside it (not listed)"
+        )
     if not md.has_parent and md.leave_blocks_allocated:
         # LeaveBlocksAllocated (2.6.2.1): blocks SHOULD NOT become NOT_PRESENT.  ZERO is fine:
         # qemu-img makes its fixed disks with every block ZERO over preallocated space.
-        for b in range(blocks):
-            if disk.bat[b + b // ratio] & r.STATE_MASK == r.PayloadState.NOT_PRESENT:
-                report.problems.append(f"block {b} of a fixed disk is NOT_PRESENT")
+        for index in placement.flagged(bat, 0, payload_stop, _NOT_PRESENT):
+            if index % stride != ratio:
+                report.problems.append(f"block {index - index // stride} of a fixed disk is NOT_PRESENT")  # fmt: skip
                 break
     return used
 
@@ -170,12 +234,13 @@ def _data_end(disk: VHDXDisk) -> int:
     with a FileOffsetMB counts, whatever its state: qemu-img's fixed disks keep their space in
     ZERO blocks (LeaveBlocksAllocated), and a writer may turn them FULLY_PRESENT in place."""
     end = max(hi for _, hi, _ in _structures(disk))
-    bat = disk.bat
-    if len(bat):
-        top = max(bat)  # the offset is the entry's high bits: the largest entry, the last space
+    # The offset is the entry's high bits: the largest entry names the last space.
+    found = placement.highest(disk.bat)
+    if found is not None:
+        index, top = found
         if top & r.OFFSET_MASK:
             ratio = chunk_ratio(disk.metadata.block_size, disk.metadata.logical_sector_size)
-            bitmap = (bat.index(top) + 1) % (ratio + 1) == 0
+            bitmap = (index + 1) % (ratio + 1) == 0
             length = r.MiB if bitmap else disk.metadata.block_size
             end = max(end, (top & r.OFFSET_MASK) + length)
     return -(-end // r.MiB) * r.MiB
@@ -272,6 +337,9 @@ def check_vhdx(
         if deep:
             _read_all(path, allocated, disk.file_size, report, progress)
         differencing = disk.type.label == "differencing"
+    # Let its table go before the chain is opened: a 64 TiB disk's is 512 MiB, and the chain
+    # (and a repair's second check) hold their own.
+    del disk
     if differencing:
         try:
             open_vhdx(

@@ -78,6 +78,7 @@ from ..newfile import NewFile
 from ..probe import is_vhdx_file
 from ..record import Record, fill
 from . import log as vlog
+from . import placement
 from . import records as r
 from .placement import first_misplaced
 
@@ -845,15 +846,34 @@ class VHDXDisk(Disk):
                 last = (block_end - base + lss - 1) // lss
                 runs = _bits_runs(bits, first, last)
                 yield from bitmap_extents(runs, base, lss, pos, block_end, self._parent_extents)
-            elif state == r.PayloadState.NOT_PRESENT and self._differencing:
-                yield from self._parent_extents(pos, block_end)
-            elif state in (1, 2, 3) or state == r.PayloadState.NOT_PRESENT:
-                yield Extent(pos, block_end - pos, None)
+            elif state <= r.PayloadState.UNMAPPED:
+                # A run of blocks that read as zeros (or, NOT_PRESENT in a differencing disk,
+                # from the parent) is one extent, found by C-level passes over the BAT: an
+                # empty 64 TiB disk of 1 MiB blocks is 64 Mi entries, not 64 Mi Python steps.
+                classes = _DIFF_CLASSES if self._differencing else _CLASSES
+                stop = self._payload_index(-(-end // bs))
+                run = placement.run_end(self.bat, self._payload_index(block), stop, self._ratio + 1, classes)  # fmt: skip
+                run_end = min(end, self._block_of(run) * bs)
+                if state == r.PayloadState.NOT_PRESENT and self._differencing:
+                    yield from self._parent_extents(pos, run_end)
+                else:
+                    yield Extent(pos, run_end - pos, None)
+                pos = run_end
+                continue
             else:
                 raise CorruptImageError(
                     f"payload block {block} has the reserved state {state}", path=self.path
                 )
             pos = block_end
+
+    def _payload_index(self, block: int) -> int:
+        """The BAT entry of payload block ``block`` (2.5: a bitmap entry after each chunk)."""
+        return block + block // self._ratio
+
+    def _block_of(self, index: int) -> int:
+        """The first payload block whose entry is at or after BAT entry ``index``."""
+        chunk, inner = divmod(index, self._ratio + 1)
+        return chunk * self._ratio + min(inner, self._ratio)
 
     def _present_extents(self, base: int, start: int, end: int) -> Iterator[Extent]:
         """A present range, split where the file has holes (``SEEK_DATA``/``SEEK_HOLE``):
@@ -933,6 +953,11 @@ class VHDXDisk(Disk):
 # -- open ---------------------------------------------------------------------------------------
 
 
+# Payload states as classes for placement.run_end: the ones that read alike share a class.
+# Without a parent NOT_PRESENT, UNDEFINED, ZERO and UNMAPPED all read as zeros; with one,
+# NOT_PRESENT reads the parent and the other three zeros.  The rest each stand alone.
+_CLASSES = bytes(b & 7 if b & 7 > r.PayloadState.UNMAPPED else 0 for b in range(256))
+_DIFF_CLASSES = bytes(1 if b & 7 in (1, 2, 3) else b & 7 for b in range(256))
 _MAX_SEGMENTS = 1 << 16  # data segments a read-only disk keeps (two ints each)
 
 
@@ -1300,10 +1325,7 @@ def _open_checked(fd: int, path: str, writable: bool, misplaced_blocks: bool) ->
             f"the BAT region ({layout.bat_region.length} bytes) is smaller than the "
             f"{count} entries the disk size needs"
         )
-    bat = array("Q")
-    bat.frombytes(read(nbytes, layout.bat_region.file_offset))
-    if sys.byteorder != "little":  # pragma: no cover - the format is little-endian
-        bat.byteswap()
+    bat = _read_bat(fd, nbytes, layout.bat_region.file_offset, overlay)
     if not misplaced_blocks:
         _refuse_misplaced(bat, layout, head, md)
     disk = VHDXDisk(
@@ -1321,6 +1343,27 @@ def _open_checked(fd: int, path: str, writable: bool, misplaced_blocks: bool) ->
         disk._write_header(True, log_guid=r.ZERO_GUID)
         disk._write_header(True)
     return disk
+
+
+def _read_bat(fd: int, nbytes: int, offset: int, overlay: vlog.Overlay | None) -> array[int]:
+    """The table read straight into its ``array('Q')``: a 64 TiB disk of 1 MiB blocks has a
+    512 MiB BAT, and a ``bytes`` of it on the way would double what the open holds.  Past the
+    end of the file (only a replayed log can name such space) reads as zeros."""
+    # (nbytes is whole 4 KiB pages; array repeat copies its operand once per repetition, so
+    # a page of zeros, not one entry, keeps it to 128 Ki copies for 64 Mi entries)
+    bat = array("Q", bytes(LOG_SECTOR)) * (nbytes // LOG_SECTOR)
+    with memoryview(bat) as view, view.cast("B") as dest:
+        done = 0
+        while done < nbytes:
+            n = os.preadv(fd, [dest[done:]], offset + done)
+            if n == 0:
+                break
+            done += n
+        if overlay:
+            overlay.apply(dest, offset)
+    if sys.byteorder != "little":  # pragma: no cover - the format is little-endian
+        bat.byteswap()
+    return bat
 
 
 def _refuse_misplaced(bat: array[int], layout: Layout, head: r.Header, md: Metadata) -> None:

@@ -422,6 +422,7 @@ def resize(
     shrink: bool,
     force: bool,
     parent_dirs: Sequence[str],
+    parent_policy: ParentPolicy | None = None,
 ) -> tuple[int, int]:
     """Change the virtual size of the VHDX at ``path``; returns (old size, blocks dropped).
 
@@ -452,7 +453,7 @@ def resize(
             return old, 0
         _refuse_children(disk, parent_dirs)
         if new_size > old:
-            _grow(disk, new_size, parent_dirs)
+            _grow(disk, new_size, parent_policy or ParentPolicy().with_dirs(parent_dirs))
             return old, 0
         return old, _shrink(disk, new_size, force)
     finally:
@@ -477,10 +478,10 @@ def _size_page(disk: VHDXDisk, pages: Pages, size: int) -> None:
     pages.put(disk.layout.metadata_region.file_offset + entry.offset, size.to_bytes(8, "little"))
 
 
-def _parent_data(disk: VHDXDisk, old: int, new: int, parent_dirs: Sequence[str]) -> list[range]:
+def _parent_data(disk: VHDXDisk, old: int, new: int, policy: ParentPolicy) -> list[range]:
     if not disk._differencing:
         return []
-    with find_parent(disk, ParentPolicy().with_dirs(parent_dirs)) as parent:
+    with find_parent(disk, policy) as parent:
         end = min(new, parent.size)
         if end <= old:
             return []
@@ -489,10 +490,10 @@ def _parent_data(disk: VHDXDisk, old: int, new: int, parent_dirs: Sequence[str])
         ]
 
 
-def _grow(disk: VHDXDisk, new: int, parent_dirs: Sequence[str]) -> None:
+def _grow(disk: VHDXDisk, new: int, policy: ParentPolicy) -> None:
     bs, ratio = disk._bs, disk._ratio
     old = disk.size
-    hide = _parent_data(disk, old, new, parent_dirs)
+    hide = _parent_data(disk, old, new, policy)
     disk._begin_session()
 
     def hidden(a: int, z: int) -> bool:
