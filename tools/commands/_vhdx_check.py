@@ -41,6 +41,8 @@ def run_vhdx_check(args: argparse.Namespace) -> int:
             print(f"  repaired: {done}")
         for problem in report.problems:
             print(f"  error: {problem}")
+        for note in report.notes:
+            print(f"  note: {note}")
         if args.repair and args.dry_run:
             for fix in report.repairable:
                 print(f"  would repair: {fix}")

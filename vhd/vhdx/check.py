@@ -43,7 +43,7 @@ from .disk import VHDXDisk, chunk_ratio, open_vhdx
 
 
 class VHDXCheckReport(Record):
-    _fields = ("path", "problems", "repairable", "repaired", "type", "size")
+    _fields = ("path", "problems", "repairable", "repaired", "type", "size", "notes")
     __slots__ = _fields
     path: str
     problems: list[str]
@@ -51,6 +51,7 @@ class VHDXCheckReport(Record):
     repaired: list[str]
     type: str
     size: int
+    notes: list[str]  # true of the image, not wrong with it (exit 0); --repair tidies them
 
     def __init__(
         self,
@@ -60,6 +61,7 @@ class VHDXCheckReport(Record):
         repaired: list[str] | None = None,
         type: str = "?",
         size: int = 0,
+        notes: list[str] | None = None,
     ) -> None:
         fill(
             self,
@@ -69,6 +71,7 @@ class VHDXCheckReport(Record):
             [] if repaired is None else repaired,
             type,
             size,
+            [] if notes is None else notes,
         )
 
     @property
@@ -85,6 +88,7 @@ class VHDXCheckReport(Record):
             "problems": self.problems,
             "repairable": self.repairable,
             "repaired": self.repaired,
+            "notes": self.notes,
         }
 
 
@@ -328,12 +332,16 @@ def check_vhdx(
             report.repairable.append("replay the log")
         allocated = _check_bat(disk, report)
         end = _data_end(disk)
-        if disk.file_size > end and not _fixed(disk):
-            report.problems.append(
+        cut = disk.file_size > end and not _fixed(disk)
+        if cut:
+            # Free space, which MS-VHDX allows anywhere, not damage: qemu-img's every new VHDX
+            # keeps 4 MiB free before its data starts at 8 MiB.  A writer killed between growing
+            # the file for a block and its flush leaves the same (a whole block or more).
+            report.notes.append(
                 f"{disk.file_size - end} bytes after the last block at {end:#x} are referenced "
-                "by nothing (left by an interrupted allocation)"
+                "by nothing (kept free by the writer, or left by an interrupted allocation); "
+                f"--repair cuts the file at {end:#x}"
             )
-            report.repairable.append(f"cut the file at {end:#x}")
         if deep:
             _read_all(path, allocated, disk.file_size, report, progress)
         differencing = disk.type.label == "differencing"
@@ -349,8 +357,8 @@ def check_vhdx(
             raise
         except VHDError as exc:
             report.problems.append(str(exc))
-    if repair and report.repairable and len(report.repairable) == len(report.problems):
-        _repair(path, report, dirs, parent_policy)
+    if repair and (report.repairable or cut) and len(report.repairable) == len(report.problems):
+        _repair(path, report, dirs, parent_policy, cut)
     return report
 
 
@@ -359,6 +367,7 @@ def _repair(
     report: VHDXCheckReport,
     parent_dirs: Sequence[str],
     parent_policy: ParentPolicy | None,
+    cut: bool,
 ) -> None:
     with open_vhdx(path, "r+", open_parent=False) as disk:  # replays the log, clears LogGuid
         lay = disk.layout
@@ -371,9 +380,11 @@ def _repair(
                 disk._write_region_table(i, good)
         # After the replay (the open's): the BAT as the log left it says where the data ends.
         end = _data_end(disk)
-        if disk.file_size > end and not _fixed(disk):
+        cut = cut and disk.file_size > end and not _fixed(disk)
+        if cut:
             disk._truncate(end)
-    report.repaired = list(report.repairable)
+    report.repaired = list(report.repairable) + ([f"cut the file at {end:#x}"] if cut else [])
     after = check_vhdx(path, parent_dirs=parent_dirs, parent_policy=parent_policy)
     report.problems = after.problems
     report.repairable = after.repairable
+    report.notes = after.notes

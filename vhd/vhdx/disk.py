@@ -725,7 +725,10 @@ class VHDXDisk(Disk):
         want = -(-count * 8 // LOG_SECTOR) * LOG_SECTOR // 8
         if len(self.bat) < want:
             self.bat.extend([0] * (want - len(self.bat)))
-        self._dirty_bat.update(idx * 8 // LOG_SECTOR for idx in range(old_count, count))
+        if count > old_count:  # (pages, not entries: a 64 TiB table has 16 Mi of them)
+            self._dirty_bat.update(
+                range(old_count * 8 // LOG_SECTOR, (count * 8 - 1) // LOG_SECTOR + 1)
+            )
 
     def _forget_bitmap_block(self, offset: int) -> None:
         """Drop the cached (and unlogged) pages of the sector bitmap block at ``offset``: its

@@ -23,7 +23,8 @@ import contextlib
 import errno
 import ntpath
 import os
-from collections.abc import Callable, Sequence
+from array import array
+from collections.abc import Callable, Iterator, Sequence
 
 from ..chain import ParentPolicy
 from ..disk import Disk, first_data_byte
@@ -31,6 +32,7 @@ from ..errors import CorruptImageError, InvalidArgumentError, VHDError
 from ..fileio import punch_hole, read_upto, write_all
 from ..footer import DiskType
 from ..guid import Guid
+from . import placement
 from . import records as r
 from .disk import VHDXDisk, bat_entries, open_vhdx, parent_candidates, parent_linkages
 
@@ -266,12 +268,18 @@ def _free_from(pos: int, length: int, reserved: list[tuple[int, int]]) -> int:
     return pos
 
 
+# Low bytes whose state is 6 (FULLY_PRESENT / PRESENT) or 7 (PARTIALLY_PRESENT).
+_WITH_SPACE = bytes(0xFF if b & r.STATE_MASK in (6, 7) else 0 for b in range(256))
+
+
 def _blocks_in_file(disk: VHDXDisk) -> list[tuple[int, int, int]]:
     """(file offset, length, BAT index) of every payload and sector bitmap block with space."""
     ratio = disk._ratio
     count = bat_entries(disk.size, disk._bs, disk.logical_sector_size, disk._differencing)
     out = []
-    for idx in range(count):
+    # States 6 and 7 only (C-level passes, placement.flagged): Python steps per block with
+    # space, not per entry (an empty 64 TiB disk of 1 MiB blocks has 64 Mi entries).
+    for idx in placement.flagged(disk.bat, 0, min(count, len(disk.bat)), _WITH_SPACE):
         e = disk.bat[idx]
         state = e & r.STATE_MASK
         if idx % (ratio + 1) == ratio:
@@ -352,24 +360,30 @@ def compact(path: str, progress: Progress | None = None) -> tuple[int, int, int,
 def _free_empty(disk: VHDXDisk, progress: Progress | None) -> list[tuple[int, int]]:
     bs, ratio = disk._bs, disk._ratio
     blocks = -(-disk.size // bs)
+    stride = ratio + 1
     freed: list[tuple[int, int]] = []
-    for b in range(blocks):
-        idx = b + b // ratio
+    # Only the blocks that can be empty are visited (placement.flagged: C-level passes over
+    # the table's states), not every block: an empty 64 TiB disk of 1 MiB blocks has 64 Mi.
+    state = r.PayloadState.PARTIALLY_PRESENT if disk._differencing else r.PayloadState.FULLY_PRESENT
+    table = bytes(0xFF if b & r.STATE_MASK == state else 0 for b in range(256))
+    stop = min(len(disk.bat), blocks + (blocks - 1) // ratio + 1 if blocks else 0)
+    for idx in placement.flagged(disk.bat, 0, stop, table):
+        if idx % stride == ratio:
+            continue  # a sector bitmap entry (PRESENT has FULLY_PRESENT's value)
+        b = idx - idx // stride
         e = disk.bat[idx]
-        state = e & r.STATE_MASK
         n = min(bs, disk.size - b * bs)
         if disk._differencing:
-            empty = state == r.PayloadState.PARTIALLY_PRESENT and disk._block_bits(b) == 0
+            empty = disk._block_bits(b) == 0
         else:
-            empty = (
-                state == r.PayloadState.FULLY_PRESENT
-                and first_data_byte(disk, b * bs, b * bs + n) is None
-            )
+            empty = first_data_byte(disk, b * bs, b * bs + n) is None
         if empty:
             freed.append((e & r.OFFSET_MASK, bs))
             disk._set_entry(idx, int(r.PayloadState.NOT_PRESENT))
         if progress is not None:
             progress(b + 1, blocks)
+    if progress is not None:
+        progress(blocks, blocks)
     # Sector bitmap blocks stay, even for chunks left with no present block: libvhdi
     # (20210425) reads garbage for a differencing chunk whose bitmap block is NOT_PRESENT.
     return freed
@@ -520,15 +534,35 @@ def _grow(disk: VHDXDisk, new: int, policy: ParentPolicy) -> None:
     disk._grow_table(old_count, count)
     nb_new = -(-new // bs)
     fixed = disk.type == DiskType.FIXED
-    for b in range(nb_old, nb_new):
-        value = 0
+    # Entries the old table did not hold start as 0 (NOT_PRESENT, bitmaps too) in one slice
+    # assignment, their pages dirty from _grow_table; Python steps are taken only for the new
+    # blocks in the old table's last chunk (a differencing table holds whole chunks) and for
+    # blocks that get space: every block of a fixed disk, and those over the parent's data.
+    # (An empty 32 -> 64 TiB grow of 1 MiB blocks went through 32 Mi blocks one by one: 55 s.)
+    disk.bat[old_count:count] = array("Q", bytes(8 * (count - old_count)))
+
+    def entry(b: int) -> int:
         if fixed or hidden(b * bs, (b + 1) * bs):
-            value = disk._grow(bs) | r.PayloadState.FULLY_PRESENT  # data: a hole, zeros
-        disk._set_entry(b + b // ratio, value)
-    for chunk in range(-(-nb_old // ratio), -(-nb_new // ratio)):
-        idx = chunk * (ratio + 1) + ratio
-        if idx < count:
-            disk._set_entry(idx, 0)
+            return disk._grow(bs) | r.PayloadState.FULLY_PRESENT  # data: a hole, zeros
+        return 0
+
+    in_old_table = range(nb_old, min(nb_new, -(-nb_old // ratio) * ratio))
+    given: Sequence[int]
+    if fixed:
+        given = range(nb_old, nb_new)
+    else:
+        given = sorted(
+            {
+                b
+                for h in hide
+                for b in range(max(nb_old, h.start // bs), min(nb_new, -(-h.stop // bs)))
+            }
+        )
+    for b in sorted(set(in_old_table) | set(given)) if not fixed else given:
+        idx = b + b // ratio
+        value = entry(b)
+        if idx < old_count or value:
+            disk._set_entry(idx, value)
     pages = Pages(disk)
     # 3. A BAT region too small for the new entries: a new one at the end, written whole and
     # synced before the region tables name it (in the transaction below).
@@ -550,6 +584,17 @@ def _grow(disk: VHDXDisk, new: int, policy: ParentPolicy) -> None:
     disk._adopt_size(new)
 
 
+def _nonzero_entries(bat: array[int], start: int, stop: int) -> Iterator[int]:
+    """Indices in [start, stop) of the entries that are not 0, ascending: windows of the table
+    that are all zeros (one compare each) are skipped whole."""
+    for pos in range(start, stop, placement.WINDOW):
+        end = min(stop, pos + placement.WINDOW)
+        window = bat[pos:end]
+        if window.tobytes() == bytes(8 * len(window)):
+            continue
+        yield from (pos + i for i, e in enumerate(window) if e)
+
+
 def _shrink(disk: VHDXDisk, new: int, force: bool) -> int:
     bs, ratio = disk._bs, disk._ratio
     old = disk.size
@@ -562,7 +607,11 @@ def _shrink(disk: VHDXDisk, new: int, force: bool) -> int:
     old_count = bat_entries(old, bs, disk.logical_sector_size, disk._differencing)
     nb_new = -(-new // bs)
     dropped: list[tuple[int, int]] = []
-    for idx in range(old_count):
+    # Entries before the first dropped block are all kept; after it, only windows of the table
+    # holding a non-zero entry are walked (an empty 64 TiB disk of 1 MiB blocks: 18 s -> 1 s).
+    first = min(count, nb_new + nb_new // ratio)
+    stop = min(old_count, len(disk.bat))
+    for idx in _nonzero_entries(disk.bat, first, stop):
         is_bitmap = idx % (ratio + 1) == ratio
         block = idx - idx // (ratio + 1)
         if idx < count and (is_bitmap or block < nb_new):

@@ -415,6 +415,65 @@ def test_an_empty_quarter_tebibyte_takes_no_step_per_entry(tmp_path: Path) -> No
         assert _CountingTable.reads < 100
 
 
+def test_compact_of_an_empty_quarter_tebibyte_takes_no_step_per_entry(tmp_path: Path) -> None:
+    """vhd compact's passes (empty blocks to free, blocks to pack) visit only the entries with
+    space: it read each of 256 Ki entries (an empty 64 TiB disk of 1 MiB blocks: 85 s)."""
+    from vhd.vhdx import ops
+
+    image = tmp_path / "big.vhdx"
+    with create_vhdx(image, 256 * GiB, block_size=MiB) as disk:
+        disk.pwrite(b"x" * 4096, 100 * GiB)
+        disk.pwrite(bytes(4096), 200 * GiB)  # a block that holds only zeros: freed
+    with open_vhdx(image, "r+") as disk:
+        disk.bat = _CountingTable("Q", disk.bat.tobytes())
+        _CountingTable.reads = 0
+        freed = ops._free_empty(disk, None)
+        assert len(freed) == 1
+        assert len(ops._blocks_in_file(disk)) == 1
+        assert _CountingTable.reads < 100
+        disk.bat = array("Q", disk.bat.tobytes())
+    with open_vhdx(image) as disk:
+        assert disk.pread(4096, 100 * GiB) == b"x" * 4096
+        assert disk.pread(4096, 200 * GiB) == bytes(4096)
+
+
+def test_resize_of_a_sparse_quarter_tebibyte_takes_no_step_per_entry(tmp_path: Path) -> None:
+    """Shrinking walks only the windows of the dropped entries that hold something, growing
+    sets the new entries in one slice: each read every entry one by one (an empty 64 TiB disk
+    of 1 MiB blocks: shrink to 32 TiB 18 s, grow back 55 s)."""
+    from vhd.chain import ParentPolicy
+    from vhd.vhdx import ops
+
+    image = tmp_path / "big.vhdx"
+    with create_vhdx(image, 256 * GiB, block_size=MiB) as disk:
+        disk.pwrite(b"x" * 4096, 100 * GiB)
+        disk.pwrite(b"y" * 4096, 200 * GiB)
+    with open_vhdx(image, "r+") as disk:
+        disk.bat = _CountingTable("Q", disk.bat.tobytes())
+        _CountingTable.reads = 0
+        assert ops._shrink(disk, 128 * GiB, force=True) == 1
+        assert _CountingTable.reads < 100
+        disk.bat = array("Q", disk.bat.tobytes())
+    with open_vhdx(image, "r+") as disk:
+        assert disk.size == 128 * GiB
+        disk.bat = _CountingTable("Q", disk.bat.tobytes())
+        _CountingTable.reads = 0
+        ops._grow(disk, 512 * GiB, ParentPolicy())
+        assert _CountingTable.reads < 100
+        disk.bat = array("Q", disk.bat.tobytes())
+    with open_vhdx(image) as disk:
+        assert disk.size == 512 * GiB
+        assert disk.pread(4096, 100 * GiB) == b"x" * 4096
+        assert disk.pread(4096, 200 * GiB) == bytes(4096)
+        assert _merge(disk.extents()) == [
+            (0, 100 * GiB, None),
+            (100 * GiB, 4096, 0),
+            (100 * GiB + 4096, 412 * GiB - 4096, None),
+        ]
+    report = vcheck.check_vhdx(str(image))
+    assert (report.problems, report.notes) == ([], [])
+
+
 def test_an_open_holds_the_table_once(tmp_path: Path) -> None:
     """The BAT is read into its array: no ``bytes`` of the same size on the way (4 MiB here)."""
     image = tmp_path / "big.vhdx"
