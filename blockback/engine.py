@@ -20,6 +20,13 @@ blkfront sends its empty flush with ``sector_number`` 2**64-1, and Linux blkback
 ``xen_vbd_translate`` checks the range only when ``nr_sects`` is non-zero); anything but READ on a read-only device is an ERROR; a secure DISCARD is
 refused unless ``discard-secure`` was advertised; unknown ops (4, 7..255) get EOPNOTSUPP with the
 op echoed, as do DISCARD and INDIRECT when not advertised.
+
+A disk whose logical sector is larger than 512 bytes (a 4K-native VHDX advertises
+``sector-size`` 4096) still gets ``sector_number`` and ``first_sect``/``last_sect`` in 512-byte
+units; as Linux blkback does (``dispatch_rw_block_io``: ``(sector_number | nsec) &
+(logical_block_size / 512 - 1)`` for every segment; ``blkdev_issue_discard`` for DISCARD), a
+request whose start or any segment's length is not a whole number of logical sectors is an
+ERROR, with no partial I/O.
 """
 
 from __future__ import annotations
@@ -91,6 +98,12 @@ class DeviceConfig:
     discard: bool = True  # feature-discard advertised
     discard_secure: bool = False
     max_indirect_segments: int = 1024  # 0: INDIRECT not advertised
+    sector_size: int = SECTOR_SIZE  # the logical sector advertised as ``sector-size``
+
+    @property
+    def sector_mask(self) -> int:
+        """Low bits a 512-byte sector count must not have to be whole logical sectors."""
+        return self.sector_size // SECTOR_SIZE - 1
 
 
 class BlkifEngine:
@@ -138,6 +151,12 @@ class BlkifEngine:
     def _error(req: Request, op: int, reason: str) -> Reply:
         return Reply(req.id, op, Status.ERROR, reason)
 
+    def _misaligned(self, sector: int, first: int, last: int) -> str:
+        return (
+            f"sector {sector}, segment {first}..{last}: not aligned to the "
+            f"{self.config.sector_size}-byte logical sector"
+        )
+
     def _indirect(self, req: Request) -> Outcome:
         limit = self.config.max_indirect_segments
         if not limit:
@@ -166,9 +185,12 @@ class BlkifEngine:
             return self._error(req, op, f"{what} on a read-only device")
         data: list[DataSegment] = []
         total = 0
+        mask = self.config.sector_mask
         for gref, first, last in segments:
             if last > 7 or first > last:
                 return self._error(req, op, f"bad segment sectors {first}..{last}")
+            if (req.sector_number | (last - first + 1)) & mask:
+                return self._error(req, op, self._misaligned(req.sector_number, first, last))
             length = (last - first + 1) * SECTOR_SIZE
             data.append((gref, first * SECTOR_SIZE, length))
             total += length
@@ -192,6 +214,13 @@ class BlkifEngine:
             return Reply(req.id, Op.DISCARD, Status.EOPNOTSUPP, "DISCARD is not advertised")
         if req.flag & DISCARD_SECURE and not cfg.discard_secure:
             return self._error(req, Op.DISCARD, "secure discard was not advertised")
+        if (req.sector_number | req.nr_sectors) & cfg.sector_mask:
+            return self._error(
+                req,
+                Op.DISCARD,
+                f"discard of sectors {req.sector_number}+{req.nr_sectors} is not aligned to "
+                f"the {cfg.sector_size}-byte logical sector",
+            )
         end = req.sector_number + req.nr_sectors
         if end >= U64 or end > cfg.sectors:
             return self._error(req, Op.DISCARD, "discard range passes the device end")

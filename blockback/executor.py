@@ -32,7 +32,14 @@ from collections.abc import Callable
 import vhd
 from blockback.request import BlockOp, BlockRequest
 
-__all__ = ["BlockDisk", "BlockOp", "BlockRequest", "Completion", "RequestExecutor"]
+__all__ = [
+    "BlockDisk",
+    "BlockOp",
+    "BlockRequest",
+    "Completion",
+    "RequestExecutor",
+    "sector_sizes",
+]
 
 log = logging.getLogger("blockback")
 
@@ -47,6 +54,17 @@ BlockDisk = vhd.BlockDevice
 
 
 Completion = Callable[[BlockRequest, int], None]
+
+
+def sector_sizes(disk: BlockDisk) -> tuple[int, int]:
+    """The disk's (logical, physical) sector sizes, as the front ends advertise them.
+
+    A VHDX records both in its metadata (MS-VHDX 2.6.2.4/2.6.2.5: 512 or 4096); a VHD, raw image
+    or test double has no such attributes and is 512/512.  The physical size is never reported
+    below the logical one."""
+    logical = int(getattr(disk, "logical_sector_size", 512))
+    physical = int(getattr(disk, "physical_sector_size", logical))
+    return logical, max(logical, physical)
 
 
 def _nbytes(buffer: memoryview) -> int:

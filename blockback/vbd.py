@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from blockback.device import BlkifDevice
 from blockback.engine import BlkifEngine, DeviceConfig
 from blockback.errors import RemoteProtocolError
-from blockback.executor import BlockDisk, RequestExecutor
+from blockback.executor import BlockDisk, RequestExecutor, sector_sizes
 from blockback.transport import Transport
 from blockback.xenbus import (
     Action,
@@ -248,6 +248,7 @@ class VbdDriver:
                 read_only=self.read_only,
                 discard=self.discard,
                 max_indirect_segments=self.options.max_indirect_segments,
+                sector_size=sector_sizes(self.disk)[0],
             )
             self.engine = BlkifEngine(config)
             self.device = BlkifDevice(
@@ -270,7 +271,10 @@ class VbdDriver:
             self._connect_failed(f"{type(exc).__name__}: {exc}")
             return
         self.device.start()
+        logical, physical = sector_sizes(self.disk)
         keys = connect_keys(
+            sector_size=logical,
+            physical_sector_size=physical,
             size=self.disk.size,
             read_only=self.read_only,
             discard=self.discard,

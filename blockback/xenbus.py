@@ -205,11 +205,17 @@ def connect_keys(
     discard_granularity: int = 4096,
     discard_secure: bool = False,
     cdrom: bool = False,
+    sector_size: int = SECTOR_SIZE,
+    physical_sector_size: int = SECTOR_SIZE,
 ) -> dict[str, str]:
     """The device properties written in the connect transaction (before ``state``=4).
 
     ``info`` carries VDISK_READONLY and, for a frontend whose ``device-type`` is ``cdrom``,
-    VDISK_CDROM (Linux blkback's ``vbd.type``)."""
+    VDISK_CDROM (Linux blkback's ``vbd.type``).  ``sector-size`` is the disk's logical sector
+    size (4096 for a 4K-native VHDX: blkfront makes it the guest's logical block size) and
+    ``physical-sector-size`` its physical one, never below the logical one; ``sectors`` stays in
+    512-byte units whatever the sector size, as request sector numbers do (Linux blkback writes
+    ``bdev_nr_sectors`` and ``bdev_logical_block_size``)."""
     writable = not read_only
     info = (VDISK_READONLY if read_only else 0) | (VDISK_CDROM if cdrom else 0)
     keys = {
@@ -219,11 +225,12 @@ def connect_keys(
         "feature-persistent": "0",  # grant copy only (docs/blkif.md §3)
         "sectors": str(size // SECTOR_SIZE),
         "info": str(info),
-        "sector-size": str(SECTOR_SIZE),
-        "physical-sector-size": str(SECTOR_SIZE),
+        "sector-size": str(sector_size),
+        "physical-sector-size": str(max(physical_sector_size, sector_size)),
     }
     if discard and writable:
-        keys["discard-granularity"] = str(discard_granularity)
+        # A discard smaller than a logical sector cannot be expressed to the disk.
+        keys["discard-granularity"] = str(max(discard_granularity, sector_size))
         keys["discard-alignment"] = "0"
         keys["discard-secure"] = "1" if discard_secure else "0"
     return keys

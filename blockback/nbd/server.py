@@ -29,7 +29,7 @@ import time
 import urllib.parse
 
 import vhd
-from blockback.executor import BlockDisk
+from blockback.executor import BlockDisk, sector_sizes
 from blockback.nbd import protocol as p
 
 from .block_status import STATUS_BLOCKS, STATUS_EXAMINED, status_range
@@ -106,8 +106,16 @@ class NBDServer:
         self.pending = Pending(max(0, max_pending_bytes))
         self.status_range = status_range(disk)
         self.arenas = ArenaPool()
+        # A 4K-native disk says so (NBD_INFO_BLOCK_SIZE minimum = its logical sector); a 512-byte
+        # one keeps minimum 1: the disk merges partial sectors itself, any alignment works.
+        logical, _ = sector_sizes(disk)
         self.export = p.Export(
-            name=export_name, size=disk.size, read_only=self.read_only, description=description
+            name=export_name,
+            size=disk.size,
+            read_only=self.read_only,
+            description=description,
+            min_block=logical if logical > 512 else p.MIN_BLOCK,
+            preferred_block=max(p.PREFERRED_BLOCK, logical),
         )
         self.extents_lock = threading.Lock()
         self.stopping = False

@@ -147,3 +147,59 @@ def test_indirect_not_advertised() -> None:
     engine = BlkifEngine(DeviceConfig(sectors=SECTORS, max_indirect_segments=0))
     out = engine.handle(X86_64.decode_request(X86_64.encode_indirect(Op.READ, 5, 0, 20, [1])))
     assert status(out) is Status.EOPNOTSUPP
+
+
+# -- 4K-native disks: sector-size 4096, sector numbers still in 512-byte units -----------------
+
+K4 = BlkifEngine(DeviceConfig(sectors=SECTORS, sector_size=4096))
+
+
+@given(
+    sector=st.integers(0, SECTORS - 88),
+    spans=st.lists(st.tuples(st.integers(0, 7), st.integers(0, 7)), min_size=1, max_size=11),
+    op=st.sampled_from([Op.READ, Op.WRITE, Op.FLUSH_DISKCACHE, Op.WRITE_BARRIER]),
+)
+def test_4k_alignment_as_linux_blkback(sector: int, spans: list[tuple[int, int]], op: int) -> None:
+    """Linux blkback (dispatch_rw_block_io) refuses a request whose sector number or any
+    segment's sector count is not a whole number of logical sectors: ERROR, nothing planned."""
+    segs = [(g, first, last) for g, (first, last) in enumerate(spans) if first <= last]
+    if not segs:
+        return
+    out = K4.handle(rw(op, sector, segs))
+    aligned = sector % 8 == 0 and all((last - first + 1) % 8 == 0 for _, first, last in segs)
+    if aligned:
+        assert isinstance(out, IoPlan) and out.offset == sector * 512
+        assert out.length == 4096 * len(segs)
+    else:
+        assert status(out) is Status.ERROR
+        assert isinstance(out, Reply) and (out.operation, out.id) == (op, 42)
+    # The same request on a 512-byte disk is always fine.
+    assert isinstance(ENGINE.handle(rw(op, sector, segs)), IoPlan)
+
+
+def test_4k_empty_flush_and_indirect() -> None:
+    # An empty flush has no segment to misalign (blkback checks per segment).
+    assert isinstance(K4.handle(rw(Op.FLUSH_DISKCACHE, 2**64 - 1, [], nr=0)), IoPlan)
+    req = X86_64.decode_request(X86_64.encode_indirect(Op.WRITE, 5, 16, 20, [77]))
+    pending = K4.handle(req)
+    assert isinstance(pending, NeedIndirect)
+    good = encode_segments([(100 + i, 0, 7) for i in range(20)]).ljust(4096, b"\0")
+    plan = K4.handle_indirect(pending, [good])
+    assert isinstance(plan, IoPlan) and (plan.offset, plan.length) == (8192, 20 * 4096)
+    bad = encode_segments([(100 + i, 0, 7) for i in range(19)] + [(1, 0, 3)]).ljust(4096, b"\0")
+    assert status(K4.handle_indirect(pending, [bad])) is Status.ERROR
+    odd = K4.handle(X86_64.decode_request(X86_64.encode_indirect(Op.READ, 5, 4, 20, [77])))
+    assert isinstance(odd, NeedIndirect)
+    assert status(K4.handle_indirect(odd, [good])) is Status.ERROR
+
+
+@pytest.mark.parametrize(
+    ("sector", "count", "ok"), [(8, 16, True), (0, 8, True), (4, 8, False), (8, 12, False)]
+)
+def test_4k_discard_alignment(sector: int, count: int, ok: bool) -> None:
+    """blkdev_issue_discard refuses a range that is not whole logical sectors (EINVAL: ERROR)."""
+    out = K4.handle(X86_64.decode_request(X86_64.encode_discard(9, sector, count)))
+    if ok:
+        assert isinstance(out, IoPlan) and (out.offset, out.length) == (sector * 512, count * 512)
+    else:
+        assert status(out) is Status.ERROR

@@ -223,3 +223,44 @@ def test_teardown_reconnect_and_churn(sim: SimBackend) -> None:
     assert sim.xen.grants.mapped == 0
     assert sim.xen.events.unbound == 0
     wait_for(lambda: threading.active_count() <= threads + 1)
+
+
+def test_4k_native_vhdx(tmp_path: Path) -> None:
+    """A 4K-native VHDX says sector-size 4096 (and its physical size) at connect, keeps sectors
+    in 512-byte units, serves whole-sector I/O and answers a request that is not whole logical
+    sectors with ERROR and no partial write, as Linux blkback does; libvhdi (the oracle) reads
+    what the guest wrote."""
+    from tests.interop.oracles import libvhdi_read
+    from vhd.vhdx import create_vhdx
+
+    path = tmp_path / "k.vhdx"
+    create_vhdx(path, SIZE, block_size=1 << 20, logical_sector_size=4096).close()
+    disk = vhd.open(path, "r+")
+    sim = SimBackend(tmp_path / "sim", disk, image=str(path), pages=2048).start()
+    try:
+        g = Guest(sim)
+        front = g.connect(X86_64, 0)
+        g.wait_be(4)
+        be = {k: g.xs.read_text(f"{g.be}/{k}") for k in g.xs.directory(g.be)}
+        assert (be["sector-size"], be["physical-sector-size"]) == ("4096", "4096")
+        assert be["sectors"] == str(SIZE // 512) and be["discard-granularity"] == "4096"
+        p, q = front.alloc(2)
+        front.page(p)[:] = b"A" * 4096
+        front.page(q)[:] = b"B" * 4096
+        # Two whole pages at 512-byte sector 16 (byte 8192).
+        assert front.call(X86_64.encode_rw(Op.WRITE, 1, 16, [(p, 0, 7), (q, 0, 7)])) == 0
+        for sector, segs in ((20, [(p, 0, 7)]), (24, [(p, 0, 3)]), (32, [(p, 0, 7), (q, 4, 7)])):
+            assert front.call(X86_64.encode_rw(Op.WRITE, 2, sector, segs)) == Status.ERROR
+            assert front.call(X86_64.encode_rw(Op.READ, 3, sector, segs)) == Status.ERROR
+        assert front.call(X86_64.encode_discard(4, 4, 8)) == Status.ERROR
+        front.page(q)[:] = bytes(4096)
+        assert front.call(X86_64.encode_rw(Op.READ, 5, 16, [(q, 0, 7)])) == Status.OKAY
+        assert bytes(front.page(q)) == b"A" * 4096
+        g.close()
+    finally:
+        sim.stop()
+        disk.close()
+    libvhdi_read([path], tmp_path / "k.raw")
+    data = (tmp_path / "k.raw").read_bytes()
+    assert data[8192:16384] == b"A" * 4096 + b"B" * 4096
+    assert data.count(0) == SIZE - 8192  # nothing of the refused requests landed

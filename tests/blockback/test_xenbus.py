@@ -121,6 +121,16 @@ def test_initwait_and_connect_keys() -> None:
     ro = connect_keys(size=4096, read_only=True, discard=True)
     assert ro["info"] == "4" and ro["feature-discard"] == "0" and ro["feature-flush-cache"] == "0"
     assert "discard-granularity" not in ro
+    # A 4K-native disk: sector-size is its logical sector, sectors stay in 512-byte units, the
+    # physical size never below the logical one, discard granularity at least one sector.
+    k4 = connect_keys(
+        size=1 << 30, read_only=False, discard=True, sector_size=4096, physical_sector_size=512
+    )
+    assert (k4["sectors"], k4["sector-size"], k4["physical-sector-size"]) == (
+        str((1 << 30) // 512), "4096", "4096")  # fmt: skip
+    assert k4["discard-granularity"] == "4096"
+    big = connect_keys(size=1 << 20, read_only=False, discard=False, physical_sector_size=4096)
+    assert (big["sector-size"], big["physical-sector-size"]) == ("512", "4096")
     # A frontend whose device-type is cdrom gets VDISK_CDROM in info (Linux blkback's vbd.type).
     assert connect_keys(size=4096, read_only=True, discard=False, cdrom=True)["info"] == "5"
 

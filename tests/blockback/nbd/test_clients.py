@@ -120,6 +120,37 @@ def test_nbdinfo_size_and_flags(tmp: Path, require_tool: Need, read_only: bool) 
     ) == (1, 4096, 32 * MiB)
 
 
+@pytest.mark.parametrize(("logical", "minimum"), [(4096, 4096), (512, 1)])
+def test_nbdinfo_block_size_of_a_4k_native_vhdx(
+    tmp: Path, require_tool: Need, logical: int, minimum: int
+) -> None:
+    """A 4K-native VHDX advertises its logical sector as NBD_INFO_BLOCK_SIZE's minimum (a 512-byte
+    one keeps 1: the disk merges partial sectors), and nbdcopy, which honours that minimum, reads
+    back what the image holds as libvhdi (the oracle: qemu-img refuses 4K-native VHDX) reads it."""
+    nbdinfo, nbdcopy = require_tool("nbdinfo"), require_tool("nbdcopy")
+    path = tmp / "k.vhdx"
+    data = os.urandom(MiB)
+    with create_vhdx(path, 8 * MiB, logical_sector_size=logical) as disk:
+        disk.pwrite(data, 3 * MiB)
+        disk.flush()
+    with (
+        vhd.open(str(path), "r+") as disk,
+        serving(disk, export_name="k") as (_s, url, _path),
+    ):
+        info = json.loads(run(nbdinfo, "--json", url).stdout)
+        run(nbdcopy, url, str(tmp / "k.raw"))
+    (export,) = info["exports"]
+    sizes = (
+        export["block_size_minimum"],
+        export["block_size_preferred"],
+        export["block_size_maximum"],
+    )
+    assert sizes == (minimum, 4096, 32 * MiB)
+    libvhdi_read([path], tmp / "l.raw")
+    assert (tmp / "k.raw").read_bytes() == (tmp / "l.raw").read_bytes()
+    assert (tmp / "k.raw").read_bytes()[3 * MiB : 4 * MiB] == data
+
+
 def expected_map(disk: vhd.Disk) -> list[tuple[int, int, int]]:
     """Disk.extents() as base:allocation would show it: (offset, length, type)."""
     out: list[tuple[int, int, int]] = []

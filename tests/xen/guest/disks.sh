@@ -1,5 +1,6 @@
 # Every disk of the guest comes from `vhd serve --xen` (tests/xen/dom0/test_blkif.py):
 # xvda dynamic (ext4), xvdb differencing child, xvdc fixed, xvdd read-only, xvde dynamic (discard).
+# vhdx.sh runs the same checks on VHDX disks (xvdc: a VHD child of a VHDX parent there).
 for d in xvda xvdb xvdc xvdd xvde; do check "$d present" wait_disk $d; done
 dmesg | grep 'blkfront: xvd' | sed 's/^/VHDTEST DMESG /'
 for d in xvda xvdb xvdc xvdd xvde; do
@@ -7,8 +8,11 @@ for d in xvda xvdb xvdc xvdd xvde; do
     info "ro_$d $(cat /sys/block/$d/ro)"
 done
 
-# The child shows its parent's first MiB before any write of its own.
-info "parent_md5_xvdb $(dd if=/dev/xvdb bs=1M count=1 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)"
+# The child shows its parent's first MiB before any write of its own (xvdc: a child too in the
+# VHDX scenario, vhdx.sh).
+for d in xvdb xvdc; do
+    info "parent_md5_$d $(dd if=/dev/$d bs=1M count=1 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)"
+done
 info "md5_xvdd $(dd if=/dev/xvdd bs=1M count=1 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)"
 for d in xvdb xvdc; do
     odd_io $d 7 13          # small and unaligned to 4 KiB

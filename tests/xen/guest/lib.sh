@@ -19,16 +19,18 @@ wait_disk() {
     [ -b "/dev/$1" ]
 }
 
-# odd_io DEV SECTOR COUNT: one O_DIRECT write of COUNT sectors at SECTOR, read back the same way;
-# the MD5 goes to dom0, which reads the same range from the image with vhd.open.
+# odd_io DEV SECTOR COUNT [SECTOR_BYTES]: one O_DIRECT write of COUNT sectors at SECTOR (sectors
+# of SECTOR_BYTES, 512 by default; 4096 on a 4K-native disk, which refuses less), read back the
+# same way; the MD5 goes to dom0, which reads the same range from the image.
 odd_io() {
-    dd if=/dev/urandom of=/tmp/w bs=512 count=$3 2>/dev/null
-    if ! dd if=/tmp/w of=/dev/$1 bs=$(($3 * 512)) count=1 seek=$(($2 * 512)) \
+    ss=${4:-512}
+    dd if=/dev/urandom of=/tmp/w bs=$ss count=$3 2>/dev/null
+    if ! dd if=/tmp/w of=/dev/$1 bs=$(($3 * ss)) count=1 seek=$(($2 * ss)) \
             oflag=direct,seek_bytes 2>/tmp/err; then
         fail "odd io $1 $2+$3: write: $(cat /tmp/err)"
         return
     fi
-    dd if=/dev/$1 of=/tmp/r bs=$(($3 * 512)) count=1 skip=$(($2 * 512)) \
+    dd if=/dev/$1 of=/tmp/r bs=$(($3 * ss)) count=1 skip=$(($2 * ss)) \
         iflag=direct,skip_bytes 2>/dev/null
     if cmp -s /tmp/w /tmp/r; then pass "odd io $1 $2+$3"; else fail "odd io $1 $2+$3: read back differs"; fi
     info "md5_$1_$2_$3 $(md5sum </tmp/w | cut -d' ' -f1)"
