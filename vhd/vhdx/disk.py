@@ -720,12 +720,14 @@ class VHDXDisk(Disk):
     # -- metadata changes of vhd.vhdx.ops, through the log ---------------------------------
 
     def _grow_table(self, old_count: int, count: int) -> None:
-        """Room in the in-memory BAT for ``count`` entries (whole 4 KiB pages); the pages of
-        entries [old_count, count) are dirty: whatever the file held there is overwritten."""
+        """Room in the in-memory BAT for ``count`` entries (whole 4 KiB pages); entries
+        [old_count, count) are 0 (NOT_PRESENT, bitmaps too) and their pages dirty: whatever the
+        file held there is overwritten."""
         want = -(-count * 8 // LOG_SECTOR) * LOG_SECTOR // 8
         if len(self.bat) < want:
-            self.bat.extend([0] * (want - len(self.bat)))
+            self.bat.frombytes(bytes(8 * (want - len(self.bat))))
         if count > old_count:  # (pages, not entries: a 64 TiB table has 16 Mi of them)
+            self.bat[old_count:count] = array("Q", bytes(8 * (count - old_count)))
             self._dirty_bat.update(
                 range(old_count * 8 // LOG_SECTOR, (count * 8 - 1) // LOG_SECTOR + 1)
             )

@@ -534,12 +534,11 @@ def _grow(disk: VHDXDisk, new: int, policy: ParentPolicy) -> None:
     disk._grow_table(old_count, count)
     nb_new = -(-new // bs)
     fixed = disk.type == DiskType.FIXED
-    # Entries the old table did not hold start as 0 (NOT_PRESENT, bitmaps too) in one slice
-    # assignment, their pages dirty from _grow_table; Python steps are taken only for the new
+    # Entries the old table did not hold are 0 (NOT_PRESENT, bitmaps too), set in one slice by
+    # _grow_table, their pages dirty; Python steps are taken only for the new
     # blocks in the old table's last chunk (a differencing table holds whole chunks) and for
     # blocks that get space: every block of a fixed disk, and those over the parent's data.
     # (An empty 32 -> 64 TiB grow of 1 MiB blocks went through 32 Mi blocks one by one: 55 s.)
-    disk.bat[old_count:count] = array("Q", bytes(8 * (count - old_count)))
 
     def entry(b: int) -> int:
         if fixed or hidden(b * bs, (b + 1) * bs):
