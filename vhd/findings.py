@@ -141,21 +141,32 @@ class DropMap(MutableMapping[int, str]):
             self._len += 1
         self._kind[block] = kind
 
-    def mark_new(self, blocks: Iterator[int], why: str, listed: int) -> tuple[int, list[int]]:
-        """Drop each of ``blocks`` not dropped yet, for ``why``: how many were new, and the
-        first ``listed`` of them (a crafted table has millions; one tight loop, no calls)."""
+    def mark_new(self, candidates: bytes, why: str, listed: int) -> tuple[int, list[int]]:
+        """Drop each block whose byte in ``candidates`` (one 0/1 byte per block, from 0) is 1
+        and that is not dropped yet, for ``why``: how many were new, and the first ``listed``
+        of them.  A crafted table has millions: the masks are combined as big integers (C
+        loops over bytes; a Python step per block cost 3 s on 4 Mi blocks)."""
         self[-1] = why  # registers the text (block -1: see __setitem__)
         kind, codes = self._index.get(why, 1), self._kind
-        new: list[int] = []
-        count = 0
-        for block in blocks:
-            if not codes[block]:
-                codes[block] = kind
-                count += 1
-                if len(new) < listed:
-                    new.append(block)
+        n = len(candidates)
+        if n > len(codes):
+            codes.extend(bytes(n - len(codes)))
+        taken = int.from_bytes(bytes(codes[:n]).translate(_ONE_IF_SET), "big")
+        fresh = (int.from_bytes(candidates, "big") & ~taken).to_bytes(n, "big")
+        count = fresh.count(1)
+        if not count:
+            return 0, []
+        marked = int.from_bytes(bytes(codes[:n]), "big") | int.from_bytes(
+            fresh.translate(bytes([0, kind]) + bytes(254)), "big"
+        )
+        codes[:n] = marked.to_bytes(n, "big")
         self._len += count
-        return count, new
+        first: list[int] = []
+        pos = 0
+        while len(first) < listed and (hit := fresh.find(1, pos)) >= 0:
+            first.append(hit)
+            pos = hit + 1
+        return count, first
 
     def mark_runs(self, first: int, end: int, why: str) -> int:
         """Drop blocks [first, end) not dropped yet, for ``why``, at C speed: how many."""
@@ -197,6 +208,7 @@ class DropMap(MutableMapping[int, str]):
 
 
 _NONZERO = re.compile(b"[^\\x00]")
+_ONE_IF_SET = bytes([0]) + bytes([1]) * 255  # a translate table: any non-zero byte -> 1
 
 
 class RepairFacts(Record):
