@@ -8,6 +8,7 @@ SIZE is bytes or a number with a binary suffix (K, M, G, T: KiB, MiB, GiB, TiB),
 from __future__ import annotations
 
 import argparse
+import re
 
 import vhd
 from vhd.resize import resize
@@ -27,13 +28,21 @@ if TYPE_CHECKING:
     from typing import Any
 
 
+_RELATIVE = re.compile(r"^-(\d+(\.\d*)?|\.\d+)[KMGT]?(I?B)?$", re.IGNORECASE)  # common._SIZE's -N
+
+
 def register(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser(
         "resize",
         help="grow (or shrink) a disk",
-        description="Change the guest size of a fixed, dynamic or differencing VHD. Growing a "
+        description="Change the guest size of a fixed, dynamic or differencing VHD or VHDX. "
+        "Growing a "
         "dynamic disk grows the BAT, moving the first data blocks to the end if needed.",
     )
+    # "-6M" is a size, not an option: argparse takes an argument starting with "-" as an
+    # option unless it looks like a negative number (its _negative_number_matcher, per
+    # parser; this command has no option that looks like one).  "--" before it works too.
+    p._negative_number_matcher = _RELATIVE
     p.add_argument("image")
     p.add_argument("size", help="new size: bytes or K/M/G/T (binary), or +N / -N")
     p.add_argument("--shrink", action="store_true", help="allow making the disk smaller")
@@ -45,11 +54,16 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
+def _current_size(path: str) -> int:
+    """The disk's size for a relative SIZE; the handle (and its table: 512 MiB for a 64 TiB
+    VHDX of 1 MiB blocks) is gone before the resize opens the image again."""
+    with vhd.open(path, "r", open_parent=False) as disk:
+        return disk.size
+
+
 @terminate_as_interrupt
 def run(args: argparse.Namespace) -> int:
-    with vhd.open(args.image, "r", open_parent=False) as disk:
-        current = disk.size
-    size = parse_size(args.size, current)
+    size = parse_size(args.size, _current_size(args.image))
     if args.force and not args.shrink:
         raise ValueError("--force goes with --shrink")
     bar = progress_bar("moving blocks", progress_wanted(args))

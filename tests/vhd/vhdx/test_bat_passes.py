@@ -509,3 +509,25 @@ def test_check_of_a_child_holds_no_third_table(tmp_path: Path) -> None:
     assert report.problems == []
     assert table >= 4 * MiB
     assert peak < 2 * table + 2 * placement.WINDOW * 8, (peak, table)
+
+
+def test_vhd_resize_holds_one_table(tmp_path: Path) -> None:
+    """vhd resize reads the size for a relative SIZE through a handle of its own: that handle's
+    table was still referenced while the resize held a second one (a 64 TiB shrink of 1 MiB
+    blocks peaked at 1040 MiB against its 512 MiB table)."""
+    from tests.vhd.helpers import run_cli
+
+    image = tmp_path / "big.vhdx"
+    create_vhdx(image, 4096 * GiB, block_size=MiB).close()
+    with open_vhdx(image) as disk:
+        table = len(disk.bat) * 8
+    tracemalloc.start()
+    try:
+        rc, out = run_cli("resize", "--shrink", str(image), "-2T")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert rc == 0, out
+    assert table >= 32 * MiB
+    # the table, and the shrink's walk of 1 MiB windows (a slice, its bytes, zeros to compare)
+    assert peak < table + 4 * placement.WINDOW * 8 + MiB, (peak, table)
