@@ -130,3 +130,41 @@ def test_commands_that_write_images_take_sigterm_as_ctrl_c(command: str) -> None
     run = importlib.import_module(f"vhdtools.commands.{command}").run
     assert getattr(run, "__wrapped__", None) is not None, f"{command} runs unprotected"
     assert run.__code__ is terminate_as_interrupt(lambda: None).__code__
+
+
+def test_ctrl_c_after_the_commit_finished_is_not_an_interruption(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An interrupt that lands once the child is removed (the commit's last step) reports the
+    finished commit, exit 0, not "interrupted" (a rerun would find no child); one that lands
+    before leaves the child and says interrupted (exit 130: rerun finishes the job)."""
+    from tests.vhd.helpers import run_cli
+
+    base, child = tmp_path / "base.vhd", tmp_path / "child.vhd"
+    assert run_cli("create", str(base), "8M")[0] == 0
+    assert run_cli("create", str(child), "--parent", str(base))[0] == 0
+    with vhd.open(child, "r+") as disk:
+        disk.pwrite(b"c" * 4096, MiB)
+    import vhd.commit as commit_module
+
+    def copy_then_interrupted(*args: object, **kwargs: object) -> int:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(commit_module, "_copy_own_ranges", copy_then_interrupted)
+        rc, out = run_cli("commit", str(child))
+    assert rc == 130 and "vhd: interrupted" in out and child.exists(), out
+    real_unlink = os.unlink
+
+    def unlink_then_interrupted(path: str | Path) -> None:
+        real_unlink(path)
+        if Path(path) == child:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(commit_module.os, "unlink", unlink_then_interrupted)
+        rc, out = run_cli("commit", str(child))
+    assert rc == 0 and f"committed {child} into its parent; child removed" in out, out
+    assert "after the commit had finished" in out and "vhd: interrupted" not in out, out
+    with vhd.open(base) as disk:
+        assert disk.pread(4096, MiB) == b"c" * 4096

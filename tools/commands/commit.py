@@ -7,6 +7,8 @@ consistent and the chain reading as before; rerunning finishes the job.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 from vhd.commit import commit
 
@@ -36,13 +38,24 @@ def register(sub: Any) -> None:
 @terminate_as_interrupt
 def run(args: argparse.Namespace) -> int:
     show = progress_wanted(args)
-    result = commit(
-        args.child,
-        keep=args.keep,
-        parent_dirs=args.parent_dir,
-        progress=progress_bar("commit", show),
-        parent_policy=LOCAL_PARENTS,
-    )
+    try:
+        result = commit(
+            args.child,
+            keep=args.keep,
+            parent_dirs=args.parent_dir,
+            progress=progress_bar("commit", show),
+            parent_policy=LOCAL_PARENTS,
+        )
+    except KeyboardInterrupt:
+        # The child is removed last, after the parent's flush and the relinking: gone, it says
+        # the commit had finished when the interrupt came (while the child closed, or on the
+        # way back here).  "interrupted" would send the user to rerun a finished commit.
+        if args.keep or os.path.lexists(args.child):
+            raise
+        if not args.quiet:
+            print(f"committed {args.child} into its parent; child removed")
+        print("vhd: warning: the interrupt came after the commit had finished", file=sys.stderr)
+        return 0
     if not args.quiet:
         what = "kept" if args.keep else "removed"
         print(
