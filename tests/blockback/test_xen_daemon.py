@@ -87,6 +87,16 @@ def connect(rig: Rig, fe: str) -> SimFrontend:
     return front
 
 
+def detach(rig: Rig, be: str, fe: str) -> None:
+    """The toolstack's detach: online=0, the backend goes Closing; the frontend closes; the
+    daemon forgets the device."""
+    rig.toolstack.write(f"{be}/online", "0")
+    wait_for(lambda: rig.state(be) == "5")
+    rig.guest.write(f"{fe}/state", "6")
+    wait_for(lambda: rig.state(be) == "6")
+    wait_for(lambda: be not in rig.daemon.drivers)
+
+
 def test_discover_serve_detach_remove(rig: Rig) -> None:
     image = rig.tmp / "a.vhd"
     vhd.create(image, 4 << 20).close()
@@ -98,12 +108,7 @@ def test_discover_serve_detach_remove(rig: Rig) -> None:
     (p,) = front.alloc(1)
     front.page(p)[:] = b"z" * 4096
     assert front.call(X86_64.encode_rw(Op.WRITE, 1, 0, [(p, 0, 7)])) == Status.OKAY
-    # Toolstack detach: online=0, backend goes Closing; the frontend closes; device forgotten.
-    rig.toolstack.write(f"{be}/online", "0")
-    wait_for(lambda: rig.state(be) == "5")
-    rig.guest.write(f"{fe}/state", "6")
-    wait_for(lambda: rig.state(be) == "6")
-    wait_for(lambda: be not in rig.daemon.drivers)
+    detach(rig, be, fe)
     assert rig.opened[0].closed  # the image was closed with the device
     assert rig.xen.grants.mapped == 0
     rig.toolstack.rm(be)
@@ -240,11 +245,7 @@ def test_block_detach_then_reattach_the_same_vdev(rig: Rig) -> None:
     """``xl block-detach`` (online=0, frontend closes, directory removed) leaves nothing behind,
     and a later ``xl block-attach`` of the same vdev is served again."""
     be, fe, front, image = connected_device(rig)
-    rig.toolstack.write(f"{be}/online", "0")
-    wait_for(lambda: rig.state(be) == "5")
-    rig.guest.write(f"{fe}/state", "6")
-    wait_for(lambda: rig.state(be) == "6")
-    wait_for(lambda: be not in rig.daemon.drivers)
+    detach(rig, be, fe)
     rig.toolstack.rm(be)
     rig.toolstack.rm(fe)
     front.close()
@@ -278,11 +279,7 @@ def test_reattach_seen_after_the_directory_was_written_anew(rig: Rig) -> None:
     only after both: the removal's event finds the new directory.  It is a new device (state 1,
     no hotplug-status of ours), not the one we let go (issue: CI failed on this race)."""
     be, fe, front, image = connected_device(rig)
-    rig.toolstack.write(f"{be}/online", "0")
-    wait_for(lambda: rig.state(be) == "5")
-    rig.guest.write(f"{fe}/state", "6")
-    wait_for(lambda: rig.state(be) == "6")
-    wait_for(lambda: be not in rig.daemon.drivers)
+    detach(rig, be, fe)
     front.close()
     with events_held(rig):
         rig.toolstack.rm(be)

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.vhd.vhdx.helpers import MiB
+from tests.vhd.vhdx.helpers import MiB, misplaced_model
 from vhd import CorruptImageError
 from vhd.vhdx import create_vhdx, open_vhdx
 from vhd.vhdx import records as r
@@ -112,24 +112,7 @@ def test_sector_bitmap_block_over_metadata_is_refused(tmp_path: Path) -> None:
         open_vhdx(child, "r+").close()
 
 
-# -- the finder against a per-entry model -------------------------------------------------------
-
-
-def _model(bat: list[int], ratio: int, bs: int, regions: list[tuple[int, int, str]]) -> object:
-    best = None
-    for start, end, name in regions:
-        for i, e in enumerate(bat):
-            off, state = e & r.OFFSET_MASK, e & r.STATE_MASK
-            if i % (ratio + 1) == ratio:
-                hit = state == 6 and off >= MiB and start < off + MiB and off < end
-            else:
-                hit = state in (6, 7) and off >= MiB and start < off + bs and off < end
-            if hit:
-                if best is None or i < best[0]:
-                    best = (i, e, name)
-                break
-    return best
-
+# -- the finder against a per-entry model (tests.vhd.vhdx.helpers.misplaced_model) ---------------
 
 _REGIONS = [(MiB, 2 * MiB, "log"), (3 * MiB, 4 * MiB, "BAT region"), (6 * MiB, 7 * MiB, "meta")]
 
@@ -148,4 +131,4 @@ def test_first_misplaced_matches_a_per_entry_scan(
     # offsets in MiB (0-12 covers the regions and around them), any state, junk reserved bits
     bat = [(mib * MiB) | (junk & ~7) | state for mib, state, junk in entries]
     got = first_misplaced(array("Q", bat), chunk_ratio=ratio, block_size=bs, regions=_REGIONS)
-    assert got == _model(bat, ratio, bs, _REGIONS)
+    assert got == misplaced_model(bat, ratio, bs, _REGIONS)

@@ -118,3 +118,24 @@ def libvhdi_view(chain: list[Path]) -> tuple[bytes, list[int]]:
                     piece = parent[at : at + lss]
                 data[at : at + lss] = piece.ljust(lss, b"\0")
     return bytes(data), zero_blocks
+
+
+def misplaced_model(
+    bat: list[int], ratio: int, bs: int, regions: list[tuple[int, int, str]]
+) -> tuple[int, int, str] | None:
+    """vhd.vhdx.placement.first_misplaced one entry at a time: the lowest-numbered entry whose
+    payload block (FULLY/PARTIALLY_PRESENT) or sector bitmap block (PRESENT) overlaps a region,
+    the first region in ``regions`` order naming it."""
+    best = None
+    for start, end, name in regions:
+        for i, e in enumerate(bat):
+            off, state = e & r.OFFSET_MASK, e & r.STATE_MASK
+            if i % (ratio + 1) == ratio:
+                hit = state == 6 and off >= MiB and start < off + MiB and off < end
+            else:
+                hit = state in (6, 7) and off >= MiB and start < off + bs and off < end
+            if hit:
+                if best is None or i < best[0]:
+                    best = (i, e, name)
+                break
+    return best

@@ -21,6 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.vhd.vhdx.helpers import misplaced_model
 from vhd.disk import Extent
 from vhd.vhdx import check as vcheck
 from vhd.vhdx import create_vhdx, open_vhdx, placement
@@ -98,25 +99,7 @@ def test_passes_match_a_step_per_entry(
         regions = [(MiB, 2 * MiB, "log"), (3 * MiB, 4 * MiB, "BAT"), (6 * MiB, 7 * MiB, "meta")]
         assert placement.first_misplaced(
             table, chunk_ratio=stride - 1, block_size=2 * MiB, regions=regions
-        ) == _misplaced_model(bat, stride - 1, 2 * MiB, regions)
-
-
-def _misplaced_model(
-    bat: list[int], ratio: int, bs: int, regions: list[tuple[int, int, str]]
-) -> tuple[int, int, str] | None:
-    best = None
-    for start, end, name in regions:
-        for i, e in enumerate(bat):
-            off, state = e & r.OFFSET_MASK, e & r.STATE_MASK
-            if i % (ratio + 1) == ratio:
-                hit = state == 6 and off >= MiB and start < off + MiB and off < end
-            else:
-                hit = state in (6, 7) and off >= MiB and start < off + bs and off < end
-            if hit:
-                if best is None or i < best[0]:
-                    best = (i, e, name)
-                break
-    return best
+        ) == misplaced_model(bat, stride - 1, 2 * MiB, regions)
 
 
 # -- extents ------------------------------------------------------------------------------------
