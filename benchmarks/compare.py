@@ -15,7 +15,6 @@ the regular install ``make bench`` made (see :mod:`benchmarks.core`), not the ed
 
 from __future__ import annotations
 
-import shutil
 import statistics
 import subprocess
 from pathlib import Path
@@ -56,10 +55,7 @@ def _pair(
 
 
 def run(workdir: Path) -> list[dict[str, Any]]:
-    qemu = shutil.which("qemu-img")
-    if qemu is None:
-        raise RuntimeError("qemu-img is needed (apt-get install qemu-utils)")
-    core._ENV = core._child_env(workdir)
+    qemu = core.prepare(workdir)
     rows: list[dict[str, Any]] = []
     # CPython's own start-up, no site, no imports: the floor under every `vhd` command
     python = str(Path(VHD_CLI).with_name("python"))

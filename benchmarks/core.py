@@ -204,14 +204,21 @@ def _crc(read_into: Callable[[memoryview, int], int], size: int) -> int:
     return crc
 
 
-def run(workdir: Path) -> list[dict[str, Any]]:
+def prepare(workdir: Path) -> str:
+    """A module's set-up: ``workdir`` made, the timed commands' environment set, the byte-code
+    cache filled before anything is timed; returns qemu-img's path."""
     workdir.mkdir(parents=True, exist_ok=True)
     qemu = shutil.which("qemu-img")
     if qemu is None:
-        raise RuntimeError("qemu-img is not installed")
+        raise RuntimeError("qemu-img is needed (apt-get install qemu-utils)")
     global _ENV
     _ENV = _child_env(workdir)
-    _run_child([VHD_CLI, "--version"])  # fills the byte-code cache before anything is timed
+    _run_child([VHD_CLI, "--version"])
+    return qemu
+
+
+def run(workdir: Path) -> list[dict[str, Any]]:
+    qemu = prepare(workdir)
     rows: list[dict[str, Any]] = []
     src = workdir / "source.raw"
     ours_vhd = workdir / "ours.vhd"

@@ -53,12 +53,7 @@ MiB = 1 << 20
 
 
 def run(workdir: Path) -> list[dict[str, Any]]:
-    workdir.mkdir(parents=True, exist_ok=True)
-    qemu = shutil.which("qemu-img")
-    if qemu is None:
-        raise RuntimeError("qemu-img is not installed")
-    core._ENV = core._child_env(workdir)
-    core._run_child([core.VHD_CLI, "--version"])  # byte-code cache filled before timing
+    qemu = core.prepare(workdir)
     src = workdir / "source.raw"
     ours = workdir / "ours.vhdx"
     theirs = workdir / "qemu.vhdx"

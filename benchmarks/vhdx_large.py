@@ -16,7 +16,6 @@ and ``vhd check`` must find it clean.  ``python -m benchmarks.vhdx_large [DIR]``
 
 from __future__ import annotations
 
-import shutil
 import statistics
 import subprocess
 import sys
@@ -41,11 +40,7 @@ PAIRS = (
 
 
 def run(workdir: Path) -> list[dict[str, Any]]:
-    workdir.mkdir(parents=True, exist_ok=True)
-    qemu = shutil.which("qemu-img")
-    if qemu is None:
-        raise RuntimeError("qemu-img is not installed")
-    core._ENV = core._child_env(workdir)
+    qemu = core.prepare(workdir)
     image = workdir / "large.vhdx"
     subprocess.run(
         [core.VHD_CLI, "create", "--format", "vhdx", "--block-size", "1M", str(image), SIZE],
