@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 
 from ..chain import ParentPolicy
 from ..errors import VHDError
-from ..findings import ERROR, INFO, Finding, Severity
+from ..findings import ERROR, INFO, MAX_FINDINGS_PER_CODE, Finding, Severity
 from ..lock import InUseError
 from ..record import Record, fill
 from . import placement
@@ -124,7 +124,7 @@ def _structures(disk: VHDXDisk) -> list[tuple[int, int, str]]:
 
 # Problems of one kind listed by _check_bat; the rest are counted in one more line.  A crafted
 # BAT can break a rule for each of its 64 Mi entries (as vhd.findings does for VHD).
-MAX_LISTED = 50
+MAX_LISTED = MAX_FINDINGS_PER_CODE
 # Low bytes of payload entries that need a look: reserved states 4 and 5, FULLY_PRESENT and
 # PARTIALLY_PRESENT (blocks); bits 3-19 are found by placement.with_reserved_bits.
 _NOTABLE = bytes(1 if b & r.STATE_MASK >= 4 else 0 for b in range(256))
@@ -398,8 +398,7 @@ def check_vhdx(
             report.error("log-live", "the log is live: it must be replayed", "replay the log")
         allocated = _check_bat(disk, report)
         end = _data_end(disk)
-        cut = disk.file_size > end and not _fixed(disk)
-        if cut:
+        if disk.file_size > end and not _fixed(disk):
             # Free space, which MS-VHDX allows anywhere, not damage: qemu-img's every new VHDX
             # keeps 4 MiB free before its data starts at 8 MiB.  A writer killed between growing
             # the file for a block and its flush leaves the same (a whole block or more).
@@ -429,7 +428,7 @@ def check_vhdx(
     # header and region copies come from their valid twins, the cut keeps every referenced
     # byte), as qemu-img check -r repairs what it can.  What remains is listed afterwards.
     if repair and report.repairable:
-        _repair(path, report, dirs, parent_policy, cut)
+        _repair(path, report, dirs, parent_policy)
     return report
 
 
@@ -438,8 +437,8 @@ def _repair(
     report: VHDXCheckReport,
     parent_dirs: Sequence[str],
     parent_policy: ParentPolicy | None,
-    cut: bool,
 ) -> None:
+    cut = any(f.code == "orphan-space" for f in report.findings)
     with open_vhdx(path, "r+", open_parent=False) as disk:  # replays the log, clears LogGuid
         lay = disk.layout
         if any(h is None for h in lay.headers):
