@@ -23,8 +23,7 @@ import contextlib
 import errno
 import ntpath
 import os
-from array import array
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 from ..chain import ParentPolicy
 from ..disk import Disk, first_data_byte
@@ -583,17 +582,6 @@ def _grow(disk: VHDXDisk, new: int, policy: ParentPolicy) -> None:
     disk._adopt_size(new)
 
 
-def _nonzero_entries(bat: array[int], start: int, stop: int) -> Iterator[int]:
-    """Indices in [start, stop) of the entries that are not 0, ascending: windows of the table
-    that are all zeros (one compare each) are skipped whole."""
-    for pos in range(start, stop, placement.WINDOW):
-        end = min(stop, pos + placement.WINDOW)
-        window = bat[pos:end]
-        if window.tobytes() == bytes(8 * len(window)):
-            continue
-        yield from (pos + i for i, e in enumerate(window) if e)
-
-
 def _shrink(disk: VHDXDisk, new: int, force: bool) -> int:
     bs, ratio = disk._bs, disk._ratio
     old = disk.size
@@ -610,7 +598,7 @@ def _shrink(disk: VHDXDisk, new: int, force: bool) -> int:
     # holding a non-zero entry are walked (an empty 64 TiB disk of 1 MiB blocks: 18 s -> 1 s).
     first = min(count, nb_new + nb_new // ratio)
     stop = min(old_count, len(disk.bat))
-    for idx in _nonzero_entries(disk.bat, first, stop):
+    for idx in placement.nonzero_entries(disk.bat, first, stop):
         is_bitmap = idx % (ratio + 1) == ratio
         block = idx - idx // (ratio + 1)
         if idx < count and (is_bitmap or block < nb_new):

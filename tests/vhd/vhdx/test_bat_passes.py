@@ -94,6 +94,9 @@ def test_passes_match_a_step_per_entry(
         assert list(placement.with_reserved_bits(table, start, min(stop, n))) == [
             i for i in range(start, min(stop, n)) if bat[i] & 0xFFFF8
         ]
+        assert list(placement.nonzero_entries(table, start, min(stop, n))) == [
+            i for i in range(start, min(stop, n)) if bat[i]
+        ]
         named = [e for e in bat if e & r.OFFSET_MASK]
         assert placement.highest(table) == ((bat.index(max(named)), max(named)) if named else None)
         regions = [(MiB, 2 * MiB, "log"), (3 * MiB, 4 * MiB, "BAT"), (6 * MiB, 7 * MiB, "meta")]
