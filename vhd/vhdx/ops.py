@@ -544,23 +544,27 @@ def _grow(disk: VHDXDisk, new: int, policy: ParentPolicy) -> None:
             return disk._grow(bs) | r.PayloadState.FULLY_PRESENT  # data: a hole, zeros
         return 0
 
-    in_old_table = range(nb_old, min(nb_new, -(-nb_old // ratio) * ratio))
+    # The new blocks the old table's last chunk holds (their entries may hold anything), then
+    # the blocks past it that get space, ascending: the file offsets _grow hands out ascend.
+    tail = range(nb_old, min(nb_new, -(-nb_old // ratio) * ratio))
     given: Sequence[int]
     if fixed:
-        given = range(nb_old, nb_new)
+        given = range(tail.stop, nb_new)
     else:
         given = sorted(
             {
                 b
                 for h in hide
-                for b in range(max(nb_old, h.start // bs), min(nb_new, -(-h.stop // bs)))
+                for b in range(max(tail.stop, h.start // bs), min(nb_new, -(-h.stop // bs)))
             }
         )
-    for b in sorted(set(in_old_table) | set(given)) if not fixed else given:
+    for b in tail:
         idx = b + b // ratio
         value = entry(b)
         if idx < old_count or value:
             disk._set_entry(idx, value)
+    for b in given:
+        disk._set_entry(b + b // ratio, entry(b))
     pages = Pages(disk)
     # 3. A BAT region too small for the new entries: a new one at the end, written whole and
     # synced before the region tables name it (in the transaction below).
