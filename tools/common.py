@@ -77,6 +77,12 @@ _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SIZE = r"^\s*([+-]?)(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(?:I?B)?\s*$"
 
 
+def relative_size_matcher() -> re.Pattern[str]:
+    """``-N`` sizes as :func:`parse_size` reads them, for argparse's negative-number matcher of a
+    command taking one (``vhd resize IMAGE -6M``)."""
+    return re.compile(_SIZE.replace("([+-]?)", "(-)", 1), re.IGNORECASE)
+
+
 def parse_size(text: str, current: int | None = None) -> int:
     """``10G``, ``1.5G``, ``512M``, ``4096``, ``1TiB`` -> bytes (binary units), the one size
     parser of every command.  With ``current`` (resize), ``+N``/``-N`` are relative to it.

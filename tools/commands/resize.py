@@ -8,7 +8,6 @@ SIZE is bytes or a number with a binary suffix (K, M, G, T: KiB, MiB, GiB, TiB),
 from __future__ import annotations
 
 import argparse
-import re
 
 import vhd
 from vhd.resize import resize
@@ -19,6 +18,7 @@ from ..common import (
     add_progress_options,
     parse_size,
     progress_wanted,
+    relative_size_matcher,
 )
 from ..interrupt import terminate_as_interrupt
 from ._progress import progress_bar
@@ -26,9 +26,6 @@ from ._progress import progress_bar
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (~3 ms; vhd.record)
 if TYPE_CHECKING:
     from typing import Any
-
-
-_RELATIVE = re.compile(r"^-(\d+(\.\d*)?|\.\d+)[KMGT]?(I?B)?$", re.IGNORECASE)  # common._SIZE's -N
 
 
 def register(sub: Any) -> None:
@@ -42,7 +39,7 @@ def register(sub: Any) -> None:
     # "-6M" is a size, not an option: argparse takes an argument starting with "-" as an
     # option unless it looks like a negative number (its _negative_number_matcher, per
     # parser; this command has no option that looks like one).  "--" before it works too.
-    p._negative_number_matcher = _RELATIVE
+    p._negative_number_matcher = relative_size_matcher()
     p.add_argument("image")
     p.add_argument("size", help="new size: bytes or K/M/G/T (binary), or +N / -N")
     p.add_argument("--shrink", action="store_true", help="allow making the disk smaller")
