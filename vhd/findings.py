@@ -151,12 +151,13 @@ class DropMap(MutableMapping[int, str]):
         n = len(candidates)
         if n > len(codes):
             codes.extend(bytes(n - len(codes)))
-        taken = int.from_bytes(bytes(codes[:n]).translate(_ONE_IF_SET), "big")
+        current = bytes(codes[:n])
+        taken = int.from_bytes(current.translate(_ONE_IF_SET), "big")
         fresh = (int.from_bytes(candidates, "big") & ~taken).to_bytes(n, "big")
         count = fresh.count(1)
         if not count:
             return 0, []
-        marked = int.from_bytes(bytes(codes[:n]), "big") | int.from_bytes(
+        marked = int.from_bytes(current, "big") | int.from_bytes(
             fresh.translate(bytes([0, kind]) + bytes(254)), "big"
         )
         codes[:n] = marked.to_bytes(n, "big")
